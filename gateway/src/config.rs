@@ -1,0 +1,651 @@
+//! Typed configuration: one TOML file → CLI overrides → [`Config::validate`].
+//!
+//! Every key is typed, unknown keys are errors, and every error names the
+//! file, the line and the key, and says how to fix it. Each pipeline stage
+//! receives only its own slice (`Limits`, `Timeouts`, a `ClusterConfig`, …).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The configuration `gateway run` uses when no file is given
+/// (`gateway config default` prints it).
+pub const DEFAULT_CONFIG: &str = include_str!("../default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Addresses the proxy listens on; every worker binds each with SO_REUSEPORT.
+    pub listen: Vec<String>,
+    /// `"auto"` (one per online CPU) or a number.
+    pub workers: Workers,
+    /// Pin worker N to the Nth CPU the process may run on.
+    pub pin_workers: bool,
+    /// `auto` (io_uring, falling back to epoll), `io_uring` or `epoll`.
+    pub driver: DriverChoice,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Client connections allowed at once, over all workers.
+    pub max_connections: usize,
+    /// Bytes of read buffer per connection side (client, upstream).
+    pub buffer_size: usize,
+    /// Keep a client-supplied `X-Forwarded-For` and append to it (only behind a trusted L4 balancer).
+    pub trust_forwarded_headers: bool,
+    /// Listen backlog per worker socket.
+    pub backlog: i32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec!["127.0.0.1:8080".into()],
+            workers: Workers::Auto,
+            pin_workers: true,
+            driver: DriverChoice::Auto,
+            shutdown_grace: Duration::from_secs(30),
+            max_connections: 10_000,
+            buffer_size: 64 * 1024,
+            trust_forwarded_headers: false,
+            backlog: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Count(usize),
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if n >= 1 => Ok(Workers::Count(n as usize)),
+            Raw::N(n) => Err(serde::de::Error::custom(format!(
+                "workers = {n}: use \"auto\" or a number of at least 1"
+            ))),
+            Raw::S(s) if s == "auto" => Ok(Workers::Auto),
+            Raw::S(s) => Err(serde::de::Error::custom(format!(
+                "workers = \"{s}\": use \"auto\" or a number of at least 1"
+            ))),
+        }
+    }
+}
+
+impl Workers {
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverChoice {
+    Auto,
+    #[serde(alias = "iouring", alias = "io-uring")]
+    #[value(name = "io_uring", alias = "io-uring", alias = "iouring")]
+    IoUring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`); keep it on loopback.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: "127.0.0.1:9901".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `gateway=debug`, … (`RUST_LOG` overrides it).
+    pub level: String,
+    /// One `access` event per request.
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Json, level: "info".into(), access_log: true }
+    }
+}
+
+/// Limits on what a client may send. Each has a safe default and is enforced by the codec.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Bytes of request line + headers; over it → 431 (or 414 when the request line alone is over `max_uri_bytes`).
+    pub max_header_bytes: usize,
+    /// Number of request headers; over it → 431.
+    pub max_headers: usize,
+    /// Bytes of request target; over it → 414.
+    pub max_uri_bytes: usize,
+    /// Bytes of request body; over it → 413. Routes may override.
+    pub max_request_body_bytes: u64,
+    /// Bytes of an upstream response head; over it → 502.
+    pub max_response_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_request_body_bytes: 64 * 1024 * 1024,
+            max_response_header_bytes: 32 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From the first byte of a request to the end of its head (slowloris guard) → 408 + close.
+    #[serde(deserialize_with = "duration")]
+    pub client_header: Duration,
+    /// How long a keep-alive client connection may sit idle between requests.
+    #[serde(deserialize_with = "duration")]
+    pub client_idle: Duration,
+    /// Longest gap between two reads of a request body → 408 + close.
+    #[serde(deserialize_with = "duration")]
+    pub client_body: Duration,
+    /// TCP connect to a backend → next backend, then 502.
+    #[serde(deserialize_with = "duration")]
+    pub upstream_connect: Duration,
+    /// From the request sent to the response head, and longest gap between response body reads → 504.
+    #[serde(deserialize_with = "duration")]
+    pub upstream_response: Duration,
+    /// Whole exchange, request head to last response byte → 504 (0 = no limit).
+    #[serde(deserialize_with = "duration")]
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client_header: Duration::from_secs(10),
+            client_idle: Duration::from_secs(60),
+            client_body: Duration::from_secs(60),
+            upstream_connect: Duration::from_secs(2),
+            upstream_response: Duration::from_secs(300),
+            total: Duration::from_secs(0),
+        }
+    }
+}
+
+/// Per-route timeout overrides (inference can take minutes on one route and milliseconds on another).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub upstream_connect: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub upstream_response: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub total: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `host:port` of each backend, resolved at load.
+    pub backends: Vec<String>,
+    /// Idle keep-alive connections kept per backend per worker.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+    /// An idle pooled connection older than this is closed. Keep it under the
+    /// backend's own keep-alive timeout (uvicorn, under vLLM, closes after 5 s).
+    #[serde(default = "default_pool_idle_timeout", deserialize_with = "duration")]
+    pub pool_idle_timeout: Duration,
+}
+
+fn default_pool_max_idle() -> usize {
+    64
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(4)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics and logs; defaults to `route<N>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Exact host (`api.example.com`), wildcard (`*.example.com`), or absent for any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_exact: Option<String>,
+    /// Allowed methods; absent = any.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    pub cluster: String,
+    #[serde(default)]
+    pub max_request_body_bytes: Option<u64>,
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write it like \"250ms\", \"10s\" or \"5m\""))
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A configuration problem an operator can act on: where, which key, what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: ", self.file, l)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "`{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+/// All the errors found in one file, one per line when displayed.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The checked, resolved form every stage is built from.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub config: Config,
+    pub listen: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub clusters: BTreeMap<String, Vec<SocketAddr>>,
+}
+
+impl Config {
+    /// Parse TOML text; `file` names it in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+        toml::from_str::<Config>(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let key = key_from_message(e.message());
+            ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line,
+                key,
+                message: e.message().trim().to_string(),
+            }])
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<(Config, String), ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        Ok((Config::parse(&text, &file)?, text))
+    }
+
+    /// Check every rule and resolve addresses. `text` is the source (for line numbers).
+    pub fn validate(self, text: &str, file: &str) -> Result<Resolved, ConfigErrors> {
+        let mut errs = Vec::new();
+        let doc = toml_edit::ImDocument::parse(text).ok();
+        let mut err = |key: String, message: String| {
+            let line = doc.as_ref().and_then(|d| locate(d, &key)).map(|off| line_of(text, off));
+            errs.push(ConfigError { file: file.to_string(), line, key, message });
+        };
+
+        let mut listen = Vec::new();
+        if self.server.listen.is_empty() {
+            err("server.listen".into(), "give at least one address, e.g. [\"0.0.0.0:8080\"]".into());
+        }
+        for (i, a) in self.server.listen.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(sa) => listen.push(sa),
+                Err(_) => err(format!("server.listen[{i}]"), format!("`{a}` is not an IP:port such as \"0.0.0.0:8080\"")),
+            }
+        }
+        let admin = match self.admin.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                err("admin.listen".into(), format!("`{}` is not an IP:port such as \"127.0.0.1:9901\"", self.admin.listen));
+                "127.0.0.1:0".parse().unwrap()
+            }
+        };
+        if listen.contains(&admin) {
+            err("admin.listen".into(), "the admin listener must not share an address with server.listen".into());
+        }
+        if self.server.max_connections == 0 {
+            err("server.max_connections".into(), "must be at least 1".into());
+        }
+        if self.server.buffer_size < 4096 || self.server.buffer_size > 16 * 1024 * 1024 {
+            err("server.buffer_size".into(), "must be between 4096 and 16777216 bytes".into());
+        }
+        if self.server.backlog < 1 {
+            err("server.backlog".into(), "must be at least 1".into());
+        }
+        if self.server.shutdown_grace.is_zero() {
+            err("server.shutdown_grace".into(), "must be more than 0, e.g. \"30s\"".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            err("log.level".into(), format!("`{}` is not a filter; use e.g. \"info\" or \"gateway=debug\"", self.log.level));
+        }
+
+        let l = &self.limits;
+        for (k, v, min) in [
+            ("limits.max_header_bytes", l.max_header_bytes, 256usize),
+            ("limits.max_headers", l.max_headers, 4),
+            ("limits.max_uri_bytes", l.max_uri_bytes, 16),
+            ("limits.max_response_header_bytes", l.max_response_header_bytes, 256),
+        ] {
+            if v < min {
+                err(k.into(), format!("must be at least {min}"));
+            }
+        }
+        if l.max_headers > crate::codec::MAX_HEADERS {
+            err("limits.max_headers".into(), format!("must be at most {}", crate::codec::MAX_HEADERS));
+        }
+        if l.max_header_bytes > self.server.buffer_size {
+            err("limits.max_header_bytes".into(), format!("must not exceed server.buffer_size ({})", self.server.buffer_size));
+        }
+        if l.max_response_header_bytes > self.server.buffer_size {
+            err("limits.max_response_header_bytes".into(), format!("must not exceed server.buffer_size ({})", self.server.buffer_size));
+        }
+        if l.max_uri_bytes > l.max_header_bytes {
+            err("limits.max_uri_bytes".into(), "must not exceed limits.max_header_bytes".into());
+        }
+        let t = &self.timeouts;
+        for (k, v) in [
+            ("timeouts.client_header", t.client_header),
+            ("timeouts.client_idle", t.client_idle),
+            ("timeouts.client_body", t.client_body),
+            ("timeouts.upstream_connect", t.upstream_connect),
+            ("timeouts.upstream_response", t.upstream_response),
+        ] {
+            if v.is_zero() {
+                err(k.into(), "must be more than 0".into());
+            }
+        }
+
+        let mut clusters = BTreeMap::new();
+        for (name, c) in &self.clusters {
+            let key = format!("clusters.{name}");
+            if !valid_name(name) {
+                err(key.clone(), "cluster names use letters, digits, '-', '_' and '.'".into());
+            }
+            if c.backends.is_empty() {
+                err(format!("{key}.backends"), "give at least one backend, e.g. [\"10.0.0.5:8000\"]".into());
+            }
+            if c.pool_idle_timeout.is_zero() {
+                err(format!("{key}.pool_idle_timeout"), "must be more than 0".into());
+            }
+            let mut addrs = Vec::new();
+            for (i, b) in c.backends.iter().enumerate() {
+                match resolve(b) {
+                    Ok(a) => addrs.push(a),
+                    Err(m) => err(format!("{key}.backends[{i}]"), m),
+                }
+            }
+            clusters.insert(name.clone(), addrs);
+        }
+
+        if self.routes.is_empty() {
+            err("routes".into(), "add at least one [[routes]] entry naming a cluster".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !self.clusters.contains_key(&r.cluster) {
+                let known: Vec<_> = self.clusters.keys().cloned().collect();
+                err(
+                    format!("{key}.cluster"),
+                    format!("no cluster `{}`; define [clusters.{}] or use one of: {}", r.cluster, r.cluster, known.join(", ")),
+                );
+            }
+            if r.path_prefix.is_some() && r.path_exact.is_some() {
+                err(key.clone(), "give path_prefix or path_exact, not both".into());
+            }
+            for (k, p) in [("path_prefix", &r.path_prefix), ("path_exact", &r.path_exact)] {
+                if let Some(p) = p {
+                    if !p.starts_with('/') {
+                        err(format!("{key}.{k}"), format!("`{p}` must start with '/'"));
+                    }
+                }
+            }
+            if let Some(h) = &r.host {
+                let bare = h.strip_prefix("*.").unwrap_or(h);
+                if bare.is_empty() || bare.contains('*') || bare.contains('/') || bare.contains(' ') {
+                    err(format!("{key}.host"), format!("`{h}` must be a host name like \"api.example.com\" or \"*.example.com\""));
+                }
+            }
+            if let Some(ms) = &r.methods {
+                if ms.is_empty() {
+                    err(format!("{key}.methods"), "leave methods out to allow any, or list at least one".into());
+                }
+                for (j, m) in ms.iter().enumerate() {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                        err(format!("{key}.methods[{j}]"), format!("`{m}` must be an upper-case method such as \"POST\""));
+                    }
+                }
+            }
+            if let Some(n) = &r.name {
+                if !valid_name(n) {
+                    err(format!("{key}.name"), "route names use letters, digits, '-', '_' and '.'".into());
+                }
+                if !names.insert(n.clone()) {
+                    err(format!("{key}.name"), format!("route name `{n}` is used twice"));
+                }
+            }
+            for (k, v) in [
+                ("upstream_connect", r.timeouts.upstream_connect),
+                ("upstream_response", r.timeouts.upstream_response),
+            ] {
+                if v.is_some_and(|d| d.is_zero()) {
+                    err(format!("{key}.timeouts.{k}"), "must be more than 0".into());
+                }
+            }
+        }
+
+        if errs.is_empty() {
+            Ok(Resolved { listen, admin, clusters, config: self })
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+}
+
+impl Resolved {
+    /// Parse, validate and resolve a file.
+    pub fn from_file(path: &Path) -> Result<Resolved, ConfigErrors> {
+        let (c, text) = Config::load(path)?;
+        c.validate(&text, &path.display().to_string())
+    }
+
+    pub fn from_str(text: &str, file: &str) -> Result<Resolved, ConfigErrors> {
+        Config::parse(text, file)?.validate(text, file)
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !s.contains(':') {
+        return Err(format!("`{s}` needs a port, e.g. \"{s}:8000\""));
+    }
+    match s.to_socket_addrs() {
+        Ok(mut it) => it.next().ok_or_else(|| format!("`{s}` resolved to no address")),
+        Err(e) => Err(format!("cannot resolve `{s}`: {e}")),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Pull the offending key out of a serde message like "unknown field `foo`, expected …".
+fn key_from_message(msg: &str) -> String {
+    for marker in ["unknown field `", "missing field `", "duplicate key `"] {
+        if let Some(rest) = msg.split(marker).nth(1) {
+            if let Some(end) = rest.find('`') {
+                return rest[..end].to_string();
+            }
+        }
+    }
+    String::new()
+}
+
+/// Byte offset of a dotted key path such as `routes[2].cluster` in the source:
+/// the deepest part of the path that exists in the document.
+fn locate(doc: &toml_edit::ImDocument<&str>, path: &str) -> Option<usize> {
+    let mut item = doc.as_item();
+    let mut best = None;
+    for seg in path.split('.') {
+        let (name, idx) = match seg.find('[') {
+            Some(p) => (&seg[..p], seg[p + 1..seg.len() - 1].parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let Some(next) = item.get(name) else { return best };
+        item = next;
+        best = item.span().map(|s| s.start).or(best);
+        if let Some(i) = idx {
+            let Some(next) = item.get(i) else { return best };
+            item = next;
+            best = item.span().map(|s| s.start).or(best);
+        }
+    }
+    best
+}
+
+/// Where a config came from, for messages.
+pub fn source_name(path: Option<&PathBuf>) -> String {
+    path.map(|p| p.display().to_string()).unwrap_or_else(|| "<embedded default>".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let r = Resolved::from_str(DEFAULT_CONFIG, "default").unwrap();
+        assert!(!r.listen.is_empty());
+        assert!(r.clusters.contains_key("demo"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = "[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 3\n";
+        let e = Config::parse(text, "x.toml").unwrap_err();
+        assert_eq!(e.0[0].line, Some(3), "{e}");
+        assert_eq!(e.0[0].key, "lisen");
+        assert!(e.to_string().starts_with("x.toml:3: `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_point_at_the_route_line() {
+        let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"a\"\n\n[[routes]]\npath_prefix = \"/v1\"\ncluster = \"b\"\n";
+        let e = Config::parse(text, "x.toml").unwrap().validate(text, "x.toml").unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].key, "routes[1].cluster");
+        assert_eq!(e.0[0].line, Some(10), "{e}");
+        assert!(e.0[0].message.contains("define [clusters.b]"));
+    }
+
+    #[test]
+    fn bad_duration_and_workers_are_rejected() {
+        assert!(Config::parse("[timeouts]\nclient_idle = \"ten\"\n", "x").is_err());
+        assert!(Config::parse("[server]\nworkers = 0\n", "x").is_err());
+        assert!(Config::parse("[server]\nworkers = \"many\"\n", "x").is_err());
+        let c = Config::parse("[server]\nworkers = 3\n", "x").unwrap();
+        assert_eq!(c.server.workers, Workers::Count(3));
+    }
+}

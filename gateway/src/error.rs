@@ -1,0 +1,299 @@
+//! Every way a request can fail, typed by where it came from, mapped to one
+//! JSON error shape in one place ([`ProxyError::to_response`]).
+//!
+//! - [`ClientError`]: the client sent something we refuse (4xx). Whether the
+//!   connection survives depends on whether its framing is still trustworthy.
+//! - [`UpstreamError`]: the backend failed (502/504). Connect failures may be
+//!   retried on another backend; anything after bytes were sent may not.
+//! - `Internal`: a bug or resource exhaustion on our side (500).
+
+use std::fmt::Write as _;
+
+/// The client's fault. Each variant is a metric label (`reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("request head larger than the limit")]
+    HeaderTooLarge,
+    #[error("too many request headers")]
+    TooManyHeaders,
+    #[error("request target longer than the limit")]
+    UriTooLong,
+    #[error("request body larger than the limit")]
+    BodyTooLarge,
+    #[error("transfer coding not implemented")]
+    UnsupportedTransferCoding,
+    #[error("method not implemented")]
+    UnsupportedMethod,
+    #[error("unsupported expectation")]
+    ExpectationFailed,
+    #[error("timed out reading the request head")]
+    HeaderTimeout,
+    #[error("timed out reading the request body")]
+    BodyTimeout,
+    #[error("no route for the request")]
+    NoRoute,
+    #[error("client closed the connection mid-request")]
+    ClientClosed,
+}
+
+impl ClientError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ClientError::Malformed(_) => "malformed",
+            ClientError::HeaderTooLarge => "header_too_large",
+            ClientError::TooManyHeaders => "too_many_headers",
+            ClientError::UriTooLong => "uri_too_long",
+            ClientError::BodyTooLarge => "body_too_large",
+            ClientError::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            ClientError::UnsupportedMethod => "unsupported_method",
+            ClientError::ExpectationFailed => "expectation_failed",
+            ClientError::HeaderTimeout => "header_timeout",
+            ClientError::BodyTimeout => "body_timeout",
+            ClientError::NoRoute => "no_route",
+            ClientError::ClientClosed => "client_closed",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            ClientError::Malformed(_) => 400,
+            ClientError::HeaderTooLarge | ClientError::TooManyHeaders => 431,
+            ClientError::UriTooLong => 414,
+            ClientError::BodyTooLarge => 413,
+            ClientError::UnsupportedTransferCoding | ClientError::UnsupportedMethod => 501,
+            ClientError::ExpectationFailed => 417,
+            ClientError::HeaderTimeout | ClientError::BodyTimeout => 408,
+            ClientError::NoRoute => 404,
+            // Nobody is listening; logged as 499 like nginx does.
+            ClientError::ClientClosed => 499,
+        }
+    }
+
+    /// Whether the request framing can no longer be trusted, so the
+    /// connection must close after the error response (RFC 9112 §6.3).
+    pub fn must_close(self) -> bool {
+        !matches!(self, ClientError::NoRoute)
+    }
+}
+
+/// The backend's fault. Each variant is a metric label (`kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection refused")]
+    ConnectRefused,
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connect failed")]
+    ConnectError,
+    #[error("connection reset")]
+    Reset,
+    #[error("connection closed before a complete response")]
+    Closed,
+    #[error("invalid response")]
+    BadResponse,
+    #[error("response timed out")]
+    ResponseTimeout,
+    #[error("request exceeded its total time limit")]
+    TotalTimeout,
+}
+
+impl UpstreamError {
+    pub fn kind(self) -> &'static str {
+        match self {
+            UpstreamError::ConnectRefused => "connect_refused",
+            UpstreamError::ConnectTimeout => "connect_timeout",
+            UpstreamError::ConnectError => "connect_error",
+            UpstreamError::Reset => "reset",
+            UpstreamError::Closed => "closed",
+            UpstreamError::BadResponse => "bad_response",
+            UpstreamError::ResponseTimeout => "response_timeout",
+            UpstreamError::TotalTimeout => "total_timeout",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            UpstreamError::ResponseTimeout | UpstreamError::TotalTimeout => 504,
+            _ => 502,
+        }
+    }
+
+    /// Safe to try another backend: nothing of the request reached this one.
+    pub fn retryable(self) -> bool {
+        matches!(self, UpstreamError::ConnectRefused | UpstreamError::ConnectTimeout | UpstreamError::ConnectError)
+    }
+
+    pub fn from_io(e: &std::io::Error) -> UpstreamError {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionReset | BrokenPipe | ConnectionAborted => UpstreamError::Reset,
+            ConnectionRefused => UpstreamError::ConnectRefused,
+            UnexpectedEof => UpstreamError::Closed,
+            TimedOut => UpstreamError::ResponseTimeout,
+            _ => UpstreamError::Reset,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("upstream: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ProxyError {
+    pub fn status(self) -> u16 {
+        match self {
+            ProxyError::Client(c) => c.status(),
+            ProxyError::Upstream(u) => u.status(),
+            ProxyError::Internal => 500,
+        }
+    }
+
+    /// The `type` field of the JSON error: stable, documented, safe to show.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            ProxyError::Client(c) => match c {
+                ClientError::Malformed(_) => "invalid_request",
+                ClientError::HeaderTooLarge | ClientError::TooManyHeaders => "request_header_too_large",
+                ClientError::UriTooLong => "uri_too_long",
+                ClientError::BodyTooLarge => "payload_too_large",
+                ClientError::UnsupportedTransferCoding | ClientError::UnsupportedMethod => "not_implemented",
+                ClientError::ExpectationFailed => "expectation_failed",
+                ClientError::HeaderTimeout | ClientError::BodyTimeout => "request_timeout",
+                ClientError::NoRoute => "not_found",
+                ClientError::ClientClosed => "client_closed",
+            },
+            ProxyError::Upstream(u) if u.status() == 504 => "gateway_timeout",
+            ProxyError::Upstream(_) => "bad_gateway",
+            ProxyError::Internal => "internal_error",
+        }
+    }
+
+    /// A message for the client that names the problem, never our internals
+    /// (no backend addresses, no OS error strings).
+    pub fn public_message(self) -> &'static str {
+        match self {
+            ProxyError::Client(c) => match c {
+                ClientError::Malformed(m) => m,
+                ClientError::HeaderTooLarge => "the request head is larger than this gateway accepts",
+                ClientError::TooManyHeaders => "the request has more headers than this gateway accepts",
+                ClientError::UriTooLong => "the request target is longer than this gateway accepts",
+                ClientError::BodyTooLarge => "the request body is larger than this route accepts",
+                ClientError::UnsupportedTransferCoding => "only the chunked transfer coding is supported",
+                ClientError::UnsupportedMethod => "this method is not supported",
+                ClientError::ExpectationFailed => "only `Expect: 100-continue` is supported",
+                ClientError::HeaderTimeout => "the request head was not received in time",
+                ClientError::BodyTimeout => "the request body was not received in time",
+                ClientError::NoRoute => "no route matches this request",
+                ClientError::ClientClosed => "the client closed the connection",
+            },
+            ProxyError::Upstream(u) => match u {
+                UpstreamError::ResponseTimeout => "the upstream service did not respond in time",
+                UpstreamError::TotalTimeout => "the request took longer than this route allows",
+                UpstreamError::ConnectRefused | UpstreamError::ConnectTimeout | UpstreamError::ConnectError => {
+                    "the upstream service is unavailable"
+                }
+                _ => "the upstream service failed to answer",
+            },
+            ProxyError::Internal => "internal error",
+        }
+    }
+
+    pub fn must_close(self) -> bool {
+        match self {
+            ProxyError::Client(c) => c.must_close(),
+            ProxyError::Upstream(_) => false,
+            ProxyError::Internal => true,
+        }
+    }
+
+    /// Label used in `gateway_request_errors_total{source,kind}`.
+    pub fn source_and_kind(self) -> (&'static str, &'static str) {
+        match self {
+            ProxyError::Client(c) => ("client", c.reason()),
+            ProxyError::Upstream(u) => ("upstream", u.kind()),
+            ProxyError::Internal => ("internal", "internal"),
+        }
+    }
+
+    /// Append a complete HTTP/1.1 error response to `out`.
+    pub fn to_response(self, request_id: &str, close: bool, out: &mut Vec<u8>) {
+        let body = serde_json::json!({
+            "error": {
+                "type": self.error_type(),
+                "message": self.public_message(),
+                "request_id": request_id,
+            }
+        })
+        .to_string();
+        let status = self.status();
+        let mut head = String::with_capacity(256);
+        let _ = write!(
+            head,
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\ncache-control: no-store\r\n",
+            status,
+            reason_phrase(status),
+            body.len(),
+            request_id
+        );
+        if close {
+            head.push_str("connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(body.as_bytes());
+    }
+}
+
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        431 => "Request Header Fields Too Large",
+        499 => "Client Closed Request",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_has_the_shape_and_no_internals() {
+        let mut out = Vec::new();
+        ProxyError::Upstream(UpstreamError::ConnectRefused).to_response("abc", false, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        let body = text.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["type"], "bad_gateway");
+        assert_eq!(v["error"]["request_id"], "abc");
+        assert!(!body.contains("refused"), "OS-level detail leaked: {body}");
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ProxyError::from(ClientError::UriTooLong).status(), 414);
+        assert_eq!(ProxyError::from(ClientError::TooManyHeaders).status(), 431);
+        assert_eq!(ProxyError::from(UpstreamError::TotalTimeout).status(), 504);
+        assert!(!ProxyError::from(ClientError::NoRoute).must_close());
+        assert!(ProxyError::from(ClientError::Malformed("x")).must_close());
+    }
+}

@@ -1,0 +1,128 @@
+//! A TCP stream with its own fixed-size read buffer, for monoio's owned-buffer
+//! (rent) I/O. The buffer never grows past its capacity: that is what bounds
+//! the memory of a streamed body.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use monoio::buf::{IoBuf, IoBufMut, SliceMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+pub struct Conn {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    pos: usize,
+    cap: usize,
+}
+
+/// Why a read did not produce bytes.
+#[derive(Debug)]
+pub enum ReadError {
+    Timeout,
+    Io(io::Error),
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, cap: usize) -> Conn {
+        Conn { stream, buf: Vec::with_capacity(cap), pos: 0, cap }
+    }
+
+    /// Bytes read but not consumed yet.
+    #[inline]
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    #[inline]
+    pub fn consume(&mut self, n: usize) {
+        self.pos += n;
+        debug_assert!(self.pos <= self.buf.len());
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.buf.len() - self.pos >= self.cap
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Read more bytes after the pending ones. `Ok(0)` is end of stream.
+    pub async fn fill(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            // A read was cancelled (timeout) and took the buffer with it.
+            self.buf = Vec::with_capacity(self.cap);
+            self.pos = 0;
+        }
+        if self.pos > 0 && self.buf.len() == self.buf.capacity() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let len = self.buf.len();
+        if len == self.buf.capacity() {
+            return Err(io::Error::other("read buffer full"));
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let cap = buf.capacity();
+        // SAFETY-free: SliceMut writes after `len` and sets the length on completion.
+        let slice: SliceMut<Vec<u8>> = buf.slice_mut(len..cap);
+        let (res, slice) = self.stream.read(slice).await;
+        self.buf = slice.into_inner();
+        res
+    }
+
+    /// `fill` with a deadline.
+    pub async fn fill_timeout(&mut self, d: Duration) -> Result<usize, ReadError> {
+        match monoio::time::timeout(d, self.fill()).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(ReadError::Io(e)),
+            Err(_) => Err(ReadError::Timeout),
+        }
+    }
+
+    /// Write the first `n` pending bytes to `dst` and consume them.
+    pub async fn forward(&mut self, n: usize, dst: &mut TcpStream) -> io::Result<()> {
+        let buf = std::mem::take(&mut self.buf);
+        let (res, slice) = dst.write_all(buf.slice(self.pos..self.pos + n)).await;
+        self.buf = slice.into_inner();
+        res?;
+        self.consume(n);
+        Ok(())
+    }
+
+    /// Write an owned buffer to this stream; the buffer comes back cleared.
+    pub async fn write_all(&mut self, out: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        write_vec(&mut self.stream, out).await
+    }
+
+    /// Whether the peer has closed or sent unexpected bytes while idle
+    /// (checked before reusing a pooled connection; never blocks).
+    pub fn is_stale(&self) -> bool {
+        let mut b = [0u8; 1];
+        // SAFETY: recv on a valid fd into a 1-byte stack buffer.
+        let n = unsafe {
+            libc::recv(self.stream.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        if n == 0 || n > 0 {
+            // EOF, or bytes nobody asked for: either way unusable.
+            return true;
+        }
+        let e = io::Error::last_os_error();
+        !matches!(e.kind(), io::ErrorKind::WouldBlock)
+    }
+}
+
+pub async fn write_vec(stream: &mut TcpStream, out: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    if out.is_empty() {
+        return (Ok(()), out);
+    }
+    let (res, mut out) = stream.write_all(out).await;
+    out.clear();
+    (res.map(|_| ()), out)
+}

@@ -1,0 +1,21 @@
+//! Inference gateway: the userspace half. A thread-per-core monoio reverse
+//! proxy for HTTP/1.1 inference traffic.
+//!
+//! The request pipeline is assembled in [`pipeline`], in request order:
+//! [`listener`] → [`codec`] → [`route`] → [`upstream`].
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod admin;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod listener;
+pub mod metrics;
+pub mod pipeline;
+pub mod route;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;
+pub mod worker;

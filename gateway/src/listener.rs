@@ -1,0 +1,63 @@
+//! Stage 1 — listener: each worker binds its own `SO_REUSEPORT` socket per
+//! address (the kernel spreads connections across workers) and accepts until
+//! a drain starts. At the per-worker connection limit it stops accepting,
+//! which leaves new connections in the kernel backlog (back-pressure, not
+//! errors).
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use monoio::net::{ListenerOpts, TcpListener};
+
+use crate::pipeline;
+use crate::worker::Worker;
+
+pub fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(backlog);
+    TcpListener::bind_with_config(addr, &opts)
+}
+
+/// Accept connections until the worker drains.
+pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>) {
+    loop {
+        if w.draining.get() {
+            return;
+        }
+        // Back-pressure: wait for a connection to close.
+        while w.active.get() >= w.shared.max_conns_per_worker && !w.draining.get() {
+            let l = w.wake.listen();
+            if w.active.get() < w.shared.max_conns_per_worker || w.draining.get() {
+                break;
+            }
+            l.await;
+        }
+        if w.draining.get() {
+            return;
+        }
+        let drained = w.drain.listen();
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = drained => None,
+        };
+        match accepted {
+            None => continue,
+            Some(Ok((stream, peer))) => {
+                w.metrics.connections_accepted.inc();
+                w.active.set(w.active.get() + 1);
+                w.metrics.active_connections.inc();
+                let w2 = w.clone();
+                monoio::spawn(async move {
+                    pipeline::serve_connection(stream, peer, w2.clone()).await;
+                    w2.active.set(w2.active.get() - 1);
+                    w2.metrics.active_connections.dec();
+                    w2.wake.notify(usize::MAX);
+                });
+            }
+            Some(Err(e)) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning.
+                tracing::warn!(worker = w.id, error = %e, "accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Prometheus metrics. One registry for the process; each worker writes to
+//! its own unsynchronised shards ([`WorkerMetrics`], prometheus `local`
+//! metrics) and folds them into the registry every [`FLUSH_EVERY`], so the
+//! per-request path touches no shared atomics or locks.
+
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::local::{LocalHistogramVec, LocalIntCounter, LocalIntCounterVec};
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// How often worker shards are folded into the registry.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// Every metric the gateway exports; see README "Metrics".
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_header_time: HistogramVec,
+    pub request_errors: IntCounterVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub upstream_connections: IntCounterVec,
+    pub upstream_reused: IntCounterVec,
+    pub connections_accepted: IntCounter,
+    pub active_connections: IntGaugeVec,
+    pub pool_idle: IntGaugeVec,
+    pub runtime_driver: IntGaugeVec,
+    pub workers: IntGauge,
+    pub draining: IntGauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    r.register(Box::new(m.clone())).expect("metric names are unique");
+    m
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        let latency = exponential_buckets(0.0005, 2.0, 22).expect("valid buckets"); // 0.5 ms … ~35 min
+        Arc::new(Metrics {
+            requests: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_requests_total", "Requests answered, by route and status"), &["route", "status"]).unwrap(),
+            ),
+            request_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("gateway_request_duration_seconds", "From the end of the request head to the last response byte")
+                        .buckets(latency.clone()),
+                    &["route"],
+                )
+                .unwrap(),
+            ),
+            upstream_header_time: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("gateway_upstream_response_header_seconds", "From the request sent upstream to the response head (time to first byte)")
+                        .buckets(latency),
+                    &["cluster"],
+                )
+                .unwrap(),
+            ),
+            request_errors: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_request_errors_total", "Requests that ended in an error, by source (client, upstream, internal) and kind"),
+                    &["source", "kind"],
+                )
+                .unwrap(),
+            ),
+            request_bytes: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_request_body_bytes_total", "Request body bytes forwarded upstream"), &["route"]).unwrap(),
+            ),
+            response_bytes: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_response_body_bytes_total", "Response body bytes sent to clients"), &["route"]).unwrap(),
+            ),
+            upstream_errors: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_upstream_errors_total", "Upstream failures by cluster and kind"), &["cluster", "kind"]).unwrap(),
+            ),
+            upstream_connections: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_upstream_connections_opened_total", "New TCP connections to backends"), &["cluster"]).unwrap(),
+            ),
+            upstream_reused: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_upstream_connections_reused_total", "Requests sent on a pooled keep-alive connection"), &["cluster"])
+                    .unwrap(),
+            ),
+            connections_accepted: reg(&r, IntCounter::new("gateway_connections_accepted_total", "Client connections accepted").unwrap()),
+            active_connections: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_active_connections", "Open client connections, per worker"), &["worker"]).unwrap(),
+            ),
+            pool_idle: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_upstream_pool_idle_connections", "Idle pooled backend connections, per worker and cluster"), &["worker", "cluster"])
+                    .unwrap(),
+            ),
+            runtime_driver: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_runtime_driver", "Workers running on each I/O driver (io_uring or epoll)"), &["driver"]).unwrap(),
+            ),
+            workers: reg(&r, IntGauge::new("gateway_workers", "Worker threads running").unwrap()),
+            draining: reg(&r, IntGauge::new("gateway_draining", "1 while shutting down and draining in-flight requests").unwrap()),
+            registry: r,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        out
+    }
+}
+
+/// One worker's shards. `!Sync`: only its worker thread touches it.
+pub struct WorkerMetrics {
+    pub requests: RefCell<LocalIntCounterVec>,
+    pub request_duration: RefCell<LocalHistogramVec>,
+    pub upstream_header_time: RefCell<LocalHistogramVec>,
+    pub request_errors: RefCell<LocalIntCounterVec>,
+    pub request_bytes: RefCell<LocalIntCounterVec>,
+    pub response_bytes: RefCell<LocalIntCounterVec>,
+    pub upstream_errors: RefCell<LocalIntCounterVec>,
+    pub upstream_connections: RefCell<LocalIntCounterVec>,
+    pub upstream_reused: RefCell<LocalIntCounterVec>,
+    pub connections_accepted: LocalIntCounter,
+    pub active_connections: IntGauge,
+    pub pool_idle: Vec<IntGauge>,
+}
+
+impl WorkerMetrics {
+    pub fn new(m: &Metrics, worker: usize, clusters: &[String]) -> WorkerMetrics {
+        let w = worker.to_string();
+        WorkerMetrics {
+            requests: RefCell::new(m.requests.local()),
+            request_duration: RefCell::new(m.request_duration.local()),
+            upstream_header_time: RefCell::new(m.upstream_header_time.local()),
+            request_errors: RefCell::new(m.request_errors.local()),
+            request_bytes: RefCell::new(m.request_bytes.local()),
+            response_bytes: RefCell::new(m.response_bytes.local()),
+            upstream_errors: RefCell::new(m.upstream_errors.local()),
+            upstream_connections: RefCell::new(m.upstream_connections.local()),
+            upstream_reused: RefCell::new(m.upstream_reused.local()),
+            connections_accepted: m.connections_accepted.local(),
+            active_connections: m.active_connections.with_label_values(&[&w]),
+            pool_idle: clusters.iter().map(|c| m.pool_idle.with_label_values(&[&w, c])).collect(),
+        }
+    }
+
+    pub fn inc(&self, vec: &RefCell<LocalIntCounterVec>, labels: &[&str], by: u64) {
+        if by > 0 {
+            vec.borrow_mut().with_label_values(labels).inc_by(by);
+        }
+    }
+
+    pub fn observe(&self, vec: &RefCell<LocalHistogramVec>, label: &str, d: Duration) {
+        vec.borrow_mut().with_label_values(&[label]).observe(d.as_secs_f64());
+    }
+
+    pub fn flush(&self) {
+        self.requests.borrow().flush();
+        self.request_duration.borrow().flush();
+        self.upstream_header_time.borrow().flush();
+        self.request_errors.borrow().flush();
+        self.request_bytes.borrow().flush();
+        self.response_bytes.borrow().flush();
+        self.upstream_errors.borrow().flush();
+        self.upstream_connections.borrow().flush();
+        self.upstream_reused.borrow().flush();
+        self.connections_accepted.flush();
+    }
+}
+
+/// `"200"` for 200, without formatting per request.
+pub fn status_label(status: u16) -> &'static str {
+    static LABELS: OnceLock<Vec<String>> = OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..600).map(|s| s.to_string()).collect());
+    labels.get(status as usize).map(String::as_str).unwrap_or("other")
+}

@@ -1,0 +1,224 @@
+//! The request pipeline, assembled in one place and in request order:
+//!
+//! 1. listener (`listener.rs`) — accepted a connection on this worker
+//! 2. http codec (`codec.rs`) — read and check one request head
+//! 3. route (`route.rs`) — host/path/method → cluster, or 404
+//! 4. upstream (`upstream.rs`) — forward, stream the response back
+//!
+//! then one access-log event and the metrics for the request. TLS,
+//! authentication, authorization, rate limiting and payload validation slot
+//! in between 2 and 3 as their issues land.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use crate::codec::{self, RequestHead};
+use crate::error::{ClientError, ProxyError};
+use crate::io::{Conn, ReadError};
+use crate::metrics::status_label;
+use crate::upstream::{self, Exchange, Request};
+use crate::worker::Worker;
+
+/// What reading the next request produced.
+enum Next {
+    Request,
+    /// The client closed, went idle too long, or the worker is draining: close quietly.
+    Close,
+    /// Answer with this error, then close.
+    Reject(ClientError),
+}
+
+/// Serve every request of one client connection, in order.
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>) {
+    let _ = stream.set_nodelay(true);
+    let mut client = Conn::new(stream, w.shared.buffer_size);
+    let conn_id = w.conn_id();
+    let mut head = RequestHead::default();
+    let mut out = Vec::with_capacity(4096);
+    let mut rid = String::with_capacity(40);
+    let mut first = true;
+    loop {
+        // Stage 2: http codec.
+        match read_head(&mut client, &mut head, &w, conn_id, first).await {
+            Next::Request => {}
+            Next::Close => break,
+            Next::Reject(e) => {
+                w.new_request_id(&mut rid);
+                let e = ProxyError::Client(e);
+                respond_error(&mut client, e, &rid, true, &mut out).await;
+                log_rejected(&w, &rid, peer, e);
+                break;
+            }
+        }
+        first = false;
+        let started = Instant::now();
+        match &head.request_id {
+            Some(r) => {
+                rid.clear();
+                rid.push_str(std::str::from_utf8(&client.pending()[r.clone()]).unwrap_or_default());
+            }
+            None => w.new_request_id(&mut rid),
+        }
+
+        // Stage 3: route.
+        let buf = client.pending();
+        let route = w.shared.router.route(
+            head.host.clone().map(|h| &buf[h]).unwrap_or_default(),
+            &buf[head.target.clone()],
+            &buf[head.method.clone()],
+        );
+        let Some(route) = route else {
+            let e = ProxyError::Client(ClientError::NoRoute);
+            // The unread body would be taken for the next request: close unless there is none.
+            let close = !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
+            log_rejected(&w, &rid, peer, e);
+            client.consume(head.head_len);
+            respond_error(&mut client, e, &rid, close, &mut out).await;
+            if close {
+                break;
+            }
+            continue;
+        };
+
+        // Captured for the access log before the head is consumed (path without query).
+        let (method, path) = if w.shared.access_log {
+            let target = &buf[head.target.clone()];
+            let path = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
+            (String::from_utf8_lossy(&buf[head.method.clone()]).into_owned(), String::from_utf8_lossy(path).into_owned())
+        } else {
+            (String::new(), String::new())
+        };
+
+        // Stage 4: upstream.
+        let req = Request { head: &head, route, request_id: &rid, peer: peer.ip(), started };
+        let x = upstream::forward(&mut client, &req, &w, &mut out).await;
+        let mut keep = x.client_keep_alive;
+        let mut status = x.status;
+        if let Some(e) = x.error {
+            if !x.response_started && e != ProxyError::Client(ClientError::ClientClosed) {
+                keep = head.keep_alive && x.request_body_done && !e.must_close() && !w.draining.get();
+                status = e.status();
+                if !x.request_body_done {
+                    // The head may still be in the buffer (bodiless request failed early).
+                    keep = false;
+                }
+                respond_error(&mut client, e, &rid, !keep, &mut out).await;
+            } else {
+                keep = false;
+                if status == 0 {
+                    status = e.status();
+                }
+            }
+            let (source, kind) = e.source_and_kind();
+            w.metrics.inc(&w.metrics.request_errors, &[source, kind], 1);
+        }
+        finish(&w, &method, &path, &rid, peer, route.name.as_str(), &route.cluster_name, status, started, &x);
+        if !keep || w.draining.get() {
+            break;
+        }
+    }
+    w.mark_busy(conn_id);
+}
+
+/// Read until one complete request head is buffered. The first byte of a
+/// request must come within the idle timeout (the header timeout for a new
+/// connection); the rest of the head within the header timeout.
+async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, conn_id: u64, first: bool) -> Next {
+    let limits = &w.shared.limits;
+    let t = &w.shared.timeouts;
+    let mut head_deadline: Option<Instant> = None;
+    loop {
+        if !client.pending().is_empty() {
+            match codec::parse_request(client.pending(), limits, head) {
+                Ok(true) => return Next::Request,
+                Ok(false) => {}
+                Err(e) => return Next::Reject(e),
+            }
+            head_deadline.get_or_insert_with(|| Instant::now() + t.client_header);
+        }
+        let wait = match head_deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None if first => t.client_header,
+            None => t.client_idle,
+        };
+        let idle = client.pending().is_empty();
+        if idle {
+            if w.draining.get() {
+                return Next::Close;
+            }
+            w.mark_idle(conn_id, client.raw_fd());
+        }
+        let r = client.fill_timeout(wait.max(Duration::from_millis(1))).await;
+        if idle {
+            w.mark_busy(conn_id);
+        }
+        match r {
+            Ok(0) if idle => return Next::Close,
+            // Closed mid-head: nobody to answer.
+            Ok(0) => return Next::Close,
+            Ok(_) => {}
+            Err(ReadError::Timeout) if idle => return Next::Close,
+            Err(ReadError::Timeout) => return Next::Reject(ClientError::HeaderTimeout),
+            Err(ReadError::Io(_)) => return Next::Close,
+        }
+    }
+}
+
+async fn respond_error(client: &mut Conn, e: ProxyError, rid: &str, close: bool, out: &mut Vec<u8>) {
+    out.clear();
+    e.to_response(rid, close, out);
+    let (_, o) = client.write_all(std::mem::take(out)).await;
+    *out = o;
+}
+
+fn log_rejected(w: &Worker, rid: &str, peer: SocketAddr, e: ProxyError) {
+    let (source, kind) = e.source_and_kind();
+    // No route was chosen: counted under route="".
+    w.metrics.inc(&w.metrics.requests, &["", status_label(e.status())], 1);
+    w.metrics.inc(&w.metrics.request_errors, &[source, kind], 1);
+    if w.shared.access_log {
+        tracing::info!(target: "access", request_id = rid, client = %peer.ip(), status = e.status(), error = kind, "request rejected");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    w: &Worker,
+    method: &str,
+    path: &str,
+    rid: &str,
+    peer: SocketAddr,
+    route: &str,
+    cluster: &str,
+    status: u16,
+    started: Instant,
+    x: &Exchange,
+) {
+    let elapsed = started.elapsed();
+    let m = &w.metrics;
+    m.inc(&m.requests, &[route, status_label(status)], 1);
+    m.observe(&m.request_duration, route, elapsed);
+    m.inc(&m.request_bytes, &[route], x.req_bytes);
+    m.inc(&m.response_bytes, &[route], x.resp_bytes);
+    if w.shared.access_log {
+        tracing::info!(
+            target: "access",
+            request_id = rid,
+            method,
+            path,
+            client = %peer.ip(),
+            route,
+            cluster,
+            upstream = x.backend.map(|b| b.to_string()).unwrap_or_default(),
+            status,
+            error = x.error.map(|e| e.source_and_kind().1).unwrap_or(""),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            upstream_header_ms = x.header_time.map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+            request_bytes = x.req_bytes,
+            response_bytes = x.resp_bytes,
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Process lifecycle: one pinned worker thread per core, each with its own
+//! monoio runtime (io_uring, or epoll when io_uring can't be set up), its own
+//! listeners and upstream pool; the admin listener; signals and the
+//! graceful drain.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::{IoUringDriver, LegacyDriver, Runtime};
+
+use crate::admin;
+use crate::config::{DriverChoice, Resolved};
+use crate::listener;
+use crate::metrics::{Metrics, FLUSH_EVERY};
+use crate::worker::{Shared, Shutdown, Worker};
+
+/// io_uring submission queue entries per worker.
+const URING_ENTRIES: u32 = 2048;
+
+/// State the admin listener reports (`/readyz`).
+pub struct Health {
+    pub workers: usize,
+    pub started: AtomicUsize,
+    pub draining: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.started.load(Ordering::SeqCst) == self.workers && !self.draining.load(Ordering::SeqCst)
+    }
+}
+
+enum Msg {
+    Started { worker: usize, driver: &'static str },
+    Failed { worker: usize, error: String },
+    Done { worker: usize },
+    Signal(i32),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// Run the gateway until SIGTERM/SIGINT and the drain that follows.
+pub fn run(r: Resolved) -> Result<(), RunError> {
+    let n = r.config.server.workers.resolve();
+    let metrics = Metrics::new();
+    let shutdown = Shutdown::new();
+    let shared = Arc::new(Shared::new(&r, n, metrics.clone(), shutdown.clone()));
+    let health = Arc::new(Health { workers: n, started: AtomicUsize::new(0), draining: AtomicBool::new(false) });
+
+    admin::spawn(r.admin, metrics.clone(), health.clone())
+        .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))?;
+
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let cpus = if r.config.server.pin_workers { allowed_cpus() } else { Vec::new() };
+    for id in 0..n {
+        let tx = tx.clone();
+        let shared = shared.clone();
+        let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
+        let listen = r.listen.clone();
+        let backlog = r.config.server.backlog;
+        let driver = r.config.server.driver;
+        std::thread::Builder::new()
+            .name(format!("gateway-w{id}"))
+            .spawn(move || worker_thread(id, shared, cpu, driver, listen, backlog, tx))
+            .map_err(|e| RunError::Startup(format!("cannot start worker thread: {e}")))?;
+    }
+
+    {
+        let tx = tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+            .map_err(|e| RunError::Startup(format!("cannot install signal handlers: {e}")))?;
+        std::thread::Builder::new()
+            .name("gateway-signals".into())
+            .spawn(move || {
+                for s in signals.forever() {
+                    if tx.send(Msg::Signal(s)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| RunError::Startup(format!("cannot start signal thread: {e}")))?;
+    }
+    drop(tx);
+
+    let mut started = 0;
+    let mut done = 0;
+    let mut deadline: Option<Instant> = None;
+    let grace = r.config.server.shutdown_grace;
+    loop {
+        let msg = match deadline {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(m) => m,
+                Err(_) => {
+                    let open: i64 = (0..n).map(|w| metrics.active_connections.with_label_values(&[&w.to_string()]).get()).sum();
+                    tracing::warn!(open_connections = open, grace_s = grace.as_secs_f64(), "shutdown grace period over; closing what is left");
+                    return Ok(());
+                }
+            },
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return Err(RunError::Startup("all worker threads exited".into())),
+            },
+        };
+        match msg {
+            Msg::Started { worker, driver } => {
+                started += 1;
+                tracing::debug!(worker, driver, "worker started");
+                if started == n {
+                    health.started.store(n, Ordering::SeqCst);
+                    tracing::info!(
+                        workers = n,
+                        listen = ?r.listen,
+                        admin = %r.admin,
+                        "gateway ready"
+                    );
+                }
+            }
+            Msg::Failed { worker, error } => {
+                shutdown.trigger();
+                return Err(RunError::Startup(format!("worker {worker}: {error}")));
+            }
+            Msg::Signal(s) => {
+                if deadline.is_none() {
+                    tracing::info!(signal = s, grace_s = grace.as_secs_f64(), "shutting down: no new connections, draining in-flight requests");
+                    health.draining.store(true, Ordering::SeqCst);
+                    metrics.draining.set(1);
+                    shutdown.trigger();
+                    deadline = Some(Instant::now() + grace);
+                } else {
+                    tracing::warn!(signal = s, "second signal: exiting now");
+                    return Ok(());
+                }
+            }
+            Msg::Done { worker } => {
+                done += 1;
+                tracing::debug!(worker, "worker drained");
+                if done == n {
+                    tracing::info!("all workers drained; bye");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+
+fn worker_thread(
+    id: usize,
+    shared: Arc<Shared>,
+    cpu: Option<usize>,
+    driver: DriverChoice,
+    listen: Vec<SocketAddr>,
+    backlog: i32,
+    tx: mpsc::Sender<Msg>,
+) {
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu);
+    }
+    let uring = || monoio::RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build();
+    let legacy = || monoio::RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
+    match driver {
+        DriverChoice::IoUring => match uring() {
+            Ok(rt) => run_on(rt, "io_uring", id, shared, listen, backlog, tx),
+            Err(e) => {
+                let _ = tx.send(Msg::Failed { worker: id, error: format!("io_uring is unavailable ({e}); use driver = \"auto\" or \"epoll\"") });
+            }
+        },
+        DriverChoice::Auto => match uring() {
+            Ok(rt) => run_on(rt, "io_uring", id, shared, listen, backlog, tx),
+            Err(e) => {
+                if !FALLBACK_LOGGED.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(error = %e, "io_uring unavailable (disabled by sysctl or seccomp?); falling back to epoll");
+                }
+                match legacy() {
+                    Ok(rt) => run_on(rt, "epoll", id, shared, listen, backlog, tx),
+                    Err(e) => {
+                        let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot start the epoll runtime: {e}") });
+                    }
+                }
+            }
+        },
+        DriverChoice::Epoll => match legacy() {
+            Ok(rt) => run_on(rt, "epoll", id, shared, listen, backlog, tx),
+            Err(e) => {
+                let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot start the epoll runtime: {e}") });
+            }
+        },
+    }
+}
+
+fn run_on<D: monoio::Driver>(
+    mut rt: Runtime<D>,
+    driver: &'static str,
+    id: usize,
+    shared: Arc<Shared>,
+    listen: Vec<SocketAddr>,
+    backlog: i32,
+    tx: mpsc::Sender<Msg>,
+) {
+    rt.block_on(worker_main(driver, id, shared, listen, backlog, tx));
+}
+
+async fn worker_main(
+    driver: &'static str,
+    id: usize,
+    shared: Arc<Shared>,
+    listen: Vec<SocketAddr>,
+    backlog: i32,
+    tx: mpsc::Sender<Msg>,
+) {
+    let w = Rc::new(Worker::new(id, shared.clone()));
+    let mut listeners = Vec::new();
+    for a in &listen {
+        match listener::bind(*a, backlog) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot listen on {a}: {e}") });
+                return;
+            }
+        }
+    }
+    shared.metrics.runtime_driver.with_label_values(&[driver]).inc();
+    shared.metrics.workers.inc();
+    let _ = tx.send(Msg::Started { worker: id, driver });
+
+    {
+        let w = w.clone();
+        monoio::spawn(async move {
+            w.shared.shutdown.wait().await;
+            w.begin_drain();
+        });
+    }
+    {
+        // Fold metric shards into the registry; close expired pooled connections.
+        let w = w.clone();
+        monoio::spawn(async move {
+            let mut last_sweep = Instant::now();
+            loop {
+                monoio::time::sleep(FLUSH_EVERY).await;
+                w.metrics.flush();
+                if last_sweep.elapsed() >= w.sweep_interval() {
+                    last_sweep = Instant::now();
+                    let closed = w.pool.borrow_mut().sweep();
+                    for (c, n) in closed.into_iter().enumerate() {
+                        w.metrics.pool_idle[c].sub(n as i64);
+                    }
+                }
+            }
+        });
+    }
+
+    let loops: Vec<_> = listeners.into_iter().map(|l| monoio::spawn(listener::accept_loop(l, w.clone()))).collect();
+    for l in loops {
+        l.await;
+    }
+    // Listeners are closed; wait for in-flight requests (the main thread enforces the grace period).
+    while w.active.get() > 0 {
+        let l = w.wake.listen();
+        if w.active.get() == 0 {
+            break;
+        }
+        l.await;
+    }
+    w.pool.borrow_mut().clear();
+    for g in &w.metrics.pool_idle {
+        g.set(0);
+    }
+    w.metrics.flush();
+    shared.metrics.workers.dec();
+    let _ = tx.send(Msg::Done { worker: id });
+    // Give the flush a moment to be scraped before the process exits.
+    monoio::time::sleep(Duration::from_millis(1)).await;
+}
+
+/// CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills a zeroed cpu_set_t of the size we pass.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: sched_setaffinity on the calling thread with a set we built.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "cannot pin worker to its CPU");
+        }
+    }
+}

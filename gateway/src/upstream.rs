@@ -1,0 +1,516 @@
+//! Stage 9 — upstream: pick a backend of the route's cluster (round-robin),
+//! reuse a pooled keep-alive connection or open one, forward the request and
+//! its body as it arrives, and stream the response back as it arrives.
+//!
+//! Outcome ([`Exchange`]): `error: None` → a response was relayed;
+//! `error: Some(e)` with `response_started: false` → the caller answers with
+//! `e`'s status; with `response_started: true` → the client connection must
+//! be closed (the response is cut short, which the client can detect).
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use crate::codec::{self, BodyKind, ChunkedDecoder, RequestHead, ResponseHead};
+use crate::error::{ClientError, ProxyError, UpstreamError};
+use crate::io::{Conn, ReadError};
+use crate::route::Route;
+use crate::worker::Worker;
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub backends: Vec<SocketAddr>,
+    pub pool_max_idle: usize,
+    pub pool_idle_timeout: Duration,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// Idle keep-alive connections of one worker, `[cluster][backend]`, most
+/// recently used last (reused first: its TCP state is warmest).
+pub struct Pool {
+    idle: Vec<Vec<VecDeque<Idle>>>,
+    max_idle: Vec<usize>,
+    idle_timeout: Vec<Duration>,
+}
+
+impl Pool {
+    pub fn new(clusters: &[Cluster]) -> Pool {
+        Pool {
+            idle: clusters.iter().map(|c| c.backends.iter().map(|_| VecDeque::new()).collect()).collect(),
+            max_idle: clusters.iter().map(|c| c.pool_max_idle).collect(),
+            idle_timeout: clusters.iter().map(|c| c.pool_idle_timeout).collect(),
+        }
+    }
+
+    /// A live idle connection to this backend; `.1` is how many were discarded.
+    fn take(&mut self, cluster: usize, backend: usize) -> (Option<Conn>, usize) {
+        let timeout = self.idle_timeout[cluster];
+        let q = &mut self.idle[cluster][backend];
+        let mut dropped = 0;
+        while let Some(i) = q.pop_back() {
+            if i.since.elapsed() >= timeout {
+                // Everything below is older still.
+                dropped += 1 + q.len();
+                q.clear();
+                break;
+            }
+            if i.conn.is_stale() {
+                dropped += 1;
+                continue;
+            }
+            return (Some(i.conn), dropped);
+        }
+        (None, dropped)
+    }
+
+    fn put(&mut self, cluster: usize, backend: usize, conn: Conn) -> bool {
+        let q = &mut self.idle[cluster][backend];
+        if q.len() >= self.max_idle[cluster] {
+            return false;
+        }
+        q.push_back(Idle { conn, since: Instant::now() });
+        true
+    }
+
+    /// Close connections idle for longer than their cluster allows; returns how many per cluster.
+    pub fn sweep(&mut self) -> Vec<usize> {
+        let mut closed = vec![0; self.idle.len()];
+        for (c, backends) in self.idle.iter_mut().enumerate() {
+            for q in backends.iter_mut() {
+                while q.front().is_some_and(|i| i.since.elapsed() >= self.idle_timeout[c]) {
+                    q.pop_front();
+                    closed[c] += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    pub fn clear(&mut self) {
+        for b in self.idle.iter_mut() {
+            for q in b.iter_mut() {
+                q.clear();
+            }
+        }
+    }
+}
+
+pub struct UpConn {
+    pub conn: Conn,
+    pub cluster: usize,
+    pub backend: usize,
+    pub addr: SocketAddr,
+    pub reused: bool,
+}
+
+/// Connect or reuse. Connect failures move on to the next backend (nothing
+/// was sent); after every backend failed, the last error is returned (→ 502).
+async fn checkout(w: &Worker, route: &Route, allow_pooled: bool) -> Result<UpConn, UpstreamError> {
+    let cl = &w.shared.clusters[route.cluster];
+    let mut last = UpstreamError::ConnectError;
+    for _ in 0..cl.backends.len() {
+        let b = w.next_backend(route.cluster);
+        let addr = cl.backends[b];
+        if allow_pooled {
+            let (conn, dropped) = w.pool.borrow_mut().take(route.cluster, b);
+            let gauge = &w.metrics.pool_idle[route.cluster];
+            gauge.sub(dropped as i64 + i64::from(conn.is_some()));
+            if let Some(conn) = conn {
+                w.metrics.inc(&w.metrics.upstream_reused, &[&cl.name], 1);
+                return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: true });
+            }
+        }
+        match connect(addr, route.connect_timeout, w.shared.buffer_size).await {
+            Ok(conn) => {
+                w.metrics.inc(&w.metrics.upstream_connections, &[&cl.name], 1);
+                return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: false });
+            }
+            Err(e) => {
+                w.metrics.inc(&w.metrics.upstream_errors, &[&cl.name, e.kind()], 1);
+                tracing::warn!(cluster = %cl.name, backend = %addr, kind = e.kind(), "upstream connect failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration, buffer: usize) -> Result<Conn, UpstreamError> {
+    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Err(_) => Err(UpstreamError::ConnectTimeout),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(UpstreamError::ConnectRefused),
+        Ok(Err(_)) => Err(UpstreamError::ConnectError),
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(Conn::new(s, buffer))
+        }
+    }
+}
+
+/// What happened to one request, for the access log and metrics.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    /// Status relayed to the client (0 when none was).
+    pub status: u16,
+    pub error: Option<ProxyError>,
+    pub response_started: bool,
+    /// The request body was read to its end (so the connection may be reused).
+    pub request_body_done: bool,
+    pub backend: Option<SocketAddr>,
+    pub header_time: Option<Duration>,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    /// The client connection may carry another request.
+    pub client_keep_alive: bool,
+}
+
+/// Everything the upstream stage needs to know about the request.
+pub struct Request<'a> {
+    pub head: &'a RequestHead,
+    pub route: &'a Route,
+    pub request_id: &'a str,
+    pub peer: IpAddr,
+    pub started: Instant,
+}
+
+pub async fn forward(client: &mut Conn, req: &Request<'_>, w: &Worker, out: &mut Vec<u8>) -> Exchange {
+    let mut x = Exchange { request_body_done: req.head.body_kind() == BodyKind::Empty, ..Exchange::default() };
+    if let Err(e) = exchange(client, req, w, out, &mut x).await {
+        if let ProxyError::Upstream(u) = e {
+            let cluster = &w.shared.clusters[req.route.cluster].name;
+            // Connect failures were counted per try in `checkout`.
+            if !u.retryable() {
+                w.metrics.inc(&w.metrics.upstream_errors, &[cluster, u.kind()], 1);
+            }
+        }
+        x.error = Some(e);
+    }
+    x
+}
+
+/// Time left for one wait: the stage timeout, cut short by the route's total deadline.
+fn wait_for(stage: Duration, deadline: Option<Instant>) -> (Duration, bool) {
+    match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left < stage {
+                (left, true)
+            } else {
+                (stage, false)
+            }
+        }
+        None => (stage, false),
+    }
+}
+
+async fn exchange(
+    client: &mut Conn,
+    req: &Request<'_>,
+    w: &Worker,
+    out: &mut Vec<u8>,
+    x: &mut Exchange,
+) -> Result<(), ProxyError> {
+    let head = req.head;
+    let route = req.route;
+    let body = head.body_kind();
+    if let BodyKind::Length(n) = body {
+        if n > route.max_request_body_bytes {
+            return Err(ClientError::BodyTooLarge.into());
+        }
+    }
+    let deadline = route.total_timeout.map(|t| req.started + t);
+    let timeouts = &w.shared.timeouts;
+    let mut sent_continue = false;
+    let mut retried = false;
+    let mut resp = ResponseHead::default();
+
+    let (mut up, sent_at) = 'attempt: loop {
+        // A stale pooled connection is retried once, on a fresh one, only when
+        // nothing of the request body has been consumed.
+        let mut up = checkout(w, route, !retried).await?;
+        x.backend = Some(up.addr);
+        if head.expect_continue && !sent_continue {
+            let (r, o) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
+            drop(o);
+            r.map_err(|_| ClientError::ClientClosed)?;
+            sent_continue = true;
+        }
+        out.clear();
+        build_upstream_head(client.pending(), req, w.shared.trust_forwarded, up.addr, out);
+        let (r, o) = up.conn.write_all(std::mem::take(out)).await;
+        *out = o;
+        if r.is_err() {
+            if up.reused && !retried && body == BodyKind::Empty {
+                retried = true;
+                continue;
+            }
+            return Err(UpstreamError::Reset.into());
+        }
+        // The head is no longer needed unless a bodiless request may be retried.
+        if body != BodyKind::Empty {
+            client.consume(head.head_len);
+            send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts.client_body, x).await?;
+        }
+        x.request_body_done = true;
+        let sent_at = Instant::now();
+
+        // Response head; informational (1xx) responses are skipped.
+        loop {
+            match codec::parse_response(up.conn.pending(), w.shared.limits.max_response_header_bytes, head.is_head, &mut resp) {
+                Ok(true) if resp.status == 101 => return Err(UpstreamError::BadResponse.into()),
+                Ok(true) if (100..200).contains(&resp.status) => {
+                    up.conn.consume(resp.head_len);
+                    continue;
+                }
+                Ok(true) => break 'attempt (up, sent_at),
+                Ok(false) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let (wait, is_total) = wait_for(route.response_timeout, deadline);
+            match up.conn.fill_timeout(wait).await {
+                Ok(0) | Err(ReadError::Io(_)) if up.reused && !retried && body == BodyKind::Empty && up.conn.pending().is_empty() => {
+                    retried = true;
+                    continue 'attempt;
+                }
+                Ok(0) => return Err(UpstreamError::Closed.into()),
+                Ok(_) => {}
+                Err(ReadError::Timeout) => {
+                    return Err(if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout }.into())
+                }
+                Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
+            }
+        }
+    };
+    let cluster_name = &w.shared.clusters[up.cluster].name;
+    let header_time = sent_at.elapsed();
+    x.header_time = Some(header_time);
+    w.metrics.observe(&w.metrics.upstream_header_time, cluster_name, header_time);
+    if body == BodyKind::Empty {
+        client.consume(head.head_len);
+    }
+
+    // Framing toward the client.
+    let up_body = resp.body_kind();
+    let client_11 = head.minor == 1;
+    let rechunk = client_11 && matches!(up_body, BodyKind::Chunked | BodyKind::UntilClose);
+    let close_delimited = !client_11 && matches!(up_body, BodyKind::Chunked | BodyKind::UntilClose);
+    let client_close = !head.keep_alive || w.draining.get() || close_delimited;
+    x.client_keep_alive = !client_close;
+    x.status = resp.status;
+
+    out.clear();
+    {
+        let ub = up.conn.pending();
+        let _ = write!(out, "HTTP/1.1 {} ", resp.status);
+        out.extend_from_slice(&ub[resp.reason.clone()]);
+        out.extend_from_slice(b"\r\n");
+        for h in resp.headers.iter().filter(|h| !h.drop) {
+            out.extend_from_slice(&ub[h.name.clone()]);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&ub[h.value.clone()]);
+            out.extend_from_slice(b"\r\n");
+        }
+        if rechunk {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(req.request_id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if client_close {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if !client_11 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    up.conn.consume(resp.head_len);
+
+    // Body: relay what is buffered, write, read more, until the framing says done.
+    let mut remaining = if let BodyKind::Length(n) = up_body { n } else { 0 };
+    let mut dec = ChunkedDecoder::new();
+    let mut finished;
+    loop {
+        let p = up.conn.pending();
+        let used;
+        match up_body {
+            BodyKind::Empty => {
+                used = 0;
+                finished = true;
+            }
+            BodyKind::Length(_) => {
+                used = (remaining.min(p.len() as u64)) as usize;
+                out.extend_from_slice(&p[..used]);
+                remaining -= used as u64;
+                x.resp_bytes += used as u64;
+                finished = remaining == 0;
+            }
+            BodyKind::Chunked => {
+                let before = dec.data_total;
+                used = if rechunk {
+                    let n = dec.feed(p, |_| {}).map_err(|_| UpstreamError::BadResponse);
+                    let n = abort_if_started(n, x)?;
+                    out.extend_from_slice(&p[..n]);
+                    n
+                } else {
+                    let n = dec.feed(p, |r| out.extend_from_slice(&p[r])).map_err(|_| UpstreamError::BadResponse);
+                    abort_if_started(n, x)?
+                };
+                x.resp_bytes += dec.data_total - before;
+                finished = dec.is_done();
+            }
+            BodyKind::UntilClose => {
+                used = p.len();
+                if used > 0 {
+                    if rechunk {
+                        codec::encode_chunk(p, out);
+                    } else {
+                        out.extend_from_slice(p);
+                    }
+                }
+                x.resp_bytes += used as u64;
+                finished = false;
+            }
+        }
+        up.conn.consume(used);
+        if !out.is_empty() {
+            let (r, o) = client.write_all(std::mem::take(out)).await;
+            *out = o;
+            x.response_started = true;
+            if r.is_err() {
+                x.client_keep_alive = false;
+                return Err(ClientError::ClientClosed.into());
+            }
+        }
+        if finished {
+            break;
+        }
+        let (wait, is_total) = wait_for(route.response_timeout, deadline);
+        match up.conn.fill_timeout(wait).await {
+            Ok(0) if up_body == BodyKind::UntilClose => {
+                if rechunk {
+                    let (r, o) = client.write_all(b"0\r\n\r\n".to_vec()).await;
+                    drop(o);
+                    r.map_err(|_| ClientError::ClientClosed)?;
+                }
+                break;
+            }
+            Ok(0) => return abort(x, UpstreamError::Closed),
+            Ok(_) => {}
+            Err(ReadError::Timeout) => {
+                return abort(x, if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout })
+            }
+            Err(ReadError::Io(e)) => return abort(x, UpstreamError::from_io(&e)),
+        }
+    }
+    x.response_started = true;
+
+    // Back to the pool only when the exchange ended exactly on a message boundary.
+    let reusable = resp.keep_alive && up_body != BodyKind::UntilClose && up.conn.pending().is_empty();
+    if reusable {
+        let mut pool = w.pool.borrow_mut();
+        if pool.put(up.cluster, up.backend, up.conn) {
+            w.metrics.pool_idle[up.cluster].inc();
+        }
+    }
+    Ok(())
+}
+
+fn abort_if_started(r: Result<usize, UpstreamError>, x: &mut Exchange) -> Result<usize, ProxyError> {
+    r.map_err(|e| {
+        x.client_keep_alive = false;
+        e.into()
+    })
+}
+
+fn abort(x: &mut Exchange, e: UpstreamError) -> Result<(), ProxyError> {
+    x.client_keep_alive = false;
+    Err(e.into())
+}
+
+/// Stream the request body to the backend as it arrives, within bounded memory.
+async fn send_body(
+    client: &mut Conn,
+    up: &mut Conn,
+    kind: BodyKind,
+    limit: u64,
+    body_timeout: Duration,
+    x: &mut Exchange,
+) -> Result<(), ProxyError> {
+    let mut dec = ChunkedDecoder::new();
+    let mut left = if let BodyKind::Length(n) = kind { n } else { 0 };
+    loop {
+        if !client.pending().is_empty() {
+            let n = match kind {
+                BodyKind::Length(_) => (left.min(client.pending().len() as u64)) as usize,
+                BodyKind::Chunked => {
+                    let n = dec.feed(client.pending(), |_| {}).map_err(|_| ClientError::Malformed("invalid chunked body"))?;
+                    if dec.data_total > limit {
+                        return Err(ClientError::BodyTooLarge.into());
+                    }
+                    n
+                }
+                _ => return Ok(()),
+            };
+            if n > 0 {
+                client.forward(n, &mut up.stream).await.map_err(|_| UpstreamError::Reset)?;
+            }
+            match kind {
+                BodyKind::Length(_) => {
+                    left -= n as u64;
+                    x.req_bytes += n as u64;
+                    if left == 0 {
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    x.req_bytes = dec.data_total;
+                    if dec.is_done() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        match client.fill_timeout(body_timeout).await {
+            Ok(0) => return Err(ClientError::ClientClosed.into()),
+            Ok(_) => {}
+            Err(ReadError::Timeout) => return Err(ClientError::BodyTimeout.into()),
+            Err(ReadError::Io(_)) => return Err(ClientError::ClientClosed.into()),
+        }
+    }
+}
+
+/// The request head as the backend sees it: hop-by-hop headers gone, framing
+/// normalised, forwarding headers and the request id added.
+fn build_upstream_head(buf: &[u8], req: &Request<'_>, trust_forwarded: bool, backend: SocketAddr, out: &mut Vec<u8>) {
+    let h = req.head;
+    out.extend_from_slice(&buf[h.method.clone()]);
+    out.push(b' ');
+    out.extend_from_slice(&buf[h.target.clone()]);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for hd in h.headers.iter().filter(|hd| !hd.drop) {
+        out.extend_from_slice(&buf[hd.name.clone()]);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&buf[hd.value.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if h.host.is_none() {
+        let _ = write!(out, "host: {backend}\r\n");
+    }
+    if h.body_kind() == BodyKind::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let (true, Some(xff)) = (trust_forwarded, &h.forwarded_for) {
+        out.extend_from_slice(&buf[xff.clone()]);
+        out.extend_from_slice(b", ");
+    }
+    let _ = write!(out, "{}\r\nx-forwarded-proto: http\r\nx-request-id: {}\r\n\r\n", req.peer, req.request_id);
+}

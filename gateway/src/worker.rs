@@ -1,0 +1,199 @@
+//! State owned by one worker thread: its upstream pool, metric shards,
+//! round-robin cursors, request-id generator and drain bookkeeping. Nothing
+//! here is shared with other workers, so nothing here locks.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Limits, Resolved, Timeouts};
+use crate::metrics::{Metrics, WorkerMetrics};
+use crate::route::Router;
+use crate::upstream::{Cluster, Pool};
+
+/// Process-wide shutdown flag, set once from the signal thread.
+pub struct Shutdown {
+    flag: AtomicBool,
+    event: event_listener::Event,
+}
+
+impl Shutdown {
+    pub fn new() -> Arc<Shutdown> {
+        Arc::new(Shutdown { flag: AtomicBool::new(false), event: event_listener::Event::new() })
+    }
+
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.event.notify(usize::MAX);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    pub async fn wait(&self) {
+        loop {
+            if self.is_triggered() {
+                return;
+            }
+            let l = self.event.listen();
+            if self.is_triggered() {
+                return;
+            }
+            l.await;
+        }
+    }
+}
+
+/// What every worker gets, read-only, built once from the config.
+pub struct Shared {
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub router: Router,
+    pub clusters: Vec<Cluster>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Arc<Shutdown>,
+    pub buffer_size: usize,
+    pub max_conns_per_worker: usize,
+    pub trust_forwarded: bool,
+    pub access_log: bool,
+}
+
+impl Shared {
+    pub fn new(r: &Resolved, workers: usize, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>) -> Shared {
+        let names: Vec<String> = r.clusters.keys().cloned().collect();
+        let clusters = names
+            .iter()
+            .map(|n| {
+                let c = &r.config.clusters[n];
+                Cluster {
+                    name: n.clone(),
+                    backends: r.clusters[n].clone(),
+                    pool_max_idle: c.pool_max_idle,
+                    pool_idle_timeout: c.pool_idle_timeout,
+                }
+            })
+            .collect();
+        let s = &r.config.server;
+        Shared {
+            limits: r.config.limits.clone(),
+            timeouts: r.config.timeouts.clone(),
+            router: Router::new(&r.config, &names),
+            clusters,
+            metrics,
+            shutdown,
+            buffer_size: s.buffer_size,
+            max_conns_per_worker: s.max_connections.div_ceil(workers).max(1),
+            trust_forwarded: s.trust_forwarded_headers,
+            access_log: r.config.log.access_log,
+        }
+    }
+}
+
+pub struct Worker {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub metrics: WorkerMetrics,
+    pub pool: RefCell<Pool>,
+    rr: Vec<Cell<usize>>,
+    id_prefix: u64,
+    id_counter: Cell<u64>,
+    /// Open client connections on this worker.
+    pub active: Cell<usize>,
+    pub draining: Cell<bool>,
+    /// Client connections waiting for their next request, so a drain can close them.
+    idle: RefCell<HashMap<u64, RawFd>>,
+    next_conn: Cell<u64>,
+    /// Woken when a connection closes (accept back-pressure) or a drain starts.
+    pub wake: event_listener::Event,
+    /// Woken when a drain starts (ends the accept loop).
+    pub drain: event_listener::Event,
+}
+
+impl Worker {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Worker {
+        let names: Vec<String> = shared.clusters.iter().map(|c| c.name.clone()).collect();
+        let metrics = WorkerMetrics::new(&shared.metrics, id, &names);
+        let pool = Pool::new(&shared.clusters);
+        Worker {
+            id,
+            rr: shared.clusters.iter().map(|_| Cell::new(id)).collect(),
+            metrics,
+            pool: RefCell::new(pool),
+            id_prefix: random_u64() ^ ((id as u64) << 56),
+            id_counter: Cell::new(0),
+            active: Cell::new(0),
+            draining: Cell::new(false),
+            idle: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(0),
+            wake: event_listener::Event::new(),
+            drain: event_listener::Event::new(),
+            shared,
+        }
+    }
+
+    /// Next backend index of a cluster, round-robin per worker.
+    pub fn next_backend(&self, cluster: usize) -> usize {
+        let n = self.shared.clusters[cluster].backends.len();
+        let c = &self.rr[cluster];
+        let i = c.get() % n;
+        c.set(i + 1);
+        i
+    }
+
+    /// A fresh request id: 32 hex digits, unique per process run.
+    pub fn new_request_id(&self, out: &mut String) {
+        use std::fmt::Write;
+        let n = self.id_counter.get().wrapping_add(1);
+        self.id_counter.set(n);
+        out.clear();
+        let _ = write!(out, "{:016x}{:016x}", self.id_prefix, n);
+    }
+
+    pub fn conn_id(&self) -> u64 {
+        let n = self.next_conn.get() + 1;
+        self.next_conn.set(n);
+        n
+    }
+
+    pub fn mark_idle(&self, conn: u64, fd: RawFd) {
+        self.idle.borrow_mut().insert(conn, fd);
+    }
+
+    pub fn mark_busy(&self, conn: u64) {
+        self.idle.borrow_mut().remove(&conn);
+    }
+
+    /// Stop taking requests: idle keep-alive connections are shut (their
+    /// pending read ends), busy ones close after their current response.
+    pub fn begin_drain(&self) {
+        self.draining.set(true);
+        for (_, fd) in self.idle.borrow_mut().drain() {
+            // SAFETY: the fd belongs to a live connection task on this thread
+            // (it unregisters before closing); SHUT_RD only ends its pending read.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RD);
+            }
+        }
+        self.wake.notify(usize::MAX);
+        self.drain.notify(usize::MAX);
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into the buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return t.as_nanos() as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_ne_bytes(b)
+}
