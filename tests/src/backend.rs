@@ -1,0 +1,341 @@
+//! A real HTTP/1.1 backend on loopback (std threads, one per connection),
+//! independent of the gateway's code, with behaviours chosen by path:
+//!
+//! | path | behaviour |
+//! |---|---|
+//! | any other | 200 JSON: method, path, headers seen, body length and FNV-1a hash (the body is streamed, never stored) |
+//! | `/v1/chat/completions` | OpenAI-style completion; `"stream": true` in the body → SSE token stream |
+//! | `/sse?n=N&gap_ms=M` | chunked `text/event-stream`, N events M ms apart |
+//! | `/sse-gated` | one event, then waits for [`Backend::release`], then `[DONE]` |
+//! | `/slow?ms=M` | waits M ms, then 200 |
+//! | `/chunked?n=N&size=S` | chunked response of N chunks of S bytes |
+//! | `/close?bytes=N` | N bytes, no Content-Length, ends by closing |
+//! | `/big?bytes=N` | N bytes with Content-Length |
+//! | `/reset` | head announcing 100000 bytes, 10 bytes, then RST |
+//! | `/drop` | reads the request, closes without answering |
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+pub struct Stats {
+    pub connections: AtomicUsize,
+    pub requests: AtomicUsize,
+    gate: Mutex<usize>,
+    gate_cv: Condvar,
+    stop: AtomicBool,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    /// Identifies this backend in its JSON answers (`"backend"`).
+    pub name: String,
+}
+
+impl Backend {
+    /// Start on a free loopback port.
+    pub fn start(name: &str) -> Backend {
+        Self::start_on("127.0.0.1:0", name)
+    }
+
+    pub fn start_on(addr: &str, name: &str) -> Backend {
+        let listener = TcpListener::bind(addr).expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(Stats::default());
+        let s = stats.clone();
+        let n = name.to_string();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(c) = c else { continue };
+                s.connections.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                let n = n.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(c, &s, &n);
+                });
+            }
+        });
+        Backend { addr, stats, name: name.to_string() }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.stats.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> usize {
+        self.stats.requests.load(Ordering::SeqCst)
+    }
+
+    /// Let one `/sse-gated` response finish.
+    pub fn release(&self) {
+        *self.stats.gate.lock().unwrap() += 1;
+        self.stats.gate_cv.notify_all();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stats.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+struct Req {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+    headers: Vec<(String, String)>,
+    keep_alive: bool,
+}
+
+impl Req {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    fn q(&self, k: &str, default: u64) -> u64 {
+        self.query.get(k).and_then(|v| v.parse().ok()).unwrap_or(default)
+    }
+}
+
+fn fnv1a(h: &mut u64, data: &[u8]) {
+    for &b in data {
+        *h ^= u64::from(b);
+        *h = h.wrapping_mul(0x100000001b3);
+    }
+}
+
+pub const FNV_INIT: u64 = 0xcbf29ce484222325;
+
+/// FNV-1a of a byte string, as the backend reports it.
+pub fn fnv(data: &[u8]) -> u64 {
+    let mut h = FNV_INIT;
+    fnv1a(&mut h, data);
+    h
+}
+
+fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
+    c.set_nodelay(true)?;
+    let mut w = c.try_clone()?;
+    let mut r = BufReader::with_capacity(64 * 1024, c);
+    loop {
+        let Some(req) = read_head(&mut r)? else { return Ok(()) };
+        s.requests.fetch_add(1, Ordering::SeqCst);
+        // Stream the body through a hash; keep a copy only when small (chat bodies).
+        let mut hash = FNV_INIT;
+        let mut len = 0u64;
+        let mut small = Vec::new();
+        read_body(&mut r, &req, |d| {
+            fnv1a(&mut hash, d);
+            len += d.len() as u64;
+            if small.len() < 64 * 1024 {
+                small.extend_from_slice(d);
+            }
+        })?;
+        let keep = req.keep_alive;
+        match req.path.as_str() {
+            "/drop" => return Ok(()),
+            "/reset" => {
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n0123456789")?;
+                w.flush()?;
+                std::thread::sleep(Duration::from_millis(50));
+                let l = libc::linger { l_onoff: 1, l_linger: 0 };
+                // SAFETY: setsockopt on our own socket with a valid linger struct.
+                unsafe {
+                    use std::os::fd::AsRawFd;
+                    libc::setsockopt(
+                        w.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&l as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as u32,
+                    );
+                }
+                return Ok(());
+            }
+            "/slow" => {
+                std::thread::sleep(Duration::from_millis(req.q("ms", 1000)));
+                respond_json(&mut w, 200, &serde_json::json!({"backend": name, "slept_ms": req.q("ms", 1000)}), keep)?;
+            }
+            "/sse" => {
+                let n = req.q("n", 5);
+                let gap = req.q("gap_ms", 100);
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")?;
+                for i in 0..n {
+                    chunk(&mut w, format!("data: {{\"token\":{i}}}\n\n").as_bytes())?;
+                    std::thread::sleep(Duration::from_millis(gap));
+                }
+                chunk(&mut w, b"data: [DONE]\n\n")?;
+                w.write_all(b"0\r\n\r\n")?;
+            }
+            "/sse-gated" => {
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")?;
+                chunk(&mut w, b"data: {\"token\":0}\n\n")?;
+                let g = s.gate.lock().unwrap();
+                let (mut g, _) = s.gate_cv.wait_timeout_while(g, Duration::from_secs(20), |n| *n == 0).unwrap();
+                *g = g.saturating_sub(1);
+                drop(g);
+                chunk(&mut w, b"data: [DONE]\n\n")?;
+                w.write_all(b"0\r\n\r\n")?;
+            }
+            "/chunked" => {
+                let n = req.q("n", 4);
+                let size = req.q("size", 1000) as usize;
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n")?;
+                for i in 0..n {
+                    chunk(&mut w, &vec![b'a' + (i % 26) as u8; size])?;
+                }
+                w.write_all(b"0\r\n\r\n")?;
+            }
+            "/close" => {
+                let n = req.q("bytes", 1000) as usize;
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\r\n")?;
+                w.write_all(&vec![b'z'; n])?;
+                return Ok(());
+            }
+            "/big" => {
+                let n = req.q("bytes", 1 << 20) as usize;
+                write!(w, "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {n}\r\n\r\n")?;
+                let block = vec![b'b'; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(block.len());
+                    w.write_all(&block[..k])?;
+                    left -= k;
+                }
+            }
+            "/v1/chat/completions" => {
+                let body: serde_json::Value = serde_json::from_slice(&small).unwrap_or(serde_json::Value::Null);
+                let model = body["model"].as_str().unwrap_or("demo").to_string();
+                if body["stream"].as_bool() == Some(true) {
+                    w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")?;
+                    for (i, tok) in ["Hello", " from", " the", " demo", " backend", "."].iter().enumerate() {
+                        let ev = serde_json::json!({"id":"chatcmpl-demo","object":"chat.completion.chunk","model":model,
+                            "choices":[{"index":0,"delta":{"content":tok},"finish_reason":null}]});
+                        chunk(&mut w, format!("data: {ev}\n\n").as_bytes())?;
+                        std::thread::sleep(Duration::from_millis(20 + 5 * i as u64));
+                    }
+                    chunk(&mut w, b"data: [DONE]\n\n")?;
+                    w.write_all(b"0\r\n\r\n")?;
+                } else {
+                    let v = serde_json::json!({"id":"chatcmpl-demo","object":"chat.completion","model":model,
+                        "choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the demo backend."},"finish_reason":"stop"}],
+                        "usage":{"prompt_tokens":len / 4,"completion_tokens":6,"total_tokens":len / 4 + 6}});
+                    respond_json(&mut w, 200, &v, keep)?;
+                }
+            }
+            _ => {
+                let headers: serde_json::Map<String, serde_json::Value> = req
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), serde_json::Value::String(v.clone())))
+                    .collect();
+                let v = serde_json::json!({
+                    "backend": name, "method": req.method, "path": req.path,
+                    "headers": headers, "body_len": len, "body_fnv": format!("{hash:016x}"),
+                });
+                respond_json(&mut w, 200, &v, keep)?;
+            }
+        }
+        w.flush()?;
+        if !keep {
+            return Ok(());
+        }
+    }
+}
+
+fn chunk(w: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    write!(w, "{:x}\r\n", data.len())?;
+    w.write_all(data)?;
+    w.write_all(b"\r\n")?;
+    w.flush()
+}
+
+fn respond_json(w: &mut TcpStream, status: u16, v: &serde_json::Value, keep: bool) -> std::io::Result<()> {
+    let body = v.to_string();
+    write!(
+        w,
+        "HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
+        body.len(),
+        if keep { "" } else { "connection: close\r\n" }
+    )
+}
+
+fn read_head(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.trim_end().splitn(3, ' ');
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let version = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let l = line.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
+    let query = qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let conn = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("connection")).map(|(_, v)| v.to_ascii_lowercase());
+    let keep_alive = version == "HTTP/1.1" && conn.as_deref() != Some("close");
+    Ok(Some(Req { method, path: path.to_string(), query, headers, keep_alive }))
+}
+
+fn read_body(r: &mut BufReader<TcpStream>, req: &Req, mut sink: impl FnMut(&[u8])) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    if req.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| std::io::Error::other("bad chunk size"))?;
+            if size == 0 {
+                // Trailers until the empty line.
+                loop {
+                    line.clear();
+                    r.read_line(&mut line)?;
+                    if line == "\r\n" || line.is_empty() {
+                        return Ok(());
+                    }
+                }
+            }
+            let mut left = size;
+            while left > 0 {
+                let k = left.min(buf.len());
+                r.read_exact(&mut buf[..k])?;
+                sink(&buf[..k]);
+                left -= k;
+            }
+            let mut crlf = [0u8; 2];
+            r.read_exact(&mut crlf)?;
+        }
+    }
+    let mut left: u64 = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    while left > 0 {
+        let k = (left as usize).min(buf.len());
+        let n = r.read(&mut buf[..k])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        sink(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! Shared integration-test harness: the real gateway binary ([`gateway`]), a
+//! real HTTP/1.1 backend ([`backend`]) and a raw client ([`client`]). Tests
+//! under `tests/tests/` read as scenarios built from these.
+
+pub mod backend;
+pub mod client;
+pub mod gateway;
+
+pub use backend::Backend;
+pub use client::{request, Client, Response};
+pub use gateway::{one_cluster, Driver, Gateway, Spec};
