@@ -95,16 +95,18 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         // Stage 4: upstream.
         let req = Request { head: &head, route, request_id: &rid, peer: peer.ip(), started };
         let x = upstream::forward(&mut client, &req, &w, &mut out).await;
+        if !x.head_consumed {
+            // Failed before anything was sent upstream (e.g. no backend reachable).
+            client.consume(head.head_len);
+        }
         let mut keep = x.client_keep_alive;
         let mut status = x.status;
         if let Some(e) = x.error {
             if !x.response_started && e != ProxyError::Client(ClientError::ClientClosed) {
-                keep = head.keep_alive && x.request_body_done && !e.must_close() && !w.draining.get();
+                // Reusable only if the request's framing was fully consumed.
+                let body_consumed = x.request_body_done || head.body_kind() == codec::BodyKind::Empty;
+                keep = head.keep_alive && body_consumed && !e.must_close() && !w.draining.get();
                 status = e.status();
-                if !x.request_body_done {
-                    // The head may still be in the buffer (bodiless request failed early).
-                    keep = false;
-                }
                 respond_error(&mut client, e, &rid, !keep, &mut out).await;
             } else {
                 keep = false;

@@ -100,6 +100,8 @@ impl Router {
     pub fn route(&self, host: &[u8], target: &[u8], method: &[u8]) -> Option<&Route> {
         let path = match memchr::memchr(b'?', target) {
             Some(q) => &target[..q],
+            // `OPTIONS *` asks about the server as a whole: route it like `/`.
+            None if target == b"*" => b"/",
             None => target,
         };
         let host = strip_port(host);

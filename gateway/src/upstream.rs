@@ -164,6 +164,8 @@ pub struct Exchange {
     pub response_started: bool,
     /// The request body was read to its end (so the connection may be reused).
     pub request_body_done: bool,
+    /// The request head was removed from the client buffer.
+    pub head_consumed: bool,
     pub backend: Option<SocketAddr>,
     pub header_time: Option<Duration>,
     pub req_bytes: u64,
@@ -257,6 +259,7 @@ async fn exchange(
         // The head is no longer needed unless a bodiless request may be retried.
         if body != BodyKind::Empty {
             client.consume(head.head_len);
+            x.head_consumed = true;
             send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts.client_body, x).await?;
         }
         x.request_body_done = true;
@@ -293,8 +296,9 @@ async fn exchange(
     let header_time = sent_at.elapsed();
     x.header_time = Some(header_time);
     w.metrics.observe(&w.metrics.upstream_header_time, cluster_name, header_time);
-    if body == BodyKind::Empty {
+    if !x.head_consumed {
         client.consume(head.head_len);
+        x.head_consumed = true;
     }
 
     // Framing toward the client.

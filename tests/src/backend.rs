@@ -1,6 +1,8 @@
 //! A real HTTP/1.1 backend on loopback (std threads, one per connection),
 //! independent of the gateway's code, with behaviours chosen by path:
 //!
+//! Behaviours are chosen by the last path segment (`/any/prefix/slow` is `/slow`).
+//!
 //! | path | behaviour |
 //! |---|---|
 //! | any other | 200 JSON: method, path, headers seen, body length and FNV-1a hash (the body is streamed, never stored) |
@@ -127,7 +129,6 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
     let mut r = BufReader::with_capacity(64 * 1024, c);
     loop {
         let Some(req) = read_head(&mut r)? else { return Ok(()) };
-        s.requests.fetch_add(1, Ordering::SeqCst);
         // Stream the body through a hash; keep a copy only when small (chat bodies).
         let mut hash = FNV_INIT;
         let mut len = 0u64;
@@ -139,8 +140,12 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                 small.extend_from_slice(d);
             }
         })?;
+        // Counted once the whole request (head and body) has arrived.
+        s.requests.fetch_add(1, Ordering::SeqCst);
         let keep = req.keep_alive;
-        match req.path.as_str() {
+        // Behaviour by the last path segment, so route prefixes can be put in front.
+        let behaviour = if req.path == "/v1/chat/completions" { req.path.as_str() } else { &req.path[req.path.rfind('/').unwrap_or(0)..] };
+        match behaviour {
             "/drop" => return Ok(()),
             "/reset" => {
                 w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n0123456789")?;
@@ -203,6 +208,7 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
             "/big" => {
                 let n = req.q("bytes", 1 << 20) as usize;
                 write!(w, "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {n}\r\n\r\n")?;
+                let n = if req.method == "HEAD" { 0 } else { n };
                 let block = vec![b'b'; 64 * 1024];
                 let mut left = n;
                 while left > 0 {
