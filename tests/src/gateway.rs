@@ -115,7 +115,7 @@ impl Gateway {
             // SAFETY: only async-signal-safe calls (prctl) between fork and exec.
             unsafe {
                 use std::os::unix::process::CommandExt;
-                cmd.pre_exec(|| deny_io_uring_setup());
+                cmd.pre_exec(deny_io_uring_setup);
             }
         }
         let child = cmd.spawn().expect("spawn gateway");
@@ -247,7 +247,7 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)>
 
 /// Install a seccomp filter in the child making io_uring_setup(2) fail with
 /// ENOSYS, as container runtimes that block io_uring do.
-fn deny_io_uring_setup() -> std::io::Result<()> {
+pub fn deny_io_uring_setup() -> std::io::Result<()> {
     const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
     const BPF_JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
     const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K

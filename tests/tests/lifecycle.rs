@@ -1,0 +1,156 @@
+//! Process lifecycle: graceful drain on SIGTERM, the grace deadline, the
+//! io_uring → epoll fallback, the CLI's config commands and quick start.
+
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gateway_tests::gateway::{admin_get, free_port, gateway_bin, temp_dir};
+use gateway_tests::{both_drivers, one_cluster, Backend, Client, Driver, Gateway, Spec};
+
+both_drivers!(sigterm_drains_in_flight_requests, |d: Driver| {
+    let b = Backend::start("slow");
+    let mut g = Gateway::start(Spec::new(d, &one_cluster(b.addr)));
+    // One request in flight, one idle keep-alive connection.
+    let mut busy = Client::connect(g.addr);
+    busy.send(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut idle = Client::connect(g.addr);
+    assert_eq!(idle.get("/").status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    g.signal(libc::SIGTERM);
+
+    // The idle connection is closed promptly, without a response.
+    assert!(idle.closed_within(Duration::from_secs(2)), "idle keep-alive connection not closed on drain");
+    // Readiness drops while draining, so load balancers stop sending.
+    let (status, _) = admin_get(g.admin, "/readyz").expect("admin still up while draining");
+    assert_eq!(status, 503);
+    // New connections are no longer accepted.
+    std::thread::sleep(Duration::from_millis(100));
+    let refused = TcpStream::connect_timeout(&g.addr, Duration::from_millis(500)).is_err();
+    assert!(refused, "listener still accepting after SIGTERM");
+
+    // The in-flight request completes, with `connection: close`.
+    let r = busy.read_response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["slept_ms"], 1500);
+    assert_eq!(r.header("connection"), Some("close"));
+    let st = g.wait_exit(Duration::from_secs(10)).expect("gateway did not exit after draining");
+    assert!(st.success(), "exit status {st}");
+});
+
+#[test]
+fn grace_period_bounds_the_drain() {
+    let b = Backend::start("slow");
+    let body = one_cluster(b.addr);
+    let mut spec = Spec::new(Driver::Auto, &body);
+    spec.server_extra = "shutdown_grace = \"500ms\"";
+    let mut g = Gateway::start(spec);
+    let mut busy = Client::connect(g.addr);
+    busy.send(b"GET /slow?ms=20000 HTTP/1.1\r\nHost: a\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    g.signal(libc::SIGTERM);
+    let st = g.wait_exit(Duration::from_secs(10)).expect("gateway ignored its grace period");
+    assert!(st.success());
+    assert!(t.elapsed() < Duration::from_secs(8));
+    assert!(busy.closed_within(Duration::from_secs(2)));
+    assert!(g.log_text().contains("grace period over"));
+}
+
+#[test]
+fn falls_back_to_epoll_when_io_uring_is_blocked() {
+    let b = Backend::start("b");
+    let body = one_cluster(b.addr);
+    let mut spec = Spec::new(Driver::Auto, &body);
+    spec.deny_io_uring = true;
+    let g = Gateway::start(spec);
+    let mut c = Client::connect(g.addr);
+    for _ in 0..3 {
+        assert_eq!(c.get("/").status, 200);
+    }
+    assert_eq!(g.metric(&["gateway_runtime_driver", "driver=\"epoll\""]), 2.0);
+    assert_eq!(g.metric(&["gateway_runtime_driver", "driver=\"io_uring\""]), 0.0);
+    // Said once, not once per worker.
+    assert_eq!(g.log_text().matches("falling back to epoll").count(), 1, "{}", g.log_text());
+}
+
+#[test]
+fn forced_io_uring_fails_clearly_when_blocked() {
+    let b = Backend::start("b");
+    let body = one_cluster(b.addr);
+    let dir = temp_dir("forced");
+    let cfg = dir.join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\nlisten = [\"127.0.0.1:{}\"]\ndriver = \"io_uring\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n{body}", free_port(), free_port()),
+    )
+    .unwrap();
+    let mut cmd = Command::new(gateway_bin());
+    cmd.args(["run", "--config"]).arg(&cfg);
+    // SAFETY: prctl only, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(gateway_tests::gateway::deny_io_uring_setup);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("io_uring is unavailable"), "{text}");
+}
+
+#[test]
+fn config_commands() {
+    let bin = gateway_bin();
+    let dir = temp_dir("cfg");
+    // The default config is printed and passes the checker.
+    let out = Command::new(&bin).args(["config", "default"]).output().unwrap();
+    assert!(out.status.success());
+    let default = dir.join("default.toml");
+    std::fs::write(&default, &out.stdout).unwrap();
+    let out = Command::new(&bin).arg("check-config").arg(&default).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A bad file: exit 1, one message per problem, with file, line and key.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n\n[[routes]]\npath_prefix = \"v1\"\ncluster = \"missing\"\n").unwrap();
+    let out = Command::new(&bin).arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let bad_name = bad.display().to_string();
+    assert!(err.contains(&format!("{bad_name}:5: `routes[0].path_prefix`")), "{err}");
+    assert!(err.contains(&format!("{bad_name}:6: `routes[0].cluster`")), "{err}");
+    assert!(err.contains("define [clusters.missing]"), "{err}");
+
+    // Unknown keys are errors too, and `run` refuses to start on them.
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "[server]\nworkerz = 2\n").unwrap();
+    let out = Command::new(&bin).args(["run", "--config"]).arg(&typo).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":2: `workerz`") && err.contains("unknown field"), "{err}");
+}
+
+#[test]
+fn quick_start_without_a_config_file() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let port = free_port();
+    let admin = free_port();
+    let mut child = Command::new(gateway_bin())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("{},{}", a.addr, b.addr)])
+        .args(["--admin", &format!("127.0.0.1:{admin}"), "--workers", "1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(admin_get(admin_addr, "/readyz"), Ok((200, _))) {
+        assert!(Instant::now() < deadline, "quick start not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    let names: Vec<String> = (0..4).map(|_| c.get("/").json()["backend"].as_str().unwrap().to_string()).collect();
+    assert!(names.contains(&"a".to_string()) && names.contains(&"b".to_string()), "{names:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
