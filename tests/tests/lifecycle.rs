@@ -154,3 +154,12 @@ fn quick_start_without_a_config_file() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn readme_shows_the_embedded_default_config() {
+    let out = Command::new(gateway_bin()).args(["config", "default"]).output().unwrap();
+    let default = String::from_utf8(out.stdout).unwrap();
+    let body = default.split_once("[server]").map(|(_, b)| format!("[server]{b}")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    assert!(readme.contains(&body), "README's config reference is out of date with `gateway config default`");
+}
