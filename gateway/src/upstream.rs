@@ -28,6 +28,9 @@ pub struct Cluster {
     pub pool_idle_timeout: Duration,
 }
 
+/// Idle time after which a pooled connection is checked for a backend close before reuse.
+const STALE_CHECK_AFTER: Duration = Duration::from_millis(250);
+
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -62,7 +65,9 @@ impl Pool {
                 q.clear();
                 break;
             }
-            if i.conn.is_stale() {
+            // Under load a connection is reused within microseconds and the
+            // peek (a syscall) is skipped; after a pause, check for a close.
+            if i.since.elapsed() >= STALE_CHECK_AFTER && i.conn.is_stale() {
                 dropped += 1;
                 continue;
             }
