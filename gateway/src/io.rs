@@ -22,7 +22,12 @@ pub struct Conn {
 pub enum ReadError {
     Timeout,
     Io(io::Error),
+    /// The watched peer (the client, while we wait on its backend) hung up.
+    WatchedClosed,
 }
+
+/// How often a long upstream wait checks whether its client is still there.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Conn {
     pub fn new(stream: TcpStream, cap: usize) -> Conn {
@@ -86,6 +91,28 @@ impl Conn {
         }
     }
 
+    /// `fill` with a deadline that also gives up when the peer on `watch`
+    /// closes: a client that hangs up mid-generation must not keep a GPU busy.
+    /// The check is a non-blocking peek once per second of waiting, so a
+    /// quick response costs nothing extra.
+    pub async fn fill_watching(&mut self, d: Duration, watch: RawFd) -> Result<usize, ReadError> {
+        let deadline = std::time::Instant::now() + d;
+        let fut = self.fill();
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::Timeout);
+            }
+            match monoio::time::timeout(left.min(WATCH_EVERY), fut.as_mut()).await {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) => return Err(ReadError::Io(e)),
+                Err(_) if peer_closed(watch) => return Err(ReadError::WatchedClosed),
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Write the first `n` pending bytes to `dst` and consume them.
     pub async fn forward(&mut self, n: usize, dst: &mut TcpStream) -> io::Result<()> {
         let buf = std::mem::take(&mut self.buf);
@@ -104,18 +131,32 @@ impl Conn {
     /// Whether the peer has closed or sent unexpected bytes while idle
     /// (checked before reusing a pooled connection; never blocks).
     pub fn is_stale(&self) -> bool {
-        let mut b = [0u8; 1];
-        // SAFETY: recv on a valid fd into a 1-byte stack buffer.
-        let n = unsafe {
-            libc::recv(self.stream.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        };
-        if n == 0 || n > 0 {
-            // EOF, or bytes nobody asked for: either way unusable.
-            return true;
-        }
-        let e = io::Error::last_os_error();
-        !matches!(e.kind(), io::ErrorKind::WouldBlock)
+        // EOF, or bytes nobody asked for: either way unusable.
+        !matches!(peek(self.stream.as_raw_fd()), Peek::Nothing)
     }
+}
+
+enum Peek {
+    Nothing,
+    Data,
+    Closed,
+}
+
+fn peek(fd: RawFd) -> Peek {
+    let mut b = [0u8; 1];
+    // SAFETY: recv on a valid fd into a 1-byte stack buffer; never blocks.
+    let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    match n {
+        0 => Peek::Closed,
+        n if n > 0 => Peek::Data,
+        _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => Peek::Nothing,
+        _ => Peek::Closed,
+    }
+}
+
+/// The peer closed (FIN or RST). Bytes waiting (a pipelined request) mean it is still there.
+fn peer_closed(fd: RawFd) -> bool {
+    matches!(peek(fd), Peek::Closed)
 }
 
 pub async fn write_vec(stream: &mut TcpStream, out: Vec<u8>) -> (io::Result<()>, Vec<u8>) {

@@ -164,7 +164,7 @@ async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, conn_i
             Ok(_) => {}
             Err(ReadError::Timeout) if idle => return Next::Close,
             Err(ReadError::Timeout) => return Next::Reject(ClientError::HeaderTimeout),
-            Err(ReadError::Io(_)) => return Next::Close,
+            Err(ReadError::Io(_)) | Err(ReadError::WatchedClosed) => return Next::Close,
         }
     }
 }

@@ -283,7 +283,8 @@ async fn exchange(
                 Err(e) => return Err(e.into()),
             }
             let (wait, is_total) = wait_for(route.response_timeout, deadline);
-            match up.conn.fill_timeout(wait).await {
+            match up.conn.fill_watching(wait, client.raw_fd()).await {
+                Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
                 Ok(0) | Err(ReadError::Io(_)) if up.reused && !retried && body == BodyKind::Empty && up.conn.pending().is_empty() => {
                     retried = true;
                     continue 'attempt;
@@ -402,7 +403,11 @@ async fn exchange(
             break;
         }
         let (wait, is_total) = wait_for(route.response_timeout, deadline);
-        match up.conn.fill_timeout(wait).await {
+        match up.conn.fill_watching(wait, client.raw_fd()).await {
+            Err(ReadError::WatchedClosed) => {
+                x.client_keep_alive = false;
+                return Err(ClientError::ClientClosed.into());
+            }
             Ok(0) if up_body == BodyKind::UntilClose => {
                 if rechunk {
                     let (r, o) = client.write_all(b"0\r\n\r\n".to_vec()).await;
@@ -491,7 +496,7 @@ async fn send_body(
             Ok(0) => return Err(ClientError::ClientClosed.into()),
             Ok(_) => {}
             Err(ReadError::Timeout) => return Err(ClientError::BodyTimeout.into()),
-            Err(ReadError::Io(_)) => return Err(ClientError::ClientClosed.into()),
+            Err(ReadError::Io(_)) | Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
         }
     }
 }

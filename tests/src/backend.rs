@@ -10,6 +10,7 @@
 //! | `/sse?n=N&gap_ms=M` | chunked `text/event-stream`, N events M ms apart |
 //! | `/sse-gated` | one event, then waits for [`Backend::release`], then `[DONE]` |
 //! | `/slow?ms=M` | waits M ms, then 200 |
+//! | `/generate?ms=M` | "generates" for M ms, watching its connection; a caller that hangs up is counted in `aborted` |
 //! | `/chunked?n=N&size=S` | chunked response of N chunks of S bytes |
 //! | `/close?bytes=N` | N bytes, no Content-Length, ends by closing |
 //! | `/big?bytes=N` | N bytes with Content-Length |
@@ -27,6 +28,8 @@ use std::time::Duration;
 pub struct Stats {
     pub connections: AtomicUsize,
     pub requests: AtomicUsize,
+    /// `/generate` requests whose caller went away before the answer (like vLLM's abort on disconnect).
+    pub aborted: AtomicUsize,
     gate: Mutex<usize>,
     gate_cv: Condvar,
     stop: AtomicBool,
@@ -74,6 +77,10 @@ impl Backend {
 
     pub fn requests(&self) -> usize {
         self.stats.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn aborted(&self) -> usize {
+        self.stats.aborted.load(Ordering::SeqCst)
     }
 
     /// Let one `/sse-gated` response finish.
@@ -168,6 +175,28 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
             "/slow" => {
                 std::thread::sleep(Duration::from_millis(req.q("ms", 1000)));
                 respond_json(&mut w, 200, &serde_json::json!({"backend": name, "slept_ms": req.q("ms", 1000)}), keep)?;
+            }
+            "/generate" => {
+                let until = std::time::Instant::now() + Duration::from_millis(req.q("ms", 5000));
+                let mut gone = false;
+                while std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let mut b = [0u8; 1];
+                    // SAFETY: non-blocking peek on our own socket.
+                    let n = unsafe {
+                        use std::os::fd::AsRawFd;
+                        libc::recv(w.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+                    };
+                    if n == 0 {
+                        gone = true;
+                        break;
+                    }
+                }
+                if gone {
+                    s.aborted.fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
+                }
+                respond_json(&mut w, 200, &serde_json::json!({"backend": name, "generated": true}), keep)?;
             }
             "/sse" => {
                 let n = req.q("n", 5);

@@ -175,3 +175,21 @@ both_drivers!(header_and_body_limits, |d: Driver| {
     assert_eq!(b.requests(), 0, "nothing over a limit may reach the backend as a complete request");
     assert!(g.wait_metric(&["gateway_request_errors_total", "kind=\"body_too_large\""], 2.0) >= 2.0);
 });
+
+both_drivers!(client_hangup_aborts_the_upstream_request, |d: Driver| {
+    let b = Backend::start("gpu");
+    let g = Gateway::start(Spec::new(d, &one_cluster(b.addr)));
+    let mut c = Client::connect(g.addr);
+    c.send(b"POST /generate?ms=8000 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    // The gateway notices within its watch interval and closes the backend
+    // connection, so the model server can stop generating.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.aborted() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.aborted(), 1, "the backend kept generating for a client that left");
+    assert_eq!(g.wait_metric(&["gateway_request_errors_total", "kind=\"client_closed\""], 1.0), 1.0);
+    assert_eq!(g.metric(&["gateway_requests_total", "status=\"499\""]), 1.0);
+});

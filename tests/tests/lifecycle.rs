@@ -163,3 +163,27 @@ fn readme_shows_the_embedded_default_config() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     assert!(readme.contains(&body), "README's config reference is out of date with `gateway config default`");
 }
+
+#[test]
+fn max_connections_applies_back_pressure() {
+    let b = Backend::start("b");
+    let body = one_cluster(b.addr);
+    let mut spec = Spec::new(Driver::Auto, &body);
+    spec.workers = 1;
+    spec.server_extra = "max_connections = 1";
+    let g = Gateway::start(spec);
+    let mut first = Client::connect(g.addr);
+    assert_eq!(first.get("/").status, 200);
+    // The second connection completes in the kernel backlog but is not
+    // served while the first one is open…
+    let mut second = Client::connect(g.addr);
+    second.send(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(!second.closed_within(Duration::from_millis(500)));
+    assert!(second.leftover().is_empty(), "served past max_connections");
+    assert_eq!(b.requests(), 1);
+    // …and is served as soon as it closes.
+    drop(first);
+    let r = second.read_response();
+    assert_eq!(r.json()["path"], "/second");
+    assert_eq!(g.wait_metric(&["gateway_connections_accepted_total"], 2.0), 2.0);
+}
