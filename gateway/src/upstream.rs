@@ -118,7 +118,7 @@ pub struct UpConn {
 
 /// Connect or reuse. Connect failures move on to the next backend (nothing
 /// was sent); after every backend failed, the last error is returned (→ 502).
-async fn checkout(w: &Worker, route: &Route, allow_pooled: bool) -> Result<UpConn, UpstreamError> {
+async fn checkout(w: &Worker, route: &Route, allow_pooled: bool, deadline: Option<Instant>) -> Result<UpConn, UpstreamError> {
     let cl = &w.shared.clusters[route.cluster];
     let mut last = UpstreamError::ConnectError;
     for _ in 0..cl.backends.len() {
@@ -133,7 +133,11 @@ async fn checkout(w: &Worker, route: &Route, allow_pooled: bool) -> Result<UpCon
                 return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: true });
             }
         }
-        match connect(addr, route.connect_timeout, w.shared.buffer_size).await {
+        let (wait, is_total) = wait_for(route.connect_timeout, deadline);
+        if is_total && wait.is_zero() {
+            return Err(UpstreamError::TotalTimeout);
+        }
+        match connect(addr, wait, w.shared.buffer_size).await {
             Ok(conn) => {
                 w.metrics.inc(&w.metrics.upstream_connections, &[&cl.name], 1);
                 return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: false });
@@ -242,7 +246,7 @@ async fn exchange(
     let (mut up, sent_at) = 'attempt: loop {
         // A stale pooled connection is retried once, on a fresh one, only when
         // nothing of the request body has been consumed.
-        let mut up = checkout(w, route, !retried).await?;
+        let mut up = checkout(w, route, !retried, deadline).await?;
         x.backend = Some(up.addr);
         if head.expect_continue && !sent_continue {
             let (r, o) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
@@ -255,7 +259,8 @@ async fn exchange(
         let (r, o) = up.conn.write_all(std::mem::take(out)).await;
         *out = o;
         if r.is_err() {
-            if up.reused && !retried && body == BodyKind::Empty {
+            // Nothing of the body has been read from the client yet: safe to retry.
+            if up.reused && !retried {
                 retried = true;
                 continue;
             }
@@ -265,7 +270,7 @@ async fn exchange(
         if body != BodyKind::Empty {
             client.consume(head.head_len);
             x.head_consumed = true;
-            send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts.client_body, x).await?;
+            send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts.client_body, deadline, x).await?;
         }
         x.request_body_done = true;
         let sent_at = Instant::now();
@@ -456,6 +461,7 @@ async fn send_body(
     kind: BodyKind,
     limit: u64,
     body_timeout: Duration,
+    deadline: Option<Instant>,
     x: &mut Exchange,
 ) -> Result<(), ProxyError> {
     let mut dec = ChunkedDecoder::new();
@@ -492,9 +498,11 @@ async fn send_body(
                 }
             }
         }
-        match client.fill_timeout(body_timeout).await {
+        let (wait, is_total) = wait_for(body_timeout, deadline);
+        match client.fill_timeout(wait).await {
             Ok(0) => return Err(ClientError::ClientClosed.into()),
             Ok(_) => {}
+            Err(ReadError::Timeout) if is_total => return Err(UpstreamError::TotalTimeout.into()),
             Err(ReadError::Timeout) => return Err(ClientError::BodyTimeout.into()),
             Err(ReadError::Io(_)) | Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
         }
