@@ -87,7 +87,7 @@ impl Router {
                 },
             }
         }
-        r.wildcard_hosts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        r.wildcard_hosts.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         r
     }
 

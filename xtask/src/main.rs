@@ -1,1 +1,376 @@
-fn main(){}
+//! `cargo xtask <command>`: the project's automation, in plain Rust so it runs
+//! wherever cargo does (the alias lives in `.cargo/config.toml`).
+//!
+//! Every command prints each step before running it and exits non-zero on the
+//! first failure.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::env;
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  setup                 install missing system prerequisites (haproxy, nginx, wrk, curl) with apt-get
+  test                  setup, release builds, the whole test suite, and compile the criterion benches
+  run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
+  bench [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS]
+                        load benchmark: backend direct vs gateway vs HAProxy vs nginx (see target/bench/)
+";
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let mut args = env::args().skip(1);
+    let command = args.next();
+    let rest: Vec<String> = args.collect();
+    let outcome = match command.as_deref() {
+        Some("setup") => setup(),
+        Some("test") => test(),
+        Some("run") => run(&rest),
+        Some("bench") => bench(&rest),
+        Some("help" | "-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        None => Err(format!("no command given\n\n{USAGE}")),
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// setup
+
+/// How a missing prerequisite gets installed. New kinds (a `cargo install`,
+/// say, for bpf-linker) are new variants handled in [`setup`].
+enum Install {
+    /// A Debian package, installed with `apt-get install`.
+    Apt(&'static str),
+}
+
+/// One system prerequisite: present when `program` is found on PATH.
+struct Prereq {
+    program: &'static str,
+    install: Install,
+    why: &'static str,
+}
+
+/// Everything the project needs outside cargo. Append to extend `setup`.
+const PREREQS: &[Prereq] = &[
+    Prereq { program: "haproxy", install: Install::Apt("haproxy"), why: "load-bench peer" },
+    Prereq { program: "nginx", install: Install::Apt("nginx"), why: "load-bench backend and peer" },
+    Prereq { program: "wrk", install: Install::Apt("wrk"), why: "load generator" },
+    Prereq { program: "curl", install: Install::Apt("curl"), why: "`cargo xtask run` examples, tests" },
+];
+
+fn setup() -> Result {
+    let mut missing = Vec::new();
+    for p in PREREQS {
+        match find_program(p.program) {
+            Some(path) => println!("setup: {:<8} ok      {}", p.program, path.display()),
+            None => {
+                println!("setup: {:<8} missing ({})", p.program, p.why);
+                missing.push(p);
+            }
+        }
+    }
+    if missing.is_empty() {
+        println!("setup: all prerequisites present");
+        return Ok(());
+    }
+
+    // apt is idempotent: when anything from it is missing, ask for the whole list at once.
+    let apt_packages: Vec<&str> = PREREQS
+        .iter()
+        .map(|p| match p.install {
+            Install::Apt(pkg) => pkg,
+        })
+        .collect();
+    if missing.iter().any(|p| matches!(p.install, Install::Apt(_))) {
+        let sudo = if is_root() { None } else { find_program("sudo") };
+        if !is_root() && sudo.is_none() {
+            return Err(format!(
+                "missing prerequisites and not root (no sudo either): install them with \
+                 `apt-get install -y {}`",
+                apt_packages.join(" ")
+            ));
+        }
+        let apt = |args: &[&str]| {
+            let mut c = match &sudo {
+                Some(s) => {
+                    let mut c = Command::new(s);
+                    c.arg("apt-get");
+                    c
+                }
+                None => Command::new("apt-get"),
+            };
+            c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        };
+        run_step(&mut apt(&["update"]))?;
+        let mut install_args = vec!["install", "-y"];
+        install_args.extend(&apt_packages);
+        run_step(&mut apt(&install_args))?;
+    }
+
+    let still: Vec<&str> = PREREQS.iter().filter(|p| find_program(p.program).is_none()).map(|p| p.program).collect();
+    if !still.is_empty() {
+        return Err(format!("still missing after setup: {}", still.join(", ")));
+    }
+    println!("setup: done");
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Look a program up on PATH, then in the sbin directories a non-root PATH
+/// often lacks (Debian puts haproxy and nginx in /usr/sbin).
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+// ---------------------------------------------------------------------------
+// test
+
+fn test() -> Result {
+    setup()?;
+    build_release_binaries()?;
+    let target = target_dir();
+    let mut failed = Vec::new();
+    let mut tests = cargo(&["test", "--workspace", "--exclude", "gateway-benches", "--", "--test-threads=2"]);
+    tests
+        .env("GATEWAY_BIN", target.join("release/gateway"))
+        .env("DEMO_BACKEND_BIN", target.join("release/demo-backend"));
+    if let Err(e) = run_step(&mut tests) {
+        failed.push(e);
+    }
+    // Compile, never run, the criterion benches so they cannot rot.
+    if let Err(e) = run_step(&mut cargo(&["build", "-p", "gateway-benches", "--benches"])) {
+        failed.push(e);
+    }
+    if failed.is_empty() {
+        println!("xtask test: all passed");
+        Ok(())
+    } else {
+        Err(failed.join("\n"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// run
+
+fn run(gateway_args: &[String]) -> Result {
+    build_release_binaries()?;
+    let target = target_dir();
+    let backend_addr: SocketAddr = "127.0.0.1:8000".parse().expect("literal address");
+    if TcpStream::connect_timeout(&backend_addr, Duration::from_millis(200)).is_ok() {
+        return Err(format!("{backend_addr} is already in use: stop whatever listens there first"));
+    }
+
+    let mut cmd = Command::new(target.join("release/demo-backend"));
+    cmd.args(["--listen", &backend_addr.to_string()]);
+    die_with_parent(&mut cmd, libc::SIGKILL);
+    println!("$ {}", show(&cmd));
+    let mut backend = KillOnDrop::spawn("demo-backend", cmd)?;
+    wait_for_port(&mut backend, backend_addr, Duration::from_secs(10))?;
+
+    let listen = flag_value(gateway_args, "--listen").unwrap_or_else(|| "127.0.0.1:8080".into());
+    let listen = listen.split(',').next().unwrap_or_default().to_string();
+    let admin = flag_value(gateway_args, "--admin").unwrap_or_else(|| "127.0.0.1:9901".into());
+    println!();
+    println!("demo backend on http://{backend_addr}; try, from another terminal:");
+    println!(
+        "  curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \
+         -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+    );
+    println!("  curl -s http://{admin}/metrics");
+    println!("Ctrl-C stops the gateway (it drains in-flight requests) and the backend.");
+    println!();
+
+    let mut cmd = Command::new(target.join("release/gateway"));
+    cmd.arg("run").args(gateway_args);
+    die_with_parent(&mut cmd, libc::SIGTERM);
+    println!("$ {}", show(&cmd));
+    let mut gateway = cmd.spawn().map_err(|e| format!("cannot start the gateway: {e}"))?;
+    // Ctrl-C reaches the whole foreground process group: let the gateway drain
+    // and exit on its own, then stop the backend (the guard's drop) ourselves.
+    // Set after spawning, since an ignored signal stays ignored across exec.
+    ignore_sigint();
+    let status = gateway.wait().map_err(|e| format!("waiting for the gateway: {e}"))?;
+    drop(backend);
+    match (status.code(), status.signal()) {
+        (Some(0), _) | (_, Some(libc::SIGINT)) => Ok(()),
+        _ => Err(format!("gateway exited with {status}")),
+    }
+}
+
+/// `--flag value` or `--flag=value` from a raw argument list.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == flag {
+            return it.next().cloned();
+        }
+        if let Some(v) = a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+            return Some(v.to_string());
+        }
+    }
+    None
+}
+
+fn wait_for_port(child: &mut KillOnDrop, addr: SocketAddr, limit: Duration) -> Result {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.child.try_wait() {
+            return Err(format!("{} exited during startup with {status}", child.name));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{} did not listen on {addr} within {limit:?}", child.name))
+}
+
+// ---------------------------------------------------------------------------
+// bench
+
+fn bench(args: &[String]) -> Result {
+    setup()?;
+    build_gateway()?;
+    let mut cmd = cargo(&["run", "--release", "-p", "gateway-benches", "--bin", "loadbench", "--"]);
+    cmd.args(args).env("GATEWAY_BIN", target_dir().join("release/gateway"));
+    println!("$ {}", show(&cmd));
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start cargo: {e}"))?;
+    // The harness handles Ctrl-C itself (it stops its servers); wait for it.
+    ignore_sigint();
+    let status = child.wait().map_err(|e| format!("waiting for loadbench: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("loadbench exited with {status}"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// helpers
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => workspace_root().join(d),
+        None => workspace_root().join("target"),
+    }
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    c.args(args).current_dir(workspace_root());
+    c
+}
+
+fn build_gateway() -> Result {
+    run_step(&mut cargo(&["build", "--release", "-p", "gateway", "--bin", "gateway"]))
+}
+
+/// The gateway and the tests crate's demo backend, release builds.
+fn build_release_binaries() -> Result {
+    build_gateway()?;
+    run_step(&mut cargo(&["build", "--release", "-p", "gateway-tests", "--bin", "demo-backend"]))
+}
+
+/// Print a command, run it to completion, fail unless it exits 0.
+fn run_step(cmd: &mut Command) -> Result {
+    println!("$ {}", show(cmd));
+    let status = cmd.status().map_err(|e| format!("cannot run `{}`: {e}", show(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed ({status})", show(cmd)))
+    }
+}
+
+fn show(cmd: &Command) -> String {
+    let envs: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
+        .collect();
+    let mut parts = envs;
+    parts.push(cmd.get_program().to_string_lossy().into_owned());
+    parts.extend(cmd.get_args().map(|a| {
+        let a = a.to_string_lossy();
+        if a.contains(' ') || a.is_empty() {
+            format!("'{a}'")
+        } else {
+            a.into_owned()
+        }
+    }));
+    parts.join(" ")
+}
+
+/// Have the kernel send `signal` to the child if xtask dies first, however it dies.
+fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: the closure runs between fork and exec and only calls prctl,
+    // which is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn ignore_sigint() {
+    // SAFETY: installing SIG_IGN has no handler code to be unsafe in.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+}
+
+/// A child process that is killed and reaped when dropped, on every exit path.
+struct KillOnDrop {
+    name: &'static str,
+    child: Child,
+}
+
+impl KillOnDrop {
+    fn spawn(name: &'static str, mut cmd: Command) -> Result<KillOnDrop> {
+        let child = cmd.spawn().map_err(|e| format!("cannot start {name} ({}): {e}", show(&cmd)))?;
+        Ok(KillOnDrop { name, child })
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
