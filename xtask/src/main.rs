@@ -21,7 +21,7 @@ commands:
   setup                 install missing system prerequisites (haproxy, nginx, wrk, curl) with apt-get
   test                  setup, release builds, the whole test suite, and compile the criterion benches
   run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
-  bench [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS]
+  bench [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
                         load benchmark: backend direct vs gateway vs HAProxy vs nginx (see target/bench/)
 ";
 

@@ -1,0 +1,367 @@
+//! `loadbench`: plain HTTP/1.1 reverse proxying, side by side in one run —
+//! the backend directly, the gateway, HAProxy and nginx — under `wrk`.
+//!
+//! The backend (nginx, one worker) and wrk share the first CPU; each proxy,
+//! one worker/thread, gets the second CPU to itself (the others sit idle
+//! while one is measured). Targets are measured in rounds, the order rotating
+//! each round, with an unmeasured warm-up before each run; medians are
+//! reported. Results land in `target/bench/` (`results.json`, `throughput.svg`).
+//!
+//! Usually run as `cargo xtask bench`, which builds the gateway first.
+
+use std::env;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use gateway_benches::procs::{self, Server};
+use gateway_benches::report::{self, Measured, Sample};
+use gateway_benches::targets::{self, Placement, Ports, Tools};
+use gateway_benches::wrk::Load;
+use gateway_benches::Result;
+use serde_json::json;
+
+const USAGE: &str = "\
+usage: loadbench [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
+
+  --rounds N         rounds over all targets; medians are reported (default 3)
+  --duration SECS    measured seconds per target per round (default 10)
+  --connections C    wrk connections (default 64)
+  --warmup SECS      unmeasured load before each measured run (default 2)
+  --port-base P      loopback ports used: backend P, gateway P+80 (admin P+1901),
+                     HAProxy P+81, nginx P+82 (default 18000)
+  --quick            smoke test: 1 round of 3 s, 1 s warm-up
+
+env: GATEWAY_BIN (default <workspace>/target/release/gateway)
+";
+
+struct Settings {
+    rounds: usize,
+    duration: u64,
+    connections: u32,
+    warmup: u64,
+    port_base: u16,
+}
+
+fn parse_args() -> Result<Option<Settings>> {
+    let mut s = Settings { rounds: 3, duration: 10, connections: 64, warmup: 2, port_base: 18000 };
+    let mut args = env::args().skip(1);
+    while let Some(a) = args.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (a.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<u64> {
+            let v = inline.clone().or_else(|| args.next()).ok_or(format!("{name} needs a value"))?;
+            v.parse().map_err(|_| format!("{name} {v}: not a whole number"))
+        };
+        match flag.as_str() {
+            "--rounds" => s.rounds = value("--rounds")? as usize,
+            "--duration" => s.duration = value("--duration")?,
+            "--connections" => s.connections = value("--connections")? as u32,
+            "--warmup" => s.warmup = value("--warmup")?,
+            "--port-base" => {
+                s.port_base = u16::try_from(value("--port-base")?)
+                    .ok()
+                    .filter(|p| (1024..=63_000).contains(p))
+                    .ok_or("--port-base: 1024 to 63000")?
+            }
+            "--quick" => {
+                s.rounds = 1;
+                s.duration = 3;
+                s.warmup = 1;
+            }
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument `{other}`\n\n{USAGE}")),
+        }
+    }
+    // Bounded in count and time, whatever is asked.
+    if !(1..=20).contains(&s.rounds) {
+        return Err("--rounds: 1 to 20".into());
+    }
+    if !(1..=120).contains(&s.duration) {
+        return Err("--duration: 1 to 120 seconds".into());
+    }
+    // HAProxy is configured with `maxconn 4096`.
+    if !(1..=4_000).contains(&s.connections) {
+        return Err("--connections: 1 to 4000".into());
+    }
+    if s.warmup > 30 {
+        return Err("--warmup: 0 to 30 seconds".into());
+    }
+    Ok(Some(s))
+}
+
+fn main() -> ExitCode {
+    procs::install_stop_handlers();
+    let settings = match parse_args() {
+        Ok(Some(s)) => s,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadbench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadbench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A proxy (or the backend itself, for `direct`) and where wrk sends load.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    /// `None` for `direct`: the backend is measured without a proxy.
+    server: Option<Server>,
+    /// Count the process's children too (nginx: master + worker).
+    with_children: bool,
+    /// Set once the proxy has died: no more runs.
+    dead: Option<String>,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("benches/ sits in the workspace").to_path_buf()
+}
+
+fn run(s: &Settings) -> Result {
+    let root = workspace_root();
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
+    let bench_dir = target_dir.join("bench");
+    let run_dir = bench_dir.join("run");
+    if run_dir.exists() {
+        fs::remove_dir_all(&run_dir).map_err(|e| format!("cannot clear {}: {e}", run_dir.display()))?;
+    }
+    fs::create_dir_all(&run_dir).map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+
+    let gateway_bin = env::var_os("GATEWAY_BIN").map_or_else(|| target_dir.join("release/gateway"), PathBuf::from);
+    let tools = Tools {
+        nginx: procs::find_program("nginx"),
+        haproxy: procs::find_program("haproxy"),
+        wrk: procs::find_program("wrk"),
+        taskset: procs::find_program("taskset"),
+        gateway: gateway_bin.is_file().then_some(gateway_bin.clone()),
+    };
+    let wrk_bin = tools.wrk.clone().ok_or("wrk not found: run `cargo xtask setup`")?;
+    if tools.nginx.is_none() {
+        return Err("nginx not found (it is the backend): run `cargo xtask setup`".into());
+    }
+
+    let cpus = procs::allowed_cpus();
+    let ports = Ports { base: s.port_base };
+    let place = match (cpus.as_slice(), &tools.taskset) {
+        ([a, b, ..], Some(_)) => Placement { client_cpu: Some(*a), proxy_cpu: Some(*b), ports },
+        _ => {
+            println!("note: not pinning (allowed CPUs {cpus:?}, taskset {:?}): numbers will be noisier", tools.taskset);
+            Placement { client_cpu: None, proxy_cpu: None, ports }
+        }
+    };
+
+    for a in ports.all() {
+        procs::ensure_port_free(a)?;
+    }
+
+    println!(
+        "pinning: backend + wrk on CPU {}, proxy under test on CPU {}",
+        place.client_cpu.map_or("any".into(), |c| c.to_string()),
+        place.proxy_cpu.map_or("any".into(), |c| c.to_string())
+    );
+
+    let ready = Duration::from_secs(10);
+    let mut backend = targets::start_backend(&tools, place, &run_dir)?;
+    backend.wait_ready(ports.backend(), "/", ready).map_err(|e| format!("backend: {e}"))?;
+
+    let mut list: Vec<Target> = vec![Target {
+        name: "direct",
+        addr: ports.backend(),
+        server: None,
+        with_children: false,
+        dead: None,
+    }];
+    let mut skipped: Vec<String> = Vec::new();
+    type Start = fn(&Tools, Placement, &std::path::Path) -> Result<Server>;
+    let proxies: [(&'static str, SocketAddr, bool, bool, Start); 3] = [
+        ("gateway", ports.gateway(), tools.gateway.is_some(), false, targets::start_gateway),
+        ("haproxy", ports.haproxy(), tools.haproxy.is_some(), false, targets::start_haproxy),
+        ("nginx", ports.nginx(), true, true, targets::start_nginx_proxy),
+    ];
+    for (name, addr, present, with_children, start) in proxies {
+        if !present {
+            let why = match name {
+                "gateway" => format!("{} not found (build it: cargo build --release -p gateway)", gateway_bin.display()),
+                _ => format!("{name} not found on PATH (cargo xtask setup)"),
+            };
+            println!("skipping {name}: {why}");
+            skipped.push(format!("{name}: {why}"));
+            continue;
+        }
+        let started = start(&tools, place, &run_dir).and_then(|mut srv| {
+            srv.wait_ready(addr, "/", ready)?;
+            Ok(srv)
+        });
+        match started {
+            Ok(srv) => {
+                println!("{name}: ready on {addr} (pid {})", srv.pid());
+                list.push(Target { name, addr, server: Some(srv), with_children, dead: None });
+            }
+            Err(e) if procs::stop_requested() => return Err(e),
+            Err(e) => {
+                println!("skipping {name}: failed to start: {e}");
+                skipped.push(format!("{name}: failed to start: {e}"));
+            }
+        }
+    }
+
+    println!(
+        "measuring {} target(s): {} round(s) × ({} s warm-up + {} s), wrk -t1 -c{}; about {} s",
+        list.len(),
+        s.rounds,
+        s.warmup,
+        s.duration,
+        s.connections,
+        s.rounds as u64 * list.len() as u64 * (s.warmup + s.duration)
+    );
+    let script = gateway_benches::wrk::write_script(&run_dir)?;
+    let load = Load {
+        wrk: &wrk_bin,
+        taskset: tools.taskset.as_deref(),
+        cpu: place.client_cpu,
+        script: &script,
+        connections: s.connections,
+    };
+
+    let started_at = SystemTime::now();
+    let clock = Instant::now();
+    let mut samples: Vec<Sample> = Vec::new();
+    for round in 0..s.rounds {
+        // Rotate the order so no target always runs first (or right after another).
+        let n = list.len();
+        for k in 0..n {
+            let t = &mut list[(k + round) % n];
+            if procs::stop_requested() {
+                return Err("interrupted".into());
+            }
+            if t.dead.is_some() {
+                continue;
+            }
+            let outcome = measure(t, &mut backend, &load, s);
+            // wrk prints partial numbers on Ctrl-C: do not show them as a result.
+            if procs::stop_requested() {
+                return Err("interrupted".into());
+            }
+            match &outcome {
+                Ok(m) => println!(
+                    "round {}/{} {:<8} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {}  errors {} non-2xx {}",
+                    round + 1,
+                    s.rounds,
+                    t.name,
+                    m.wrk.rps(),
+                    m.wrk.p50_us / 1e3,
+                    m.wrk.p99_us / 1e3,
+                    m.proxy_cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1} µs/req")),
+                    m.wrk.socket_errors(),
+                    m.wrk.non_2xx
+                ),
+                Err(e) => println!("round {}/{} {:<8} FAILED: {e}", round + 1, s.rounds, t.name),
+            }
+            samples.push(Sample { round: round + 1, target: t.name, outcome });
+            if backend.exited().is_some() {
+                return Err(format!("the backend died: {}", backend.log_tail(15)));
+            }
+        }
+    }
+
+    let names: Vec<&'static str> = list.iter().map(|t| t.name).collect();
+    let summaries = report::summarize(&names, &samples);
+    let versions = json!({
+        "gateway": tools.gateway.as_deref().map(|g| procs::version_line(g, &["--version"])),
+        "haproxy": tools.haproxy.as_deref().map(|h| procs::version_line(h, &["-v"])),
+        "nginx": tools.nginx.as_deref().map(|n| procs::version_line(n, &["-v"])),
+        "wrk": procs::version_line(&wrk_bin, &["-v"]),
+    });
+    let meta = json!({
+        "timestamp": report::rfc3339_utc(started_at),
+        "elapsed_s": clock.elapsed().as_secs_f64(),
+        "machine": { "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()), "allowed_cpus": cpus },
+        "versions": versions,
+        "settings": {
+            "rounds": s.rounds, "duration_s": s.duration, "warmup_s": s.warmup,
+            "connections": s.connections, "wrk_threads": 1,
+            "client_cpu": place.client_cpu, "proxy_cpu": place.proxy_cpu, "port_base": s.port_base,
+            "request": format!("POST /v1/chat/completions, {}-byte JSON body", gateway_benches::wrk::REQUEST_BODY.len()),
+            "response_body_bytes": targets::BACKEND_BODY.len(),
+        },
+        "skipped": skipped,
+        "dead": list.iter().filter_map(|t| t.dead.as_ref().map(|d| json!({"target": t.name, "why": d}))).collect::<Vec<_>>(),
+    });
+    let results = report::results_json(meta, &samples, &summaries);
+    let json_path = bench_dir.join("results.json");
+    let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+    fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let subtitle = format!(
+        "wrk -t1 -c{} · median of {} × {} s · one proxy core · {} CPUs",
+        s.connections,
+        s.rounds,
+        s.duration,
+        cpus.len()
+    );
+    let svg_path = bench_dir.join("throughput.svg");
+    fs::write(&svg_path, report::svg(&summaries, &subtitle)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+
+    println!();
+    print!("{}", report::table(&summaries));
+    println!();
+    for t in &list {
+        if let Some(d) = &t.dead {
+            println!("{}: DIED during the run: {d}", t.name);
+        }
+    }
+    for sk in &skipped {
+        println!("skipped {sk}");
+    }
+    println!("raw rounds: {}", json_path.display());
+    println!("chart:      {}", svg_path.display());
+    println!("logs:       {}", run_dir.display());
+    Ok(())
+    // `list` and `backend` drop here: every server is stopped.
+}
+
+/// Warm up, then measure one target: wrk's numbers and the proxy's CPU per request.
+fn measure(t: &mut Target, backend: &mut Server, load: &Load, s: &Settings) -> std::result::Result<Measured, String> {
+    let addr = t.addr;
+    if s.warmup > 0 {
+        load.run(addr, s.warmup).map_err(|e| format!("warm-up: {e}"))?;
+    }
+    let cpu = |srv: &Option<Server>, children: bool| srv.as_ref().and_then(|p| p.cpu_seconds(children));
+    let proxy_before = cpu(&t.server, t.with_children);
+    let backend_before = backend.cpu_seconds(true);
+    let result = load.run(addr, s.duration);
+    let proxy_after = cpu(&t.server, t.with_children);
+    let backend_after = backend.cpu_seconds(true);
+
+    if let Some(srv) = t.server.as_mut() {
+        if let Some(status) = srv.exited() {
+            let why = format!("exited with {status}; {}", srv.log_tail(20));
+            t.dead = Some(why.clone());
+            return Err(why);
+        }
+    }
+    let wrk = result?;
+    let per_req = |before: Option<f64>, after: Option<f64>| match (before, after) {
+        (Some(b), Some(a)) if wrk.requests > 0 => Some((a - b) * 1e6 / wrk.requests as f64),
+        _ => None,
+    };
+    Ok(Measured {
+        proxy_cpu_us_per_req: per_req(proxy_before, proxy_after),
+        backend_cpu_us_per_req: per_req(backend_before, backend_after),
+        wrk,
+    })
+}
