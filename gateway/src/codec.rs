@@ -88,6 +88,42 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
 /// Upper bound for `limits.max_headers` (the header array lives on the stack).
 pub const MAX_HEADERS: usize = 256;
 
+/// The tokens of `Connection` headers (RFC 9110 §7.6.1).
+#[derive(Default)]
+struct ConnectionTokens<'a> {
+    close: bool,
+    keep_alive: bool,
+    /// Other tokens: names of headers that are hop-by-hop for this message.
+    listed: Vec<&'a [u8]>,
+}
+
+impl<'a> ConnectionTokens<'a> {
+    fn absorb(&mut self, value: &'a [u8]) {
+        for t in comma_tokens(value) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !t.is_empty() {
+                self.listed.push(t);
+            }
+        }
+    }
+
+    /// Headers named in Connection are hop-by-hop too.
+    fn drop_listed(&self, buf: &[u8], headers: &mut [HeaderRef]) {
+        if self.listed.is_empty() {
+            return;
+        }
+        for h in headers.iter_mut() {
+            let n = &buf[h.name.clone()];
+            if self.listed.iter().any(|l| l.eq_ignore_ascii_case(n)) {
+                h.drop = true;
+            }
+        }
+    }
+}
+
 /// Find the end of a head (`\r\n\r\n`), returning the head length.
 fn find_head_end(buf: &[u8]) -> Option<usize> {
     memchr::memmem::find(buf, b"\r\n\r\n").map(|p| p + 4)
@@ -251,9 +287,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
 
     let mut content_length: Option<u64> = None;
     let mut te_values: Vec<&[u8]> = Vec::new();
-    let mut conn_close = false;
-    let mut conn_keep_alive = false;
-    let mut conn_listed: Vec<&[u8]> = Vec::new();
+    let mut conn = ConnectionTokens::default();
 
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -274,15 +308,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
             }
             out.host = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in comma_tokens(value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    conn_close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    conn_keep_alive = true;
-                } else if !t.is_empty() {
-                    conn_listed.push(t);
-                }
-            }
+            conn.absorb(value);
         } else if name.eq_ignore_ascii_case(b"expect") {
             if value.eq_ignore_ascii_case(b"100-continue") {
                 out.expect_continue = minor == 1;
@@ -302,15 +328,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
         }
         out.headers.push(HeaderRef { name: range_of(buf, name), value: range_of(buf, value), drop });
     }
-    // Headers named in Connection are hop-by-hop too.
-    if !conn_listed.is_empty() {
-        for h in out.headers.iter_mut() {
-            let n = &buf[h.name.clone()];
-            if conn_listed.iter().any(|l| l.eq_ignore_ascii_case(n)) {
-                h.drop = true;
-            }
-        }
-    }
+    conn.drop_listed(buf, &mut out.headers);
     if minor == 1 && out.host.is_none() {
         return Err(ClientError::Malformed("missing Host header"));
     }
@@ -336,7 +354,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
     if out.body_kind() == BodyKind::Empty {
         out.expect_continue = false;
     }
-    out.keep_alive = if minor == 1 { !conn_close } else { conn_keep_alive && !conn_close };
+    out.keep_alive = if minor == 1 { !conn.close } else { conn.keep_alive && !conn.close };
     Ok(true)
 }
 
@@ -381,9 +399,7 @@ pub fn parse_response(
     out.headers.clear();
     let mut content_length: Option<u64> = None;
     let mut te_values: Vec<&[u8]> = Vec::new();
-    let mut conn_close = false;
-    let mut conn_keep_alive = false;
-    let mut conn_listed: Vec<&[u8]> = Vec::new();
+    let mut conn = ConnectionTokens::default();
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
@@ -402,29 +418,14 @@ pub fn parse_response(
             drop = true;
             te_values.push(value);
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in comma_tokens(value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    conn_close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    conn_keep_alive = true;
-                } else if !t.is_empty() {
-                    conn_listed.push(t);
-                }
-            }
+            conn.absorb(value);
         } else if name.eq_ignore_ascii_case(b"x-request-id") {
             // The gateway's id is the one the client sees.
             drop = true;
         }
         out.headers.push(HeaderRef { name: range_of(buf, name), value: range_of(buf, value), drop });
     }
-    if !conn_listed.is_empty() {
-        for h in out.headers.iter_mut() {
-            let n = &buf[h.name.clone()];
-            if conn_listed.iter().any(|l| l.eq_ignore_ascii_case(n)) {
-                h.drop = true;
-            }
-        }
-    }
+    conn.drop_listed(buf, &mut out.headers);
     let no_body = request_was_head || (100..200).contains(&status) || status == 204 || status == 304;
     let body = if no_body {
         BodyKind::Empty
@@ -447,7 +448,7 @@ pub fn parse_response(
         }
     };
     out.body = Some(body);
-    out.keep_alive = body != BodyKind::UntilClose && if minor == 1 { !conn_close } else { conn_keep_alive && !conn_close };
+    out.keep_alive = body != BodyKind::UntilClose && if minor == 1 { !conn.close } else { conn.keep_alive && !conn.close };
     Ok(true)
 }
 
@@ -538,9 +539,7 @@ impl ChunkedDecoder {
                     i += 1;
                 }
                 ChunkState::SizeLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("bare CR after chunk size"));
-                    }
+                    expect(b, b'\n', "bare CR after chunk size")?;
                     i += 1;
                     self.digits = 0;
                     if self.remaining == 0 {
@@ -561,16 +560,12 @@ impl ChunkedDecoder {
                     }
                 }
                 ChunkState::DataCr => {
-                    if b != b'\r' {
-                        return Err(ChunkError("chunk data longer than its size"));
-                    }
+                    expect(b, b'\r', "chunk data longer than its size")?;
                     self.state = ChunkState::DataLf;
                     i += 1;
                 }
                 ChunkState::DataLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("bare CR after chunk data"));
-                    }
+                    expect(b, b'\n', "bare CR after chunk data")?;
                     self.state = ChunkState::Size;
                     i += 1;
                 }
@@ -598,16 +593,12 @@ impl ChunkedDecoder {
                     i += 1;
                 }
                 ChunkState::TrailerLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("bare CR in trailer"));
-                    }
+                    expect(b, b'\n', "bare CR in trailer")?;
                     self.state = ChunkState::TrailerStart;
                     i += 1;
                 }
                 ChunkState::FinalLf => {
-                    if b != b'\n' {
-                        return Err(ChunkError("bare CR at end of body"));
-                    }
+                    expect(b, b'\n', "bare CR at end of body")?;
                     self.state = ChunkState::Done;
                     return Ok(i + 1);
                 }
@@ -618,12 +609,30 @@ impl ChunkedDecoder {
     }
 }
 
+fn expect(b: u8, want: u8, msg: &'static str) -> Result<(), ChunkError> {
+    if b == want {
+        Ok(())
+    } else {
+        Err(ChunkError(msg))
+    }
+}
+
 fn hex_val(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
+    }
+}
+
+/// Append every header not marked `drop` as `name: value CRLF`.
+pub fn write_kept_headers(buf: &[u8], headers: &[HeaderRef], out: &mut Vec<u8>) {
+    for h in headers.iter().filter(|h| !h.drop) {
+        out.extend_from_slice(&buf[h.name.clone()]);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&buf[h.value.clone()]);
+        out.extend_from_slice(b"\r\n");
     }
 }
 

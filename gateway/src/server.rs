@@ -179,56 +179,43 @@ fn worker_thread(
             .or_else(|_| monoio::RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build())
     };
     let legacy = || monoio::RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
-    match driver {
-        DriverChoice::IoUring => match uring() {
-            Ok(rt) => run_on(rt, "io_uring", id, shared, listen, backlog, tx),
-            Err(e) => {
-                let _ = tx.send(Msg::Failed { worker: id, error: format!("io_uring is unavailable ({e}); use driver = \"auto\" or \"epoll\"") });
+    let start = |tx| WorkerStart { id, shared: shared.clone(), listen: listen.clone(), backlog, tx };
+    let epoll = |tx: mpsc::Sender<Msg>| match legacy() {
+        Ok(rt) => run_on(rt, "epoll", start(tx)),
+        Err(e) => {
+            let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot start the epoll runtime: {e}") });
+        }
+    };
+    match (driver, (driver != DriverChoice::Epoll).then(uring)) {
+        (DriverChoice::Epoll, _) | (_, None) => epoll(tx),
+        (_, Some(Ok(rt))) => run_on(rt, "io_uring", start(tx)),
+        (DriverChoice::IoUring, Some(Err(e))) => {
+            let _ = tx.send(Msg::Failed { worker: id, error: format!("io_uring is unavailable ({e}); use driver = \"auto\" or \"epoll\"") });
+        }
+        (DriverChoice::Auto, Some(Err(e))) => {
+            if !FALLBACK_LOGGED.swap(true, Ordering::SeqCst) {
+                tracing::warn!(error = %e, "io_uring unavailable (disabled by sysctl or seccomp?); falling back to epoll");
             }
-        },
-        DriverChoice::Auto => match uring() {
-            Ok(rt) => run_on(rt, "io_uring", id, shared, listen, backlog, tx),
-            Err(e) => {
-                if !FALLBACK_LOGGED.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(error = %e, "io_uring unavailable (disabled by sysctl or seccomp?); falling back to epoll");
-                }
-                match legacy() {
-                    Ok(rt) => run_on(rt, "epoll", id, shared, listen, backlog, tx),
-                    Err(e) => {
-                        let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot start the epoll runtime: {e}") });
-                    }
-                }
-            }
-        },
-        DriverChoice::Epoll => match legacy() {
-            Ok(rt) => run_on(rt, "epoll", id, shared, listen, backlog, tx),
-            Err(e) => {
-                let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot start the epoll runtime: {e}") });
-            }
-        },
+            epoll(tx)
+        }
     }
 }
 
-fn run_on<D: monoio::Driver>(
-    mut rt: Runtime<D>,
-    driver: &'static str,
+/// What a worker thread needs to start serving.
+struct WorkerStart {
     id: usize,
     shared: Arc<Shared>,
     listen: Vec<SocketAddr>,
     backlog: i32,
     tx: mpsc::Sender<Msg>,
-) {
-    rt.block_on(worker_main(driver, id, shared, listen, backlog, tx));
 }
 
-async fn worker_main(
-    driver: &'static str,
-    id: usize,
-    shared: Arc<Shared>,
-    listen: Vec<SocketAddr>,
-    backlog: i32,
-    tx: mpsc::Sender<Msg>,
-) {
+fn run_on<D: monoio::Driver>(mut rt: Runtime<D>, driver: &'static str, start: WorkerStart) {
+    rt.block_on(worker_main(driver, start));
+}
+
+async fn worker_main(driver: &'static str, start: WorkerStart) {
+    let WorkerStart { id, shared, listen, backlog, tx } = start;
     let w = Rc::new(Worker::new(id, shared.clone()));
     let mut listeners = Vec::new();
     for a in &listen {

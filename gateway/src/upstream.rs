@@ -341,12 +341,7 @@ async fn exchange(
         let _ = write!(out, "HTTP/1.1 {} ", resp.status);
         out.extend_from_slice(&ub[resp.reason.clone()]);
         out.extend_from_slice(b"\r\n");
-        for h in resp.headers.iter().filter(|h| !h.drop) {
-            out.extend_from_slice(&ub[h.name.clone()]);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(&ub[h.value.clone()]);
-            out.extend_from_slice(b"\r\n");
-        }
+        codec::write_kept_headers(ub, &resp.headers, out);
         if rechunk {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
@@ -534,12 +529,7 @@ fn build_upstream_head(buf: &[u8], req: &Request<'_>, trust_forwarded: bool, bac
     out.push(b' ');
     out.extend_from_slice(&buf[h.target.clone()]);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for hd in h.headers.iter().filter(|hd| !hd.drop) {
-        out.extend_from_slice(&buf[hd.name.clone()]);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&buf[hd.value.clone()]);
-        out.extend_from_slice(b"\r\n");
-    }
+    codec::write_kept_headers(buf, &h.headers, out);
     if h.host.is_none() {
         let _ = write!(out, "host: {backend}\r\n");
     }
