@@ -47,10 +47,13 @@ pub struct RequestHead {
     pub body: Option<BodyKind>,
     pub host: Option<Range<usize>>,
     pub request_id: Option<Range<usize>>,
+    /// Some when the client sent X-Forwarded-For (the lines stay in `headers`).
     pub forwarded_for: Option<Range<usize>>,
     pub keep_alive: bool,
     pub expect_continue: bool,
     pub is_head: bool,
+    /// GET, HEAD, OPTIONS, TRACE, PUT, DELETE (RFC 9110 §9.2.2).
+    pub idempotent: bool,
 }
 
 impl RequestHead {
@@ -67,6 +70,8 @@ pub struct ResponseHead {
     pub minor: u8,
     pub headers: Vec<HeaderRef>,
     pub body: Option<BodyKind>,
+    /// `Content-Length` of a response that has no body here (HEAD, 204, 304).
+    pub bodiless_length: Option<u64>,
     pub keep_alive: bool,
 }
 
@@ -87,6 +92,8 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
 
 /// Upper bound for `limits.max_headers` (the header array lives on the stack).
 pub const MAX_HEADERS: usize = 256;
+
+const FRAMING: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
 
 /// The tokens of `Connection` headers (RFC 9110 §7.6.1).
 #[derive(Default)]
@@ -117,6 +124,11 @@ impl<'a> ConnectionTokens<'a> {
         }
         for h in headers.iter_mut() {
             let n = &buf[h.name.clone()];
+            // Framing and Host are never hop-by-hop, whatever Connection says:
+            // dropping them would desync the next hop (smuggling).
+            if FRAMING.iter().any(|f| f.eq_ignore_ascii_case(n)) {
+                continue;
+            }
             if self.listed.iter().any(|l| l.eq_ignore_ascii_case(n)) {
                 h.drop = true;
             }
@@ -284,6 +296,7 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
     out.forwarded_for = None;
     out.expect_continue = false;
     out.is_head = method == "HEAD";
+    out.idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
 
     let mut content_length: Option<u64> = None;
     let mut te_values: Vec<&[u8]> = Vec::new();
@@ -294,6 +307,8 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
         let value = h.value;
         let mut drop = is_hop_by_hop(name);
         if name.eq_ignore_ascii_case(b"content-length") {
+            // Re-written by the gateway from the framing it decided on.
+            drop = true;
             if content_length.is_some() {
                 return Err(ClientError::Malformed("repeated Content-Length"));
             }
@@ -321,8 +336,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
                 out.request_id = Some(range_of(buf, value));
             }
         } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            // Re-written by the gateway (appended to only when trusted; see upstream).
             drop = true;
-            out.forwarded_for = Some(range_of(buf, value));
+            out.forwarded_for.get_or_insert(0..0);
         } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             drop = true;
         }
@@ -409,9 +425,9 @@ pub fn parse_response(
             if content_length.is_some_and(|c| c != n) {
                 return Err(UpstreamError::BadResponse);
             }
-            if content_length.is_some() {
-                drop = true;
-            }
+            // Written by the gateway for bodies it relays; kept as sent for
+            // bodiless answers (HEAD, 304), where it describes the resource.
+            drop = true;
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Framing toward the client is the gateway's choice.
@@ -437,8 +453,9 @@ pub fn parse_response(
         match check_transfer_encoding(&te_values) {
             TeVerdict::Chunked => BodyKind::Chunked,
             TeVerdict::Bad => return Err(UpstreamError::BadResponse),
-            // RFC 9112 §6.3: a final coding that isn't chunked → read until close.
-            TeVerdict::Unsupported => BodyKind::UntilClose,
+            // Codings the gateway would have to remove or re-frame (gzip,
+            // identity…): refuse rather than relay a body we can't frame.
+            TeVerdict::Unsupported => return Err(UpstreamError::BadResponse),
         }
     } else {
         match content_length {
@@ -448,6 +465,7 @@ pub fn parse_response(
         }
     };
     out.body = Some(body);
+    out.bodiless_length = if body == BodyKind::Empty { content_length } else { None };
     out.keep_alive = body != BodyKind::UntilClose && if minor == 1 { !conn.close } else { conn.keep_alive && !conn.close };
     Ok(true)
 }

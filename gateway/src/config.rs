@@ -206,6 +206,10 @@ pub struct Timeouts {
     /// Whole exchange, request head to last response byte → 504 (0 = no limit).
     #[serde(deserialize_with = "duration")]
     pub total: Duration,
+    /// Longest a write to a client or a backend may make no progress (a peer
+    /// that stopped reading) before the connection is closed.
+    #[serde(deserialize_with = "duration")]
+    pub send: Duration,
 }
 
 impl Default for Timeouts {
@@ -217,6 +221,7 @@ impl Default for Timeouts {
             upstream_connect: Duration::from_secs(2),
             upstream_response: Duration::from_secs(300),
             total: Duration::from_secs(0),
+            send: Duration::from_secs(60),
         }
     }
 }
@@ -445,6 +450,7 @@ impl Config {
             ("timeouts.client_body", t.client_body),
             ("timeouts.upstream_connect", t.upstream_connect),
             ("timeouts.upstream_response", t.upstream_response),
+            ("timeouts.send", t.send),
         ] {
             if v.is_zero() {
                 err(k.into(), "must be more than 0".into());

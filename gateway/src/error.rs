@@ -36,6 +36,8 @@ pub enum ClientError {
     NoRoute,
     #[error("client closed the connection mid-request")]
     ClientClosed,
+    #[error("client stopped reading the response")]
+    SendTimeout,
 }
 
 impl ClientError {
@@ -53,6 +55,7 @@ impl ClientError {
             ClientError::BodyTimeout => "body_timeout",
             ClientError::NoRoute => "no_route",
             ClientError::ClientClosed => "client_closed",
+            ClientError::SendTimeout => "send_timeout",
         }
     }
 
@@ -67,7 +70,7 @@ impl ClientError {
             ClientError::HeaderTimeout | ClientError::BodyTimeout => 408,
             ClientError::NoRoute => 404,
             // Nobody is listening; logged as 499 like nginx does.
-            ClientError::ClientClosed => 499,
+            ClientError::ClientClosed | ClientError::SendTimeout => 499,
         }
     }
 
@@ -97,6 +100,8 @@ pub enum UpstreamError {
     ResponseTimeout,
     #[error("request exceeded its total time limit")]
     TotalTimeout,
+    #[error("backend stopped reading the request")]
+    SendTimeout,
 }
 
 impl UpstreamError {
@@ -110,12 +115,13 @@ impl UpstreamError {
             UpstreamError::BadResponse => "bad_response",
             UpstreamError::ResponseTimeout => "response_timeout",
             UpstreamError::TotalTimeout => "total_timeout",
+            UpstreamError::SendTimeout => "send_timeout",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
-            UpstreamError::ResponseTimeout | UpstreamError::TotalTimeout => 504,
+            UpstreamError::ResponseTimeout | UpstreamError::TotalTimeout | UpstreamError::SendTimeout => 504,
             _ => 502,
         }
     }
@@ -168,7 +174,7 @@ impl ProxyError {
                 ClientError::ExpectationFailed => "expectation_failed",
                 ClientError::HeaderTimeout | ClientError::BodyTimeout => "request_timeout",
                 ClientError::NoRoute => "not_found",
-                ClientError::ClientClosed => "client_closed",
+                ClientError::ClientClosed | ClientError::SendTimeout => "client_closed",
             },
             ProxyError::Upstream(u) if u.status() == 504 => "gateway_timeout",
             ProxyError::Upstream(_) => "bad_gateway",
@@ -193,6 +199,7 @@ impl ProxyError {
                 ClientError::BodyTimeout => "the request body was not received in time",
                 ClientError::NoRoute => "no route matches this request",
                 ClientError::ClientClosed => "the client closed the connection",
+                ClientError::SendTimeout => "the client stopped reading",
             },
             ProxyError::Upstream(u) => match u {
                 UpstreamError::ResponseTimeout => "the upstream service did not respond in time",

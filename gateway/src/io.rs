@@ -26,6 +26,14 @@ pub enum ReadError {
     WatchedClosed,
 }
 
+/// Why a write did not complete.
+#[derive(Debug)]
+pub enum WriteError {
+    /// No progress within the send timeout: the peer stopped reading.
+    Timeout,
+    Io(io::Error),
+}
+
 /// How often a long upstream wait checks whether its client is still there.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
@@ -113,19 +121,28 @@ impl Conn {
         }
     }
 
-    /// Write the first `n` pending bytes to `dst` and consume them.
-    pub async fn forward(&mut self, n: usize, dst: &mut TcpStream) -> io::Result<()> {
+    /// Write the first `n` pending bytes to `dst` and consume them, giving up
+    /// after `d` without progress (a peer that stopped reading). After a
+    /// timeout the read buffer is gone: close the connection.
+    pub async fn forward(&mut self, n: usize, dst: &mut TcpStream, d: Duration) -> Result<(), WriteError> {
         let buf = std::mem::take(&mut self.buf);
-        let (res, slice) = dst.write_all(buf.slice(self.pos..self.pos + n)).await;
+        let (res, slice) = match monoio::time::timeout(d, dst.write_all(buf.slice(self.pos..self.pos + n))).await {
+            Ok(r) => r,
+            Err(_) => return Err(WriteError::Timeout),
+        };
         self.buf = slice.into_inner();
-        res?;
+        res.map_err(WriteError::Io)?;
         self.consume(n);
         Ok(())
     }
 
-    /// Write an owned buffer to this stream; the buffer comes back cleared.
-    pub async fn write_all(&mut self, out: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        write_vec(&mut self.stream, out).await
+    /// Write an owned buffer to this stream within `d`; the buffer comes back
+    /// cleared (or empty after a timeout).
+    pub async fn write_all(&mut self, out: Vec<u8>, d: Duration) -> (Result<(), WriteError>, Vec<u8>) {
+        match monoio::time::timeout(d, write_vec(&mut self.stream, out)).await {
+            Ok((r, out)) => (r.map_err(WriteError::Io), out),
+            Err(_) => (Err(WriteError::Timeout), Vec::new()),
+        }
     }
 
     /// Whether the peer has closed or sent unexpected bytes while idle

@@ -40,6 +40,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
     let mut out = Vec::with_capacity(4096);
     let mut rid = String::with_capacity(40);
     let mut first = true;
+    // Closing after an error answer: linger so the answer is not lost to an RST.
+    let mut linger = false;
     loop {
         // Stage 2: http codec.
         match read_head(&mut client, &mut head, &w, conn_id, first).await {
@@ -48,8 +50,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             Next::Reject(e) => {
                 w.new_request_id(&mut rid);
                 let e = ProxyError::Client(e);
-                respond_error(&mut client, e, &rid, true, &mut out).await;
+                respond_error(&mut client, &w, e, &rid, true, false, &mut out).await;
                 log_rejected(&w, &rid, peer, e);
+                linger = true;
                 break;
             }
         }
@@ -76,8 +79,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             let close = !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
             log_rejected(&w, &rid, peer, e);
             client.consume(head.head_len);
-            respond_error(&mut client, e, &rid, close, &mut out).await;
+            respond_error(&mut client, &w, e, &rid, close, head.is_head, &mut out).await;
             if close {
+                linger = true;
                 break;
             }
             continue;
@@ -102,12 +106,14 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         let mut keep = x.client_keep_alive;
         let mut status = x.status;
         if let Some(e) = x.error {
-            if !x.response_started && e != ProxyError::Client(ClientError::ClientClosed) {
+            let client_gone = matches!(e, ProxyError::Client(ClientError::ClientClosed | ClientError::SendTimeout));
+            if !x.response_started && !client_gone {
                 // Reusable only if the request's framing was fully consumed.
                 let body_consumed = x.request_body_done || head.body_kind() == codec::BodyKind::Empty;
                 keep = head.keep_alive && body_consumed && !e.must_close() && !w.draining.get();
                 status = e.status();
-                respond_error(&mut client, e, &rid, !keep, &mut out).await;
+                respond_error(&mut client, &w, e, &rid, !keep, head.is_head, &mut out).await;
+                linger = !keep;
             } else {
                 keep = false;
                 if status == 0 {
@@ -123,6 +129,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         }
     }
     w.mark_busy(conn_id);
+    if linger {
+        linger_close(&mut client).await;
+    }
 }
 
 /// Read until one complete request head is buffered. The first byte of a
@@ -169,12 +178,48 @@ async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, conn_i
     }
 }
 
-async fn respond_error(client: &mut Conn, e: ProxyError, rid: &str, close: bool, out: &mut Vec<u8>) {
+/// Answer with the JSON error shape (head only for HEAD requests: a body
+/// there would be read as the next response).
+async fn respond_error(client: &mut Conn, w: &Worker, e: ProxyError, rid: &str, close: bool, head_only: bool, out: &mut Vec<u8>) {
     out.clear();
     e.to_response(rid, close, out);
-    let (_, o) = client.write_all(std::mem::take(out)).await;
+    if head_only {
+        if let Some(end) = memchr::memmem::find(out, b"\r\n\r\n") {
+            out.truncate(end + 4);
+        }
+    }
+    let (_, o) = client.write_all(std::mem::take(out), w.shared.timeouts.send).await;
     *out = o;
 }
+
+/// Close after an error without destroying the answer: a close with unread
+/// request bytes makes the kernel send RST, which can discard the response
+/// before the client reads it. Half-close, drain briefly, then close.
+async fn linger_close(client: &mut Conn) {
+    // SAFETY: shutdown(2) on the connection's own open fd.
+    unsafe {
+        libc::shutdown(client.raw_fd(), libc::SHUT_WR);
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0usize;
+    while drained < LINGER_MAX_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let n = client.pending().len();
+        client.consume(n);
+        drained += n;
+        match client.fill_timeout(left).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// How long, and how much, `linger_close` reads before closing anyway.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_MAX_BYTES: usize = 1 << 20;
 
 fn log_rejected(w: &Worker, rid: &str, peer: SocketAddr, e: ProxyError) {
     let (source, kind) = e.source_and_kind();

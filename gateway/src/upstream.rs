@@ -16,7 +16,7 @@ use monoio::net::TcpStream;
 
 use crate::codec::{self, BodyKind, ChunkedDecoder, RequestHead, ResponseHead};
 use crate::error::{ClientError, ProxyError, UpstreamError};
-use crate::io::{Conn, ReadError};
+use crate::io::{Conn, ReadError, WriteError};
 use crate::route::Route;
 use crate::worker::Worker;
 
@@ -28,11 +28,11 @@ pub struct Cluster {
     pub pool_idle_timeout: Duration,
 }
 
+/// After the backend stopped reading an upload: how long to wait for its early answer.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
+
 /// Largest body copied into the head's write (one syscall instead of two).
 const COALESCE_MAX: usize = 16 * 1024;
-
-/// Idle time after which a pooled connection is checked for a backend close before reuse.
-const STALE_CHECK_AFTER: Duration = Duration::from_millis(250);
 
 struct Idle {
     conn: Conn,
@@ -68,9 +68,9 @@ impl Pool {
                 q.clear();
                 break;
             }
-            // Under load a connection is reused within microseconds and the
-            // peek (a syscall) is skipped; after a pause, check for a close.
-            if i.since.elapsed() >= STALE_CHECK_AFTER && i.conn.is_stale() {
+            // A close, or bytes the backend sent after its response (a buggy
+            // backend answering HEAD with a body): either makes it unusable.
+            if i.conn.is_stale() {
                 dropped += 1;
                 continue;
             }
@@ -244,6 +244,7 @@ async fn exchange(
     let timeouts = &w.shared.timeouts;
     let mut sent_continue = false;
     let mut retried = false;
+    let mut upload_cut = false;
     let mut resp = ResponseHead::default();
 
     let (mut up, sent_at) = 'attempt: loop {
@@ -252,9 +253,8 @@ async fn exchange(
         let mut up = checkout(w, route, !retried, deadline).await?;
         x.backend = Some(up.addr);
         if head.expect_continue && !sent_continue {
-            let (r, o) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await;
-            drop(o);
-            r.map_err(|_| ClientError::ClientClosed)?;
+            let (r, _) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), timeouts.send).await;
+            r.map_err(client_write)?;
             sent_continue = true;
         }
         out.clear();
@@ -269,8 +269,11 @@ async fn exchange(
                 with_head = k;
             }
         }
-        let (r, o) = up.conn.write_all(std::mem::take(out)).await;
+        let (r, o) = up.conn.write_all(std::mem::take(out), timeouts.send).await;
         *out = o;
+        if let Err(WriteError::Timeout) = r {
+            return Err(UpstreamError::SendTimeout.into());
+        }
         if r.is_err() {
             // Nothing of the body has been read from the client yet: safe to retry.
             if up.reused && !retried {
@@ -284,9 +287,17 @@ async fn exchange(
             client.consume(head.head_len + with_head);
             x.head_consumed = true;
             x.req_bytes = with_head as u64;
-            send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts.client_body, deadline, x).await?;
+            let sent = send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts.client_body, timeouts.send, deadline, x);
+            match sent.await {
+                Ok(()) => x.request_body_done = true,
+                // The backend stopped reading mid-upload; it may have answered
+                // already (an early 413, say): relay that rather than a 502.
+                Err(ProxyError::Upstream(UpstreamError::Reset)) => upload_cut = true,
+                Err(e) => return Err(e),
+            }
+        } else {
+            x.request_body_done = true;
         }
-        x.request_body_done = true;
         let sent_at = Instant::now();
 
         // Response head; informational (1xx) responses are skipped.
@@ -301,10 +312,19 @@ async fn exchange(
                 Ok(false) => {}
                 Err(e) => return Err(e.into()),
             }
-            let (wait, is_total) = wait_for(route.response_timeout, deadline);
+            let (mut wait, is_total) = wait_for(route.response_timeout, deadline);
+            if upload_cut {
+                wait = wait.min(EARLY_ANSWER_WAIT);
+            }
             match up.conn.fill_watching(wait, client.raw_fd()).await {
                 Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
-                Ok(0) | Err(ReadError::Io(_)) if up.reused && !retried && body == BodyKind::Empty && up.conn.pending().is_empty() => {
+                Ok(0) | Err(ReadError::Timeout) | Err(ReadError::Io(_)) if upload_cut => return Err(UpstreamError::Reset.into()),
+                // The backend closed a reused connection without answering: it
+                // may never have seen the request. Resend only what is safe to
+                // repeat (RFC 9110 §9.2.2).
+                Ok(0) | Err(ReadError::Io(_))
+                    if up.reused && !retried && body == BodyKind::Empty && up.conn.pending().is_empty() && head.idempotent =>
+                {
                     retried = true;
                     continue 'attempt;
                 }
@@ -331,7 +351,7 @@ async fn exchange(
     let client_11 = head.minor == 1;
     let rechunk = client_11 && matches!(up_body, BodyKind::Chunked | BodyKind::UntilClose);
     let close_delimited = !client_11 && matches!(up_body, BodyKind::Chunked | BodyKind::UntilClose);
-    let client_close = !head.keep_alive || w.draining.get() || close_delimited;
+    let client_close = !head.keep_alive || w.draining.get() || close_delimited || upload_cut;
     x.client_keep_alive = !client_close;
     x.status = resp.status;
 
@@ -342,8 +362,12 @@ async fn exchange(
         out.extend_from_slice(&ub[resp.reason.clone()]);
         out.extend_from_slice(b"\r\n");
         codec::write_kept_headers(ub, &resp.headers, out);
-        if rechunk {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        match (up_body, resp.bodiless_length) {
+            (BodyKind::Length(n), _) | (BodyKind::Empty, Some(n)) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+            _ if rechunk => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            _ => {}
         }
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(req.request_id.as_bytes());
@@ -405,12 +429,12 @@ async fn exchange(
         }
         up.conn.consume(used);
         if !out.is_empty() {
-            let (r, o) = client.write_all(std::mem::take(out)).await;
+            let (r, o) = client.write_all(std::mem::take(out), timeouts.send).await;
             *out = o;
             x.response_started = true;
-            if r.is_err() {
+            if let Err(e) = r {
                 x.client_keep_alive = false;
-                return Err(ClientError::ClientClosed.into());
+                return Err(client_write(e));
             }
         }
         if finished {
@@ -424,9 +448,8 @@ async fn exchange(
             }
             Ok(0) if up_body == BodyKind::UntilClose => {
                 if rechunk {
-                    let (r, o) = client.write_all(b"0\r\n\r\n".to_vec()).await;
-                    drop(o);
-                    r.map_err(|_| ClientError::ClientClosed)?;
+                    let (r, _) = client.write_all(b"0\r\n\r\n".to_vec(), timeouts.send).await;
+                    r.map_err(client_write)?;
                 }
                 break;
             }
@@ -441,7 +464,7 @@ async fn exchange(
     x.response_started = true;
 
     // Back to the pool only when the exchange ended exactly on a message boundary.
-    let reusable = resp.keep_alive && up_body != BodyKind::UntilClose && up.conn.pending().is_empty();
+    let reusable = resp.keep_alive && up_body != BodyKind::UntilClose && up.conn.pending().is_empty() && !upload_cut;
     if reusable {
         let mut pool = w.pool.borrow_mut();
         if pool.put(up.cluster, up.backend, up.conn) {
@@ -449,6 +472,14 @@ async fn exchange(
         }
     }
     Ok(())
+}
+
+/// A failed write to the client: it went away, or stopped reading.
+fn client_write(e: WriteError) -> ProxyError {
+    match e {
+        WriteError::Timeout => ClientError::SendTimeout.into(),
+        WriteError::Io(_) => ClientError::ClientClosed.into(),
+    }
 }
 
 fn abort_if_started(r: Result<usize, UpstreamError>, x: &mut Exchange) -> Result<usize, ProxyError> {
@@ -470,6 +501,7 @@ async fn send_body(
     kind: BodyKind,
     limit: u64,
     body_timeout: Duration,
+    send_timeout: Duration,
     deadline: Option<Instant>,
     x: &mut Exchange,
 ) -> Result<(), ProxyError> {
@@ -492,7 +524,10 @@ async fn send_body(
                 _ => return Ok(()),
             };
             if n > 0 {
-                client.forward(n, &mut up.stream).await.map_err(|_| UpstreamError::Reset)?;
+                client.forward(n, &mut up.stream, send_timeout).await.map_err(|e| match e {
+                    WriteError::Timeout => UpstreamError::SendTimeout,
+                    WriteError::Io(_) => UpstreamError::Reset,
+                })?;
             }
             match kind {
                 BodyKind::Length(_) => {
@@ -533,13 +568,20 @@ fn build_upstream_head(buf: &[u8], req: &Request<'_>, trust_forwarded: bool, bac
     if h.host.is_none() {
         let _ = write!(out, "host: {backend}\r\n");
     }
-    if h.body_kind() == BodyKind::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match h.body_kind() {
+        BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        BodyKind::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        _ => {}
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let (true, Some(xff)) = (trust_forwarded, &h.forwarded_for) {
-        out.extend_from_slice(&buf[xff.clone()]);
-        out.extend_from_slice(b", ");
+    if trust_forwarded && h.forwarded_for.is_some() {
+        // Every X-Forwarded-For line, in order (RFC 9110 §5.3: same as one comma-joined line).
+        for hd in h.headers.iter().filter(|hd| buf[hd.name.clone()].eq_ignore_ascii_case(b"x-forwarded-for")) {
+            out.extend_from_slice(&buf[hd.value.clone()]);
+            out.extend_from_slice(b", ");
+        }
     }
     let _ = write!(out, "{}\r\nx-forwarded-proto: http\r\nx-request-id: {}\r\n\r\n", req.peer, req.request_id);
 }

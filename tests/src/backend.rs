@@ -16,6 +16,8 @@
 //! | `/big?bytes=N` | N bytes with Content-Length |
 //! | `/reset` | head announcing 100000 bytes, 10 bytes, then RST |
 //! | `/drop` | reads the request, closes without answering |
+//! | `/te-gzip` | a response with `Transfer-Encoding: gzip, chunked` |
+//! | `/reject-upload` | answers 413 as soon as the head arrives, never reads the body, closes |
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -136,6 +138,13 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
     let mut r = BufReader::with_capacity(64 * 1024, c);
     loop {
         let Some(req) = read_head(&mut r)? else { return Ok(()) };
+        if req.path.ends_with("/reject-upload") {
+            respond_json(&mut w, 413, &serde_json::json!({"error": "too large for this backend"}), false)?;
+            w.flush()?;
+            // Leave the body unread; closing with unread data resets the connection.
+            std::thread::sleep(Duration::from_millis(100));
+            return Ok(());
+        }
         // Stream the body through a hash; keep a copy only when small (chat bodies).
         let mut hash = FNV_INIT;
         let mut len = 0u64;
@@ -217,6 +226,11 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                 *g = g.saturating_sub(1);
                 drop(g);
                 chunk(&mut w, b"data: [DONE]\n\n")?;
+                w.write_all(b"0\r\n\r\n")?;
+            }
+            "/te-gzip" => {
+                w.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n")?;
+                chunk(&mut w, b"not really gzip")?;
                 w.write_all(b"0\r\n\r\n")?;
             }
             "/chunked" => {

@@ -193,3 +193,33 @@ both_drivers!(client_hangup_aborts_the_upstream_request, |d: Driver| {
     assert_eq!(g.wait_metric(&["gateway_request_errors_total", "kind=\"client_closed\""], 1.0), 1.0);
     assert_eq!(g.metric(&["gateway_requests_total", "status=\"499\""]), 1.0);
 });
+
+both_drivers!(early_backend_answer_to_an_upload_is_relayed, |d: Driver| {
+    let b = Backend::start("b");
+    let body = format!("[limits]\nmax_request_body_bytes = 1073741824\n\n{}", one_cluster(b.addr));
+    let g = Gateway::start(Spec::new(d, &body));
+    let mut c = Client::connect(g.addr);
+    let total = 32 * 1024 * 1024;
+    c.send(format!("PUT /reject-upload HTTP/1.1\r\nHost: a\r\nContent-Length: {total}\r\n\r\n").as_bytes());
+    // Keep sending until the gateway stops taking bytes; it may cut us off.
+    let block = vec![0u8; 1 << 20];
+    for _ in 0..32 {
+        use std::io::Write;
+        if c.stream.write_all(&block).is_err() {
+            break;
+        }
+    }
+    let r = c.read_response();
+    assert_eq!(r.status, 413, "the backend's own answer must reach the client, not a 502");
+});
+
+both_drivers!(a_client_that_stops_reading_is_cut_off, |d: Driver| {
+    let b = Backend::start("b");
+    let body = format!("[timeouts]\nsend = \"500ms\"\n\n{}", one_cluster(b.addr));
+    let g = Gateway::start(Spec::new(d, &body));
+    let mut c = Client::connect(g.addr);
+    c.send(format!("GET /big?bytes={} HTTP/1.1\r\nHost: a\r\n\r\n", 512 * 1024 * 1024).as_bytes());
+    // Never read. The gateway gives up once its writes stall for 500 ms.
+    assert!(g.wait_metric(&["gateway_request_errors_total", "kind=\"send_timeout\""], 1.0) >= 1.0);
+    drop(c);
+});

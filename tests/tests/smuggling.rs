@@ -83,3 +83,44 @@ both_drivers!(valid_edge_cases_still_pass, |d: Driver| {
     assert_eq!(r.header("content-length"), Some("5000"));
     assert_eq!(c.get("/after-head").json()["path"], "/after-head");
 });
+
+both_drivers!(connection_header_cannot_strip_framing, |d: Driver| {
+    let b = Backend::start("b");
+    let g = Gateway::start(Spec::new(d, &one_cluster(b.addr)));
+    let inner = b"GET /smuggled HTTP/1.1\r\nHost: internal\r\n\r\n";
+    let mut c = Client::connect(g.addr);
+    c.send(format!("POST /outer HTTP/1.1\r\nHost: a\r\nConnection: content-length, host\r\nContent-Length: {}\r\n\r\n", inner.len()).as_bytes());
+    c.send(inner);
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["path"], "/outer");
+    assert_eq!(v["body_len"], inner.len() as u64, "the body must stay the body");
+    assert_eq!(v["headers"]["host"], "a");
+    // The backend saw exactly one request: nothing was smuggled.
+    assert_eq!(c.get("/next").json()["path"], "/next");
+    assert_eq!(b.requests(), 2);
+});
+
+both_drivers!(head_errors_have_no_body, |d: Driver| {
+    let b = Backend::start("b");
+    let body = format!("{}\n[[routes]]\npath_prefix = \"/never\"\ncluster = \"b\"\n", one_cluster(b.addr)).replace("path_prefix = \"/\"", "path_prefix = \"/api/\"");
+    let g = Gateway::start(Spec::new(d, &body));
+    let mut c = Client::connect(g.addr);
+    c.send(b"HEAD /nowhere HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = c.read_response_to(true);
+    assert_eq!(r.status, 404);
+    assert!(r.header("content-length").is_some());
+    // No stray body: the next response on this connection parses cleanly.
+    let r = c.get("/api/x");
+    assert_eq!(r.status, 200, "{:?}", r.text());
+});
+
+both_drivers!(unsupported_response_codings_are_refused, |d: Driver| {
+    let b = Backend::start("b");
+    let g = Gateway::start(Spec::new(d, &one_cluster(b.addr)));
+    let mut c = Client::connect(g.addr);
+    let r = c.get("/te-gzip");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error_type(), "bad_gateway");
+});
