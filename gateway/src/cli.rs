@@ -166,6 +166,10 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
             cluster: "default".into(),
             max_request_body_bytes: None,
             timeouts: Default::default(),
+            protocol: Default::default(),
+            content_types: None,
+            schema: None,
+            response_drop_fields: Vec::new(),
         }];
     }
     if let Some(w) = &a.workers {

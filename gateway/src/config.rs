@@ -10,7 +10,11 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Deserializer};
+
+use crate::catalog::{Catalog, Model, ModelLimits, Version};
 
 /// The configuration `gateway run` uses when no file is given
 /// (`gateway config default` prints it).
@@ -33,6 +37,58 @@ pub struct Config {
     pub clusters: BTreeMap<String, ClusterConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The model catalogue the validation stage resolves requests against.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// What a route's requests are, for the validation stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Forwarded as is; only the generic checks (content type, size, optional schema).
+    #[default]
+    Passthrough,
+    /// OpenAI-compatible: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `GET /v1/models`.
+    Openai,
+    /// KServe v2 / Open Inference Protocol REST: `/v2/models/{name}[/versions/{v}]/infer`, metadata, ready.
+    Kserve,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    /// Deployed versions (`"1"`, `"1.2"`, `"1.2.3"`); a request for `latest` gets the highest.
+    #[serde(default = "default_versions")]
+    pub versions: Vec<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Prompt + output tokens the model's context holds (prompt estimated at 4 bytes a token).
+    #[serde(default)]
+    pub context_tokens: Option<u64>,
+    /// Highest `max_tokens` a request may ask for.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
+    /// Allowed `temperature` range, default [0, 2].
+    #[serde(default)]
+    pub temperature: Option<[f64; 2]>,
+    /// Allowed `top_p` range, default [0, 1].
+    #[serde(default)]
+    pub top_p: Option<[f64; 2]>,
+    /// Highest `n` (completions per request), default 16.
+    #[serde(default)]
+    pub max_n: Option<u64>,
+    /// JSON Schema file every request body for this model must match (path relative to the config file).
+    #[serde(default)]
+    pub schema: Option<String>,
+}
+
+fn default_versions() -> Vec<String> {
+    vec!["1".into()]
+}
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +227,12 @@ pub struct Limits {
     pub max_request_body_bytes: u64,
     /// Bytes of an upstream response head; over it → 502.
     pub max_response_header_bytes: usize,
+    /// JSON request bodies are read whole to be checked: at most this many bytes → 413.
+    pub max_json_body_bytes: u64,
+    /// Deepest nesting of a JSON body → 400.
+    pub json_max_depth: usize,
+    /// Most values (of any kind) in a JSON body → 413.
+    pub json_max_elements: usize,
 }
 
 impl Default for Limits {
@@ -181,6 +243,9 @@ impl Default for Limits {
             max_uri_bytes: 8 * 1024,
             max_request_body_bytes: 64 * 1024 * 1024,
             max_response_header_bytes: 32 * 1024,
+            max_json_body_bytes: 16 * 1024 * 1024,
+            json_max_depth: 64,
+            json_max_elements: 8 * 1024 * 1024,
         }
     }
 }
@@ -280,6 +345,20 @@ pub struct RouteConfig {
     pub max_request_body_bytes: Option<u64>,
     #[serde(default)]
     pub timeouts: RouteTimeouts,
+    /// `passthrough` (default), `openai` or `kserve`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Media types a request body may have (415 otherwise); default `["application/json"]`
+    /// for `openai` and `kserve`, anything for `passthrough`. Types with a known
+    /// signature (images, audio, PDF) are checked against the body's first bytes.
+    #[serde(default)]
+    pub content_types: Option<Vec<String>>,
+    /// JSON Schema file a JSON request body on this route must match (relative to the config file).
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// JSON pointers removed from JSON responses and from each JSON event of an SSE stream.
+    #[serde(default)]
+    pub response_drop_fields: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -345,6 +424,9 @@ pub struct Resolved {
     pub listen: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub clusters: BTreeMap<String, Vec<SocketAddr>>,
+    pub catalog: Catalog,
+    /// Compiled JSON Schema of each route (by route index), if it has one.
+    pub route_schemas: Vec<Option<Arc<jsonschema::Validator>>>,
 }
 
 impl Config {
@@ -536,8 +618,88 @@ impl Config {
             }
         }
 
+        // Models and schemas. Schema paths are relative to the config file.
+        let base = Path::new(file).parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut models = Vec::new();
+        let mut model_names = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = format!("models[{i}]");
+            if !valid_name(&m.name) {
+                err(format!("{key}.name"), "model names use letters, digits, '-', '_' and '.'".into());
+            }
+            if !model_names.insert(m.name.clone()) {
+                err(format!("{key}.name"), format!("model `{}` is defined twice", m.name));
+            }
+            let mut versions = Vec::new();
+            for (j, v) in m.versions.iter().enumerate() {
+                match Version::parse(v) {
+                    Some(v) => versions.push(v),
+                    None => err(format!("{key}.versions[{j}]"), format!("`{v}` is not a version such as \"1\", \"1.2\" or \"1.2.3\"")),
+                }
+            }
+            if versions.is_empty() {
+                err(format!("{key}.versions"), "list at least one deployed version".into());
+            }
+            versions.sort();
+            for (k, r) in [("temperature", m.temperature), ("top_p", m.top_p)] {
+                if r.is_some_and(|[lo, hi]| !(lo.is_finite() && hi.is_finite() && lo <= hi)) {
+                    err(format!("{key}.{k}"), "give [low, high] with low <= high".into());
+                }
+            }
+            let schema = match m.schema.as_deref().map(|p| load_schema_file(&base.join(p))) {
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => {
+                    err(format!("{key}.schema"), e);
+                    None
+                }
+                None => None,
+            };
+            let d = ModelLimits::default();
+            models.push(Model {
+                name: m.name.clone(),
+                versions,
+                enabled: m.enabled,
+                limits: ModelLimits {
+                    context_tokens: m.context_tokens,
+                    max_output_tokens: m.max_output_tokens,
+                    temperature: m.temperature.map(|[a, b]| (a, b)).unwrap_or(d.temperature),
+                    top_p: m.top_p.map(|[a, b]| (a, b)).unwrap_or(d.top_p),
+                    max_n: m.max_n.unwrap_or(d.max_n),
+                },
+                schema,
+            });
+        }
+        let mut route_schemas = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            route_schemas.push(match r.schema.as_deref().map(|p| load_schema_file(&base.join(p))) {
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => {
+                    err(format!("routes[{i}].schema"), e);
+                    None
+                }
+                None => None,
+            });
+            for (j, ct) in r.content_types.iter().flatten().enumerate() {
+                if crate::validate::magic::media_type(ct.as_bytes()).is_none() {
+                    err(format!("routes[{i}].content_types[{j}]"), format!("`{ct}` is not a media type such as \"application/json\""));
+                }
+            }
+            if let Err(e) = crate::filter::FieldFilter::new(&r.response_drop_fields) {
+                err(format!("routes[{i}].response_drop_fields"), e);
+            }
+            if r.protocol != Protocol::Passthrough && self.models.is_empty() {
+                err(format!("routes[{i}].protocol"), "an openai or kserve route needs a model catalogue: add [[models]] entries".into());
+            }
+        }
+        if self.limits.json_max_depth == 0 || self.limits.json_max_depth > 1024 {
+            err("limits.json_max_depth".into(), "must be between 1 and 1024".into());
+        }
+        if self.limits.json_max_elements == 0 {
+            err("limits.json_max_elements".into(), "must be at least 1".into());
+        }
+
         if errs.is_empty() {
-            Ok(Resolved { listen, admin, clusters, config: self })
+            Ok(Resolved { listen, admin, clusters, config: self, catalog: Catalog::new(models), route_schemas })
         } else {
             Err(ConfigErrors(errs))
         }
@@ -554,6 +716,13 @@ impl Resolved {
     pub fn from_str(text: &str, file: &str) -> Result<Resolved, ConfigErrors> {
         Config::parse(text, file)?.validate(text, file)
     }
+}
+
+/// Read and compile a JSON Schema file (once, at load).
+fn load_schema_file(path: &Path) -> Result<Arc<jsonschema::Validator>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("schema {} is not JSON: {e}", path.display()))?;
+    jsonschema::validator_for(&value).map(Arc::new).map_err(|e| format!("schema {} is not a valid JSON Schema: {e}", path.display()))
 }
 
 fn valid_name(n: &str) -> bool {

@@ -232,21 +232,44 @@ impl ProxyError {
 
     /// Append a complete HTTP/1.1 error response to `out`.
     pub fn to_response(self, request_id: &str, close: bool, out: &mut Vec<u8>) {
-        let body = serde_json::json!({
-            "error": {
-                "type": self.error_type(),
-                "message": self.public_message(),
-                "request_id": request_id,
-            }
-        })
-        .to_string();
-        let status = self.status();
+        let e = ErrorBody { status: self.status(), error_type: self.error_type(), message: self.public_message(), code: None, param: None };
+        e.write(request_id, close, out);
+    }
+}
+
+/// The one JSON error shape every gateway-made error uses:
+/// `{"error":{"type","message","request_id"[,"code"][,"param"]}}`, where
+/// `param` is a JSON pointer to the offending field (as OpenAI's `param`).
+pub struct ErrorBody<'a> {
+    pub status: u16,
+    pub error_type: &'a str,
+    pub message: &'a str,
+    /// Machine-readable reason (validation errors).
+    pub code: Option<&'a str>,
+    pub param: Option<&'a str>,
+}
+
+impl ErrorBody<'_> {
+    /// Append a complete HTTP/1.1 response to `out`.
+    pub fn write(&self, request_id: &str, close: bool, out: &mut Vec<u8>) {
+        let mut err = serde_json::json!({
+            "type": self.error_type,
+            "message": self.message,
+            "request_id": request_id,
+        });
+        if let Some(c) = self.code {
+            err["code"] = c.into();
+        }
+        if let Some(p) = self.param {
+            err["param"] = p.into();
+        }
+        let body = serde_json::json!({ "error": err }).to_string();
         let mut head = String::with_capacity(256);
         let _ = write!(
             head,
             "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\ncache-control: no-store\r\n",
-            status,
-            reason_phrase(status),
+            self.status,
+            reason_phrase(self.status),
             body.len(),
             request_id
         );
@@ -259,12 +282,26 @@ impl ProxyError {
     }
 }
 
+/// The `type` of a validation error, by status.
+pub fn validation_type(status: u16) -> &'static str {
+    match status {
+        404 => "not_found",
+        408 => "request_timeout",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "validation_failed",
+        _ => "invalid_request",
+    }
+}
+
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
         404 => "Not Found",
         408 => "Request Timeout",
         413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Content",
         414 => "URI Too Long",
         417 => "Expectation Failed",
         431 => "Request Header Fields Too Large",

@@ -6,10 +6,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod catalog;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod filter;
 pub mod io;
 pub mod listener;
 pub mod metrics;
@@ -18,4 +20,5 @@ pub mod route;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;
+pub mod validate;
 pub mod worker;

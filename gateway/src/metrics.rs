@@ -26,6 +26,7 @@ pub struct Metrics {
     pub request_bytes: IntCounterVec,
     pub response_bytes: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    pub validation_rejections: IntCounterVec,
     pub upstream_connections: IntCounterVec,
     pub upstream_reused: IntCounterVec,
     pub connections_accepted: IntCounter,
@@ -88,6 +89,14 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(Opts::new("gateway_upstream_errors_total", "Upstream failures by cluster and kind"), &["cluster", "kind"]).unwrap(),
             ),
+            validation_rejections: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_validation_rejections_total", "Requests refused by the validation stage, by route, model and reason"),
+                    &["route", "model", "reason"],
+                )
+                .unwrap(),
+            ),
             upstream_connections: reg(
                 &r,
                 IntCounterVec::new(Opts::new("gateway_upstream_connections_opened_total", "New TCP connections to backends"), &["cluster"]).unwrap(),
@@ -134,6 +143,7 @@ pub struct WorkerMetrics {
     pub request_bytes: RefCell<LocalIntCounterVec>,
     pub response_bytes: RefCell<LocalIntCounterVec>,
     pub upstream_errors: RefCell<LocalIntCounterVec>,
+    pub validation_rejections: RefCell<LocalIntCounterVec>,
     pub upstream_connections: RefCell<LocalIntCounterVec>,
     pub upstream_reused: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
@@ -152,6 +162,7 @@ impl WorkerMetrics {
             request_bytes: RefCell::new(m.request_bytes.local()),
             response_bytes: RefCell::new(m.response_bytes.local()),
             upstream_errors: RefCell::new(m.upstream_errors.local()),
+            validation_rejections: RefCell::new(m.validation_rejections.local()),
             upstream_connections: RefCell::new(m.upstream_connections.local()),
             upstream_reused: RefCell::new(m.upstream_reused.local()),
             connections_accepted: m.connections_accepted.local(),
@@ -178,6 +189,7 @@ impl WorkerMetrics {
         self.request_bytes.borrow().flush();
         self.response_bytes.borrow().flush();
         self.upstream_errors.borrow().flush();
+        self.validation_rejections.borrow().flush();
         self.upstream_connections.borrow().flush();
         self.upstream_reused.borrow().flush();
         self.connections_accepted.flush();

@@ -2,11 +2,16 @@
 //!
 //! 1. listener (`listener.rs`) — accepted a connection on this worker
 //! 2. http codec (`codec.rs`) — read and check one request head
-//! 3. route (`route.rs`) — host/path/method → cluster, or 404
-//! 4. upstream (`upstream.rs`) — forward, stream the response back
+//! 3. route match (`route.rs`) — host/path/method → a configured route, or 404
+//! 4. validate (`validate/`) — content type, JSON shape, protocol (OpenAI,
+//!    KServe v2) and model catalogue checks; may answer itself (`/v1/models`)
+//! 5. upstream (`upstream.rs`) — pick a backend of the route's cluster,
+//!    forward, stream the response back
 //!
-//! then one access-log event and the metrics for the request. TLS,
-//! authentication, authorization, rate limiting and payload validation slot
+//! then one access-log event and the metrics for the request. The route is
+//! matched before validation because a route says which protocol its
+//! requests speak; model-aware backend choice (the GPU balancer) goes
+//! between 4 and 5. TLS, authentication, authorization and rate limiting slot
 //! in between 2 and 3 as their issues land.
 
 use std::net::SocketAddr;
@@ -16,10 +21,12 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 
 use crate::codec::{self, RequestHead};
-use crate::error::{ClientError, ProxyError};
+use crate::error::{validation_type, ClientError, ErrorBody, ProxyError};
 use crate::io::{Conn, ReadError};
 use crate::metrics::status_label;
 use crate::upstream::{self, Exchange, Request};
+use crate::validate;
+use std::io::Write as _;
 use crate::worker::Worker;
 
 /// What reading the next request produced.
@@ -66,7 +73,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             None => w.new_request_id(&mut rid),
         }
 
-        // Stage 3: route.
+        // Stage 3: route match.
         let buf = client.pending();
         let route = w.shared.router.route(
             head.host.clone().map(|h| &buf[h]).unwrap_or_default(),
@@ -96,8 +103,69 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             (String::new(), String::new())
         };
 
-        // Stage 4: upstream.
-        let req = Request { head: &head, route, request_id: &rid, peer: peer.ip(), started };
+        // Stage 4: validate.
+        let verdict = match validate::admit(&mut client, &head, route, &w.shared.rules, &w.shared.timeouts).await {
+            Ok(v) => v,
+            Err(refused) => {
+                let r = &refused.rejection;
+                let model = refused.model.as_deref().unwrap_or("");
+                w.metrics.inc(&w.metrics.validation_rejections, &[&route.name, model, r.reason], 1);
+                w.metrics.inc(&w.metrics.requests, &[&route.name, status_label(r.status)], 1);
+                if w.shared.access_log {
+                    tracing::info!(target: "access", request_id = rid.as_str(), client = %peer.ip(), method, path, route = route.name.as_str(),
+                        status = r.status, error = r.reason, pointer = r.pointer.as_deref().unwrap_or(""), "request refused by validation");
+                }
+                if r.status == 499 {
+                    break;
+                }
+                if !refused.consumed {
+                    client.consume(head.head_len);
+                }
+                let keep = head.keep_alive && (refused.body_read || head.body_kind() == codec::BodyKind::Empty) && !w.draining.get();
+                out.clear();
+                ErrorBody { status: r.status, error_type: validation_type(r.status), message: &r.message, code: Some(r.reason), param: r.pointer.as_deref() }
+                    .write(&rid, !keep, &mut out);
+                if head.is_head {
+                    truncate_to_head(&mut out);
+                }
+                let (_, o) = client.write_all(std::mem::take(&mut out), w.shared.timeouts.send).await;
+                out = o;
+                if !keep {
+                    linger = true;
+                    break;
+                }
+                continue;
+            }
+        };
+        let buffered = match &verdict.admitted {
+            validate::Admitted::Answer(body) => {
+                // Answered here (GET /v1/models).
+                client.consume(head.head_len);
+                let keep = head.keep_alive && head.body_kind() == codec::BodyKind::Empty && !w.draining.get();
+                out.clear();
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {rid}\r\n{}\r\n",
+                    body.len(),
+                    if keep { "" } else { "connection: close\r\n" }
+                );
+                if !head.is_head {
+                    out.extend_from_slice(body);
+                }
+                let (_, o) = client.write_all(std::mem::take(&mut out), w.shared.timeouts.send).await;
+                out = o;
+                w.metrics.inc(&w.metrics.requests, &[&route.name, "200"], 1);
+                if !keep {
+                    break;
+                }
+                continue;
+            }
+            validate::Admitted::Buffered(b) => Some(b),
+            validate::Admitted::Stream => None,
+        };
+
+        // Stage 5: upstream.
+        let req = Request { head: &head, buffered, route, request_id: &rid, peer: peer.ip(), started };
         let x = upstream::forward(&mut client, &req, &w, &mut out).await;
         if !x.head_consumed {
             // Failed before anything was sent upstream (e.g. no backend reachable).
@@ -122,6 +190,10 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             }
             let (source, kind) = e.source_and_kind();
             w.metrics.inc(&w.metrics.request_errors, &[source, kind], 1);
+        }
+        if out.capacity() > 1 << 20 {
+            // A buffered body went through `out`: don't keep its memory per connection.
+            out = Vec::with_capacity(4096);
         }
         finish(&w, &method, &path, &rid, peer, route.name.as_str(), &route.cluster_name, status, started, &x);
         if !keep || w.draining.get() {
@@ -184,12 +256,17 @@ async fn respond_error(client: &mut Conn, w: &Worker, e: ProxyError, rid: &str, 
     out.clear();
     e.to_response(rid, close, out);
     if head_only {
-        if let Some(end) = memchr::memmem::find(out, b"\r\n\r\n") {
-            out.truncate(end + 4);
-        }
+        truncate_to_head(out);
     }
     let (_, o) = client.write_all(std::mem::take(out), w.shared.timeouts.send).await;
     *out = o;
+}
+
+/// Keep only the head of a response in `out` (answers to HEAD).
+fn truncate_to_head(out: &mut Vec<u8>) {
+    if let Some(end) = memchr::memmem::find(out, b"\r\n\r\n") {
+        out.truncate(end + 4);
+    }
 }
 
 /// Close after an error without destroying the answer: a close with unread

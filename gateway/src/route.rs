@@ -15,6 +15,8 @@ use crate::config::{Config, Timeouts};
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
+    /// Position in the config's `[[routes]]` (indexes per-route rules).
+    pub index: usize,
     /// Index into the worker's cluster list.
     pub cluster: usize,
     pub cluster_name: String,
@@ -67,6 +69,7 @@ impl Router {
             let total = rc.timeouts.total.unwrap_or(t.total);
             r.routes.push(Route {
                 name: rc.name.clone().unwrap_or_else(|| format!("route{i}")),
+                index: i,
                 cluster,
                 cluster_name: rc.cluster.clone(),
                 matcher,

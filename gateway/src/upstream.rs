@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 
 use crate::codec::{self, BodyKind, ChunkedDecoder, RequestHead, ResponseHead};
+use crate::config::Timeouts;
 use crate::error::{ClientError, ProxyError, UpstreamError};
 use crate::io::{Conn, ReadError, WriteError};
 use crate::route::Route;
@@ -189,6 +190,9 @@ pub struct Exchange {
 /// Everything the upstream stage needs to know about the request.
 pub struct Request<'a> {
     pub head: &'a RequestHead,
+    /// Read whole and checked by the validation stage (head and body are
+    /// then off the client buffer and `head`'s ranges index `buffered.head`).
+    pub buffered: Option<&'a crate::validate::Buffered>,
     pub route: &'a Route,
     pub request_id: &'a str,
     pub peer: IpAddr,
@@ -234,7 +238,11 @@ async fn exchange(
 ) -> Result<(), ProxyError> {
     let head = req.head;
     let route = req.route;
-    let body = head.body_kind();
+    // A buffered body is already off the client connection: nothing to stream.
+    let body = if req.buffered.is_some() { BodyKind::Empty } else { head.body_kind() };
+    if req.buffered.is_some() {
+        x.head_consumed = true;
+    }
     if let BodyKind::Length(n) = body {
         if n > route.max_request_body_bytes {
             return Err(ClientError::BodyTooLarge.into());
@@ -258,7 +266,12 @@ async fn exchange(
             sent_continue = true;
         }
         out.clear();
-        build_upstream_head(client.pending(), req, w.shared.trust_forwarded, up.addr, out);
+        if let Some(b) = req.buffered {
+            build_upstream_head(&b.head, req, w.shared.trust_forwarded, up.addr, Some(b.body.len() as u64), out);
+            out.extend_from_slice(&b.body);
+        } else {
+            build_upstream_head(client.pending(), req, w.shared.trust_forwarded, up.addr, None, out);
+        }
         // A small body that arrived with the head goes out in the same write.
         let mut with_head = 0usize;
         if let BodyKind::Length(n) = body {
@@ -287,7 +300,7 @@ async fn exchange(
             client.consume(head.head_len + with_head);
             x.head_consumed = true;
             x.req_bytes = with_head as u64;
-            let sent = send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts.client_body, timeouts.send, deadline, x);
+            let sent = send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts, deadline, x);
             match sent.await {
                 Ok(()) => x.request_body_done = true,
                 // The backend stopped reading mid-upload; it may have answered
@@ -500,11 +513,11 @@ async fn send_body(
     up: &mut Conn,
     kind: BodyKind,
     limit: u64,
-    body_timeout: Duration,
-    send_timeout: Duration,
+    t: &Timeouts,
     deadline: Option<Instant>,
     x: &mut Exchange,
 ) -> Result<(), ProxyError> {
+    let (body_timeout, send_timeout) = (t.client_body, t.send);
     let mut dec = ChunkedDecoder::new();
     let mut left = if let BodyKind::Length(n) = kind { n - x.req_bytes } else { 0 };
     if kind != BodyKind::Chunked && left == 0 {
@@ -558,7 +571,14 @@ async fn send_body(
 
 /// The request head as the backend sees it: hop-by-hop headers gone, framing
 /// normalised, forwarding headers and the request id added.
-fn build_upstream_head(buf: &[u8], req: &Request<'_>, trust_forwarded: bool, backend: SocketAddr, out: &mut Vec<u8>) {
+fn build_upstream_head(
+    buf: &[u8],
+    req: &Request<'_>,
+    trust_forwarded: bool,
+    backend: SocketAddr,
+    length: Option<u64>,
+    out: &mut Vec<u8>,
+) {
     let h = req.head;
     out.extend_from_slice(&buf[h.method.clone()]);
     out.push(b' ');
@@ -568,7 +588,8 @@ fn build_upstream_head(buf: &[u8], req: &Request<'_>, trust_forwarded: bool, bac
     if h.host.is_none() {
         let _ = write!(out, "host: {backend}\r\n");
     }
-    match h.body_kind() {
+    match length.map(BodyKind::Length).unwrap_or(h.body_kind()) {
+        BodyKind::Length(0) => out.extend_from_slice(b"content-length: 0\r\n"),
         BodyKind::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         BodyKind::Length(n) => {
             let _ = write!(out, "content-length: {n}\r\n");

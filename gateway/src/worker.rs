@@ -60,6 +60,8 @@ pub struct Shared {
     pub max_conns_per_worker: usize,
     pub trust_forwarded: bool,
     pub access_log: bool,
+    /// The validation stage's rules and the model catalogue.
+    pub rules: crate::validate::Rules,
 }
 
 impl Shared {
@@ -89,6 +91,7 @@ impl Shared {
             max_conns_per_worker: s.max_connections.div_ceil(workers).max(1),
             trust_forwarded: s.trust_forwarded_headers,
             access_log: r.config.log.access_log,
+            rules: crate::validate::Rules::new(r),
         }
     }
 }

@@ -1,0 +1,520 @@
+//! Stage 7 — validate: understand what is admitted before it reaches a GPU.
+//!
+//! Outcome of the stage: `Ok(Admitted)` → continue to the upstream stage
+//! (with the model and version resolved, and the body either already read
+//! and checked, or to be streamed with its checks applied on the way);
+//! `Err(Rejection)` → answer with its status (400, 404, 413, 415, 422) and
+//! the JSON error shape, which points at the offending field with a JSON
+//! pointer and never echoes payload content.
+
+pub mod kserve;
+pub mod magic;
+pub mod openai;
+
+use std::sync::Arc;
+
+use simd_json::BorrowedValue as Value;
+
+use crate::catalog::Catalog;
+use crate::codec::{BodyKind, ChunkedDecoder, RequestHead};
+use crate::config::{Protocol, Resolved, Timeouts};
+use crate::filter::FieldFilter;
+use crate::io::{Conn, ReadError};
+use crate::route::Route;
+
+/// Why a request was refused by validation. `reason` is the metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub reason: &'static str,
+    /// Safe to show: names the rule, never the payload.
+    pub message: String,
+    /// JSON pointer (RFC 6901) to the offending field, when there is one.
+    pub pointer: Option<String>,
+}
+
+impl Rejection {
+    pub fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Rejection {
+        Rejection { status, reason, message: message.into(), pointer: None }
+    }
+
+    /// 422: well-formed JSON that breaks a rule, at `pointer`.
+    pub fn at(pointer: impl Into<String>, reason: &'static str, message: impl Into<String>) -> Rejection {
+        Rejection { status: 422, reason, message: message.into(), pointer: Some(pointer.into()) }
+    }
+}
+
+/// Build a JSON pointer from path segments, escaping `~` and `/` (RFC 6901 §3).
+pub fn pointer<'a>(segments: impl IntoIterator<Item = Seg<'a>>) -> String {
+    let mut p = String::new();
+    for s in segments {
+        p.push('/');
+        match s {
+            Seg::Key(k) => {
+                for c in k.chars() {
+                    match c {
+                        '~' => p.push_str("~0"),
+                        '/' => p.push_str("~1"),
+                        c => p.push(c),
+                    }
+                }
+            }
+            Seg::Index(i) => p.push_str(&i.to_string()),
+        }
+    }
+    p
+}
+
+/// One step of a JSON pointer.
+#[derive(Debug, Clone, Copy)]
+pub enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Limits on the shape of any JSON body (nesting depth, total values).
+#[derive(Debug, Clone, Copy)]
+pub struct JsonLimits {
+    pub max_depth: usize,
+    pub max_elements: usize,
+}
+
+/// Parse once with simd-json (in place: `body` is rewritten) and enforce the
+/// shape limits. Malformed JSON or invalid UTF-8 → 400.
+pub fn parse<'b>(body: &'b mut [u8], limits: JsonLimits) -> Result<Value<'b>, Rejection> {
+    let v = simd_json::to_borrowed_value(body)
+        .map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON (RFC 8259, UTF-8)"))?;
+    let mut elements = 0usize;
+    check_shape(&v, 1, limits, &mut elements)?;
+    Ok(v)
+}
+
+fn check_shape(v: &Value<'_>, depth: usize, limits: JsonLimits, elements: &mut usize) -> Result<(), Rejection> {
+    *elements += 1;
+    if *elements > limits.max_elements {
+        return Err(Rejection::new(413, "json_too_many_elements", format!("the JSON body has more than {} values", limits.max_elements)));
+    }
+    if depth > limits.max_depth {
+        return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", limits.max_depth)));
+    }
+    match v {
+        Value::Array(a) => a.iter().try_for_each(|x| check_shape(x, depth + 1, limits, elements)),
+        Value::Object(o) => o.values().try_for_each(|x| check_shape(x, depth + 1, limits, elements)),
+        _ => Ok(()),
+    }
+}
+
+/// Nesting depth of a JSON text, scanned without building anything, so a
+/// deeply nested body is refused before a recursive DOM builder sees it.
+/// Returns false as soon as `max` is exceeded.
+pub fn depth_within(bytes: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string: to the next unescaped quote.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
+                        None => return true, // unterminated: the parser will refuse it
+                        Some(p) if bytes[i + p] == b'\\' => i += p + 2,
+                        Some(p) => {
+                            i += p;
+                            break;
+                        }
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The whole check of a JSON body for one kind of request. `body` is a
+/// scratch copy: simd-json parses in place.
+pub fn check_json<'c>(
+    kind: JsonKind<'_>,
+    body: &mut [u8],
+    rules: &'c Rules,
+    route_schema: Option<&jsonschema::Validator>,
+) -> Result<Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>, Rejection> {
+    if !depth_within(body, rules.json.max_depth) {
+        return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", rules.json.max_depth)));
+    }
+    let v = parse(body, rules.json)?;
+    let resolved = match kind {
+        JsonKind::OpenAi(ep, version_header) => Some(openai::check(ep, &v, &rules.catalog, version_header)?),
+        JsonKind::KserveInfer(name, version) => {
+            let req = match version {
+                Some(v) => crate::catalog::VersionReq::parse(v)
+                    .ok_or_else(|| Rejection::new(404, "version_not_found", "no deployed version of the model matches the request"))?,
+                None => crate::catalog::VersionReq::Latest,
+            };
+            let r = rules.catalog.resolve(name, &req).map_err(|u| Rejection::new(404, u.reason(), "the model or version does not exist or is not available"))?;
+            kserve::check_infer(&v)?;
+            Some(r)
+        }
+        JsonKind::Schema => None,
+    };
+    let model_schema = resolved.and_then(|(m, _)| m.schema.as_deref());
+    if model_schema.is_some() || route_schema.is_some() {
+        // jsonschema works on serde_json values: convert the parsed DOM (no re-parse).
+        let value = serde_json::to_value(&v).map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON"))?;
+        for s in [route_schema, model_schema].into_iter().flatten() {
+            if let Some(e) = s.iter_errors(&value).next() {
+                return Err(Rejection::at(e.instance_path.to_string(), "schema_violation", "the request does not match the schema for this model or route"));
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// What kind of JSON request a body is.
+#[derive(Debug, Clone, Copy)]
+pub enum JsonKind<'a> {
+    /// OpenAI endpoint, and the `x-model-version` header if any.
+    OpenAi(openai::Endpoint, Option<&'a str>),
+    /// KServe infer: model name and version from the path.
+    KserveInfer(&'a str, Option<&'a str>),
+    /// Passthrough route with a schema.
+    Schema,
+}
+
+/// A route's validation rules, built once from the config.
+pub struct RouteRules {
+    pub protocol: Protocol,
+    pub content_types: Option<Vec<String>>,
+    pub schema: Option<Arc<jsonschema::Validator>>,
+    pub drop_fields: Option<Arc<FieldFilter>>,
+}
+
+/// Everything the validation stage needs, shared read-only by the workers.
+pub struct Rules {
+    pub routes: Vec<RouteRules>,
+    pub catalog: Catalog,
+    pub json: JsonLimits,
+    pub max_json_body: u64,
+}
+
+impl Rules {
+    pub fn new(r: &Resolved) -> Rules {
+        let routes = r
+            .config
+            .routes
+            .iter()
+            .zip(&r.route_schemas)
+            .map(|(rc, schema)| RouteRules {
+                protocol: rc.protocol,
+                content_types: rc.content_types.as_ref().map(|l| l.iter().filter_map(|c| magic::media_type(c.as_bytes())).collect()),
+                schema: schema.clone(),
+                drop_fields: FieldFilter::new(&rc.response_drop_fields).ok().filter(|f| !f.is_empty()).map(Arc::new),
+            })
+            .collect();
+        let l = &r.config.limits;
+        Rules {
+            routes,
+            catalog: r.catalog.clone(),
+            json: JsonLimits { max_depth: l.json_max_depth, max_elements: l.json_max_elements },
+            max_json_body: l.max_json_body_bytes,
+        }
+    }
+}
+
+/// What the stage decided.
+pub enum Admitted {
+    /// Forward the body as it arrives (its checks, if any, are done).
+    Stream,
+    /// The body was read whole and checked: forward `head` and `body` as they are.
+    Buffered(Buffered),
+    /// Answered by the gateway itself (`GET /v1/models`): a JSON body.
+    Answer(Vec<u8>),
+}
+
+/// A request read whole: its head bytes (the `RequestHead` ranges index
+/// them) and its body.
+pub struct Buffered {
+    pub head: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+pub struct Verdict {
+    pub admitted: Admitted,
+    /// The resolved model and version, for later stages, the upstream and the log.
+    pub model: Option<(String, String)>,
+}
+
+/// The stage refused: answer with `rejection` unless its status is 499
+/// (client gone); close unless `body_read`.
+pub struct Refused {
+    pub rejection: Rejection,
+    /// The whole body was read (the connection can carry another request).
+    pub body_read: bool,
+    /// The head (and what was read of the body) is off the client buffer.
+    pub consumed: bool,
+    pub model: Option<String>,
+}
+
+impl From<Rejection> for Refused {
+    fn from(rejection: Rejection) -> Refused {
+        Refused { rejection, body_read: false, consumed: false, model: None }
+    }
+}
+
+const JSON_ONLY: [&str; 1] = ["application/json"];
+
+fn header<'b>(head: &RequestHead, buf: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
+    head.headers.iter().find(|h| buf[h.name.clone()].eq_ignore_ascii_case(name)).map(|h| &buf[h.value.clone()])
+}
+
+/// `/v2/models/{name}[/versions/{v}][/infer|/ready]`.
+fn kserve_path(path: &str) -> Option<(&str, Option<&str>, &str)> {
+    let rest = path.strip_prefix("/v2/models/")?;
+    let mut parts = rest.split('/');
+    let name = parts.next().filter(|n| !n.is_empty())?;
+    let mut version = None;
+    let mut action = "";
+    match parts.next() {
+        Some("versions") => {
+            version = Some(parts.next().filter(|v| !v.is_empty())?);
+            action = parts.next().unwrap_or("");
+        }
+        Some(a) => action = a,
+        None => {}
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((name, version, action))
+}
+
+/// Run the stage for one request. On `Buffered`, the head and body have been
+/// consumed from `client`; on `Stream` and `Answer`, nothing has.
+pub async fn admit(client: &mut Conn, head: &RequestHead, route: &Route, rules: &Rules, t: &Timeouts) -> Result<Verdict, Refused> {
+    let rr = &rules.routes[route.index];
+    let buf = client.pending();
+    let method = &buf[head.method.clone()];
+    let target = &buf[head.target.clone()];
+    let path = std::str::from_utf8(&target[..memchr::memchr(b'?', target).unwrap_or(target.len())])
+        .map_err(|_| Rejection::new(400, "invalid_path", "the request path is not UTF-8"))?;
+    let has_body = head.body_kind() != BodyKind::Empty;
+    let media = header(head, buf, b"content-type").and_then(magic::media_type);
+
+    let allowed: Option<&[String]> = rr.content_types.as_deref();
+    let json_protocol = matches!(rr.protocol, Protocol::Openai | Protocol::Kserve);
+    if has_body {
+        let ok = match (allowed, &media) {
+            (Some(list), Some(m)) => list.iter().any(|a| a == m),
+            (Some(_), None) => false,
+            (None, Some(m)) if json_protocol => JSON_ONLY.contains(&m.as_str()),
+            (None, None) if json_protocol => false,
+            (None, _) => true,
+        };
+        if !ok {
+            return Err(Rejection::new(415, "unsupported_media_type", "this route does not accept the request's Content-Type").into());
+        }
+    }
+
+    let version_header = header(head, buf, b"x-model-version").and_then(|v| std::str::from_utf8(v).ok());
+    let kind = match rr.protocol {
+        Protocol::Openai => match openai::endpoint(method, path.as_bytes()) {
+            openai::Endpoint::Models => return Ok(Verdict { admitted: Admitted::Answer(openai::models_list(&rules.catalog)), model: None }),
+            openai::Endpoint::Other => None,
+            ep => Some(JsonKind::OpenAi(ep, version_header)),
+        },
+        Protocol::Kserve => match kserve_path(path) {
+            Some((name, version, "infer")) if method == b"POST" => Some(JsonKind::KserveInfer(name, version)),
+            Some((name, version, "" | "ready")) => {
+                // Metadata and readiness: only for models the catalogue has.
+                let req = version.map_or(Some(crate::catalog::VersionReq::Latest), crate::catalog::VersionReq::parse);
+                let r = req
+                    .ok_or(crate::catalog::Unresolved::BadVersion)
+                    .and_then(|req| rules.catalog.resolve(name, &req))
+                    .map_err(|u| Rejection::new(404, u.reason(), "the model or version does not exist or is not available"))?;
+                return Ok(Verdict { admitted: Admitted::Stream, model: Some((r.0.name.clone(), r.1.to_string())) });
+            }
+            _ => None,
+        },
+        Protocol::Passthrough => {
+            let is_json = media.as_deref().is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+            (rr.schema.is_some() && has_body && is_json).then_some(JsonKind::Schema)
+        }
+    };
+
+    let Some(kind) = kind else {
+        // Streamed: check what can be checked from the first bytes.
+        if let (true, Some(m)) = (has_body, media.as_deref()) {
+            if magic::check(m, b"") != magic::Magic::NotChecked {
+                check_magic(client, head, m, t).await?;
+            }
+        }
+        return Ok(Verdict { admitted: Admitted::Stream, model: None });
+    };
+
+    // Owned copies: the kind borrows the client buffer, which reading the body reuses.
+    let kind_owned = OwnedKind::from(kind);
+    let limit = route.max_request_body_bytes.min(rules.max_json_body);
+    let buffered = read_whole(client, head, limit, t).await.map_err(|r| Refused { consumed: true, ..r })?;
+    let mut scratch = buffered.body.clone();
+    let checked = check_json(kind_owned.as_kind(), &mut scratch, rules, rr.schema.as_deref());
+    match checked {
+        Ok(resolved) => Ok(Verdict {
+            admitted: Admitted::Buffered(buffered),
+            model: resolved.map(|(m, v)| (m.name.clone(), v.to_string())),
+        }),
+        Err(rejection) => Err(Refused { rejection, body_read: true, consumed: true, model: kind_owned.model_name() }),
+    }
+}
+
+/// `JsonKind` without borrows, kept across reading the body.
+enum OwnedKind {
+    OpenAi(openai::Endpoint, Option<String>),
+    KserveInfer(String, Option<String>),
+    Schema,
+}
+
+impl OwnedKind {
+    fn from(k: JsonKind<'_>) -> OwnedKind {
+        match k {
+            JsonKind::OpenAi(ep, v) => OwnedKind::OpenAi(ep, v.map(str::to_string)),
+            JsonKind::KserveInfer(n, v) => OwnedKind::KserveInfer(n.to_string(), v.map(str::to_string)),
+            JsonKind::Schema => OwnedKind::Schema,
+        }
+    }
+
+    fn as_kind(&self) -> JsonKind<'_> {
+        match self {
+            OwnedKind::OpenAi(ep, v) => JsonKind::OpenAi(*ep, v.as_deref()),
+            OwnedKind::KserveInfer(n, v) => JsonKind::KserveInfer(n, v.as_deref()),
+            OwnedKind::Schema => JsonKind::Schema,
+        }
+    }
+
+    fn model_name(&self) -> Option<String> {
+        match self {
+            OwnedKind::KserveInfer(n, _) => Some(n.clone()),
+            _ => None,
+        }
+    }
+}
+
+async fn continue_if_expected(client: &mut Conn, head: &RequestHead, t: &Timeouts) -> Result<(), Refused> {
+    if head.expect_continue {
+        let (r, _) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), t.send).await;
+        r.map_err(|_| Rejection::new(499, "client_closed", "the client went away"))?;
+    }
+    Ok(())
+}
+
+fn read_failed(e: ReadError) -> Refused {
+    match e {
+        ReadError::Timeout => Rejection::new(408, "body_timeout", "the request body was not received in time").into(),
+        _ => Rejection::new(499, "client_closed", "the client went away").into(),
+    }
+}
+
+/// Read a whole body (bounded by `limit`) and take the request off the client buffer.
+async fn read_whole(client: &mut Conn, head: &RequestHead, limit: u64, t: &Timeouts) -> Result<Buffered, Refused> {
+    let too_large = || Refused::from(Rejection::new(413, "body_too_large", "the request body is larger than this route accepts"));
+    if let BodyKind::Length(n) = head.body_kind() {
+        if n > limit {
+            return Err(too_large());
+        }
+    }
+    continue_if_expected(client, head, t).await?;
+    let head_bytes = client.pending()[..head.head_len].to_vec();
+    client.consume(head.head_len);
+    let mut body = Vec::new();
+    match head.body_kind() {
+        BodyKind::Length(n) => {
+            body.reserve_exact(n as usize);
+            while (body.len() as u64) < n {
+                if client.pending().is_empty() {
+                    match client.fill_timeout(t.client_body).await {
+                        Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+                        Ok(_) => {}
+                        Err(e) => return Err(read_failed(e)),
+                    }
+                }
+                let k = ((n - body.len() as u64) as usize).min(client.pending().len());
+                body.extend_from_slice(&client.pending()[..k]);
+                client.consume(k);
+            }
+        }
+        BodyKind::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            loop {
+                let p = client.pending();
+                let used = dec
+                    .feed(p, |r| body.extend_from_slice(&p[r]))
+                    .map_err(|_| Refused::from(Rejection::new(400, "invalid_chunked_body", "invalid chunked encoding")))?;
+                client.consume(used);
+                if body.len() as u64 > limit {
+                    return Err(too_large());
+                }
+                if dec.is_done() {
+                    break;
+                }
+                match client.fill_timeout(t.client_body).await {
+                    Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+                    Ok(_) => {}
+                    Err(e) => return Err(read_failed(e)),
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(Buffered { head: head_bytes, body })
+}
+
+/// Wait (bounded) for the first bytes of a streamed body and check them
+/// against the declared media type's signature. Nothing is consumed.
+async fn check_magic(client: &mut Conn, head: &RequestHead, media: &str, t: &Timeouts) -> Result<(), Refused> {
+    continue_if_expected(client, head, t).await?;
+    loop {
+        let after = &client.pending()[head.head_len..];
+        let (first, complete) = match head.body_kind() {
+            BodyKind::Length(n) => {
+                let k = (n as usize).min(after.len()).min(magic::MAX_MAGIC);
+                (after[..k].to_vec(), k as u64 == n.min(magic::MAX_MAGIC as u64))
+            }
+            _ => {
+                let mut dec = ChunkedDecoder::new();
+                let mut first = Vec::new();
+                let _ = dec.feed(after, |r| {
+                    let room = magic::MAX_MAGIC.saturating_sub(first.len());
+                    first.extend_from_slice(&after[r.start..r.end.min(r.start + room)]);
+                });
+                let complete = dec.is_done() || first.len() >= magic::MAX_MAGIC;
+                (first, complete)
+            }
+        };
+        match magic::check(media, &first) {
+            magic::Magic::Match | magic::Magic::NotChecked => return Ok(()),
+            magic::Magic::Mismatch => {
+                return Err(Rejection::new(415, "content_mismatch", "the body does not match its declared Content-Type").into())
+            }
+            magic::Magic::NeedMore if complete => {
+                return Err(Rejection::new(415, "content_mismatch", "the body does not match its declared Content-Type").into())
+            }
+            magic::Magic::NeedMore => {}
+        }
+        if client.is_full() {
+            return Ok(());
+        }
+        match client.fill_timeout(t.client_body).await {
+            Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+            Ok(_) => {}
+            Err(e) => return Err(read_failed(e)),
+        }
+    }
+}
