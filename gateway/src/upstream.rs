@@ -32,6 +32,11 @@ pub struct Cluster {
 /// After the backend stopped reading an upload: how long to wait for its early answer.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
+/// Largest JSON response read whole to drop fields from (larger ones pass untouched).
+const MAX_FILTERED_BODY: u64 = 16 * 1024 * 1024;
+/// Largest SSE event rewritten (larger ones pass untouched).
+const MAX_FILTERED_EVENT: usize = 1024 * 1024;
+
 /// Largest body copied into the head's write (one syscall instead of two).
 const COALESCE_MAX: usize = 16 * 1024;
 
@@ -368,14 +373,42 @@ async fn exchange(
     x.client_keep_alive = !client_close;
     x.status = resp.status;
 
+    // Response field filtering (route `response_drop_fields`): a JSON body is
+    // read whole (up to MAX_FILTERED_BODY) and rewritten; an SSE stream is
+    // rewritten event by event; anything else passes untouched.
+    let filter = w.shared.rules.routes[route.index].drop_fields.clone();
+    let media = filter.as_ref().and_then(|_| {
+        let ub = up.conn.pending();
+        resp.headers
+            .iter()
+            .find(|h| ub[h.name.clone()].eq_ignore_ascii_case(b"content-type"))
+            .and_then(|h| crate::validate::magic::media_type(&ub[h.value.clone()]))
+    });
+    let mut replaced: Option<Vec<u8>> = None;
+    let mut head_copy: Option<Vec<u8>> = None;
+    if let (Some(f), Some("application/json"), BodyKind::Length(n)) = (&filter, media.as_deref(), up_body) {
+        if n <= MAX_FILTERED_BODY {
+            // The head's ranges index the buffer that reading the body reuses.
+            head_copy = Some(up.conn.pending()[..resp.head_len].to_vec());
+            let whole = read_exact_body(&mut up.conn, resp.head_len, n, client.raw_fd(), route.response_timeout, deadline).await?;
+            replaced = Some(f.apply_json(&whole).unwrap_or(whole));
+        }
+    }
+    let mut sse = match (&filter, media.as_deref(), up_body) {
+        (Some(f), Some("text/event-stream"), BodyKind::Chunked | BodyKind::UntilClose) => Some(crate::filter::SseFilter::new(f.clone(), MAX_FILTERED_EVENT)),
+        _ => None,
+    };
+    let mut sse_out = Vec::new();
+
     out.clear();
     {
-        let ub = up.conn.pending();
+        let ub: &[u8] = head_copy.as_deref().unwrap_or(up.conn.pending());
         let _ = write!(out, "HTTP/1.1 {} ", resp.status);
         out.extend_from_slice(&ub[resp.reason.clone()]);
         out.extend_from_slice(b"\r\n");
         codec::write_kept_headers(ub, &resp.headers, out);
-        match (up_body, resp.bodiless_length) {
+        let framing = replaced.as_ref().map_or(up_body, |b| BodyKind::Length(b.len() as u64));
+        match (framing, resp.bodiless_length) {
             (BodyKind::Length(n), _) | (BodyKind::Empty, Some(n)) => {
                 let _ = write!(out, "content-length: {n}\r\n");
             }
@@ -392,7 +425,9 @@ async fn exchange(
         }
         out.extend_from_slice(b"\r\n");
     }
-    up.conn.consume(resp.head_len);
+    if replaced.is_none() {
+        up.conn.consume(resp.head_len);
+    }
 
     // Body: relay what is buffered, write, read more, until the framing says done.
     let mut remaining = if let BodyKind::Length(n) = up_body { n } else { 0 };
@@ -402,6 +437,13 @@ async fn exchange(
         let p = up.conn.pending();
         let used;
         match up_body {
+            _ if replaced.is_some() => {
+                let b = replaced.take().unwrap_or_default();
+                x.resp_bytes += b.len() as u64;
+                out.extend_from_slice(&b);
+                used = 0;
+                finished = true;
+            }
             BodyKind::Empty => {
                 used = 0;
                 finished = true;
@@ -412,6 +454,24 @@ async fn exchange(
                 remaining -= used as u64;
                 x.resp_bytes += used as u64;
                 finished = remaining == 0;
+            }
+            BodyKind::Chunked if sse.is_some() => {
+                let f = sse.as_mut().expect("checked");
+                let n = dec.feed(p, |r| f.feed(&p[r], &mut sse_out)).map_err(|_| UpstreamError::BadResponse);
+                used = abort_if_started(n, x)?;
+                finished = dec.is_done();
+                if finished {
+                    f.finish(&mut sse_out);
+                }
+                x.resp_bytes += sse_out.len() as u64;
+                emit(&mut sse_out, rechunk, finished, out);
+            }
+            BodyKind::UntilClose if sse.is_some() => {
+                used = p.len();
+                sse.as_mut().expect("checked").feed(p, &mut sse_out);
+                x.resp_bytes += sse_out.len() as u64;
+                emit(&mut sse_out, rechunk, false, out);
+                finished = false;
             }
             BodyKind::Chunked => {
                 let before = dec.data_total;
@@ -460,8 +520,12 @@ async fn exchange(
                 return Err(ClientError::ClientClosed.into());
             }
             Ok(0) if up_body == BodyKind::UntilClose => {
-                if rechunk {
-                    let (r, _) = client.write_all(b"0\r\n\r\n".to_vec(), timeouts.send).await;
+                if let Some(f) = sse.as_mut() {
+                    f.finish(&mut sse_out);
+                }
+                emit(&mut sse_out, rechunk, rechunk, out);
+                if !out.is_empty() {
+                    let (r, _) = client.write_all(std::mem::take(out), timeouts.send).await;
                     r.map_err(client_write)?;
                 }
                 break;
@@ -485,6 +549,58 @@ async fn exchange(
         }
     }
     Ok(())
+}
+
+/// Rewritten SSE bytes → the client's framing: one chunk (and the last
+/// chunk when `last`) for HTTP/1.1, raw for HTTP/1.0.
+fn emit(sse_out: &mut Vec<u8>, rechunk: bool, last: bool, out: &mut Vec<u8>) {
+    if rechunk {
+        if !sse_out.is_empty() {
+            codec::encode_chunk(sse_out, out);
+        }
+        if last {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    } else {
+        out.extend_from_slice(sse_out);
+    }
+    sse_out.clear();
+}
+
+/// Read a whole `Length` response body that starts `skip` bytes into the
+/// buffer (its head is still there) and consume head and body.
+async fn read_exact_body(
+    up: &mut Conn,
+    skip: usize,
+    n: u64,
+    client_fd: std::os::fd::RawFd,
+    response_timeout: Duration,
+    deadline: Option<Instant>,
+) -> Result<Vec<u8>, ProxyError> {
+    let mut body = Vec::with_capacity(n as usize);
+    let mut skip = skip;
+    while (body.len() as u64) < n {
+        let p = &up.pending()[skip..];
+        let k = ((n - body.len() as u64) as usize).min(p.len());
+        body.extend_from_slice(&p[..k]);
+        up.consume(skip + k);
+        skip = 0;
+        if body.len() as u64 == n {
+            break;
+        }
+        let (wait, is_total) = wait_for(response_timeout, deadline);
+        match up.fill_watching(wait, client_fd).await {
+            Ok(0) => return Err(UpstreamError::Closed.into()),
+            Ok(_) => {}
+            Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
+            Err(ReadError::Timeout) => return Err(if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout }.into()),
+            Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
+        }
+    }
+    if skip > 0 {
+        up.consume(skip);
+    }
+    Ok(body)
 }
 
 /// A failed write to the client: it went away, or stopped reading.

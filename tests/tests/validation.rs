@@ -61,6 +61,13 @@ protocol = "kserve"
 cluster = "gpu"
 
 [[routes]]
+name = "filtered"
+host = "filtered.test"
+path_prefix = "/"
+response_drop_fields = ["/headers", "/id", "/choices/0/delta/role"]
+cluster = "gpu"
+
+[[routes]]
 name = "images"
 path_prefix = "/upload/"
 content_types = ["image/png", "image/jpeg"]
@@ -222,7 +229,35 @@ macro_rules! on_both {
         }
     )*};
 }
-on_both!(openai_requests, kserve_requests, binary_uploads);
+fn response_fields_are_dropped(d: Driver) {
+    let (_b, g) = start(d);
+    let mut c = Client::connect(g.addr);
+    // A JSON response: rewritten with a new length, the rest intact.
+    c.send(b"GET /some/path HTTP/1.1\r\nHost: filtered.test\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert!(v.get("headers").is_none(), "{v}");
+    assert_eq!(v["path"], "/some/path");
+    assert_eq!(r.header("content-length").unwrap(), r.body.len().to_string());
+    // An SSE stream: each JSON event rewritten, [DONE] and framing intact,
+    // and the connection still usable afterwards.
+    let body = br#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    c.send(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: filtered.test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+    c.send(body);
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    assert!(r.chunked);
+    let text = r.text();
+    assert_eq!(text.matches("data: ").count(), 7, "{text}");
+    assert!(!text.contains("chatcmpl-demo"), "dropped field still there: {text}");
+    assert!(text.contains("\"content\":\"Hello\""), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    c.send(b"GET /after HTTP/1.1\r\nHost: filtered.test\r\n\r\n");
+    assert_eq!(c.read_response().json()["path"], "/after");
+}
+
+on_both!(openai_requests, kserve_requests, binary_uploads, response_fields_are_dropped);
 
 mod property {
     use super::*;
