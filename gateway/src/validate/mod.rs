@@ -152,8 +152,19 @@ pub fn check_json<'c>(
         return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", rules.json.max_depth)));
     }
     let v = parse(body, rules.json)?;
+    check_parsed(kind, &v, rules, route_schema)
+}
+
+/// The checks after parsing (also used by the benchmark to compare parsers
+/// on identical validation).
+pub fn check_parsed<'c>(
+    kind: JsonKind<'_>,
+    v: &Value<'_>,
+    rules: &'c Rules,
+    route_schema: Option<&jsonschema::Validator>,
+) -> Result<Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>, Rejection> {
     let resolved = match kind {
-        JsonKind::OpenAi(ep, version_header) => Some(openai::check(ep, &v, &rules.catalog, version_header)?),
+        JsonKind::OpenAi(ep, version_header) => Some(openai::check(ep, v, &rules.catalog, version_header)?),
         JsonKind::KserveInfer(name, version) => {
             let req = match version {
                 Some(v) => crate::catalog::VersionReq::parse(v)
@@ -161,7 +172,7 @@ pub fn check_json<'c>(
                 None => crate::catalog::VersionReq::Latest,
             };
             let r = rules.catalog.resolve(name, &req).map_err(|u| Rejection::new(404, u.reason(), "the model or version does not exist or is not available"))?;
-            kserve::check_infer(&v)?;
+            kserve::check_infer(v)?;
             Some(r)
         }
         JsonKind::Schema => None,
@@ -169,7 +180,7 @@ pub fn check_json<'c>(
     let model_schema = resolved.and_then(|(m, _)| m.schema.as_deref());
     if model_schema.is_some() || route_schema.is_some() {
         // jsonschema works on serde_json values: convert the parsed DOM (no re-parse).
-        let value = serde_json::to_value(&v).map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON"))?;
+        let value = serde_json::to_value(v).map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON"))?;
         for s in [route_schema, model_schema].into_iter().flatten() {
             if let Some(e) = s.iter_errors(&value).next() {
                 return Err(Rejection::at(e.instance_path.to_string(), "schema_violation", "the request does not match the schema for this model or route"));
