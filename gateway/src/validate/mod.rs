@@ -84,9 +84,14 @@ pub struct JsonLimits {
 pub fn parse<'b>(body: &'b mut [u8], limits: JsonLimits) -> Result<Value<'b>, Rejection> {
     let v = simd_json::to_borrowed_value(body)
         .map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON (RFC 8259, UTF-8)"))?;
-    let mut elements = 0usize;
-    check_shape(&v, 1, limits, &mut elements)?;
+    check_limits(&v, limits)?;
     Ok(v)
+}
+
+/// Depth and element-count limits on a parsed document.
+pub fn check_limits(v: &Value<'_>, limits: JsonLimits) -> Result<(), Rejection> {
+    let mut elements = 0usize;
+    check_shape(v, 1, limits, &mut elements)
 }
 
 fn check_shape(v: &Value<'_>, depth: usize, limits: JsonLimits, elements: &mut usize) -> Result<(), Rejection> {
