@@ -195,7 +195,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             // A buffered body went through `out`: don't keep its memory per connection.
             out = Vec::with_capacity(4096);
         }
-        finish(&w, &method, &path, &rid, peer, route.name.as_str(), &route.cluster_name, status, started, &x);
+        let model = verdict.model.as_ref().map(|(m, v)| (m.as_str(), v.as_str()));
+        finish(&w, &method, &path, &rid, peer, (route.name.as_str(), &route.cluster_name), model, status, started, &x);
         if !keep || w.draining.get() {
             break;
         }
@@ -315,8 +316,8 @@ fn finish(
     path: &str,
     rid: &str,
     peer: SocketAddr,
-    route: &str,
-    cluster: &str,
+    (route, cluster): (&str, &str),
+    model: Option<(&str, &str)>,
     status: u16,
     started: Instant,
     x: &Exchange,
@@ -336,6 +337,8 @@ fn finish(
             client = %peer.ip(),
             route,
             cluster,
+            model = model.map(|m| m.0).unwrap_or(""),
+            model_version = model.map(|m| m.1).unwrap_or(""),
             upstream = x.backend.map(|b| b.to_string()).unwrap_or_default(),
             status,
             error = x.error.map(|e| e.source_and_kind().1).unwrap_or(""),
