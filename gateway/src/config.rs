@@ -816,6 +816,23 @@ mod tests {
     }
 
     #[test]
+    fn catalogue_and_protocol_rules() {
+        let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n\n[[routes]]\nprotocol = \"openai\"\ncluster = \"a\"\n";
+        let e = Config::parse(text, "x").unwrap().validate(text, "x").unwrap_err();
+        assert_eq!(e.0[0].key, "routes[0].protocol", "{e}");
+        let text = format!("{text}\n[[models]]\nname = \"m\"\nversions = [\"1.x\"]\n");
+        let e = Config::parse(&text, "x").unwrap().validate(&text, "x").unwrap_err();
+        assert_eq!(e.0[0].key, "models[0].versions[0]", "{e}");
+        assert_eq!(e.0[0].line, Some(10), "{e}");
+        let text = text.replace("1.x", "1.2");
+        let r = Config::parse(&text, "x").unwrap().validate(&text, "x").unwrap();
+        assert!(r.catalog.resolve("m", &crate::catalog::VersionReq::Latest).is_ok());
+        let bad_schema = format!("{text}schema = \"/nonexistent/schema.json\"\n");
+        let e = Config::parse(&bad_schema, "x").unwrap().validate(&bad_schema, "x").unwrap_err();
+        assert_eq!(e.0[0].key, "models[0].schema", "{e}");
+    }
+
+    #[test]
     fn bad_duration_and_workers_are_rejected() {
         assert!(Config::parse("[timeouts]\nclient_idle = \"ten\"\n", "x").is_err());
         assert!(Config::parse("[server]\nworkers = 0\n", "x").is_err());
