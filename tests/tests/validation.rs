@@ -71,6 +71,7 @@ cluster = "gpu"
 name = "images"
 path_prefix = "/upload/"
 content_types = ["image/png", "image/jpeg"]
+max_request_body_bytes = 1048576
 cluster = "gpu"
 "#,
         schema = schema.display()
@@ -210,7 +211,20 @@ fn binary_uploads(d: Driver) {
     assert_eq!(refusal(&r).2, "content_mismatch");
     let mut c = Client::connect(g.addr);
     assert_eq!(refusal(&post(&mut c, "/upload/img", "application/pdf", b"%PDF-1.7")).0, 415);
-    assert_eq!(b.requests(), 1);
+    // A chunked image over the route's limit: streamed, then cut off mid-stream.
+    let mut c = Client::connect(g.addr);
+    c.send(b"POST /upload/img HTTP/1.1\r\nHost: a\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n");
+    c.send(b"8\r\n\x89PNG\r\n\x1a\n\r\n");
+    let chunk = format!("10000\r\n{}\r\n", "z".repeat(0x10000));
+    for _ in 0..24 {
+        use std::io::Write;
+        if c.stream.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let r = c.read_response();
+    assert_eq!(r.status, 413);
+    assert_eq!(b.requests(), 1, "no over-limit body may reach the backend whole");
 }
 
 macro_rules! on_both {

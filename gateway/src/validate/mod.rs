@@ -534,3 +534,73 @@ async fn check_magic(client: &mut Conn, head: &RequestHead, media: &str, t: &Tim
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules_with_route_schema(schema: &str) -> (Rules, Arc<jsonschema::Validator>) {
+        let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n[[routes]]\ncluster = \"a\"\n";
+        let r = Resolved::from_str(text, "t").unwrap();
+        let v: serde_json::Value = serde_json::from_str(schema).unwrap();
+        (Rules::new(&r), Arc::new(jsonschema::validator_for(&v).unwrap()))
+    }
+
+    #[test]
+    fn schema_table() {
+        let (rules, schema) = rules_with_route_schema(
+            r#"{"type":"object","required":["task","inputs"],"properties":{
+                "task":{"enum":["classify","embed"]},
+                "priority":{"type":"integer","minimum":0,"maximum":9},
+                "inputs":{"type":"array","minItems":1,"items":{"type":"array","items":{"type":"number"}}},
+                "tag":{"type":"string","maxLength":8}}}"#,
+        );
+        let cases: &[(&str, Option<&str>)] = &[
+            (r#"{"task":"embed","inputs":[[1,2],[3.5]]}"#, None),
+            (r#"{"task":"embed","inputs":[[1,2]],"priority":9,"tag":"abc"}"#, None),
+            (r#"{"inputs":[[1]]}"#, Some("")),
+            (r#"{"task":"train","inputs":[[1]]}"#, Some("/task")),
+            (r#"{"task":"embed","inputs":[]}"#, Some("/inputs")),
+            (r#"{"task":"embed","inputs":[[1,"x"]]}"#, Some("/inputs/0/1")),
+            (r#"{"task":"embed","inputs":[[1]],"priority":10}"#, Some("/priority")),
+            (r#"{"task":"embed","inputs":[[1]],"priority":1.5}"#, Some("/priority")),
+            (r#"{"task":"embed","inputs":[[1]],"tag":"far too long"}"#, Some("/tag")),
+            (r#"[1,2]"#, Some("")),
+        ];
+        for (body, want) in cases {
+            let mut b = body.as_bytes().to_vec();
+            let got = check_json(JsonKind::Schema, &mut b, &rules, Some(&schema));
+            match (got, want) {
+                (Ok(_), None) => {}
+                (Err(r), Some(p)) => {
+                    assert_eq!(r.status, 422, "{body}");
+                    assert_eq!(r.reason, "schema_violation");
+                    assert_eq!(r.pointer.as_deref(), Some(*p), "{body}");
+                    assert!(!r.message.contains("train") && !r.message.contains("far"), "payload echoed");
+                }
+                (got, want) => panic!("{body}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn depth_scan_ignores_brackets_in_strings() {
+        assert!(depth_within(br#"{"a":"[[[[[[[[[[","b":[1]}"#, 2));
+        assert!(!depth_within(b"[[[1]]]", 2));
+        assert!(depth_within(br#"["\"[[[[[[[["]"#, 1));
+        let deep = "[".repeat(100_000);
+        assert!(!depth_within(deep.as_bytes(), 64));
+        let mut b = deep.into_bytes();
+        let (rules, _) = rules_with_route_schema("{}");
+        assert_eq!(check_json(JsonKind::Schema, &mut b, &rules, None).unwrap_err().reason, "json_too_deep");
+    }
+
+    #[test]
+    fn element_limit() {
+        let limits = JsonLimits { max_depth: 8, max_elements: 10 };
+        let mut b = b"[1,2,3,4,5,6,7,8,9,10,11]".to_vec();
+        assert_eq!(parse(&mut b, limits).unwrap_err().reason, "json_too_many_elements");
+        let mut b = b"[1,2,3]".to_vec();
+        assert!(parse(&mut b, limits).is_ok());
+    }
+}
