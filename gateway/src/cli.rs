@@ -13,8 +13,9 @@ use crate::config::{self, Config, DriverChoice, LogFormat, Resolved, Workers, DE
     about = "Inference gateway: a thread-per-core io_uring reverse proxy in front of GPU model servers",
     long_about = "Inference gateway: a thread-per-core io_uring reverse proxy in front of GPU model servers \
 (vLLM, Triton, TGI, KServe). It terminates client HTTP/1.1 connections, rejects malformed or smuggling-prone \
-requests, routes by host, path and method to a cluster of backends, and streams request and response bodies \
-(SSE token streams included) in both directions with bounded memory.\n\n\
+requests, routes by host, path and method to a cluster of backends, checks OpenAI-compatible and KServe v2 \
+requests against a model catalogue (model, version, limits, tensor shapes, JSON Schemas), and streams request \
+and response bodies (SSE token streams included) in both directions with bounded memory.\n\n\
 Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.0.0.5:8000,10.0.0.6:8000\n\n\
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\
 Admin endpoints (default 127.0.0.1:9901): GET /metrics (Prometheus), GET /healthz, GET /readyz.\n\
