@@ -104,7 +104,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         };
 
         // Stage 4: validate.
-        let verdict = match validate::admit(&mut client, &head, route, &w.shared.rules, &w.shared.timeouts).await {
+        let verdict = match validate::admit(&mut client, &head, route, &w.shared.rules, &w.shared.timeouts, &w.json_scratch).await {
             Ok(v) => v,
             Err(refused) => {
                 let r = &refused.rejection;

@@ -114,6 +114,8 @@ pub struct Worker {
     pub wake: event_listener::Event,
     /// Woken when a drain starts (ends the accept loop).
     pub drain: event_listener::Event,
+    /// Reused memory for the validation stage's JSON parsing.
+    pub json_scratch: RefCell<crate::validate::Scratch>,
 }
 
 impl Worker {
@@ -134,6 +136,7 @@ impl Worker {
             next_conn: Cell::new(0),
             wake: event_listener::Event::new(),
             drain: event_listener::Event::new(),
+            json_scratch: RefCell::new(crate::validate::Scratch::default()),
             shared,
         }
     }

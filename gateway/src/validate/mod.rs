@@ -82,7 +82,13 @@ pub struct JsonLimits {
 /// Parse once with simd-json (in place: `body` is rewritten) and enforce the
 /// shape limits. Malformed JSON or invalid UTF-8 → 400.
 pub fn parse<'b>(body: &'b mut [u8], limits: JsonLimits) -> Result<Value<'b>, Rejection> {
-    let v = simd_json::to_borrowed_value(body)
+    parse_in(body, limits, &mut simd_json::Buffers::default())
+}
+
+/// `parse` with the parser's working buffers reused (per worker): no page
+/// faults for fresh multi-megabyte buffers on every tensor request.
+pub fn parse_in<'b>(body: &'b mut [u8], limits: JsonLimits, buffers: &mut simd_json::Buffers) -> Result<Value<'b>, Rejection> {
+    let v = simd_json::value::borrowed::to_value_with_buffers(body, buffers)
         .map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON (RFC 8259, UTF-8)"))?;
     check_limits(&v, limits)?;
     Ok(v)
@@ -153,10 +159,21 @@ pub fn check_json<'c>(
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
 ) -> Result<Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>, Rejection> {
+    check_json_in(kind, body, rules, route_schema, &mut simd_json::Buffers::default())
+}
+
+/// `check_json` reusing the parser's buffers.
+pub fn check_json_in<'c>(
+    kind: JsonKind<'_>,
+    body: &mut [u8],
+    rules: &'c Rules,
+    route_schema: Option<&jsonschema::Validator>,
+    buffers: &mut simd_json::Buffers,
+) -> Result<Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>, Rejection> {
     if !depth_within(body, rules.json.max_depth) {
         return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", rules.json.max_depth)));
     }
-    let v = parse(body, rules.json)?;
+    let v = parse_in(body, rules.json, buffers)?;
     check_parsed(kind, &v, rules, route_schema)
 }
 
@@ -315,7 +332,31 @@ fn kserve_path(path: &str) -> Option<(&str, Option<&str>, &str)> {
 
 /// Run the stage for one request. On `Buffered`, the head and body have been
 /// consumed from `client`; on `Stream` and `Answer`, nothing has.
-pub async fn admit(client: &mut Conn, head: &RequestHead, route: &Route, rules: &Rules, t: &Timeouts) -> Result<Verdict, Refused> {
+/// Per-worker reusable memory for parsing: the scratch copy of the body and simd-json's buffers.
+#[derive(Default)]
+pub struct Scratch {
+    pub bytes: Vec<u8>,
+    pub buffers: simd_json::Buffers,
+}
+
+impl Scratch {
+    /// Kept between requests (reusing it is what saves the page faults on
+    /// big tensors), but not beyond 64 MiB of body.
+    fn trim(&mut self) {
+        if self.bytes.capacity() > 64 << 20 {
+            *self = Scratch::default();
+        }
+    }
+}
+
+pub async fn admit(
+    client: &mut Conn,
+    head: &RequestHead,
+    route: &Route,
+    rules: &Rules,
+    t: &Timeouts,
+    scratch: &std::cell::RefCell<Scratch>,
+) -> Result<Verdict, Refused> {
     let rr = &rules.routes[route.index];
     let buf = client.pending();
     let method = &buf[head.method.clone()];
@@ -380,13 +421,19 @@ pub async fn admit(client: &mut Conn, head: &RequestHead, route: &Route, rules: 
     let kind_owned = OwnedKind::from(kind);
     let limit = route.max_request_body_bytes.min(rules.max_json_body);
     let buffered = read_whole(client, head, limit, t).await.map_err(|r| Refused { consumed: true, ..r })?;
-    let mut scratch = buffered.body.clone();
-    let checked = check_json(kind_owned.as_kind(), &mut scratch, rules, rr.schema.as_deref());
+    // simd-json parses in place: check a copy, forward the original bytes.
+    let checked = {
+        let mut sc = scratch.borrow_mut();
+        let Scratch { bytes, buffers } = &mut *sc;
+        bytes.clear();
+        bytes.extend_from_slice(&buffered.body);
+        let r = check_json_in(kind_owned.as_kind(), bytes, rules, rr.schema.as_deref(), buffers)
+            .map(|o| o.map(|(m, v)| (m.name.clone(), v.to_string())));
+        sc.trim();
+        r
+    };
     match checked {
-        Ok(resolved) => Ok(Verdict {
-            admitted: Admitted::Buffered(buffered),
-            model: resolved.map(|(m, v)| (m.name.clone(), v.to_string())),
-        }),
+        Ok(model) => Ok(Verdict { admitted: Admitted::Buffered(buffered), model }),
         Err(rejection) => Err(Refused { rejection, body_read: true, consumed: true, model: kind_owned.model_name() }),
     }
 }
