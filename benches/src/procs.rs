@@ -238,10 +238,25 @@ impl Drop for Server {
 
 /// One `GET path` with `Connection: close`: the status code, or why not.
 pub fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
+    request_status(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"))
+}
+
+/// One `POST path` of a JSON body with `Connection: close`: the status code, or why not.
+pub fn post_json_status(addr: SocketAddr, path: &str, body: &str) -> Result<u16> {
+    request_status(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn request_status(addr: SocketAddr, request: &str) -> Result<u16> {
     let timeout = Duration::from_millis(500);
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).and_then(|_| s.set_write_timeout(Some(timeout))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    s.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
     let mut buf = [0u8; 64];
     let mut n = 0;
     while n < 12 {

@@ -103,6 +103,79 @@ pub fn table(summaries: &[Summary]) -> String {
     t
 }
 
+/// What turning validation on costs: the validated gateway against the passthrough one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationCost {
+    /// Throughput lost, in % of the passthrough gateway's req/s (negative: it got faster).
+    pub throughput_pct: f64,
+    /// Extra proxy CPU per request, µs, and that in % of the passthrough's.
+    pub cpu_us_per_req: Option<f64>,
+    pub cpu_pct: Option<f64>,
+    /// Latency added at the median and the 99th percentile, ms.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// `None` unless both sides produced numbers.
+pub fn validation_cost(passthrough: &Summary, validated: &Summary) -> Option<ValidationCost> {
+    if passthrough.runs == 0 || validated.runs == 0 || passthrough.rps <= 0.0 {
+        return None;
+    }
+    let cpu = passthrough.cpu_us_per_req.zip(validated.cpu_us_per_req);
+    Some(ValidationCost {
+        throughput_pct: (1.0 - validated.rps / passthrough.rps) * 100.0,
+        cpu_us_per_req: cpu.map(|(p, v)| v - p),
+        cpu_pct: cpu.filter(|&(p, _)| p > 0.0).map(|(p, v)| (v / p - 1.0) * 100.0),
+        p50_ms: validated.p50_ms - passthrough.p50_ms,
+        p99_ms: validated.p99_ms - passthrough.p99_ms,
+    })
+}
+
+/// The `--validation` table: both gateways, then what validation costs.
+pub fn validation_table(summaries: &[Summary], cost: Option<&ValidationCost>) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<20} {:>10} {:>8} {:>8} {:>11} {:>7} {:>5}",
+        "target", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "errors", "runs"
+    );
+    for s in summaries {
+        let cpu = s.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}"));
+        let runs = if s.failed_runs > 0 { format!("{}/{}", s.runs, s.runs + s.failed_runs) } else { s.runs.to_string() };
+        let _ = writeln!(
+            t,
+            "{:<20} {:>10.0} {:>8.2} {:>8.2} {:>11} {:>7} {:>5}",
+            s.target, s.rps, s.p50_ms, s.p99_ms, cpu, s.errors, runs
+        );
+    }
+    match cost {
+        Some(c) => {
+            let _ = write!(t, "validation cost: {:.1} % of throughput", c.throughput_pct);
+            if let (Some(us), Some(pct)) = (c.cpu_us_per_req, c.cpu_pct) {
+                let _ = write!(t, ", {us:+.1} µs CPU/request ({pct:+.1} %)");
+            }
+            let _ = writeln!(t, ", p50 {:+.3} ms, p99 {:+.3} ms", c.p50_ms, c.p99_ms);
+        }
+        None => {
+            let _ = writeln!(t, "validation cost: - (a side produced no numbers)");
+        }
+    }
+    t
+}
+
+/// [`ValidationCost`] as JSON (`null` when there is none).
+pub fn validation_cost_json(cost: Option<&ValidationCost>) -> Value {
+    cost.map_or(Value::Null, |c| {
+        json!({
+            "throughput_pct": c.throughput_pct,
+            "cpu_us_per_req": c.cpu_us_per_req,
+            "cpu_pct": c.cpu_pct,
+            "p50_ms": c.p50_ms,
+            "p99_ms": c.p99_ms,
+        })
+    })
+}
+
 fn sample_json(s: &Sample) -> Value {
     match &s.outcome {
         Ok(m) => {
@@ -274,5 +347,27 @@ mod tests {
         assert_eq!(nice_ceiling(43_000.0), 50_000.0);
         assert_eq!(nice_ceiling(100.0), 100.0);
         assert_eq!(thousands(1_234_567.4), "1,234,567");
+    }
+
+    #[test]
+    fn validation_cost_is_relative_to_passthrough() {
+        let summary = |target, rps, cpu| Summary {
+            target,
+            runs: 1,
+            failed_runs: 0,
+            rps,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            cpu_us_per_req: Some(cpu),
+            errors: 0,
+            vs_gateway: None,
+        };
+        let (p, v) = (summary("gateway-passthrough", 40_000.0, 20.0), summary("gateway-validated", 36_000.0, 22.0));
+        let c = validation_cost(&p, &v).unwrap();
+        assert!((c.throughput_pct - 10.0).abs() < 1e-9);
+        assert!((c.cpu_us_per_req.unwrap() - 2.0).abs() < 1e-9);
+        assert!((c.cpu_pct.unwrap() - 10.0).abs() < 1e-9);
+        let table = validation_table(&[p, v], Some(&c));
+        assert!(table.contains("validation cost: 10.0 % of throughput, +2.0 µs CPU/request (+10.0 %)"), "{table}");
     }
 }

@@ -11,7 +11,8 @@ use crate::procs::{pinned, Server};
 use crate::Result;
 
 /// Loopback ports, all derived from one base (default 18000): backend = base,
-/// gateway = base+80, HAProxy = base+81, nginx = base+82, gateway admin = base+1901.
+/// gateway = base+80, HAProxy = base+81, nginx = base+82, gateway admin = base+1901;
+/// for `--validation`, the validating gateway = base+83, its admin = base+1902.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     pub base: u16,
@@ -36,8 +37,18 @@ impl Ports {
     pub fn gateway_admin(self) -> SocketAddr {
         self.at(1901)
     }
+    pub fn gateway_validated(self) -> SocketAddr {
+        self.at(83)
+    }
+    pub fn gateway_validated_admin(self) -> SocketAddr {
+        self.at(1902)
+    }
     pub fn all(self) -> [SocketAddr; 5] {
         [self.backend(), self.gateway(), self.haproxy(), self.nginx(), self.gateway_admin()]
+    }
+    /// The ports a `--validation` run uses.
+    pub fn validation(self) -> [SocketAddr; 5] {
+        [self.backend(), self.gateway(), self.gateway_admin(), self.gateway_validated(), self.gateway_validated_admin()]
     }
 }
 
@@ -184,4 +195,88 @@ pub fn start_gateway(tools: &Tools, place: Placement, run_dir: &Path) -> Result<
         .args(["--listen", &p.gateway().to_string(), "--upstream", &p.backend().to_string()])
         .args(["--workers", "1", "--admin", &p.gateway_admin().to_string(), "--no-access-log"]);
     Server::spawn("gateway", cmd, &dir.join("gateway.log"))
+}
+
+/// The model the load's requests name (`"model"` of [`crate::wrk::REQUEST_BODY`]).
+pub fn request_model() -> Result<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(crate::wrk::REQUEST_BODY).map_err(|e| format!("the wrk request body is not JSON: {e}"))?;
+    v["model"].as_str().map(str::to_string).ok_or_else(|| "the wrk request body names no model".into())
+}
+
+/// The validating gateway's config: what quick start (`--upstream`) builds —
+/// one cluster with the same pool settings, one catch-all route, one worker,
+/// no access log — except that the route is `protocol = "openai"` and the
+/// catalogue holds the model the load names. So every chat completion is
+/// read whole, parsed and checked before it is forwarded; nothing else differs.
+pub fn gateway_validated_config(ports: Ports, model: &str) -> String {
+    let (listen, admin, backend) = (ports.gateway_validated(), ports.gateway_validated_admin(), ports.backend());
+    format!(
+        "# Written by loadbench --validation; regenerated on every run.\n\
+         # The passthrough gateway runs `gateway run --upstream {backend} --workers 1 --no-access-log`;\n\
+         # this differs from it only in the route's protocol and the model catalogue.\n\
+         [server]\n\
+         listen = [\"{listen}\"]\n\
+         workers = 1\n\
+         \n\
+         [admin]\n\
+         listen = \"{admin}\"\n\
+         \n\
+         [log]\n\
+         access_log = false\n\
+         \n\
+         [clusters.default]\n\
+         backends = [\"{backend}\"]\n\
+         pool_max_idle = 64\n\
+         pool_idle_timeout = \"4s\"\n\
+         \n\
+         [[routes]]\n\
+         name = \"default\"\n\
+         path_prefix = \"/\"\n\
+         cluster = \"default\"\n\
+         protocol = \"openai\"\n\
+         \n\
+         [[models]]\n\
+         name = \"{model}\"\n"
+    )
+}
+
+/// The gateway with validation on ([`gateway_validated_config`], written to
+/// `run_dir/gateway-validated/gateway.toml`), one worker on the proxy CPU.
+pub fn start_gateway_validated(tools: &Tools, place: Placement, run_dir: &Path) -> Result<Server> {
+    let gateway = tools.gateway.as_deref().ok_or("gateway binary not found")?;
+    let dir = run_dir.join("gateway-validated");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let conf_path = dir.join("gateway.toml");
+    fs::write(&conf_path, gateway_validated_config(place.ports, &request_model()?))
+        .map_err(|e| format!("{}: {e}", conf_path.display()))?;
+    let mut cmd = pinned(place.proxy_cpu, tools.taskset.as_deref(), gateway);
+    cmd.arg("run").arg("--config").arg(&conf_path);
+    Server::spawn("gateway-validated", cmd, &dir.join("gateway.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_names_a_model() {
+        assert_eq!(request_model().unwrap(), "demo");
+    }
+
+    #[test]
+    fn validated_config_ports_stay_apart() {
+        let p = Ports { base: 18000 };
+        let mut all: Vec<SocketAddr> = p.all().into_iter().chain(p.validation()).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 7);
+        let text = gateway_validated_config(p, "demo");
+        // The gateway itself accepts it, with the route validating OpenAI requests.
+        let r = gateway::config::Resolved::from_str(&text, "gateway.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(r.config.routes[0].protocol, gateway::config::Protocol::Openai);
+        assert_eq!(r.config.models[0].name, "demo");
+        assert_eq!(r.listen, vec![p.gateway_validated()]);
+        assert_eq!(r.admin, p.gateway_validated_admin());
+    }
 }

@@ -21,8 +21,10 @@ commands:
   setup                 install missing system prerequisites (haproxy, nginx, wrk, curl) with apt-get
   test                  setup, release builds, the whole test suite, and compile the criterion benches
   run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
-  bench [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
-                        load benchmark: backend direct vs gateway vs HAProxy vs nginx (see target/bench/)
+  bench [--validation] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
+                        load benchmark: backend direct vs gateway vs HAProxy vs nginx (see target/bench/);
+                        --validation: the gateway as a plain proxy vs validating every chat completion
+                        (target/bench/validation.json)
 ";
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -256,6 +258,7 @@ fn wait_for_port(child: &mut KillOnDrop, addr: SocketAddr, limit: Duration) -> R
 // ---------------------------------------------------------------------------
 // bench
 
+/// Every argument (`--validation`, `--quick`, …) goes to loadbench as given.
 fn bench(args: &[String]) -> Result {
     setup()?;
     build_gateway()?;

@@ -7,6 +7,13 @@
 //! each round, with an unmeasured warm-up before each run; medians are
 //! reported. Results land in `target/bench/` (`results.json`, `throughput.svg`).
 //!
+//! With `--validation`, the same harness measures instead what the gateway's
+//! validation stage costs: the gateway as a plain proxy (`gateway-passthrough`,
+//! the configuration above) against the gateway validating every request
+//! (`gateway-validated`: an `openai` route and a model catalogue naming the
+//! model the load asks for), both in front of the same backend, same load;
+//! results in `target/bench/validation.json`.
+//!
 //! Usually run as `cargo xtask bench`, which builds the gateway first.
 
 use std::env;
@@ -24,14 +31,19 @@ use gateway_benches::Result;
 use serde_json::json;
 
 const USAGE: &str = "\
-usage: loadbench [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
+usage: loadbench [--validation] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
+
+  --validation       measure the validation stage instead: the gateway as a plain proxy vs the
+                     gateway checking every chat completion (openai route + model catalogue),
+                     same backend, same load, alternating rounds (target/bench/validation.json)
 
   --rounds N         rounds over all targets; medians are reported (default 3)
   --duration SECS    measured seconds per target per round (default 10)
   --connections C    wrk connections (default 64)
   --warmup SECS      unmeasured load before each measured run (default 2)
   --port-base P      loopback ports used: backend P, gateway P+80 (admin P+1901),
-                     HAProxy P+81, nginx P+82 (default 18000)
+                     HAProxy P+81, nginx P+82, validating gateway P+83 (admin P+1902)
+                     (default 18000)
   --quick            smoke test: 1 round of 3 s, 1 s warm-up
 
 env: GATEWAY_BIN (default <workspace>/target/release/gateway)
@@ -43,10 +55,12 @@ struct Settings {
     connections: u32,
     warmup: u64,
     port_base: u16,
+    /// `--validation`: passthrough gateway vs validating gateway.
+    validation: bool,
 }
 
 fn parse_args() -> Result<Option<Settings>> {
-    let mut s = Settings { rounds: 3, duration: 10, connections: 64, warmup: 2, port_base: 18000 };
+    let mut s = Settings { rounds: 3, duration: 10, connections: 64, warmup: 2, port_base: 18000, validation: false };
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -68,6 +82,7 @@ fn parse_args() -> Result<Option<Settings>> {
                     .filter(|p| (1024..=63_000).contains(p))
                     .ok_or("--port-base: 1024 to 63000")?
             }
+            "--validation" => s.validation = true,
             "--quick" => {
                 s.rounds = 1;
                 s.duration = 3;
@@ -165,7 +180,8 @@ fn run(s: &Settings) -> Result {
         }
     };
 
-    for a in ports.all() {
+    let used: Vec<SocketAddr> = if s.validation { ports.validation().to_vec() } else { ports.all().to_vec() };
+    for a in used {
         procs::ensure_port_free(a)?;
     }
 
@@ -179,24 +195,30 @@ fn run(s: &Settings) -> Result {
     let mut backend = targets::start_backend(&tools, place, &run_dir)?;
     backend.wait_ready(ports.backend(), "/", ready).map_err(|e| format!("backend: {e}"))?;
 
-    let mut list: Vec<Target> = vec![Target {
-        name: "direct",
-        addr: ports.backend(),
-        server: None,
-        with_children: false,
-        dead: None,
-    }];
+    let mut list: Vec<Target> = Vec::new();
+    if !s.validation {
+        list.push(Target { name: "direct", addr: ports.backend(), server: None, with_children: false, dead: None });
+    }
     let mut skipped: Vec<String> = Vec::new();
     type Start = fn(&Tools, Placement, &std::path::Path) -> Result<Server>;
-    let proxies: [(&'static str, SocketAddr, bool, bool, Start); 3] = [
-        ("gateway", ports.gateway(), tools.gateway.is_some(), false, targets::start_gateway),
-        ("haproxy", ports.haproxy(), tools.haproxy.is_some(), false, targets::start_haproxy),
-        ("nginx", ports.nginx(), true, true, targets::start_nginx_proxy),
-    ];
+    let proxies: Vec<(&'static str, SocketAddr, bool, bool, Start)> = if s.validation {
+        vec![
+            (PASSTHROUGH, ports.gateway(), tools.gateway.is_some(), false, targets::start_gateway),
+            (VALIDATED, ports.gateway_validated(), tools.gateway.is_some(), false, targets::start_gateway_validated),
+        ]
+    } else {
+        vec![
+            ("gateway", ports.gateway(), tools.gateway.is_some(), false, targets::start_gateway),
+            ("haproxy", ports.haproxy(), tools.haproxy.is_some(), false, targets::start_haproxy),
+            ("nginx", ports.nginx(), true, true, targets::start_nginx_proxy),
+        ]
+    };
     for (name, addr, present, with_children, start) in proxies {
         if !present {
             let why = match name {
-                "gateway" => format!("{} not found (build it: cargo build --release -p gateway)", gateway_bin.display()),
+                n if n.starts_with("gateway") => {
+                    format!("{} not found (build it: cargo build --release -p gateway)", gateway_bin.display())
+                }
                 _ => format!("{name} not found on PATH (cargo xtask setup)"),
             };
             println!("skipping {name}: {why}");
@@ -205,6 +227,9 @@ fn run(s: &Settings) -> Result {
         }
         let started = start(&tools, place, &run_dir).and_then(|mut srv| {
             srv.wait_ready(addr, "/", ready)?;
+            if name == VALIDATED {
+                check_validating(addr).map_err(|e| format!("{e}; {}", srv.log_tail(10)))?;
+            }
             Ok(srv)
         });
         match started {
@@ -218,6 +243,10 @@ fn run(s: &Settings) -> Result {
                 skipped.push(format!("{name}: failed to start: {e}"));
             }
         }
+    }
+
+    if s.validation && list.len() < 2 {
+        return Err(format!("--validation needs both gateways running: {}", skipped.join("; ")));
     }
 
     println!(
@@ -241,6 +270,7 @@ fn run(s: &Settings) -> Result {
     let started_at = SystemTime::now();
     let clock = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
+    let width = list.iter().map(|t| t.name.len()).max().unwrap_or(0).max(8);
     for round in 0..s.rounds {
         // Rotate the order so no target always runs first (or right after another).
         let n = list.len();
@@ -259,7 +289,7 @@ fn run(s: &Settings) -> Result {
             }
             match &outcome {
                 Ok(m) => println!(
-                    "round {}/{} {:<8} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {}  errors {} non-2xx {}",
+                    "round {}/{} {:<width$} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {}  errors {} non-2xx {}",
                     round + 1,
                     s.rounds,
                     t.name,
@@ -270,7 +300,7 @@ fn run(s: &Settings) -> Result {
                     m.wrk.socket_errors(),
                     m.wrk.non_2xx
                 ),
-                Err(e) => println!("round {}/{} {:<8} FAILED: {e}", round + 1, s.rounds, t.name),
+                Err(e) => println!("round {}/{} {:<width$} FAILED: {e}", round + 1, s.rounds, t.name),
             }
             samples.push(Sample { round: round + 1, target: t.name, outcome });
             if backend.exited().is_some() {
@@ -283,11 +313,12 @@ fn run(s: &Settings) -> Result {
     let summaries = report::summarize(&names, &samples);
     let versions = json!({
         "gateway": tools.gateway.as_deref().map(|g| procs::version_line(g, &["--version"])),
-        "haproxy": tools.haproxy.as_deref().map(|h| procs::version_line(h, &["-v"])),
+        "haproxy": tools.haproxy.as_deref().filter(|_| !s.validation).map(|h| procs::version_line(h, &["-v"])),
         "nginx": tools.nginx.as_deref().map(|n| procs::version_line(n, &["-v"])),
         "wrk": procs::version_line(&wrk_bin, &["-v"]),
     });
     let meta = json!({
+        "mode": if s.validation { "validation" } else { "proxies" },
         "timestamp": report::rfc3339_utc(started_at),
         "elapsed_s": clock.elapsed().as_secs_f64(),
         "machine": { "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()), "allowed_cpus": cpus },
@@ -302,6 +333,9 @@ fn run(s: &Settings) -> Result {
         "skipped": skipped,
         "dead": list.iter().filter_map(|t| t.dead.as_ref().map(|d| json!({"target": t.name, "why": d}))).collect::<Vec<_>>(),
     });
+    if s.validation {
+        return report_validation(meta, &samples, &summaries, &bench_dir, &run_dir, place.ports, &list, &skipped);
+    }
     let results = report::results_json(meta, &samples, &summaries);
     let json_path = bench_dir.join("results.json");
     let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
@@ -332,6 +366,73 @@ fn run(s: &Settings) -> Result {
     println!("logs:       {}", run_dir.display());
     Ok(())
     // `list` and `backend` drop here: every server is stopped.
+}
+
+/// The two gateways of a `--validation` run.
+const PASSTHROUGH: &str = "gateway-passthrough";
+const VALIDATED: &str = "gateway-validated";
+
+/// Before measuring it, make sure the validating gateway does validate: the
+/// load's request goes through (200), the same request for a model outside
+/// the catalogue is refused by the gateway itself (404).
+fn check_validating(addr: SocketAddr) -> Result {
+    let path = "/v1/chat/completions";
+    let body = gateway_benches::wrk::REQUEST_BODY;
+    let model = targets::request_model()?;
+    match procs::post_json_status(addr, path, body)? {
+        200 => {}
+        code => return Err(format!("the bench request was answered {code}, not 200: is `{model}` in the catalogue?")),
+    }
+    let unknown = body.replacen(&format!("\"{model}\""), "\"not-in-the-catalogue\"", 1);
+    match procs::post_json_status(addr, path, &unknown)? {
+        404 => Ok(()),
+        code => Err(format!("a request for an unknown model was answered {code}, not 404: validation is not on")),
+    }
+}
+
+/// `--validation`: the table, the cost of validation, `validation.json`.
+#[allow(clippy::too_many_arguments)]
+fn report_validation(
+    mut meta: serde_json::Value,
+    samples: &[Sample],
+    summaries: &[report::Summary],
+    bench_dir: &std::path::Path,
+    run_dir: &std::path::Path,
+    ports: Ports,
+    list: &[Target],
+    skipped: &[String],
+) -> Result {
+    let find = |name: &str| summaries.iter().find(|s| s.target == name);
+    let cost = find(PASSTHROUGH).zip(find(VALIDATED)).and_then(|(p, v)| report::validation_cost(p, v));
+    let model = targets::request_model()?;
+    meta["validated_config"] = json!(targets::gateway_validated_config(ports, &model));
+    meta["passthrough_command"] = json!(format!(
+        "gateway run --listen {} --upstream {} --workers 1 --admin {} --no-access-log",
+        ports.gateway(),
+        ports.backend(),
+        ports.gateway_admin()
+    ));
+    let mut results = report::results_json(meta, samples, summaries);
+    results["validation_cost"] = report::validation_cost_json(cost.as_ref());
+    let json_path = bench_dir.join("validation.json");
+    let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+    fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+
+    println!();
+    print!("{}", report::validation_table(summaries, cost.as_ref()));
+    println!();
+    for t in list {
+        if let Some(d) = &t.dead {
+            println!("{}: DIED during the run: {d}", t.name);
+        }
+    }
+    for sk in skipped {
+        println!("skipped {sk}");
+    }
+    println!("raw rounds: {}", json_path.display());
+    println!("config:     {}", run_dir.join("gateway-validated/gateway.toml").display());
+    println!("logs:       {}", run_dir.display());
+    Ok(())
 }
 
 /// Warm up, then measure one target: wrk's numbers and the proxy's CPU per request.
