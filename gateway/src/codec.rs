@@ -800,3 +800,77 @@ mod tests {
         assert_eq!(r.body_kind(), BodyKind::Empty);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any bytes: the parser answers (complete, partial or a typed error), never panics,
+        /// and a complete head's ranges stay inside it.
+        #[test]
+        fn request_parser_is_total(raw in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut h = RequestHead::default();
+            if let Ok(true) = parse_request(&raw, &Limits::default(), &mut h) {
+                prop_assert!(h.head_len <= raw.len());
+                for r in [&h.method, &h.target].into_iter().chain(h.headers.iter().flat_map(|x| [&x.name, &x.value])) {
+                    prop_assert!(r.end <= h.head_len);
+                }
+            }
+        }
+
+        /// Mutations of a valid request: still never a panic, and never both
+        /// framings accepted.
+        #[test]
+        fn mutated_requests(i in 0usize..80, b in any::<u8>()) {
+            let mut raw = b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc".to_vec();
+            let i = i % raw.len();
+            raw[i] = b;
+            let mut h = RequestHead::default();
+            if let Ok(true) = parse_request(&raw, &Limits::default(), &mut h) {
+                // Whatever got through has exactly one framing.
+                prop_assert!(matches!(h.body_kind(), BodyKind::Length(_) | BodyKind::Chunked | BodyKind::Empty));
+                let te = h.headers.iter().any(|x| raw[x.name.clone()].eq_ignore_ascii_case(b"transfer-encoding"));
+                let cl = h.headers.iter().any(|x| raw[x.name.clone()].eq_ignore_ascii_case(b"content-length"));
+                prop_assert!(!(te && cl), "both framings accepted: {:?}", String::from_utf8_lossy(&raw));
+            }
+        }
+
+        /// The chunked decoder gives the same answer however its input is split.
+        #[test]
+        fn chunked_split_invariance(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..6), split in 1usize..17) {
+            let mut body = Vec::new();
+            let mut payload = Vec::new();
+            for c in &chunks {
+                body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+                payload.extend_from_slice(c);
+            }
+            body.extend_from_slice(b"0\r\n\r\nNEXT");
+            let mut d = ChunkedDecoder::new();
+            let mut got = Vec::new();
+            let mut used = 0;
+            for piece in body.chunks(split) {
+                let n = d.feed(piece, |r| got.extend_from_slice(&piece[r])).unwrap();
+                used += n;
+                if d.is_done() { break; }
+            }
+            prop_assert!(d.is_done());
+            prop_assert_eq!(got, payload);
+            prop_assert_eq!(&body[used..], b"NEXT");
+        }
+
+        /// Arbitrary bytes into the chunked decoder: an error or progress, never a panic or overrun.
+        #[test]
+        fn chunked_decoder_is_total(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut d = ChunkedDecoder::new();
+            if let Ok(n) = d.feed(&raw, |r| assert!(r.end <= raw.len())) {
+                prop_assert!(n <= raw.len());
+            }
+        }
+    }
+}
