@@ -93,14 +93,14 @@ fn serde_path(kind: JsonKind<'_>, body: &[u8], rules: &Rules) -> Result<bool, Re
     let v: simd_json::BorrowedValue<'_> =
         serde_json::from_slice(body).map_err(|_| Rejection::new(400, "invalid_json", "not JSON"))?;
     check_limits(&v, rules.json)?;
-    Ok(check_parsed(kind, &v, rules, None)?.is_some())
+    Ok(check_parsed(kind, &v, rules, None)?.model.is_some())
 }
 
 /// The gateway's own path: copy into the scratch buffer, parse in place, check.
 fn simd_path(kind: JsonKind<'_>, body: &[u8], scratch: &mut Vec<u8>, rules: &Rules) -> Result<bool, Rejection> {
     scratch.clear();
     scratch.extend_from_slice(body);
-    Ok(check_json(kind, scratch, rules, None)?.is_some())
+    Ok(check_json(kind, scratch, rules, None)?.model.is_some())
 }
 
 /// The worker's path: scratch copy and simd-json's buffers both kept between bodies.
@@ -113,7 +113,7 @@ fn simd_reused_path(
 ) -> Result<bool, Rejection> {
     scratch.clear();
     scratch.extend_from_slice(body);
-    Ok(check_json_in(kind, scratch, rules, None, buffers)?.is_some())
+    Ok(check_json_in(kind, scratch, rules, None, buffers)?.model.is_some())
 }
 
 fn all_paths(g: &mut BenchmarkGroup<'_, WallTime>, kind: JsonKind<'_>, body: &[u8], rules: &Rules) {

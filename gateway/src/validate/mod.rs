@@ -158,7 +158,7 @@ pub fn check_json<'c>(
     body: &mut [u8],
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
-) -> Result<Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>, Rejection> {
+) -> Result<Checked<'c>, Rejection> {
     check_json_in(kind, body, rules, route_schema, &mut simd_json::Buffers::default())
 }
 
@@ -169,7 +169,7 @@ pub fn check_json_in<'c>(
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
     buffers: &mut simd_json::Buffers,
-) -> Result<Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>, Rejection> {
+) -> Result<Checked<'c>, Rejection> {
     if !depth_within(body, rules.json.max_depth) {
         return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", rules.json.max_depth)));
     }
@@ -184,9 +184,14 @@ pub fn check_parsed<'c>(
     v: &Value<'_>,
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
-) -> Result<Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>, Rejection> {
+) -> Result<Checked<'c>, Rejection> {
+    let mut facts = openai::Facts::default();
     let resolved = match kind {
-        JsonKind::OpenAi(ep, version_header) => Some(openai::check(ep, v, &rules.catalog, version_header)?),
+        JsonKind::OpenAi(ep, version_header) => {
+            let (m, ver, f) = openai::check(ep, v, &rules.catalog, version_header)?;
+            facts = f;
+            Some((m, ver))
+        }
         JsonKind::KserveInfer(name, version) => {
             let req = match version {
                 Some(v) => crate::catalog::VersionReq::parse(v)
@@ -209,7 +214,15 @@ pub fn check_parsed<'c>(
             }
         }
     }
-    Ok(resolved)
+    Ok(Checked { model: resolved, facts })
+}
+
+/// A body that passed: its model (when the protocol names one) and the facts
+/// later stages need.
+#[derive(Debug)]
+pub struct Checked<'c> {
+    pub model: Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>,
+    pub facts: openai::Facts,
 }
 
 /// What kind of JSON request a body is.
@@ -284,6 +297,8 @@ pub struct Verdict {
     pub admitted: Admitted,
     /// The resolved model and version, for later stages, the upstream and the log.
     pub model: Option<(String, String)>,
+    /// Output budget and prompt size (OpenAI requests), for quota and cost stages.
+    pub facts: openai::Facts,
 }
 
 /// The stage refused: answer with `rejection` unless its status is 499
@@ -384,7 +399,7 @@ pub async fn admit(
     let version_header = header(head, buf, b"x-model-version").and_then(|v| std::str::from_utf8(v).ok());
     let kind = match rr.protocol {
         Protocol::Openai => match openai::endpoint(method, path.as_bytes()) {
-            openai::Endpoint::Models => return Ok(Verdict { admitted: Admitted::Answer(openai::models_list(&rules.catalog)), model: None }),
+            openai::Endpoint::Models => return Ok(Verdict { admitted: Admitted::Answer(openai::models_list(&rules.catalog)), model: None, facts: Default::default() }),
             openai::Endpoint::Other => None,
             ep => Some(JsonKind::OpenAi(ep, version_header)),
         },
@@ -397,7 +412,7 @@ pub async fn admit(
                     .ok_or(crate::catalog::Unresolved::BadVersion)
                     .and_then(|req| rules.catalog.resolve(name, &req))
                     .map_err(|u| Rejection::new(404, u.reason(), "the model or version does not exist or is not available"))?;
-                return Ok(Verdict { admitted: Admitted::Stream, model: Some((r.0.name.clone(), r.1.to_string())) });
+                return Ok(Verdict { admitted: Admitted::Stream, model: Some((r.0.name.clone(), r.1.to_string())), facts: Default::default() });
             }
             _ => None,
         },
@@ -414,7 +429,7 @@ pub async fn admit(
                 check_magic(client, head, m, t).await?;
             }
         }
-        return Ok(Verdict { admitted: Admitted::Stream, model: None });
+        return Ok(Verdict { admitted: Admitted::Stream, model: None, facts: Default::default() });
     };
 
     // Owned copies: the kind borrows the client buffer, which reading the body reuses.
@@ -428,12 +443,12 @@ pub async fn admit(
         bytes.clear();
         bytes.extend_from_slice(&buffered.body);
         let r = check_json_in(kind_owned.as_kind(), bytes, rules, rr.schema.as_deref(), buffers)
-            .map(|o| o.map(|(m, v)| (m.name.clone(), v.to_string())));
+            .map(|c| (c.model.map(|(m, v)| (m.name.clone(), v.to_string())), c.facts));
         sc.trim();
         r
     };
     match checked {
-        Ok(model) => Ok(Verdict { admitted: Admitted::Buffered(buffered), model }),
+        Ok((model, facts)) => Ok(Verdict { admitted: Admitted::Buffered(buffered), model, facts }),
         Err(rejection) => Err(Refused { rejection, body_read: true, consumed: true, model: kind_owned.model_name() }),
     }
 }

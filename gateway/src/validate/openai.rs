@@ -37,7 +37,7 @@ pub fn check<'c>(
     body: &Value<'_>,
     catalog: &'c Catalog,
     version_header: Option<&str>,
-) -> Result<(&'c std::sync::Arc<Model>, &'c Version), Rejection> {
+) -> Result<(&'c std::sync::Arc<Model>, &'c Version, Facts), Rejection> {
     let Value::Object(obj) = body else {
         return Err(Rejection::at("", "not_an_object", "the body must be a JSON object"));
     };
@@ -102,7 +102,19 @@ pub fn check<'c>(
             ));
         }
     }
-    Ok((m, v))
+    let stream = obj.get("stream").and_then(|x| x.as_bool()).unwrap_or(false);
+    Ok((m, v, Facts { max_tokens: max_out, prompt_tokens, stream }))
+}
+
+/// What later stages (quotas, cost accounting) need from a request body,
+/// extracted during the one parse so nobody parses it again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The requested output budget (`max_tokens` / `max_completion_tokens`).
+    pub max_tokens: Option<u64>,
+    /// Prompt size, estimated at 4 bytes a token (token ids count one each).
+    pub prompt_tokens: u64,
+    pub stream: bool,
 }
 
 fn range(v: Option<&Value<'_>>, key: &str, (lo, hi): (f64, f64)) -> Result<(), Rejection> {
@@ -232,7 +244,7 @@ mod tests {
         let c = catalog();
         let mut b = body.as_bytes().to_vec();
         let v = simd_json::to_borrowed_value(&mut b).unwrap();
-        check(ep, &v, &c, None).map(|(m, v)| format!("{}@{}", m.name, v)).map_err(|r| (r.status, r.reason, r.pointer))
+        check(ep, &v, &c, None).map(|(m, v, _)| format!("{}@{}", m.name, v)).map_err(|r| (r.status, r.reason, r.pointer))
     }
 
     #[test]
@@ -267,6 +279,15 @@ mod tests {
         // 360 bytes ≈ 90 tokens + 20 output > 100.
         let long = format!(r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}],"max_tokens":20}}"#, "a".repeat(360));
         assert_eq!(run(Chat, &long), Err((422, "context_length_exceeded", Some("/messages".into()))));
+    }
+
+    #[test]
+    fn facts_for_later_stages() {
+        let c = catalog();
+        let mut b = br#"{"model":"llama","messages":[{"role":"user","content":"12345678"}],"max_tokens":7,"stream":true}"#.to_vec();
+        let v = simd_json::to_borrowed_value(&mut b).unwrap();
+        let (_, _, f) = check(Endpoint::Chat, &v, &c, None).unwrap();
+        assert_eq!(f, Facts { max_tokens: Some(7), prompt_tokens: 2, stream: true });
     }
 
     #[test]
