@@ -19,6 +19,7 @@ and response bodies (SSE token streams included) in both directions with bounded
 Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.0.0.5:8000,10.0.0.6:8000\n\n\
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\
 Admin endpoints (default 127.0.0.1:9901): GET /metrics (Prometheus), GET /healthz, GET /readyz.\n\
+SIGHUP: reload the config file (refused, with the errors logged, if it doesn't validate).\n\
 SIGTERM or SIGINT: stop accepting, drain in-flight requests for server.shutdown_grace, exit."
 )]
 pub struct Cli {
@@ -134,7 +135,23 @@ fn run(args: RunArgs) -> i32 {
     };
     let _guard = crate::telemetry::init(&resolved.config.log);
     tracing::info!(config = %name, "starting");
-    match crate::server::run(resolved) {
+    // SIGHUP re-reads the same file and re-applies the same command line.
+    let reload: Option<crate::server::Reloader> = args.config.clone().map(|path| {
+        let reload: crate::server::Reloader = Box::new(move || {
+            let (mut cfg, text) = Config::load(&path)?;
+            apply_overrides(&mut cfg, &args).map_err(|m| {
+                crate::config::ConfigErrors(vec![crate::config::ConfigError {
+                    file: "command line".into(),
+                    line: None,
+                    key: String::new(),
+                    message: m,
+                }])
+            })?;
+            cfg.validate(&text, &path.display().to_string())
+        });
+        reload
+    });
+    match crate::server::run(resolved, reload) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed to start");

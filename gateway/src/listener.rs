@@ -24,9 +24,9 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>) {
             return;
         }
         // Back-pressure: wait for a connection to close.
-        while w.active.get() >= w.shared.max_conns_per_worker && !w.draining.get() {
+        while w.active.get() >= w.current().shared.max_conns_per_worker && !w.draining.get() {
             let l = w.wake.listen();
-            if w.active.get() < w.shared.max_conns_per_worker || w.draining.get() {
+            if w.active.get() < w.current().shared.max_conns_per_worker || w.draining.get() {
                 break;
             }
             l.await;

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub runtime_driver: IntGaugeVec,
     pub workers: IntGauge,
     pub draining: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub config_generation: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -122,6 +124,11 @@ impl Metrics {
             ),
             workers: reg(&r, IntGauge::new("gateway_workers", "Worker threads running").unwrap()),
             draining: reg(&r, IntGauge::new("gateway_draining", "1 while shutting down and draining in-flight requests").unwrap()),
+            config_reloads: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_config_reloads_total", "Configuration reloads (SIGHUP), by result (ok, error)"), &["result"]).unwrap(),
+            ),
+            config_generation: reg(&r, IntGauge::new("gateway_config_generation", "Configuration in force: 0 at start, +1 per successful reload").unwrap()),
             registry: r,
         })
     }
@@ -148,11 +155,10 @@ pub struct WorkerMetrics {
     pub upstream_reused: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
     pub active_connections: IntGauge,
-    pub pool_idle: Vec<IntGauge>,
 }
 
 impl WorkerMetrics {
-    pub fn new(m: &Metrics, worker: usize, clusters: &[String]) -> WorkerMetrics {
+    pub fn new(m: &Metrics, worker: usize) -> WorkerMetrics {
         let w = worker.to_string();
         WorkerMetrics {
             requests: RefCell::new(m.requests.local()),
@@ -167,7 +173,6 @@ impl WorkerMetrics {
             upstream_reused: RefCell::new(m.upstream_reused.local()),
             connections_accepted: m.connections_accepted.local(),
             active_connections: m.active_connections.with_label_values(&[&w]),
-            pool_idle: clusters.iter().map(|c| m.pool_idle.with_label_values(&[&w, c])).collect(),
         }
     }
 

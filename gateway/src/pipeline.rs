@@ -27,7 +27,7 @@ use crate::metrics::status_label;
 use crate::upstream::{self, Exchange, Request};
 use crate::validate;
 use std::io::Write as _;
-use crate::worker::Worker;
+use crate::worker::{Current, Worker};
 
 /// What reading the next request produced.
 enum Next {
@@ -41,7 +41,7 @@ enum Next {
 /// Serve every request of one client connection, in order.
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>) {
     let _ = stream.set_nodelay(true);
-    let mut client = Conn::new(stream, w.shared.buffer_size);
+    let mut client = Conn::new(stream, w.current().shared.buffer_size);
     let conn_id = w.conn_id();
     let mut head = RequestHead::default();
     let mut out = Vec::with_capacity(4096);
@@ -50,15 +50,18 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
     // Closing after an error answer: linger so the answer is not lost to an RST.
     let mut linger = false;
     loop {
+        // The configuration this request runs under, start to end (a reload
+        // in between applies to the next request).
+        let cur = w.current();
         // Stage 2: http codec.
-        match read_head(&mut client, &mut head, &w, conn_id, first).await {
+        match read_head(&mut client, &mut head, &w, &cur, conn_id, first).await {
             Next::Request => {}
             Next::Close => break,
             Next::Reject(e) => {
                 w.new_request_id(&mut rid);
                 let e = ProxyError::Client(e);
-                respond_error(&mut client, &w, e, &rid, true, false, &mut out).await;
-                log_rejected(&w, &rid, peer, e);
+                respond_error(&mut client, &cur, e, &rid, true, false, &mut out).await;
+                log_rejected(&w, &cur, &rid, peer, e);
                 linger = true;
                 break;
             }
@@ -75,7 +78,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
 
         // Stage 3: route match.
         let buf = client.pending();
-        let route = w.shared.router.route(
+        let route = cur.shared.router.route(
             head.host.clone().map(|h| &buf[h]).unwrap_or_default(),
             &buf[head.target.clone()],
             &buf[head.method.clone()],
@@ -84,9 +87,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             let e = ProxyError::Client(ClientError::NoRoute);
             // The unread body would be taken for the next request: close unless there is none.
             let close = !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
-            log_rejected(&w, &rid, peer, e);
+            log_rejected(&w, &cur, &rid, peer, e);
             client.consume(head.head_len);
-            respond_error(&mut client, &w, e, &rid, close, head.is_head, &mut out).await;
+            respond_error(&mut client, &cur, e, &rid, close, head.is_head, &mut out).await;
             if close {
                 linger = true;
                 break;
@@ -95,7 +98,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         };
 
         // Captured for the access log before the head is consumed (path without query).
-        let (method, path) = if w.shared.access_log {
+        let (method, path) = if cur.shared.access_log {
             let target = &buf[head.target.clone()];
             let path = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
             (String::from_utf8_lossy(&buf[head.method.clone()]).into_owned(), String::from_utf8_lossy(path).into_owned())
@@ -104,14 +107,14 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         };
 
         // Stage 4: validate.
-        let verdict = match validate::admit(&mut client, &head, route, &w.shared.rules, &w.shared.timeouts, &w.json_scratch).await {
+        let verdict = match validate::admit(&mut client, &head, route, &cur.shared.rules, &cur.shared.timeouts, &w.json_scratch).await {
             Ok(v) => v,
             Err(refused) => {
                 let r = &refused.rejection;
                 let model = refused.model.as_deref().unwrap_or("");
                 w.metrics.inc(&w.metrics.validation_rejections, &[&route.name, model, r.reason], 1);
                 w.metrics.inc(&w.metrics.requests, &[&route.name, status_label(r.status)], 1);
-                if w.shared.access_log {
+                if cur.shared.access_log {
                     tracing::info!(target: "access", request_id = rid.as_str(), client = %peer.ip(), method, path, route = route.name.as_str(),
                         status = r.status, error = r.reason, pointer = r.pointer.as_deref().unwrap_or(""), "request refused by validation");
                 }
@@ -128,7 +131,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 if head.is_head {
                     truncate_to_head(&mut out);
                 }
-                let (_, o) = client.write_all(std::mem::take(&mut out), w.shared.timeouts.send).await;
+                let (_, o) = client.write_all(std::mem::take(&mut out), cur.shared.timeouts.send).await;
                 out = o;
                 if !keep {
                     linger = true;
@@ -152,7 +155,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 if !head.is_head {
                     out.extend_from_slice(body);
                 }
-                let (_, o) = client.write_all(std::mem::take(&mut out), w.shared.timeouts.send).await;
+                let (_, o) = client.write_all(std::mem::take(&mut out), cur.shared.timeouts.send).await;
                 out = o;
                 w.metrics.inc(&w.metrics.requests, &[&route.name, "200"], 1);
                 if !keep {
@@ -166,7 +169,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
 
         // Stage 5: upstream.
         let req = Request { head: &head, buffered, route, request_id: &rid, peer: peer.ip(), started };
-        let x = upstream::forward(&mut client, &req, &w, &mut out).await;
+        let x = upstream::forward(&mut client, &req, &w, &cur, &mut out).await;
         if !x.head_consumed {
             // Failed before anything was sent upstream (e.g. no backend reachable).
             client.consume(head.head_len);
@@ -180,7 +183,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 let body_consumed = x.request_body_done || head.body_kind() == codec::BodyKind::Empty;
                 keep = head.keep_alive && body_consumed && !e.must_close() && !w.draining.get();
                 status = e.status();
-                respond_error(&mut client, &w, e, &rid, !keep, head.is_head, &mut out).await;
+                respond_error(&mut client, &cur, e, &rid, !keep, head.is_head, &mut out).await;
                 linger = !keep;
             } else {
                 keep = false;
@@ -196,7 +199,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             out = Vec::with_capacity(4096);
         }
         let model = verdict.model.as_ref().map(|(m, v)| (m.as_str(), v.as_str()));
-        finish(&w, &method, &path, &rid, peer, (route.name.as_str(), &route.cluster_name), model, status, started, &x);
+        finish(&w, &cur, &method, &path, &rid, peer, (route.name.as_str(), &route.cluster_name), model, status, started, &x);
         if !keep || w.draining.get() {
             break;
         }
@@ -210,9 +213,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
 /// Read until one complete request head is buffered. The first byte of a
 /// request must come within the idle timeout (the header timeout for a new
 /// connection); the rest of the head within the header timeout.
-async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, conn_id: u64, first: bool) -> Next {
-    let limits = &w.shared.limits;
-    let t = &w.shared.timeouts;
+async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, cur: &Current, conn_id: u64, first: bool) -> Next {
+    let limits = &cur.shared.limits;
+    let t = &cur.shared.timeouts;
     let mut head_deadline: Option<Instant> = None;
     loop {
         if !client.pending().is_empty() {
@@ -253,13 +256,13 @@ async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, conn_i
 
 /// Answer with the JSON error shape (head only for HEAD requests: a body
 /// there would be read as the next response).
-async fn respond_error(client: &mut Conn, w: &Worker, e: ProxyError, rid: &str, close: bool, head_only: bool, out: &mut Vec<u8>) {
+async fn respond_error(client: &mut Conn, cur: &Current, e: ProxyError, rid: &str, close: bool, head_only: bool, out: &mut Vec<u8>) {
     out.clear();
     e.to_response(rid, close, out);
     if head_only {
         truncate_to_head(out);
     }
-    let (_, o) = client.write_all(std::mem::take(out), w.shared.timeouts.send).await;
+    let (_, o) = client.write_all(std::mem::take(out), cur.shared.timeouts.send).await;
     *out = o;
 }
 
@@ -299,12 +302,12 @@ async fn linger_close(client: &mut Conn) {
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_MAX_BYTES: usize = 1 << 20;
 
-fn log_rejected(w: &Worker, rid: &str, peer: SocketAddr, e: ProxyError) {
+fn log_rejected(w: &Worker, cur: &Current, rid: &str, peer: SocketAddr, e: ProxyError) {
     let (source, kind) = e.source_and_kind();
     // No route was chosen: counted under route="".
     w.metrics.inc(&w.metrics.requests, &["", status_label(e.status())], 1);
     w.metrics.inc(&w.metrics.request_errors, &[source, kind], 1);
-    if w.shared.access_log {
+    if cur.shared.access_log {
         tracing::info!(target: "access", request_id = rid, client = %peer.ip(), status = e.status(), error = kind, "request rejected");
     }
 }
@@ -312,6 +315,7 @@ fn log_rejected(w: &Worker, rid: &str, peer: SocketAddr, e: ProxyError) {
 #[allow(clippy::too_many_arguments)]
 fn finish(
     w: &Worker,
+    cur: &Current,
     method: &str,
     path: &str,
     rid: &str,
@@ -328,7 +332,7 @@ fn finish(
     m.observe(&m.request_duration, route, elapsed);
     m.inc(&m.request_bytes, &[route], x.req_bytes);
     m.inc(&m.response_bytes, &[route], x.resp_bytes);
-    if w.shared.access_log {
+    if cur.shared.access_log {
         tracing::info!(
             target: "access",
             request_id = rid,

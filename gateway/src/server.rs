@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use monoio::{IoUringDriver, LegacyDriver, Runtime};
@@ -41,18 +41,59 @@ enum Msg {
     Signal(i32),
 }
 
+/// Re-reads the configuration (the file, with the command line's overrides).
+pub type Reloader = Box<dyn Fn() -> Result<Resolved, crate::config::ConfigErrors> + Send>;
+
+/// The configuration in force, published to the workers on reload.
+pub struct Control {
+    current: Mutex<(u64, Arc<Resolved>)>,
+    event: event_listener::Event,
+    workers: usize,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
+}
+
+impl Control {
+    fn snapshot(&self) -> (u64, Arc<Resolved>) {
+        let g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        (g.0, g.1.clone())
+    }
+
+    fn publish(&self, r: Resolved) -> u64 {
+        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        g.1 = Arc::new(r);
+        let generation = g.0;
+        drop(g);
+        self.event.notify(usize::MAX);
+        generation
+    }
+
+    /// A worker's own copy of the configuration-derived state.
+    fn build(&self, r: &Resolved, generation: u64) -> Shared {
+        Shared::new(r, self.workers, self.metrics.clone(), self.shutdown.clone(), generation)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{0}")]
     Startup(String),
 }
 
-/// Run the gateway until SIGTERM/SIGINT and the drain that follows.
-pub fn run(r: Resolved) -> Result<(), RunError> {
+/// Run the gateway until SIGTERM/SIGINT and the drain that follows. SIGHUP
+/// reloads the configuration with `reload` (when given).
+pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
     let n = r.config.server.workers.resolve();
     let metrics = Metrics::new();
     let shutdown = Shutdown::new();
-    let shared = Arc::new(Shared::new(&r, n, metrics.clone(), shutdown.clone()));
+    let control = Arc::new(Control {
+        current: Mutex::new((0, Arc::new(r.clone()))),
+        event: event_listener::Event::new(),
+        workers: n,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    });
     let health = Arc::new(Health { workers: n, started: AtomicUsize::new(0), draining: AtomicBool::new(false) });
 
     admin::spawn(r.admin, metrics.clone(), health.clone())
@@ -62,20 +103,20 @@ pub fn run(r: Resolved) -> Result<(), RunError> {
     let cpus = if r.config.server.pin_workers { allowed_cpus() } else { Vec::new() };
     for id in 0..n {
         let tx = tx.clone();
-        let shared = shared.clone();
+        let control = control.clone();
         let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
         let listen = r.listen.clone();
         let backlog = r.config.server.backlog;
         let driver = r.config.server.driver;
         std::thread::Builder::new()
             .name(format!("gateway-w{id}"))
-            .spawn(move || worker_thread(id, shared, cpu, driver, listen, backlog, tx))
+            .spawn(move || worker_thread(id, control, cpu, driver, listen, backlog, tx))
             .map_err(|e| RunError::Startup(format!("cannot start worker thread: {e}")))?;
     }
 
     {
         let tx = tx.clone();
-        let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
             .map_err(|e| RunError::Startup(format!("cannot install signal handlers: {e}")))?;
         std::thread::Builder::new()
             .name("gateway-signals".into())
@@ -127,6 +168,27 @@ pub fn run(r: Resolved) -> Result<(), RunError> {
                 shutdown.trigger();
                 return Err(RunError::Startup(format!("worker {worker}: {error}")));
             }
+            Msg::Signal(libc::SIGHUP) => match &reload {
+                None => tracing::warn!("SIGHUP: no config file to reload (started without --config)"),
+                Some(reload) => match reload() {
+                    Ok(new) => {
+                        let (_, old) = control.snapshot();
+                        for key in restart_only_changes(&old, &new) {
+                            tracing::warn!(key, "reload: this setting only changes on a restart; keeping the running value");
+                        }
+                        let generation = control.publish(new);
+                        metrics.config_reloads.with_label_values(&["ok"]).inc();
+                        metrics.config_generation.set(generation as i64);
+                        tracing::info!(generation, "configuration reloaded");
+                    }
+                    Err(errors) => {
+                        metrics.config_reloads.with_label_values(&["error"]).inc();
+                        for e in &errors.0 {
+                            tracing::error!(error = %e, "reload refused; the running configuration stays in force");
+                        }
+                    }
+                },
+            },
             Msg::Signal(s) => {
                 if deadline.is_none() {
                     tracing::info!(signal = s, grace_s = grace.as_secs_f64(), "shutting down: no new connections, draining in-flight requests");
@@ -155,7 +217,7 @@ static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
 
 fn worker_thread(
     id: usize,
-    shared: Arc<Shared>,
+    control: Arc<Control>,
     cpu: Option<usize>,
     driver: DriverChoice,
     listen: Vec<SocketAddr>,
@@ -179,7 +241,7 @@ fn worker_thread(
             .or_else(|_| monoio::RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build())
     };
     let legacy = || monoio::RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
-    let start = |tx| WorkerStart { id, shared: shared.clone(), listen: listen.clone(), backlog, tx };
+    let start = |tx| WorkerStart { id, control: control.clone(), listen: listen.clone(), backlog, tx };
     let epoll = |tx: mpsc::Sender<Msg>| match legacy() {
         Ok(rt) => run_on(rt, "epoll", start(tx)),
         Err(e) => {
@@ -204,7 +266,7 @@ fn worker_thread(
 /// What a worker thread needs to start serving.
 struct WorkerStart {
     id: usize,
-    shared: Arc<Shared>,
+    control: Arc<Control>,
     listen: Vec<SocketAddr>,
     backlog: i32,
     tx: mpsc::Sender<Msg>,
@@ -215,8 +277,10 @@ fn run_on<D: monoio::Driver>(mut rt: Runtime<D>, driver: &'static str, start: Wo
 }
 
 async fn worker_main(driver: &'static str, start: WorkerStart) {
-    let WorkerStart { id, shared, listen, backlog, tx } = start;
-    let w = Rc::new(Worker::new(id, shared.clone()));
+    let WorkerStart { id, control, listen, backlog, tx } = start;
+    let (generation, resolved) = control.snapshot();
+    let w = Rc::new(Worker::new(id, control.build(&resolved, generation)));
+    let metrics = control.metrics.clone();
     let mut listeners = Vec::new();
     for a in &listen {
         match listener::bind(*a, backlog) {
@@ -227,15 +291,34 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
             }
         }
     }
-    shared.metrics.runtime_driver.with_label_values(&[driver]).inc();
-    shared.metrics.workers.inc();
+    metrics.runtime_driver.with_label_values(&[driver]).inc();
+    metrics.workers.inc();
     let _ = tx.send(Msg::Started { worker: id, driver });
 
     {
         let w = w.clone();
         monoio::spawn(async move {
-            w.shared.shutdown.wait().await;
+            w.shutdown.wait().await;
             w.begin_drain();
+        });
+    }
+    {
+        // Config reloads: build this worker's copy and switch to it.
+        let w = w.clone();
+        let control = control.clone();
+        monoio::spawn(async move {
+            let mut seen = generation;
+            loop {
+                let l = control.event.listen();
+                let (generation, resolved) = control.snapshot();
+                if generation > seen {
+                    seen = generation;
+                    w.install(control.build(&resolved, generation));
+                    tracing::debug!(worker = w.id, generation, "worker switched configuration");
+                    continue;
+                }
+                l.await;
+            }
         });
     }
     {
@@ -248,10 +331,7 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
                 w.metrics.flush();
                 if last_sweep.elapsed() >= w.sweep_interval() {
                     last_sweep = Instant::now();
-                    let closed = w.pool.borrow_mut().sweep();
-                    for (c, n) in closed.into_iter().enumerate() {
-                        w.metrics.pool_idle[c].sub(n as i64);
-                    }
+                    w.sweep_pool();
                 }
             }
         });
@@ -269,15 +349,46 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
         }
         l.await;
     }
-    w.pool.borrow_mut().clear();
-    for g in &w.metrics.pool_idle {
-        g.set(0);
+    {
+        let cur = w.current();
+        cur.pool.borrow_mut().clear();
+        for g in &cur.pool_idle {
+            g.set(0);
+        }
     }
     w.metrics.flush();
-    shared.metrics.workers.dec();
+    metrics.workers.dec();
     let _ = tx.send(Msg::Done { worker: id });
     // Give the flush a moment to be scraped before the process exits.
     monoio::time::sleep(Duration::from_millis(1)).await;
+}
+
+/// Settings a reload can't change (sockets, threads, drivers are set up once).
+fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
+    let (a, b) = (&old.config.server, &new.config.server);
+    let mut out = Vec::new();
+    if old.listen != new.listen {
+        out.push("server.listen");
+    }
+    if a.workers != b.workers {
+        out.push("server.workers");
+    }
+    if a.driver != b.driver {
+        out.push("server.driver");
+    }
+    if a.pin_workers != b.pin_workers {
+        out.push("server.pin_workers");
+    }
+    if a.backlog != b.backlog {
+        out.push("server.backlog");
+    }
+    if old.admin != new.admin {
+        out.push("admin.listen");
+    }
+    if old.config.log.format != new.config.log.format || old.config.log.level != new.config.log.level {
+        out.push("log.format / log.level");
+    }
+    out
 }
 
 /// CPUs this process may run on, in order.

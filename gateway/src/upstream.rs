@@ -19,7 +19,7 @@ use crate::config::Timeouts;
 use crate::error::{ClientError, ProxyError, UpstreamError};
 use crate::io::{Conn, ReadError, WriteError};
 use crate::route::Route;
-use crate::worker::Worker;
+use crate::worker::{Current, Worker};
 
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -108,6 +108,11 @@ impl Pool {
         closed
     }
 
+    /// Idle connections per cluster.
+    pub fn idle_counts(&self) -> Vec<usize> {
+        self.idle.iter().map(|b| b.iter().map(VecDeque::len).sum()).collect()
+    }
+
     pub fn clear(&mut self) {
         for b in self.idle.iter_mut() {
             for q in b.iter_mut() {
@@ -127,15 +132,15 @@ pub struct UpConn {
 
 /// Connect or reuse. Connect failures move on to the next backend (nothing
 /// was sent); after every backend failed, the last error is returned (→ 502).
-async fn checkout(w: &Worker, route: &Route, allow_pooled: bool, deadline: Option<Instant>) -> Result<UpConn, UpstreamError> {
-    let cl = &w.shared.clusters[route.cluster];
+async fn checkout(w: &Worker, cur: &Current, route: &Route, allow_pooled: bool, deadline: Option<Instant>) -> Result<UpConn, UpstreamError> {
+    let cl = &cur.shared.clusters[route.cluster];
     let mut last = UpstreamError::ConnectError;
     for _ in 0..cl.backends.len() {
-        let b = w.next_backend(route.cluster);
+        let b = cur.next_backend(route.cluster);
         let addr = cl.backends[b];
         if allow_pooled {
-            let (conn, dropped) = w.pool.borrow_mut().take(route.cluster, b);
-            let gauge = &w.metrics.pool_idle[route.cluster];
+            let (conn, dropped) = cur.pool.borrow_mut().take(route.cluster, b);
+            let gauge = &cur.pool_idle[route.cluster];
             gauge.sub(dropped as i64 + i64::from(conn.is_some()));
             if let Some(conn) = conn {
                 w.metrics.inc(&w.metrics.upstream_reused, &[&cl.name], 1);
@@ -146,7 +151,7 @@ async fn checkout(w: &Worker, route: &Route, allow_pooled: bool, deadline: Optio
         if is_total && wait.is_zero() {
             return Err(UpstreamError::TotalTimeout);
         }
-        match connect(addr, wait, w.shared.buffer_size).await {
+        match connect(addr, wait, cur.shared.buffer_size).await {
             Ok(conn) => {
                 w.metrics.inc(&w.metrics.upstream_connections, &[&cl.name], 1);
                 return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: false });
@@ -204,11 +209,11 @@ pub struct Request<'a> {
     pub started: Instant,
 }
 
-pub async fn forward(client: &mut Conn, req: &Request<'_>, w: &Worker, out: &mut Vec<u8>) -> Exchange {
+pub async fn forward(client: &mut Conn, req: &Request<'_>, w: &Worker, cur: &Current, out: &mut Vec<u8>) -> Exchange {
     let mut x = Exchange { request_body_done: req.head.body_kind() == BodyKind::Empty, ..Exchange::default() };
-    if let Err(e) = exchange(client, req, w, out, &mut x).await {
+    if let Err(e) = exchange(client, req, w, cur, out, &mut x).await {
         if let ProxyError::Upstream(u) = e {
-            let cluster = &w.shared.clusters[req.route.cluster].name;
+            let cluster = &cur.shared.clusters[req.route.cluster].name;
             // Connect failures were counted per try in `checkout`.
             if !u.retryable() {
                 w.metrics.inc(&w.metrics.upstream_errors, &[cluster, u.kind()], 1);
@@ -238,6 +243,7 @@ async fn exchange(
     client: &mut Conn,
     req: &Request<'_>,
     w: &Worker,
+    cur: &Current,
     out: &mut Vec<u8>,
     x: &mut Exchange,
 ) -> Result<(), ProxyError> {
@@ -254,7 +260,7 @@ async fn exchange(
         }
     }
     let deadline = route.total_timeout.map(|t| req.started + t);
-    let timeouts = &w.shared.timeouts;
+    let timeouts = &cur.shared.timeouts;
     let mut sent_continue = false;
     let mut retried = false;
     let mut upload_cut = false;
@@ -263,7 +269,7 @@ async fn exchange(
     let (mut up, sent_at) = 'attempt: loop {
         // A stale pooled connection is retried once, on a fresh one, only when
         // nothing of the request body has been consumed.
-        let mut up = checkout(w, route, !retried, deadline).await?;
+        let mut up = checkout(w, cur, route, !retried, deadline).await?;
         x.backend = Some(up.addr);
         if head.expect_continue && !sent_continue {
             let (r, _) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), timeouts.send).await;
@@ -272,10 +278,10 @@ async fn exchange(
         }
         out.clear();
         if let Some(b) = req.buffered {
-            build_upstream_head(&b.head, req, w.shared.trust_forwarded, up.addr, Some(b.body.len() as u64), out);
+            build_upstream_head(&b.head, req, cur.shared.trust_forwarded, up.addr, Some(b.body.len() as u64), out);
             out.extend_from_slice(&b.body);
         } else {
-            build_upstream_head(client.pending(), req, w.shared.trust_forwarded, up.addr, None, out);
+            build_upstream_head(client.pending(), req, cur.shared.trust_forwarded, up.addr, None, out);
         }
         // A small body that arrived with the head goes out in the same write.
         let mut with_head = 0usize;
@@ -320,7 +326,7 @@ async fn exchange(
 
         // Response head; informational (1xx) responses are skipped.
         loop {
-            match codec::parse_response(up.conn.pending(), w.shared.limits.max_response_header_bytes, head.is_head, &mut resp) {
+            match codec::parse_response(up.conn.pending(), cur.shared.limits.max_response_header_bytes, head.is_head, &mut resp) {
                 Ok(true) if resp.status == 101 => return Err(UpstreamError::BadResponse.into()),
                 Ok(true) if (100..200).contains(&resp.status) => {
                     up.conn.consume(resp.head_len);
@@ -355,7 +361,7 @@ async fn exchange(
             }
         }
     };
-    let cluster_name = &w.shared.clusters[up.cluster].name;
+    let cluster_name = &cur.shared.clusters[up.cluster].name;
     let header_time = sent_at.elapsed();
     x.header_time = Some(header_time);
     w.metrics.observe(&w.metrics.upstream_header_time, cluster_name, header_time);
@@ -376,7 +382,7 @@ async fn exchange(
     // Response field filtering (route `response_drop_fields`): a JSON body is
     // read whole (up to MAX_FILTERED_BODY) and rewritten; an SSE stream is
     // rewritten event by event; anything else passes untouched.
-    let filter = w.shared.rules.routes[route.index].drop_fields.clone();
+    let filter = cur.shared.rules.routes[route.index].drop_fields.clone();
     let media = filter.as_ref().and_then(|_| {
         let ub = up.conn.pending();
         resp.headers
@@ -543,9 +549,9 @@ async fn exchange(
     // Back to the pool only when the exchange ended exactly on a message boundary.
     let reusable = resp.keep_alive && up_body != BodyKind::UntilClose && up.conn.pending().is_empty() && !upload_cut;
     if reusable {
-        let mut pool = w.pool.borrow_mut();
+        let mut pool = cur.pool.borrow_mut();
         if pool.put(up.cluster, up.backend, up.conn) {
-            w.metrics.pool_idle[up.cluster].inc();
+            cur.pool_idle[up.cluster].inc();
         }
     }
     Ok(())

@@ -6,8 +6,11 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
+
+use prometheus::IntGauge;
 
 use crate::config::{Limits, Resolved, Timeouts};
 use crate::metrics::{Metrics, WorkerMetrics};
@@ -60,12 +63,14 @@ pub struct Shared {
     pub max_conns_per_worker: usize,
     pub trust_forwarded: bool,
     pub access_log: bool,
+    /// Which configuration this is (0 at start, +1 per successful reload).
+    pub generation: u64,
     /// The validation stage's rules and the model catalogue.
     pub rules: crate::validate::Rules,
 }
 
 impl Shared {
-    pub fn new(r: &Resolved, workers: usize, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>) -> Shared {
+    pub fn new(r: &Resolved, workers: usize, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>, generation: u64) -> Shared {
         let names: Vec<String> = r.clusters.keys().cloned().collect();
         let clusters = names
             .iter()
@@ -91,17 +96,57 @@ impl Shared {
             max_conns_per_worker: s.max_connections.div_ceil(workers).max(1),
             trust_forwarded: s.trust_forwarded_headers,
             access_log: r.config.log.access_log,
+            generation,
             rules: crate::validate::Rules::new(r),
+        }
+    }
+}
+
+/// Everything a config reload replaces, built by each worker for itself.
+/// A request holds the `Rc<Current>` it started with, so a reload never
+/// changes the rules (or the pool indexes) under an in-flight request.
+pub struct Current {
+    pub shared: Shared,
+    pub pool: RefCell<Pool>,
+    rr: Vec<Cell<usize>>,
+    /// `gateway_upstream_pool_idle_connections{worker, cluster}`, by cluster index.
+    pub pool_idle: Vec<IntGauge>,
+}
+
+impl Current {
+    pub fn new(worker: usize, shared: Shared) -> Current {
+        let w = worker.to_string();
+        Current {
+            pool: RefCell::new(Pool::new(&shared.clusters)),
+            rr: shared.clusters.iter().map(|_| Cell::new(worker)).collect(),
+            pool_idle: shared.clusters.iter().map(|c| shared.metrics.pool_idle.with_label_values(&[&w, &c.name])).collect(),
+            shared,
+        }
+    }
+
+    /// Next backend index of a cluster, round-robin per worker.
+    pub fn next_backend(&self, cluster: usize) -> usize {
+        let n = self.shared.clusters[cluster].backends.len();
+        let c = &self.rr[cluster];
+        let i = c.get() % n;
+        c.set(i + 1);
+        i
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        // The pool closes with this generation: its idle connections go too.
+        for (c, n) in self.pool.get_mut().idle_counts().into_iter().enumerate() {
+            self.pool_idle[c].sub(n as i64);
         }
     }
 }
 
 pub struct Worker {
     pub id: usize,
-    pub shared: Arc<Shared>,
+    current: RefCell<Rc<Current>>,
     pub metrics: WorkerMetrics,
-    pub pool: RefCell<Pool>,
-    rr: Vec<Cell<usize>>,
     id_prefix: u64,
     id_counter: Cell<u64>,
     /// Open client connections on this worker.
@@ -116,18 +161,20 @@ pub struct Worker {
     pub drain: event_listener::Event,
     /// Reused memory for the validation stage's JSON parsing.
     pub json_scratch: RefCell<crate::validate::Scratch>,
+    /// Process-wide: metrics registry and shutdown flag (never change on reload).
+    pub metrics_registry: Arc<Metrics>,
+    pub shutdown: Arc<Shutdown>,
 }
 
 impl Worker {
-    pub fn new(id: usize, shared: Arc<Shared>) -> Worker {
-        let names: Vec<String> = shared.clusters.iter().map(|c| c.name.clone()).collect();
-        let metrics = WorkerMetrics::new(&shared.metrics, id, &names);
-        let pool = Pool::new(&shared.clusters);
+    pub fn new(id: usize, shared: Shared) -> Worker {
+        let metrics = WorkerMetrics::new(&shared.metrics, id);
+        let metrics_registry = shared.metrics.clone();
+        let shutdown = shared.shutdown.clone();
         Worker {
             id,
-            rr: shared.clusters.iter().map(|_| Cell::new(id)).collect(),
+            current: RefCell::new(Rc::new(Current::new(id, shared))),
             metrics,
-            pool: RefCell::new(pool),
             id_prefix: random_u64() ^ ((id as u64) << 56),
             id_counter: Cell::new(0),
             active: Cell::new(0),
@@ -137,17 +184,21 @@ impl Worker {
             wake: event_listener::Event::new(),
             drain: event_listener::Event::new(),
             json_scratch: RefCell::new(crate::validate::Scratch::default()),
-            shared,
+            metrics_registry,
+            shutdown,
         }
     }
 
-    /// Next backend index of a cluster, round-robin per worker.
-    pub fn next_backend(&self, cluster: usize) -> usize {
-        let n = self.shared.clusters[cluster].backends.len();
-        let c = &self.rr[cluster];
-        let i = c.get() % n;
-        c.set(i + 1);
-        i
+    /// The configuration in force now (a request keeps the one it started with).
+    pub fn current(&self) -> Rc<Current> {
+        self.current.borrow().clone()
+    }
+
+    /// Switch to a reloaded configuration. In-flight requests finish on the
+    /// old one; its pool closes when the last of them is done.
+    pub fn install(&self, shared: Shared) {
+        let next = Rc::new(Current::new(self.id, shared));
+        *self.current.borrow_mut() = next;
     }
 
     /// A fresh request id: 32 hex digits, unique per process run.
@@ -190,6 +241,15 @@ impl Worker {
 
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_secs(1)
+    }
+
+    /// Close expired pooled connections of the current configuration.
+    pub fn sweep_pool(&self) {
+        let cur = self.current();
+        let closed = cur.pool.borrow_mut().sweep();
+        for (c, n) in closed.into_iter().enumerate() {
+            cur.pool_idle[c].sub(n as i64);
+        }
     }
 }
 

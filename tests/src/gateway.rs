@@ -68,6 +68,8 @@ pub struct Gateway {
     pub child: Option<Child>,
     pub dir: PathBuf,
     log: PathBuf,
+    /// The `[server]`/`[admin]`/`[log]` part of the config file, kept for rewrites.
+    header: String,
 }
 
 /// How to start a gateway: `body` is the TOML after `[server]`/`[admin]`/`[log]`
@@ -97,13 +99,13 @@ impl Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let dir = temp_dir("gw");
-        let cfg = format!(
-            "[server]\nlisten = [\"{addr}\"]\nworkers = {}\ndriver = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n{}",
+        let header = format!(
+            "[server]\nlisten = [\"{addr}\"]\nworkers = {}\ndriver = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n",
             spec.workers,
             spec.driver.name(),
             spec.server_extra,
-            spec.body
         );
+        let cfg = format!("{header}{}", spec.body);
         let cfg_path = dir.join("gateway.toml");
         std::fs::write(&cfg_path, &cfg).unwrap();
         let log = dir.join("gateway.log");
@@ -119,7 +121,7 @@ impl Gateway {
             }
         }
         let child = cmd.spawn().expect("spawn gateway");
-        let mut g = Gateway { addr, admin, child: Some(child), dir, log };
+        let mut g = Gateway { addr, admin, child: Some(child), dir, log, header };
         g.wait_ready();
         g
     }
@@ -136,6 +138,11 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("gateway not ready in 15 s:\n{}", self.log_text());
+    }
+
+    /// Replace the config file's body (same listeners), e.g. before a SIGHUP.
+    pub fn rewrite_config(&self, body: &str) {
+        std::fs::write(self.dir.join("gateway.toml"), format!("{}{body}", self.header)).unwrap();
     }
 
     pub fn log_text(&self) -> String {

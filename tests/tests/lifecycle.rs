@@ -187,3 +187,41 @@ fn max_connections_applies_back_pressure() {
     assert_eq!(r.json()["path"], "/second");
     assert_eq!(g.wait_metric(&["gateway_connections_accepted_total"], 2.0), 2.0);
 }
+
+both_drivers!(sighup_reloads_without_dropping_requests, |d: Driver| {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let g = Gateway::start(Spec::new(d, &one_cluster(a.addr)));
+    let mut c = Client::connect(g.addr);
+    assert_eq!(c.get("/x").json()["backend"], "a");
+    // A request in flight across the reload.
+    let mut slow = Client::connect(g.addr);
+    slow.send(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: a\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+
+    g.rewrite_config(&one_cluster(b.addr));
+    g.signal(libc::SIGHUP);
+    assert_eq!(g.wait_metric(&["gateway_config_generation"], 1.0), 1.0, "{}", g.log_text());
+    // The same keep-alive client connection now reaches the new backend.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if c.get("/x").json()["backend"] == "b" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reload never took effect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The in-flight request finished on the configuration it started with.
+    let r = slow.read_response();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["backend"], "a");
+
+    // A broken file is refused; the running configuration stays.
+    g.rewrite_config("[[routes]]\npath_prefix = \"/\"\ncluster = \"missing\"\n");
+    g.signal(libc::SIGHUP);
+    assert_eq!(g.wait_metric(&["gateway_config_reloads_total", "result=\"error\""], 1.0), 1.0);
+    assert_eq!(c.get("/x").json()["backend"], "b");
+    assert_eq!(g.metric(&["gateway_config_generation"]), 1.0);
+    let log = g.log_text();
+    assert!(log.contains("reload refused") && log.contains("gateway.toml:"), "{log}");
+});
