@@ -245,7 +245,7 @@ impl Default for Limits {
             max_response_header_bytes: 32 * 1024,
             max_json_body_bytes: 16 * 1024 * 1024,
             json_max_depth: 64,
-            json_max_elements: 8 * 1024 * 1024,
+            json_max_elements: 2 * 1024 * 1024,
         }
     }
 }

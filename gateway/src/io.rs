@@ -45,13 +45,14 @@ impl Conn {
     /// Bytes read but not consumed yet.
     #[inline]
     pub fn pending(&self) -> &[u8] {
-        &self.buf[self.pos..]
+        // After a cancelled read (a timeout) the buffer went with the read:
+        // nothing is pending, and the connection is about to close.
+        self.buf.get(self.pos..).unwrap_or(&[])
     }
 
     #[inline]
     pub fn consume(&mut self, n: usize) {
-        self.pos += n;
-        debug_assert!(self.pos <= self.buf.len());
+        self.pos = (self.pos + n).min(self.buf.len());
         if self.pos == self.buf.len() {
             self.buf.clear();
             self.pos = 0;

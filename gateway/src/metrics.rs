@@ -37,6 +37,7 @@ pub struct Metrics {
     pub draining: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
+    pub connection_panics: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -129,6 +130,7 @@ impl Metrics {
                 IntCounterVec::new(Opts::new("gateway_config_reloads_total", "Configuration reloads (SIGHUP), by result (ok, error)"), &["result"]).unwrap(),
             ),
             config_generation: reg(&r, IntGauge::new("gateway_config_generation", "Configuration in force: 0 at start, +1 per successful reload").unwrap()),
+            connection_panics: reg(&r, IntCounter::new("gateway_connection_panics_total", "Connection tasks that panicked (a bug; the connection was dropped)").unwrap()),
             registry: r,
         })
     }

@@ -50,14 +50,12 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
     // Closing after an error answer: linger so the answer is not lost to an RST.
     let mut linger = false;
     loop {
-        // The configuration this request runs under, start to end (a reload
-        // in between applies to the next request).
-        let cur = w.current();
         // Stage 2: http codec.
-        match read_head(&mut client, &mut head, &w, &cur, conn_id, first).await {
+        match read_head(&mut client, &mut head, &w, &w.current(), conn_id, first).await {
             Next::Request => {}
             Next::Close => break,
             Next::Reject(e) => {
+                let cur = w.current();
                 w.new_request_id(&mut rid);
                 let e = ProxyError::Client(e);
                 respond_error(&mut client, &cur, e, &rid, true, false, &mut out).await;
@@ -68,6 +66,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         }
         first = false;
         let started = Instant::now();
+        // The configuration this request runs under, start to end: taken when
+        // its head has arrived (a reload while the connection idled applies).
+        let cur = w.current();
         match &head.request_id {
             Some(r) => {
                 rid.clear();
@@ -168,7 +169,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         };
 
         // Stage 5: upstream.
-        let req = Request { head: &head, buffered, route, request_id: &rid, peer: peer.ip(), started };
+        let req = Request { head: &head, buffered, continue_sent: verdict.continue_sent, route, request_id: &rid, peer: peer.ip(), started };
         let x = upstream::forward(&mut client, &req, &w, &cur, &mut out).await;
         if !x.head_consumed {
             // Failed before anything was sent upstream (e.g. no backend reachable).

@@ -170,12 +170,11 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
             }
             Msg::Signal(libc::SIGHUP) => match &reload {
                 None => tracing::warn!("SIGHUP: no config file to reload (started without --config)"),
-                Some(reload) => match reload() {
+                Some(reload) => match reload().and_then(|new| {
+                    let (_, old) = control.snapshot();
+                    keep_restart_only(&old, new)
+                }) {
                     Ok(new) => {
-                        let (_, old) = control.snapshot();
-                        for key in restart_only_changes(&old, &new) {
-                            tracing::warn!(key, "reload: this setting only changes on a restart; keeping the running value");
-                        }
                         let generation = control.publish(new);
                         metrics.config_reloads.with_label_values(&["ok"]).inc();
                         metrics.config_generation.set(generation as i64);
@@ -363,6 +362,26 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
     monoio::time::sleep(Duration::from_millis(1)).await;
 }
 
+/// Keep the running values of what a reload can't change (sockets, threads,
+/// buffers are set up once), saying so; refuse a reload whose limits no
+/// longer fit the running buffers.
+fn keep_restart_only(old: &Resolved, mut new: Resolved) -> Result<Resolved, crate::config::ConfigErrors> {
+    for key in restart_only_changes(old, &new) {
+        tracing::warn!(key, "reload: this setting only changes on a restart; keeping the running value");
+    }
+    new.config.server.buffer_size = old.config.server.buffer_size;
+    let l = &new.config.limits;
+    if l.max_header_bytes > old.config.server.buffer_size || l.max_response_header_bytes > old.config.server.buffer_size {
+        return Err(crate::config::ConfigErrors(vec![crate::config::ConfigError {
+            file: "reload".into(),
+            line: None,
+            key: "limits.max_header_bytes".into(),
+            message: format!("header limits must fit the running server.buffer_size ({}); restart to change it", old.config.server.buffer_size),
+        }]));
+    }
+    Ok(new)
+}
+
 /// Settings a reload can't change (sockets, threads, drivers are set up once).
 fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
     let (a, b) = (&old.config.server, &new.config.server);
@@ -381,6 +400,9 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
     }
     if a.backlog != b.backlog {
         out.push("server.backlog");
+    }
+    if a.buffer_size != b.buffer_size {
+        out.push("server.buffer_size");
     }
     if old.admin != new.admin {
         out.push("admin.listen");

@@ -203,6 +203,8 @@ pub struct Request<'a> {
     /// Read whole and checked by the validation stage (head and body are
     /// then off the client buffer and `head`'s ranges index `buffered.head`).
     pub buffered: Option<&'a crate::validate::Buffered>,
+    /// The validation stage already answered `Expect: 100-continue`.
+    pub continue_sent: bool,
     pub route: &'a Route,
     pub request_id: &'a str,
     pub peer: IpAddr,
@@ -251,8 +253,10 @@ async fn exchange(
     let route = req.route;
     // A buffered body is already off the client connection: nothing to stream.
     let body = if req.buffered.is_some() { BodyKind::Empty } else { head.body_kind() };
-    if req.buffered.is_some() {
+    if let Some(b) = req.buffered {
         x.head_consumed = true;
+        x.request_body_done = true;
+        x.req_bytes = b.body.len() as u64;
     }
     if let BodyKind::Length(n) = body {
         if n > route.max_request_body_bytes {
@@ -261,7 +265,7 @@ async fn exchange(
     }
     let deadline = route.total_timeout.map(|t| req.started + t);
     let timeouts = &cur.shared.timeouts;
-    let mut sent_continue = false;
+    let mut sent_continue = req.continue_sent;
     let mut retried = false;
     let mut upload_cut = false;
     let mut resp = ResponseHead::default();
@@ -294,7 +298,9 @@ async fn exchange(
             }
         }
         let (r, o) = up.conn.write_all(std::mem::take(out), timeouts.send).await;
-        *out = o;
+        // A buffered body went through `out`: don't hold a second copy of it
+        // for the rest of a (possibly minutes-long) response.
+        *out = if o.capacity() > 1 << 20 { Vec::with_capacity(4096) } else { o };
         if let Err(WriteError::Timeout) = r {
             return Err(UpstreamError::SendTimeout.into());
         }

@@ -223,3 +223,22 @@ both_drivers!(a_client_that_stops_reading_is_cut_off, |d: Driver| {
     assert!(g.wait_metric(&["gateway_request_errors_total", "kind=\"send_timeout\""], 1.0) >= 1.0);
     drop(c);
 });
+
+both_drivers!(timeouts_with_buffered_bytes_never_take_the_worker_down, |d: Driver| {
+    let b = Backend::start("b");
+    let body = format!("[timeouts]\nclient_header = \"300ms\"\n\n{}", one_cluster(b.addr));
+    let mut spec = Spec::new(d, &body);
+    spec.workers = 1;
+    let g = Gateway::start(spec);
+    // A complete request and the start of the next, then silence: the first
+    // is answered, the stalled one times out with bytes still buffered.
+    let mut c = Client::connect(g.addr);
+    c.send(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HT");
+    assert_eq!(c.read_response().json()["path"], "/one");
+    assert_eq!(c.read_response().status, 408);
+    // The only worker is still serving.
+    for _ in 0..3 {
+        assert_eq!(request(g.addr, b"GET /alive HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    }
+    assert_eq!(g.metric(&["gateway_connection_panics_total"]), 0.0);
+});

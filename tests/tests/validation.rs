@@ -26,6 +26,9 @@ fn config(b: SocketAddr, schema: &Path) -> String {
 max_json_body_bytes = 65536
 json_max_depth = 16
 
+[timeouts]
+client_body = "500ms"
+
 [clusters.gpu]
 backends = ["{b}"]
 
@@ -165,6 +168,16 @@ fn openai_requests(d: Driver) {
     let ids: Vec<String> = r.json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids, ["llama", "resnet", "strict"]);
 
+    // Paths the backend would decode or normalise into a checked endpoint are refused.
+    for path in ["/v1/%63hat/completions", "/v1//chat/completions", "/v1/x/../chat/completions"] {
+        let mut c4 = Client::connect(g.addr);
+        let r = post(&mut c4, path, "application/json", br#"{"model":"nope"}"#);
+        assert_eq!(refusal(&r).2, "invalid_path", "{path}");
+    }
+    // Duplicate keys would be read differently by the backend: refused.
+    let r = post(&mut c, "/v1/chat/completions", "application/json", br#"{"model":"llama","model":"nope","messages":[{"role":"user","content":"x"}]}"#);
+    assert_eq!(refusal(&r).2, "duplicate_key");
+
     // Nothing refused reached the backend.
     assert_eq!(b.requests(), 3);
     assert!(g.wait_metric(&["gateway_validation_rejections_total", "reason=\"model_not_found\""], 1.0) >= 1.0);
@@ -225,6 +238,34 @@ fn binary_uploads(d: Driver) {
     let r = c.read_response();
     assert_eq!(r.status, 413);
     assert_eq!(b.requests(), 1, "no over-limit body may reach the backend whole");
+
+    // Chunk framing padded so the signature can't be decided in one buffer: refused, not waved through.
+    let mut c = Client::connect(g.addr);
+    c.send(b"POST /upload/img HTTP/1.1\r\nHost: a\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let pad = format!("1;{}\r\nX\r\n", "e".repeat(4000));
+    for _ in 0..20 {
+        use std::io::Write;
+        if c.stream.write_all(pad.as_bytes()).is_err() {
+            break;
+        }
+    }
+    assert_eq!(refusal(&c.read_response()).2, "content_mismatch");
+
+    // Expect: 100-continue on a checked route: one 100, then the final answer.
+    let mut c = Client::connect(g.addr);
+    c.send(format!("POST /upload/img HTTP/1.1\r\nHost: a\r\nContent-Type: image/png\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n", png.len()).as_bytes());
+    assert_eq!(c.read_head().0, 100);
+    c.send(&png);
+    let (status, _) = c.read_head();
+    assert_eq!(status, 200, "a second 100 Continue was sent");
+
+    // A body that never comes, on a checked route: 408, and the worker lives on.
+    let mut c = Client::connect(g.addr);
+    c.send(b"POST /upload/img HTTP/1.1\r\nHost: a\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n");
+    assert_eq!(c.read_response().status, 408);
+    let mut c = Client::connect(g.addr);
+    assert_eq!(post(&mut c, "/upload/img", "image/png", &png).status, 200);
+    assert_eq!(g.metric(&["gateway_connection_panics_total"]), 0.0);
 }
 
 macro_rules! on_both {

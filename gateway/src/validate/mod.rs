@@ -110,7 +110,20 @@ fn check_shape(v: &Value<'_>, depth: usize, limits: JsonLimits, elements: &mut u
     }
     match v {
         Value::Array(a) => a.iter().try_for_each(|x| check_shape(x, depth + 1, limits, elements)),
-        Value::Object(o) => o.values().try_for_each(|x| check_shape(x, depth + 1, limits, elements)),
+        Value::Object(o) => {
+            // Duplicate keys are read differently by different parsers (first
+            // wins here, last wins in Python): what we validated would not be
+            // what the backend acts on. Refuse them (RFC 8259 §4 "SHOULD be unique").
+            if o.len() > 1 {
+                let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(o.len());
+                for k in o.keys() {
+                    if !seen.insert(k.as_ref()) {
+                        return Err(Rejection::new(400, "duplicate_key", "a JSON object in the body repeats a key"));
+                    }
+                }
+            }
+            o.values().try_for_each(|x| check_shape(x, depth + 1, limits, elements))
+        }
         _ => Ok(()),
     }
 }
@@ -119,6 +132,22 @@ fn check_shape(v: &Value<'_>, depth: usize, limits: JsonLimits, elements: &mut u
 /// deeply nested body is refused before a recursive DOM builder sees it.
 /// Returns false as soon as `max` is exceeded.
 pub fn depth_within(bytes: &[u8], max: usize) -> bool {
+    scan(bytes, max, usize::MAX).is_ok()
+}
+
+/// Why the pre-scan refused a body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ScanError {
+    TooDeep,
+    TooManyElements,
+}
+
+/// One pass over the raw bytes, before any DOM exists: nesting depth, and a
+/// lower bound on the number of values (every comma outside strings starts
+/// one), so neither a deep nor a huge document gets built at all.
+pub fn scan(bytes: &[u8], max_depth: usize, max_elements: usize) -> Result<(), ScanError> {
+    let max = max_depth;
+    let mut commas = 0usize;
     let mut depth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
@@ -128,7 +157,7 @@ pub fn depth_within(bytes: &[u8], max: usize) -> bool {
                 i += 1;
                 loop {
                     match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
-                        None => return true, // unterminated: the parser will refuse it
+                        None => return Ok(()), // unterminated: the parser will refuse it
                         Some(p) if bytes[i + p] == b'\\' => i += p + 2,
                         Some(p) => {
                             i += p;
@@ -140,15 +169,21 @@ pub fn depth_within(bytes: &[u8], max: usize) -> bool {
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
-                    return false;
+                    return Err(ScanError::TooDeep);
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' => {
+                commas += 1;
+                if commas >= max_elements {
+                    return Err(ScanError::TooManyElements);
+                }
+            }
             _ => {}
         }
         i += 1;
     }
-    true
+    Ok(())
 }
 
 /// The whole check of a JSON body for one kind of request. `body` is a
@@ -170,8 +205,14 @@ pub fn check_json_in<'c>(
     route_schema: Option<&jsonschema::Validator>,
     buffers: &mut simd_json::Buffers,
 ) -> Result<Checked<'c>, Rejection> {
-    if !depth_within(body, rules.json.max_depth) {
-        return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", rules.json.max_depth)));
+    match scan(body, rules.json.max_depth, rules.json.max_elements) {
+        Ok(()) => {}
+        Err(ScanError::TooDeep) => {
+            return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", rules.json.max_depth)))
+        }
+        Err(ScanError::TooManyElements) => {
+            return Err(Rejection::new(413, "json_too_many_elements", format!("the JSON body has more than {} values", rules.json.max_elements)))
+        }
     }
     let v = parse_in(body, rules.json, buffers)?;
     check_parsed(kind, &v, rules, route_schema)
@@ -295,6 +336,8 @@ pub struct Buffered {
 
 pub struct Verdict {
     pub admitted: Admitted,
+    /// `100 Continue` was already sent (to read or check the body).
+    pub continue_sent: bool,
     /// The resolved model and version, for later stages, the upstream and the log.
     pub model: Option<(String, String)>,
     /// Output budget and prompt size (OpenAI requests), for quota and cost stages.
@@ -324,8 +367,15 @@ fn header<'b>(head: &RequestHead, buf: &'b [u8], name: &[u8]) -> Option<&'b [u8]
     head.headers.iter().find(|h| buf[h.name.clone()].eq_ignore_ascii_case(name)).map(|h| &buf[h.value.clone()])
 }
 
-/// `/v2/models/{name}[/versions/{v}][/infer|/ready]`.
+/// No percent-encoding, empty segments or dot segments: the bytes we check
+/// are the path the backend will route on.
+fn canonical_path(path: &str) -> bool {
+    !path.contains('%') && !path.contains("//") && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// `/v2/models/{name}[/versions/{v}][/infer|/ready]` (a trailing `/` allowed).
 fn kserve_path(path: &str) -> Option<(&str, Option<&str>, &str)> {
+    let path = path.strip_suffix('/').unwrap_or(path);
     let rest = path.strip_prefix("/v2/models/")?;
     let mut parts = rest.split('/');
     let name = parts.next().filter(|n| !n.is_empty())?;
@@ -396,10 +446,21 @@ pub async fn admit(
         }
     }
 
+    if json_protocol && !canonical_path(path) {
+        // The backend would decode or normalise this path and serve an
+        // endpoint the checks below would not recognise: refuse, don't guess.
+        return Err(Rejection::new(400, "invalid_path", "the request path must not contain percent-encoding, `//` or dot segments").into());
+    }
+    if rr.protocol == Protocol::Passthrough && rr.schema.is_some() && has_body {
+        let is_json = media.as_deref().is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+        if !is_json {
+            return Err(Rejection::new(415, "unsupported_media_type", "this route takes JSON bodies (Content-Type: application/json)").into());
+        }
+    }
     let version_header = header(head, buf, b"x-model-version").and_then(|v| std::str::from_utf8(v).ok());
     let kind = match rr.protocol {
         Protocol::Openai => match openai::endpoint(method, path.as_bytes()) {
-            openai::Endpoint::Models => return Ok(Verdict { admitted: Admitted::Answer(openai::models_list(&rules.catalog)), model: None, facts: Default::default() }),
+            openai::Endpoint::Models => return Ok(Verdict { admitted: Admitted::Answer(openai::models_list(&rules.catalog)), continue_sent: false, model: None, facts: Default::default() }),
             openai::Endpoint::Other => None,
             ep => Some(JsonKind::OpenAi(ep, version_header)),
         },
@@ -412,7 +473,7 @@ pub async fn admit(
                     .ok_or(crate::catalog::Unresolved::BadVersion)
                     .and_then(|req| rules.catalog.resolve(name, &req))
                     .map_err(|u| Rejection::new(404, u.reason(), "the model or version does not exist or is not available"))?;
-                return Ok(Verdict { admitted: Admitted::Stream, model: Some((r.0.name.clone(), r.1.to_string())), facts: Default::default() });
+                return Ok(Verdict { admitted: Admitted::Stream, continue_sent: false, model: Some((r.0.name.clone(), r.1.to_string())), facts: Default::default() });
             }
             _ => None,
         },
@@ -424,12 +485,14 @@ pub async fn admit(
 
     let Some(kind) = kind else {
         // Streamed: check what can be checked from the first bytes.
+        let mut continue_sent = false;
         if let (true, Some(m)) = (has_body, media.as_deref()) {
             if magic::check(m, b"") != magic::Magic::NotChecked {
                 check_magic(client, head, m, t).await?;
+                continue_sent = head.expect_continue;
             }
         }
-        return Ok(Verdict { admitted: Admitted::Stream, model: None, facts: Default::default() });
+        return Ok(Verdict { admitted: Admitted::Stream, continue_sent, model: None, facts: Default::default() });
     };
 
     // Owned copies: the kind borrows the client buffer, which reading the body reuses.
@@ -448,7 +511,7 @@ pub async fn admit(
         r
     };
     match checked {
-        Ok((model, facts)) => Ok(Verdict { admitted: Admitted::Buffered(buffered), model, facts }),
+        Ok((model, facts)) => Ok(Verdict { admitted: Admitted::Buffered(buffered), continue_sent: head.expect_continue, model, facts }),
         Err(rejection) => Err(Refused { rejection, body_read: true, consumed: true, model: kind_owned.model_name() }),
     }
 }
@@ -587,7 +650,9 @@ async fn check_magic(client: &mut Conn, head: &RequestHead, media: &str, t: &Tim
             magic::Magic::NeedMore => {}
         }
         if client.is_full() {
-            return Ok(());
+            // The signature could not be decided within a full buffer (chunk
+            // framing padding, say): refuse rather than let it through unchecked.
+            return Err(Rejection::new(415, "content_mismatch", "the body does not match its declared Content-Type").into());
         }
         match client.fill_timeout(t.client_body).await {
             Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
@@ -655,6 +720,36 @@ mod tests {
         let mut b = deep.into_bytes();
         let (rules, _) = rules_with_route_schema("{}");
         assert_eq!(check_json(JsonKind::Schema, &mut b, &rules, None).unwrap_err().reason, "json_too_deep");
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let limits = JsonLimits { max_depth: 8, max_elements: 100 };
+        for body in [&br#"{"a":1,"a":2}"#[..], br#"{"x":{"model":"a","model":"b"}}"#, br#"[{"k":1,"j":2,"k":3}]"#] {
+            let mut b = body.to_vec();
+            assert_eq!(parse(&mut b, limits).unwrap_err().reason, "duplicate_key", "{}", String::from_utf8_lossy(body));
+        }
+        let mut b = br#"{"a":{"a":1},"b":[{"a":2}]}"#.to_vec();
+        assert!(parse(&mut b, limits).is_ok());
+    }
+
+    #[test]
+    fn huge_documents_are_refused_before_parsing() {
+        assert_eq!(scan(b"[1,2,3,4,5]", 8, 3), Err(ScanError::TooManyElements));
+        assert_eq!(scan(br#"["a,b,c,d,e,f"]"#, 8, 3), Ok(()));
+        let (rules, _) = rules_with_route_schema("{}");
+        let mut b = format!("[{}0]", "0,".repeat(rules.json.max_elements)).into_bytes();
+        assert_eq!(check_json(JsonKind::Schema, &mut b, &rules, None).unwrap_err().reason, "json_too_many_elements");
+    }
+
+    #[test]
+    fn canonical_paths() {
+        assert!(canonical_path("/v1/chat/completions"));
+        for p in ["/v1/%63hat/completions", "/v1//chat/completions", "/v1/./chat/completions", "/v2/models/m/../x/infer"] {
+            assert!(!canonical_path(p), "{p}");
+        }
+        assert_eq!(kserve_path("/v2/models/m/infer/"), Some(("m", None, "infer")));
+        assert_eq!(kserve_path("/v2/models/m/versions/2/ready"), Some(("m", Some("2"), "ready")));
     }
 
     #[test]

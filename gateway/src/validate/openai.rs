@@ -94,7 +94,7 @@ pub fn check<'c>(
         }
     }
     if let Some(ctx) = lim.context_tokens {
-        if !prompt_key.is_empty() && prompt_tokens + max_out.unwrap_or(0) > ctx {
+        if !prompt_key.is_empty() && prompt_tokens.saturating_add(max_out.unwrap_or(0)) > ctx {
             return Err(Rejection::at(
                 format!("/{prompt_key}"),
                 "context_length_exceeded",
@@ -193,8 +193,8 @@ fn prompt_like(v: Option<&Value<'_>>, key: &'static str, required: bool) -> Resu
             let mut tokens = 0u64;
             for (i, it) in items.iter().enumerate() {
                 match it {
-                    Value::String(s) => tokens += tokens_of(s.len()),
-                    Value::Static(_) if it.as_u64().is_some() => tokens += 1,
+                    Value::String(s) => tokens = tokens.saturating_add(tokens_of(s.len())),
+                    Value::Static(_) if it.as_u64().is_some() => tokens = tokens.saturating_add(1),
                     Value::Array(ids) => {
                         if let Some(j) = ids.iter().position(|x| x.as_u64().is_none()) {
                             return Err(Rejection::at(pointer([Seg::Key(key), Seg::Index(i), Seg::Index(j)]), "invalid_prompt", "token ids must be non-negative integers"));
@@ -237,6 +237,13 @@ mod tests {
         Catalog::new(vec![
             Model { name: "llama".into(), versions: vec![Version::parse("1").unwrap(), Version::parse("2").unwrap()], enabled: true, limits, schema: None },
             Model { name: "off".into(), versions: vec![Version::parse("1").unwrap()], enabled: false, limits: ModelLimits::default(), schema: None },
+            Model {
+                name: "wide".into(),
+                versions: vec![Version::parse("1").unwrap()],
+                enabled: true,
+                limits: ModelLimits { context_tokens: Some(100), ..ModelLimits::default() },
+                schema: None,
+            },
         ])
     }
 
@@ -276,6 +283,9 @@ mod tests {
         for (body, status, reason, ptr) in cases {
             assert_eq!(run(Chat, body), Err((*status, *reason, Some(ptr.to_string()))), "{body}");
         }
+        // No overflow past the context check with an absurd output budget.
+        let huge = format!(r#"{{"model":"wide","messages":[{{"role":"user","content":"x"}}],"max_tokens":{}}}"#, u64::MAX);
+        assert_eq!(run(Chat, &huge), Err((422, "context_length_exceeded", Some("/messages".into()))));
         // 360 bytes ≈ 90 tokens + 20 output > 100.
         let long = format!(r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}],"max_tokens":20}}"#, "a".repeat(360));
         assert_eq!(run(Chat, &long), Err((422, "context_length_exceeded", Some("/messages".into()))));
@@ -303,7 +313,7 @@ mod tests {
     #[test]
     fn models_list_has_only_enabled() {
         let v: serde_json::Value = serde_json::from_slice(&models_list(&catalog())).unwrap();
-        assert_eq!(v["data"].as_array().unwrap().len(), 1);
-        assert_eq!(v["data"][0]["id"], "llama");
+        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["llama", "wide"]);
     }
 }
