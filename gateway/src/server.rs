@@ -385,32 +385,17 @@ fn keep_restart_only(old: &Resolved, mut new: Resolved) -> Result<Resolved, crat
 /// Settings a reload can't change (sockets, threads, drivers are set up once).
 fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
     let (a, b) = (&old.config.server, &new.config.server);
-    let mut out = Vec::new();
-    if old.listen != new.listen {
-        out.push("server.listen");
-    }
-    if a.workers != b.workers {
-        out.push("server.workers");
-    }
-    if a.driver != b.driver {
-        out.push("server.driver");
-    }
-    if a.pin_workers != b.pin_workers {
-        out.push("server.pin_workers");
-    }
-    if a.backlog != b.backlog {
-        out.push("server.backlog");
-    }
-    if a.buffer_size != b.buffer_size {
-        out.push("server.buffer_size");
-    }
-    if old.admin != new.admin {
-        out.push("admin.listen");
-    }
-    if old.config.log.format != new.config.log.format || old.config.log.level != new.config.log.level {
-        out.push("log.format / log.level");
-    }
-    out
+    let changed = [
+        ("server.listen", old.listen != new.listen),
+        ("server.workers", a.workers != b.workers),
+        ("server.driver", a.driver != b.driver),
+        ("server.pin_workers", a.pin_workers != b.pin_workers),
+        ("server.backlog", a.backlog != b.backlog),
+        ("server.buffer_size", a.buffer_size != b.buffer_size),
+        ("admin.listen", old.admin != new.admin),
+        ("log.format / log.level", old.config.log.format != new.config.log.format || old.config.log.level != new.config.log.level),
+    ];
+    changed.into_iter().filter(|(_, c)| *c).map(|(k, _)| k).collect()
 }
 
 /// CPUs this process may run on, in order.
