@@ -398,13 +398,20 @@ async fn exchange(
     });
     let mut replaced: Option<Vec<u8>> = None;
     let mut head_copy: Option<Vec<u8>> = None;
-    if let (Some(f), Some("application/json"), BodyKind::Length(n)) = (&filter, media.as_deref(), up_body) {
-        if n <= MAX_FILTERED_BODY {
-            // The head's ranges index the buffer that reading the body reuses.
-            head_copy = Some(up.conn.pending()[..resp.head_len].to_vec());
-            let whole = read_exact_body(&mut up.conn, resp.head_len, n, client.raw_fd(), route.response_timeout, deadline).await?;
-            replaced = Some(f.apply_json(&whole).unwrap_or(whole));
-        }
+    if let (Some(f), Some("application/json")) = (&filter, media.as_deref()) {
+        let whole = match up_body {
+            BodyKind::Length(n) if n <= MAX_FILTERED_BODY => {
+                // The head's ranges index the buffer that reading the body reuses.
+                head_copy = Some(up.conn.pending()[..resp.head_len].to_vec());
+                Some(read_exact_body(&mut up.conn, resp.head_len, n, client.raw_fd(), route.response_timeout, deadline).await?)
+            }
+            BodyKind::Chunked => {
+                head_copy = Some(up.conn.pending()[..resp.head_len].to_vec());
+                Some(read_chunked_body(&mut up.conn, resp.head_len, client.raw_fd(), route.response_timeout, deadline).await?)
+            }
+            _ => None,
+        };
+        replaced = whole.map(|w| f.apply_json(&w).unwrap_or(w));
     }
     let mut sse = match (&filter, media.as_deref(), up_body) {
         (Some(f), Some("text/event-stream"), BodyKind::Chunked | BodyKind::UntilClose) => Some(crate::filter::SseFilter::new(f.clone(), MAX_FILTERED_EVENT)),
@@ -613,6 +620,42 @@ async fn read_exact_body(
         up.consume(skip);
     }
     Ok(body)
+}
+
+/// Read a whole chunked response body (payload only, at most
+/// MAX_FILTERED_BODY: fields can't be dropped from what isn't held, so a
+/// larger one fails closed) and consume head and body.
+async fn read_chunked_body(
+    up: &mut Conn,
+    skip: usize,
+    client_fd: std::os::fd::RawFd,
+    response_timeout: Duration,
+    deadline: Option<Instant>,
+) -> Result<Vec<u8>, ProxyError> {
+    let mut body = Vec::new();
+    let mut dec = ChunkedDecoder::new();
+    let mut skip = skip;
+    loop {
+        let p = &up.pending()[skip..];
+        let n = dec.feed(p, |r| body.extend_from_slice(&p[r])).map_err(|_| UpstreamError::BadResponse)?;
+        up.consume(skip + n);
+        skip = 0;
+        if body.len() as u64 > MAX_FILTERED_BODY {
+            tracing::warn!(limit = MAX_FILTERED_BODY, "JSON response too large to filter; refused");
+            return Err(UpstreamError::BadResponse.into());
+        }
+        if dec.is_done() {
+            return Ok(body);
+        }
+        let (wait, is_total) = wait_for(response_timeout, deadline);
+        match up.fill_watching(wait, client_fd).await {
+            Ok(0) => return Err(UpstreamError::Closed.into()),
+            Ok(_) => {}
+            Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
+            Err(ReadError::Timeout) => return Err(if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout }.into()),
+            Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
+        }
+    }
 }
 
 /// A failed write to the client: it went away, or stopped reading.

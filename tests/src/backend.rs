@@ -16,6 +16,7 @@
 //! | `/big?bytes=N` | N bytes with Content-Length |
 //! | `/reset` | head announcing 100000 bytes, 10 bytes, then RST |
 //! | `/drop` | reads the request, closes without answering |
+//! | `/json-chunked` | a small JSON object sent chunked |
 //! | `/te-gzip` | a response with `Transfer-Encoding: gzip, chunked` |
 //! | `/reject-upload` | answers 413 as soon as the head arrives, never reads the body, closes |
 
@@ -226,6 +227,12 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                 *g = g.saturating_sub(1);
                 drop(g);
                 chunk(&mut w, b"data: [DONE]\n\n")?;
+                w.write_all(b"0\r\n\r\n")?;
+            }
+            "/json-chunked" => {
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")?;
+                chunk(&mut w, br#"{"id":"secret-internal","keep":"#)?;
+                chunk(&mut w, br#"1}"#)?;
                 w.write_all(b"0\r\n\r\n")?;
             }
             "/te-gzip" => {

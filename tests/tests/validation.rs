@@ -295,6 +295,12 @@ fn response_fields_are_dropped(d: Driver) {
     assert!(v.get("headers").is_none(), "{v}");
     assert_eq!(v["path"], "/some/path");
     assert_eq!(r.header("content-length").unwrap(), r.body.len().to_string());
+    // Chunked JSON too: read whole, filtered, sent with a length.
+    c.send(b"GET /json-chunked HTTP/1.1\r\nHost: filtered.test\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    assert!(!r.chunked);
+    assert_eq!(r.json(), serde_json::json!({"keep": 1}));
     // An SSE stream: each JSON event rewritten, [DONE] and framing intact,
     // and the connection still usable afterwards.
     let body = br#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
