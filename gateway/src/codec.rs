@@ -384,6 +384,7 @@ pub fn valid_request_id(v: &[u8]) -> bool {
 pub fn parse_response(
     buf: &[u8],
     max_head: usize,
+    max_headers: usize,
     request_was_head: bool,
     out: &mut ResponseHead,
 ) -> Result<bool, UpstreamError> {
@@ -400,8 +401,8 @@ pub fn parse_response(
     if !line_endings_ok(head) {
         return Err(UpstreamError::BadResponse);
     }
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut headers);
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers[..max_headers.min(MAX_HEADERS)]);
     match resp.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return Err(UpstreamError::BadResponse),
@@ -786,17 +787,17 @@ mod tests {
     fn response_framing() {
         let mut r = ResponseHead::default();
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Request-Id: up\r\n\r\n";
-        assert!(parse_response(raw, 4096, false, &mut r).unwrap());
+        assert!(parse_response(raw, 4096, 64, false, &mut r).unwrap());
         assert_eq!(r.body_kind(), BodyKind::Chunked);
         assert!(r.keep_alive);
         let raw = b"HTTP/1.1 200 OK\r\n\r\n";
-        parse_response(raw, 4096, false, &mut r).unwrap();
+        parse_response(raw, 4096, 64, false, &mut r).unwrap();
         assert_eq!(r.body_kind(), BodyKind::UntilClose);
         assert!(!r.keep_alive);
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(parse_response(raw, 4096, false, &mut r).is_err());
+        assert!(parse_response(raw, 4096, 64, false, &mut r).is_err());
         let raw = b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n";
-        parse_response(raw, 4096, false, &mut r).unwrap();
+        parse_response(raw, 4096, 64, false, &mut r).unwrap();
         assert_eq!(r.body_kind(), BodyKind::Empty);
     }
 }

@@ -227,6 +227,8 @@ pub struct Limits {
     pub max_request_body_bytes: u64,
     /// Bytes of an upstream response head; over it → 502.
     pub max_response_header_bytes: usize,
+    /// Headers in an upstream response head; over it → 502.
+    pub max_response_headers: usize,
     /// JSON request bodies are read whole to be checked: at most this many bytes → 413.
     pub max_json_body_bytes: u64,
     /// Deepest nesting of a JSON body → 400.
@@ -243,6 +245,7 @@ impl Default for Limits {
             max_uri_bytes: 8 * 1024,
             max_request_body_bytes: 64 * 1024 * 1024,
             max_response_header_bytes: 32 * 1024,
+            max_response_headers: 128,
             max_json_body_bytes: 16 * 1024 * 1024,
             json_max_depth: 64,
             json_max_elements: 2 * 1024 * 1024,
@@ -506,6 +509,7 @@ impl Config {
         for (k, v, min) in [
             ("limits.max_header_bytes", l.max_header_bytes, 256usize),
             ("limits.max_headers", l.max_headers, 4),
+            ("limits.max_response_headers", l.max_response_headers, 4),
             ("limits.max_uri_bytes", l.max_uri_bytes, 16),
             ("limits.max_response_header_bytes", l.max_response_header_bytes, 256),
         ] {
@@ -513,8 +517,10 @@ impl Config {
                 err(k.into(), format!("must be at least {min}"));
             }
         }
-        if l.max_headers > crate::codec::MAX_HEADERS {
-            err("limits.max_headers".into(), format!("must be at most {}", crate::codec::MAX_HEADERS));
+        for (k, v) in [("limits.max_headers", l.max_headers), ("limits.max_response_headers", l.max_response_headers)] {
+            if v > crate::codec::MAX_HEADERS {
+                err(k.into(), format!("must be at most {}", crate::codec::MAX_HEADERS));
+            }
         }
         if l.max_header_bytes > self.server.buffer_size {
             err("limits.max_header_bytes".into(), format!("must not exceed server.buffer_size ({})", self.server.buffer_size));

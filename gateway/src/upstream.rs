@@ -332,7 +332,7 @@ async fn exchange(
 
         // Response head; informational (1xx) responses are skipped.
         loop {
-            match codec::parse_response(up.conn.pending(), cur.shared.limits.max_response_header_bytes, head.is_head, &mut resp) {
+            match codec::parse_response(up.conn.pending(), cur.shared.limits.max_response_header_bytes, cur.shared.limits.max_response_headers, head.is_head, &mut resp) {
                 Ok(true) if resp.status == 101 => return Err(UpstreamError::BadResponse.into()),
                 Ok(true) if (100..200).contains(&resp.status) => {
                     up.conn.consume(resp.head_len);
