@@ -156,7 +156,11 @@ fn find_program(name: &str) -> Option<PathBuf> {
 // test
 
 fn test() -> Result {
-    setup()?;
+    // The tests bring their own peers (backends, clients); the packages are for
+    // `run` and `bench`. A broken mirror must not fail the test run.
+    if let Err(e) = setup() {
+        eprintln!("xtask test: setup incomplete ({e}); the tests need none of it, continuing");
+    }
     build_release_binaries()?;
     let target = target_dir();
     let mut failed = Vec::new();
