@@ -173,6 +173,7 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
                 backends: a.upstream.clone(),
                 pool_max_idle: 64,
                 pool_idle_timeout: std::time::Duration::from_secs(4),
+                max_connections: 512,
             },
         );
         cfg.routes = vec![config::RouteConfig {

@@ -318,6 +318,15 @@ pub struct ClusterConfig {
     /// backend's own keep-alive timeout (uvicorn, under vLLM, closes after 5 s).
     #[serde(default = "default_pool_idle_timeout", deserialize_with = "duration")]
     pub pool_idle_timeout: Duration,
+    /// Open connections (in use + idle) to each backend, per worker. At the
+    /// limit a request tries the next backend, then waits up to the connect
+    /// timeout for a free one, then gets 503 + Retry-After.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    512
 }
 
 fn default_pool_max_idle() -> usize {
@@ -553,6 +562,12 @@ impl Config {
             }
             if c.backends.is_empty() {
                 err(format!("{key}.backends"), "give at least one backend, e.g. [\"10.0.0.5:8000\"]".into());
+            }
+            if c.max_connections == 0 {
+                err(format!("{key}.max_connections"), "must be at least 1".into());
+            }
+            if c.pool_max_idle > c.max_connections {
+                err(format!("{key}.pool_max_idle"), format!("must not exceed max_connections ({})", c.max_connections));
             }
             if c.pool_idle_timeout.is_zero() {
                 err(format!("{key}.pool_idle_timeout"), "must be more than 0".into());

@@ -102,6 +102,8 @@ pub enum UpstreamError {
     TotalTimeout,
     #[error("backend stopped reading the request")]
     SendTimeout,
+    #[error("every backend is at its connection limit")]
+    Saturated,
 }
 
 impl UpstreamError {
@@ -116,12 +118,14 @@ impl UpstreamError {
             UpstreamError::ResponseTimeout => "response_timeout",
             UpstreamError::TotalTimeout => "total_timeout",
             UpstreamError::SendTimeout => "send_timeout",
+            UpstreamError::Saturated => "saturated",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
             UpstreamError::ResponseTimeout | UpstreamError::TotalTimeout | UpstreamError::SendTimeout => 504,
+            UpstreamError::Saturated => 503,
             _ => 502,
         }
     }
@@ -177,6 +181,7 @@ impl ProxyError {
                 ClientError::ClientClosed | ClientError::SendTimeout => "client_closed",
             },
             ProxyError::Upstream(u) if u.status() == 504 => "gateway_timeout",
+            ProxyError::Upstream(UpstreamError::Saturated) => "service_unavailable",
             ProxyError::Upstream(_) => "bad_gateway",
             ProxyError::Internal => "internal_error",
         }
@@ -207,6 +212,7 @@ impl ProxyError {
                 UpstreamError::ConnectRefused | UpstreamError::ConnectTimeout | UpstreamError::ConnectError => {
                     "the upstream service is unavailable"
                 }
+                UpstreamError::Saturated => "the upstream service is at capacity; retry shortly",
                 _ => "the upstream service failed to answer",
             },
             ProxyError::Internal => "internal error",
@@ -232,7 +238,14 @@ impl ProxyError {
 
     /// Append a complete HTTP/1.1 error response to `out`.
     pub fn to_response(self, request_id: &str, close: bool, out: &mut Vec<u8>) {
-        let e = ErrorBody { status: self.status(), error_type: self.error_type(), message: self.public_message(), code: None, param: None };
+        let e = ErrorBody {
+            status: self.status(),
+            error_type: self.error_type(),
+            message: self.public_message(),
+            code: None,
+            param: None,
+            retry_after: (self.status() == 503).then_some(1),
+        };
         e.write(request_id, close, out);
     }
 }
@@ -247,6 +260,8 @@ pub struct ErrorBody<'a> {
     /// Machine-readable reason (validation errors).
     pub code: Option<&'a str>,
     pub param: Option<&'a str>,
+    /// Seconds for `Retry-After` (503s).
+    pub retry_after: Option<u32>,
 }
 
 impl ErrorBody<'_> {
@@ -273,6 +288,9 @@ impl ErrorBody<'_> {
             body.len(),
             request_id
         );
+        if let Some(s) = self.retry_after {
+            let _ = write!(head, "retry-after: {s}\r\n");
+        }
         if close {
             head.push_str("connection: close\r\n");
         }

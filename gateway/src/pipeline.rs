@@ -127,7 +127,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 }
                 let keep = head.keep_alive && (refused.body_read || head.body_kind() == codec::BodyKind::Empty) && !w.draining.get();
                 out.clear();
-                ErrorBody { status: r.status, error_type: validation_type(r.status), message: &r.message, code: Some(r.reason), param: r.pointer.as_deref() }
+                ErrorBody { status: r.status, error_type: validation_type(r.status), message: &r.message, code: Some(r.reason), param: r.pointer.as_deref(), retry_after: None }
                     .write(&rid, !keep, &mut out);
                 if head.is_head {
                     truncate_to_head(&mut out);

@@ -7,7 +7,9 @@
 //! `e`'s status; with `response_started: true` → the client connection must
 //! be closed (the response is cut short, which the client can detect).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -25,6 +27,8 @@ use crate::worker::{Current, Worker};
 pub struct Cluster {
     pub name: String,
     pub backends: Vec<SocketAddr>,
+    /// Open connections per backend per worker (in use + idle).
+    pub max_connections: usize,
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
 }
@@ -43,6 +47,21 @@ const COALESCE_MAX: usize = 16 * 1024;
 struct Idle {
     conn: Conn,
     since: Instant,
+    slot: Slot,
+}
+
+/// One open connection to a backend, counted against its cluster's
+/// `max_connections`; released (and a waiter woken) when dropped.
+pub struct Slot {
+    open: Rc<Cell<usize>>,
+    released: Rc<event_listener::Event>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.set(self.open.get() - 1);
+        self.released.notify(1);
+    }
 }
 
 /// Idle keep-alive connections of one worker, `[cluster][backend]`, most
@@ -51,6 +70,11 @@ pub struct Pool {
     idle: Vec<Vec<VecDeque<Idle>>>,
     max_idle: Vec<usize>,
     idle_timeout: Vec<Duration>,
+    /// Open connections (in use and idle) per `[cluster][backend]`.
+    open: Vec<Vec<Rc<Cell<usize>>>>,
+    max_open: Vec<usize>,
+    /// Woken when a connection closes: a request waiting for a slot retries.
+    released: Rc<event_listener::Event>,
 }
 
 impl Pool {
@@ -59,11 +83,24 @@ impl Pool {
             idle: clusters.iter().map(|c| c.backends.iter().map(|_| VecDeque::new()).collect()).collect(),
             max_idle: clusters.iter().map(|c| c.pool_max_idle).collect(),
             idle_timeout: clusters.iter().map(|c| c.pool_idle_timeout).collect(),
+            open: clusters.iter().map(|c| c.backends.iter().map(|_| Rc::new(Cell::new(0))).collect()).collect(),
+            max_open: clusters.iter().map(|c| c.max_connections).collect(),
+            released: Rc::new(event_listener::Event::new()),
         }
     }
 
+    /// A slot for a new connection, unless the backend is at `max_connections`.
+    fn try_slot(&self, cluster: usize, backend: usize) -> Option<Slot> {
+        let open = &self.open[cluster][backend];
+        if open.get() >= self.max_open[cluster] {
+            return None;
+        }
+        open.set(open.get() + 1);
+        Some(Slot { open: open.clone(), released: self.released.clone() })
+    }
+
     /// A live idle connection to this backend; `.1` is how many were discarded.
-    fn take(&mut self, cluster: usize, backend: usize) -> (Option<Conn>, usize) {
+    fn take(&mut self, cluster: usize, backend: usize) -> (Option<(Conn, Slot)>, usize) {
         let timeout = self.idle_timeout[cluster];
         let q = &mut self.idle[cluster][backend];
         let mut dropped = 0;
@@ -80,17 +117,19 @@ impl Pool {
                 dropped += 1;
                 continue;
             }
-            return (Some(i.conn), dropped);
+            return (Some((i.conn, i.slot)), dropped);
         }
         (None, dropped)
     }
 
-    fn put(&mut self, cluster: usize, backend: usize, conn: Conn) -> bool {
+    fn put(&mut self, cluster: usize, backend: usize, conn: Conn, slot: Slot) -> bool {
         let q = &mut self.idle[cluster][backend];
         if q.len() >= self.max_idle[cluster] {
             return false;
         }
-        q.push_back(Idle { conn, since: Instant::now() });
+        q.push_back(Idle { conn, since: Instant::now(), slot });
+        // A request waiting for a slot can take this connection now.
+        self.released.notify(1);
         true
     }
 
@@ -128,42 +167,65 @@ pub struct UpConn {
     pub backend: usize,
     pub addr: SocketAddr,
     pub reused: bool,
+    slot: Slot,
 }
 
 /// Connect or reuse. Connect failures move on to the next backend (nothing
 /// was sent); after every backend failed, the last error is returned (→ 502).
 async fn checkout(w: &Worker, cur: &Current, route: &Route, allow_pooled: bool, deadline: Option<Instant>) -> Result<UpConn, UpstreamError> {
     let cl = &cur.shared.clusters[route.cluster];
-    let mut last = UpstreamError::ConnectError;
-    for _ in 0..cl.backends.len() {
-        let b = cur.next_backend(route.cluster);
-        let addr = cl.backends[b];
-        if allow_pooled {
-            let (conn, dropped) = cur.pool.borrow_mut().take(route.cluster, b);
-            let gauge = &cur.pool_idle[route.cluster];
-            gauge.sub(dropped as i64 + i64::from(conn.is_some()));
-            if let Some(conn) = conn {
-                w.metrics.inc(&w.metrics.upstream_reused, &[&cl.name], 1);
-                return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: true });
+    // Waiting for a free slot (every backend at max_connections) is bounded
+    // like a connect.
+    let (wait, _) = wait_for(route.connect_timeout, deadline);
+    let give_up = Instant::now() + wait;
+    let released = cur.pool.borrow().released.clone();
+    loop {
+        let mut last = UpstreamError::Saturated;
+        for _ in 0..cl.backends.len() {
+            let b = cur.next_backend(route.cluster);
+            let addr = cl.backends[b];
+            if allow_pooled {
+                let (conn, dropped) = cur.pool.borrow_mut().take(route.cluster, b);
+                let gauge = &cur.pool_idle[route.cluster];
+                gauge.sub(dropped as i64 + i64::from(conn.is_some()));
+                if let Some((conn, slot)) = conn {
+                    w.metrics.inc(&w.metrics.upstream_reused, &[&cl.name], 1);
+                    return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: true, slot });
+                }
+            }
+            let Some(slot) = cur.pool.borrow().try_slot(route.cluster, b) else {
+                continue;
+            };
+            let (wait, is_total) = wait_for(route.connect_timeout, deadline);
+            if is_total && wait.is_zero() {
+                return Err(UpstreamError::TotalTimeout);
+            }
+            match connect(addr, wait, cur.shared.buffer_size).await {
+                Ok(conn) => {
+                    w.metrics.inc(&w.metrics.upstream_connections, &[&cl.name], 1);
+                    return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: false, slot });
+                }
+                Err(e) => {
+                    w.metrics.inc(&w.metrics.upstream_errors, &[&cl.name, e.kind()], 1);
+                    tracing::warn!(cluster = %cl.name, backend = %addr, kind = e.kind(), "upstream connect failed");
+                    last = e;
+                }
             }
         }
-        let (wait, is_total) = wait_for(route.connect_timeout, deadline);
-        if is_total && wait.is_zero() {
-            return Err(UpstreamError::TotalTimeout);
+        if last != UpstreamError::Saturated {
+            return Err(last);
         }
-        match connect(addr, wait, cur.shared.buffer_size).await {
-            Ok(conn) => {
-                w.metrics.inc(&w.metrics.upstream_connections, &[&cl.name], 1);
-                return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: false });
-            }
-            Err(e) => {
-                w.metrics.inc(&w.metrics.upstream_errors, &[&cl.name, e.kind()], 1);
-                tracing::warn!(cluster = %cl.name, backend = %addr, kind = e.kind(), "upstream connect failed");
-                last = e;
-            }
+        // Every backend is at max_connections: wait for one to free up.
+        let left = give_up.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(UpstreamError::Saturated);
         }
+        // Still `Saturated` means this pass made no connect attempt, so it
+        // never yielded: no slot can have been freed since it looked, and
+        // listening now misses nothing (single-threaded worker).
+        let freed = released.listen();
+        let _ = monoio::time::timeout(left, freed).await;
     }
-    Err(last)
 }
 
 async fn connect(addr: SocketAddr, timeout: Duration, buffer: usize) -> Result<Conn, UpstreamError> {
@@ -563,7 +625,7 @@ async fn exchange(
     let reusable = resp.keep_alive && up_body != BodyKind::UntilClose && up.conn.pending().is_empty() && !upload_cut;
     if reusable {
         let mut pool = cur.pool.borrow_mut();
-        if pool.put(up.cluster, up.backend, up.conn) {
+        if pool.put(up.cluster, up.backend, up.conn, up.slot) {
             cur.pool_idle[up.cluster].inc();
         }
     }

@@ -80,6 +80,7 @@ impl Shared {
                     name: n.clone(),
                     backends: r.clusters[n].clone(),
                     pool_max_idle: c.pool_max_idle,
+                    max_connections: c.max_connections,
                     pool_idle_timeout: c.pool_idle_timeout,
                 }
             })

@@ -242,3 +242,33 @@ both_drivers!(timeouts_with_buffered_bytes_never_take_the_worker_down, |d: Drive
     }
     assert_eq!(g.metric(&["gateway_connection_panics_total"]), 0.0);
 });
+
+both_drivers!(backend_connection_cap_queues_then_sheds, |d: Driver| {
+    let b = Backend::start("gpu");
+    let body = format!(
+        "[clusters.b]\nbackends = [\"{}\"]\nmax_connections = 1\npool_max_idle = 1\n\n\
+[[routes]]\nname = \"patient\"\npath_prefix = \"/wait/\"\ncluster = \"b\"\n[routes.timeouts]\nupstream_connect = \"5s\"\n\n\
+[[routes]]\nname = \"impatient\"\npath_prefix = \"/\"\ncluster = \"b\"\n[routes.timeouts]\nupstream_connect = \"300ms\"\n",
+        b.addr
+    );
+    let mut spec = Spec::new(d, &body);
+    spec.workers = 1;
+    let g = Gateway::start(spec);
+    // The only slot is busy for 1.5 s.
+    let mut busy = Client::connect(g.addr);
+    busy.send(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: a\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    // A request that can't wait that long is shed with 503 + Retry-After…
+    let r = request(g.addr, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.error_type(), "service_unavailable");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // …one that can is queued and served on the freed connection.
+    let waiter = std::thread::spawn(move || request(g.addr, b"GET /wait/y HTTP/1.1\r\nHost: a\r\n\r\n"));
+    assert_eq!(busy.read_response().status, 200);
+    let r = waiter.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/wait/y");
+    assert_eq!(b.connections(), 1, "the cap allows one connection to the backend: {}", g.metrics());
+    drop(g);
+});
