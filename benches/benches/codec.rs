@@ -28,9 +28,13 @@ Connection: keep-alive\r\n\
 
 /// A head with 60 headers: far more than clients send, well under the limit (100).
 fn many_headers() -> Vec<u8> {
-    let mut h = b"POST /v1/completions HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 42\r\n".to_vec();
+    let mut h = b"POST /v1/completions HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 42\r\n"
+        .to_vec();
     for i in 0..58 {
-        h.extend_from_slice(format!("X-Custom-Header-{i:02}: value-{i:02}-abcdefghijklmnopqrstuvwxyz\r\n").as_bytes());
+        h.extend_from_slice(
+            format!("X-Custom-Header-{i:02}: value-{i:02}-abcdefghijklmnopqrstuvwxyz\r\n")
+                .as_bytes(),
+        );
     }
     h.extend_from_slice(b"\r\n");
     h
@@ -51,13 +55,21 @@ fn chunked_body() -> Vec<u8> {
 fn bench_parse_request(c: &mut Criterion) {
     let limits = Limits::default();
     let many = many_headers();
-    let cases: [(&str, &[u8]); 3] = [("small_get", SMALL_GET), ("chat_post_12h", CHAT_POST), ("60_headers", &many)];
+    let cases: [(&str, &[u8]); 3] = [
+        ("small_get", SMALL_GET),
+        ("chat_post_12h", CHAT_POST),
+        ("60_headers", &many),
+    ];
 
     let mut g = c.benchmark_group("parse_request");
     for (name, buf) in cases {
         let mut head = RequestHead::default();
         // A benchmark of an error path would measure the wrong thing.
-        assert_eq!(parse_request(buf, &limits, &mut head), Ok(true), "{name} must parse");
+        assert_eq!(
+            parse_request(buf, &limits, &mut head),
+            Ok(true),
+            "{name} must parse"
+        );
         g.throughput(Throughput::Bytes(buf.len() as u64));
         g.bench_function(name, |b| {
             b.iter(|| {
@@ -76,7 +88,9 @@ fn bench_chunked(c: &mut Criterion) {
         let mut payload = 0usize;
         let mut consumed = 0usize;
         for part in body.chunks(reads) {
-            consumed += dec.feed(black_box(part), |r| payload += r.len()).expect("valid chunked body");
+            consumed += dec
+                .feed(black_box(part), |r| payload += r.len())
+                .expect("valid chunked body");
         }
         assert!(dec.is_done());
         (consumed, payload)

@@ -47,7 +47,12 @@ fn config_toml() -> String {
             1 => "methods = [\"POST\", \"PUT\"]\n",
             _ => "",
         };
-        writeln!(t, "[[routes]]\nname = \"svc{i}\"\n{path}\n{methods}cluster = \"{}\"\n", clusters[i % 5]).unwrap();
+        writeln!(
+            t,
+            "[[routes]]\nname = \"svc{i}\"\n{path}\n{methods}cluster = \"{}\"\n",
+            clusters[i % 5]
+        )
+        .unwrap();
     }
     t
 }
@@ -60,15 +65,45 @@ fn bench_route(c: &mut Criterion) {
     let router = Router::new(&config, &names);
 
     // (bench name, Host, request target, method, expected route)
-    type Case = (&'static str, &'static [u8], &'static [u8], &'static [u8], Option<&'static str>);
+    type Case = (
+        &'static str,
+        &'static [u8],
+        &'static [u8],
+        &'static [u8],
+        Option<&'static str>,
+    );
     let cases: [Case; 4] = [
         // First route of the exact-host group.
-        ("early_exact_host", b"tenant0.api.example.com", b"/v1/chat/completions", b"POST", Some("tenant0-chat")),
+        (
+            "early_exact_host",
+            b"tenant0.api.example.com",
+            b"/v1/chat/completions",
+            b"POST",
+            Some("tenant0-chat"),
+        ),
         // Wildcard host, longest-suffix scan.
-        ("wildcard_host", b"gpu7.region9.example.net:443", b"/v1/embeddings?x=1", b"POST", Some("region9")),
+        (
+            "wildcard_host",
+            b"gpu7.region9.example.net:443",
+            b"/v1/embeddings?x=1",
+            b"POST",
+            Some("region9"),
+        ),
         // Last host-less route: every earlier host-less route is tried first.
-        ("late_any_host", b"unknown.example.org", b"/v1/svc29/infer", b"PUT", Some("svc29")),
-        ("miss", b"unknown.example.org", b"/v2/nothing/here", b"GET", None),
+        (
+            "late_any_host",
+            b"unknown.example.org",
+            b"/v1/svc29/infer",
+            b"PUT",
+            Some("svc29"),
+        ),
+        (
+            "miss",
+            b"unknown.example.org",
+            b"/v2/nothing/here",
+            b"GET",
+            None,
+        ),
     ];
 
     let mut g = c.benchmark_group("route_50");
@@ -76,7 +111,10 @@ fn bench_route(c: &mut Criterion) {
         let got = router.route(host, target, method).map(|r| r.name.as_str());
         assert_eq!(got, want, "{name}: wrong route");
         g.bench_function(name, |b| {
-            b.iter(|| black_box(router.route(black_box(host), black_box(target), black_box(method))).is_some())
+            b.iter(|| {
+                black_box(router.route(black_box(host), black_box(target), black_box(method)))
+                    .is_some()
+            })
         });
     }
     g.finish();

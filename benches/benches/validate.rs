@@ -20,7 +20,9 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use gateway::config::Resolved;
 use gateway::validate::openai::Endpoint;
-use gateway::validate::{check_json, check_json_in, check_limits, check_parsed, depth_within, JsonKind, Rejection, Rules};
+use gateway::validate::{
+    check_json, check_json_in, check_limits, check_parsed, depth_within, JsonKind, Rejection, Rules,
+};
 
 /// A catalogue with an LLM and an image model, one OpenAI and one KServe route.
 const CONFIG: &str = r#"
@@ -90,14 +92,19 @@ fn serde_path(kind: JsonKind<'_>, body: &[u8], rules: &Rules) -> Result<bool, Re
     if !depth_within(body, rules.json.max_depth) {
         return Err(Rejection::new(400, "json_too_deep", "too deep"));
     }
-    let v: simd_json::BorrowedValue<'_> =
-        serde_json::from_slice(body).map_err(|_| Rejection::new(400, "invalid_json", "not JSON"))?;
+    let v: simd_json::BorrowedValue<'_> = serde_json::from_slice(body)
+        .map_err(|_| Rejection::new(400, "invalid_json", "not JSON"))?;
     check_limits(&v, rules.json)?;
     Ok(check_parsed(kind, &v, rules, None)?.model.is_some())
 }
 
 /// The gateway's own path: copy into the scratch buffer, parse in place, check.
-fn simd_path(kind: JsonKind<'_>, body: &[u8], scratch: &mut Vec<u8>, rules: &Rules) -> Result<bool, Rejection> {
+fn simd_path(
+    kind: JsonKind<'_>,
+    body: &[u8],
+    scratch: &mut Vec<u8>,
+    rules: &Rules,
+) -> Result<bool, Rejection> {
     scratch.clear();
     scratch.extend_from_slice(body);
     Ok(check_json(kind, scratch, rules, None)?.model.is_some())
@@ -113,16 +120,30 @@ fn simd_reused_path(
 ) -> Result<bool, Rejection> {
     scratch.clear();
     scratch.extend_from_slice(body);
-    Ok(check_json_in(kind, scratch, rules, None, buffers)?.model.is_some())
+    Ok(check_json_in(kind, scratch, rules, None, buffers)?
+        .model
+        .is_some())
 }
 
 fn all_paths(g: &mut BenchmarkGroup<'_, WallTime>, kind: JsonKind<'_>, body: &[u8], rules: &Rules) {
     let mut scratch = Vec::with_capacity(body.len());
     let mut buffers = simd_json::Buffers::default();
     // A benchmark of a rejection would measure the wrong thing.
-    assert_eq!(simd_path(kind, body, &mut scratch, rules), Ok(true), "simd-json path must admit the body");
-    assert_eq!(simd_reused_path(kind, body, &mut scratch, &mut buffers, rules), Ok(true), "reused buffers must admit the body");
-    assert_eq!(serde_path(kind, body, rules), Ok(true), "serde_json path must admit the body");
+    assert_eq!(
+        simd_path(kind, body, &mut scratch, rules),
+        Ok(true),
+        "simd-json path must admit the body"
+    );
+    assert_eq!(
+        simd_reused_path(kind, body, &mut scratch, &mut buffers, rules),
+        Ok(true),
+        "reused buffers must admit the body"
+    );
+    assert_eq!(
+        serde_path(kind, body, rules),
+        Ok(true),
+        "serde_json path must admit the body"
+    );
 
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("simd_json", |b| {
@@ -154,13 +175,16 @@ fn bench_validate(c: &mut Criterion) {
     let infer = JsonKind::KserveInfer("resnet", None);
 
     let mut g = c.benchmark_group(format!("validate_openai_chat_{}b", CHAT.len()));
-    g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_secs(1));
     all_paths(&mut g, chat, CHAT.as_bytes(), &rules);
     g.finish();
 
     let mib = kserve_body(1 << 20);
     let mut g = c.benchmark_group("validate_kserve_1mib");
-    g.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
     all_paths(&mut g, infer, &mib, &rules);
     g.finish();
     drop(mib);
@@ -168,7 +192,9 @@ fn bench_validate(c: &mut Criterion) {
     // Just under the default limits.max_json_body_bytes (16 MiB).
     let big = kserve_body((16 << 20) - 4096);
     let mut g = c.benchmark_group("validate_kserve_16mib");
-    g.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
     all_paths(&mut g, infer, &big, &rules);
     g.finish();
 }

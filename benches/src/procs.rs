@@ -53,15 +53,27 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// First line of what `program args` prints on stdout or stderr (`nginx -v` uses stderr).
 pub fn version_line(program: &Path, args: &[&str]) -> String {
-    match Command::new(program).args(args).stdin(Stdio::null()).output() {
+    match Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+    {
         Ok(out) => {
             let text = [out.stdout, out.stderr].concat();
-            String::from_utf8_lossy(&text).lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
         }
         Err(e) => format!("unknown ({e})"),
     }
@@ -76,7 +88,9 @@ pub fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 
@@ -96,7 +110,9 @@ pub fn pinned(cpu: Option<usize>, taskset: Option<&Path>, program: &Path) -> Com
 /// measured instead of ours.
 pub fn ensure_port_free(addr: SocketAddr) -> Result {
     match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-        Ok(_) => Err(format!("{addr} is already in use; stop whatever listens there (a previous loadbench?)")),
+        Ok(_) => Err(format!(
+            "{addr} is already in use; stop whatever listens there (a previous loadbench?)"
+        )),
         Err(_) => Ok(()),
     }
 }
@@ -131,7 +147,9 @@ fn parent_pid(pid: u32) -> Option<u32> {
 
 /// Live children of `pid` (nginx's workers), found by scanning /proc.
 pub fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&p| parent_pid(p) == Some(pid))
         .collect()
@@ -148,11 +166,18 @@ pub struct Server {
 impl Server {
     /// Start `cmd` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Server> {
-        let out = File::create(log).map_err(|e| format!("{name}: cannot create {}: {e}", log.display()))?;
+        let out = File::create(log)
+            .map_err(|e| format!("{name}: cannot create {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| format!("{name}: {e}"))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd.spawn().map_err(|e| format!("{name}: cannot start {:?}: {e}", cmd.get_program()))?;
-        Ok(Server { name: name.to_string(), child, log: log.to_path_buf() })
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("{name}: cannot start {:?}: {e}", cmd.get_program()))?;
+        Ok(Server {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -178,7 +203,10 @@ impl Server {
         let pid = self.pid();
         let mut ticks = cpu_ticks(pid)?;
         if with_children {
-            ticks += children_of(pid).into_iter().filter_map(cpu_ticks).sum::<u64>();
+            ticks += children_of(pid)
+                .into_iter()
+                .filter_map(cpu_ticks)
+                .sum::<u64>();
         }
         Some(ticks as f64 / clock_ticks_per_second())
     }
@@ -192,7 +220,10 @@ impl Server {
                 return Err("interrupted".into());
             }
             if let Some(status) = self.exited() {
-                return Err(format!("exited during startup ({status}); {}", self.log_tail(15)));
+                return Err(format!(
+                    "exited during startup ({status}); {}",
+                    self.log_tail(15)
+                ));
             }
             match http_status(addr, path) {
                 Ok(200) => return Ok(()),
@@ -201,7 +232,10 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Err(format!("not ready on {addr} after {limit:?} (last: {last}); {}", self.log_tail(15)))
+        Err(format!(
+            "not ready on {addr} after {limit:?} (last: {last}); {}",
+            self.log_tail(15)
+        ))
     }
 }
 
@@ -238,7 +272,10 @@ impl Drop for Server {
 
 /// One `GET path` with `Connection: close`: the status code, or why not.
 pub fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
-    request_status(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"))
+    request_status(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
 }
 
 /// One `POST path` of a JSON body with `Connection: close`: the status code, or why not.
@@ -255,8 +292,11 @@ pub fn post_json_status(addr: SocketAddr, path: &str, body: &str) -> Result<u16>
 fn request_status(addr: SocketAddr, request: &str) -> Result<u16> {
     let timeout = Duration::from_millis(500);
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(timeout)).and_then(|_| s.set_write_timeout(Some(timeout))).map_err(|e| e.to_string())?;
-    s.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|_| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut buf = [0u8; 64];
     let mut n = 0;
     while n < 12 {

@@ -49,20 +49,32 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
-    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
 }
 
 pub fn summarize(targets: &[&'static str], samples: &[Sample]) -> Vec<Summary> {
     let mut out: Vec<Summary> = targets
         .iter()
         .filter_map(|&t| {
-            let runs: Vec<&Measured> =
-                samples.iter().filter(|s| s.target == t).filter_map(|s| s.outcome.as_ref().ok()).collect();
-            let failed_runs = samples.iter().filter(|s| s.target == t && s.outcome.is_err()).count();
+            let runs: Vec<&Measured> = samples
+                .iter()
+                .filter(|s| s.target == t)
+                .filter_map(|s| s.outcome.as_ref().ok())
+                .collect();
+            let failed_runs = samples
+                .iter()
+                .filter(|s| s.target == t && s.outcome.is_err())
+                .count();
             if runs.is_empty() && failed_runs == 0 {
                 return None;
             }
-            let med = |f: &dyn Fn(&Measured) -> Option<f64>| median(runs.iter().filter_map(|m| f(m)).collect());
+            let med = |f: &dyn Fn(&Measured) -> Option<f64>| {
+                median(runs.iter().filter_map(|m| f(m)).collect())
+            };
             Some(Summary {
                 target: t,
                 runs: runs.len(),
@@ -71,12 +83,18 @@ pub fn summarize(targets: &[&'static str], samples: &[Sample]) -> Vec<Summary> {
                 p50_ms: med(&|m| Some(m.wrk.p50_us / 1e3)).unwrap_or(0.0),
                 p99_ms: med(&|m| Some(m.wrk.p99_us / 1e3)).unwrap_or(0.0),
                 cpu_us_per_req: med(&|m| m.proxy_cpu_us_per_req),
-                errors: runs.iter().map(|m| m.wrk.socket_errors() + m.wrk.non_2xx).sum(),
+                errors: runs
+                    .iter()
+                    .map(|m| m.wrk.socket_errors() + m.wrk.non_2xx)
+                    .sum(),
                 vs_gateway: None,
             })
         })
         .collect();
-    let gw = out.iter().find(|s| s.target == "gateway" && s.runs > 0).map(|s| s.rps);
+    let gw = out
+        .iter()
+        .find(|s| s.target == "gateway" && s.runs > 0)
+        .map(|s| s.rps);
     for s in &mut out {
         s.vs_gateway = gw.filter(|&g| g > 0.0).map(|g| s.rps / g);
     }
@@ -93,7 +111,11 @@ pub fn table(summaries: &[Summary]) -> String {
     for s in summaries {
         let cpu = s.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}"));
         let ratio = s.vs_gateway.map_or("-".into(), |r| format!("{r:.2}"));
-        let runs = if s.failed_runs > 0 { format!("{}/{}", s.runs, s.runs + s.failed_runs) } else { s.runs.to_string() };
+        let runs = if s.failed_runs > 0 {
+            format!("{}/{}", s.runs, s.runs + s.failed_runs)
+        } else {
+            s.runs.to_string()
+        };
         let _ = writeln!(
             t,
             "{:<10} {:>10.0} {:>8.2} {:>8.2} {:>11} {:>10} {:>7} {:>5}",
@@ -125,7 +147,9 @@ pub fn validation_cost(passthrough: &Summary, validated: &Summary) -> Option<Val
     Some(ValidationCost {
         throughput_pct: (1.0 - validated.rps / passthrough.rps) * 100.0,
         cpu_us_per_req: cpu.map(|(p, v)| v - p),
-        cpu_pct: cpu.filter(|&(p, _)| p > 0.0).map(|(p, v)| (v / p - 1.0) * 100.0),
+        cpu_pct: cpu
+            .filter(|&(p, _)| p > 0.0)
+            .map(|(p, v)| (v / p - 1.0) * 100.0),
         p50_ms: validated.p50_ms - passthrough.p50_ms,
         p99_ms: validated.p99_ms - passthrough.p99_ms,
     })
@@ -141,7 +165,11 @@ pub fn validation_table(summaries: &[Summary], cost: Option<&ValidationCost>) ->
     );
     for s in summaries {
         let cpu = s.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}"));
-        let runs = if s.failed_runs > 0 { format!("{}/{}", s.runs, s.runs + s.failed_runs) } else { s.runs.to_string() };
+        let runs = if s.failed_runs > 0 {
+            format!("{}/{}", s.runs, s.runs + s.failed_runs)
+        } else {
+            s.runs.to_string()
+        };
         let _ = writeln!(
             t,
             "{:<20} {:>10.0} {:>8.2} {:>8.2} {:>11} {:>7} {:>5}",
@@ -150,7 +178,11 @@ pub fn validation_table(summaries: &[Summary], cost: Option<&ValidationCost>) ->
     }
     match cost {
         Some(c) => {
-            let _ = write!(t, "validation cost: {:.1} % of throughput", c.throughput_pct);
+            let _ = write!(
+                t,
+                "validation cost: {:.1} % of throughput",
+                c.throughput_pct
+            );
             if let (Some(us), Some(pct)) = (c.cpu_us_per_req, c.cpu_pct) {
                 let _ = write!(t, ", {us:+.1} µs CPU/request ({pct:+.1} %)");
             }
@@ -244,7 +276,12 @@ pub fn svg(summaries: &[Summary], subtitle: &str) -> String {
         r#"<text x="{}" y="26" text-anchor="middle" font-size="17" font-weight="bold">HTTP/1.1 reverse proxy throughput (median req/s)</text>"#,
         w / 2.0
     );
-    let _ = writeln!(s, r##"<text x="{}" y="48" text-anchor="middle" fill="#555555">{}</text>"##, w / 2.0, xml_escape(subtitle));
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="48" text-anchor="middle" fill="#555555">{}</text>"##,
+        w / 2.0,
+        xml_escape(subtitle)
+    );
     // Grid lines and y labels at quarters of the scale.
     for i in 0..=4 {
         let v = scale * i as f64 / 4.0;
@@ -270,10 +307,23 @@ pub fn svg(summaries: &[Summary], subtitle: &str) -> String {
             "direct" => "#a0aec0",
             _ => "#ed8936",
         };
-        let _ = writeln!(s, r#"<rect x="{x:.1}" y="{y:.1}" width="{bar_w:.1}" height="{bh:.1}" fill="{fill}"/>"#);
-        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#, y - 6.0, thousands(b.rps));
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x:.1}" y="{y:.1}" width="{bar_w:.1}" height="{bh:.1}" fill="{fill}"/>"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#,
+            y - 6.0,
+            thousands(b.rps)
+        );
         let base = top + plot_h;
-        let _ = writeln!(s, r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#, base + 20.0, b.target);
+        let _ = writeln!(
+            s,
+            r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#,
+            base + 20.0,
+            b.target
+        );
         let _ = writeln!(
             s,
             r##"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="#555555">p99 {:.2} ms</text>"##,
@@ -281,7 +331,13 @@ pub fn svg(summaries: &[Summary], subtitle: &str) -> String {
             b.p99_ms
         );
     }
-    let _ = writeln!(s, r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#333333"/>"##, top + plot_h, w - right, top + plot_h);
+    let _ = writeln!(
+        s,
+        r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#333333"/>"##,
+        top + plot_h,
+        w - right,
+        top + plot_h
+    );
     s.push_str("</svg>\n");
     s
 }
@@ -289,7 +345,11 @@ pub fn svg(summaries: &[Summary], subtitle: &str) -> String {
 /// The smallest 1, 2 or 5 × 10^k at or above `v`, for a round axis.
 fn nice_ceiling(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * p).find(|&c| c >= v).unwrap_or(10.0 * p)
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * p)
 }
 
 fn thousands(v: f64) -> String {
@@ -306,12 +366,17 @@ fn thousands(v: f64) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// `now` as RFC 3339 UTC (`2025-01-31T12:34:56Z`), without a date crate.
 pub fn rfc3339_utc(now: SystemTime) -> String {
-    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (the proleptic Gregorian algorithm
     // that counts in 400-year eras starting on March 1st).
@@ -324,7 +389,12 @@ pub fn rfc3339_utc(now: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -335,8 +405,14 @@ mod tests {
     #[test]
     fn dates() {
         assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339_utc(UNIX_EPOCH + Duration::from_secs(1_735_689_599)), "2024-12-31T23:59:59Z");
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH + Duration::from_secs(1_735_689_599)),
+            "2024-12-31T23:59:59Z"
+        );
     }
 
     #[test]
@@ -362,12 +438,18 @@ mod tests {
             errors: 0,
             vs_gateway: None,
         };
-        let (p, v) = (summary("gateway-passthrough", 40_000.0, 20.0), summary("gateway-validated", 36_000.0, 22.0));
+        let (p, v) = (
+            summary("gateway-passthrough", 40_000.0, 20.0),
+            summary("gateway-validated", 36_000.0, 22.0),
+        );
         let c = validation_cost(&p, &v).unwrap();
         assert!((c.throughput_pct - 10.0).abs() < 1e-9);
         assert!((c.cpu_us_per_req.unwrap() - 2.0).abs() < 1e-9);
         assert!((c.cpu_pct.unwrap() - 10.0).abs() < 1e-9);
         let table = validation_table(&[p, v], Some(&c));
-        assert!(table.contains("validation cost: 10.0 % of throughput, +2.0 µs CPU/request (+10.0 %)"), "{table}");
+        assert!(
+            table.contains("validation cost: 10.0 % of throughput, +2.0 µs CPU/request (+10.0 %)"),
+            "{table}"
+        );
     }
 }

@@ -44,17 +44,28 @@ impl Ports {
         self.at(1902)
     }
     pub fn all(self) -> [SocketAddr; 5] {
-        [self.backend(), self.gateway(), self.haproxy(), self.nginx(), self.gateway_admin()]
+        [
+            self.backend(),
+            self.gateway(),
+            self.haproxy(),
+            self.nginx(),
+            self.gateway_admin(),
+        ]
     }
     /// The ports a `--validation` run uses.
     pub fn validation(self) -> [SocketAddr; 5] {
-        [self.backend(), self.gateway(), self.gateway_admin(), self.gateway_validated(), self.gateway_validated_admin()]
+        [
+            self.backend(),
+            self.gateway(),
+            self.gateway_admin(),
+            self.gateway_validated(),
+            self.gateway_validated_admin(),
+        ]
     }
 }
 
 /// What the backend answers to every request: a minimal chat completion.
-pub const BACKEND_BODY: &str =
-    r#"{"id":"cmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
+pub const BACKEND_BODY: &str = r#"{"id":"cmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
 
 /// Programs the harness runs, when found.
 pub struct Tools {
@@ -76,7 +87,13 @@ pub struct Placement {
 
 /// An nginx instance in its own prefix directory: conf, logs, pid and temp
 /// paths under `dir`, in the foreground (`daemon off`), master + 1 worker.
-fn nginx(tools: &Tools, cpu: Option<usize>, name: &str, dir: &Path, http_block: &str) -> Result<Server> {
+fn nginx(
+    tools: &Tools,
+    cpu: Option<usize>,
+    name: &str,
+    dir: &Path,
+    http_block: &str,
+) -> Result<Server> {
     let nginx = tools.nginx.as_deref().ok_or("nginx not found")?;
     let tmp = dir.join("tmp");
     fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -105,7 +122,12 @@ fn nginx(tools: &Tools, cpu: Option<usize>, name: &str, dir: &Path, http_block: 
     let conf_path = dir.join("nginx.conf");
     fs::write(&conf_path, conf).map_err(|e| format!("{}: {e}", conf_path.display()))?;
     let mut cmd = pinned(cpu, tools.taskset.as_deref(), nginx);
-    cmd.arg("-p").arg(dir).arg("-c").arg(&conf_path).arg("-e").arg(dir.join("error.log"));
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(dir.join("error.log"));
     Server::spawn(name, cmd, &dir.join("stdout.log"))
 }
 
@@ -122,7 +144,13 @@ pub fn start_backend(tools: &Tools, place: Placement, run_dir: &Path) -> Result<
          \x20       }}\n\
          \x20   }}\n"
     );
-    nginx(tools, place.client_cpu, "backend (nginx)", &run_dir.join("nginx-backend"), &http)
+    nginx(
+        tools,
+        place.client_cpu,
+        "backend (nginx)",
+        &run_dir.join("nginx-backend"),
+        &http,
+    )
 }
 
 /// nginx as a reverse proxy: HTTP/1.1 upstream with a keep-alive pool.
@@ -143,7 +171,13 @@ pub fn start_nginx_proxy(tools: &Tools, place: Placement, run_dir: &Path) -> Res
          \x20       }}\n\
          \x20   }}\n"
     );
-    nginx(tools, place.proxy_cpu, "nginx", &run_dir.join("nginx-proxy"), &http)
+    nginx(
+        tools,
+        place.proxy_cpu,
+        "nginx",
+        &run_dir.join("nginx-proxy"),
+        &http,
+    )
 }
 
 /// HAProxy, one thread, HTTP mode, keep-alive both sides, server connections shared.
@@ -192,16 +226,30 @@ pub fn start_gateway(tools: &Tools, place: Placement, run_dir: &Path) -> Result<
     let mut cmd = pinned(place.proxy_cpu, tools.taskset.as_deref(), gateway);
     let p = place.ports;
     cmd.arg("run")
-        .args(["--listen", &p.gateway().to_string(), "--upstream", &p.backend().to_string()])
-        .args(["--workers", "1", "--admin", &p.gateway_admin().to_string(), "--no-access-log"]);
+        .args([
+            "--listen",
+            &p.gateway().to_string(),
+            "--upstream",
+            &p.backend().to_string(),
+        ])
+        .args([
+            "--workers",
+            "1",
+            "--admin",
+            &p.gateway_admin().to_string(),
+            "--no-access-log",
+        ]);
     Server::spawn("gateway", cmd, &dir.join("gateway.log"))
 }
 
 /// The model the load's requests name (`"model"` of [`crate::wrk::REQUEST_BODY`]).
 pub fn request_model() -> Result<String> {
-    let v: serde_json::Value =
-        serde_json::from_str(crate::wrk::REQUEST_BODY).map_err(|e| format!("the wrk request body is not JSON: {e}"))?;
-    v["model"].as_str().map(str::to_string).ok_or_else(|| "the wrk request body names no model".into())
+    let v: serde_json::Value = serde_json::from_str(crate::wrk::REQUEST_BODY)
+        .map_err(|e| format!("the wrk request body is not JSON: {e}"))?;
+    v["model"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "the wrk request body names no model".into())
 }
 
 /// The validating gateway's config: what quick start (`--upstream`) builds —
@@ -210,7 +258,11 @@ pub fn request_model() -> Result<String> {
 /// catalogue holds the model the load names. So every chat completion is
 /// read whole, parsed and checked before it is forwarded; nothing else differs.
 pub fn gateway_validated_config(ports: Ports, model: &str) -> String {
-    let (listen, admin, backend) = (ports.gateway_validated(), ports.gateway_validated_admin(), ports.backend());
+    let (listen, admin, backend) = (
+        ports.gateway_validated(),
+        ports.gateway_validated_admin(),
+        ports.backend(),
+    );
     format!(
         "# Written by loadbench --validation; regenerated on every run.\n\
          # The passthrough gateway runs `gateway run --upstream {backend} --workers 1 --no-access-log`;\n\
@@ -248,8 +300,11 @@ pub fn start_gateway_validated(tools: &Tools, place: Placement, run_dir: &Path) 
     let dir = run_dir.join("gateway-validated");
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let conf_path = dir.join("gateway.toml");
-    fs::write(&conf_path, gateway_validated_config(place.ports, &request_model()?))
-        .map_err(|e| format!("{}: {e}", conf_path.display()))?;
+    fs::write(
+        &conf_path,
+        gateway_validated_config(place.ports, &request_model()?),
+    )
+    .map_err(|e| format!("{}: {e}", conf_path.display()))?;
     let mut cmd = pinned(place.proxy_cpu, tools.taskset.as_deref(), gateway);
     cmd.arg("run").arg("--config").arg(&conf_path);
     Server::spawn("gateway-validated", cmd, &dir.join("gateway.log"))
@@ -273,8 +328,12 @@ mod tests {
         assert_eq!(all.len(), 7);
         let text = gateway_validated_config(p, "demo");
         // The gateway itself accepts it, with the route validating OpenAI requests.
-        let r = gateway::config::Resolved::from_str(&text, "gateway.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
-        assert_eq!(r.config.routes[0].protocol, gateway::config::Protocol::Openai);
+        let r = gateway::config::Resolved::from_str(&text, "gateway.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            r.config.routes[0].protocol,
+            gateway::config::Protocol::Openai
+        );
         assert_eq!(r.config.models[0].name, "demo");
         assert_eq!(r.listen, vec![p.gateway_validated()]);
         assert_eq!(r.admin, p.gateway_validated_admin());

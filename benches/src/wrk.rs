@@ -17,7 +17,8 @@ use crate::Result;
 const MARKER: &str = "LOADBENCH_JSON ";
 
 /// The body of every request: a minimal OpenAI-style chat completion.
-pub const REQUEST_BODY: &str = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#;
+pub const REQUEST_BODY: &str =
+    r#"{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#;
 
 /// Every request is a small chat-completion POST ([`REQUEST_BODY`] goes in for `__BODY__`); `done` prints the summary.
 /// `%.0f` rather than `%d`: the numbers are Lua floats, and `%d` rejects
@@ -42,7 +43,8 @@ end
 
 pub fn write_script(run_dir: &Path) -> Result<PathBuf> {
     let p = run_dir.join("report.lua");
-    fs::write(&p, SCRIPT.replace("__BODY__", REQUEST_BODY)).map_err(|e| format!("{}: {e}", p.display()))?;
+    fs::write(&p, SCRIPT.replace("__BODY__", REQUEST_BODY))
+        .map_err(|e| format!("{}: {e}", p.display()))?;
     Ok(p)
 }
 
@@ -80,8 +82,10 @@ impl WrkResult {
     }
 
     fn parse(line: &str) -> Result<WrkResult> {
-        let v: Value = serde_json::from_str(line).map_err(|e| format!("bad summary line {line:?}: {e}"))?;
-        let n = |path: &[&str]| -> f64 { path.iter().fold(&v, |v, k| &v[*k]).as_f64().unwrap_or(0.0) };
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| format!("bad summary line {line:?}: {e}"))?;
+        let n =
+            |path: &[&str]| -> f64 { path.iter().fold(&v, |v, k| &v[*k]).as_f64().unwrap_or(0.0) };
         Ok(WrkResult {
             requests: n(&["requests"]) as u64,
             duration_us: n(&["duration_us"]) as u64,
@@ -113,12 +117,18 @@ impl Load<'_> {
     /// `wrk -t1 -cC -dSs --latency -s script http://addr/v1/chat/completions`, bounded in time.
     pub fn run(&self, addr: SocketAddr, seconds: u64) -> Result<WrkResult> {
         let mut cmd = pinned(self.cpu, self.taskset, self.wrk);
-        cmd.args(["-t1", &format!("-c{}", self.connections), &format!("-d{seconds}s"), "--latency", "-s"])
-            .arg(self.script)
-            .arg(format!("http://{addr}/v1/chat/completions"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "-t1",
+            &format!("-c{}", self.connections),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(self.script)
+        .arg(format!("http://{addr}/v1/chat/completions"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| format!("cannot start wrk: {e}"))?;
         // wrk stops itself after `seconds`; past this something is wrong.
         let deadline = Instant::now() + Duration::from_secs(seconds + 15);
@@ -129,7 +139,11 @@ impl Load<'_> {
             if stop_requested() || Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(if stop_requested() { "interrupted".into() } else { "wrk did not finish in time".into() });
+                return Err(if stop_requested() {
+                    "interrupted".into()
+                } else {
+                    "wrk did not finish in time".into()
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         };
@@ -145,7 +159,11 @@ impl Load<'_> {
         let line = out.lines().find_map(|l| l.strip_prefix(MARKER));
         match (status.success(), line) {
             (true, Some(line)) => WrkResult::parse(line),
-            _ => Err(format!("wrk failed ({status}): {}{}", out.trim(), err.trim())),
+            _ => Err(format!(
+                "wrk failed ({status}): {}{}",
+                out.trim(),
+                err.trim()
+            )),
         }
     }
 }

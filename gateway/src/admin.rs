@@ -12,21 +12,23 @@ use crate::server::Health;
 /// Bind now (so a bad address fails the start) and serve on a thread.
 pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
-    std::thread::Builder::new().name("gateway-admin".into()).spawn(move || {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(c) => {
-                    if let Err(e) = handle(c, &metrics, &health) {
-                        tracing::debug!(error = %e, "admin request failed");
+    std::thread::Builder::new()
+        .name("gateway-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = handle(c, &metrics, &health) {
+                            tracing::debug!(error = %e, "admin request failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -45,7 +47,10 @@ fn handle(mut c: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Resu
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..n]) {
             Ok(httparse::Status::Complete(_)) => {
-                break (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string());
+                break (
+                    req.method.unwrap_or("").to_string(),
+                    req.path.unwrap_or("").to_string(),
+                );
             }
             Ok(httparse::Status::Partial) if n < buf.len() => continue,
             _ => return respond(&mut c, 400, "text/plain", b"bad request\n"),

@@ -19,7 +19,14 @@ impl Version {
             return None;
         }
         let s2 = s.strip_prefix('v').unwrap_or(s);
-        let parts: Option<Vec<u64>> = s2.split('.').map(|p| p.parse::<u64>().ok().filter(|_| !p.is_empty() && p.len() <= 9)).collect();
+        let parts: Option<Vec<u64>> = s2
+            .split('.')
+            .map(|p| {
+                p.parse::<u64>()
+                    .ok()
+                    .filter(|_| !p.is_empty() && p.len() <= 9)
+            })
+            .collect();
         let mut parts = parts?;
         if parts.is_empty() || parts.len() > 4 {
             return None;
@@ -28,7 +35,10 @@ impl Version {
         while parts.len() > 1 && parts.last() == Some(&0) {
             parts.pop();
         }
-        Some(Version { parts, raw: s.to_string() })
+        Some(Version {
+            parts,
+            raw: s.to_string(),
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -77,7 +87,13 @@ pub struct ModelLimits {
 
 impl Default for ModelLimits {
     fn default() -> Self {
-        ModelLimits { context_tokens: None, max_output_tokens: None, temperature: (0.0, 2.0), top_p: (0.0, 1.0), max_n: 16 }
+        ModelLimits {
+            context_tokens: None,
+            max_output_tokens: None,
+            temperature: (0.0, 2.0),
+            top_p: (0.0, 1.0),
+            max_n: 16,
+        }
     }
 }
 
@@ -130,7 +146,12 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(models: Vec<Model>) -> Catalog {
-        Catalog { models: models.into_iter().map(|m| (m.name.clone(), Arc::new(m))).collect() }
+        Catalog {
+            models: models
+                .into_iter()
+                .map(|m| (m.name.clone(), Arc::new(m)))
+                .collect(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,7 +164,11 @@ impl Catalog {
     }
 
     /// Resolve `name` and a version requirement to a deployed version.
-    pub fn resolve(&self, name: &str, req: &VersionReq) -> Result<(&Arc<Model>, &Version), Unresolved> {
+    pub fn resolve(
+        &self,
+        name: &str,
+        req: &VersionReq,
+    ) -> Result<(&Arc<Model>, &Version), Unresolved> {
         let m = self.models.get(name).ok_or(Unresolved::UnknownModel)?;
         if !m.enabled {
             return Err(Unresolved::Disabled);
@@ -158,7 +183,11 @@ impl Catalog {
 
     /// Resolve an OpenAI-style `model` field: `name`, or `name@latest`,
     /// `name@1.2`, `name@>=1.2`; `header` (`x-model-version`) overrides the suffix.
-    pub fn resolve_ref(&self, model: &str, header: Option<&str>) -> Result<(&Arc<Model>, &Version), Unresolved> {
+    pub fn resolve_ref(
+        &self,
+        model: &str,
+        header: Option<&str>,
+    ) -> Result<(&Arc<Model>, &Version), Unresolved> {
         let (name, suffix) = match model.split_once('@') {
             Some((n, v)) => (n, Some(v)),
             None => (model, None),
@@ -174,15 +203,30 @@ mod tests {
     use super::*;
 
     fn model(name: &str, versions: &[&str], enabled: bool) -> Model {
-        let mut vs: Vec<Version> = versions.iter().map(|v| Version::parse(v).unwrap()).collect();
+        let mut vs: Vec<Version> = versions
+            .iter()
+            .map(|v| Version::parse(v).unwrap())
+            .collect();
         vs.sort();
-        Model { name: name.into(), versions: vs, enabled, limits: ModelLimits::default(), schema: None }
+        Model {
+            name: name.into(),
+            versions: vs,
+            enabled,
+            limits: ModelLimits::default(),
+            schema: None,
+        }
     }
 
     #[test]
     fn version_resolution() {
-        let c = Catalog::new(vec![model("llama", &["1.0", "1.2.0", "1.10", "2"], true), model("off", &["1"], false)]);
-        let r = |m: &str, h: Option<&str>| c.resolve_ref(m, h).map(|(m, v)| format!("{}@{}", m.name, v));
+        let c = Catalog::new(vec![
+            model("llama", &["1.0", "1.2.0", "1.10", "2"], true),
+            model("off", &["1"], false),
+        ]);
+        let r = |m: &str, h: Option<&str>| {
+            c.resolve_ref(m, h)
+                .map(|(m, v)| format!("{}@{}", m.name, v))
+        };
         assert_eq!(r("llama", None).unwrap(), "llama@2");
         assert_eq!(r("llama@latest", None).unwrap(), "llama@2");
         assert_eq!(r("llama@1.2", None).unwrap(), "llama@1.2.0");

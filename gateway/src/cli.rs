@@ -84,7 +84,9 @@ pub struct RunArgs {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
-        Command::Config { command: ConfigCommand::Default } => {
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
             print!("{DEFAULT_CONFIG}");
             0
         }
@@ -196,7 +198,11 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
             "auto" => Workers::Auto,
             n => match n.parse::<usize>() {
                 Ok(n) if n >= 1 => Workers::Count(n),
-                _ => return Err(format!("--workers {w}: use \"auto\" or a number of at least 1")),
+                _ => {
+                    return Err(format!(
+                        "--workers {w}: use \"auto\" or a number of at least 1"
+                    ))
+                }
             },
         };
     }

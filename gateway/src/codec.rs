@@ -84,8 +84,15 @@ impl ResponseHead {
 /// Headers that describe one connection only (RFC 9110 §7.6.1) plus those
 /// the gateway sets itself; never forwarded as received.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 7] =
-        [b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-connection", b"expect"];
+    const NAMES: [&[u8]; 7] = [
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-connection",
+        b"expect",
+    ];
     NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
         || (name.len() >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
 }
@@ -179,8 +186,14 @@ fn parse_content_length(v: &[u8]) -> Option<u64> {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let s = v.iter().position(|b| !b" \t".contains(b)).unwrap_or(v.len());
-    let e = v.iter().rposition(|b| !b" \t".contains(b)).map_or(s, |p| p + 1);
+    let s = v
+        .iter()
+        .position(|b| !b" \t".contains(b))
+        .unwrap_or(v.len());
+    let e = v
+        .iter()
+        .rposition(|b| !b" \t".contains(b))
+        .map_or(s, |p| p + 1);
     &v[s..e]
 }
 
@@ -189,7 +202,9 @@ fn comma_tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 fn is_token(t: &[u8]) -> bool {
-    !t.is_empty() && t.iter().all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !t.is_empty()
+        && t.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// What the Transfer-Encoding headers say, combined.
@@ -213,8 +228,13 @@ fn check_transfer_encoding(values: &[&[u8]]) -> TeVerdict {
             codings.push(name);
         }
     }
-    let chunked = codings.iter().filter(|c| c.eq_ignore_ascii_case(b"chunked")).count();
-    let last_chunked = codings.last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+    let chunked = codings
+        .iter()
+        .filter(|c| c.eq_ignore_ascii_case(b"chunked"))
+        .count();
+    let last_chunked = codings
+        .last()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
     if chunked > 1 || (chunked == 1 && !last_chunked) || codings.is_empty() {
         return TeVerdict::Bad;
     }
@@ -227,7 +247,11 @@ fn check_transfer_encoding(values: &[&[u8]]) -> TeVerdict {
 /// Parse a request head from the start of `buf`.
 ///
 /// `Ok(false)`: the head is not complete yet.
-pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<bool, ClientError> {
+pub fn parse_request(
+    buf: &[u8],
+    limits: &Limits,
+    out: &mut RequestHead,
+) -> Result<bool, ClientError> {
     let Some(head_len) = find_head_end(buf) else {
         // No complete head yet: refuse early what is already malformed or can no longer fit.
         if !line_endings_ok(buf) {
@@ -248,7 +272,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
     };
     if head_len > limits.max_header_bytes {
         let line = memchr_lf(buf).unwrap_or(head_len);
-        return Err(if line > limits.max_uri_bytes + 64 { ClientError::UriTooLong } else { ClientError::HeaderTooLarge });
+        return Err(if line > limits.max_uri_bytes + 64 {
+            ClientError::UriTooLong
+        } else {
+            ClientError::HeaderTooLarge
+        });
     }
     let head = &buf[..head_len];
     if !line_endings_ok(head) {
@@ -264,17 +292,29 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
     let parsed = req.parse(head);
     match parsed {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(ClientError::Malformed("incomplete request head")),
+        Ok(httparse::Status::Partial) => {
+            return Err(ClientError::Malformed("incomplete request head"))
+        }
         Err(httparse::Error::TooManyHeaders) => return Err(ClientError::TooManyHeaders),
-        Err(httparse::Error::Version) => return Err(ClientError::Malformed("unsupported HTTP version")),
-        Err(httparse::Error::HeaderName) => return Err(ClientError::Malformed("invalid header name")),
-        Err(httparse::Error::HeaderValue) => return Err(ClientError::Malformed("invalid header value")),
+        Err(httparse::Error::Version) => {
+            return Err(ClientError::Malformed("unsupported HTTP version"))
+        }
+        Err(httparse::Error::HeaderName) => {
+            return Err(ClientError::Malformed("invalid header name"))
+        }
+        Err(httparse::Error::HeaderValue) => {
+            return Err(ClientError::Malformed("invalid header value"))
+        }
         Err(httparse::Error::Token) => return Err(ClientError::Malformed("invalid method")),
         Err(_) => return Err(ClientError::Malformed("invalid request line")),
     }
     let method = req.method.ok_or(ClientError::Malformed("invalid method"))?;
-    let target = req.path.ok_or(ClientError::Malformed("invalid request target"))?;
-    let minor = req.version.ok_or(ClientError::Malformed("unsupported HTTP version"))?;
+    let target = req
+        .path
+        .ok_or(ClientError::Malformed("invalid request target"))?;
+    let minor = req
+        .version
+        .ok_or(ClientError::Malformed("unsupported HTTP version"))?;
     if target.len() > limits.max_uri_bytes {
         return Err(ClientError::UriTooLong);
     }
@@ -283,7 +323,9 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
     }
     // Only origin-form, and `*` for OPTIONS (RFC 9112 §3.2).
     if !(target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
-        return Err(ClientError::Malformed("request target must be an absolute path"));
+        return Err(ClientError::Malformed(
+            "request target must be an absolute path",
+        ));
     }
 
     out.headers.clear();
@@ -296,7 +338,10 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
     out.forwarded_for = None;
     out.expect_continue = false;
     out.is_head = method == "HEAD";
-    out.idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE");
+    out.idempotent = matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    );
 
     let mut content_length: Option<u64> = None;
     let mut te_values: Vec<&[u8]> = Vec::new();
@@ -312,7 +357,10 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
             if content_length.is_some() {
                 return Err(ClientError::Malformed("repeated Content-Length"));
             }
-            content_length = Some(parse_content_length(value).ok_or(ClientError::Malformed("invalid Content-Length"))?);
+            content_length = Some(
+                parse_content_length(value)
+                    .ok_or(ClientError::Malformed("invalid Content-Length"))?,
+            );
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Re-written by the gateway in a normal form.
             drop = true;
@@ -342,7 +390,11 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
         } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             drop = true;
         }
-        out.headers.push(HeaderRef { name: range_of(buf, name), value: range_of(buf, value), drop });
+        out.headers.push(HeaderRef {
+            name: range_of(buf, name),
+            value: range_of(buf, value),
+            drop,
+        });
     }
     conn.drop_listed(buf, &mut out.headers);
     if minor == 1 && out.host.is_none() {
@@ -351,10 +403,14 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
 
     out.body = Some(if !te_values.is_empty() {
         if minor == 0 {
-            return Err(ClientError::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
+            return Err(ClientError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
         }
         if content_length.is_some() {
-            return Err(ClientError::Malformed("both Content-Length and Transfer-Encoding"));
+            return Err(ClientError::Malformed(
+                "both Content-Length and Transfer-Encoding",
+            ));
         }
         match check_transfer_encoding(&te_values) {
             TeVerdict::Chunked => BodyKind::Chunked,
@@ -370,13 +426,20 @@ pub fn parse_request(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Resu
     if out.body_kind() == BodyKind::Empty {
         out.expect_continue = false;
     }
-    out.keep_alive = if minor == 1 { !conn.close } else { conn.keep_alive && !conn.close };
+    out.keep_alive = if minor == 1 {
+        !conn.close
+    } else {
+        conn.keep_alive && !conn.close
+    };
     Ok(true)
 }
 
 /// A request id we accept from a client and propagate: short, printable, no separators.
 pub fn valid_request_id(v: &[u8]) -> bool {
-    !v.is_empty() && v.len() <= 128 && v.iter().all(|&b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 /// Parse an upstream response head from the start of `buf`.
@@ -412,7 +475,10 @@ pub fn parse_response(
     out.head_len = head_len;
     out.status = status;
     out.minor = minor;
-    out.reason = resp.reason.map(|r| range_of(buf, r.as_bytes())).unwrap_or(0..0);
+    out.reason = resp
+        .reason
+        .map(|r| range_of(buf, r.as_bytes()))
+        .unwrap_or(0..0);
     out.headers.clear();
     let mut content_length: Option<u64> = None;
     let mut te_values: Vec<&[u8]> = Vec::new();
@@ -440,10 +506,15 @@ pub fn parse_response(
             // The gateway's id is the one the client sees.
             drop = true;
         }
-        out.headers.push(HeaderRef { name: range_of(buf, name), value: range_of(buf, value), drop });
+        out.headers.push(HeaderRef {
+            name: range_of(buf, name),
+            value: range_of(buf, value),
+            drop,
+        });
     }
     conn.drop_listed(buf, &mut out.headers);
-    let no_body = request_was_head || (100..200).contains(&status) || status == 204 || status == 304;
+    let no_body =
+        request_was_head || (100..200).contains(&status) || status == 204 || status == 304;
     let body = if no_body {
         BodyKind::Empty
     } else if !te_values.is_empty() {
@@ -466,8 +537,17 @@ pub fn parse_response(
         }
     };
     out.body = Some(body);
-    out.bodiless_length = if body == BodyKind::Empty { content_length } else { None };
-    out.keep_alive = body != BodyKind::UntilClose && if minor == 1 { !conn.close } else { conn.keep_alive && !conn.close };
+    out.bodiless_length = if body == BodyKind::Empty {
+        content_length
+    } else {
+        None
+    };
+    out.keep_alive = body != BodyKind::UntilClose
+        && if minor == 1 {
+            !conn.close
+        } else {
+            conn.keep_alive && !conn.close
+        };
     Ok(true)
 }
 
@@ -520,7 +600,11 @@ impl ChunkedDecoder {
     /// Scan `input`. Returns how many bytes were consumed (all belong to the
     /// body; bytes after the end are left for the next message), calling
     /// `data` with each payload range.
-    pub fn feed(&mut self, input: &[u8], mut data: impl FnMut(Range<usize>)) -> Result<usize, ChunkError> {
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        mut data: impl FnMut(Range<usize>),
+    ) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -681,7 +765,13 @@ mod tests {
         assert_eq!(h.body_kind(), BodyKind::Empty);
         assert!(h.keep_alive);
         // Foo is listed in Connection: hop-by-hop.
-        assert!(h.headers.iter().find(|x| &raw[x.name.clone()] == b"Foo").unwrap().drop);
+        assert!(
+            h.headers
+                .iter()
+                .find(|x| &raw[x.name.clone()] == b"Foo")
+                .unwrap()
+                .drop
+        );
     }
 
     #[test]
@@ -724,23 +814,41 @@ mod tests {
 
     #[test]
     fn size_limits() {
-        let limits = Limits { max_header_bytes: 1024, max_uri_bytes: 100, max_headers: 4, ..Limits::default() };
+        let limits = Limits {
+            max_header_bytes: 1024,
+            max_uri_bytes: 100,
+            max_headers: 4,
+            ..Limits::default()
+        };
         let mut h = RequestHead::default();
         let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(200));
-        assert_eq!(parse_request(long_uri.as_bytes(), &limits, &mut h), Err(ClientError::UriTooLong));
+        assert_eq!(
+            parse_request(long_uri.as_bytes(), &limits, &mut h),
+            Err(ClientError::UriTooLong)
+        );
         let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(5));
-        assert_eq!(parse_request(many.as_bytes(), &limits, &mut h), Err(ClientError::TooManyHeaders));
+        assert_eq!(
+            parse_request(many.as_bytes(), &limits, &mut h),
+            Err(ClientError::TooManyHeaders)
+        );
         let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n", "y".repeat(2000));
-        assert_eq!(parse_request(big.as_bytes(), &limits, &mut h), Err(ClientError::HeaderTooLarge));
+        assert_eq!(
+            parse_request(big.as_bytes(), &limits, &mut h),
+            Err(ClientError::HeaderTooLarge)
+        );
     }
 
     #[test]
     fn http10_keepalive_rules() {
         let h = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive);
-        let h = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap();
+        let h = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(h.keep_alive);
-        let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap().unwrap();
+        let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive);
     }
 
@@ -779,7 +887,11 @@ mod tests {
             b"0\r\nbad trailer\n\r\n",
         ] {
             let mut d = ChunkedDecoder::new();
-            assert!(d.feed(bad, |_| {}).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                d.feed(bad, |_| {}).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -162,7 +162,9 @@ impl Workers {
     pub fn resolve(self) -> usize {
         match self {
             Workers::Count(n) => n,
-            Workers::Auto => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            Workers::Auto => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -186,7 +188,9 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: "127.0.0.1:9901".into() }
+        AdminConfig {
+            listen: "127.0.0.1:9901".into(),
+        }
     }
 }
 
@@ -209,7 +213,11 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Json, level: "info".into(), access_log: true }
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".into(),
+            access_log: true,
+        }
     }
 }
 
@@ -374,8 +382,9 @@ pub struct RouteConfig {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}` is not a duration ({e}); write it like \"250ms\", \"10s\" or \"5m\""))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("`{s}` is not a duration ({e}); write it like \"250ms\", \"10s\" or \"5m\"")
+    })
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -385,7 +394,9 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
-    parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// A configuration problem an operator can act on: where, which key, what to do.
@@ -474,44 +485,79 @@ impl Config {
         let mut errs = Vec::new();
         let doc = toml_edit::ImDocument::parse(text).ok();
         let mut err = |key: String, message: String| {
-            let line = doc.as_ref().and_then(|d| locate(d, &key)).map(|off| line_of(text, off));
-            errs.push(ConfigError { file: file.to_string(), line, key, message });
+            let line = doc
+                .as_ref()
+                .and_then(|d| locate(d, &key))
+                .map(|off| line_of(text, off));
+            errs.push(ConfigError {
+                file: file.to_string(),
+                line,
+                key,
+                message,
+            });
         };
 
         let mut listen = Vec::new();
         if self.server.listen.is_empty() {
-            err("server.listen".into(), "give at least one address, e.g. [\"0.0.0.0:8080\"]".into());
+            err(
+                "server.listen".into(),
+                "give at least one address, e.g. [\"0.0.0.0:8080\"]".into(),
+            );
         }
         for (i, a) in self.server.listen.iter().enumerate() {
             match a.parse::<SocketAddr>() {
                 Ok(sa) => listen.push(sa),
-                Err(_) => err(format!("server.listen[{i}]"), format!("`{a}` is not an IP:port such as \"0.0.0.0:8080\"")),
+                Err(_) => err(
+                    format!("server.listen[{i}]"),
+                    format!("`{a}` is not an IP:port such as \"0.0.0.0:8080\""),
+                ),
             }
         }
         let admin = match self.admin.listen.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                err("admin.listen".into(), format!("`{}` is not an IP:port such as \"127.0.0.1:9901\"", self.admin.listen));
+                err(
+                    "admin.listen".into(),
+                    format!(
+                        "`{}` is not an IP:port such as \"127.0.0.1:9901\"",
+                        self.admin.listen
+                    ),
+                );
                 "127.0.0.1:0".parse().unwrap()
             }
         };
         if listen.contains(&admin) {
-            err("admin.listen".into(), "the admin listener must not share an address with server.listen".into());
+            err(
+                "admin.listen".into(),
+                "the admin listener must not share an address with server.listen".into(),
+            );
         }
         if self.server.max_connections == 0 {
             err("server.max_connections".into(), "must be at least 1".into());
         }
         if self.server.buffer_size < 4096 || self.server.buffer_size > 16 * 1024 * 1024 {
-            err("server.buffer_size".into(), "must be between 4096 and 16777216 bytes".into());
+            err(
+                "server.buffer_size".into(),
+                "must be between 4096 and 16777216 bytes".into(),
+            );
         }
         if self.server.backlog < 1 {
             err("server.backlog".into(), "must be at least 1".into());
         }
         if self.server.shutdown_grace.is_zero() {
-            err("server.shutdown_grace".into(), "must be more than 0, e.g. \"30s\"".into());
+            err(
+                "server.shutdown_grace".into(),
+                "must be more than 0, e.g. \"30s\"".into(),
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            err("log.level".into(), format!("`{}` is not a filter; use e.g. \"info\" or \"gateway=debug\"", self.log.level));
+            err(
+                "log.level".into(),
+                format!(
+                    "`{}` is not a filter; use e.g. \"info\" or \"gateway=debug\"",
+                    self.log.level
+                ),
+            );
         }
 
         let l = &self.limits;
@@ -520,25 +566,50 @@ impl Config {
             ("limits.max_headers", l.max_headers, 4),
             ("limits.max_response_headers", l.max_response_headers, 4),
             ("limits.max_uri_bytes", l.max_uri_bytes, 16),
-            ("limits.max_response_header_bytes", l.max_response_header_bytes, 256),
+            (
+                "limits.max_response_header_bytes",
+                l.max_response_header_bytes,
+                256,
+            ),
         ] {
             if v < min {
                 err(k.into(), format!("must be at least {min}"));
             }
         }
-        for (k, v) in [("limits.max_headers", l.max_headers), ("limits.max_response_headers", l.max_response_headers)] {
+        for (k, v) in [
+            ("limits.max_headers", l.max_headers),
+            ("limits.max_response_headers", l.max_response_headers),
+        ] {
             if v > crate::codec::MAX_HEADERS {
-                err(k.into(), format!("must be at most {}", crate::codec::MAX_HEADERS));
+                err(
+                    k.into(),
+                    format!("must be at most {}", crate::codec::MAX_HEADERS),
+                );
             }
         }
         if l.max_header_bytes > self.server.buffer_size {
-            err("limits.max_header_bytes".into(), format!("must not exceed server.buffer_size ({})", self.server.buffer_size));
+            err(
+                "limits.max_header_bytes".into(),
+                format!(
+                    "must not exceed server.buffer_size ({})",
+                    self.server.buffer_size
+                ),
+            );
         }
         if l.max_response_header_bytes > self.server.buffer_size {
-            err("limits.max_response_header_bytes".into(), format!("must not exceed server.buffer_size ({})", self.server.buffer_size));
+            err(
+                "limits.max_response_header_bytes".into(),
+                format!(
+                    "must not exceed server.buffer_size ({})",
+                    self.server.buffer_size
+                ),
+            );
         }
         if l.max_uri_bytes > l.max_header_bytes {
-            err("limits.max_uri_bytes".into(), "must not exceed limits.max_header_bytes".into());
+            err(
+                "limits.max_uri_bytes".into(),
+                "must not exceed limits.max_header_bytes".into(),
+            );
         }
         let t = &self.timeouts;
         for (k, v) in [
@@ -558,19 +629,34 @@ impl Config {
         for (name, c) in &self.clusters {
             let key = format!("clusters.{name}");
             if !valid_name(name) {
-                err(key.clone(), "cluster names use letters, digits, '-', '_' and '.'".into());
+                err(
+                    key.clone(),
+                    "cluster names use letters, digits, '-', '_' and '.'".into(),
+                );
             }
             if c.backends.is_empty() {
-                err(format!("{key}.backends"), "give at least one backend, e.g. [\"10.0.0.5:8000\"]".into());
+                err(
+                    format!("{key}.backends"),
+                    "give at least one backend, e.g. [\"10.0.0.5:8000\"]".into(),
+                );
             }
             if c.max_connections == 0 {
-                err(format!("{key}.max_connections"), "must be at least 1".into());
+                err(
+                    format!("{key}.max_connections"),
+                    "must be at least 1".into(),
+                );
             }
             if c.pool_max_idle > c.max_connections {
-                err(format!("{key}.pool_max_idle"), format!("must not exceed max_connections ({})", c.max_connections));
+                err(
+                    format!("{key}.pool_max_idle"),
+                    format!("must not exceed max_connections ({})", c.max_connections),
+                );
             }
             if c.pool_idle_timeout.is_zero() {
-                err(format!("{key}.pool_idle_timeout"), "must be more than 0".into());
+                err(
+                    format!("{key}.pool_idle_timeout"),
+                    "must be more than 0".into(),
+                );
             }
             let mut addrs = Vec::new();
             for (i, b) in c.backends.iter().enumerate() {
@@ -583,7 +669,10 @@ impl Config {
         }
 
         if self.routes.is_empty() {
-            err("routes".into(), "add at least one [[routes]] entry naming a cluster".into());
+            err(
+                "routes".into(),
+                "add at least one [[routes]] entry naming a cluster".into(),
+            );
         }
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -592,13 +681,24 @@ impl Config {
                 let known: Vec<_> = self.clusters.keys().cloned().collect();
                 err(
                     format!("{key}.cluster"),
-                    format!("no cluster `{}`; define [clusters.{}] or use one of: {}", r.cluster, r.cluster, known.join(", ")),
+                    format!(
+                        "no cluster `{}`; define [clusters.{}] or use one of: {}",
+                        r.cluster,
+                        r.cluster,
+                        known.join(", ")
+                    ),
                 );
             }
             if r.path_prefix.is_some() && r.path_exact.is_some() {
-                err(key.clone(), "give path_prefix or path_exact, not both".into());
+                err(
+                    key.clone(),
+                    "give path_prefix or path_exact, not both".into(),
+                );
             }
-            for (k, p) in [("path_prefix", &r.path_prefix), ("path_exact", &r.path_exact)] {
+            for (k, p) in [
+                ("path_prefix", &r.path_prefix),
+                ("path_exact", &r.path_exact),
+            ] {
                 if let Some(p) = p {
                     if !p.starts_with('/') {
                         err(format!("{key}.{k}"), format!("`{p}` must start with '/'"));
@@ -607,26 +707,39 @@ impl Config {
             }
             if let Some(h) = &r.host {
                 let bare = h.strip_prefix("*.").unwrap_or(h);
-                if bare.is_empty() || bare.contains('*') || bare.contains('/') || bare.contains(' ') {
+                if bare.is_empty() || bare.contains('*') || bare.contains('/') || bare.contains(' ')
+                {
                     err(format!("{key}.host"), format!("`{h}` must be a host name like \"api.example.com\" or \"*.example.com\""));
                 }
             }
             if let Some(ms) = &r.methods {
                 if ms.is_empty() {
-                    err(format!("{key}.methods"), "leave methods out to allow any, or list at least one".into());
+                    err(
+                        format!("{key}.methods"),
+                        "leave methods out to allow any, or list at least one".into(),
+                    );
                 }
                 for (j, m) in ms.iter().enumerate() {
                     if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                        err(format!("{key}.methods[{j}]"), format!("`{m}` must be an upper-case method such as \"POST\""));
+                        err(
+                            format!("{key}.methods[{j}]"),
+                            format!("`{m}` must be an upper-case method such as \"POST\""),
+                        );
                     }
                 }
             }
             if let Some(n) = &r.name {
                 if !valid_name(n) {
-                    err(format!("{key}.name"), "route names use letters, digits, '-', '_' and '.'".into());
+                    err(
+                        format!("{key}.name"),
+                        "route names use letters, digits, '-', '_' and '.'".into(),
+                    );
                 }
                 if !names.insert(n.clone()) {
-                    err(format!("{key}.name"), format!("route name `{n}` is used twice"));
+                    err(
+                        format!("{key}.name"),
+                        format!("route name `{n}` is used twice"),
+                    );
                 }
             }
             for (k, v) in [
@@ -640,31 +753,49 @@ impl Config {
         }
 
         // Models and schemas. Schema paths are relative to the config file.
-        let base = Path::new(file).parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = Path::new(file)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let mut models = Vec::new();
         let mut model_names = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let key = format!("models[{i}]");
             if !valid_name(&m.name) {
-                err(format!("{key}.name"), "model names use letters, digits, '-', '_' and '.'".into());
+                err(
+                    format!("{key}.name"),
+                    "model names use letters, digits, '-', '_' and '.'".into(),
+                );
             }
             if !model_names.insert(m.name.clone()) {
-                err(format!("{key}.name"), format!("model `{}` is defined twice", m.name));
+                err(
+                    format!("{key}.name"),
+                    format!("model `{}` is defined twice", m.name),
+                );
             }
             let mut versions = Vec::new();
             for (j, v) in m.versions.iter().enumerate() {
                 match Version::parse(v) {
                     Some(v) => versions.push(v),
-                    None => err(format!("{key}.versions[{j}]"), format!("`{v}` is not a version such as \"1\", \"1.2\" or \"1.2.3\"")),
+                    None => err(
+                        format!("{key}.versions[{j}]"),
+                        format!("`{v}` is not a version such as \"1\", \"1.2\" or \"1.2.3\""),
+                    ),
                 }
             }
             if versions.is_empty() {
-                err(format!("{key}.versions"), "list at least one deployed version".into());
+                err(
+                    format!("{key}.versions"),
+                    "list at least one deployed version".into(),
+                );
             }
             versions.sort();
             for (k, r) in [("temperature", m.temperature), ("top_p", m.top_p)] {
                 if r.is_some_and(|[lo, hi]| !(lo.is_finite() && hi.is_finite() && lo <= hi)) {
-                    err(format!("{key}.{k}"), "give [low, high] with low <= high".into());
+                    err(
+                        format!("{key}.{k}"),
+                        "give [low, high] with low <= high".into(),
+                    );
                 }
             }
             let schema = match m.schema.as_deref().map(|p| load_schema_file(&base.join(p))) {
@@ -692,35 +823,57 @@ impl Config {
         }
         let mut route_schemas = Vec::new();
         for (i, r) in self.routes.iter().enumerate() {
-            route_schemas.push(match r.schema.as_deref().map(|p| load_schema_file(&base.join(p))) {
-                Some(Ok(v)) => Some(v),
-                Some(Err(e)) => {
-                    err(format!("routes[{i}].schema"), e);
-                    None
-                }
-                None => None,
-            });
+            route_schemas.push(
+                match r.schema.as_deref().map(|p| load_schema_file(&base.join(p))) {
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(e)) => {
+                        err(format!("routes[{i}].schema"), e);
+                        None
+                    }
+                    None => None,
+                },
+            );
             for (j, ct) in r.content_types.iter().flatten().enumerate() {
                 if crate::validate::magic::media_type(ct.as_bytes()).is_none() {
-                    err(format!("routes[{i}].content_types[{j}]"), format!("`{ct}` is not a media type such as \"application/json\""));
+                    err(
+                        format!("routes[{i}].content_types[{j}]"),
+                        format!("`{ct}` is not a media type such as \"application/json\""),
+                    );
                 }
             }
             if let Err(e) = crate::filter::FieldFilter::new(&r.response_drop_fields) {
                 err(format!("routes[{i}].response_drop_fields"), e);
             }
             if r.protocol != Protocol::Passthrough && self.models.is_empty() {
-                err(format!("routes[{i}].protocol"), "an openai or kserve route needs a model catalogue: add [[models]] entries".into());
+                err(
+                    format!("routes[{i}].protocol"),
+                    "an openai or kserve route needs a model catalogue: add [[models]] entries"
+                        .into(),
+                );
             }
         }
         if self.limits.json_max_depth == 0 || self.limits.json_max_depth > 1024 {
-            err("limits.json_max_depth".into(), "must be between 1 and 1024".into());
+            err(
+                "limits.json_max_depth".into(),
+                "must be between 1 and 1024".into(),
+            );
         }
         if self.limits.json_max_elements == 0 {
-            err("limits.json_max_elements".into(), "must be at least 1".into());
+            err(
+                "limits.json_max_elements".into(),
+                "must be at least 1".into(),
+            );
         }
 
         if errs.is_empty() {
-            Ok(Resolved { listen, admin, clusters, config: self, catalog: Catalog::new(models), route_schemas })
+            Ok(Resolved {
+                listen,
+                admin,
+                clusters,
+                config: self,
+                catalog: Catalog::new(models),
+                route_schemas,
+            })
         } else {
             Err(ConfigErrors(errs))
         }
@@ -741,13 +894,19 @@ impl Resolved {
 
 /// Read and compile a JSON Schema file (once, at load).
 fn load_schema_file(path: &Path) -> Result<Arc<jsonschema::Validator>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("schema {} is not JSON: {e}", path.display()))?;
-    jsonschema::validator_for(&value).map(Arc::new).map_err(|e| format!("schema {} is not a valid JSON Schema: {e}", path.display()))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("schema {} is not JSON: {e}", path.display()))?;
+    jsonschema::validator_for(&value)
+        .map(Arc::new)
+        .map_err(|e| format!("schema {} is not a valid JSON Schema: {e}", path.display()))
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn resolve(s: &str) -> Result<SocketAddr, String> {
@@ -758,13 +917,19 @@ fn resolve(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("`{s}` needs a port, e.g. \"{s}:8000\""));
     }
     match s.to_socket_addrs() {
-        Ok(mut it) => it.next().ok_or_else(|| format!("`{s}` resolved to no address")),
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| format!("`{s}` resolved to no address")),
         Err(e) => Err(format!("cannot resolve `{s}`: {e}")),
     }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Pull the offending key out of a serde message like "unknown field `foo`, expected …".
@@ -789,7 +954,9 @@ fn locate(doc: &toml_edit::ImDocument<&str>, path: &str) -> Option<usize> {
             Some(p) => (&seg[..p], seg[p + 1..seg.len() - 1].parse::<usize>().ok()),
             None => (seg, None),
         };
-        let Some(next) = item.get(name) else { return best };
+        let Some(next) = item.get(name) else {
+            return best;
+        };
         item = next;
         best = item.span().map(|s| s.start).or(best);
         if let Some(i) = idx {
@@ -803,7 +970,8 @@ fn locate(doc: &toml_edit::ImDocument<&str>, path: &str) -> Option<usize> {
 
 /// Where a config came from, for messages.
 pub fn source_name(path: Option<&PathBuf>) -> String {
-    path.map(|p| p.display().to_string()).unwrap_or_else(|| "<embedded default>".into())
+    path.map(|p| p.display().to_string())
+        .unwrap_or_else(|| "<embedded default>".into())
 }
 
 #[cfg(test)]
@@ -829,7 +997,10 @@ mod tests {
     #[test]
     fn validation_errors_point_at_the_route_line() {
         let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"a\"\n\n[[routes]]\npath_prefix = \"/v1\"\ncluster = \"b\"\n";
-        let e = Config::parse(text, "x.toml").unwrap().validate(text, "x.toml").unwrap_err();
+        let e = Config::parse(text, "x.toml")
+            .unwrap()
+            .validate(text, "x.toml")
+            .unwrap_err();
         assert_eq!(e.0.len(), 1, "{e}");
         assert_eq!(e.0[0].key, "routes[1].cluster");
         assert_eq!(e.0[0].line, Some(10), "{e}");
@@ -839,17 +1010,32 @@ mod tests {
     #[test]
     fn catalogue_and_protocol_rules() {
         let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n\n[[routes]]\nprotocol = \"openai\"\ncluster = \"a\"\n";
-        let e = Config::parse(text, "x").unwrap().validate(text, "x").unwrap_err();
+        let e = Config::parse(text, "x")
+            .unwrap()
+            .validate(text, "x")
+            .unwrap_err();
         assert_eq!(e.0[0].key, "routes[0].protocol", "{e}");
         let text = format!("{text}\n[[models]]\nname = \"m\"\nversions = [\"1.x\"]\n");
-        let e = Config::parse(&text, "x").unwrap().validate(&text, "x").unwrap_err();
+        let e = Config::parse(&text, "x")
+            .unwrap()
+            .validate(&text, "x")
+            .unwrap_err();
         assert_eq!(e.0[0].key, "models[0].versions[0]", "{e}");
         assert_eq!(e.0[0].line, Some(10), "{e}");
         let text = text.replace("1.x", "1.2");
-        let r = Config::parse(&text, "x").unwrap().validate(&text, "x").unwrap();
-        assert!(r.catalog.resolve("m", &crate::catalog::VersionReq::Latest).is_ok());
+        let r = Config::parse(&text, "x")
+            .unwrap()
+            .validate(&text, "x")
+            .unwrap();
+        assert!(r
+            .catalog
+            .resolve("m", &crate::catalog::VersionReq::Latest)
+            .is_ok());
         let bad_schema = format!("{text}schema = \"/nonexistent/schema.json\"\n");
-        let e = Config::parse(&bad_schema, "x").unwrap().validate(&bad_schema, "x").unwrap_err();
+        let e = Config::parse(&bad_schema, "x")
+            .unwrap()
+            .validate(&bad_schema, "x")
+            .unwrap_err();
         assert_eq!(e.0[0].key, "models[0].schema", "{e}");
     }
 

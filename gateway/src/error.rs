@@ -124,7 +124,9 @@ impl UpstreamError {
 
     pub fn status(self) -> u16 {
         match self {
-            UpstreamError::ResponseTimeout | UpstreamError::TotalTimeout | UpstreamError::SendTimeout => 504,
+            UpstreamError::ResponseTimeout
+            | UpstreamError::TotalTimeout
+            | UpstreamError::SendTimeout => 504,
             UpstreamError::Saturated => 503,
             _ => 502,
         }
@@ -132,7 +134,12 @@ impl UpstreamError {
 
     /// Safe to try another backend: nothing of the request reached this one.
     pub fn retryable(self) -> bool {
-        matches!(self, UpstreamError::ConnectRefused | UpstreamError::ConnectTimeout | UpstreamError::ConnectError)
+        matches!(
+            self,
+            UpstreamError::ConnectRefused
+                | UpstreamError::ConnectTimeout
+                | UpstreamError::ConnectError
+        )
     }
 
     pub fn from_io(e: &std::io::Error) -> UpstreamError {
@@ -171,10 +178,14 @@ impl ProxyError {
         match self {
             ProxyError::Client(c) => match c {
                 ClientError::Malformed(_) => "invalid_request",
-                ClientError::HeaderTooLarge | ClientError::TooManyHeaders => "request_header_too_large",
+                ClientError::HeaderTooLarge | ClientError::TooManyHeaders => {
+                    "request_header_too_large"
+                }
                 ClientError::UriTooLong => "uri_too_long",
                 ClientError::BodyTooLarge => "payload_too_large",
-                ClientError::UnsupportedTransferCoding | ClientError::UnsupportedMethod => "not_implemented",
+                ClientError::UnsupportedTransferCoding | ClientError::UnsupportedMethod => {
+                    "not_implemented"
+                }
                 ClientError::ExpectationFailed => "expectation_failed",
                 ClientError::HeaderTimeout | ClientError::BodyTimeout => "request_timeout",
                 ClientError::NoRoute => "not_found",
@@ -193,11 +204,17 @@ impl ProxyError {
         match self {
             ProxyError::Client(c) => match c {
                 ClientError::Malformed(m) => m,
-                ClientError::HeaderTooLarge => "the request head is larger than this gateway accepts",
-                ClientError::TooManyHeaders => "the request has more headers than this gateway accepts",
+                ClientError::HeaderTooLarge => {
+                    "the request head is larger than this gateway accepts"
+                }
+                ClientError::TooManyHeaders => {
+                    "the request has more headers than this gateway accepts"
+                }
                 ClientError::UriTooLong => "the request target is longer than this gateway accepts",
                 ClientError::BodyTooLarge => "the request body is larger than this route accepts",
-                ClientError::UnsupportedTransferCoding => "only the chunked transfer coding is supported",
+                ClientError::UnsupportedTransferCoding => {
+                    "only the chunked transfer coding is supported"
+                }
                 ClientError::UnsupportedMethod => "this method is not supported",
                 ClientError::ExpectationFailed => "only `Expect: 100-continue` is supported",
                 ClientError::HeaderTimeout => "the request head was not received in time",
@@ -209,9 +226,9 @@ impl ProxyError {
             ProxyError::Upstream(u) => match u {
                 UpstreamError::ResponseTimeout => "the upstream service did not respond in time",
                 UpstreamError::TotalTimeout => "the request took longer than this route allows",
-                UpstreamError::ConnectRefused | UpstreamError::ConnectTimeout | UpstreamError::ConnectError => {
-                    "the upstream service is unavailable"
-                }
+                UpstreamError::ConnectRefused
+                | UpstreamError::ConnectTimeout
+                | UpstreamError::ConnectError => "the upstream service is unavailable",
                 UpstreamError::Saturated => "the upstream service is at capacity; retry shortly",
                 _ => "the upstream service failed to answer",
             },

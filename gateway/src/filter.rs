@@ -89,7 +89,11 @@ fn parse_pointer(p: &str) -> Result<Vec<String>, String> {
                     match chars.next() {
                         Some('0') => out.push('~'),
                         Some('1') => out.push('/'),
-                        _ => return Err(format!("JSON pointer {p:?}: '~' must be followed by '0' or '1'")),
+                        _ => {
+                            return Err(format!(
+                                "JSON pointer {p:?}: '~' must be followed by '0' or '1'"
+                            ))
+                        }
                     }
                 } else {
                     out.push(c);
@@ -130,7 +134,10 @@ fn removal_order(a: &[String], b: &[String]) -> Ordering {
 
 /// RFC 6901 §4 array index: "0", or digits without a leading zero.
 fn array_index(tok: &str) -> Option<usize> {
-    if tok.is_empty() || !tok.bytes().all(|c| c.is_ascii_digit()) || (tok.len() > 1 && tok.starts_with('0')) {
+    if tok.is_empty()
+        || !tok.bytes().all(|c| c.is_ascii_digit())
+        || (tok.len() > 1 && tok.starts_with('0'))
+    {
         return None;
     }
     tok.parse().ok()
@@ -333,7 +340,11 @@ impl SseFilter {
     }
 
     fn rewrite(&self, event: &[u8]) -> Option<Vec<u8>> {
-        let bom = if self.first_event && event.starts_with(b"\xEF\xBB\xBF") { 3 } else { 0 };
+        let bom = if self.first_event && event.starts_with(b"\xEF\xBB\xBF") {
+            3
+        } else {
+            0
+        };
         let lines = split_lines(&event[bom..]);
         let mut data: Vec<u8> = Vec::new();
         let mut first_data: Option<usize> = None;
@@ -376,7 +387,11 @@ fn split_lines(mut s: &[u8]) -> Vec<(&[u8], &[u8])> {
     while !s.is_empty() {
         match memchr::memchr2(b'\n', b'\r', s) {
             Some(i) => {
-                let len = if s[i] == b'\r' && s.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                let len = if s[i] == b'\r' && s.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
                 lines.push((&s[..i], &s[i..i + len]));
                 s = &s[i + len..];
             }
@@ -409,15 +424,21 @@ mod tests {
     }
 
     fn apply(ptrs: &[&str], body: &str) -> Option<String> {
-        filter(ptrs).apply_json(body.as_bytes()).map(|v| String::from_utf8(v).unwrap())
+        filter(ptrs)
+            .apply_json(body.as_bytes())
+            .map(|v| String::from_utf8(v).unwrap())
     }
 
     #[test]
     fn new_parses_and_rejects() {
         let f = filter(&["/a~1b/c~0d", "/", "/x//y"]);
-        assert!(f.pointers.contains(&vec!["a/b".to_string(), "c~d".to_string()]));
+        assert!(f
+            .pointers
+            .contains(&vec!["a/b".to_string(), "c~d".to_string()]));
         assert!(f.pointers.contains(&vec![String::new()]));
-        assert!(f.pointers.contains(&vec!["x".to_string(), String::new(), "y".to_string()]));
+        assert!(f
+            .pointers
+            .contains(&vec!["x".to_string(), String::new(), "y".to_string()]));
         assert!(!f.is_empty());
         assert!(filter(&[]).is_empty());
         for bad in ["", "usage", "#/usage", "/a~", "/a~2", "/~x"] {
@@ -432,7 +453,11 @@ mod tests {
     fn apply_json_cases() {
         let cases: &[(&[&str], &str, Option<&str>)] = &[
             // nested pointer
-            (&["/usage/internal"], r#"{"usage":{"total":3,"internal":{"x":1}},"id":"a"}"#, Some(r#"{"id":"a","usage":{"total":3}}"#)),
+            (
+                &["/usage/internal"],
+                r#"{"usage":{"total":3,"internal":{"x":1}},"id":"a"}"#,
+                Some(r#"{"id":"a","usage":{"total":3}}"#),
+            ),
             // top level
             (&["/debug"], r#"{"debug":true,"ok":1}"#, Some(r#"{"ok":1}"#)),
             // inside an array element
@@ -442,15 +467,39 @@ mod tests {
                 Some(r#"{"choices":[{"i":0},{"i":1,"logprobs":[2]}]}"#),
             ),
             // array index removes the element and shifts the rest
-            (&["/choices/0"], r#"{"choices":[1,2,3]}"#, Some(r#"{"choices":[2,3]}"#)),
+            (
+                &["/choices/0"],
+                r#"{"choices":[1,2,3]}"#,
+                Some(r#"{"choices":[2,3]}"#),
+            ),
             (&["/1"], r#"[1,2,3]"#, Some(r#"[1,3]"#)),
             // indices refer to the original document, whatever the order
-            (&["/a/0", "/a/2"], r#"{"a":[0,1,2,3]}"#, Some(r#"{"a":[1,3]}"#)),
-            (&["/a/2", "/a/0"], r#"{"a":[0,1,2,3]}"#, Some(r#"{"a":[1,3]}"#)),
-            (&["/a/0", "/a/1/x"], r#"{"a":[{"x":0},{"x":1},{"x":2}]}"#, Some(r#"{"a":[{},{"x":2}]}"#)),
-            (&["/a/0", "/a/10"], r#"{"a":[0,1,2,3,4,5,6,7,8,9,10,11]}"#, Some(r#"{"a":[1,2,3,4,5,6,7,8,9,11]}"#)),
+            (
+                &["/a/0", "/a/2"],
+                r#"{"a":[0,1,2,3]}"#,
+                Some(r#"{"a":[1,3]}"#),
+            ),
+            (
+                &["/a/2", "/a/0"],
+                r#"{"a":[0,1,2,3]}"#,
+                Some(r#"{"a":[1,3]}"#),
+            ),
+            (
+                &["/a/0", "/a/1/x"],
+                r#"{"a":[{"x":0},{"x":1},{"x":2}]}"#,
+                Some(r#"{"a":[{},{"x":2}]}"#),
+            ),
+            (
+                &["/a/0", "/a/10"],
+                r#"{"a":[0,1,2,3,4,5,6,7,8,9,10,11]}"#,
+                Some(r#"{"a":[1,2,3,4,5,6,7,8,9,11]}"#),
+            ),
             // escaped keys
-            (&["/a~1b"], r#"{"a/b":1,"a":{"b":2}}"#, Some(r#"{"a":{"b":2}}"#)),
+            (
+                &["/a~1b"],
+                r#"{"a/b":1,"a":{"b":2}}"#,
+                Some(r#"{"a":{"b":2}}"#),
+            ),
             (&["/m~0n"], r#"{"m~n":1,"m":2}"#, Some(r#"{"m":2}"#)),
             (&["/"], r#"{"":1,"a":2}"#, Some(r#"{"a":2}"#)),
             // a digit key in an object is a key
@@ -491,7 +540,11 @@ mod tests {
         .map(|p| parse_pointer(p).unwrap())
         .collect();
         ps.sort_by(|a, b| removal_order(a, b));
-        let pos = |p: &str| ps.iter().position(|x| *x == parse_pointer(p).unwrap()).unwrap();
+        let pos = |p: &str| {
+            ps.iter()
+                .position(|x| *x == parse_pointer(p).unwrap())
+                .unwrap()
+        };
         assert!(pos("/a/10") < pos("/a/9"));
         assert!(pos("/a/9/z") < pos("/a/9"));
         assert!(pos("/a/9") < pos("/a/1/x"));
@@ -543,7 +596,11 @@ mod tests {
                 f.feed(c, &mut out);
             }
             f.finish(&mut out);
-            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&whole), "chunks of {size}");
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&whole),
+                "chunks of {size}"
+            );
         }
         String::from_utf8(whole).unwrap()
     }
@@ -553,7 +610,10 @@ mod tests {
     #[test]
     fn sse_rewrites_json_data() {
         let input = "data: {\"id\":1,\"debug\":\"x\"}\n\ndata: {\"id\":2}\n\n";
-        assert_eq!(run(P, MAX, input), "data: {\"id\":1}\n\ndata: {\"id\":2}\n\n");
+        assert_eq!(
+            run(P, MAX, input),
+            "data: {\"id\":1}\n\ndata: {\"id\":2}\n\n"
+        );
     }
 
     #[test]
@@ -586,13 +646,19 @@ mod tests {
             "data: {\"debug\":",
         );
         assert_eq!(run(P, MAX, input), want);
-        assert_eq!(run_bytes(P, MAX, input.as_bytes()), run_all(P, MAX, input.as_bytes()));
+        assert_eq!(
+            run_bytes(P, MAX, input.as_bytes()),
+            run_all(P, MAX, input.as_bytes())
+        );
     }
 
     #[test]
     fn sse_crlf_events() {
         let input = "event: delta\r\ndata: {\"debug\":1,\"x\":2}\r\nid: 3\r\n\r\n: ping\r\n\r\n";
-        assert_eq!(run(P, MAX, input), "event: delta\r\ndata: {\"x\":2}\r\nid: 3\r\n\r\n: ping\r\n\r\n");
+        assert_eq!(
+            run(P, MAX, input),
+            "event: delta\r\ndata: {\"x\":2}\r\nid: 3\r\n\r\n: ping\r\n\r\n"
+        );
         // CR-only line endings.
         let input = "event: delta\rdata: {\"debug\":1,\"x\":2}\r\r";
         assert_eq!(run(P, MAX, input), "event: delta\rdata: {\"x\":2}\r\r");
@@ -600,11 +666,18 @@ mod tests {
 
     #[test]
     fn sse_done_untouched() {
-        for input in ["data: [DONE]\n\n", "data:[DONE]\r\n\r\n", "data: [DONE]\n\ndata: [DONE]\n\n"] {
+        for input in [
+            "data: [DONE]\n\n",
+            "data:[DONE]\r\n\r\n",
+            "data: [DONE]\n\ndata: [DONE]\n\n",
+        ] {
             assert_eq!(run(P, MAX, input), input);
         }
         // A JSON array payload is filtered, but [DONE] is not JSON.
-        assert_eq!(run(&["/0"], MAX, "data: [1,2]\n\ndata: [DONE]\n\n"), "data: [2]\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            run(&["/0"], MAX, "data: [1,2]\n\ndata: [DONE]\n\n"),
+            "data: [2]\n\ndata: [DONE]\n\n"
+        );
     }
 
     #[test]
@@ -626,7 +699,10 @@ mod tests {
     fn sse_multi_line_data() {
         let input = "id: 1\ndata: {\ndata: \"debug\": true,\ndata:  \"keep\": [1,\ndata\ndata: 2]}\nevent: x\n\n";
         // Joined: "{\n\"debug\": true,\n \"keep\": [1,\n\n2]}" — valid JSON.
-        assert_eq!(run(P, MAX, input), "id: 1\ndata: {\"keep\":[1,2]}\nevent: x\n\n");
+        assert_eq!(
+            run(P, MAX, input),
+            "id: 1\ndata: {\"keep\":[1,2]}\nevent: x\n\n"
+        );
         // Multi-line data that is not JSON stays as it was.
         let input = "data: hello\ndata: world\n\n";
         assert_eq!(run(P, MAX, input), input);

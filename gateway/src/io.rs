@@ -39,7 +39,12 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Conn {
     pub fn new(stream: TcpStream, cap: usize) -> Conn {
-        Conn { stream, buf: Vec::with_capacity(cap), pos: 0, cap }
+        Conn {
+            stream,
+            buf: Vec::with_capacity(cap),
+            pos: 0,
+            cap,
+        }
     }
 
     /// Bytes read but not consumed yet.
@@ -125,9 +130,19 @@ impl Conn {
     /// Write the first `n` pending bytes to `dst` and consume them, giving up
     /// after `d` without progress (a peer that stopped reading). After a
     /// timeout the read buffer is gone: close the connection.
-    pub async fn forward(&mut self, n: usize, dst: &mut TcpStream, d: Duration) -> Result<(), WriteError> {
+    pub async fn forward(
+        &mut self,
+        n: usize,
+        dst: &mut TcpStream,
+        d: Duration,
+    ) -> Result<(), WriteError> {
         let buf = std::mem::take(&mut self.buf);
-        let (res, slice) = match monoio::time::timeout(d, dst.write_all(buf.slice(self.pos..self.pos + n))).await {
+        let (res, slice) = match monoio::time::timeout(
+            d,
+            dst.write_all(buf.slice(self.pos..self.pos + n)),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => return Err(WriteError::Timeout),
         };
@@ -139,7 +154,11 @@ impl Conn {
 
     /// Write an owned buffer to this stream within `d`; the buffer comes back
     /// cleared (or empty after a timeout).
-    pub async fn write_all(&mut self, out: Vec<u8>, d: Duration) -> (Result<(), WriteError>, Vec<u8>) {
+    pub async fn write_all(
+        &mut self,
+        out: Vec<u8>,
+        d: Duration,
+    ) -> (Result<(), WriteError>, Vec<u8>) {
         match monoio::time::timeout(d, write_vec(&mut self.stream, out)).await {
             Ok((r, out)) => (r.map_err(WriteError::Io), out),
             Err(_) => (Err(WriteError::Timeout), Vec::new()),
@@ -163,7 +182,14 @@ enum Peek {
 fn peek(fd: RawFd) -> Peek {
     let mut b = [0u8; 1];
     // SAFETY: recv on a valid fd into a 1-byte stack buffer; never blocks.
-    let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
     match n {
         0 => Peek::Closed,
         n if n > 0 => Peek::Data,

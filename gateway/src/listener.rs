@@ -13,7 +13,10 @@ use crate::pipeline;
 use crate::worker::Worker;
 
 pub fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
-    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(backlog);
+    let opts = ListenerOpts::new()
+        .reuse_port(true)
+        .reuse_addr(true)
+        .backlog(backlog);
     TcpListener::bind_with_config(addr, &opts)
 }
 
@@ -48,7 +51,10 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>) {
                 let w2 = w.clone();
                 monoio::spawn(async move {
                     // A bug must cost one connection, not the worker and all of its connections.
-                    if CatchUnwind(pipeline::serve_connection(stream, peer, w2.clone())).await.is_err() {
+                    if CatchUnwind(pipeline::serve_connection(stream, peer, w2.clone()))
+                        .await
+                        .is_err()
+                    {
                         w2.metrics_registry.connection_panics.inc();
                         tracing::error!(worker = w2.id, client = %peer, "connection task panicked; connection dropped");
                     }
@@ -73,7 +79,10 @@ struct CatchUnwind<F>(F);
 impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
     type Output = Result<F::Output, ()>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
         // SAFETY: structural pinning of the only field; it is never moved out.
         let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use prometheus::local::{LocalHistogramVec, LocalIntCounter, LocalIntCounterVec};
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// How often worker shards are folded into the registry.
@@ -41,7 +41,8 @@ pub struct Metrics {
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-    r.register(Box::new(m.clone())).expect("metric names are unique");
+    r.register(Box::new(m.clone()))
+        .expect("metric names are unique");
     m
 }
 
@@ -138,7 +139,9 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
         out
     }
 }
@@ -185,7 +188,9 @@ impl WorkerMetrics {
     }
 
     pub fn observe(&self, vec: &RefCell<LocalHistogramVec>, label: &str, d: Duration) {
-        vec.borrow_mut().with_label_values(&[label]).observe(d.as_secs_f64());
+        vec.borrow_mut()
+            .with_label_values(&[label])
+            .observe(d.as_secs_f64());
     }
 
     pub fn flush(&self) {
@@ -207,5 +212,8 @@ impl WorkerMetrics {
 pub fn status_label(status: u16) -> &'static str {
     static LABELS: OnceLock<Vec<String>> = OnceLock::new();
     let labels = LABELS.get_or_init(|| (0..600).map(|s| s.to_string()).collect());
-    labels.get(status as usize).map(String::as_str).unwrap_or("other")
+    labels
+        .get(status as usize)
+        .map(String::as_str)
+        .unwrap_or("other")
 }

@@ -26,8 +26,8 @@ use crate::io::{Conn, ReadError};
 use crate::metrics::status_label;
 use crate::upstream::{self, Exchange, Request};
 use crate::validate;
-use std::io::Write as _;
 use crate::worker::{Current, Worker};
+use std::io::Write as _;
 
 /// What reading the next request produced.
 enum Next {
@@ -87,7 +87,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         let Some(route) = route else {
             let e = ProxyError::Client(ClientError::NoRoute);
             // The unread body would be taken for the next request: close unless there is none.
-            let close = !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
+            let close =
+                !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
             log_rejected(&w, &cur, &rid, peer, e);
             client.consume(head.head_len);
             respond_error(&mut client, &cur, e, &rid, close, head.is_head, &mut out).await;
@@ -102,19 +103,39 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         let (method, path) = if cur.shared.access_log {
             let target = &buf[head.target.clone()];
             let path = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
-            (String::from_utf8_lossy(&buf[head.method.clone()]).into_owned(), String::from_utf8_lossy(path).into_owned())
+            (
+                String::from_utf8_lossy(&buf[head.method.clone()]).into_owned(),
+                String::from_utf8_lossy(path).into_owned(),
+            )
         } else {
             (String::new(), String::new())
         };
 
         // Stage 4: validate.
-        let verdict = match validate::admit(&mut client, &head, route, &cur.shared.rules, &cur.shared.timeouts, &w.json_scratch).await {
+        let verdict = match validate::admit(
+            &mut client,
+            &head,
+            route,
+            &cur.shared.rules,
+            &cur.shared.timeouts,
+            &w.json_scratch,
+        )
+        .await
+        {
             Ok(v) => v,
             Err(refused) => {
                 let r = &refused.rejection;
                 let model = refused.model.as_deref().unwrap_or("");
-                w.metrics.inc(&w.metrics.validation_rejections, &[&route.name, model, r.reason], 1);
-                w.metrics.inc(&w.metrics.requests, &[&route.name, status_label(r.status)], 1);
+                w.metrics.inc(
+                    &w.metrics.validation_rejections,
+                    &[&route.name, model, r.reason],
+                    1,
+                );
+                w.metrics.inc(
+                    &w.metrics.requests,
+                    &[&route.name, status_label(r.status)],
+                    1,
+                );
                 if cur.shared.access_log {
                     tracing::info!(target: "access", request_id = rid.as_str(), client = %peer.ip(), method, path, route = route.name.as_str(),
                         status = r.status, error = r.reason, pointer = r.pointer.as_deref().unwrap_or(""), "request refused by validation");
@@ -125,14 +146,25 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 if !refused.consumed {
                     client.consume(head.head_len);
                 }
-                let keep = head.keep_alive && (refused.body_read || head.body_kind() == codec::BodyKind::Empty) && !w.draining.get();
+                let keep = head.keep_alive
+                    && (refused.body_read || head.body_kind() == codec::BodyKind::Empty)
+                    && !w.draining.get();
                 out.clear();
-                ErrorBody { status: r.status, error_type: validation_type(r.status), message: &r.message, code: Some(r.reason), param: r.pointer.as_deref(), retry_after: None }
-                    .write(&rid, !keep, &mut out);
+                ErrorBody {
+                    status: r.status,
+                    error_type: validation_type(r.status),
+                    message: &r.message,
+                    code: Some(r.reason),
+                    param: r.pointer.as_deref(),
+                    retry_after: None,
+                }
+                .write(&rid, !keep, &mut out);
                 if head.is_head {
                     truncate_to_head(&mut out);
                 }
-                let (_, o) = client.write_all(std::mem::take(&mut out), cur.shared.timeouts.send).await;
+                let (_, o) = client
+                    .write_all(std::mem::take(&mut out), cur.shared.timeouts.send)
+                    .await;
                 out = o;
                 if !keep {
                     linger = true;
@@ -145,7 +177,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             validate::Admitted::Answer(body) => {
                 // Answered here (GET /v1/models).
                 client.consume(head.head_len);
-                let keep = head.keep_alive && head.body_kind() == codec::BodyKind::Empty && !w.draining.get();
+                let keep = head.keep_alive
+                    && head.body_kind() == codec::BodyKind::Empty
+                    && !w.draining.get();
                 out.clear();
                 let _ = write!(
                     out,
@@ -156,7 +190,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 if !head.is_head {
                     out.extend_from_slice(body);
                 }
-                let (_, o) = client.write_all(std::mem::take(&mut out), cur.shared.timeouts.send).await;
+                let (_, o) = client
+                    .write_all(std::mem::take(&mut out), cur.shared.timeouts.send)
+                    .await;
                 out = o;
                 w.metrics.inc(&w.metrics.requests, &[&route.name, "200"], 1);
                 if !keep {
@@ -169,7 +205,15 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         };
 
         // Stage 5: upstream.
-        let req = Request { head: &head, buffered, continue_sent: verdict.continue_sent, route, request_id: &rid, peer: peer.ip(), started };
+        let req = Request {
+            head: &head,
+            buffered,
+            continue_sent: verdict.continue_sent,
+            route,
+            request_id: &rid,
+            peer: peer.ip(),
+            started,
+        };
         let x = upstream::forward(&mut client, &req, &w, &cur, &mut out).await;
         if !x.head_consumed {
             // Failed before anything was sent upstream (e.g. no backend reachable).
@@ -178,10 +222,14 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         let mut keep = x.client_keep_alive;
         let mut status = x.status;
         if let Some(e) = x.error {
-            let client_gone = matches!(e, ProxyError::Client(ClientError::ClientClosed | ClientError::SendTimeout));
+            let client_gone = matches!(
+                e,
+                ProxyError::Client(ClientError::ClientClosed | ClientError::SendTimeout)
+            );
             if !x.response_started && !client_gone {
                 // Reusable only if the request's framing was fully consumed.
-                let body_consumed = x.request_body_done || head.body_kind() == codec::BodyKind::Empty;
+                let body_consumed =
+                    x.request_body_done || head.body_kind() == codec::BodyKind::Empty;
                 keep = head.keep_alive && body_consumed && !e.must_close() && !w.draining.get();
                 status = e.status();
                 respond_error(&mut client, &cur, e, &rid, !keep, head.is_head, &mut out).await;
@@ -199,8 +247,23 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             // A buffered body went through `out`: don't keep its memory per connection.
             out = Vec::with_capacity(4096);
         }
-        let model = verdict.model.as_ref().map(|(m, v)| (m.as_str(), v.as_str()));
-        finish(&w, &cur, &method, &path, &rid, peer, (route.name.as_str(), &route.cluster_name), model, status, started, &x);
+        let model = verdict
+            .model
+            .as_ref()
+            .map(|(m, v)| (m.as_str(), v.as_str()));
+        finish(
+            &w,
+            &cur,
+            &method,
+            &path,
+            &rid,
+            peer,
+            (route.name.as_str(), &route.cluster_name),
+            model,
+            status,
+            started,
+            &x,
+        );
         if !keep || w.draining.get() {
             break;
         }
@@ -214,7 +277,14 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
 /// Read until one complete request head is buffered. The first byte of a
 /// request must come within the idle timeout (the header timeout for a new
 /// connection); the rest of the head within the header timeout.
-async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, cur: &Current, conn_id: u64, first: bool) -> Next {
+async fn read_head(
+    client: &mut Conn,
+    head: &mut RequestHead,
+    w: &Worker,
+    cur: &Current,
+    conn_id: u64,
+    first: bool,
+) -> Next {
     let limits = &cur.shared.limits;
     let t = &cur.shared.timeouts;
     let mut head_deadline: Option<Instant> = None;
@@ -239,7 +309,9 @@ async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, cur: &
             }
             w.mark_idle(conn_id, client.raw_fd());
         }
-        let r = client.fill_timeout(wait.max(Duration::from_millis(1))).await;
+        let r = client
+            .fill_timeout(wait.max(Duration::from_millis(1)))
+            .await;
         if idle {
             w.mark_busy(conn_id);
         }
@@ -257,13 +329,23 @@ async fn read_head(client: &mut Conn, head: &mut RequestHead, w: &Worker, cur: &
 
 /// Answer with the JSON error shape (head only for HEAD requests: a body
 /// there would be read as the next response).
-async fn respond_error(client: &mut Conn, cur: &Current, e: ProxyError, rid: &str, close: bool, head_only: bool, out: &mut Vec<u8>) {
+async fn respond_error(
+    client: &mut Conn,
+    cur: &Current,
+    e: ProxyError,
+    rid: &str,
+    close: bool,
+    head_only: bool,
+    out: &mut Vec<u8>,
+) {
     out.clear();
     e.to_response(rid, close, out);
     if head_only {
         truncate_to_head(out);
     }
-    let (_, o) = client.write_all(std::mem::take(out), cur.shared.timeouts.send).await;
+    let (_, o) = client
+        .write_all(std::mem::take(out), cur.shared.timeouts.send)
+        .await;
     *out = o;
 }
 
@@ -306,14 +388,18 @@ const LINGER_MAX_BYTES: usize = 1 << 20;
 fn log_rejected(w: &Worker, cur: &Current, rid: &str, peer: SocketAddr, e: ProxyError) {
     let (source, kind) = e.source_and_kind();
     // No route was chosen: counted under route="".
-    w.metrics.inc(&w.metrics.requests, &["", status_label(e.status())], 1);
+    w.metrics
+        .inc(&w.metrics.requests, &["", status_label(e.status())], 1);
     w.metrics.inc(&w.metrics.request_errors, &[source, kind], 1);
     if cur.shared.access_log {
         tracing::info!(target: "access", request_id = rid, client = %peer.ip(), status = e.status(), error = kind, "request rejected");
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one access record, logged and counted in one place")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one access record, logged and counted in one place"
+)]
 fn finish(
     w: &Worker,
     cur: &Current,

@@ -41,7 +41,11 @@ impl Route {
             PathMatch::Prefix(p) => path.starts_with(p.as_bytes()),
             PathMatch::Exact(p) => path == p.as_bytes(),
         };
-        path_ok && self.methods.as_ref().is_none_or(|ms| ms.iter().any(|m| m.as_bytes() == method))
+        path_ok
+            && self
+                .methods
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| m.as_bytes() == method))
     }
 }
 
@@ -60,7 +64,10 @@ impl Router {
         let mut r = Router::default();
         let t: &Timeouts = &config.timeouts;
         for (i, rc) in config.routes.iter().enumerate() {
-            let cluster = cluster_names.iter().position(|c| *c == rc.cluster).expect("validated: cluster exists");
+            let cluster = cluster_names
+                .iter()
+                .position(|c| *c == rc.cluster)
+                .expect("validated: cluster exists");
             let matcher = match (&rc.path_exact, &rc.path_prefix) {
                 (Some(p), _) => PathMatch::Exact(p.clone()),
                 (None, Some(p)) => PathMatch::Prefix(p.clone()),
@@ -74,7 +81,9 @@ impl Router {
                 cluster_name: rc.cluster.clone(),
                 matcher,
                 methods: rc.methods.clone(),
-                max_request_body_bytes: rc.max_request_body_bytes.unwrap_or(config.limits.max_request_body_bytes),
+                max_request_body_bytes: rc
+                    .max_request_body_bytes
+                    .unwrap_or(config.limits.max_request_body_bytes),
                 connect_timeout: rc.timeouts.upstream_connect.unwrap_or(t.upstream_connect),
                 response_timeout: rc.timeouts.upstream_response.unwrap_or(t.upstream_response),
                 total_timeout: (!total.is_zero()).then_some(total),
@@ -90,7 +99,8 @@ impl Router {
                 },
             }
         }
-        r.wildcard_hosts.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+        r.wildcard_hosts
+            .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         r
     }
 
@@ -133,7 +143,9 @@ impl Router {
     }
 
     fn first(&self, ids: &[usize], path: &[u8], method: &[u8]) -> Option<&Route> {
-        ids.iter().map(|&i| &self.routes[i]).find(|r| r.matches(path, method))
+        ids.iter()
+            .map(|&i| &self.routes[i])
+            .find(|r| r.matches(path, method))
     }
 }
 
@@ -197,17 +209,38 @@ cluster = "c"
     #[test]
     fn precedence_and_matching() {
         let r = router(CONF);
-        let name = |h: &str, p: &str, m: &str| r.route(h.as_bytes(), p.as_bytes(), m.as_bytes()).map(|r| r.name.clone());
-        assert_eq!(name("API.example.com:443", "/v1/chat/completions", "POST").as_deref(), Some("api-chat"));
+        let name = |h: &str, p: &str, m: &str| {
+            r.route(h.as_bytes(), p.as_bytes(), m.as_bytes())
+                .map(|r| r.name.clone())
+        };
+        assert_eq!(
+            name("API.example.com:443", "/v1/chat/completions", "POST").as_deref(),
+            Some("api-chat")
+        );
         // Method mismatch falls through to the wildcard host.
-        assert_eq!(name("api.example.com", "/v1/chat/completions", "GET").as_deref(), Some("wild"));
-        assert_eq!(name("x.example.com", "/anything", "GET").as_deref(), Some("wild"));
+        assert_eq!(
+            name("api.example.com", "/v1/chat/completions", "GET").as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            name("x.example.com", "/anything", "GET").as_deref(),
+            Some("wild")
+        );
         // The bare domain does not match `*.example.com`.
-        assert_eq!(name("example.com", "/v1/models", "GET").as_deref(), Some("fallback"));
+        assert_eq!(
+            name("example.com", "/v1/models", "GET").as_deref(),
+            Some("fallback")
+        );
         assert_eq!(name("other", "/healthz", "GET").as_deref(), Some("health"));
-        assert_eq!(name("other", "/healthz?x", "GET").as_deref(), Some("health"));
+        assert_eq!(
+            name("other", "/healthz?x", "GET").as_deref(),
+            Some("health")
+        );
         assert_eq!(name("other", "/healthzz", "GET"), None);
         assert_eq!(name("other", "/v2/x", "GET"), None);
-        assert_eq!(name("[::1]:8080", "/v1/x", "GET").as_deref(), Some("fallback"));
+        assert_eq!(
+            name("[::1]:8080", "/v1/x", "GET").as_deref(),
+            Some("fallback")
+        );
     }
 }

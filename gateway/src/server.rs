@@ -71,7 +71,13 @@ impl Control {
 
     /// A worker's own copy of the configuration-derived state.
     fn build(&self, r: &Resolved, generation: u64) -> Shared {
-        Shared::new(r, self.workers, self.metrics.clone(), self.shutdown.clone(), generation)
+        Shared::new(
+            r,
+            self.workers,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+            generation,
+        )
     }
 }
 
@@ -94,13 +100,22 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
     });
-    let health = Arc::new(Health { workers: n, started: AtomicUsize::new(0), draining: AtomicBool::new(false) });
+    let health = Arc::new(Health {
+        workers: n,
+        started: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+    });
 
-    admin::spawn(r.admin, metrics.clone(), health.clone())
-        .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))?;
+    admin::spawn(r.admin, metrics.clone(), health.clone()).map_err(|e| {
+        RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin))
+    })?;
 
     let (tx, rx) = mpsc::channel::<Msg>();
-    let cpus = if r.config.server.pin_workers { allowed_cpus() } else { Vec::new() };
+    let cpus = if r.config.server.pin_workers {
+        allowed_cpus()
+    } else {
+        Vec::new()
+    };
     for id in 0..n {
         let tx = tx.clone();
         let control = control.clone();
@@ -116,8 +131,9 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
 
     {
         let tx = tx.clone();
-        let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
-            .map_err(|e| RunError::Startup(format!("cannot install signal handlers: {e}")))?;
+        let mut signals =
+            signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+                .map_err(|e| RunError::Startup(format!("cannot install signal handlers: {e}")))?;
         std::thread::Builder::new()
             .name("gateway-signals".into())
             .spawn(move || {
@@ -140,8 +156,19 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
             Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
                 Ok(m) => m,
                 Err(_) => {
-                    let open: i64 = (0..n).map(|w| metrics.active_connections.with_label_values(&[&w.to_string()]).get()).sum();
-                    tracing::warn!(open_connections = open, grace_s = grace.as_secs_f64(), "shutdown grace period over; closing what is left");
+                    let open: i64 = (0..n)
+                        .map(|w| {
+                            metrics
+                                .active_connections
+                                .with_label_values(&[&w.to_string()])
+                                .get()
+                        })
+                        .sum();
+                    tracing::warn!(
+                        open_connections = open,
+                        grace_s = grace.as_secs_f64(),
+                        "shutdown grace period over; closing what is left"
+                    );
                     return Ok(());
                 }
             },
@@ -169,7 +196,9 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
                 return Err(RunError::Startup(format!("worker {worker}: {error}")));
             }
             Msg::Signal(libc::SIGHUP) => match &reload {
-                None => tracing::warn!("SIGHUP: no config file to reload (started without --config)"),
+                None => {
+                    tracing::warn!("SIGHUP: no config file to reload (started without --config)")
+                }
                 Some(reload) => match reload().and_then(|new| {
                     let (_, old) = control.snapshot();
                     keep_restart_only(&old, new)
@@ -190,7 +219,11 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
             },
             Msg::Signal(s) => {
                 if deadline.is_none() {
-                    tracing::info!(signal = s, grace_s = grace.as_secs_f64(), "shutting down: no new connections, draining in-flight requests");
+                    tracing::info!(
+                        signal = s,
+                        grace_s = grace.as_secs_f64(),
+                        "shutting down: no new connections, draining in-flight requests"
+                    );
                     health.draining.store(true, Ordering::SeqCst);
                     metrics.draining.set(1);
                     shutdown.trigger();
@@ -237,21 +270,42 @@ fn worker_thread(
             .uring_builder(ub)
             .enable_timer()
             .build()
-            .or_else(|_| monoio::RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build())
+            .or_else(|_| {
+                monoio::RuntimeBuilder::<IoUringDriver>::new()
+                    .with_entries(URING_ENTRIES)
+                    .enable_timer()
+                    .build()
+            })
     };
-    let legacy = || monoio::RuntimeBuilder::<LegacyDriver>::new().enable_timer().build();
-    let start = |tx| WorkerStart { id, control: control.clone(), listen: listen.clone(), backlog, tx };
+    let legacy = || {
+        monoio::RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+    };
+    let start = |tx| WorkerStart {
+        id,
+        control: control.clone(),
+        listen: listen.clone(),
+        backlog,
+        tx,
+    };
     let epoll = |tx: mpsc::Sender<Msg>| match legacy() {
         Ok(rt) => run_on(rt, "epoll", start(tx)),
         Err(e) => {
-            let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot start the epoll runtime: {e}") });
+            let _ = tx.send(Msg::Failed {
+                worker: id,
+                error: format!("cannot start the epoll runtime: {e}"),
+            });
         }
     };
     match (driver, (driver != DriverChoice::Epoll).then(uring)) {
         (DriverChoice::Epoll, _) | (_, None) => epoll(tx),
         (_, Some(Ok(rt))) => run_on(rt, "io_uring", start(tx)),
         (DriverChoice::IoUring, Some(Err(e))) => {
-            let _ = tx.send(Msg::Failed { worker: id, error: format!("io_uring is unavailable ({e}); use driver = \"auto\" or \"epoll\"") });
+            let _ = tx.send(Msg::Failed {
+                worker: id,
+                error: format!("io_uring is unavailable ({e}); use driver = \"auto\" or \"epoll\""),
+            });
         }
         (DriverChoice::Auto, Some(Err(e))) => {
             if !FALLBACK_LOGGED.swap(true, Ordering::SeqCst) {
@@ -276,7 +330,13 @@ fn run_on<D: monoio::Driver>(mut rt: Runtime<D>, driver: &'static str, start: Wo
 }
 
 async fn worker_main(driver: &'static str, start: WorkerStart) {
-    let WorkerStart { id, control, listen, backlog, tx } = start;
+    let WorkerStart {
+        id,
+        control,
+        listen,
+        backlog,
+        tx,
+    } = start;
     let (generation, resolved) = control.snapshot();
     let w = Rc::new(Worker::new(id, control.build(&resolved, generation)));
     let metrics = control.metrics.clone();
@@ -285,7 +345,10 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
         match listener::bind(*a, backlog) {
             Ok(l) => listeners.push(l),
             Err(e) => {
-                let _ = tx.send(Msg::Failed { worker: id, error: format!("cannot listen on {a}: {e}") });
+                let _ = tx.send(Msg::Failed {
+                    worker: id,
+                    error: format!("cannot listen on {a}: {e}"),
+                });
                 return;
             }
         }
@@ -336,7 +399,10 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
         });
     }
 
-    let loops: Vec<_> = listeners.into_iter().map(|l| monoio::spawn(listener::accept_loop(l, w.clone()))).collect();
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|l| monoio::spawn(listener::accept_loop(l, w.clone())))
+        .collect();
     for l in loops {
         l.await;
     }
@@ -365,13 +431,21 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
 /// Keep the running values of what a reload can't change (sockets, threads,
 /// buffers are set up once), saying so; refuse a reload whose limits no
 /// longer fit the running buffers.
-fn keep_restart_only(old: &Resolved, mut new: Resolved) -> Result<Resolved, crate::config::ConfigErrors> {
+fn keep_restart_only(
+    old: &Resolved,
+    mut new: Resolved,
+) -> Result<Resolved, crate::config::ConfigErrors> {
     for key in restart_only_changes(old, &new) {
-        tracing::warn!(key, "reload: this setting only changes on a restart; keeping the running value");
+        tracing::warn!(
+            key,
+            "reload: this setting only changes on a restart; keeping the running value"
+        );
     }
     new.config.server.buffer_size = old.config.server.buffer_size;
     let l = &new.config.limits;
-    if l.max_header_bytes > old.config.server.buffer_size || l.max_response_header_bytes > old.config.server.buffer_size {
+    if l.max_header_bytes > old.config.server.buffer_size
+        || l.max_response_header_bytes > old.config.server.buffer_size
+    {
         return Err(crate::config::ConfigErrors(vec![crate::config::ConfigError {
             file: "reload".into(),
             line: None,
@@ -393,9 +467,17 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
         ("server.backlog", a.backlog != b.backlog),
         ("server.buffer_size", a.buffer_size != b.buffer_size),
         ("admin.listen", old.admin != new.admin),
-        ("log.format / log.level", old.config.log.format != new.config.log.format || old.config.log.level != new.config.log.level),
+        (
+            "log.format / log.level",
+            old.config.log.format != new.config.log.format
+                || old.config.log.level != new.config.log.level,
+        ),
     ];
-    changed.into_iter().filter(|(_, c)| *c).map(|(k, _)| k).collect()
+    changed
+        .into_iter()
+        .filter(|(_, c)| *c)
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// CPUs this process may run on, in order.
@@ -406,7 +488,9 @@ fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 

@@ -9,9 +9,9 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::rc::Rc;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
@@ -80,10 +80,16 @@ pub struct Pool {
 impl Pool {
     pub fn new(clusters: &[Cluster]) -> Pool {
         Pool {
-            idle: clusters.iter().map(|c| c.backends.iter().map(|_| VecDeque::new()).collect()).collect(),
+            idle: clusters
+                .iter()
+                .map(|c| c.backends.iter().map(|_| VecDeque::new()).collect())
+                .collect(),
             max_idle: clusters.iter().map(|c| c.pool_max_idle).collect(),
             idle_timeout: clusters.iter().map(|c| c.pool_idle_timeout).collect(),
-            open: clusters.iter().map(|c| c.backends.iter().map(|_| Rc::new(Cell::new(0))).collect()).collect(),
+            open: clusters
+                .iter()
+                .map(|c| c.backends.iter().map(|_| Rc::new(Cell::new(0))).collect())
+                .collect(),
             max_open: clusters.iter().map(|c| c.max_connections).collect(),
             released: Rc::new(event_listener::Event::new()),
         }
@@ -96,7 +102,10 @@ impl Pool {
             return None;
         }
         open.set(open.get() + 1);
-        Some(Slot { open: open.clone(), released: self.released.clone() })
+        Some(Slot {
+            open: open.clone(),
+            released: self.released.clone(),
+        })
     }
 
     /// A live idle connection to this backend; `.1` is how many were discarded.
@@ -127,7 +136,11 @@ impl Pool {
         if q.len() >= self.max_idle[cluster] {
             return false;
         }
-        q.push_back(Idle { conn, since: Instant::now(), slot });
+        q.push_back(Idle {
+            conn,
+            since: Instant::now(),
+            slot,
+        });
         // A request waiting for a slot can take this connection now.
         self.released.notify(1);
         true
@@ -138,7 +151,10 @@ impl Pool {
         let mut closed = vec![0; self.idle.len()];
         for (c, backends) in self.idle.iter_mut().enumerate() {
             for q in backends.iter_mut() {
-                while q.front().is_some_and(|i| i.since.elapsed() >= self.idle_timeout[c]) {
+                while q
+                    .front()
+                    .is_some_and(|i| i.since.elapsed() >= self.idle_timeout[c])
+                {
                     q.pop_front();
                     closed[c] += 1;
                 }
@@ -149,7 +165,10 @@ impl Pool {
 
     /// Idle connections per cluster.
     pub fn idle_counts(&self) -> Vec<usize> {
-        self.idle.iter().map(|b| b.iter().map(VecDeque::len).sum()).collect()
+        self.idle
+            .iter()
+            .map(|b| b.iter().map(VecDeque::len).sum())
+            .collect()
     }
 
     pub fn clear(&mut self) {
@@ -172,7 +191,13 @@ pub struct UpConn {
 
 /// Connect or reuse. Connect failures move on to the next backend (nothing
 /// was sent); after every backend failed, the last error is returned (→ 502).
-async fn checkout(w: &Worker, cur: &Current, route: &Route, allow_pooled: bool, deadline: Option<Instant>) -> Result<UpConn, UpstreamError> {
+async fn checkout(
+    w: &Worker,
+    cur: &Current,
+    route: &Route,
+    allow_pooled: bool,
+    deadline: Option<Instant>,
+) -> Result<UpConn, UpstreamError> {
     let cl = &cur.shared.clusters[route.cluster];
     // Waiting for a free slot (every backend at max_connections) is bounded
     // like a connect.
@@ -190,7 +215,14 @@ async fn checkout(w: &Worker, cur: &Current, route: &Route, allow_pooled: bool, 
                 gauge.sub(dropped as i64 + i64::from(conn.is_some()));
                 if let Some((conn, slot)) = conn {
                     w.metrics.inc(&w.metrics.upstream_reused, &[&cl.name], 1);
-                    return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: true, slot });
+                    return Ok(UpConn {
+                        conn,
+                        cluster: route.cluster,
+                        backend: b,
+                        addr,
+                        reused: true,
+                        slot,
+                    });
                 }
             }
             let Some(slot) = cur.pool.borrow().try_slot(route.cluster, b) else {
@@ -202,11 +234,20 @@ async fn checkout(w: &Worker, cur: &Current, route: &Route, allow_pooled: bool, 
             }
             match connect(addr, wait, cur.shared.buffer_size).await {
                 Ok(conn) => {
-                    w.metrics.inc(&w.metrics.upstream_connections, &[&cl.name], 1);
-                    return Ok(UpConn { conn, cluster: route.cluster, backend: b, addr, reused: false, slot });
+                    w.metrics
+                        .inc(&w.metrics.upstream_connections, &[&cl.name], 1);
+                    return Ok(UpConn {
+                        conn,
+                        cluster: route.cluster,
+                        backend: b,
+                        addr,
+                        reused: false,
+                        slot,
+                    });
                 }
                 Err(e) => {
-                    w.metrics.inc(&w.metrics.upstream_errors, &[&cl.name, e.kind()], 1);
+                    w.metrics
+                        .inc(&w.metrics.upstream_errors, &[&cl.name, e.kind()], 1);
                     tracing::warn!(cluster = %cl.name, backend = %addr, kind = e.kind(), "upstream connect failed");
                     last = e;
                 }
@@ -228,10 +269,16 @@ async fn checkout(w: &Worker, cur: &Current, route: &Route, allow_pooled: bool, 
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration, buffer: usize) -> Result<Conn, UpstreamError> {
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    buffer: usize,
+) -> Result<Conn, UpstreamError> {
     match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
         Err(_) => Err(UpstreamError::ConnectTimeout),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(UpstreamError::ConnectRefused),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(UpstreamError::ConnectRefused)
+        }
         Ok(Err(_)) => Err(UpstreamError::ConnectError),
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
@@ -273,14 +320,24 @@ pub struct Request<'a> {
     pub started: Instant,
 }
 
-pub async fn forward(client: &mut Conn, req: &Request<'_>, w: &Worker, cur: &Current, out: &mut Vec<u8>) -> Exchange {
-    let mut x = Exchange { request_body_done: req.head.body_kind() == BodyKind::Empty, ..Exchange::default() };
+pub async fn forward(
+    client: &mut Conn,
+    req: &Request<'_>,
+    w: &Worker,
+    cur: &Current,
+    out: &mut Vec<u8>,
+) -> Exchange {
+    let mut x = Exchange {
+        request_body_done: req.head.body_kind() == BodyKind::Empty,
+        ..Exchange::default()
+    };
     if let Err(e) = exchange(client, req, w, cur, out, &mut x).await {
         if let ProxyError::Upstream(u) = e {
             let cluster = &cur.shared.clusters[req.route.cluster].name;
             // Connect failures were counted per try in `checkout`.
             if !u.retryable() {
-                w.metrics.inc(&w.metrics.upstream_errors, &[cluster, u.kind()], 1);
+                w.metrics
+                    .inc(&w.metrics.upstream_errors, &[cluster, u.kind()], 1);
             }
         }
         x.error = Some(e);
@@ -314,7 +371,11 @@ async fn exchange(
     let head = req.head;
     let route = req.route;
     // A buffered body is already off the client connection: nothing to stream.
-    let body = if req.buffered.is_some() { BodyKind::Empty } else { head.body_kind() };
+    let body = if req.buffered.is_some() {
+        BodyKind::Empty
+    } else {
+        head.body_kind()
+    };
     if let Some(b) = req.buffered {
         x.head_consumed = true;
         x.request_body_done = true;
@@ -338,16 +399,32 @@ async fn exchange(
         let mut up = checkout(w, cur, route, !retried, deadline).await?;
         x.backend = Some(up.addr);
         if head.expect_continue && !sent_continue {
-            let (r, _) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), timeouts.send).await;
+            let (r, _) = client
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), timeouts.send)
+                .await;
             r.map_err(client_write)?;
             sent_continue = true;
         }
         out.clear();
         if let Some(b) = req.buffered {
-            build_upstream_head(&b.head, req, cur.shared.trust_forwarded, up.addr, Some(b.body.len() as u64), out);
+            build_upstream_head(
+                &b.head,
+                req,
+                cur.shared.trust_forwarded,
+                up.addr,
+                Some(b.body.len() as u64),
+                out,
+            );
             out.extend_from_slice(&b.body);
         } else {
-            build_upstream_head(client.pending(), req, cur.shared.trust_forwarded, up.addr, None, out);
+            build_upstream_head(
+                client.pending(),
+                req,
+                cur.shared.trust_forwarded,
+                up.addr,
+                None,
+                out,
+            );
         }
         // A small body that arrived with the head goes out in the same write.
         let mut with_head = 0usize;
@@ -362,7 +439,11 @@ async fn exchange(
         let (r, o) = up.conn.write_all(std::mem::take(out), timeouts.send).await;
         // A buffered body went through `out`: don't hold a second copy of it
         // for the rest of a (possibly minutes-long) response.
-        *out = if o.capacity() > 1 << 20 { Vec::with_capacity(4096) } else { o };
+        *out = if o.capacity() > 1 << 20 {
+            Vec::with_capacity(4096)
+        } else {
+            o
+        };
         if let Err(WriteError::Timeout) = r {
             return Err(UpstreamError::SendTimeout.into());
         }
@@ -379,7 +460,15 @@ async fn exchange(
             client.consume(head.head_len + with_head);
             x.head_consumed = true;
             x.req_bytes = with_head as u64;
-            let sent = send_body(client, &mut up.conn, body, route.max_request_body_bytes, timeouts, deadline, x);
+            let sent = send_body(
+                client,
+                &mut up.conn,
+                body,
+                route.max_request_body_bytes,
+                timeouts,
+                deadline,
+                x,
+            );
             match sent.await {
                 Ok(()) => x.request_body_done = true,
                 // The backend stopped reading mid-upload; it may have answered
@@ -394,7 +483,13 @@ async fn exchange(
 
         // Response head; informational (1xx) responses are skipped.
         loop {
-            match codec::parse_response(up.conn.pending(), cur.shared.limits.max_response_header_bytes, cur.shared.limits.max_response_headers, head.is_head, &mut resp) {
+            match codec::parse_response(
+                up.conn.pending(),
+                cur.shared.limits.max_response_header_bytes,
+                cur.shared.limits.max_response_headers,
+                head.is_head,
+                &mut resp,
+            ) {
                 Ok(true) if resp.status == 101 => return Err(UpstreamError::BadResponse.into()),
                 Ok(true) if (100..200).contains(&resp.status) => {
                     up.conn.consume(resp.head_len);
@@ -410,12 +505,18 @@ async fn exchange(
             }
             match up.conn.fill_watching(wait, client.raw_fd()).await {
                 Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
-                Ok(0) | Err(ReadError::Timeout) | Err(ReadError::Io(_)) if upload_cut => return Err(UpstreamError::Reset.into()),
+                Ok(0) | Err(ReadError::Timeout) | Err(ReadError::Io(_)) if upload_cut => {
+                    return Err(UpstreamError::Reset.into())
+                }
                 // The backend closed a reused connection without answering: it
                 // may never have seen the request. Resend only what is safe to
                 // repeat (RFC 9110 §9.2.2).
                 Ok(0) | Err(ReadError::Io(_))
-                    if up.reused && !retried && body == BodyKind::Empty && up.conn.pending().is_empty() && head.idempotent =>
+                    if up.reused
+                        && !retried
+                        && body == BodyKind::Empty
+                        && up.conn.pending().is_empty()
+                        && head.idempotent =>
                 {
                     retried = true;
                     continue 'attempt;
@@ -423,7 +524,12 @@ async fn exchange(
                 Ok(0) => return Err(UpstreamError::Closed.into()),
                 Ok(_) => {}
                 Err(ReadError::Timeout) => {
-                    return Err(if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout }.into())
+                    return Err(if is_total {
+                        UpstreamError::TotalTimeout
+                    } else {
+                        UpstreamError::ResponseTimeout
+                    }
+                    .into())
                 }
                 Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
             }
@@ -432,7 +538,8 @@ async fn exchange(
     let cluster_name = &cur.shared.clusters[up.cluster].name;
     let header_time = sent_at.elapsed();
     x.header_time = Some(header_time);
-    w.metrics.observe(&w.metrics.upstream_header_time, cluster_name, header_time);
+    w.metrics
+        .observe(&w.metrics.upstream_header_time, cluster_name, header_time);
     if !x.head_consumed {
         client.consume(head.head_len);
         x.head_consumed = true;
@@ -465,18 +572,39 @@ async fn exchange(
             BodyKind::Length(n) if n <= MAX_FILTERED_BODY => {
                 // The head's ranges index the buffer that reading the body reuses.
                 head_copy = Some(up.conn.pending()[..resp.head_len].to_vec());
-                Some(read_exact_body(&mut up.conn, resp.head_len, n, client.raw_fd(), route.response_timeout, deadline).await?)
+                Some(
+                    read_exact_body(
+                        &mut up.conn,
+                        resp.head_len,
+                        n,
+                        client.raw_fd(),
+                        route.response_timeout,
+                        deadline,
+                    )
+                    .await?,
+                )
             }
             BodyKind::Chunked => {
                 head_copy = Some(up.conn.pending()[..resp.head_len].to_vec());
-                Some(read_chunked_body(&mut up.conn, resp.head_len, client.raw_fd(), route.response_timeout, deadline).await?)
+                Some(
+                    read_chunked_body(
+                        &mut up.conn,
+                        resp.head_len,
+                        client.raw_fd(),
+                        route.response_timeout,
+                        deadline,
+                    )
+                    .await?,
+                )
             }
             _ => None,
         };
         replaced = whole.map(|w| f.apply_json(&w).unwrap_or(w));
     }
     let mut sse = match (&filter, media.as_deref(), up_body) {
-        (Some(f), Some("text/event-stream"), BodyKind::Chunked | BodyKind::UntilClose) => Some(crate::filter::SseFilter::new(f.clone(), MAX_FILTERED_EVENT)),
+        (Some(f), Some("text/event-stream"), BodyKind::Chunked | BodyKind::UntilClose) => {
+            Some(crate::filter::SseFilter::new(f.clone(), MAX_FILTERED_EVENT))
+        }
         _ => None,
     };
     let mut sse_out = Vec::new();
@@ -488,7 +616,9 @@ async fn exchange(
         out.extend_from_slice(&ub[resp.reason.clone()]);
         out.extend_from_slice(b"\r\n");
         codec::write_kept_headers(ub, &resp.headers, out);
-        let framing = replaced.as_ref().map_or(up_body, |b| BodyKind::Length(b.len() as u64));
+        let framing = replaced
+            .as_ref()
+            .map_or(up_body, |b| BodyKind::Length(b.len() as u64));
         match (framing, resp.bodiless_length) {
             (BodyKind::Length(n), _) | (BodyKind::Empty, Some(n)) => {
                 let _ = write!(out, "content-length: {n}\r\n");
@@ -511,7 +641,11 @@ async fn exchange(
     }
 
     // Body: relay what is buffered, write, read more, until the framing says done.
-    let mut remaining = if let BodyKind::Length(n) = up_body { n } else { 0 };
+    let mut remaining = if let BodyKind::Length(n) = up_body {
+        n
+    } else {
+        0
+    };
     let mut dec = ChunkedDecoder::new();
     let mut finished;
     loop {
@@ -538,7 +672,9 @@ async fn exchange(
             }
             BodyKind::Chunked if sse.is_some() => {
                 let f = sse.as_mut().expect("checked");
-                let n = dec.feed(p, |r| f.feed(&p[r], &mut sse_out)).map_err(|_| UpstreamError::BadResponse);
+                let n = dec
+                    .feed(p, |r| f.feed(&p[r], &mut sse_out))
+                    .map_err(|_| UpstreamError::BadResponse);
                 used = abort_if_started(n, x)?;
                 finished = dec.is_done();
                 if finished {
@@ -562,7 +698,9 @@ async fn exchange(
                     out.extend_from_slice(&p[..n]);
                     n
                 } else {
-                    let n = dec.feed(p, |r| out.extend_from_slice(&p[r])).map_err(|_| UpstreamError::BadResponse);
+                    let n = dec
+                        .feed(p, |r| out.extend_from_slice(&p[r]))
+                        .map_err(|_| UpstreamError::BadResponse);
                     abort_if_started(n, x)?
                 };
                 x.resp_bytes += dec.data_total - before;
@@ -614,7 +752,14 @@ async fn exchange(
             Ok(0) => return abort(x, UpstreamError::Closed),
             Ok(_) => {}
             Err(ReadError::Timeout) => {
-                return abort(x, if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout })
+                return abort(
+                    x,
+                    if is_total {
+                        UpstreamError::TotalTimeout
+                    } else {
+                        UpstreamError::ResponseTimeout
+                    },
+                )
             }
             Err(ReadError::Io(e)) => return abort(x, UpstreamError::from_io(&e)),
         }
@@ -622,7 +767,10 @@ async fn exchange(
     x.response_started = true;
 
     // Back to the pool only when the exchange ended exactly on a message boundary.
-    let reusable = resp.keep_alive && up_body != BodyKind::UntilClose && up.conn.pending().is_empty() && !upload_cut;
+    let reusable = resp.keep_alive
+        && up_body != BodyKind::UntilClose
+        && up.conn.pending().is_empty()
+        && !upload_cut;
     if reusable {
         let mut pool = cur.pool.borrow_mut();
         if pool.put(up.cluster, up.backend, up.conn, up.slot) {
@@ -674,7 +822,14 @@ async fn read_exact_body(
             Ok(0) => return Err(UpstreamError::Closed.into()),
             Ok(_) => {}
             Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
-            Err(ReadError::Timeout) => return Err(if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout }.into()),
+            Err(ReadError::Timeout) => {
+                return Err(if is_total {
+                    UpstreamError::TotalTimeout
+                } else {
+                    UpstreamError::ResponseTimeout
+                }
+                .into())
+            }
             Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
         }
     }
@@ -699,11 +854,16 @@ async fn read_chunked_body(
     let mut skip = skip;
     loop {
         let p = &up.pending()[skip..];
-        let n = dec.feed(p, |r| body.extend_from_slice(&p[r])).map_err(|_| UpstreamError::BadResponse)?;
+        let n = dec
+            .feed(p, |r| body.extend_from_slice(&p[r]))
+            .map_err(|_| UpstreamError::BadResponse)?;
         up.consume(skip + n);
         skip = 0;
         if body.len() as u64 > MAX_FILTERED_BODY {
-            tracing::warn!(limit = MAX_FILTERED_BODY, "JSON response too large to filter; refused");
+            tracing::warn!(
+                limit = MAX_FILTERED_BODY,
+                "JSON response too large to filter; refused"
+            );
             return Err(UpstreamError::BadResponse.into());
         }
         if dec.is_done() {
@@ -714,7 +874,14 @@ async fn read_chunked_body(
             Ok(0) => return Err(UpstreamError::Closed.into()),
             Ok(_) => {}
             Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
-            Err(ReadError::Timeout) => return Err(if is_total { UpstreamError::TotalTimeout } else { UpstreamError::ResponseTimeout }.into()),
+            Err(ReadError::Timeout) => {
+                return Err(if is_total {
+                    UpstreamError::TotalTimeout
+                } else {
+                    UpstreamError::ResponseTimeout
+                }
+                .into())
+            }
             Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
         }
     }
@@ -728,7 +895,10 @@ fn client_write(e: WriteError) -> ProxyError {
     }
 }
 
-fn abort_if_started(r: Result<usize, UpstreamError>, x: &mut Exchange) -> Result<usize, ProxyError> {
+fn abort_if_started(
+    r: Result<usize, UpstreamError>,
+    x: &mut Exchange,
+) -> Result<usize, ProxyError> {
     r.map_err(|e| {
         x.client_keep_alive = false;
         e.into()
@@ -752,7 +922,11 @@ async fn send_body(
 ) -> Result<(), ProxyError> {
     let (body_timeout, send_timeout) = (t.client_body, t.send);
     let mut dec = ChunkedDecoder::new();
-    let mut left = if let BodyKind::Length(n) = kind { n - x.req_bytes } else { 0 };
+    let mut left = if let BodyKind::Length(n) = kind {
+        n - x.req_bytes
+    } else {
+        0
+    };
     if kind != BodyKind::Chunked && left == 0 {
         return Ok(());
     }
@@ -761,7 +935,9 @@ async fn send_body(
             let n = match kind {
                 BodyKind::Length(_) => (left.min(client.pending().len() as u64)) as usize,
                 BodyKind::Chunked => {
-                    let n = dec.feed(client.pending(), |_| {}).map_err(|_| ClientError::Malformed("invalid chunked body"))?;
+                    let n = dec
+                        .feed(client.pending(), |_| {})
+                        .map_err(|_| ClientError::Malformed("invalid chunked body"))?;
                     if dec.data_total > limit {
                         return Err(ClientError::BodyTooLarge.into());
                     }
@@ -770,10 +946,13 @@ async fn send_body(
                 _ => return Ok(()),
             };
             if n > 0 {
-                client.forward(n, &mut up.stream, send_timeout).await.map_err(|e| match e {
-                    WriteError::Timeout => UpstreamError::SendTimeout,
-                    WriteError::Io(_) => UpstreamError::Reset,
-                })?;
+                client
+                    .forward(n, &mut up.stream, send_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        WriteError::Timeout => UpstreamError::SendTimeout,
+                        WriteError::Io(_) => UpstreamError::Reset,
+                    })?;
             }
             match kind {
                 BodyKind::Length(_) => {
@@ -797,7 +976,9 @@ async fn send_body(
             Ok(_) => {}
             Err(ReadError::Timeout) if is_total => return Err(UpstreamError::TotalTimeout.into()),
             Err(ReadError::Timeout) => return Err(ClientError::BodyTimeout.into()),
-            Err(ReadError::Io(_)) | Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
+            Err(ReadError::Io(_)) | Err(ReadError::WatchedClosed) => {
+                return Err(ClientError::ClientClosed.into())
+            }
         }
     }
 }
@@ -832,10 +1013,18 @@ fn build_upstream_head(
     out.extend_from_slice(b"x-forwarded-for: ");
     if trust_forwarded && h.forwarded_for.is_some() {
         // Every X-Forwarded-For line, in order (RFC 9110 §5.3: same as one comma-joined line).
-        for hd in h.headers.iter().filter(|hd| buf[hd.name.clone()].eq_ignore_ascii_case(b"x-forwarded-for")) {
+        for hd in h
+            .headers
+            .iter()
+            .filter(|hd| buf[hd.name.clone()].eq_ignore_ascii_case(b"x-forwarded-for"))
+        {
             out.extend_from_slice(&buf[hd.value.clone()]);
             out.extend_from_slice(b", ");
         }
     }
-    let _ = write!(out, "{}\r\nx-forwarded-proto: http\r\nx-request-id: {}\r\n\r\n", req.peer, req.request_id);
+    let _ = write!(
+        out,
+        "{}\r\nx-forwarded-proto: http\r\nx-request-id: {}\r\n\r\n",
+        req.peer, req.request_id
+    );
 }

@@ -5,8 +5,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,10 @@ pub struct Shutdown {
 
 impl Shutdown {
     pub fn new() -> Arc<Shutdown> {
-        Arc::new(Shutdown { flag: AtomicBool::new(false), event: event_listener::Event::new() })
+        Arc::new(Shutdown {
+            flag: AtomicBool::new(false),
+            event: event_listener::Event::new(),
+        })
     }
 
     pub fn trigger(&self) {
@@ -70,7 +73,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(r: &Resolved, workers: usize, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>, generation: u64) -> Shared {
+    pub fn new(
+        r: &Resolved,
+        workers: usize,
+        metrics: Arc<Metrics>,
+        shutdown: Arc<Shutdown>,
+        generation: u64,
+    ) -> Shared {
         let names: Vec<String> = r.clusters.keys().cloned().collect();
         let clusters = names
             .iter()
@@ -120,7 +129,11 @@ impl Current {
         Current {
             pool: RefCell::new(Pool::new(&shared.clusters)),
             rr: shared.clusters.iter().map(|_| Cell::new(worker)).collect(),
-            pool_idle: shared.clusters.iter().map(|c| shared.metrics.pool_idle.with_label_values(&[&w, &c.name])).collect(),
+            pool_idle: shared
+                .clusters
+                .iter()
+                .map(|c| shared.metrics.pool_idle.with_label_values(&[&w, &c.name]))
+                .collect(),
             shared,
         }
     }
@@ -259,7 +272,9 @@ fn random_u64() -> u64 {
     // SAFETY: getrandom writes at most 8 bytes into the buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
     if n != 8 {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         return t.as_nanos() as u64 ^ u64::from(std::process::id());
     }
     u64::from_ne_bytes(b)

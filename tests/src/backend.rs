@@ -71,7 +71,11 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, stats, name: name.to_string() }
+        Backend {
+            addr,
+            stats,
+            name: name.to_string(),
+        }
     }
 
     pub fn connections(&self) -> usize {
@@ -110,10 +114,16 @@ struct Req {
 
 impl Req {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     fn q(&self, k: &str, default: u64) -> u64 {
-        self.query.get(k).and_then(|v| v.parse().ok()).unwrap_or(default)
+        self.query
+            .get(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     }
 }
 
@@ -138,9 +148,16 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
     let mut w = c.try_clone()?;
     let mut r = BufReader::with_capacity(64 * 1024, c);
     loop {
-        let Some(req) = read_head(&mut r)? else { return Ok(()) };
+        let Some(req) = read_head(&mut r)? else {
+            return Ok(());
+        };
         if req.path.ends_with("/reject-upload") {
-            respond_json(&mut w, 413, &serde_json::json!({"error": "too large for this backend"}), false)?;
+            respond_json(
+                &mut w,
+                413,
+                &serde_json::json!({"error": "too large for this backend"}),
+                false,
+            )?;
             w.flush()?;
             // Leave the body unread; closing with unread data resets the connection.
             std::thread::sleep(Duration::from_millis(100));
@@ -161,14 +178,21 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
         s.requests.fetch_add(1, Ordering::SeqCst);
         let keep = req.keep_alive;
         // Behaviour by the last path segment, so route prefixes can be put in front.
-        let behaviour = if req.path == "/v1/chat/completions" { req.path.as_str() } else { &req.path[req.path.rfind('/').unwrap_or(0)..] };
+        let behaviour = if req.path == "/v1/chat/completions" {
+            req.path.as_str()
+        } else {
+            &req.path[req.path.rfind('/').unwrap_or(0)..]
+        };
         match behaviour {
             "/drop" => return Ok(()),
             "/reset" => {
                 w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n0123456789")?;
                 w.flush()?;
                 std::thread::sleep(Duration::from_millis(50));
-                let l = libc::linger { l_onoff: 1, l_linger: 0 };
+                let l = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
                 // SAFETY: setsockopt on our own socket with a valid linger struct.
                 unsafe {
                     use std::os::fd::AsRawFd;
@@ -184,7 +208,12 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
             }
             "/slow" => {
                 std::thread::sleep(Duration::from_millis(req.q("ms", 1000)));
-                respond_json(&mut w, 200, &serde_json::json!({"backend": name, "slept_ms": req.q("ms", 1000)}), keep)?;
+                respond_json(
+                    &mut w,
+                    200,
+                    &serde_json::json!({"backend": name, "slept_ms": req.q("ms", 1000)}),
+                    keep,
+                )?;
             }
             "/generate" => {
                 let until = std::time::Instant::now() + Duration::from_millis(req.q("ms", 5000));
@@ -195,7 +224,12 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                     // SAFETY: non-blocking peek on our own socket.
                     let n = unsafe {
                         use std::os::fd::AsRawFd;
-                        libc::recv(w.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+                        libc::recv(
+                            w.as_raw_fd(),
+                            b.as_mut_ptr().cast(),
+                            1,
+                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                        )
                     };
                     if n == 0 {
                         gone = true;
@@ -206,7 +240,12 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                     s.aborted.fetch_add(1, Ordering::SeqCst);
                     return Ok(());
                 }
-                respond_json(&mut w, 200, &serde_json::json!({"backend": name, "generated": true}), keep)?;
+                respond_json(
+                    &mut w,
+                    200,
+                    &serde_json::json!({"backend": name, "generated": true}),
+                    keep,
+                )?;
             }
             "/sse" => {
                 let n = req.q("n", 5);
@@ -223,7 +262,10 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                 w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")?;
                 chunk(&mut w, b"data: {\"token\":0}\n\n")?;
                 let g = s.gate.lock().unwrap();
-                let (mut g, _) = s.gate_cv.wait_timeout_while(g, Duration::from_secs(20), |n| *n == 0).unwrap();
+                let (mut g, _) = s
+                    .gate_cv
+                    .wait_timeout_while(g, Duration::from_secs(20), |n| *n == 0)
+                    .unwrap();
                 *g = g.saturating_sub(1);
                 drop(g);
                 chunk(&mut w, b"data: [DONE]\n\n")?;
@@ -268,11 +310,15 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                 }
             }
             "/v1/chat/completions" => {
-                let body: serde_json::Value = serde_json::from_slice(&small).unwrap_or(serde_json::Value::Null);
+                let body: serde_json::Value =
+                    serde_json::from_slice(&small).unwrap_or(serde_json::Value::Null);
                 let model = body["model"].as_str().unwrap_or("demo").to_string();
                 if body["stream"].as_bool() == Some(true) {
                     w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")?;
-                    for (i, tok) in ["Hello", " from", " the", " demo", " backend", "."].iter().enumerate() {
+                    for (i, tok) in ["Hello", " from", " the", " demo", " backend", "."]
+                        .iter()
+                        .enumerate()
+                    {
                         let ev = serde_json::json!({"id":"chatcmpl-demo","object":"chat.completion.chunk","model":model,
                             "choices":[{"index":0,"delta":{"content":tok},"finish_reason":null}]});
                         chunk(&mut w, format!("data: {ev}\n\n").as_bytes())?;
@@ -314,7 +360,12 @@ fn chunk(w: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
     w.flush()
 }
 
-fn respond_json(w: &mut TcpStream, status: u16, v: &serde_json::Value, keep: bool) -> std::io::Result<()> {
+fn respond_json(
+    w: &mut TcpStream,
+    status: u16,
+    v: &serde_json::Value,
+    keep: bool,
+) -> std::io::Result<()> {
     let body = v.to_string();
     write!(
         w,
@@ -348,15 +399,35 @@ fn read_head(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req>> {
         }
     }
     let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
-    let query = qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let conn = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("connection")).map(|(_, v)| v.to_ascii_lowercase());
+    let query = qs
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let conn = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .map(|(_, v)| v.to_ascii_lowercase());
     let keep_alive = version == "HTTP/1.1" && conn.as_deref() != Some("close");
-    Ok(Some(Req { method, path: path.to_string(), query, headers, keep_alive }))
+    Ok(Some(Req {
+        method,
+        path: path.to_string(),
+        query,
+        headers,
+        keep_alive,
+    }))
 }
 
-fn read_body(r: &mut BufReader<TcpStream>, req: &Req, mut sink: impl FnMut(&[u8])) -> std::io::Result<()> {
+fn read_body(
+    r: &mut BufReader<TcpStream>,
+    req: &Req,
+    mut sink: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
-    if req.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+    if req
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         loop {
             let mut line = String::new();
             r.read_line(&mut line)?;
@@ -383,7 +454,10 @@ fn read_body(r: &mut BufReader<TcpStream>, req: &Req, mut sink: impl FnMut(&[u8]
             r.read_exact(&mut crlf)?;
         }
     }
-    let mut left: u64 = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut left: u64 = req
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     while left > 0 {
         let k = (left as usize).min(buf.len());
         let n = r.read(&mut buf[..k])?;

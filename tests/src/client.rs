@@ -16,12 +16,19 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn text(&self) -> String {
@@ -34,7 +41,11 @@ impl Response {
         let e = &v["error"];
         assert!(e["message"].is_string(), "no error.message in {v}");
         assert!(e["request_id"].is_string(), "no error.request_id in {v}");
-        assert_eq!(self.header("x-request-id"), e["request_id"].as_str(), "x-request-id header must match the body");
+        assert_eq!(
+            self.header("x-request-id"),
+            e["request_id"].as_str(),
+            "x-request-id header must match the body"
+        );
         e["type"].as_str().expect("error.type").to_string()
     }
 }
@@ -47,14 +58,24 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        Client { stream, buf: Vec::new() }
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn from_stream(stream: TcpStream) -> Client {
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        Client { stream, buf: Vec::new() }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -73,8 +94,16 @@ impl Client {
                 self.buf.extend_from_slice(&tmp[..n]);
                 n
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                panic!("timed out waiting for the gateway; got so far: {:?}", String::from_utf8_lossy(&self.buf))
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "timed out waiting for the gateway; got so far: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                )
             }
             Err(_) => 0,
         }
@@ -88,7 +117,11 @@ impl Client {
                 self.buf.drain(..p + 4);
                 let mut lines = head.split("\r\n");
                 let status_line = lines.next().unwrap_or("");
-                let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let status = status_line
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
                 let headers = lines
                     .filter_map(|l| l.split_once(':'))
                     .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -96,7 +129,10 @@ impl Client {
                 return (status, headers);
             }
             if self.fill() == 0 {
-                panic!("connection closed before a response head; got {:?}", String::from_utf8_lossy(&self.buf));
+                panic!(
+                    "connection closed before a response head; got {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
             }
         }
     }
@@ -111,7 +147,12 @@ impl Client {
         while (100..200).contains(&status) {
             (status, headers) = self.read_head();
         }
-        let h = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+        let h = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+        };
         let mut body = Vec::new();
         let chunked = h("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
         if head_request || status == 204 || status == 304 {
@@ -126,7 +167,11 @@ impl Client {
                 }
                 self.need(size + 2);
                 body.extend_from_slice(&self.buf[..size]);
-                assert_eq!(&self.buf[size..size + 2], b"\r\n", "chunk not followed by CRLF");
+                assert_eq!(
+                    &self.buf[size..size + 2],
+                    b"\r\n",
+                    "chunk not followed by CRLF"
+                );
                 self.buf.drain(..size + 2);
             }
         } else if let Some(cl) = h("content-length") {
@@ -137,7 +182,12 @@ impl Client {
             while self.fill() > 0 {}
             body = std::mem::take(&mut self.buf);
         }
-        Response { status, headers, body, chunked }
+        Response {
+            status,
+            headers,
+            body,
+            chunked,
+        }
     }
 
     /// Read one line (without CRLF) of a chunked body.
@@ -149,7 +199,10 @@ impl Client {
                 return l;
             }
             if self.fill() == 0 {
-                panic!("connection closed mid-line; got {:?}", String::from_utf8_lossy(&self.buf));
+                panic!(
+                    "connection closed mid-line; got {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
             }
         }
     }
@@ -157,7 +210,8 @@ impl Client {
     /// Read the next chunk of a chunked body as it arrives (None at the last chunk).
     pub fn read_chunk(&mut self) -> Option<Vec<u8>> {
         let line = self.read_line();
-        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).expect("chunk size");
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .expect("chunk size");
         if size == 0 {
             while !self.read_line().is_empty() {}
             return None;
@@ -179,13 +233,20 @@ impl Client {
     /// Whether the server closed the connection (EOF) within `within`.
     pub fn closed_within(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        self.stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let mut tmp = [0u8; 4096];
         let r = loop {
             match self.stream.read(&mut tmp) {
                 Ok(0) => break true,
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     if Instant::now() >= deadline {
                         break false;
                     }
@@ -193,7 +254,9 @@ impl Client {
                 Err(_) => break true,
             }
         };
-        self.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         r
     }
 

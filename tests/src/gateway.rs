@@ -28,14 +28,19 @@ impl Driver {
 /// Whether this kernel lets us use io_uring (tests on the io_uring driver are
 /// skipped, loudly, where it is disabled).
 pub fn io_uring_available() -> bool {
-    std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").map(|s| s.trim() == "0").unwrap_or(true)
+    std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|s| s.trim() == "0")
+        .unwrap_or(true)
 }
 
 pub fn bin(env: &str, name: &str) -> PathBuf {
     if let Ok(p) = std::env::var(env) {
         return PathBuf::from(p);
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     for profile in ["release", "debug"] {
         let p = root.join("target").join(profile).join(name);
         if p.exists() {
@@ -50,7 +55,11 @@ pub fn gateway_bin() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -85,7 +94,13 @@ pub struct Spec<'a> {
 
 impl<'a> Spec<'a> {
     pub fn new(driver: Driver, body: &'a str) -> Spec<'a> {
-        Spec { driver, workers: 2, server_extra: "", body, deny_io_uring: false }
+        Spec {
+            driver,
+            workers: 2,
+            server_extra: "",
+            body,
+            deny_io_uring: false,
+        }
     }
 }
 
@@ -112,7 +127,9 @@ impl Gateway {
         let mut cmd = Command::new(gateway_bin());
         cmd.arg("run").arg("--config").arg(&cfg_path);
         let out = std::fs::File::create(&log).unwrap();
-        cmd.stdout(out.try_clone().unwrap()).stderr(out).stdin(Stdio::null());
+        cmd.stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null());
         if spec.deny_io_uring {
             // SAFETY: only async-signal-safe calls (prctl) between fork and exec.
             unsafe {
@@ -121,7 +138,14 @@ impl Gateway {
             }
         }
         let child = cmd.spawn().expect("spawn gateway");
-        let mut g = Gateway { addr, admin, child: Some(child), dir, log, header };
+        let mut g = Gateway {
+            addr,
+            admin,
+            child: Some(child),
+            dir,
+            log,
+            header,
+        };
         g.wait_ready();
         g
     }
@@ -142,7 +166,11 @@ impl Gateway {
 
     /// Replace the config file's body (same listeners), e.g. before a SIGHUP.
     pub fn rewrite_config(&self, body: &str) {
-        std::fs::write(self.dir.join("gateway.toml"), format!("{}{body}", self.header)).unwrap();
+        std::fs::write(
+            self.dir.join("gateway.toml"),
+            format!("{}{body}", self.header),
+        )
+        .unwrap();
     }
 
     pub fn log_text(&self) -> String {
@@ -164,7 +192,9 @@ impl Gateway {
     }
 
     pub fn metrics(&self) -> String {
-        admin_get(self.admin, "/metrics").expect("scrape /metrics").1
+        admin_get(self.admin, "/metrics")
+            .expect("scrape /metrics")
+            .1
     }
 
     /// Sum of every sample whose name and labels contain all of `parts`
@@ -244,11 +274,21 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)>
     use std::io::Write;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    let status = out.split(' ').nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -262,18 +302,46 @@ pub fn deny_io_uring_setup() -> std::io::Result<()> {
     const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
     const NR_IO_URING_SETUP: u32 = 425; // same number on x86_64 and aarch64
     let filter = [
-        libc::sock_filter { code: BPF_LD_W_ABS, jt: 0, jf: 0, k: 0 }, // seccomp_data.nr
-        libc::sock_filter { code: BPF_JEQ_K, jt: 0, jf: 1, k: NR_IO_URING_SETUP },
-        libc::sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32 },
-        libc::sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: SECCOMP_RET_ALLOW },
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // seccomp_data.nr
+        libc::sock_filter {
+            code: BPF_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: NR_IO_URING_SETUP,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+        libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ALLOW,
+        },
     ];
-    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
     // SAFETY: prctl with a valid, live filter program.
     unsafe {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const libc::sock_fprog) != 0 {
+        if libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -290,7 +358,9 @@ macro_rules! both_drivers {
             #[test]
             fn io_uring() {
                 if !$crate::gateway::io_uring_available() {
-                    eprintln!("SKIPPED: io_uring is disabled on this kernel (kernel.io_uring_disabled)");
+                    eprintln!(
+                        "SKIPPED: io_uring is disabled on this kernel (kernel.io_uring_disabled)"
+                    );
                     return;
                 }
                 let f: fn($crate::gateway::Driver) = $body;

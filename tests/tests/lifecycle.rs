@@ -20,7 +20,10 @@ both_drivers!(sigterm_drains_in_flight_requests, |d: Driver| {
     g.signal(libc::SIGTERM);
 
     // The idle connection is closed promptly, without a response.
-    assert!(idle.closed_within(Duration::from_secs(2)), "idle keep-alive connection not closed on drain");
+    assert!(
+        idle.closed_within(Duration::from_secs(2)),
+        "idle keep-alive connection not closed on drain"
+    );
     // Readiness drops while draining, so load balancers stop sending.
     let (status, _) = admin_get(g.admin, "/readyz").expect("admin still up while draining");
     assert_eq!(status, 503);
@@ -34,7 +37,9 @@ both_drivers!(sigterm_drains_in_flight_requests, |d: Driver| {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["slept_ms"], 1500);
     assert_eq!(r.header("connection"), Some("close"));
-    let st = g.wait_exit(Duration::from_secs(10)).expect("gateway did not exit after draining");
+    let st = g
+        .wait_exit(Duration::from_secs(10))
+        .expect("gateway did not exit after draining");
     assert!(st.success(), "exit status {st}");
 });
 
@@ -50,7 +55,9 @@ fn grace_period_bounds_the_drain() {
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     g.signal(libc::SIGTERM);
-    let st = g.wait_exit(Duration::from_secs(10)).expect("gateway ignored its grace period");
+    let st = g
+        .wait_exit(Duration::from_secs(10))
+        .expect("gateway ignored its grace period");
     assert!(st.success());
     assert!(t.elapsed() < Duration::from_secs(8));
     assert!(busy.closed_within(Duration::from_secs(2)));
@@ -68,10 +75,21 @@ fn falls_back_to_epoll_when_io_uring_is_blocked() {
     for _ in 0..3 {
         assert_eq!(c.get("/").status, 200);
     }
-    assert_eq!(g.metric(&["gateway_runtime_driver", "driver=\"epoll\""]), 2.0);
-    assert_eq!(g.metric(&["gateway_runtime_driver", "driver=\"io_uring\""]), 0.0);
+    assert_eq!(
+        g.metric(&["gateway_runtime_driver", "driver=\"epoll\""]),
+        2.0
+    );
+    assert_eq!(
+        g.metric(&["gateway_runtime_driver", "driver=\"io_uring\""]),
+        0.0
+    );
     // Said once, not once per worker.
-    assert_eq!(g.log_text().matches("falling back to epoll").count(), 1, "{}", g.log_text());
+    assert_eq!(
+        g.log_text().matches("falling back to epoll").count(),
+        1,
+        "{}",
+        g.log_text()
+    );
 }
 
 #[test]
@@ -94,7 +112,8 @@ fn forced_io_uring_fails_clearly_when_blocked() {
     }
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("io_uring is unavailable"), "{text}");
 }
 
@@ -103,31 +122,59 @@ fn config_commands() {
     let bin = gateway_bin();
     let dir = temp_dir("cfg");
     // The default config is printed and passes the checker.
-    let out = Command::new(&bin).args(["config", "default"]).output().unwrap();
+    let out = Command::new(&bin)
+        .args(["config", "default"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let default = dir.join("default.toml");
     std::fs::write(&default, &out.stdout).unwrap();
-    let out = Command::new(&bin).arg("check-config").arg(&default).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&bin)
+        .arg("check-config")
+        .arg(&default)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A bad file: exit 1, one message per problem, with file, line and key.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n\n[[routes]]\npath_prefix = \"v1\"\ncluster = \"missing\"\n").unwrap();
-    let out = Command::new(&bin).arg("check-config").arg(&bad).output().unwrap();
+    let out = Command::new(&bin)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let bad_name = bad.display().to_string();
-    assert!(err.contains(&format!("{bad_name}:5: `routes[0].path_prefix`")), "{err}");
-    assert!(err.contains(&format!("{bad_name}:6: `routes[0].cluster`")), "{err}");
+    assert!(
+        err.contains(&format!("{bad_name}:5: `routes[0].path_prefix`")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{bad_name}:6: `routes[0].cluster`")),
+        "{err}"
+    );
     assert!(err.contains("define [clusters.missing]"), "{err}");
 
     // Unknown keys are errors too, and `run` refuses to start on them.
     let typo = dir.join("typo.toml");
     std::fs::write(&typo, "[server]\nworkerz = 2\n").unwrap();
-    let out = Command::new(&bin).args(["run", "--config"]).arg(&typo).output().unwrap();
+    let out = Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&typo)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(":2: `workerz`") && err.contains("unknown field"), "{err}");
+    assert!(
+        err.contains(":2: `workerz`") && err.contains("unknown field"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -137,7 +184,13 @@ fn quick_start_without_a_config_file() {
     let port = free_port();
     let admin = free_port();
     let mut child = Command::new(gateway_bin())
-        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("{},{}", a.addr, b.addr)])
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &format!("{},{}", a.addr, b.addr),
+        ])
         .args(["--admin", &format!("127.0.0.1:{admin}"), "--workers", "1"])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -149,19 +202,34 @@ fn quick_start_without_a_config_file() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut c = Client::connect(format!("127.0.0.1:{port}").parse().unwrap());
-    let names: Vec<String> = (0..4).map(|_| c.get("/").json()["backend"].as_str().unwrap().to_string()).collect();
-    assert!(names.contains(&"a".to_string()) && names.contains(&"b".to_string()), "{names:?}");
+    let names: Vec<String> = (0..4)
+        .map(|_| c.get("/").json()["backend"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.contains(&"a".to_string()) && names.contains(&"b".to_string()),
+        "{names:?}"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
 
 #[test]
 fn readme_shows_the_embedded_default_config() {
-    let out = Command::new(gateway_bin()).args(["config", "default"]).output().unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["config", "default"])
+        .output()
+        .unwrap();
     let default = String::from_utf8(out.stdout).unwrap();
-    let body = default.split_once("[server]").map(|(_, b)| format!("[server]{b}")).unwrap();
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    assert!(readme.contains(&body), "README's config reference is out of date with `gateway config default`");
+    let body = default
+        .split_once("[server]")
+        .map(|(_, b)| format!("[server]{b}"))
+        .unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    assert!(
+        readme.contains(&body),
+        "README's config reference is out of date with `gateway config default`"
+    );
 }
 
 #[test]
@@ -185,7 +253,10 @@ fn max_connections_applies_back_pressure() {
     drop(first);
     let r = second.read_response();
     assert_eq!(r.json()["path"], "/second");
-    assert_eq!(g.wait_metric(&["gateway_connections_accepted_total"], 2.0), 2.0);
+    assert_eq!(
+        g.wait_metric(&["gateway_connections_accepted_total"], 2.0),
+        2.0
+    );
 }
 
 both_drivers!(sighup_reloads_without_dropping_requests, |d: Driver| {
@@ -201,7 +272,12 @@ both_drivers!(sighup_reloads_without_dropping_requests, |d: Driver| {
 
     g.rewrite_config(&one_cluster(b.addr));
     g.signal(libc::SIGHUP);
-    assert_eq!(g.wait_metric(&["gateway_config_generation"], 1.0), 1.0, "{}", g.log_text());
+    assert_eq!(
+        g.wait_metric(&["gateway_config_generation"], 1.0),
+        1.0,
+        "{}",
+        g.log_text()
+    );
     // The same keep-alive client connection now reaches the new backend.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -219,9 +295,15 @@ both_drivers!(sighup_reloads_without_dropping_requests, |d: Driver| {
     // A broken file is refused; the running configuration stays.
     g.rewrite_config("[[routes]]\npath_prefix = \"/\"\ncluster = \"missing\"\n");
     g.signal(libc::SIGHUP);
-    assert_eq!(g.wait_metric(&["gateway_config_reloads_total", "result=\"error\""], 1.0), 1.0);
+    assert_eq!(
+        g.wait_metric(&["gateway_config_reloads_total", "result=\"error\""], 1.0),
+        1.0
+    );
     assert_eq!(c.get("/x").json()["backend"], "b");
     assert_eq!(g.metric(&["gateway_config_generation"]), 1.0);
     let log = g.log_text();
-    assert!(log.contains("reload refused") && log.contains("gateway.toml:"), "{log}");
+    assert!(
+        log.contains("reload refused") && log.contains("gateway.toml:"),
+        "{log}"
+    );
 });

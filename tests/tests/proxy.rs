@@ -20,14 +20,27 @@ X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Custom: kept\r\n\r\n",
     assert_eq!(v["path"], "/echo");
     assert_eq!(h["host"], "api.test");
     assert_eq!(h["x-custom"], "kept");
-    for gone in ["x-hop", "keep-alive", "te", "proxy-authorization", "upgrade", "connection"] {
-        assert!(h.get(gone).is_none(), "hop-by-hop header {gone} reached the backend: {h}");
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "upgrade",
+        "connection",
+    ] {
+        assert!(
+            h.get(gone).is_none(),
+            "hop-by-hop header {gone} reached the backend: {h}"
+        );
     }
     // Untrusted client: its X-Forwarded-For is replaced, not appended to.
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     // A request id is generated, sent upstream and returned to the client.
-    let rid = r.header("x-request-id").expect("x-request-id returned").to_string();
+    let rid = r
+        .header("x-request-id")
+        .expect("x-request-id returned")
+        .to_string();
     assert_eq!(rid.len(), 32);
     assert_eq!(h["x-request-id"], rid.as_str());
 
@@ -53,11 +66,25 @@ both_drivers!(keep_alive_is_reused_on_both_sides, |d: Driver| {
     }
     // One client connection carried every request; the gateway's worker kept
     // one upstream connection for all of them.
-    assert_eq!(g.wait_metric(&["gateway_requests_total", "status=\"200\""], 30.0), 30.0);
+    assert_eq!(
+        g.wait_metric(&["gateway_requests_total", "status=\"200\""], 30.0),
+        30.0
+    );
     assert_eq!(g.metric(&["gateway_connections_accepted_total"]), 1.0);
-    assert_eq!(b.connections(), 1, "backend saw {} connections for 30 sequential requests", b.connections());
-    assert_eq!(g.metric(&["gateway_upstream_connections_opened_total"]), 1.0);
-    assert_eq!(g.metric(&["gateway_upstream_connections_reused_total"]), 29.0);
+    assert_eq!(
+        b.connections(),
+        1,
+        "backend saw {} connections for 30 sequential requests",
+        b.connections()
+    );
+    assert_eq!(
+        g.metric(&["gateway_upstream_connections_opened_total"]),
+        1.0
+    );
+    assert_eq!(
+        g.metric(&["gateway_upstream_connections_reused_total"]),
+        29.0
+    );
     assert_eq!(g.metric(&["gateway_upstream_pool_idle_connections"]), 1.0);
 });
 
@@ -139,14 +166,36 @@ cluster = "other"
     let g = Gateway::start(Spec::new(d, &body));
     let who = |raw: &str| {
         let r = request(g.addr, raw.as_bytes());
-        (r.status, if r.status == 200 { r.json()["backend"].as_str().unwrap_or("").to_string() } else { r.error_type() })
+        (
+            r.status,
+            if r.status == 200 {
+                r.json()["backend"].as_str().unwrap_or("").to_string()
+            } else {
+                r.error_type()
+            },
+        )
     };
     assert_eq!(who("POST /v1/chat/echo HTTP/1.1\r\nHost: API.example.com:8443\r\nContent-Length: 2\r\n\r\n{}"), (200, "chat".into()));
-    assert_eq!(who("GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"), (200, "models".into()));
-    assert_eq!(who("GET /v1/models/ HTTP/1.1\r\nHost: x\r\n\r\n"), (404, "not_found".into()));
-    assert_eq!(who("GET /v1/chat/completions HTTP/1.1\r\nHost: api.example.com\r\n\r\n"), (404, "not_found".into()));
-    assert_eq!(who("GET /anything HTTP/1.1\r\nHost: a.tenants.example.com\r\n\r\n"), (200, "other".into()));
-    assert_eq!(who("GET /anything HTTP/1.1\r\nHost: tenants.example.com\r\n\r\n"), (404, "not_found".into()));
+    assert_eq!(
+        who("GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (200, "models".into())
+    );
+    assert_eq!(
+        who("GET /v1/models/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        who("GET /v1/chat/completions HTTP/1.1\r\nHost: api.example.com\r\n\r\n"),
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        who("GET /anything HTTP/1.1\r\nHost: a.tenants.example.com\r\n\r\n"),
+        (200, "other".into())
+    );
+    assert_eq!(
+        who("GET /anything HTTP/1.1\r\nHost: tenants.example.com\r\n\r\n"),
+        (404, "not_found".into())
+    );
 
     // A 404 without a body keeps the connection open.
     let mut c = Client::connect(g.addr);
@@ -154,12 +203,18 @@ cluster = "other"
     assert_eq!(r.status, 404);
     assert_eq!(r.header("connection"), None);
     assert_eq!(c.get("/v1/models").status, 200);
-    assert_eq!(g.wait_metric(&["gateway_requests_total", "status=\"404\""], 4.0), 4.0);
+    assert_eq!(
+        g.wait_metric(&["gateway_requests_total", "status=\"404\""], 4.0),
+        4.0
+    );
 });
 
 both_drivers!(expect_100_continue, |d: Driver| {
     let b = Backend::start("b1");
-    let body = format!("[limits]\nmax_request_body_bytes = 1000\n\n{}", one_cluster(b.addr));
+    let body = format!(
+        "[limits]\nmax_request_body_bytes = 1000\n\n{}",
+        one_cluster(b.addr)
+    );
     let g = Gateway::start(Spec::new(d, &body));
     let mut c = Client::connect(g.addr);
     c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
@@ -203,24 +258,40 @@ both_drivers!(http10_and_pipelining, |d: Driver| {
     assert_eq!(r2.json()["body_len"], 3);
 });
 
-both_drivers!(load_spreads_round_robin_and_skips_dead_backends, |d: Driver| {
-    let a = Backend::start("a");
-    let b2 = Backend::start("b");
-    let dead = format!("127.0.0.1:{}", gateway_tests::gateway::free_port());
-    let body = format!(
+both_drivers!(
+    load_spreads_round_robin_and_skips_dead_backends,
+    |d: Driver| {
+        let a = Backend::start("a");
+        let b2 = Backend::start("b");
+        let dead = format!("127.0.0.1:{}", gateway_tests::gateway::free_port());
+        let body = format!(
         "[clusters.pool]\nbackends = [\"{}\", \"{dead}\", \"{}\"]\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"pool\"\n",
         a.addr, b2.addr
     );
-    let mut spec = Spec::new(d, &body);
-    spec.workers = 1;
-    let g = Gateway::start(spec);
-    let mut c = Client::connect(g.addr);
-    let mut seen = std::collections::HashMap::new();
-    for _ in 0..30 {
-        let r = c.get("/x");
-        assert_eq!(r.status, 200, "a dead backend must be skipped, not surfaced");
-        *seen.entry(r.json()["backend"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        let mut spec = Spec::new(d, &body);
+        spec.workers = 1;
+        let g = Gateway::start(spec);
+        let mut c = Client::connect(g.addr);
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..30 {
+            let r = c.get("/x");
+            assert_eq!(
+                r.status, 200,
+                "a dead backend must be skipped, not surfaced"
+            );
+            *seen
+                .entry(r.json()["backend"].as_str().unwrap().to_string())
+                .or_insert(0) += 1;
+        }
+        assert!(
+            seen["a"] >= 10 && seen["b"] >= 10,
+            "uneven spread: {seen:?}"
+        );
+        assert!(
+            g.wait_metric(
+                &["gateway_upstream_errors_total", "kind=\"connect_refused\""],
+                1.0
+            ) >= 1.0
+        );
     }
-    assert!(seen["a"] >= 10 && seen["b"] >= 10, "uneven spread: {seen:?}");
-    assert!(g.wait_metric(&["gateway_upstream_errors_total", "kind=\"connect_refused\""], 1.0) >= 1.0);
-});
+);

@@ -53,14 +53,39 @@ both_drivers!(smuggling_vectors_are_refused_and_close, |d: Driver| {
         let r = c.read_response();
         assert_eq!(r.status, case.status, "{}: wrong status", case.what);
         let ty = r.error_type();
-        assert!(["invalid_request", "not_implemented"].contains(&ty.as_str()), "{}: type {ty}", case.what);
-        assert_eq!(r.header("connection"), Some("close"), "{}: must close", case.what);
-        assert!(c.closed_within(Duration::from_secs(3)), "{}: connection left open", case.what);
-        assert!(!r.text().contains("smuggled"), "{}: payload echoed", case.what);
+        assert!(
+            ["invalid_request", "not_implemented"].contains(&ty.as_str()),
+            "{}: type {ty}",
+            case.what
+        );
+        assert_eq!(
+            r.header("connection"),
+            Some("close"),
+            "{}: must close",
+            case.what
+        );
+        assert!(
+            c.closed_within(Duration::from_secs(3)),
+            "{}: connection left open",
+            case.what
+        );
+        assert!(
+            !r.text().contains("smuggled"),
+            "{}: payload echoed",
+            case.what
+        );
     }
     // Nothing complete reached the backend: no smuggled request, no half-framed one.
-    assert_eq!(b.requests(), 0, "the backend received {} request(s)", b.requests());
-    let rejected = g.wait_metric(&["gateway_request_errors_total", "source=\"client\""], CASES.len() as f64);
+    assert_eq!(
+        b.requests(),
+        0,
+        "the backend received {} request(s)",
+        b.requests()
+    );
+    let rejected = g.wait_metric(
+        &["gateway_request_errors_total", "source=\"client\""],
+        CASES.len() as f64,
+    );
     assert_eq!(rejected, CASES.len() as f64);
 });
 
@@ -95,7 +120,11 @@ both_drivers!(connection_header_cannot_strip_framing, |d: Driver| {
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["path"], "/outer");
-    assert_eq!(v["body_len"], inner.len() as u64, "the body must stay the body");
+    assert_eq!(
+        v["body_len"],
+        inner.len() as u64,
+        "the body must stay the body"
+    );
     assert_eq!(v["headers"]["host"], "a");
     // The backend saw exactly one request: nothing was smuggled.
     assert_eq!(c.get("/next").json()["path"], "/next");
@@ -104,7 +133,11 @@ both_drivers!(connection_header_cannot_strip_framing, |d: Driver| {
 
 both_drivers!(head_errors_have_no_body, |d: Driver| {
     let b = Backend::start("b");
-    let body = format!("{}\n[[routes]]\npath_prefix = \"/never\"\ncluster = \"b\"\n", one_cluster(b.addr)).replace("path_prefix = \"/\"", "path_prefix = \"/api/\"");
+    let body = format!(
+        "{}\n[[routes]]\npath_prefix = \"/never\"\ncluster = \"b\"\n",
+        one_cluster(b.addr)
+    )
+    .replace("path_prefix = \"/\"", "path_prefix = \"/api/\"");
     let g = Gateway::start(Spec::new(d, &body));
     let mut c = Client::connect(g.addr);
     c.send(b"HEAD /nowhere HTTP/1.1\r\nHost: a\r\n\r\n");

@@ -91,7 +91,12 @@ fn post(c: &mut Client, path: &str, ctype: &str, body: &[u8]) -> Response {
 fn refusal(r: &Response) -> (u16, String, String, String) {
     let ty = r.error_type();
     let v = r.json();
-    (r.status, ty, v["error"]["code"].as_str().unwrap_or("").into(), v["error"]["param"].as_str().unwrap_or("").into())
+    (
+        r.status,
+        ty,
+        v["error"]["code"].as_str().unwrap_or("").into(),
+        v["error"]["param"].as_str().unwrap_or("").into(),
+    )
 }
 
 fn start(d: Driver) -> (Backend, Gateway) {
@@ -125,31 +130,94 @@ fn openai_requests(d: Driver) {
     for (body, ct, want) in cases {
         let r = post(&mut c, "/v1/chat/completions", ct, body);
         let got = refusal(&r);
-        assert_eq!((got.0, got.1.as_str(), got.2.as_str(), got.3.as_str()), *want, "{}", String::from_utf8_lossy(body));
-        assert!(!r.text().contains("wizard") && !r.text().contains("nope"), "payload echoed: {}", r.text());
+        assert_eq!(
+            (got.0, got.1.as_str(), got.2.as_str(), got.3.as_str()),
+            *want,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(
+            !r.text().contains("wizard") && !r.text().contains("nope"),
+            "payload echoed: {}",
+            r.text()
+        );
     }
     // The connection survived every refusal (each body was read whole).
-    assert_eq!(g.wait_metric(&["gateway_connections_accepted_total"], 1.0), 1.0);
+    assert_eq!(
+        g.wait_metric(&["gateway_connections_accepted_total"], 1.0),
+        1.0
+    );
 
     // A wrong media type is refused before the body is read; that connection closes.
     let mut c3 = Client::connect(g.addr);
-    let r = post(&mut c3, "/v1/chat/completions", "text/plain", br#"{"model":"llama","messages":[]}"#);
-    assert_eq!(refusal(&r), (415, "unsupported_media_type".into(), "unsupported_media_type".into(), "".into()));
+    let r = post(
+        &mut c3,
+        "/v1/chat/completions",
+        "text/plain",
+        br#"{"model":"llama","messages":[]}"#,
+    );
+    assert_eq!(
+        refusal(&r),
+        (
+            415,
+            "unsupported_media_type".into(),
+            "unsupported_media_type".into(),
+            "".into()
+        )
+    );
 
     // Context window: ~4 bytes a token; 3600 bytes + 200 output > 1000.
-    let long = format!(r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}],"max_tokens":200}}"#, "a".repeat(3600));
-    assert_eq!(refusal(&post(&mut c, "/v1/chat/completions", "application/json", long.as_bytes())).2, "context_length_exceeded");
+    let long = format!(
+        r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}],"max_tokens":200}}"#,
+        "a".repeat(3600)
+    );
+    assert_eq!(
+        refusal(&post(
+            &mut c,
+            "/v1/chat/completions",
+            "application/json",
+            long.as_bytes()
+        ))
+        .2,
+        "context_length_exceeded"
+    );
 
     // Too deep and too large.
-    let deep = format!(r#"{{"model":"llama","x":{}{}}}"#, "[".repeat(100), "]".repeat(100));
-    assert_eq!(refusal(&post(&mut c, "/v1/chat/completions", "application/json", deep.as_bytes())).2, "json_too_deep");
+    let deep = format!(
+        r#"{{"model":"llama","x":{}{}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    assert_eq!(
+        refusal(&post(
+            &mut c,
+            "/v1/chat/completions",
+            "application/json",
+            deep.as_bytes()
+        ))
+        .2,
+        "json_too_deep"
+    );
     let mut c2 = Client::connect(g.addr);
-    let big = format!(r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(70000));
-    let r = post(&mut c2, "/v1/chat/completions", "application/json", big.as_bytes());
+    let big = format!(
+        r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(70000)
+    );
+    let r = post(
+        &mut c2,
+        "/v1/chat/completions",
+        "application/json",
+        big.as_bytes(),
+    );
     assert_eq!(r.status, 413);
 
     // Version resolution: suffix and header.
-    let r = post(&mut c, "/v1/chat/completions", "application/json", br#"{"model":"llama@>=1.1","messages":[{"role":"user","content":"x"}]}"#);
+    let r = post(
+        &mut c,
+        "/v1/chat/completions",
+        "application/json",
+        br#"{"model":"llama@>=1.1","messages":[{"role":"user","content":"x"}]}"#,
+    );
     assert_eq!(r.status, 200);
     c.send(b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nX-Model-Version: 9\r\nContent-Length: 30\r\n\r\n{\"model\":\"llama\",\"prompt\":\"x\"}");
     assert_eq!(refusal(&c.read_response()).2, "version_not_found");
@@ -165,22 +233,44 @@ fn openai_requests(d: Driver) {
     // The model list comes from the catalogue: enabled models only.
     let r = c.get("/v1/models");
     assert_eq!(r.status, 200);
-    let ids: Vec<String> = r.json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids, ["llama", "resnet", "strict"]);
 
     // Paths the backend would decode or normalise into a checked endpoint are refused.
-    for path in ["/v1/%63hat/completions", "/v1//chat/completions", "/v1/x/../chat/completions"] {
+    for path in [
+        "/v1/%63hat/completions",
+        "/v1//chat/completions",
+        "/v1/x/../chat/completions",
+    ] {
         let mut c4 = Client::connect(g.addr);
         let r = post(&mut c4, path, "application/json", br#"{"model":"nope"}"#);
         assert_eq!(refusal(&r).2, "invalid_path", "{path}");
     }
     // Duplicate keys would be read differently by the backend: refused.
-    let r = post(&mut c, "/v1/chat/completions", "application/json", br#"{"model":"llama","model":"nope","messages":[{"role":"user","content":"x"}]}"#);
+    let r = post(
+        &mut c,
+        "/v1/chat/completions",
+        "application/json",
+        br#"{"model":"llama","model":"nope","messages":[{"role":"user","content":"x"}]}"#,
+    );
     assert_eq!(refusal(&r).2, "duplicate_key");
 
     // Nothing refused reached the backend.
     assert_eq!(b.requests(), 3);
-    assert!(g.wait_metric(&["gateway_validation_rejections_total", "reason=\"model_not_found\""], 1.0) >= 1.0);
+    assert!(
+        g.wait_metric(
+            &[
+                "gateway_validation_rejections_total",
+                "reason=\"model_not_found\""
+            ],
+            1.0
+        ) >= 1.0
+    );
 }
 
 fn kserve_requests(d: Driver) {
@@ -189,19 +279,53 @@ fn kserve_requests(d: Driver) {
     let ok = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
     let r = post(&mut c, "/v2/models/resnet/infer", "application/json", ok);
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(post(&mut c, "/v2/models/resnet/versions/3/infer", "application/json", ok).status, 200);
+    assert_eq!(
+        post(
+            &mut c,
+            "/v2/models/resnet/versions/3/infer",
+            "application/json",
+            ok
+        )
+        .status,
+        200
+    );
     type Case<'a> = (&'a str, &'a [u8], (u16, &'a str, &'a str));
     let cases: &[Case] = &[
-        ("/v2/models/resnet/infer", br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3]}]}"#, (422, "shape_mismatch", "/inputs/0/data")),
-        ("/v2/models/resnet/infer", br#"{"inputs":[{"name":"x","shape":[3],"datatype":"UINT8","data":[1,256,3]}]}"#, (422, "datatype_mismatch", "/inputs/0/data/1")),
-        ("/v2/models/resnet/infer", br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP8","data":[1]}]}"#, (422, "invalid_datatype", "/inputs/0/datatype")),
-        ("/v2/models/resnet/infer", br#"{"inputs":[]}"#, (422, "empty_inputs", "/inputs")),
+        (
+            "/v2/models/resnet/infer",
+            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3]}]}"#,
+            (422, "shape_mismatch", "/inputs/0/data"),
+        ),
+        (
+            "/v2/models/resnet/infer",
+            br#"{"inputs":[{"name":"x","shape":[3],"datatype":"UINT8","data":[1,256,3]}]}"#,
+            (422, "datatype_mismatch", "/inputs/0/data/1"),
+        ),
+        (
+            "/v2/models/resnet/infer",
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP8","data":[1]}]}"#,
+            (422, "invalid_datatype", "/inputs/0/datatype"),
+        ),
+        (
+            "/v2/models/resnet/infer",
+            br#"{"inputs":[]}"#,
+            (422, "empty_inputs", "/inputs"),
+        ),
         ("/v2/models/unknown/infer", ok, (404, "model_not_found", "")),
-        ("/v2/models/resnet/versions/2/infer", ok, (404, "version_not_found", "")),
+        (
+            "/v2/models/resnet/versions/2/infer",
+            ok,
+            (404, "version_not_found", ""),
+        ),
     ];
     for (path, body, want) in cases {
         let got = refusal(&post(&mut c, path, "application/json", body));
-        assert_eq!((got.0, got.2.as_str(), got.3.as_str()), *want, "{path} {}", String::from_utf8_lossy(body));
+        assert_eq!(
+            (got.0, got.2.as_str(), got.3.as_str()),
+            *want,
+            "{path} {}",
+            String::from_utf8_lossy(body)
+        );
     }
     // Metadata and readiness pass through for known models only.
     assert_eq!(c.get("/v2/models/resnet").status, 200);
@@ -220,10 +344,18 @@ fn binary_uploads(d: Driver) {
     assert_eq!(r.json()["body_len"], png.len() as u64);
     // Declared PNG, but a JPEG: refused before anything is forwarded.
     let mut c = Client::connect(g.addr);
-    let r = post(&mut c, "/upload/img", "image/png", &[0xff, 0xd8, 0xff, 0xe0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    let r = post(
+        &mut c,
+        "/upload/img",
+        "image/png",
+        &[0xff, 0xd8, 0xff, 0xe0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    );
     assert_eq!(refusal(&r).2, "content_mismatch");
     let mut c = Client::connect(g.addr);
-    assert_eq!(refusal(&post(&mut c, "/upload/img", "application/pdf", b"%PDF-1.7")).0, 415);
+    assert_eq!(
+        refusal(&post(&mut c, "/upload/img", "application/pdf", b"%PDF-1.7")).0,
+        415
+    );
     // A chunked image over the route's limit: streamed, then cut off mid-stream.
     let mut c = Client::connect(g.addr);
     c.send(b"POST /upload/img HTTP/1.1\r\nHost: a\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n");
@@ -237,7 +369,11 @@ fn binary_uploads(d: Driver) {
     }
     let r = c.read_response();
     assert_eq!(r.status, 413);
-    assert_eq!(b.requests(), 1, "no over-limit body may reach the backend whole");
+    assert_eq!(
+        b.requests(),
+        1,
+        "no over-limit body may reach the backend whole"
+    );
 
     // Chunk framing padded so the signature can't be decided in one buffer: refused, not waved through.
     let mut c = Client::connect(g.addr);
@@ -294,7 +430,10 @@ fn response_fields_are_dropped(d: Driver) {
     let v = r.json();
     assert!(v.get("headers").is_none(), "{v}");
     assert_eq!(v["path"], "/some/path");
-    assert_eq!(r.header("content-length").unwrap(), r.body.len().to_string());
+    assert_eq!(
+        r.header("content-length").unwrap(),
+        r.body.len().to_string()
+    );
     // Chunked JSON too: read whole, filtered, sent with a length.
     c.send(b"GET /json-chunked HTTP/1.1\r\nHost: filtered.test\r\n\r\n");
     let r = c.read_response();
@@ -311,14 +450,22 @@ fn response_fields_are_dropped(d: Driver) {
     assert!(r.chunked);
     let text = r.text();
     assert_eq!(text.matches("data: ").count(), 7, "{text}");
-    assert!(!text.contains("chatcmpl-demo"), "dropped field still there: {text}");
+    assert!(
+        !text.contains("chatcmpl-demo"),
+        "dropped field still there: {text}"
+    );
     assert!(text.contains("\"content\":\"Hello\""), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"));
     c.send(b"GET /after HTTP/1.1\r\nHost: filtered.test\r\n\r\n");
     assert_eq!(c.read_response().json()["path"], "/after");
 }
 
-on_both!(openai_requests, kserve_requests, binary_uploads, response_fields_are_dropped);
+on_both!(
+    openai_requests,
+    kserve_requests,
+    binary_uploads,
+    response_fields_are_dropped
+);
 
 mod property {
     use super::*;

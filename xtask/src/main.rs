@@ -73,10 +73,26 @@ struct Prereq {
 
 /// Everything the project needs outside cargo. Append to extend `setup`.
 const PREREQS: &[Prereq] = &[
-    Prereq { program: "haproxy", install: Install::Apt("haproxy"), why: "load-bench peer" },
-    Prereq { program: "nginx", install: Install::Apt("nginx"), why: "load-bench backend and peer" },
-    Prereq { program: "wrk", install: Install::Apt("wrk"), why: "load generator" },
-    Prereq { program: "curl", install: Install::Apt("curl"), why: "`cargo xtask run` examples, tests" },
+    Prereq {
+        program: "haproxy",
+        install: Install::Apt("haproxy"),
+        why: "load-bench peer",
+    },
+    Prereq {
+        program: "nginx",
+        install: Install::Apt("nginx"),
+        why: "load-bench backend and peer",
+    },
+    Prereq {
+        program: "wrk",
+        install: Install::Apt("wrk"),
+        why: "load generator",
+    },
+    Prereq {
+        program: "curl",
+        install: Install::Apt("curl"),
+        why: "`cargo xtask run` examples, tests",
+    },
 ];
 
 fn setup() -> Result {
@@ -103,7 +119,11 @@ fn setup() -> Result {
         })
         .collect();
     if missing.iter().any(|p| matches!(p.install, Install::Apt(_))) {
-        let sudo = if is_root() { None } else { find_program("sudo") };
+        let sudo = if is_root() {
+            None
+        } else {
+            find_program("sudo")
+        };
         if !is_root() && sudo.is_none() {
             return Err(format!(
                 "missing prerequisites and not root (no sudo either): install them with \
@@ -129,7 +149,11 @@ fn setup() -> Result {
         run_step(&mut apt(&install_args))?;
     }
 
-    let still: Vec<&str> = PREREQS.iter().filter(|p| find_program(p.program).is_none()).map(|p| p.program).collect();
+    let still: Vec<&str> = PREREQS
+        .iter()
+        .filter(|p| find_program(p.program).is_none())
+        .map(|p| p.program)
+        .collect();
     if !still.is_empty() {
         return Err(format!("still missing after setup: {}", still.join(", ")));
     }
@@ -149,7 +173,10 @@ fn find_program(name: &str) -> Option<PathBuf> {
     env::split_paths(&path)
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 // ---------------------------------------------------------------------------
@@ -164,7 +191,14 @@ fn test() -> Result {
     build_release_binaries()?;
     let target = target_dir();
     let mut failed = Vec::new();
-    let mut tests = cargo(&["test", "--workspace", "--exclude", "gateway-benches", "--", "--test-threads=2"]);
+    let mut tests = cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "gateway-benches",
+        "--",
+        "--test-threads=2",
+    ]);
     tests
         .env("GATEWAY_BIN", target.join("release/gateway"))
         .env("DEMO_BACKEND_BIN", target.join("release/demo-backend"));
@@ -191,7 +225,9 @@ fn run(gateway_args: &[String]) -> Result {
     let target = target_dir();
     let backend_addr: SocketAddr = "127.0.0.1:8000".parse().expect("literal address");
     if TcpStream::connect_timeout(&backend_addr, Duration::from_millis(200)).is_ok() {
-        return Err(format!("{backend_addr} is already in use: stop whatever listens there first"));
+        return Err(format!(
+            "{backend_addr} is already in use: stop whatever listens there first"
+        ));
     }
 
     let mut cmd = Command::new(target.join("release/demo-backend"));
@@ -218,12 +254,16 @@ fn run(gateway_args: &[String]) -> Result {
     cmd.arg("run").args(gateway_args);
     die_with_parent(&mut cmd, libc::SIGTERM);
     println!("$ {}", show(&cmd));
-    let mut gateway = cmd.spawn().map_err(|e| format!("cannot start the gateway: {e}"))?;
+    let mut gateway = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the gateway: {e}"))?;
     // Ctrl-C reaches the whole foreground process group: let the gateway drain
     // and exit on its own, then stop the backend (the guard's drop) ourselves.
     // Set after spawning, since an ignored signal stays ignored across exec.
     ignore_sigint();
-    let status = gateway.wait().map_err(|e| format!("waiting for the gateway: {e}"))?;
+    let status = gateway
+        .wait()
+        .map_err(|e| format!("waiting for the gateway: {e}"))?;
     drop(backend);
     match (status.code(), status.signal()) {
         (Some(0), _) | (_, Some(libc::SIGINT)) => Ok(()),
@@ -249,14 +289,20 @@ fn wait_for_port(child: &mut KillOnDrop, addr: SocketAddr, limit: Duration) -> R
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(Some(status)) = child.child.try_wait() {
-            return Err(format!("{} exited during startup with {status}", child.name));
+            return Err(format!(
+                "{} exited during startup with {status}",
+                child.name
+            ));
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!("{} did not listen on {addr} within {limit:?}", child.name))
+    Err(format!(
+        "{} did not listen on {addr} within {limit:?}",
+        child.name
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -266,13 +312,26 @@ fn wait_for_port(child: &mut KillOnDrop, addr: SocketAddr, limit: Duration) -> R
 fn bench(args: &[String]) -> Result {
     setup()?;
     build_gateway()?;
-    let mut cmd = cargo(&["run", "--release", "-p", "gateway-benches", "--bin", "loadbench", "--"]);
-    cmd.args(args).env("GATEWAY_BIN", target_dir().join("release/gateway"));
+    let mut cmd = cargo(&[
+        "run",
+        "--release",
+        "-p",
+        "gateway-benches",
+        "--bin",
+        "loadbench",
+        "--",
+    ]);
+    cmd.args(args)
+        .env("GATEWAY_BIN", target_dir().join("release/gateway"));
     println!("$ {}", show(&cmd));
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start cargo: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start cargo: {e}"))?;
     // The harness handles Ctrl-C itself (it stops its servers); wait for it.
     ignore_sigint();
-    let status = child.wait().map_err(|e| format!("waiting for loadbench: {e}"))?;
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for loadbench: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -284,7 +343,10 @@ fn bench(args: &[String]) -> Result {
 // helpers
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives inside the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
@@ -301,19 +363,35 @@ fn cargo(args: &[&str]) -> Command {
 }
 
 fn build_gateway() -> Result {
-    run_step(&mut cargo(&["build", "--release", "-p", "gateway", "--bin", "gateway"]))
+    run_step(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway",
+        "--bin",
+        "gateway",
+    ]))
 }
 
 /// The gateway and the tests crate's demo backend, release builds.
 fn build_release_binaries() -> Result {
     build_gateway()?;
-    run_step(&mut cargo(&["build", "--release", "-p", "gateway-tests", "--bin", "demo-backend"]))
+    run_step(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway-tests",
+        "--bin",
+        "demo-backend",
+    ]))
 }
 
 /// Print a command, run it to completion, fail unless it exits 0.
 fn run_step(cmd: &mut Command) -> Result {
     println!("$ {}", show(cmd));
-    let status = cmd.status().map_err(|e| format!("cannot run `{}`: {e}", show(cmd)))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run `{}`: {e}", show(cmd)))?;
     if status.success() {
         Ok(())
     } else {
@@ -368,7 +446,9 @@ struct KillOnDrop {
 
 impl KillOnDrop {
     fn spawn(name: &'static str, mut cmd: Command) -> Result<KillOnDrop> {
-        let child = cmd.spawn().map_err(|e| format!("cannot start {name} ({}): {e}", show(&cmd)))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({}): {e}", show(&cmd)))?;
         Ok(KillOnDrop { name, child })
     }
 }

@@ -60,7 +60,14 @@ struct Settings {
 }
 
 fn parse_args() -> Result<Option<Settings>> {
-    let mut s = Settings { rounds: 3, duration: 10, connections: 64, warmup: 2, port_base: 18000, validation: false };
+    let mut s = Settings {
+        rounds: 3,
+        duration: 10,
+        connections: 64,
+        warmup: 2,
+        port_base: 18000,
+        validation: false,
+    };
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -68,8 +75,12 @@ fn parse_args() -> Result<Option<Settings>> {
             None => (a.clone(), None),
         };
         let mut value = |name: &str| -> Result<u64> {
-            let v = inline.clone().or_else(|| args.next()).ok_or(format!("{name} needs a value"))?;
-            v.parse().map_err(|_| format!("{name} {v}: not a whole number"))
+            let v = inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or(format!("{name} needs a value"))?;
+            v.parse()
+                .map_err(|_| format!("{name} {v}: not a whole number"))
         };
         match flag.as_str() {
             "--rounds" => s.rounds = value("--rounds")? as usize,
@@ -144,20 +155,27 @@ struct Target {
 }
 
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("benches/ sits in the workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("benches/ sits in the workspace")
+        .to_path_buf()
 }
 
 fn run(s: &Settings) -> Result {
     let root = workspace_root();
-    let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
+    let target_dir =
+        env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
     let bench_dir = target_dir.join("bench");
     let run_dir = bench_dir.join("run");
     if run_dir.exists() {
-        fs::remove_dir_all(&run_dir).map_err(|e| format!("cannot clear {}: {e}", run_dir.display()))?;
+        fs::remove_dir_all(&run_dir)
+            .map_err(|e| format!("cannot clear {}: {e}", run_dir.display()))?;
     }
-    fs::create_dir_all(&run_dir).map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    fs::create_dir_all(&run_dir)
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
 
-    let gateway_bin = env::var_os("GATEWAY_BIN").map_or_else(|| target_dir.join("release/gateway"), PathBuf::from);
+    let gateway_bin = env::var_os("GATEWAY_BIN")
+        .map_or_else(|| target_dir.join("release/gateway"), PathBuf::from);
     let tools = Tools {
         nginx: procs::find_program("nginx"),
         haproxy: procs::find_program("haproxy"),
@@ -165,7 +183,10 @@ fn run(s: &Settings) -> Result {
         taskset: procs::find_program("taskset"),
         gateway: gateway_bin.is_file().then_some(gateway_bin.clone()),
     };
-    let wrk_bin = tools.wrk.clone().ok_or("wrk not found: run `cargo xtask setup`")?;
+    let wrk_bin = tools
+        .wrk
+        .clone()
+        .ok_or("wrk not found: run `cargo xtask setup`")?;
     if tools.nginx.is_none() {
         return Err("nginx not found (it is the backend): run `cargo xtask setup`".into());
     }
@@ -173,14 +194,29 @@ fn run(s: &Settings) -> Result {
     let cpus = procs::allowed_cpus();
     let ports = Ports { base: s.port_base };
     let place = match (cpus.as_slice(), &tools.taskset) {
-        ([a, b, ..], Some(_)) => Placement { client_cpu: Some(*a), proxy_cpu: Some(*b), ports },
+        ([a, b, ..], Some(_)) => Placement {
+            client_cpu: Some(*a),
+            proxy_cpu: Some(*b),
+            ports,
+        },
         _ => {
-            println!("note: not pinning (allowed CPUs {cpus:?}, taskset {:?}): numbers will be noisier", tools.taskset);
-            Placement { client_cpu: None, proxy_cpu: None, ports }
+            println!(
+                "note: not pinning (allowed CPUs {cpus:?}, taskset {:?}): numbers will be noisier",
+                tools.taskset
+            );
+            Placement {
+                client_cpu: None,
+                proxy_cpu: None,
+                ports,
+            }
         }
     };
 
-    let used: Vec<SocketAddr> = if s.validation { ports.validation().to_vec() } else { ports.all().to_vec() };
+    let used: Vec<SocketAddr> = if s.validation {
+        ports.validation().to_vec()
+    } else {
+        ports.all().to_vec()
+    };
     for a in used {
         procs::ensure_port_free(a)?;
     }
@@ -193,31 +229,72 @@ fn run(s: &Settings) -> Result {
 
     let ready = Duration::from_secs(10);
     let mut backend = targets::start_backend(&tools, place, &run_dir)?;
-    backend.wait_ready(ports.backend(), "/", ready).map_err(|e| format!("backend: {e}"))?;
+    backend
+        .wait_ready(ports.backend(), "/", ready)
+        .map_err(|e| format!("backend: {e}"))?;
 
     let mut list: Vec<Target> = Vec::new();
     if !s.validation {
-        list.push(Target { name: "direct", addr: ports.backend(), server: None, with_children: false, dead: None });
+        list.push(Target {
+            name: "direct",
+            addr: ports.backend(),
+            server: None,
+            with_children: false,
+            dead: None,
+        });
     }
     let mut skipped: Vec<String> = Vec::new();
     type Start = fn(&Tools, Placement, &std::path::Path) -> Result<Server>;
     let proxies: Vec<(&'static str, SocketAddr, bool, bool, Start)> = if s.validation {
         vec![
-            (PASSTHROUGH, ports.gateway(), tools.gateway.is_some(), false, targets::start_gateway),
-            (VALIDATED, ports.gateway_validated(), tools.gateway.is_some(), false, targets::start_gateway_validated),
+            (
+                PASSTHROUGH,
+                ports.gateway(),
+                tools.gateway.is_some(),
+                false,
+                targets::start_gateway,
+            ),
+            (
+                VALIDATED,
+                ports.gateway_validated(),
+                tools.gateway.is_some(),
+                false,
+                targets::start_gateway_validated,
+            ),
         ]
     } else {
         vec![
-            ("gateway", ports.gateway(), tools.gateway.is_some(), false, targets::start_gateway),
-            ("haproxy", ports.haproxy(), tools.haproxy.is_some(), false, targets::start_haproxy),
-            ("nginx", ports.nginx(), true, true, targets::start_nginx_proxy),
+            (
+                "gateway",
+                ports.gateway(),
+                tools.gateway.is_some(),
+                false,
+                targets::start_gateway,
+            ),
+            (
+                "haproxy",
+                ports.haproxy(),
+                tools.haproxy.is_some(),
+                false,
+                targets::start_haproxy,
+            ),
+            (
+                "nginx",
+                ports.nginx(),
+                true,
+                true,
+                targets::start_nginx_proxy,
+            ),
         ]
     };
     for (name, addr, present, with_children, start) in proxies {
         if !present {
             let why = match name {
                 n if n.starts_with("gateway") => {
-                    format!("{} not found (build it: cargo build --release -p gateway)", gateway_bin.display())
+                    format!(
+                        "{} not found (build it: cargo build --release -p gateway)",
+                        gateway_bin.display()
+                    )
                 }
                 _ => format!("{name} not found on PATH (cargo xtask setup)"),
             };
@@ -235,7 +312,13 @@ fn run(s: &Settings) -> Result {
         match started {
             Ok(srv) => {
                 println!("{name}: ready on {addr} (pid {})", srv.pid());
-                list.push(Target { name, addr, server: Some(srv), with_children, dead: None });
+                list.push(Target {
+                    name,
+                    addr,
+                    server: Some(srv),
+                    with_children,
+                    dead: None,
+                });
             }
             Err(e) if procs::stop_requested() => return Err(e),
             Err(e) => {
@@ -246,7 +329,10 @@ fn run(s: &Settings) -> Result {
     }
 
     if s.validation && list.len() < 2 {
-        return Err(format!("--validation needs both gateways running: {}", skipped.join("; ")));
+        return Err(format!(
+            "--validation needs both gateways running: {}",
+            skipped.join("; ")
+        ));
     }
 
     println!(
@@ -302,7 +388,11 @@ fn run(s: &Settings) -> Result {
                 ),
                 Err(e) => println!("round {}/{} {:<width$} FAILED: {e}", round + 1, s.rounds, t.name),
             }
-            samples.push(Sample { round: round + 1, target: t.name, outcome });
+            samples.push(Sample {
+                round: round + 1,
+                target: t.name,
+                outcome,
+            });
             if backend.exited().is_some() {
                 return Err(format!("the backend died: {}", backend.log_tail(15)));
             }
@@ -334,7 +424,16 @@ fn run(s: &Settings) -> Result {
         "dead": list.iter().filter_map(|t| t.dead.as_ref().map(|d| json!({"target": t.name, "why": d}))).collect::<Vec<_>>(),
     });
     if s.validation {
-        return report_validation(meta, &samples, &summaries, &bench_dir, &run_dir, place.ports, &list, &skipped);
+        return report_validation(
+            meta,
+            &samples,
+            &summaries,
+            &bench_dir,
+            &run_dir,
+            place.ports,
+            &list,
+            &skipped,
+        );
     }
     let results = report::results_json(meta, &samples, &summaries);
     let json_path = bench_dir.join("results.json");
@@ -348,7 +447,8 @@ fn run(s: &Settings) -> Result {
         cpus.len()
     );
     let svg_path = bench_dir.join("throughput.svg");
-    fs::write(&svg_path, report::svg(&summaries, &subtitle)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+    fs::write(&svg_path, report::svg(&summaries, &subtitle))
+        .map_err(|e| format!("{}: {e}", svg_path.display()))?;
 
     println!();
     print!("{}", report::table(&summaries));
@@ -381,12 +481,18 @@ fn check_validating(addr: SocketAddr) -> Result {
     let model = targets::request_model()?;
     match procs::post_json_status(addr, path, body)? {
         200 => {}
-        code => return Err(format!("the bench request was answered {code}, not 200: is `{model}` in the catalogue?")),
+        code => {
+            return Err(format!(
+                "the bench request was answered {code}, not 200: is `{model}` in the catalogue?"
+            ))
+        }
     }
     let unknown = body.replacen(&format!("\"{model}\""), "\"not-in-the-catalogue\"", 1);
     match procs::post_json_status(addr, path, &unknown)? {
         404 => Ok(()),
-        code => Err(format!("a request for an unknown model was answered {code}, not 404: validation is not on")),
+        code => Err(format!(
+            "a request for an unknown model was answered {code}, not 404: validation is not on"
+        )),
     }
 }
 
@@ -403,7 +509,9 @@ fn report_validation(
     skipped: &[String],
 ) -> Result {
     let find = |name: &str| summaries.iter().find(|s| s.target == name);
-    let cost = find(PASSTHROUGH).zip(find(VALIDATED)).and_then(|(p, v)| report::validation_cost(p, v));
+    let cost = find(PASSTHROUGH)
+        .zip(find(VALIDATED))
+        .and_then(|(p, v)| report::validation_cost(p, v));
     let model = targets::request_model()?;
     meta["validated_config"] = json!(targets::gateway_validated_config(ports, &model));
     meta["passthrough_command"] = json!(format!(
@@ -430,18 +538,28 @@ fn report_validation(
         println!("skipped {sk}");
     }
     println!("raw rounds: {}", json_path.display());
-    println!("config:     {}", run_dir.join("gateway-validated/gateway.toml").display());
+    println!(
+        "config:     {}",
+        run_dir.join("gateway-validated/gateway.toml").display()
+    );
     println!("logs:       {}", run_dir.display());
     Ok(())
 }
 
 /// Warm up, then measure one target: wrk's numbers and the proxy's CPU per request.
-fn measure(t: &mut Target, backend: &mut Server, load: &Load, s: &Settings) -> std::result::Result<Measured, String> {
+fn measure(
+    t: &mut Target,
+    backend: &mut Server,
+    load: &Load,
+    s: &Settings,
+) -> std::result::Result<Measured, String> {
     let addr = t.addr;
     if s.warmup > 0 {
-        load.run(addr, s.warmup).map_err(|e| format!("warm-up: {e}"))?;
+        load.run(addr, s.warmup)
+            .map_err(|e| format!("warm-up: {e}"))?;
     }
-    let cpu = |srv: &Option<Server>, children: bool| srv.as_ref().and_then(|p| p.cpu_seconds(children));
+    let cpu =
+        |srv: &Option<Server>, children: bool| srv.as_ref().and_then(|p| p.cpu_seconds(children));
     let proxy_before = cpu(&t.server, t.with_children);
     let backend_before = backend.cpu_seconds(true);
     let result = load.run(addr, s.duration);

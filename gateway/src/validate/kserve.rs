@@ -95,7 +95,9 @@ impl Dt {
             Dt::I32 => "an INT32 tensor value must be an integer in -2147483648..=2147483647",
             Dt::I64 => "an INT64 tensor value must be an integer in the signed 64-bit range",
             Dt::F16 => "an FP16 tensor value must be a finite number with magnitude at most 65504",
-            Dt::F32 => "an FP32 tensor value must be a finite number with magnitude at most 3.4028235e38",
+            Dt::F32 => {
+                "an FP32 tensor value must be a finite number with magnitude at most 3.4028235e38"
+            }
             Dt::F64 => "an FP64 tensor value must be a finite number",
             Dt::Bytes => "a BYTES tensor value must be a JSON string",
         }
@@ -115,17 +117,29 @@ pub fn is_valid_datatype(s: &str) -> bool {
 /// forward compatibility.
 pub fn check_infer(body: &Value<'_>) -> Result<InferSummary, Rejection> {
     let Value::Object(top) = body else {
-        return Err(Rejection::at("", "not_an_object", "the inference request must be a JSON object"));
+        return Err(Rejection::at(
+            "",
+            "not_an_object",
+            "the inference request must be a JSON object",
+        ));
     };
 
     if let Some(id) = top.get("id") {
         if !matches!(id, Value::String(_)) {
-            return Err(Rejection::at(pointer([Seg::Key("id")]), "invalid_id", "`id` must be a string"));
+            return Err(Rejection::at(
+                pointer([Seg::Key("id")]),
+                "invalid_id",
+                "`id` must be a string",
+            ));
         }
     }
     if let Some(p) = top.get("parameters") {
         if !matches!(p, Value::Object(_)) {
-            return Err(Rejection::at(pointer([Seg::Key("parameters")]), "invalid_parameters", "`parameters` must be an object"));
+            return Err(Rejection::at(
+                pointer([Seg::Key("parameters")]),
+                "invalid_parameters",
+                "`parameters` must be an object",
+            ));
         }
     }
     if let Some(outputs) = top.get("outputs") {
@@ -133,12 +147,28 @@ pub fn check_infer(body: &Value<'_>) -> Result<InferSummary, Rejection> {
     }
 
     let inputs = match top.get("inputs") {
-        None => return Err(Rejection::at(pointer([Seg::Key("inputs")]), "missing_inputs", "`inputs` is required")),
+        None => {
+            return Err(Rejection::at(
+                pointer([Seg::Key("inputs")]),
+                "missing_inputs",
+                "`inputs` is required",
+            ))
+        }
         Some(Value::Array(a)) => a,
-        Some(_) => return Err(Rejection::at(pointer([Seg::Key("inputs")]), "invalid_inputs", "`inputs` must be an array of input tensors")),
+        Some(_) => {
+            return Err(Rejection::at(
+                pointer([Seg::Key("inputs")]),
+                "invalid_inputs",
+                "`inputs` must be an array of input tensors",
+            ))
+        }
     };
     if inputs.is_empty() {
-        return Err(Rejection::at(pointer([Seg::Key("inputs")]), "empty_inputs", "`inputs` must hold at least one input tensor"));
+        return Err(Rejection::at(
+            pointer([Seg::Key("inputs")]),
+            "empty_inputs",
+            "`inputs` must hold at least one input tensor",
+        ));
     }
 
     let mut names = Names::new(inputs.len());
@@ -147,12 +177,19 @@ pub fn check_infer(body: &Value<'_>) -> Result<InferSummary, Rejection> {
         let n = check_input(i, input, &mut names)?;
         elements = elements.saturating_add(n);
     }
-    Ok(InferSummary { inputs: inputs.len(), elements })
+    Ok(InferSummary {
+        inputs: inputs.len(),
+        elements,
+    })
 }
 
 fn check_outputs(outputs: &Value<'_>) -> Result<(), Rejection> {
     let Value::Array(outputs) = outputs else {
-        return Err(Rejection::at(pointer([Seg::Key("outputs")]), "invalid_outputs", "`outputs` must be an array of requested outputs"));
+        return Err(Rejection::at(
+            pointer([Seg::Key("outputs")]),
+            "invalid_outputs",
+            "`outputs` must be an array of requested outputs",
+        ));
     };
     for (k, out) in outputs.iter().enumerate() {
         let Value::Object(o) = out else {
@@ -216,12 +253,25 @@ impl<'a> Names<'a> {
     }
 }
 
-fn at_input(i: usize, field: &'static str, reason: &'static str, message: &'static str) -> Rejection {
-    Rejection::at(pointer([Seg::Key("inputs"), Seg::Index(i), Seg::Key(field)]), reason, message)
+fn at_input(
+    i: usize,
+    field: &'static str,
+    reason: &'static str,
+    message: &'static str,
+) -> Rejection {
+    Rejection::at(
+        pointer([Seg::Key("inputs"), Seg::Index(i), Seg::Key(field)]),
+        reason,
+        message,
+    )
 }
 
 /// Check one input tensor; returns its element count.
-fn check_input<'a>(i: usize, input: &'a Value<'_>, names: &mut Names<'a>) -> Result<u64, Rejection> {
+fn check_input<'a>(
+    i: usize,
+    input: &'a Value<'_>,
+    names: &mut Names<'a>,
+) -> Result<u64, Rejection> {
     let Value::Object(o) = input else {
         return Err(Rejection::at(
             pointer([Seg::Key("inputs"), Seg::Index(i)]),
@@ -232,10 +282,22 @@ fn check_input<'a>(i: usize, input: &'a Value<'_>, names: &mut Names<'a>) -> Res
 
     let name: &'a str = match o.get("name") {
         Some(Value::String(s)) if !s.is_empty() => s,
-        _ => return Err(at_input(i, "name", "invalid_input_name", "each input tensor needs a non-empty string `name`")),
+        _ => {
+            return Err(at_input(
+                i,
+                "name",
+                "invalid_input_name",
+                "each input tensor needs a non-empty string `name`",
+            ))
+        }
     };
     if !names.insert(name) {
-        return Err(at_input(i, "name", "duplicate_input_name", "input tensor names must be unique"));
+        return Err(at_input(
+            i,
+            "name",
+            "duplicate_input_name",
+            "input tensor names must be unique",
+        ));
     }
 
     let (dims, total) = check_shape(i, o.get("shape"))?;
@@ -255,27 +317,50 @@ fn check_input<'a>(i: usize, input: &'a Value<'_>, names: &mut Names<'a>) -> Res
 
     if let Some(p) = o.get("parameters") {
         if !matches!(p, Value::Object(_)) {
-            return Err(at_input(i, "parameters", "invalid_parameters", "`parameters` must be an object"));
+            return Err(at_input(
+                i,
+                "parameters",
+                "invalid_parameters",
+                "`parameters` must be an object",
+            ));
         }
     }
 
     let data: &[Value<'_>] = match o.get("data") {
         Some(Value::Array(a)) => a,
-        _ => return Err(at_input(i, "data", "missing_data", "each input tensor needs a `data` array")),
+        _ => {
+            return Err(at_input(
+                i,
+                "data",
+                "missing_data",
+                "each input tensor needs a `data` array",
+            ))
+        }
     };
 
     // One dispatch per input: each arm monomorphises the walk with a leaf
     // predicate whose bounds are constants.
-    let walk = Walk { input: i, dims: &dims, total, dt };
+    let walk = Walk {
+        input: i,
+        dims: &dims,
+        total,
+        dt,
+    };
     match dt {
         Dt::Bool => walk.run(data, |v| matches!(v, Value::Static(StaticNode::Bool(_)))),
         Dt::U8 => walk.run(data, |v| fits_unsigned(v, u64::from(u8::MAX))),
         Dt::U16 => walk.run(data, |v| fits_unsigned(v, u64::from(u16::MAX))),
         Dt::U32 => walk.run(data, |v| fits_unsigned(v, u64::from(u32::MAX))),
         Dt::U64 => walk.run(data, |v| fits_unsigned(v, u64::MAX)),
-        Dt::I8 => walk.run(data, |v| fits_signed(v, i64::from(i8::MIN), i64::from(i8::MAX))),
-        Dt::I16 => walk.run(data, |v| fits_signed(v, i64::from(i16::MIN), i64::from(i16::MAX))),
-        Dt::I32 => walk.run(data, |v| fits_signed(v, i64::from(i32::MIN), i64::from(i32::MAX))),
+        Dt::I8 => walk.run(data, |v| {
+            fits_signed(v, i64::from(i8::MIN), i64::from(i8::MAX))
+        }),
+        Dt::I16 => walk.run(data, |v| {
+            fits_signed(v, i64::from(i16::MIN), i64::from(i16::MAX))
+        }),
+        Dt::I32 => walk.run(data, |v| {
+            fits_signed(v, i64::from(i32::MIN), i64::from(i32::MAX))
+        }),
         Dt::I64 => walk.run(data, |v| fits_signed(v, i64::MIN, i64::MAX)),
         Dt::F16 => walk.run(data, |v| fits_float(v, FP16_MAX)),
         Dt::F32 => walk.run(data, |v| fits_float(v, FP32_MAX)),
@@ -289,17 +374,29 @@ fn check_input<'a>(i: usize, input: &'a Value<'_>, names: &mut Names<'a>) -> Res
 /// fits in u64. Returns the dims and the product.
 fn check_shape(i: usize, shape: Option<&Value<'_>>) -> Result<(Vec<u64>, u64), Rejection> {
     let Some(Value::Array(shape)) = shape else {
-        return Err(at_input(i, "shape", "invalid_shape", "each input tensor needs a `shape` array of non-negative integers"));
+        return Err(at_input(
+            i,
+            "shape",
+            "invalid_shape",
+            "each input tensor needs a `shape` array of non-negative integers",
+        ));
     };
     let mut dims = Vec::with_capacity(shape.len());
     let mut total: u64 = 1;
     for (j, d) in shape.iter().enumerate() {
         let d = match d {
-            Value::Static(StaticNode::I64(n)) if *n >= 0 && n.unsigned_abs() <= MAX_DIM => n.unsigned_abs(),
+            Value::Static(StaticNode::I64(n)) if *n >= 0 && n.unsigned_abs() <= MAX_DIM => {
+                n.unsigned_abs()
+            }
             Value::Static(StaticNode::U64(n)) if *n <= MAX_DIM => *n,
             _ => {
                 return Err(Rejection::at(
-                    pointer([Seg::Key("inputs"), Seg::Index(i), Seg::Key("shape"), Seg::Index(j)]),
+                    pointer([
+                        Seg::Key("inputs"),
+                        Seg::Index(i),
+                        Seg::Key("shape"),
+                        Seg::Index(j),
+                    ]),
                     "invalid_shape",
                     "each `shape` dimension must be an integer in 0..=4294967296",
                 ))
@@ -309,7 +406,12 @@ fn check_shape(i: usize, shape: Option<&Value<'_>>) -> Result<(Vec<u64>, u64), R
         // Keep multiplying after a zero so that every dim is still range-checked;
         // a zero product never overflows.
         total = total.checked_mul(d).ok_or_else(|| {
-            at_input(i, "shape", "invalid_shape", "the product of the `shape` dimensions overflows the element count")
+            at_input(
+                i,
+                "shape",
+                "invalid_shape",
+                "the product of the `shape` dimensions overflows the element count",
+            )
         })?;
     }
     Ok((dims, total))
@@ -412,7 +514,10 @@ impl Walk<'_> {
     /// Pointer `/inputs/i/data/<ancestors…>/<tail>` for the top of `stack`.
     /// Each ancestor's index is its parent's `next - 1` (the child visited).
     fn data_pointer(&self, stack: &[(&[Value<'_>], usize)], tail: Option<usize>) -> String {
-        let ancestors = stack.iter().take(stack.len().saturating_sub(1)).map(|&(_, next)| Seg::Index(next - 1));
+        let ancestors = stack
+            .iter()
+            .take(stack.len().saturating_sub(1))
+            .map(|&(_, next)| Seg::Index(next - 1));
         pointer(
             [Seg::Key("inputs"), Seg::Index(self.input), Seg::Key("data")]
                 .into_iter()
@@ -448,7 +553,11 @@ impl Walk<'_> {
                 "`data` nests deeper than the `shape` allows",
             );
         }
-        Rejection::at(self.data_pointer(stack, Some(j)), "datatype_mismatch", self.dt.rule())
+        Rejection::at(
+            self.data_pointer(stack, Some(j)),
+            "datatype_mismatch",
+            self.dt.rule(),
+        )
     }
 }
 
@@ -465,7 +574,9 @@ mod tests {
 
     /// One input tensor request.
     fn one(name: &str, shape: &str, datatype: &str, data: &str) -> String {
-        format!(r#"{{"inputs":[{{"name":"{name}","shape":{shape},"datatype":"{datatype}","data":{data}}}]}}"#)
+        format!(
+            r#"{{"inputs":[{{"name":"{name}","shape":{shape},"datatype":"{datatype}","data":{data}}}]}}"#
+        )
     }
 
     fn assert_ok(case: &str, json: &str, inputs: usize, elements: u64) {
@@ -481,7 +592,11 @@ mod tests {
             Err(r) => {
                 assert_eq!(r.status, 422, "case {case}: status");
                 assert_eq!(r.reason, reason, "case {case}: reason ({r:?})");
-                assert_eq!(r.pointer.as_deref(), Some(ptr), "case {case}: pointer ({r:?})");
+                assert_eq!(
+                    r.pointer.as_deref(),
+                    Some(ptr),
+                    "case {case}: pointer ({r:?})"
+                );
                 assert!(!r.message.is_empty(), "case {case}: message");
             }
         }
@@ -759,7 +874,12 @@ mod tests {
 
         inputs[33] = r#"{"name":"in5","shape":[1],"datatype":"INT32","data":[1]}"#.to_string();
         let json = format!(r#"{{"inputs":[{}]}}"#, inputs.join(","));
-        assert_rej("40 with duplicate", &json, "duplicate_input_name", "/inputs/33/name");
+        assert_rej(
+            "40 with duplicate",
+            &json,
+            "duplicate_input_name",
+            "/inputs/33/name",
+        );
     }
 
     #[test]
@@ -776,44 +896,95 @@ mod tests {
         let rows = 256;
         let cols = 1024;
         let flat: Vec<String> = (0..rows * cols).map(|k| (k % 251).to_string()).collect();
-        let json = one("big", &format!("[{rows},{cols}]"), "UINT8", &format!("[{}]", flat.join(",")));
+        let json = one(
+            "big",
+            &format!("[{rows},{cols}]"),
+            "UINT8",
+            &format!("[{}]", flat.join(",")),
+        );
         assert_ok("big flat", &json, 1, (rows * cols) as u64);
 
-        let nested: Vec<String> = flat.chunks(cols).map(|r| format!("[{}]", r.join(","))).collect();
-        let json = one("big", &format!("[{rows},{cols}]"), "UINT8", &format!("[{}]", nested.join(",")));
+        let nested: Vec<String> = flat
+            .chunks(cols)
+            .map(|r| format!("[{}]", r.join(",")))
+            .collect();
+        let json = one(
+            "big",
+            &format!("[{rows},{cols}]"),
+            "UINT8",
+            &format!("[{}]", nested.join(",")),
+        );
         assert_ok("big nested", &json, 1, (rows * cols) as u64);
 
         let mut bad = nested.clone();
-        bad[200] = format!("[{}]", flat[..cols].iter().enumerate().map(|(k, s)| if k == 1000 { "300" } else { s.as_str() }).collect::<Vec<_>>().join(","));
-        let json = one("big", &format!("[{rows},{cols}]"), "UINT8", &format!("[{}]", bad.join(",")));
-        assert_rej("big nested bad leaf", &json, "datatype_mismatch", "/inputs/0/data/200/1000");
+        bad[200] = format!(
+            "[{}]",
+            flat[..cols]
+                .iter()
+                .enumerate()
+                .map(|(k, s)| if k == 1000 { "300" } else { s.as_str() })
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let json = one(
+            "big",
+            &format!("[{rows},{cols}]"),
+            "UINT8",
+            &format!("[{}]", bad.join(",")),
+        );
+        assert_rej(
+            "big nested bad leaf",
+            &json,
+            "datatype_mismatch",
+            "/inputs/0/data/200/1000",
+        );
     }
 
     #[test]
     fn messages_never_echo_payload() {
         let secret = "S3CRET_tok";
         let cases = [
-            format!(r#"{{"id":"{secret}","inputs":[{{"name":"{secret}","shape":[1],"datatype":"BYTES","data":[7]}}]}}"#),
-            format!(r#"{{"inputs":[{{"name":"{secret}","shape":[1],"datatype":"{secret}","data":["x"]}}]}}"#),
-            format!(r#"{{"inputs":[{{"name":"a","shape":[1],"datatype":"BOOL","data":[true]}},{{"name":"a","shape":[1],"datatype":"BOOL","data":[true]}}],"{secret}":1}}"#),
-            format!(r#"{{"inputs":[{{"name":"{secret}","shape":[2],"datatype":"BYTES","data":["{secret}"]}}]}}"#),
+            format!(
+                r#"{{"id":"{secret}","inputs":[{{"name":"{secret}","shape":[1],"datatype":"BYTES","data":[7]}}]}}"#
+            ),
+            format!(
+                r#"{{"inputs":[{{"name":"{secret}","shape":[1],"datatype":"{secret}","data":["x"]}}]}}"#
+            ),
+            format!(
+                r#"{{"inputs":[{{"name":"a","shape":[1],"datatype":"BOOL","data":[true]}},{{"name":"a","shape":[1],"datatype":"BOOL","data":[true]}}],"{secret}":1}}"#
+            ),
+            format!(
+                r#"{{"inputs":[{{"name":"{secret}","shape":[2],"datatype":"BYTES","data":["{secret}"]}}]}}"#
+            ),
             format!(r#"{{"outputs":[{{"name":"{secret}","parameters":"{secret}"}}],"inputs":[]}}"#),
-            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[987654]}]}"#.to_string(),
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[987654]}]}"#
+                .to_string(),
         ];
         for json in &cases {
             let r = check(json).expect_err("each case is rejected");
             assert!(!r.message.contains(secret), "message echoes payload: {r:?}");
-            assert!(!r.message.contains("987654"), "message echoes payload: {r:?}");
-            assert!(!r.pointer.as_deref().unwrap_or("").contains(secret), "pointer echoes payload: {r:?}");
+            assert!(
+                !r.message.contains("987654"),
+                "message echoes payload: {r:?}"
+            );
+            assert!(
+                !r.pointer.as_deref().unwrap_or("").contains(secret),
+                "pointer echoes payload: {r:?}"
+            );
         }
     }
 
     #[test]
     fn datatype_names() {
-        for dt in ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"] {
+        for dt in [
+            "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+            "FP16", "FP32", "FP64", "BYTES",
+        ] {
             assert!(is_valid_datatype(dt), "{dt}");
         }
-        for dt in ["", "bool", "Fp32", "BF16", "FP8", "STRING", "UINT128", "INT4", " FP32", "FP32 "] {
+        for dt in [
+            "", "bool", "Fp32", "BF16", "FP8", "STRING", "UINT128", "INT4", " FP32", "FP32 ",
+        ] {
             assert!(!is_valid_datatype(dt), "{dt:?}");
         }
     }

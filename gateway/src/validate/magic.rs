@@ -17,15 +17,26 @@
 /// as a space inside the type) → `None`. Parameters after `;` are not
 /// validated: they are dropped.
 pub fn media_type(content_type: &[u8]) -> Option<String> {
-    let end = content_type.iter().position(|&b| b == b';').unwrap_or(content_type.len());
+    let end = content_type
+        .iter()
+        .position(|&b| b == b';')
+        .unwrap_or(content_type.len());
     let mt = trim_ows(&content_type[..end]);
     let slash = mt.iter().position(|&b| b == b'/')?;
     let (ty, sub) = (&mt[..slash], &mt[slash + 1..]);
-    if ty.is_empty() || sub.is_empty() || !ty.iter().all(|&b| is_tchar(b)) || !sub.iter().all(|&b| is_tchar(b)) {
+    if ty.is_empty()
+        || sub.is_empty()
+        || !ty.iter().all(|&b| is_tchar(b))
+        || !sub.iter().all(|&b| is_tchar(b))
+    {
         return None;
     }
     // All bytes are ASCII token characters, so this is valid UTF-8.
-    Some(mt.iter().map(|b| char::from(b.to_ascii_lowercase())).collect())
+    Some(
+        mt.iter()
+            .map(|b| char::from(b.to_ascii_lowercase()))
+            .collect(),
+    )
 }
 
 fn trim_ows(mut s: &[u8]) -> &[u8] {
@@ -41,7 +52,23 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
 /// RFC 9110 §5.6.2 `tchar`.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric()
-        || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
 }
 
 /// Outcome of [`check`].
@@ -74,15 +101,50 @@ const fn b(v: u8) -> Sig {
 /// Any byte.
 const ANY: Sig = Sig(0, 0);
 
-const PNG: &[Sig] = &[b(0x89), b(b'P'), b(b'N'), b(b'G'), b(0x0D), b(0x0A), b(0x1A), b(0x0A)];
+const PNG: &[Sig] = &[
+    b(0x89),
+    b(b'P'),
+    b(b'N'),
+    b(b'G'),
+    b(0x0D),
+    b(0x0A),
+    b(0x1A),
+    b(0x0A),
+];
 const JPEG: &[Sig] = &[b(0xFF), b(0xD8), b(0xFF)];
 const GIF87: &[Sig] = &[b(b'G'), b(b'I'), b(b'F'), b(b'8'), b(b'7'), b(b'a')];
 const GIF89: &[Sig] = &[b(b'G'), b(b'I'), b(b'F'), b(b'8'), b(b'9'), b(b'a')];
-const WEBP: &[Sig] = &[b(b'R'), b(b'I'), b(b'F'), b(b'F'), ANY, ANY, ANY, ANY, b(b'W'), b(b'E'), b(b'B'), b(b'P')];
+const WEBP: &[Sig] = &[
+    b(b'R'),
+    b(b'I'),
+    b(b'F'),
+    b(b'F'),
+    ANY,
+    ANY,
+    ANY,
+    ANY,
+    b(b'W'),
+    b(b'E'),
+    b(b'B'),
+    b(b'P'),
+];
 const BMP: &[Sig] = &[b(b'B'), b(b'M')];
 const TIFF_LE: &[Sig] = &[b(b'I'), b(b'I'), b(b'*'), b(0)];
 const TIFF_BE: &[Sig] = &[b(b'M'), b(b'M'), b(0), b(b'*')];
-const WAV: &[Sig] = &[b(b'R'), b(b'I'), b(b'F'), b(b'F'), ANY, ANY, ANY, ANY, b(b'W'), b(b'A'), b(b'V'), b(b'E')];
+const WAV: &[Sig] = &[
+    b(b'R'),
+    b(b'I'),
+    b(b'F'),
+    b(b'F'),
+    ANY,
+    ANY,
+    ANY,
+    ANY,
+    b(b'W'),
+    b(b'A'),
+    b(b'V'),
+    b(b'E'),
+];
 const ID3: &[Sig] = &[b(b'I'), b(b'D'), b(b'3')];
 /// MPEG audio frame sync: eleven set bits.
 const MPEG_SYNC: &[Sig] = &[b(0xFF), Sig(0xE0, 0xE0)];
@@ -114,7 +176,10 @@ fn signatures(media: &str) -> Option<&'static [&'static [Sig]]> {
         ("audio/mp4", &[FTYP]),
         ("application/pdf", &[PDF]),
     ];
-    TABLE.iter().find(|(m, _)| m.eq_ignore_ascii_case(media)).map(|&(_, sigs)| sigs)
+    TABLE
+        .iter()
+        .find(|(m, _)| m.eq_ignore_ascii_case(media))
+        .map(|&(_, sigs)| sigs)
 }
 
 /// Compare `head` with one signature.
@@ -170,9 +235,15 @@ mod tests {
             (b"  image/PNG  ", Some("image/png")),
             (b"\timage/png\t;q=1", Some("image/png")),
             (b"audio/x-wav", Some("audio/x-wav")),
-            (b"application/vnd.api+json;v=2", Some("application/vnd.api+json")),
+            (
+                b"application/vnd.api+json;v=2",
+                Some("application/vnd.api+json"),
+            ),
             (b"text/plain;", Some("text/plain")),
-            (b"multipart/form-data; boundary=\"a b\"", Some("multipart/form-data")),
+            (
+                b"multipart/form-data; boundary=\"a b\"",
+                Some("multipart/form-data"),
+            ),
             (b"", None),
             (b"   ", None),
             (b"json", None),
@@ -189,16 +260,36 @@ mod tests {
             (b"image/png\x00", None),
         ];
         for (input, want) in cases {
-            assert_eq!(media_type(input).as_deref(), *want, "input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                media_type(input).as_deref(),
+                *want,
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
     #[test]
     fn max_magic_covers_every_signature() {
         let media = [
-            "image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/tiff", "audio/wav",
-            "audio/x-wav", "audio/wave", "audio/mpeg", "audio/flac", "audio/ogg", "video/ogg", "audio/webm",
-            "video/webm", "video/mp4", "audio/mp4", "application/pdf",
+            "image/png",
+            "image/jpeg",
+            "image/gif",
+            "image/webp",
+            "image/bmp",
+            "image/tiff",
+            "audio/wav",
+            "audio/x-wav",
+            "audio/wave",
+            "audio/mpeg",
+            "audio/flac",
+            "audio/ogg",
+            "video/ogg",
+            "audio/webm",
+            "video/webm",
+            "video/mp4",
+            "audio/mp4",
+            "application/pdf",
         ];
         for m in media {
             let sigs = signatures(m).unwrap();
@@ -345,7 +436,11 @@ mod tests {
                 .min()
                 .unwrap();
             for n in 0..sig_len {
-                assert_eq!(check(media, &head[..n]), NeedMore, "{media} prefix {n} of {head:02X?}");
+                assert_eq!(
+                    check(media, &head[..n]),
+                    NeedMore,
+                    "{media} prefix {n} of {head:02X?}"
+                );
             }
         }
     }

@@ -35,12 +35,26 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Rejection {
-        Rejection { status, reason, message: message.into(), pointer: None }
+        Rejection {
+            status,
+            reason,
+            message: message.into(),
+            pointer: None,
+        }
     }
 
     /// 422: well-formed JSON that breaks a rule, at `pointer`.
-    pub fn at(pointer: impl Into<String>, reason: &'static str, message: impl Into<String>) -> Rejection {
-        Rejection { status: 422, reason, message: message.into(), pointer: Some(pointer.into()) }
+    pub fn at(
+        pointer: impl Into<String>,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Rejection {
+        Rejection {
+            status: 422,
+            reason,
+            message: message.into(),
+            pointer: Some(pointer.into()),
+        }
     }
 }
 
@@ -87,9 +101,18 @@ pub fn parse<'b>(body: &'b mut [u8], limits: JsonLimits) -> Result<Value<'b>, Re
 
 /// `parse` with the parser's working buffers reused (per worker): no page
 /// faults for fresh multi-megabyte buffers on every tensor request.
-pub fn parse_in<'b>(body: &'b mut [u8], limits: JsonLimits, buffers: &mut simd_json::Buffers) -> Result<Value<'b>, Rejection> {
-    let v = simd_json::value::borrowed::to_value_with_buffers(body, buffers)
-        .map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON (RFC 8259, UTF-8)"))?;
+pub fn parse_in<'b>(
+    body: &'b mut [u8],
+    limits: JsonLimits,
+    buffers: &mut simd_json::Buffers,
+) -> Result<Value<'b>, Rejection> {
+    let v = simd_json::value::borrowed::to_value_with_buffers(body, buffers).map_err(|_| {
+        Rejection::new(
+            400,
+            "invalid_json",
+            "the body is not valid JSON (RFC 8259, UTF-8)",
+        )
+    })?;
     check_limits(&v, limits)?;
     Ok(v)
 }
@@ -100,29 +123,53 @@ pub fn check_limits(v: &Value<'_>, limits: JsonLimits) -> Result<(), Rejection> 
     check_shape(v, 1, limits, &mut elements)
 }
 
-fn check_shape(v: &Value<'_>, depth: usize, limits: JsonLimits, elements: &mut usize) -> Result<(), Rejection> {
+fn check_shape(
+    v: &Value<'_>,
+    depth: usize,
+    limits: JsonLimits,
+    elements: &mut usize,
+) -> Result<(), Rejection> {
     *elements += 1;
     if *elements > limits.max_elements {
-        return Err(Rejection::new(413, "json_too_many_elements", format!("the JSON body has more than {} values", limits.max_elements)));
+        return Err(Rejection::new(
+            413,
+            "json_too_many_elements",
+            format!("the JSON body has more than {} values", limits.max_elements),
+        ));
     }
     if depth > limits.max_depth {
-        return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", limits.max_depth)));
+        return Err(Rejection::new(
+            400,
+            "json_too_deep",
+            format!(
+                "the JSON body nests deeper than {} levels",
+                limits.max_depth
+            ),
+        ));
     }
     match v {
-        Value::Array(a) => a.iter().try_for_each(|x| check_shape(x, depth + 1, limits, elements)),
+        Value::Array(a) => a
+            .iter()
+            .try_for_each(|x| check_shape(x, depth + 1, limits, elements)),
         Value::Object(o) => {
             // Duplicate keys are read differently by different parsers (first
             // wins here, last wins in Python): what we validated would not be
             // what the backend acts on. Refuse them (RFC 8259 §4 "SHOULD be unique").
             if o.len() > 1 {
-                let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(o.len());
+                let mut seen: std::collections::HashSet<&str> =
+                    std::collections::HashSet::with_capacity(o.len());
                 for k in o.keys() {
                     if !seen.insert(k.as_ref()) {
-                        return Err(Rejection::new(400, "duplicate_key", "a JSON object in the body repeats a key"));
+                        return Err(Rejection::new(
+                            400,
+                            "duplicate_key",
+                            "a JSON object in the body repeats a key",
+                        ));
                     }
                 }
             }
-            o.values().try_for_each(|x| check_shape(x, depth + 1, limits, elements))
+            o.values()
+                .try_for_each(|x| check_shape(x, depth + 1, limits, elements))
         }
         _ => Ok(()),
     }
@@ -194,7 +241,13 @@ pub fn check_json<'c>(
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
 ) -> Result<Checked<'c>, Rejection> {
-    check_json_in(kind, body, rules, route_schema, &mut simd_json::Buffers::default())
+    check_json_in(
+        kind,
+        body,
+        rules,
+        route_schema,
+        &mut simd_json::Buffers::default(),
+    )
 }
 
 /// `check_json` reusing the parser's buffers.
@@ -208,10 +261,24 @@ pub fn check_json_in<'c>(
     match scan(body, rules.json.max_depth, rules.json.max_elements) {
         Ok(()) => {}
         Err(ScanError::TooDeep) => {
-            return Err(Rejection::new(400, "json_too_deep", format!("the JSON body nests deeper than {} levels", rules.json.max_depth)))
+            return Err(Rejection::new(
+                400,
+                "json_too_deep",
+                format!(
+                    "the JSON body nests deeper than {} levels",
+                    rules.json.max_depth
+                ),
+            ))
         }
         Err(ScanError::TooManyElements) => {
-            return Err(Rejection::new(413, "json_too_many_elements", format!("the JSON body has more than {} values", rules.json.max_elements)))
+            return Err(Rejection::new(
+                413,
+                "json_too_many_elements",
+                format!(
+                    "the JSON body has more than {} values",
+                    rules.json.max_elements
+                ),
+            ))
         }
     }
     let v = parse_in(body, rules.json, buffers)?;
@@ -235,11 +302,22 @@ pub fn check_parsed<'c>(
         }
         JsonKind::KserveInfer(name, version) => {
             let req = match version {
-                Some(v) => crate::catalog::VersionReq::parse(v)
-                    .ok_or_else(|| Rejection::new(404, "version_not_found", "no deployed version of the model matches the request"))?,
+                Some(v) => crate::catalog::VersionReq::parse(v).ok_or_else(|| {
+                    Rejection::new(
+                        404,
+                        "version_not_found",
+                        "no deployed version of the model matches the request",
+                    )
+                })?,
                 None => crate::catalog::VersionReq::Latest,
             };
-            let r = rules.catalog.resolve(name, &req).map_err(|u| Rejection::new(404, u.reason(), "the model or version does not exist or is not available"))?;
+            let r = rules.catalog.resolve(name, &req).map_err(|u| {
+                Rejection::new(
+                    404,
+                    u.reason(),
+                    "the model or version does not exist or is not available",
+                )
+            })?;
             kserve::check_infer(v)?;
             Some(r)
         }
@@ -248,14 +326,22 @@ pub fn check_parsed<'c>(
     let model_schema = resolved.and_then(|(m, _)| m.schema.as_deref());
     if model_schema.is_some() || route_schema.is_some() {
         // jsonschema works on serde_json values: convert the parsed DOM (no re-parse).
-        let value = serde_json::to_value(v).map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON"))?;
+        let value = serde_json::to_value(v)
+            .map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON"))?;
         for s in [route_schema, model_schema].into_iter().flatten() {
             if let Some(e) = s.iter_errors(&value).next() {
-                return Err(Rejection::at(e.instance_path.to_string(), "schema_violation", "the request does not match the schema for this model or route"));
+                return Err(Rejection::at(
+                    e.instance_path.to_string(),
+                    "schema_violation",
+                    "the request does not match the schema for this model or route",
+                ));
             }
         }
     }
-    Ok(Checked { model: resolved, facts })
+    Ok(Checked {
+        model: resolved,
+        facts,
+    })
 }
 
 /// A body that passed: its model (when the protocol names one) and the facts
@@ -302,16 +388,26 @@ impl Rules {
             .zip(&r.route_schemas)
             .map(|(rc, schema)| RouteRules {
                 protocol: rc.protocol,
-                content_types: rc.content_types.as_ref().map(|l| l.iter().filter_map(|c| magic::media_type(c.as_bytes())).collect()),
+                content_types: rc.content_types.as_ref().map(|l| {
+                    l.iter()
+                        .filter_map(|c| magic::media_type(c.as_bytes()))
+                        .collect()
+                }),
                 schema: schema.clone(),
-                drop_fields: FieldFilter::new(&rc.response_drop_fields).ok().filter(|f| !f.is_empty()).map(Arc::new),
+                drop_fields: FieldFilter::new(&rc.response_drop_fields)
+                    .ok()
+                    .filter(|f| !f.is_empty())
+                    .map(Arc::new),
             })
             .collect();
         let l = &r.config.limits;
         Rules {
             routes,
             catalog: r.catalog.clone(),
-            json: JsonLimits { max_depth: l.json_max_depth, max_elements: l.json_max_elements },
+            json: JsonLimits {
+                max_depth: l.json_max_depth,
+                max_elements: l.json_max_elements,
+            },
             max_json_body: l.max_json_body_bytes,
         }
     }
@@ -357,20 +453,30 @@ pub struct Refused {
 
 impl From<Rejection> for Refused {
     fn from(rejection: Rejection) -> Refused {
-        Refused { rejection, body_read: false, consumed: false, model: None }
+        Refused {
+            rejection,
+            body_read: false,
+            consumed: false,
+            model: None,
+        }
     }
 }
 
 const JSON_ONLY: [&str; 1] = ["application/json"];
 
 fn header<'b>(head: &RequestHead, buf: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
-    head.headers.iter().find(|h| buf[h.name.clone()].eq_ignore_ascii_case(name)).map(|h| &buf[h.value.clone()])
+    head.headers
+        .iter()
+        .find(|h| buf[h.name.clone()].eq_ignore_ascii_case(name))
+        .map(|h| &buf[h.value.clone()])
 }
 
 /// No percent-encoding, empty segments or dot segments: the bytes we check
 /// are the path the backend will route on.
 fn canonical_path(path: &str) -> bool {
-    !path.contains('%') && !path.contains("//") && !path.split('/').any(|seg| seg == "." || seg == "..")
+    !path.contains('%')
+        && !path.contains("//")
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// `/v2/models/{name}[/versions/{v}][/infer|/ready]` (a trailing `/` allowed).
@@ -442,43 +548,86 @@ pub async fn admit(
             (None, _) => true,
         };
         if !ok {
-            return Err(Rejection::new(415, "unsupported_media_type", "this route does not accept the request's Content-Type").into());
+            return Err(Rejection::new(
+                415,
+                "unsupported_media_type",
+                "this route does not accept the request's Content-Type",
+            )
+            .into());
         }
     }
 
     if json_protocol && !canonical_path(path) {
         // The backend would decode or normalise this path and serve an
         // endpoint the checks below would not recognise: refuse, don't guess.
-        return Err(Rejection::new(400, "invalid_path", "the request path must not contain percent-encoding, `//` or dot segments").into());
+        return Err(Rejection::new(
+            400,
+            "invalid_path",
+            "the request path must not contain percent-encoding, `//` or dot segments",
+        )
+        .into());
     }
     if rr.protocol == Protocol::Passthrough && rr.schema.is_some() && has_body {
-        let is_json = media.as_deref().is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+        let is_json = media
+            .as_deref()
+            .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
         if !is_json {
-            return Err(Rejection::new(415, "unsupported_media_type", "this route takes JSON bodies (Content-Type: application/json)").into());
+            return Err(Rejection::new(
+                415,
+                "unsupported_media_type",
+                "this route takes JSON bodies (Content-Type: application/json)",
+            )
+            .into());
         }
     }
-    let version_header = header(head, buf, b"x-model-version").and_then(|v| std::str::from_utf8(v).ok());
+    let version_header =
+        header(head, buf, b"x-model-version").and_then(|v| std::str::from_utf8(v).ok());
     let kind = match rr.protocol {
         Protocol::Openai => match openai::endpoint(method, path.as_bytes()) {
-            openai::Endpoint::Models => return Ok(Verdict { admitted: Admitted::Answer(openai::models_list(&rules.catalog)), continue_sent: false, model: None, facts: Default::default() }),
+            openai::Endpoint::Models => {
+                return Ok(Verdict {
+                    admitted: Admitted::Answer(openai::models_list(&rules.catalog)),
+                    continue_sent: false,
+                    model: None,
+                    facts: Default::default(),
+                })
+            }
             openai::Endpoint::Other => None,
             ep => Some(JsonKind::OpenAi(ep, version_header)),
         },
         Protocol::Kserve => match kserve_path(path) {
-            Some((name, version, "infer")) if method == b"POST" => Some(JsonKind::KserveInfer(name, version)),
+            Some((name, version, "infer")) if method == b"POST" => {
+                Some(JsonKind::KserveInfer(name, version))
+            }
             Some((name, version, "" | "ready")) => {
                 // Metadata and readiness: only for models the catalogue has.
-                let req = version.map_or(Some(crate::catalog::VersionReq::Latest), crate::catalog::VersionReq::parse);
+                let req = version.map_or(
+                    Some(crate::catalog::VersionReq::Latest),
+                    crate::catalog::VersionReq::parse,
+                );
                 let r = req
                     .ok_or(crate::catalog::Unresolved::BadVersion)
                     .and_then(|req| rules.catalog.resolve(name, &req))
-                    .map_err(|u| Rejection::new(404, u.reason(), "the model or version does not exist or is not available"))?;
-                return Ok(Verdict { admitted: Admitted::Stream, continue_sent: false, model: Some((r.0.name.clone(), r.1.to_string())), facts: Default::default() });
+                    .map_err(|u| {
+                        Rejection::new(
+                            404,
+                            u.reason(),
+                            "the model or version does not exist or is not available",
+                        )
+                    })?;
+                return Ok(Verdict {
+                    admitted: Admitted::Stream,
+                    continue_sent: false,
+                    model: Some((r.0.name.clone(), r.1.to_string())),
+                    facts: Default::default(),
+                });
             }
             _ => None,
         },
         Protocol::Passthrough => {
-            let is_json = media.as_deref().is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+            let is_json = media
+                .as_deref()
+                .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
             (rr.schema.is_some() && has_body && is_json).then_some(JsonKind::Schema)
         }
     };
@@ -492,27 +641,58 @@ pub async fn admit(
                 continue_sent = head.expect_continue;
             }
         }
-        return Ok(Verdict { admitted: Admitted::Stream, continue_sent, model: None, facts: Default::default() });
+        return Ok(Verdict {
+            admitted: Admitted::Stream,
+            continue_sent,
+            model: None,
+            facts: Default::default(),
+        });
     };
 
     // Owned copies: the kind borrows the client buffer, which reading the body reuses.
     let kind_owned = OwnedKind::from(kind);
     let limit = route.max_request_body_bytes.min(rules.max_json_body);
-    let buffered = read_whole(client, head, limit, t).await.map_err(|r| Refused { consumed: true, ..r })?;
+    let buffered = read_whole(client, head, limit, t)
+        .await
+        .map_err(|r| Refused {
+            consumed: true,
+            ..r
+        })?;
     // simd-json parses in place: check a copy, forward the original bytes.
     let checked = {
         let mut sc = scratch.borrow_mut();
         let Scratch { bytes, buffers } = &mut *sc;
         bytes.clear();
         bytes.extend_from_slice(&buffered.body);
-        let r = check_json_in(kind_owned.as_kind(), bytes, rules, rr.schema.as_deref(), buffers)
-            .map(|c| (c.model.map(|(m, v)| (m.name.clone(), v.to_string())), c.facts));
+        let r = check_json_in(
+            kind_owned.as_kind(),
+            bytes,
+            rules,
+            rr.schema.as_deref(),
+            buffers,
+        )
+        .map(|c| {
+            (
+                c.model.map(|(m, v)| (m.name.clone(), v.to_string())),
+                c.facts,
+            )
+        });
         sc.trim();
         r
     };
     match checked {
-        Ok((model, facts)) => Ok(Verdict { admitted: Admitted::Buffered(buffered), continue_sent: head.expect_continue, model, facts }),
-        Err(rejection) => Err(Refused { rejection, body_read: true, consumed: true, model: kind_owned.model_name() }),
+        Ok((model, facts)) => Ok(Verdict {
+            admitted: Admitted::Buffered(buffered),
+            continue_sent: head.expect_continue,
+            model,
+            facts,
+        }),
+        Err(rejection) => Err(Refused {
+            rejection,
+            body_read: true,
+            consumed: true,
+            model: kind_owned.model_name(),
+        }),
     }
 }
 
@@ -527,7 +707,9 @@ impl OwnedKind {
     fn from(k: JsonKind<'_>) -> OwnedKind {
         match k {
             JsonKind::OpenAi(ep, v) => OwnedKind::OpenAi(ep, v.map(str::to_string)),
-            JsonKind::KserveInfer(n, v) => OwnedKind::KserveInfer(n.to_string(), v.map(str::to_string)),
+            JsonKind::KserveInfer(n, v) => {
+                OwnedKind::KserveInfer(n.to_string(), v.map(str::to_string))
+            }
             JsonKind::Schema => OwnedKind::Schema,
         }
     }
@@ -548,9 +730,15 @@ impl OwnedKind {
     }
 }
 
-async fn continue_if_expected(client: &mut Conn, head: &RequestHead, t: &Timeouts) -> Result<(), Refused> {
+async fn continue_if_expected(
+    client: &mut Conn,
+    head: &RequestHead,
+    t: &Timeouts,
+) -> Result<(), Refused> {
     if head.expect_continue {
-        let (r, _) = client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), t.send).await;
+        let (r, _) = client
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), t.send)
+            .await;
         r.map_err(|_| Rejection::new(499, "client_closed", "the client went away"))?;
     }
     Ok(())
@@ -558,14 +746,30 @@ async fn continue_if_expected(client: &mut Conn, head: &RequestHead, t: &Timeout
 
 fn read_failed(e: ReadError) -> Refused {
     match e {
-        ReadError::Timeout => Rejection::new(408, "body_timeout", "the request body was not received in time").into(),
+        ReadError::Timeout => Rejection::new(
+            408,
+            "body_timeout",
+            "the request body was not received in time",
+        )
+        .into(),
         _ => Rejection::new(499, "client_closed", "the client went away").into(),
     }
 }
 
 /// Read a whole body (bounded by `limit`) and take the request off the client buffer.
-async fn read_whole(client: &mut Conn, head: &RequestHead, limit: u64, t: &Timeouts) -> Result<Buffered, Refused> {
-    let too_large = || Refused::from(Rejection::new(413, "body_too_large", "the request body is larger than this route accepts"));
+async fn read_whole(
+    client: &mut Conn,
+    head: &RequestHead,
+    limit: u64,
+    t: &Timeouts,
+) -> Result<Buffered, Refused> {
+    let too_large = || {
+        Refused::from(Rejection::new(
+            413,
+            "body_too_large",
+            "the request body is larger than this route accepts",
+        ))
+    };
     if let BodyKind::Length(n) = head.body_kind() {
         if n > limit {
             return Err(too_large());
@@ -581,7 +785,14 @@ async fn read_whole(client: &mut Conn, head: &RequestHead, limit: u64, t: &Timeo
             while (body.len() as u64) < n {
                 if client.pending().is_empty() {
                     match client.fill_timeout(t.client_body).await {
-                        Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+                        Ok(0) => {
+                            return Err(Rejection::new(
+                                499,
+                                "client_closed",
+                                "the client went away",
+                            )
+                            .into())
+                        }
                         Ok(_) => {}
                         Err(e) => return Err(read_failed(e)),
                     }
@@ -597,7 +808,13 @@ async fn read_whole(client: &mut Conn, head: &RequestHead, limit: u64, t: &Timeo
                 let p = client.pending();
                 let used = dec
                     .feed(p, |r| body.extend_from_slice(&p[r]))
-                    .map_err(|_| Refused::from(Rejection::new(400, "invalid_chunked_body", "invalid chunked encoding")))?;
+                    .map_err(|_| {
+                        Refused::from(Rejection::new(
+                            400,
+                            "invalid_chunked_body",
+                            "invalid chunked encoding",
+                        ))
+                    })?;
                 client.consume(used);
                 if body.len() as u64 > limit {
                     return Err(too_large());
@@ -606,7 +823,11 @@ async fn read_whole(client: &mut Conn, head: &RequestHead, limit: u64, t: &Timeo
                     break;
                 }
                 match client.fill_timeout(t.client_body).await {
-                    Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+                    Ok(0) => {
+                        return Err(
+                            Rejection::new(499, "client_closed", "the client went away").into()
+                        )
+                    }
                     Ok(_) => {}
                     Err(e) => return Err(read_failed(e)),
                 }
@@ -614,19 +835,30 @@ async fn read_whole(client: &mut Conn, head: &RequestHead, limit: u64, t: &Timeo
         }
         _ => {}
     }
-    Ok(Buffered { head: head_bytes, body })
+    Ok(Buffered {
+        head: head_bytes,
+        body,
+    })
 }
 
 /// Wait (bounded) for the first bytes of a streamed body and check them
 /// against the declared media type's signature. Nothing is consumed.
-async fn check_magic(client: &mut Conn, head: &RequestHead, media: &str, t: &Timeouts) -> Result<(), Refused> {
+async fn check_magic(
+    client: &mut Conn,
+    head: &RequestHead,
+    media: &str,
+    t: &Timeouts,
+) -> Result<(), Refused> {
     continue_if_expected(client, head, t).await?;
     loop {
         let after = &client.pending()[head.head_len..];
         let (first, complete) = match head.body_kind() {
             BodyKind::Length(n) => {
                 let k = (n as usize).min(after.len()).min(magic::MAX_MAGIC);
-                (after[..k].to_vec(), k as u64 == n.min(magic::MAX_MAGIC as u64))
+                (
+                    after[..k].to_vec(),
+                    k as u64 == n.min(magic::MAX_MAGIC as u64),
+                )
             }
             _ => {
                 let mut dec = ChunkedDecoder::new();
@@ -642,20 +874,37 @@ async fn check_magic(client: &mut Conn, head: &RequestHead, media: &str, t: &Tim
         match magic::check(media, &first) {
             magic::Magic::Match | magic::Magic::NotChecked => return Ok(()),
             magic::Magic::Mismatch => {
-                return Err(Rejection::new(415, "content_mismatch", "the body does not match its declared Content-Type").into())
+                return Err(Rejection::new(
+                    415,
+                    "content_mismatch",
+                    "the body does not match its declared Content-Type",
+                )
+                .into())
             }
             magic::Magic::NeedMore if complete => {
-                return Err(Rejection::new(415, "content_mismatch", "the body does not match its declared Content-Type").into())
+                return Err(Rejection::new(
+                    415,
+                    "content_mismatch",
+                    "the body does not match its declared Content-Type",
+                )
+                .into())
             }
             magic::Magic::NeedMore => {}
         }
         if client.is_full() {
             // The signature could not be decided within a full buffer (chunk
             // framing padding, say): refuse rather than let it through unchecked.
-            return Err(Rejection::new(415, "content_mismatch", "the body does not match its declared Content-Type").into());
+            return Err(Rejection::new(
+                415,
+                "content_mismatch",
+                "the body does not match its declared Content-Type",
+            )
+            .into());
         }
         match client.fill_timeout(t.client_body).await {
-            Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+            Ok(0) => {
+                return Err(Rejection::new(499, "client_closed", "the client went away").into())
+            }
             Ok(_) => {}
             Err(e) => return Err(read_failed(e)),
         }
@@ -670,7 +919,10 @@ mod tests {
         let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n[[routes]]\ncluster = \"a\"\n";
         let r = Resolved::from_str(text, "t").unwrap();
         let v: serde_json::Value = serde_json::from_str(schema).unwrap();
-        (Rules::new(&r), Arc::new(jsonschema::validator_for(&v).unwrap()))
+        (
+            Rules::new(&r),
+            Arc::new(jsonschema::validator_for(&v).unwrap()),
+        )
     }
 
     #[test]
@@ -684,14 +936,29 @@ mod tests {
         );
         let cases: &[(&str, Option<&str>)] = &[
             (r#"{"task":"embed","inputs":[[1,2],[3.5]]}"#, None),
-            (r#"{"task":"embed","inputs":[[1,2]],"priority":9,"tag":"abc"}"#, None),
+            (
+                r#"{"task":"embed","inputs":[[1,2]],"priority":9,"tag":"abc"}"#,
+                None,
+            ),
             (r#"{"inputs":[[1]]}"#, Some("")),
             (r#"{"task":"train","inputs":[[1]]}"#, Some("/task")),
             (r#"{"task":"embed","inputs":[]}"#, Some("/inputs")),
-            (r#"{"task":"embed","inputs":[[1,"x"]]}"#, Some("/inputs/0/1")),
-            (r#"{"task":"embed","inputs":[[1]],"priority":10}"#, Some("/priority")),
-            (r#"{"task":"embed","inputs":[[1]],"priority":1.5}"#, Some("/priority")),
-            (r#"{"task":"embed","inputs":[[1]],"tag":"far too long"}"#, Some("/tag")),
+            (
+                r#"{"task":"embed","inputs":[[1,"x"]]}"#,
+                Some("/inputs/0/1"),
+            ),
+            (
+                r#"{"task":"embed","inputs":[[1]],"priority":10}"#,
+                Some("/priority"),
+            ),
+            (
+                r#"{"task":"embed","inputs":[[1]],"priority":1.5}"#,
+                Some("/priority"),
+            ),
+            (
+                r#"{"task":"embed","inputs":[[1]],"tag":"far too long"}"#,
+                Some("/tag"),
+            ),
             (r#"[1,2]"#, Some("")),
         ];
         for (body, want) in cases {
@@ -703,7 +970,10 @@ mod tests {
                     assert_eq!(r.status, 422, "{body}");
                     assert_eq!(r.reason, "schema_violation");
                     assert_eq!(r.pointer.as_deref(), Some(*p), "{body}");
-                    assert!(!r.message.contains("train") && !r.message.contains("far"), "payload echoed");
+                    assert!(
+                        !r.message.contains("train") && !r.message.contains("far"),
+                        "payload echoed"
+                    );
                 }
                 (got, want) => panic!("{body}: got {got:?}, want {want:?}"),
             }
@@ -719,15 +989,32 @@ mod tests {
         assert!(!depth_within(deep.as_bytes(), 64));
         let mut b = deep.into_bytes();
         let (rules, _) = rules_with_route_schema("{}");
-        assert_eq!(check_json(JsonKind::Schema, &mut b, &rules, None).unwrap_err().reason, "json_too_deep");
+        assert_eq!(
+            check_json(JsonKind::Schema, &mut b, &rules, None)
+                .unwrap_err()
+                .reason,
+            "json_too_deep"
+        );
     }
 
     #[test]
     fn duplicate_keys_are_refused() {
-        let limits = JsonLimits { max_depth: 8, max_elements: 100 };
-        for body in [&br#"{"a":1,"a":2}"#[..], br#"{"x":{"model":"a","model":"b"}}"#, br#"[{"k":1,"j":2,"k":3}]"#] {
+        let limits = JsonLimits {
+            max_depth: 8,
+            max_elements: 100,
+        };
+        for body in [
+            &br#"{"a":1,"a":2}"#[..],
+            br#"{"x":{"model":"a","model":"b"}}"#,
+            br#"[{"k":1,"j":2,"k":3}]"#,
+        ] {
             let mut b = body.to_vec();
-            assert_eq!(parse(&mut b, limits).unwrap_err().reason, "duplicate_key", "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                parse(&mut b, limits).unwrap_err().reason,
+                "duplicate_key",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         let mut b = br#"{"a":{"a":1},"b":[{"a":2}]}"#.to_vec();
         assert!(parse(&mut b, limits).is_ok());
@@ -739,24 +1026,46 @@ mod tests {
         assert_eq!(scan(br#"["a,b,c,d,e,f"]"#, 8, 3), Ok(()));
         let (rules, _) = rules_with_route_schema("{}");
         let mut b = format!("[{}0]", "0,".repeat(rules.json.max_elements)).into_bytes();
-        assert_eq!(check_json(JsonKind::Schema, &mut b, &rules, None).unwrap_err().reason, "json_too_many_elements");
+        assert_eq!(
+            check_json(JsonKind::Schema, &mut b, &rules, None)
+                .unwrap_err()
+                .reason,
+            "json_too_many_elements"
+        );
     }
 
     #[test]
     fn canonical_paths() {
         assert!(canonical_path("/v1/chat/completions"));
-        for p in ["/v1/%63hat/completions", "/v1//chat/completions", "/v1/./chat/completions", "/v2/models/m/../x/infer"] {
+        for p in [
+            "/v1/%63hat/completions",
+            "/v1//chat/completions",
+            "/v1/./chat/completions",
+            "/v2/models/m/../x/infer",
+        ] {
             assert!(!canonical_path(p), "{p}");
         }
-        assert_eq!(kserve_path("/v2/models/m/infer/"), Some(("m", None, "infer")));
-        assert_eq!(kserve_path("/v2/models/m/versions/2/ready"), Some(("m", Some("2"), "ready")));
+        assert_eq!(
+            kserve_path("/v2/models/m/infer/"),
+            Some(("m", None, "infer"))
+        );
+        assert_eq!(
+            kserve_path("/v2/models/m/versions/2/ready"),
+            Some(("m", Some("2"), "ready"))
+        );
     }
 
     #[test]
     fn element_limit() {
-        let limits = JsonLimits { max_depth: 8, max_elements: 10 };
+        let limits = JsonLimits {
+            max_depth: 8,
+            max_elements: 10,
+        };
         let mut b = b"[1,2,3,4,5,6,7,8,9,10,11]".to_vec();
-        assert_eq!(parse(&mut b, limits).unwrap_err().reason, "json_too_many_elements");
+        assert_eq!(
+            parse(&mut b, limits).unwrap_err().reason,
+            "json_too_many_elements"
+        );
         let mut b = b"[1,2,3]".to_vec();
         assert!(parse(&mut b, limits).is_ok());
     }

@@ -29,7 +29,14 @@ pub fn endpoint(method: &[u8], path: &[u8]) -> Endpoint {
 }
 
 /// Roles a chat message may have.
-const ROLES: [&str; 6] = ["system", "user", "assistant", "tool", "developer", "function"];
+const ROLES: [&str; 6] = [
+    "system",
+    "user",
+    "assistant",
+    "tool",
+    "developer",
+    "function",
+];
 
 /// Check a request body for `ep` and resolve its model.
 pub fn check<'c>(
@@ -39,20 +46,48 @@ pub fn check<'c>(
     version_header: Option<&str>,
 ) -> Result<(&'c std::sync::Arc<Model>, &'c Version, Facts), Rejection> {
     let Value::Object(obj) = body else {
-        return Err(Rejection::at("", "not_an_object", "the body must be a JSON object"));
+        return Err(Rejection::at(
+            "",
+            "not_an_object",
+            "the body must be a JSON object",
+        ));
     };
     let model = match obj.get("model") {
         Some(Value::String(s)) if !s.is_empty() => s.as_ref(),
-        Some(_) => return Err(Rejection::at("/model", "invalid_model", "`model` must be a non-empty string")),
-        None => return Err(Rejection::at("/model", "missing_model", "`model` is required")),
+        Some(_) => {
+            return Err(Rejection::at(
+                "/model",
+                "invalid_model",
+                "`model` must be a non-empty string",
+            ))
+        }
+        None => {
+            return Err(Rejection::at(
+                "/model",
+                "missing_model",
+                "`model` is required",
+            ))
+        }
     };
     let (m, v) = catalog.resolve_ref(model, version_header).map_err(|u| {
         let (status, msg) = match u {
-            Unresolved::UnknownModel | Unresolved::Disabled => (404, "the model does not exist or is not available"),
-            Unresolved::NoSuchVersion => (404, "no deployed version of the model matches the request"),
-            Unresolved::BadVersion => (422, "the model version must be `latest`, a version such as `1.2`, or `>=1.2`"),
+            Unresolved::UnknownModel | Unresolved::Disabled => {
+                (404, "the model does not exist or is not available")
+            }
+            Unresolved::NoSuchVersion => {
+                (404, "no deployed version of the model matches the request")
+            }
+            Unresolved::BadVersion => (
+                422,
+                "the model version must be `latest`, a version such as `1.2`, or `>=1.2`",
+            ),
         };
-        Rejection { status, reason: u.reason(), message: msg.into(), pointer: Some("/model".into()) }
+        Rejection {
+            status,
+            reason: u.reason(),
+            message: msg.into(),
+            pointer: Some("/model".into()),
+        }
     })?;
     let lim = &m.limits;
 
@@ -68,13 +103,20 @@ pub fn check<'c>(
     for key in ["max_tokens", "max_completion_tokens"] {
         if let Some(x) = obj.get(key) {
             let n = x.as_u64().filter(|&n| n >= 1).ok_or_else(|| {
-                Rejection::at(format!("/{key}"), "invalid_max_tokens", format!("`{key}` must be a positive integer"))
+                Rejection::at(
+                    format!("/{key}"),
+                    "invalid_max_tokens",
+                    format!("`{key}` must be a positive integer"),
+                )
             })?;
             if lim.max_output_tokens.is_some_and(|m| n > m) {
                 return Err(Rejection::at(
                     format!("/{key}"),
                     "max_tokens_out_of_range",
-                    format!("`{key}` is above this model's limit of {}", lim.max_output_tokens.unwrap_or(0)),
+                    format!(
+                        "`{key}` is above this model's limit of {}",
+                        lim.max_output_tokens.unwrap_or(0)
+                    ),
                 ));
             }
             max_out = Some(max_out.map_or(n, |m: u64| m.max(n)));
@@ -83,14 +125,25 @@ pub fn check<'c>(
     range(obj.get("temperature"), "temperature", lim.temperature)?;
     range(obj.get("top_p"), "top_p", lim.top_p)?;
     if let Some(x) = obj.get("n") {
-        let n = x.as_u64().filter(|&n| n >= 1).ok_or_else(|| Rejection::at("/n", "invalid_n", "`n` must be a positive integer"))?;
+        let n = x
+            .as_u64()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| Rejection::at("/n", "invalid_n", "`n` must be a positive integer"))?;
         if n > lim.max_n {
-            return Err(Rejection::at("/n", "n_out_of_range", format!("`n` is above this model's limit of {}", lim.max_n)));
+            return Err(Rejection::at(
+                "/n",
+                "n_out_of_range",
+                format!("`n` is above this model's limit of {}", lim.max_n),
+            ));
         }
     }
     if let Some(x) = obj.get("stream") {
         if x.as_bool().is_none() {
-            return Err(Rejection::at("/stream", "invalid_stream", "`stream` must be true or false"));
+            return Err(Rejection::at(
+                "/stream",
+                "invalid_stream",
+                "`stream` must be true or false",
+            ));
         }
     }
     if let Some(ctx) = lim.context_tokens {
@@ -98,12 +151,22 @@ pub fn check<'c>(
             return Err(Rejection::at(
                 format!("/{prompt_key}"),
                 "context_length_exceeded",
-                format!("the prompt and requested output exceed this model's context of {ctx} tokens"),
+                format!(
+                    "the prompt and requested output exceed this model's context of {ctx} tokens"
+                ),
             ));
         }
     }
     let stream = obj.get("stream").and_then(|x| x.as_bool()).unwrap_or(false);
-    Ok((m, v, Facts { max_tokens: max_out, prompt_tokens, stream }))
+    Ok((
+        m,
+        v,
+        Facts {
+            max_tokens: max_out,
+            prompt_tokens,
+            stream,
+        },
+    ))
 }
 
 /// What later stages (quotas, cost accounting) need from a request body,
@@ -121,8 +184,16 @@ fn range(v: Option<&Value<'_>>, key: &str, (lo, hi): (f64, f64)) -> Result<(), R
     let Some(v) = v else { return Ok(()) };
     match v.cast_f64() {
         Some(x) if x >= lo && x <= hi => Ok(()),
-        Some(_) => Err(Rejection::at(format!("/{key}"), "out_of_range", format!("`{key}` must be between {lo} and {hi} for this model"))),
-        None => Err(Rejection::at(format!("/{key}"), "not_a_number", format!("`{key}` must be a number"))),
+        Some(_) => Err(Rejection::at(
+            format!("/{key}"),
+            "out_of_range",
+            format!("`{key}` must be between {lo} and {hi} for this model"),
+        )),
+        None => Err(Rejection::at(
+            format!("/{key}"),
+            "not_a_number",
+            format!("`{key}` must be a number"),
+        )),
     }
 }
 
@@ -133,49 +204,98 @@ fn tokens_of(bytes: usize) -> u64 {
 
 fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
     let Some(v) = v else {
-        return Err(Rejection::at("/messages", "missing_messages", "`messages` is required"));
+        return Err(Rejection::at(
+            "/messages",
+            "missing_messages",
+            "`messages` is required",
+        ));
     };
     let Value::Array(msgs) = v else {
-        return Err(Rejection::at("/messages", "invalid_messages", "`messages` must be an array"));
+        return Err(Rejection::at(
+            "/messages",
+            "invalid_messages",
+            "`messages` must be an array",
+        ));
     };
     if msgs.is_empty() {
-        return Err(Rejection::at("/messages", "invalid_messages", "`messages` must not be empty"));
+        return Err(Rejection::at(
+            "/messages",
+            "invalid_messages",
+            "`messages` must not be empty",
+        ));
     }
     let mut bytes = 0usize;
     for (i, m) in msgs.iter().enumerate() {
         let at = |k: &str| pointer([Seg::Key("messages"), Seg::Index(i), Seg::Key(k)]);
         let Value::Object(m) = m else {
-            return Err(Rejection::at(pointer([Seg::Key("messages"), Seg::Index(i)]), "invalid_message", "each message must be an object"));
+            return Err(Rejection::at(
+                pointer([Seg::Key("messages"), Seg::Index(i)]),
+                "invalid_message",
+                "each message must be an object",
+            ));
         };
         let role = match m.get("role") {
             Some(Value::String(r)) if ROLES.contains(&r.as_ref()) => r.as_ref(),
-            _ => return Err(Rejection::at(at("role"), "invalid_role", format!("`role` must be one of {}", ROLES.join(", ")))),
+            _ => {
+                return Err(Rejection::at(
+                    at("role"),
+                    "invalid_role",
+                    format!("`role` must be one of {}", ROLES.join(", ")),
+                ))
+            }
         };
         match m.get("content") {
             Some(Value::String(s)) => bytes += s.len(),
             Some(Value::Array(parts)) => {
                 for (j, p) in parts.iter().enumerate() {
                     let part_at = |k: Option<&str>| {
-                        let mut segs = vec![Seg::Key("messages"), Seg::Index(i), Seg::Key("content"), Seg::Index(j)];
+                        let mut segs = vec![
+                            Seg::Key("messages"),
+                            Seg::Index(i),
+                            Seg::Key("content"),
+                            Seg::Index(j),
+                        ];
                         segs.extend(k.map(Seg::Key));
                         pointer(segs)
                     };
                     let Value::Object(p) = p else {
-                        return Err(Rejection::at(part_at(None), "invalid_content", "each content part must be an object"));
+                        return Err(Rejection::at(
+                            part_at(None),
+                            "invalid_content",
+                            "each content part must be an object",
+                        ));
                     };
                     match p.get("type") {
                         Some(Value::String(t)) if t == "text" => match p.get("text") {
                             Some(Value::String(s)) => bytes += s.len(),
-                            _ => return Err(Rejection::at(part_at(Some("text")), "invalid_content", "a text part needs a string `text`")),
+                            _ => {
+                                return Err(Rejection::at(
+                                    part_at(Some("text")),
+                                    "invalid_content",
+                                    "a text part needs a string `text`",
+                                ))
+                            }
                         },
                         Some(Value::String(_)) => {}
-                        _ => return Err(Rejection::at(part_at(Some("type")), "invalid_content", "each content part needs a string `type`")),
+                        _ => {
+                            return Err(Rejection::at(
+                                part_at(Some("type")),
+                                "invalid_content",
+                                "each content part needs a string `type`",
+                            ))
+                        }
                     }
                 }
             }
             // Assistant turns that only call tools carry no content.
             Some(Value::Static(simd_json::StaticNode::Null)) | None if role == "assistant" => {}
-            _ => return Err(Rejection::at(at("content"), "invalid_content", "`content` must be a string or an array of parts")),
+            _ => {
+                return Err(Rejection::at(
+                    at("content"),
+                    "invalid_content",
+                    "`content` must be a string or an array of parts",
+                ))
+            }
         }
     }
     Ok(tokens_of(bytes))
@@ -184,9 +304,19 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
 /// `prompt`/`input`: a string, an array of strings, an array of token ids, or
 /// an array of arrays of token ids.
 fn prompt_like(v: Option<&Value<'_>>, key: &'static str, required: bool) -> Result<u64, Rejection> {
-    let bad = || Rejection::at(format!("/{key}"), "invalid_prompt", format!("`{key}` must be a string, an array of strings or an array of token ids"));
+    let bad = || {
+        Rejection::at(
+            format!("/{key}"),
+            "invalid_prompt",
+            format!("`{key}` must be a string, an array of strings or an array of token ids"),
+        )
+    };
     match v {
-        None if required => Err(Rejection::at(format!("/{key}"), "missing_prompt", format!("`{key}` is required"))),
+        None if required => Err(Rejection::at(
+            format!("/{key}"),
+            "missing_prompt",
+            format!("`{key}` is required"),
+        )),
         None => Ok(0),
         Some(Value::String(s)) => Ok(tokens_of(s.len())),
         Some(Value::Array(items)) => {
@@ -197,11 +327,21 @@ fn prompt_like(v: Option<&Value<'_>>, key: &'static str, required: bool) -> Resu
                     Value::Static(_) if it.as_u64().is_some() => tokens = tokens.saturating_add(1),
                     Value::Array(ids) => {
                         if let Some(j) = ids.iter().position(|x| x.as_u64().is_none()) {
-                            return Err(Rejection::at(pointer([Seg::Key(key), Seg::Index(i), Seg::Index(j)]), "invalid_prompt", "token ids must be non-negative integers"));
+                            return Err(Rejection::at(
+                                pointer([Seg::Key(key), Seg::Index(i), Seg::Index(j)]),
+                                "invalid_prompt",
+                                "token ids must be non-negative integers",
+                            ));
                         }
                         tokens += ids.len() as u64;
                     }
-                    _ => return Err(Rejection::at(pointer([Seg::Key(key), Seg::Index(i)]), "invalid_prompt", "each item must be a string, a token id or an array of token ids")),
+                    _ => {
+                        return Err(Rejection::at(
+                            pointer([Seg::Key(key), Seg::Index(i)]),
+                            "invalid_prompt",
+                            "each item must be a string, a token id or an array of token ids",
+                        ))
+                    }
                 }
             }
             Ok(tokens)
@@ -224,7 +364,9 @@ pub fn models_list(catalog: &Catalog) -> Vec<u8> {
             })
         })
         .collect();
-    serde_json::json!({"object": "list", "data": data}).to_string().into_bytes()
+    serde_json::json!({"object": "list", "data": data})
+        .to_string()
+        .into_bytes()
 }
 
 #[cfg(test)]
@@ -233,15 +375,35 @@ mod tests {
     use crate::catalog::{Model, ModelLimits, Version};
 
     fn catalog() -> Catalog {
-        let limits = ModelLimits { context_tokens: Some(100), max_output_tokens: Some(50), max_n: 2, ..ModelLimits::default() };
+        let limits = ModelLimits {
+            context_tokens: Some(100),
+            max_output_tokens: Some(50),
+            max_n: 2,
+            ..ModelLimits::default()
+        };
         Catalog::new(vec![
-            Model { name: "llama".into(), versions: vec![Version::parse("1").unwrap(), Version::parse("2").unwrap()], enabled: true, limits, schema: None },
-            Model { name: "off".into(), versions: vec![Version::parse("1").unwrap()], enabled: false, limits: ModelLimits::default(), schema: None },
+            Model {
+                name: "llama".into(),
+                versions: vec![Version::parse("1").unwrap(), Version::parse("2").unwrap()],
+                enabled: true,
+                limits,
+                schema: None,
+            },
+            Model {
+                name: "off".into(),
+                versions: vec![Version::parse("1").unwrap()],
+                enabled: false,
+                limits: ModelLimits::default(),
+                schema: None,
+            },
             Model {
                 name: "wide".into(),
                 versions: vec![Version::parse("1").unwrap()],
                 enabled: true,
-                limits: ModelLimits { context_tokens: Some(100), ..ModelLimits::default() },
+                limits: ModelLimits {
+                    context_tokens: Some(100),
+                    ..ModelLimits::default()
+                },
                 schema: None,
             },
         ])
@@ -251,7 +413,9 @@ mod tests {
         let c = catalog();
         let mut b = body.as_bytes().to_vec();
         let v = simd_json::to_borrowed_value(&mut b).unwrap();
-        check(ep, &v, &c, None).map(|(m, v, _)| format!("{}@{}", m.name, v)).map_err(|r| (r.status, r.reason, r.pointer))
+        check(ep, &v, &c, None)
+            .map(|(m, v, _)| format!("{}@{}", m.name, v))
+            .map_err(|r| (r.status, r.reason, r.pointer))
     }
 
     #[test]
@@ -259,36 +423,129 @@ mod tests {
         use Endpoint::Chat;
         let ok = r#"{"model":"llama","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"temperature":0.5,"n":2,"stream":true}"#;
         assert_eq!(run(Chat, ok), Ok("llama@2".into()));
-        assert_eq!(run(Chat, r#"{"model":"llama@1","messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"image_url","image_url":{"url":"u"}}]}]}"#), Ok("llama@1".into()));
-        assert_eq!(run(Chat, r#"{"model":"llama","messages":[{"role":"assistant","content":null}]}"#), Ok("llama@2".into()));
+        assert_eq!(
+            run(
+                Chat,
+                r#"{"model":"llama@1","messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"image_url","image_url":{"url":"u"}}]}]}"#
+            ),
+            Ok("llama@1".into())
+        );
+        assert_eq!(
+            run(
+                Chat,
+                r#"{"model":"llama","messages":[{"role":"assistant","content":null}]}"#
+            ),
+            Ok("llama@2".into())
+        );
         let cases: &[(&str, u16, &str, &str)] = &[
             (r#"[]"#, 422, "not_an_object", ""),
             (r#"{"messages":[]}"#, 422, "missing_model", "/model"),
             (r#"{"model":3}"#, 422, "invalid_model", "/model"),
-            (r#"{"model":"nope","messages":[]}"#, 404, "model_not_found", "/model"),
-            (r#"{"model":"off","messages":[]}"#, 404, "model_disabled", "/model"),
-            (r#"{"model":"llama@9","messages":[]}"#, 404, "version_not_found", "/model"),
+            (
+                r#"{"model":"nope","messages":[]}"#,
+                404,
+                "model_not_found",
+                "/model",
+            ),
+            (
+                r#"{"model":"off","messages":[]}"#,
+                404,
+                "model_disabled",
+                "/model",
+            ),
+            (
+                r#"{"model":"llama@9","messages":[]}"#,
+                404,
+                "version_not_found",
+                "/model",
+            ),
             (r#"{"model":"llama"}"#, 422, "missing_messages", "/messages"),
-            (r#"{"model":"llama","messages":[]}"#, 422, "invalid_messages", "/messages"),
-            (r#"{"model":"llama","messages":[{"role":"root","content":"x"}]}"#, 422, "invalid_role", "/messages/0/role"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":"x"},{"role":"user","content":5}]}"#, 422, "invalid_content", "/messages/1/content"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":[{"type":"text"}]}]}"#, 422, "invalid_content", "/messages/0/content/0/text"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, 422, "invalid_max_tokens", "/max_tokens"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"max_tokens":51}"#, 422, "max_tokens_out_of_range", "/max_tokens"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"temperature":2.5}"#, 422, "out_of_range", "/temperature"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"top_p":"high"}"#, 422, "not_a_number", "/top_p"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"n":3}"#, 422, "n_out_of_range", "/n"),
-            (r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, 422, "invalid_stream", "/stream"),
+            (
+                r#"{"model":"llama","messages":[]}"#,
+                422,
+                "invalid_messages",
+                "/messages",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"root","content":"x"}]}"#,
+                422,
+                "invalid_role",
+                "/messages/0/role",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":"x"},{"role":"user","content":5}]}"#,
+                422,
+                "invalid_content",
+                "/messages/1/content",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+                422,
+                "invalid_content",
+                "/messages/0/content/0/text",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                422,
+                "invalid_max_tokens",
+                "/max_tokens",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"max_tokens":51}"#,
+                422,
+                "max_tokens_out_of_range",
+                "/max_tokens",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"temperature":2.5}"#,
+                422,
+                "out_of_range",
+                "/temperature",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"top_p":"high"}"#,
+                422,
+                "not_a_number",
+                "/top_p",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"n":3}"#,
+                422,
+                "n_out_of_range",
+                "/n",
+            ),
+            (
+                r#"{"model":"llama","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+                422,
+                "invalid_stream",
+                "/stream",
+            ),
         ];
         for (body, status, reason, ptr) in cases {
-            assert_eq!(run(Chat, body), Err((*status, *reason, Some(ptr.to_string()))), "{body}");
+            assert_eq!(
+                run(Chat, body),
+                Err((*status, *reason, Some(ptr.to_string()))),
+                "{body}"
+            );
         }
         // No overflow past the context check with an absurd output budget.
-        let huge = format!(r#"{{"model":"wide","messages":[{{"role":"user","content":"x"}}],"max_tokens":{}}}"#, u64::MAX);
-        assert_eq!(run(Chat, &huge), Err((422, "context_length_exceeded", Some("/messages".into()))));
+        let huge = format!(
+            r#"{{"model":"wide","messages":[{{"role":"user","content":"x"}}],"max_tokens":{}}}"#,
+            u64::MAX
+        );
+        assert_eq!(
+            run(Chat, &huge),
+            Err((422, "context_length_exceeded", Some("/messages".into())))
+        );
         // 360 bytes ≈ 90 tokens + 20 output > 100.
-        let long = format!(r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}],"max_tokens":20}}"#, "a".repeat(360));
-        assert_eq!(run(Chat, &long), Err((422, "context_length_exceeded", Some("/messages".into()))));
+        let long = format!(
+            r#"{{"model":"llama","messages":[{{"role":"user","content":"{}"}}],"max_tokens":20}}"#,
+            "a".repeat(360)
+        );
+        assert_eq!(
+            run(Chat, &long),
+            Err((422, "context_length_exceeded", Some("/messages".into())))
+        );
     }
 
     #[test]
@@ -297,23 +554,62 @@ mod tests {
         let mut b = br#"{"model":"llama","messages":[{"role":"user","content":"12345678"}],"max_tokens":7,"stream":true}"#.to_vec();
         let v = simd_json::to_borrowed_value(&mut b).unwrap();
         let (_, _, f) = check(Endpoint::Chat, &v, &c, None).unwrap();
-        assert_eq!(f, Facts { max_tokens: Some(7), prompt_tokens: 2, stream: true });
+        assert_eq!(
+            f,
+            Facts {
+                max_tokens: Some(7),
+                prompt_tokens: 2,
+                stream: true
+            }
+        );
     }
 
     #[test]
     fn completions_and_embeddings() {
-        assert_eq!(run(Endpoint::Completions, r#"{"model":"llama","prompt":["a","b"]}"#), Ok("llama@2".into()));
-        assert_eq!(run(Endpoint::Completions, r#"{"model":"llama","prompt":[[1,2],[3]]}"#), Ok("llama@2".into()));
-        assert_eq!(run(Endpoint::Completions, r#"{"model":"llama","prompt":[[1,-2]]}"#), Err((422, "invalid_prompt", Some("/prompt/0/1".into()))));
-        assert_eq!(run(Endpoint::Embeddings, r#"{"model":"llama","input":"text"}"#), Ok("llama@2".into()));
-        assert_eq!(run(Endpoint::Embeddings, r#"{"model":"llama","input":{"a":1}}"#), Err((422, "invalid_prompt", Some("/input".into()))));
-        assert_eq!(run(Endpoint::Embeddings, r#"{"model":"llama"}"#), Err((422, "missing_prompt", Some("/input".into()))));
+        assert_eq!(
+            run(
+                Endpoint::Completions,
+                r#"{"model":"llama","prompt":["a","b"]}"#
+            ),
+            Ok("llama@2".into())
+        );
+        assert_eq!(
+            run(
+                Endpoint::Completions,
+                r#"{"model":"llama","prompt":[[1,2],[3]]}"#
+            ),
+            Ok("llama@2".into())
+        );
+        assert_eq!(
+            run(
+                Endpoint::Completions,
+                r#"{"model":"llama","prompt":[[1,-2]]}"#
+            ),
+            Err((422, "invalid_prompt", Some("/prompt/0/1".into())))
+        );
+        assert_eq!(
+            run(Endpoint::Embeddings, r#"{"model":"llama","input":"text"}"#),
+            Ok("llama@2".into())
+        );
+        assert_eq!(
+            run(Endpoint::Embeddings, r#"{"model":"llama","input":{"a":1}}"#),
+            Err((422, "invalid_prompt", Some("/input".into())))
+        );
+        assert_eq!(
+            run(Endpoint::Embeddings, r#"{"model":"llama"}"#),
+            Err((422, "missing_prompt", Some("/input".into())))
+        );
     }
 
     #[test]
     fn models_list_has_only_enabled() {
         let v: serde_json::Value = serde_json::from_slice(&models_list(&catalog())).unwrap();
-        let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
         assert_eq!(ids, ["llama", "wide"]);
     }
 }
