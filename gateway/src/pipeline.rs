@@ -44,6 +44,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
     let mut client = Conn::new(stream, w.current().shared.buffer_size);
     let conn_id = w.conn_id();
     let mut head = RequestHead::default();
+    // Reused per request, like `head`: no allocation for its header list.
+    let mut resp_head = codec::ResponseHead::default();
     let mut out = Vec::with_capacity(4096);
     let mut rid = String::with_capacity(40);
     let mut first = true;
@@ -214,7 +216,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             peer: peer.ip(),
             started,
         };
-        let x = upstream::forward(&mut client, &req, &w, &cur, &mut out).await;
+        let x = upstream::forward(&mut client, &req, &w, &cur, &mut out, &mut resp_head).await;
         if !x.head_consumed {
             // Failed before anything was sent upstream (e.g. no backend reachable).
             client.consume(head.head_len);

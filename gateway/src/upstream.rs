@@ -326,12 +326,13 @@ pub async fn forward(
     w: &Worker,
     cur: &Current,
     out: &mut Vec<u8>,
+    resp: &mut ResponseHead,
 ) -> Exchange {
     let mut x = Exchange {
         request_body_done: req.head.body_kind() == BodyKind::Empty,
         ..Exchange::default()
     };
-    if let Err(e) = exchange(client, req, w, cur, out, &mut x).await {
+    if let Err(e) = exchange(client, req, w, cur, out, resp, &mut x).await {
         if let ProxyError::Upstream(u) = e {
             let cluster = &cur.shared.clusters[req.route.cluster].name;
             // Connect failures were counted per try in `checkout`.
@@ -366,6 +367,7 @@ async fn exchange(
     w: &Worker,
     cur: &Current,
     out: &mut Vec<u8>,
+    resp: &mut ResponseHead,
     x: &mut Exchange,
 ) -> Result<(), ProxyError> {
     let head = req.head;
@@ -391,7 +393,6 @@ async fn exchange(
     let mut sent_continue = req.continue_sent;
     let mut retried = false;
     let mut upload_cut = false;
-    let mut resp = ResponseHead::default();
 
     let (mut up, sent_at) = 'attempt: loop {
         // A stale pooled connection is retried once, on a fresh one, only when
@@ -488,7 +489,7 @@ async fn exchange(
                 cur.shared.limits.max_response_header_bytes,
                 cur.shared.limits.max_response_headers,
                 head.is_head,
-                &mut resp,
+                resp,
             ) {
                 Ok(true) if resp.status == 101 => return Err(UpstreamError::BadResponse.into()),
                 Ok(true) if (100..200).contains(&resp.status) => {
@@ -817,21 +818,7 @@ async fn read_exact_body(
         if body.len() as u64 == n {
             break;
         }
-        let (wait, is_total) = wait_for(response_timeout, deadline);
-        match up.fill_watching(wait, client_fd).await {
-            Ok(0) => return Err(UpstreamError::Closed.into()),
-            Ok(_) => {}
-            Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
-            Err(ReadError::Timeout) => {
-                return Err(if is_total {
-                    UpstreamError::TotalTimeout
-                } else {
-                    UpstreamError::ResponseTimeout
-                }
-                .into())
-            }
-            Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
-        }
+        fill_response(up, client_fd, response_timeout, deadline).await?;
     }
     if skip > 0 {
         up.consume(skip);
@@ -869,21 +856,30 @@ async fn read_chunked_body(
         if dec.is_done() {
             return Ok(body);
         }
-        let (wait, is_total) = wait_for(response_timeout, deadline);
-        match up.fill_watching(wait, client_fd).await {
-            Ok(0) => return Err(UpstreamError::Closed.into()),
-            Ok(_) => {}
-            Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
-            Err(ReadError::Timeout) => {
-                return Err(if is_total {
-                    UpstreamError::TotalTimeout
-                } else {
-                    UpstreamError::ResponseTimeout
-                }
-                .into())
-            }
-            Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
+        fill_response(up, client_fd, response_timeout, deadline).await?;
+    }
+}
+
+/// Read more of a response body while its client waits; end of stream
+/// before the body's end is an error.
+async fn fill_response(
+    up: &mut Conn,
+    client_fd: std::os::fd::RawFd,
+    response_timeout: Duration,
+    deadline: Option<Instant>,
+) -> Result<(), ProxyError> {
+    let (wait, is_total) = wait_for(response_timeout, deadline);
+    match up.fill_watching(wait, client_fd).await {
+        Ok(0) => Err(UpstreamError::Closed.into()),
+        Ok(_) => Ok(()),
+        Err(ReadError::WatchedClosed) => Err(ClientError::ClientClosed.into()),
+        Err(ReadError::Timeout) => Err(if is_total {
+            UpstreamError::TotalTimeout
+        } else {
+            UpstreamError::ResponseTimeout
         }
+        .into()),
+        Err(ReadError::Io(e)) => Err(UpstreamError::from_io(&e).into()),
     }
 }
 
