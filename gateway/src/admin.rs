@@ -1,5 +1,11 @@
-//! Admin listener on its own thread (blocking I/O; it serves scrapes and
-//! probes, not traffic): `GET /metrics`, `GET /healthz`, `GET /readyz`.
+//! Admin listener on its own thread (blocking I/O; it serves scrapes,
+//! probes and operators, not traffic): `GET /metrics`, `GET /healthz`,
+//! `GET /readyz`, and the front door's control plane:
+//! `GET /xdp/blocks`, `POST /xdp/blocks` (`{"addr": "...", "ttl": "10m"}`),
+//! `DELETE /xdp/blocks/{addr}`, `GET /xdp/stats`.
+//!
+//! Anyone who can reach this listener can block clients: keep it on
+//! loopback or a management network.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -8,9 +14,18 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::Health;
+use crate::xdp::{BlockError, BlockReason, FrontDoor};
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 4096;
 
 /// Bind now (so a bad address fails the start) and serve on a thread.
-pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> std::io::Result<()> {
+pub fn spawn(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    front_door: Arc<FrontDoor>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     std::thread::Builder::new()
         .name("gateway-admin".into())
@@ -18,7 +33,7 @@ pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> st
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &metrics, &health) {
+                        if let Err(e) = handle(c, &metrics, &health, &front_door) {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     }
@@ -32,12 +47,17 @@ pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> st
     Ok(())
 }
 
-fn handle(mut c: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Result<()> {
+fn handle(
+    mut c: TcpStream,
+    metrics: &Metrics,
+    health: &Health,
+    front_door: &FrontDoor,
+) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
-    let (method, path) = loop {
+    let (method, path, head_len, body_len) = loop {
         let r = c.read(&mut buf[n..])?;
         if r == 0 {
             return Ok(());
@@ -46,10 +66,18 @@ fn handle(mut c: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Resu
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..n]) {
-            Ok(httparse::Status::Complete(_)) => {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let body_len = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
                 break (
                     req.method.unwrap_or("").to_string(),
                     req.path.unwrap_or("").to_string(),
+                    head_len,
+                    body_len,
                 );
             }
             Ok(httparse::Status::Partial) if n < buf.len() => continue,
@@ -57,11 +85,29 @@ fn handle(mut c: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Resu
         }
     };
     let path = path.split('?').next().unwrap_or("");
+    if body_len > MAX_BODY {
+        return respond(&mut c, 413, "text/plain", b"body too large\n");
+    }
+    while n < head_len + body_len {
+        let r = c.read(&mut buf[n..])?;
+        if r == 0 {
+            return Ok(());
+        }
+        n += r;
+    }
+    let body = &buf[head_len..head_len + body_len];
+    if path == "/xdp/blocks" || path.starts_with("/xdp/") {
+        let (status, json) = xdp_api(&method, path, body, front_door);
+        return respond(&mut c, status, "application/json", json.to_string().as_bytes());
+    }
     if method != "GET" && method != "HEAD" {
         return respond(&mut c, 405, "text/plain", b"method not allowed\n");
     }
     match path {
-        "/metrics" => respond(&mut c, 200, "text/plain; version=0.0.4", &metrics.render()),
+        "/metrics" => {
+            front_door.tick();
+            respond(&mut c, 200, "text/plain; version=0.0.4", &metrics.render())
+        }
         "/healthz" => respond(&mut c, 200, "text/plain", b"ok\n"),
         "/readyz" if health.ready() => respond(&mut c, 200, "text/plain", b"ready\n"),
         "/readyz" => respond(&mut c, 503, "text/plain", b"not ready\n"),
@@ -73,8 +119,12 @@ fn respond(c: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io:
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        201 => "Created",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        500 => "Internal Server Error",
         _ => "Service Unavailable",
     };
     let head = format!(
@@ -84,4 +134,84 @@ fn respond(c: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io:
     c.write_all(head.as_bytes())?;
     c.write_all(body)?;
     c.flush()
+}
+
+/// The front door's control plane. Returns the status and a JSON body.
+fn xdp_api(method: &str, path: &str, body: &[u8], fd: &FrontDoor) -> (u16, serde_json::Value) {
+    use serde_json::json;
+    let now = crate::xdp::monotonic_ns();
+    let block_json = |b: &crate::xdp::Block| {
+        json!({"addr": b.addr.to_string(), "reason": b.reason.as_str(), "ttl_s": b.ttl_left(now)})
+    };
+    let err = |status: u16, msg: String| (status, json!({"error": msg}));
+    match (method, path) {
+        ("GET", "/xdp/blocks") => {
+            let blocks: Vec<_> = fd.list().iter().map(block_json).collect();
+            (200, json!({ "blocks": blocks }))
+        }
+        ("POST", "/xdp/blocks") => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Req {
+                addr: String,
+                ttl: Option<String>,
+            }
+            let req: Req = match serde_json::from_slice(body) {
+                Ok(r) => r,
+                Err(e) => return err(400, format!("expected {{\"addr\": \"IP\", \"ttl\": \"10m\"}}: {e}")),
+            };
+            let Ok(addr) = req.addr.parse::<std::net::IpAddr>() else {
+                return err(400, format!("`{}` is not an IPv4 or IPv6 address", req.addr));
+            };
+            let ttl = match req.ttl.as_deref().map(humantime::parse_duration) {
+                None => None,
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => return err(400, format!("ttl: {e} (use e.g. \"90s\", \"10m\", \"1h\")")),
+            };
+            match fd.block(addr, ttl, BlockReason::Manual) {
+                Ok(b) => (201, block_json(&b)),
+                Err(e @ (BlockError::Allowlisted(_) | BlockError::Static(_))) => err(409, e.to_string()),
+                Err(e @ BlockError::Ttl(_)) => err(400, e.to_string()),
+                Err(e @ BlockError::Full(_)) => err(503, e.to_string()),
+                Err(e @ BlockError::Kernel(_)) => err(500, e.to_string()),
+            }
+        }
+        ("DELETE", p) if p.starts_with("/xdp/blocks/") => {
+            let raw = &p["/xdp/blocks/".len()..];
+            let Ok(addr) = raw.parse::<std::net::IpAddr>() else {
+                return err(400, format!("`{raw}` is not an IPv4 or IPv6 address"));
+            };
+            match fd.unblock(addr) {
+                Ok(true) => (200, json!({"addr": addr.to_string(), "removed": true})),
+                Ok(false) => err(404, format!("{addr} is not blocked")),
+                Err(e) => err(409, e.to_string()),
+            }
+        }
+        ("GET", "/xdp/stats") => {
+            fd.tick();
+            let s = fd.status();
+            let counters: serde_json::Map<String, serde_json::Value> = fd
+                .counters()
+                .into_iter()
+                .map(|(v, r, n)| (format!("{v}/{r}"), json!(n)))
+                .collect();
+            let attached: Vec<_> = s
+                .attached
+                .iter()
+                .map(|(i, m)| json!({"interface": i, "mode": m}))
+                .collect();
+            (
+                200,
+                json!({
+                    "enabled": !s.attached.is_empty() && s.fallback.is_none(),
+                    "attached": attached,
+                    "fallback": s.fallback,
+                    "blocked": fd.list().len(),
+                    "packets": counters,
+                }),
+            )
+        }
+        (_, "/xdp/blocks") | (_, "/xdp/stats") => err(405, "method not allowed".into()),
+        _ => err(404, "not found".into()),
+    }
 }

@@ -40,6 +40,85 @@ pub struct Config {
     /// The model catalogue the validation stage resolves requests against.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// The XDP front door: blocklist, allowlist and per-source quotas at the NIC.
+    #[serde(default)]
+    pub xdp: XdpSettings,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdpAttach {
+    /// In the driver (fastest); falls back to `generic` with a warning when the driver can't.
+    #[default]
+    Native,
+    /// In the kernel stack after the skb is built (works on any interface; slower).
+    Generic,
+}
+
+/// What the XDP program does with packets it would drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdpMode {
+    /// Drop them.
+    #[default]
+    Enforce,
+    /// Count them as `would_drop`, drop nothing (also at accept).
+    Monitor,
+}
+
+/// `[xdp]`: see README "XDP front door".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdpSettings {
+    /// Interfaces to attach to; empty: XDP off, blocks are enforced at accept only.
+    pub interfaces: Vec<String>,
+    pub attach: XdpAttach,
+    pub mode: XdpMode,
+    /// New TCP connections (SYNs) per second per source address; 0: no SYN quota.
+    pub syn_rate: u32,
+    /// SYNs a source may send at once above the rate.
+    pub syn_burst: u32,
+    /// Packets per second per source address to the gateway's ports; 0: no packet quota.
+    pub packet_rate: u32,
+    pub packet_burst: u32,
+    /// CIDRs never dropped or refused (health checkers, internal networks).
+    pub allow: Vec<String>,
+    /// Addresses blocked for as long as this config is in force.
+    pub block: Vec<String>,
+    /// TTL of a block added without one (admin API, CLI).
+    #[serde(deserialize_with = "duration")]
+    pub default_block_ttl: Duration,
+    /// Longest TTL a block may be given.
+    #[serde(deserialize_with = "duration")]
+    pub max_block_ttl: Duration,
+    /// Blocklist capacity (addresses); a block beyond it is refused.
+    pub max_blocked: u32,
+    /// Source addresses whose quota is tracked at once (LRU: the least recent is forgotten).
+    pub max_tracked_sources: u32,
+    /// Allowlist capacity (CIDRs).
+    pub max_allow: u32,
+}
+
+impl Default for XdpSettings {
+    fn default() -> Self {
+        XdpSettings {
+            interfaces: Vec::new(),
+            attach: XdpAttach::Native,
+            mode: XdpMode::Enforce,
+            syn_rate: 1000,
+            syn_burst: 2000,
+            packet_rate: 0,
+            packet_burst: 0,
+            allow: Vec::new(),
+            block: Vec::new(),
+            default_block_ttl: Duration::from_secs(3600),
+            max_block_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_blocked: 65536,
+            max_tracked_sources: 262144,
+            max_allow: 1024,
+        }
+    }
 }
 
 /// What a route's requests are, for the validation stage.
@@ -450,6 +529,10 @@ pub struct Resolved {
     pub catalog: Catalog,
     /// Compiled JSON Schema of each route (by route index), if it has one.
     pub route_schemas: Vec<Option<Arc<jsonschema::Validator>>>,
+    /// `[xdp] allow`, parsed.
+    pub xdp_allow: Vec<crate::xdp::Cidr>,
+    /// `[xdp] block`, parsed.
+    pub xdp_block: Vec<std::net::IpAddr>,
 }
 
 impl Config {
@@ -865,6 +948,63 @@ impl Config {
             );
         }
 
+        let x = &self.xdp;
+        let mut xdp_allow = Vec::new();
+        for (i, c) in x.allow.iter().enumerate() {
+            match c.parse::<crate::xdp::Cidr>() {
+                Ok(c) => xdp_allow.push(c),
+                Err(e) => err(format!("xdp.allow[{i}]"), e),
+            }
+        }
+        let mut xdp_block = Vec::new();
+        for (i, a) in x.block.iter().enumerate() {
+            match a.parse::<std::net::IpAddr>() {
+                Ok(a) if xdp_allow.iter().any(|c| c.contains(a)) => err(
+                    format!("xdp.block[{i}]"),
+                    format!("`{a}` is also in xdp.allow; allowlisted addresses are never blocked"),
+                ),
+                Ok(a) => xdp_block.push(a),
+                Err(_) => err(
+                    format!("xdp.block[{i}]"),
+                    format!("`{a}` is not an IPv4 or IPv6 address"),
+                ),
+            }
+        }
+        for (i, name) in x.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
+                err(format!("xdp.interfaces[{i}]"), format!("`{name}` is not an interface name"));
+            }
+        }
+        for (key, rate, burst) in [
+            ("xdp.syn_burst", x.syn_rate, x.syn_burst),
+            ("xdp.packet_burst", x.packet_rate, x.packet_burst),
+        ] {
+            if rate > 0 && burst < 1 {
+                err(key.into(), "must be at least 1 when the rate is set".into());
+            }
+        }
+        if x.default_block_ttl.is_zero() || x.default_block_ttl > x.max_block_ttl {
+            err(
+                "xdp.default_block_ttl".into(),
+                "must be more than 0s and at most xdp.max_block_ttl".into(),
+            );
+        }
+        for (key, v) in [
+            ("xdp.max_blocked", x.max_blocked),
+            ("xdp.max_tracked_sources", x.max_tracked_sources),
+            ("xdp.max_allow", x.max_allow),
+        ] {
+            if !(1..=16_777_216).contains(&v) {
+                err(key.into(), "must be between 1 and 16777216".into());
+            }
+        }
+        if x.allow.len() > x.max_allow as usize {
+            err("xdp.allow".into(), format!("more CIDRs than xdp.max_allow ({})", x.max_allow));
+        }
+        if x.block.len() > x.max_blocked as usize {
+            err("xdp.block".into(), format!("more addresses than xdp.max_blocked ({})", x.max_blocked));
+        }
+
         if errs.is_empty() {
             Ok(Resolved {
                 listen,
@@ -873,6 +1013,8 @@ impl Config {
                 config: self,
                 catalog: Catalog::new(models),
                 route_schemas,
+                xdp_allow,
+                xdp_block,
             })
         } else {
             Err(ConfigErrors(errs))

@@ -2,7 +2,7 @@
 //! proxy for HTTP/1.1 inference traffic.
 //!
 //! The request pipeline is assembled in [`pipeline`], in request order:
-//! [`listener`] → [`codec`] → [`route`] → [`upstream`].
+//! [`xdp`] (at the NIC, and at accept) → [`listener`] → [`codec`] → [`route`] → [`upstream`].
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
@@ -22,3 +22,4 @@ pub mod telemetry;
 pub mod upstream;
 pub mod validate;
 pub mod worker;
+pub mod xdp;

@@ -45,6 +45,13 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>) {
         match accepted {
             None => continue,
             Some(Ok((stream, peer))) => {
+                // Stage 0 in userspace: blocked addresses that got past (or
+                // around) XDP are closed here, before a byte is read.
+                if w.current().shared.front_door.refuses(peer.ip()) {
+                    tracing::debug!(worker = w.id, client = %peer, "connection from a blocked address closed at accept");
+                    drop(stream);
+                    continue;
+                }
                 w.metrics.connections_accepted.inc();
                 w.active.set(w.active.get() + 1);
                 w.metrics.active_connections.inc();

@@ -38,6 +38,13 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub connection_panics: IntCounter,
+    pub xdp_enabled: IntGauge,
+    pub xdp_attached: IntGaugeVec,
+    pub xdp_packets: IntCounterVec,
+    pub xdp_block_drops: IntCounterVec,
+    pub xdp_blocked: IntGaugeVec,
+    pub xdp_block_events: IntCounterVec,
+    pub accept_refused: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -132,6 +139,39 @@ impl Metrics {
             ),
             config_generation: reg(&r, IntGauge::new("gateway_config_generation", "Configuration in force: 0 at start, +1 per successful reload").unwrap()),
             connection_panics: reg(&r, IntCounter::new("gateway_connection_panics_total", "Connection tasks that panicked (a bug; the connection was dropped)").unwrap()),
+            xdp_enabled: reg(&r, IntGauge::new("gateway_xdp_enabled", "1 when the XDP front door is attached; 0: blocks are enforced at accept only").unwrap()),
+            xdp_attached: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_xdp_attached", "1 per interface the XDP program is attached to, with its mode (native, generic)"), &["interface", "mode"]).unwrap(),
+            ),
+            xdp_packets: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_xdp_packets_total", "Packets seen by the XDP program, by verdict (pass, drop, would_drop) and reason"),
+                    &["verdict", "reason"],
+                )
+                .unwrap(),
+            ),
+            xdp_block_drops: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_xdp_blocked_packets_total", "Packets from blocked sources dropped at XDP (would_drop in monitor mode), by block reason"), &["reason"]).unwrap(),
+            ),
+            xdp_blocked: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_xdp_blocked_sources", "Addresses in the blocklist, by reason (manual, config, rate_limit)"), &["reason"]).unwrap(),
+            ),
+            xdp_block_events: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_xdp_block_events_total", "Blocklist changes, by action (block, unblock, expire, refused_full) and reason"),
+                    &["action", "reason"],
+                )
+                .unwrap(),
+            ),
+            accept_refused: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_accept_refused_total", "Connections closed at accept by the userspace front door, by reason"), &["reason"]).unwrap(),
+            ),
             registry: r,
         })
     }

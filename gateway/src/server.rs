@@ -17,6 +17,7 @@ use crate::config::{DriverChoice, Resolved};
 use crate::listener;
 use crate::metrics::{Metrics, FLUSH_EVERY};
 use crate::worker::{Shared, Shutdown, Worker};
+use crate::xdp::FrontDoor;
 
 /// io_uring submission queue entries per worker.
 const URING_ENTRIES: u32 = 2048;
@@ -51,6 +52,7 @@ pub struct Control {
     workers: usize,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
+    front_door: Arc<FrontDoor>,
 }
 
 impl Control {
@@ -77,6 +79,7 @@ impl Control {
             self.metrics.clone(),
             self.shutdown.clone(),
             generation,
+            self.front_door.clone(),
         )
     }
 }
@@ -93,12 +96,26 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
     let n = r.config.server.workers.resolve();
     let metrics = Metrics::new();
     let shutdown = Shutdown::new();
+    // Stage 0 first: blocks hold before the first connection is accepted.
+    let front_door = FrontDoor::start(&r, metrics.clone());
+    front_door
+        .spawn_maintenance()
+        .map_err(|e| RunError::Startup(format!("cannot start the XDP maintenance thread: {e}")))?;
+    // Detach at the NIC on every way out of here (bpf links also go when the process dies).
+    struct DetachOnExit(Arc<FrontDoor>);
+    impl Drop for DetachOnExit {
+        fn drop(&mut self) {
+            self.0.detach();
+        }
+    }
+    let _detach = DetachOnExit(front_door.clone());
     let control = Arc::new(Control {
         current: Mutex::new((0, Arc::new(r.clone()))),
         event: event_listener::Event::new(),
         workers: n,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        front_door: front_door.clone(),
     });
     let health = Arc::new(Health {
         workers: n,
@@ -106,7 +123,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         draining: AtomicBool::new(false),
     });
 
-    admin::spawn(r.admin, metrics.clone(), health.clone()).map_err(|e| {
+    admin::spawn(r.admin, metrics.clone(), health.clone(), front_door.clone()).map_err(|e| {
         RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin))
     })?;
 
@@ -204,6 +221,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
                     keep_restart_only(&old, new)
                 }) {
                     Ok(new) => {
+                        front_door.apply(&new);
                         let generation = control.publish(new);
                         metrics.config_reloads.with_label_values(&["ok"]).inc();
                         metrics.config_generation.set(generation as i64);
@@ -467,6 +485,17 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
         ("server.backlog", a.backlog != b.backlog),
         ("server.buffer_size", a.buffer_size != b.buffer_size),
         ("admin.listen", old.admin != new.admin),
+        (
+            "xdp.interfaces / xdp.attach / xdp.max_*",
+            {
+                let (x, y) = (&old.config.xdp, &new.config.xdp);
+                x.interfaces != y.interfaces
+                    || x.attach != y.attach
+                    || x.max_blocked != y.max_blocked
+                    || x.max_tracked_sources != y.max_tracked_sources
+                    || x.max_allow != y.max_allow
+            },
+        ),
         (
             "log.format / log.level",
             old.config.log.format != new.config.log.format

@@ -70,6 +70,8 @@ pub struct Shared {
     pub generation: u64,
     /// The validation stage's rules and the model catalogue.
     pub rules: crate::validate::Rules,
+    /// The blocklist (process-wide; the same handle in every generation).
+    pub front_door: Arc<crate::xdp::FrontDoor>,
 }
 
 impl Shared {
@@ -79,6 +81,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         shutdown: Arc<Shutdown>,
         generation: u64,
+        front_door: Arc<crate::xdp::FrontDoor>,
     ) -> Shared {
         let names: Vec<String> = r.clusters.keys().cloned().collect();
         let clusters = names
@@ -108,6 +111,7 @@ impl Shared {
             access_log: r.config.log.access_log,
             generation,
             rules: crate::validate::Rules::new(r),
+            front_door,
         }
     }
 }

@@ -1,0 +1,245 @@
+//! Types shared by the XDP program (`gateway-ebpf`) and the gateway's
+//! userspace control plane. Defined once, `#[repr(C)]`, so both sides agree
+//! on the bytes in every BPF map without a "keep in sync" comment.
+//!
+//! Conventions: addresses are stored in **network byte order** exactly as
+//! they appear on the wire; ports and times in **host byte order**; times are
+//! `CLOCK_MONOTONIC` nanoseconds (what `bpf_ktime_get_ns()` returns and
+//! `clock_gettime(CLOCK_MONOTONIC)` reads in userspace).
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+/// Map names, as the userspace looks them up in the loaded object.
+pub mod maps {
+    /// `HashMap<PortKey, u8>`: the gateway's listening ports (value unused, 1).
+    pub const PORTS: &str = "PORTS";
+    /// `LruHashMap<IpKey, BlockEntry>`: blocked source addresses.
+    pub const BLOCKLIST: &str = "BLOCKLIST";
+    /// `LpmTrie<[u8; 16], u8>`: sources that are never dropped.
+    pub const ALLOWLIST: &str = "ALLOWLIST";
+    /// `LruHashMap<IpKey, QuotaState>`: per-source token buckets.
+    pub const QUOTA: &str = "QUOTA";
+    /// `Array<XdpConfig>` with one element: mode and rates.
+    pub const CONFIG: &str = "CONFIG";
+    /// `PerCpuArray<u64>` indexed by [`Counter`](crate::Counter).
+    pub const COUNTERS: &str = "COUNTERS";
+    /// `PerCpuArray<u64>` indexed by [`BlockReason`](crate::BlockReason):
+    /// packets dropped (or, in monitor mode, that would have been) per reason.
+    pub const BLOCK_DROPS: &str = "BLOCK_DROPS";
+}
+
+/// Name of the XDP program in the object.
+pub const PROGRAM: &str = "gateway_xdp";
+/// A second, trivial program in the same object: redirects every frame to
+/// the interface in [`maps::TRAFFIC_TARGET`]. Only the XDP bench uses it, as
+/// a packet generator through `BPF_PROG_TEST_RUN` with live frames.
+pub const TRAFFIC_PROGRAM: &str = "gateway_trafficgen";
+/// `Array<u32>` with one element: the ifindex the traffic generator sends to.
+pub const TRAFFIC_TARGET: &str = "TRAFFIC_TARGET";
+
+/// A source address, IPv4 stored as an IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2) so one map serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpKey {
+    /// Network byte order.
+    pub addr: [u8; 16],
+}
+
+impl IpKey {
+    /// The key for an IPv4 address given in network byte order.
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = octets[0];
+        addr[13] = octets[1];
+        addr[14] = octets[2];
+        addr[15] = octets[3];
+        IpKey { addr }
+    }
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        IpKey { addr: octets }
+    }
+}
+
+/// Prefix length added to an IPv4 CIDR's length when stored in the
+/// allowlist trie as an IPv4-mapped address (96 bits of `::ffff:`).
+pub const V4_MAPPED_PREFIX: u32 = 96;
+
+/// Why a source address is blocked.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockReason {
+    /// Added by an operator through the admin API or `gateway xdp block`.
+    Manual = 0,
+    /// Listed in the config file (`[xdp] blocks`).
+    Config = 1,
+    /// Escalated by the rate limiter after repeated refusals.
+    RateLimit = 2,
+}
+
+impl BlockReason {
+    pub const COUNT: usize = 3;
+    pub const ALL: [BlockReason; Self::COUNT] =
+        [BlockReason::Manual, BlockReason::Config, BlockReason::RateLimit];
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(BlockReason::Manual),
+            1 => Some(BlockReason::Config),
+            2 => Some(BlockReason::RateLimit),
+            _ => None,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BlockReason::Manual => "manual",
+            BlockReason::Config => "config",
+            BlockReason::RateLimit => "rate_limit",
+        }
+    }
+}
+
+/// A blocklist entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BlockEntry {
+    /// Monotonic ns after which the entry no longer blocks; `u64::MAX`: never.
+    pub expires_ns: u64,
+    /// A [`BlockReason`] as u32.
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// Token-bucket state per source address, as GCRA: each bucket is one
+/// "theoretical arrival time". A packet conforms when `tat - now <= tolerance`,
+/// and then moves `tat` forward by one emission interval. One u64 per bucket,
+/// no division in the packet path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct QuotaState {
+    /// Monotonic ns: theoretical arrival time of the next SYN.
+    pub syn_tat: u64,
+    /// Monotonic ns: theoretical arrival time of the next packet.
+    pub pkt_tat: u64,
+}
+
+/// What the program does with a packet it would drop.
+pub const MODE_MONITOR: u32 = 1;
+pub const MODE_ENFORCE: u32 = 2;
+
+/// Runtime configuration, element 0 of [`maps::CONFIG`]. All zero (the state
+/// before userspace writes it) means: monitor nothing, pass everything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct XdpConfig {
+    /// [`MODE_MONITOR`] or [`MODE_ENFORCE`]; anything else passes every packet.
+    pub mode: u32,
+    pub _pad: u32,
+    /// ns between SYNs at the sustained rate (1e9 / rate); 0: no SYN quota.
+    pub syn_interval_ns: u64,
+    /// How far ahead of now a source's SYN `tat` may run: interval × (burst − 1).
+    pub syn_tolerance_ns: u64,
+    /// ns between packets at the sustained rate; 0: no packet quota.
+    pub pkt_interval_ns: u64,
+    /// As `syn_tolerance_ns`, for packets.
+    pub pkt_tolerance_ns: u64,
+}
+
+/// Key of [`maps::PORTS`]: a protocol (IPPROTO_TCP = 6, IPPROTO_UDP = 17)
+/// and a destination port the gateway listens on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortKey {
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// One per verdict and reason; index into [`maps::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not IPv4/IPv6 (ARP, LLDP, …).
+    PassNotIp = 0,
+    /// Headers truncated or not parseable: passed, never dropped.
+    PassMalformed = 1,
+    /// Not TCP/UDP, or an IPv6 extension chain the program doesn't walk.
+    PassOtherProtocol = 2,
+    /// A non-first fragment: no ports to match on.
+    PassFragment = 3,
+    /// Not to one of the gateway's ports.
+    PassOtherPort = 4,
+    /// Source in the allowlist.
+    PassAllowlisted = 5,
+    /// Source blocked, but the entry has expired.
+    PassExpiredBlock = 6,
+    /// Checked and within quota.
+    Pass = 7,
+    /// Dropped: source blocked.
+    DropBlocked = 8,
+    /// Dropped: SYN over the per-source connection quota.
+    DropSynQuota = 9,
+    /// Dropped: packet over the per-source packet quota.
+    DropPacketQuota = 10,
+    /// Monitor mode: would have dropped (blocked).
+    MonitorBlocked = 11,
+    /// Monitor mode: would have dropped (SYN quota).
+    MonitorSynQuota = 12,
+    /// Monitor mode: would have dropped (packet quota).
+    MonitorPacketQuota = 13,
+}
+
+impl Counter {
+    pub const COUNT: usize = 14;
+    pub const ALL: [Counter; Self::COUNT] = [
+        Counter::PassNotIp,
+        Counter::PassMalformed,
+        Counter::PassOtherProtocol,
+        Counter::PassFragment,
+        Counter::PassOtherPort,
+        Counter::PassAllowlisted,
+        Counter::PassExpiredBlock,
+        Counter::Pass,
+        Counter::DropBlocked,
+        Counter::DropSynQuota,
+        Counter::DropPacketQuota,
+        Counter::MonitorBlocked,
+        Counter::MonitorSynQuota,
+        Counter::MonitorPacketQuota,
+    ];
+
+    /// `(verdict, reason)` labels for the Prometheus counter.
+    pub const fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Counter::PassNotIp => ("pass", "not_ip"),
+            Counter::PassMalformed => ("pass", "malformed"),
+            Counter::PassOtherProtocol => ("pass", "other_protocol"),
+            Counter::PassFragment => ("pass", "fragment"),
+            Counter::PassOtherPort => ("pass", "other_port"),
+            Counter::PassAllowlisted => ("pass", "allowlisted"),
+            Counter::PassExpiredBlock => ("pass", "expired_block"),
+            Counter::Pass => ("pass", "ok"),
+            Counter::DropBlocked => ("drop", "blocked"),
+            Counter::DropSynQuota => ("drop", "syn_quota"),
+            Counter::DropPacketQuota => ("drop", "packet_quota"),
+            Counter::MonitorBlocked => ("would_drop", "blocked"),
+            Counter::MonitorSynQuota => ("would_drop", "syn_quota"),
+            Counter::MonitorPacketQuota => ("would_drop", "packet_quota"),
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): plain #[repr(C)] structs of integers with explicit padding
+    // fields, so every bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::BlockEntry {}
+    unsafe impl aya::Pod for super::QuotaState {}
+    unsafe impl aya::Pod for super::XdpConfig {}
+    unsafe impl aya::Pod for super::PortKey {}
+}
