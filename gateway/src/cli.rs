@@ -18,7 +18,10 @@ requests against a model catalogue (model, version, limits, tensor shapes, JSON 
 and response bodies (SSE token streams included) in both directions with bounded memory.\n\n\
 Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.0.0.5:8000,10.0.0.6:8000\n\n\
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\
-Admin endpoints (default 127.0.0.1:9901): GET /metrics (Prometheus), GET /healthz, GET /readyz.\n\
+Admin endpoints (default 127.0.0.1:9901): GET /metrics (Prometheus), GET /healthz, GET /readyz, \
+GET|POST /xdp/blocks, DELETE /xdp/blocks/ADDR, GET /xdp/stats.\n\
+XDP front door ([xdp] interfaces): blocked and over-quota client addresses are dropped at the NIC; \
+`gateway xdp block ADDR --ttl 10m`, `gateway xdp unblock ADDR`, `gateway xdp list`, `gateway xdp stats`.\n\
 SIGHUP: reload the config file (refused, with the errors logged, if it doesn't validate).\n\
 SIGTERM or SIGINT: stop accepting, drain in-flight requests for server.shutdown_grace, exit."
 )]
@@ -41,6 +44,31 @@ pub enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// The XDP front door's blocklist and counters, through a running gateway's admin API.
+    Xdp {
+        /// The running gateway's admin address (admin.listen).
+        #[arg(long, default_value = "127.0.0.1:9901", global = true)]
+        admin: String,
+        #[command(subcommand)]
+        command: XdpCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum XdpCommand {
+    /// Block a client address (IPv4 or IPv6) at the NIC, and at accept.
+    Block {
+        addr: String,
+        /// How long, e.g. "90s", "10m", "12h" (default: xdp.default_block_ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Remove a block added with `block` (or by the rate limiter).
+    Unblock { addr: String },
+    /// List blocked addresses with their reason and seconds left.
+    List,
+    /// Where XDP is attached (or why not) and its packet counters by verdict and reason.
+    Stats,
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,7 +135,68 @@ pub fn main() -> i32 {
             }
         },
         Command::Run(args) => run(args),
+        Command::Xdp { admin, command } => xdp_command(&admin, command),
     }
+}
+
+/// `gateway xdp ...`: one request to the admin API; prints its JSON answer.
+fn xdp_command(admin: &str, command: XdpCommand) -> i32 {
+    let (method, path, body) = match &command {
+        XdpCommand::Block { addr, ttl } => {
+            let mut b = serde_json::json!({ "addr": addr });
+            if let Some(t) = ttl {
+                b["ttl"] = serde_json::json!(t);
+            }
+            ("POST", "/xdp/blocks".to_string(), b.to_string())
+        }
+        XdpCommand::Unblock { addr } => ("DELETE", format!("/xdp/blocks/{addr}"), String::new()),
+        XdpCommand::List => ("GET", "/xdp/blocks".to_string(), String::new()),
+        XdpCommand::Stats => ("GET", "/xdp/stats".to_string(), String::new()),
+    };
+    match admin_request(admin, method, &path, &body) {
+        Ok((status, text)) => {
+            let pretty = serde_json::from_str::<serde_json::Value>(&text)
+                .map(|v| serde_json::to_string_pretty(&v).unwrap_or(text.clone()))
+                .unwrap_or(text);
+            if (200..300).contains(&status) {
+                println!("{pretty}");
+                0
+            } else {
+                eprintln!("gateway xdp: the gateway answered {status}: {pretty}");
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("gateway xdp: cannot reach the admin API at {admin} ({e}); is the gateway running, and is --admin its admin.listen?");
+            1
+        }
+    }
+}
+
+fn admin_request(admin: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let addr = admin
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let mut c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nhost: {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
+    Ok((status, body.to_string()))
 }
 
 /// Load the config, apply CLI overrides, validate, run.

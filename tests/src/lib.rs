@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod client;
 pub mod gateway;
+pub mod netns;
 pub mod packet;
 
 pub use backend::Backend;

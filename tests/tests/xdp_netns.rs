@@ -1,0 +1,247 @@
+//! End to end at a real (virtual) NIC: the gateway in one network namespace
+//! with XDP on its veth, clients in another. A blocked client's packets are
+//! dropped at XDP (the gateway never accepts), another client is served,
+//! unblocking restores service, TTLs expire, a killed gateway leaves nothing
+//! attached, and without XDP the block is enforced at accept.
+//! Needs root (CI runs as root), iproute2 and curl.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_tests::gateway::{bin, gateway_bin};
+use gateway_tests::netns::{metric, NetPair};
+
+const PORT: u16 = 8080;
+const ADMIN: &str = "127.0.0.1:9901";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_backend(net: &NetPair) -> Proc {
+    let child = NetPair::cmd(&net.gw, bin("DEMO_BACKEND_BIN", "demo-backend"))
+        .args(["--listen", "127.0.0.1:8000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start demo-backend");
+    Proc(child)
+}
+
+fn start_gateway(net: &NetPair, xdp_interfaces: &[&str]) -> Proc {
+    start_gateway_with(net, xdp_interfaces, "")
+}
+
+/// The gateway in the gateway namespace, with `extra` lines in `[xdp]`.
+fn start_gateway_with(net: &NetPair, xdp_interfaces: &[&str], extra: &str) -> Proc {
+    let dir = std::env::temp_dir().join(format!("gw-xdp-{}-{}", net.gw, xdp_interfaces.len()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ifaces: Vec<String> = xdp_interfaces.iter().map(|i| format!("\"{i}\"")).collect();
+    let config = format!(
+        r#"
+[server]
+listen = ["{gw}:{PORT}"]
+workers = 1
+[admin]
+listen = "{ADMIN}"
+[log]
+access_log = false
+[clusters.demo]
+backends = ["127.0.0.1:8000"]
+[[routes]]
+path_prefix = "/"
+cluster = "demo"
+[xdp]
+interfaces = [{ifaces}]
+syn_rate = 0
+{extra}
+"#,
+        gw = net.gw_ip,
+        ifaces = ifaces.join(", ")
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = NetPair::cmd(&net.gw, gateway_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start gateway");
+    let p = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !net.curl_gw(&format!("http://{ADMIN}/readyz")).contains("ready") {
+        assert!(Instant::now() < deadline, "gateway not ready in the namespace");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p
+}
+
+fn xdp_cli(net: &NetPair, args: &[&str]) -> (bool, String) {
+    let out = NetPair::cmd(&net.gw, gateway_bin())
+        .arg("xdp")
+        .args(args)
+        .output()
+        .expect("run gateway xdp");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The gateway's metrics, after the workers' 200 ms shard flush.
+fn metrics(net: &NetPair) -> String {
+    std::thread::sleep(Duration::from_millis(400));
+    net.curl_gw(&format!("http://{ADMIN}/metrics"))
+}
+
+fn url(net: &NetPair) -> String {
+    format!("http://{}:{PORT}/v1/models", net.gw_ip)
+}
+
+fn served(net: &NetPair, from: &str) -> bool {
+    let (code, status, _) = net.curl_from(from, &url(net), 5);
+    code == 0 && status == 200
+}
+
+#[test]
+fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
+    let net = NetPair::new("a", 71, 2);
+    let (good, bad) = (net.cl_ips[0].clone(), net.cl_ips[1].clone());
+    let _backend = start_backend(&net);
+    let gw = start_gateway(&net, &[&net.gw_if]);
+
+    let (ok, stats) = xdp_cli(&net, &["stats"]);
+    assert!(ok, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    assert_eq!(stats["enabled"], true, "{stats}");
+    assert_eq!(stats["attached"][0]["interface"], net.gw_if.as_str(), "{stats}");
+    assert_eq!(stats["attached"][0]["mode"], "native", "veth takes native XDP: {stats}");
+    assert!(net.gw_link().contains("xdp"), "program visible on the link: {}", net.gw_link());
+
+    assert!(served(&net, &good) && served(&net, &bad), "both clients served before any block");
+
+    let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "1h"]);
+    assert!(ok, "block: {out}");
+    assert!(out.contains("\"reason\": \"manual\""), "{out}");
+    let before = metrics(&net);
+    let accepted_before = metric(&before, "gateway_connections_accepted_total", "");
+
+    let (code, status, _) = net.curl_from(&bad, &url(&net), 2);
+    assert_eq!((code, status), (28, 0), "blocked client: SYNs dropped, curl times out (exit 28)");
+    let after = metrics(&net);
+    assert_eq!(
+        metric(&after, "gateway_connections_accepted_total", ""),
+        accepted_before,
+        "the gateway never accepted the blocked client's connection"
+    );
+    let dropped = metric(&after, "gateway_xdp_packets_total", r#"reason="blocked",verdict="drop""#);
+    assert!(dropped >= 1.0, "XDP drop counter rose: {dropped}");
+    assert!(metric(&after, "gateway_xdp_blocked_packets_total", r#"reason="manual""#) >= 1.0);
+    assert_eq!(metric(&after, "gateway_accept_refused_total", r#"reason="blocked""#), 0.0, "XDP did the work, not accept");
+    assert_eq!(metric(&after, "gateway_xdp_blocked_sources", r#"reason="manual""#), 1.0);
+
+    assert!(served(&net, &good), "the other client is still served during the block");
+
+    let (ok, list) = xdp_cli(&net, &["list"]);
+    assert!(ok && list.contains(&bad), "list shows the block: {list}");
+    let (ok, out) = xdp_cli(&net, &["unblock", &bad]);
+    assert!(ok, "unblock: {out}");
+    assert!(served(&net, &bad), "unblocking restores service");
+    let (ok, out) = xdp_cli(&net, &["unblock", &bad]);
+    assert!(!ok && out.contains("404"), "unblocking twice says it wasn't blocked: {out}");
+
+    // A short TTL ends by itself.
+    let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "2s"]);
+    assert!(ok, "{out}");
+    assert!(!served_quick(&net, &bad), "blocked for its TTL");
+    std::thread::sleep(Duration::from_millis(3200));
+    assert!(served(&net, &bad), "served again after the TTL");
+    let m = metrics(&net);
+    assert_eq!(metric(&m, "gateway_xdp_block_events_total", r#"action="expire",reason="manual""#), 1.0);
+    assert_eq!(metric(&m, "gateway_xdp_blocked_sources", r#"reason="manual""#), 0.0);
+
+    // Bad input is refused with a clear error, not applied.
+    let (ok, out) = xdp_cli(&net, &["block", "not-an-ip"]);
+    assert!(!ok && out.contains("400") && out.contains("not an IPv4 or IPv6 address"), "{out}");
+    let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "400d"]);
+    assert!(!ok && out.contains("max_block_ttl"), "{out}");
+
+    // A gateway killed outright leaves no program behind (bpf_link dies
+    // with the process), and a new one attaches cleanly.
+    let mut gw = gw;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(gw.0.id() as i32, libc::SIGKILL) };
+    let _ = gw.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while net.gw_link().contains("prog/xdp") {
+        assert!(Instant::now() < deadline, "XDP still attached after SIGKILL: {}", net.gw_link());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _gw2 = start_gateway(&net, &[&net.gw_if]);
+    assert!(served(&net, &good), "restarted gateway serves");
+    let (_, stats) = xdp_cli(&net, &["stats"]);
+    assert!(stats.contains("\"native\""), "restarted gateway re-attached: {stats}");
+}
+
+fn served_quick(net: &NetPair, from: &str) -> bool {
+    let (code, status, _) = net.curl_from(from, &url(net), 1);
+    code == 0 && status == 200
+}
+
+#[test]
+fn without_xdp_blocks_are_enforced_at_accept() {
+    let net = NetPair::new("b", 72, 2);
+    let (good, bad) = (net.cl_ips[0].clone(), net.cl_ips[1].clone());
+    let _backend = start_backend(&net);
+    let _gw = start_gateway(&net, &[]);
+
+    let (ok, stats) = xdp_cli(&net, &["stats"]);
+    assert!(ok, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["enabled"], false, "{stats}");
+    assert!(stats["fallback"].as_str().unwrap().contains("no [xdp] interfaces"), "{stats}");
+    assert_eq!(metric(&metrics(&net), "gateway_xdp_enabled", ""), 0.0);
+    assert!(!net.gw_link().contains("prog/xdp"));
+
+    let (ok, out) = xdp_cli(&net, &["block", &bad]);
+    assert!(ok, "{out}");
+    let (code, status, _) = net.curl_from(&bad, &url(&net), 3);
+    assert!(code != 0 && code != 28 && status == 0, "closed at accept, at once (curl exit {code})");
+    assert!(metric(&metrics(&net), "gateway_accept_refused_total", r#"reason="blocked""#) >= 1.0);
+    assert!(served(&net, &good), "the other client is served");
+    let (ok, _) = xdp_cli(&net, &["unblock", &bad]);
+    assert!(ok);
+    assert!(served(&net, &bad), "unblocked");
+}
+
+#[test]
+fn missing_interface_falls_back_and_says_so() {
+    let net = NetPair::new("c", 73, 1);
+    let _backend = start_backend(&net);
+    let _gw = start_gateway(&net, &["nosuchif0"]);
+    let (_, stats) = xdp_cli(&net, &["stats"]);
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["enabled"], false, "{stats}");
+    assert!(stats["fallback"].as_str().unwrap().contains("nosuchif0"), "{stats}");
+    assert!(served(&net, &net.cl_ips[0].clone()), "serves without XDP");
+}
+
+#[test]
+fn monitor_mode_blocks_nothing_but_counts() {
+    let net = NetPair::new("d", 74, 1);
+    let bad = net.cl_ips[0].clone();
+    let _backend = start_backend(&net);
+    let _gw = start_gateway_with(&net, &[&net.gw_if], "mode = \"monitor\"");
+    let (ok, out) = xdp_cli(&net, &["block", &bad]);
+    assert!(ok, "{out}");
+    assert!(served(&net, &bad), "monitor mode drops nothing");
+    let m = metrics(&net);
+    assert!(metric(&m, "gateway_xdp_packets_total", r#"reason="blocked",verdict="would_drop""#) >= 1.0, "counted as would_drop");
+    assert_eq!(metric(&m, "gateway_accept_refused_total", r#"reason="blocked""#), 0.0);
+}
