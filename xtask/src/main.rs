@@ -18,7 +18,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [args]
 
 commands:
-  setup                 install missing system prerequisites (haproxy, nginx, wrk, curl) with apt-get
+  setup                 install what's missing: apt packages (haproxy, nginx, wrk, curl, iproute2, nftables,
+                        LLVM 22), nightly rust-src, bpf-linker (the XDP program's toolchain)
   test                  setup, release builds, the whole test suite, and compile the criterion benches
   run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
   bench [--validation] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
@@ -57,51 +58,78 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------
 // setup
 
-/// How a missing prerequisite gets installed. New kinds (a `cargo install`,
-/// say, for bpf-linker) are new variants handled in [`setup`].
+/// How a missing prerequisite gets installed.
 enum Install {
-    /// A Debian package, installed with `apt-get install`.
-    Apt(&'static str),
+    /// Debian packages, installed with `apt-get install`.
+    Apt(&'static [&'static str]),
+    /// The nightly toolchain's `rust-src` component (the XDP program is
+    /// built with `-Z build-std=core`).
+    RustSrc,
+    /// `bpf-linker`, built against Debian's LLVM 22 (`cargo install`, about
+    /// 5 minutes on 2 cores; skipped when present).
+    BpfLinker,
 }
 
-/// One system prerequisite: present when `program` is found on PATH.
+/// One prerequisite, present when `check` says so.
 struct Prereq {
-    program: &'static str,
+    name: &'static str,
+    check: fn() -> Option<String>,
     install: Install,
     why: &'static str,
 }
 
+fn on_path(name: &'static str) -> impl Fn() -> Option<String> {
+    move || find_program(name).map(|p| p.display().to_string())
+}
+
+/// LLVM 22 development files bpf-linker links against.
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+
 /// Everything the project needs outside cargo. Append to extend `setup`.
 const PREREQS: &[Prereq] = &[
+    Prereq { name: "haproxy", check: || on_path("haproxy")(), install: Install::Apt(&["haproxy"]), why: "load-bench peer" },
+    Prereq { name: "nginx", check: || on_path("nginx")(), install: Install::Apt(&["nginx"]), why: "load-bench backend and peer" },
+    Prereq { name: "wrk", check: || on_path("wrk")(), install: Install::Apt(&["wrk"]), why: "load generator" },
+    Prereq { name: "curl", check: || on_path("curl")(), install: Install::Apt(&["curl"]), why: "tests (clients in network namespaces), `cargo xtask run` examples" },
+    Prereq { name: "ip", check: || on_path("ip")(), install: Install::Apt(&["iproute2"]), why: "XDP tests and bench (network namespaces, veth)" },
+    Prereq { name: "nft", check: || on_path("nft")(), install: Install::Apt(&["nftables"]), why: "XDP bench peer (nftables drop)" },
     Prereq {
-        program: "haproxy",
-        install: Install::Apt("haproxy"),
-        why: "load-bench peer",
+        name: "llvm-22",
+        check: || Path::new("/usr/lib/llvm-22/bin/llvm-config").exists().then(|| "/usr/lib/llvm-22".into()),
+        install: Install::Apt(LLVM_PACKAGES),
+        why: "bpf-linker links against it",
     },
-    Prereq {
-        program: "nginx",
-        install: Install::Apt("nginx"),
-        why: "load-bench backend and peer",
-    },
-    Prereq {
-        program: "wrk",
-        install: Install::Apt("wrk"),
-        why: "load generator",
-    },
-    Prereq {
-        program: "curl",
-        install: Install::Apt("curl"),
-        why: "`cargo xtask run` examples, tests",
-    },
+    Prereq { name: "rust-src", check: nightly_rust_src, install: Install::RustSrc, why: "builds the XDP program (nightly -Z build-std=core)" },
+    Prereq { name: "bpf-linker", check: || on_path("bpf-linker")().or_else(cargo_bin("bpf-linker")), install: Install::BpfLinker, why: "links the XDP program" },
 ];
+
+fn cargo_bin(name: &'static str) -> impl Fn() -> Option<String> {
+    move || {
+        let home = env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+        let p = home.join("bin").join(name);
+        p.exists().then(|| p.display().to_string())
+    }
+}
+
+fn nightly_rust_src() -> Option<String> {
+    let out = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .ok()?;
+    let sysroot = String::from_utf8(out.stdout).ok()?;
+    let src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
+    src.exists().then(|| src.display().to_string())
+}
 
 fn setup() -> Result {
     let mut missing = Vec::new();
     for p in PREREQS {
-        match find_program(p.program) {
-            Some(path) => println!("setup: {:<8} ok      {}", p.program, path.display()),
+        match (p.check)() {
+            Some(at) => println!("setup: {:<10} ok      {at}", p.name),
             None => {
-                println!("setup: {:<8} missing ({})", p.program, p.why);
+                println!("setup: {:<10} missing ({})", p.name, p.why);
                 missing.push(p);
             }
         }
@@ -111,24 +139,32 @@ fn setup() -> Result {
         return Ok(());
     }
 
-    // apt is idempotent: when anything from it is missing, ask for the whole list at once.
-    let apt_packages: Vec<&str> = PREREQS
+    let apt_missing: Vec<&str> = missing
         .iter()
-        .map(|p| match p.install {
-            Install::Apt(pkg) => pkg,
+        .filter_map(|p| match p.install {
+            Install::Apt(pkgs) => Some(pkgs),
+            _ => None,
         })
+        .flatten()
+        .copied()
+        // bpf-linker builds against LLVM 22: ask for it with bpf-linker.
+        .chain(
+            missing
+                .iter()
+                .any(|p| matches!(p.install, Install::BpfLinker))
+                .then_some(LLVM_PACKAGES)
+                .into_iter()
+                .flatten()
+                .copied(),
+        )
         .collect();
-    if missing.iter().any(|p| matches!(p.install, Install::Apt(_))) {
-        let sudo = if is_root() {
-            None
-        } else {
-            find_program("sudo")
-        };
+    if !apt_missing.is_empty() {
+        let sudo = if is_root() { None } else { find_program("sudo") };
         if !is_root() && sudo.is_none() {
             return Err(format!(
                 "missing prerequisites and not root (no sudo either): install them with \
                  `apt-get install -y {}`",
-                apt_packages.join(" ")
+                apt_missing.join(" ")
             ));
         }
         let apt = |args: &[&str]| {
@@ -143,16 +179,26 @@ fn setup() -> Result {
             c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
             c
         };
-        run_step(&mut apt(&["update"]))?;
-        let mut install_args = vec!["install", "-y"];
-        install_args.extend(&apt_packages);
+        run_step(&mut apt(&["update", "-qq"]))?;
+        let mut install_args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        install_args.extend(&apt_missing);
         run_step(&mut apt(&install_args))?;
+    }
+    if missing.iter().any(|p| matches!(p.install, Install::RustSrc)) {
+        run_step(Command::new("rustup").args(["component", "add", "--toolchain", "nightly", "rust-src"]))?;
+    }
+    if missing.iter().any(|p| matches!(p.install, Install::BpfLinker)) {
+        run_step(
+            Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")))
+                .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
     }
 
     let still: Vec<&str> = PREREQS
         .iter()
-        .filter(|p| find_program(p.program).is_none())
-        .map(|p| p.program)
+        .filter(|p| (p.check)().is_none())
+        .map(|p| p.name)
         .collect();
     if !still.is_empty() {
         return Err(format!("still missing after setup: {}", still.join(", ")));
@@ -183,11 +229,9 @@ fn find_program(name: &str) -> Option<PathBuf> {
 // test
 
 fn test() -> Result {
-    // The tests bring their own peers (backends, clients); the packages are for
-    // `run` and `bench`. A broken mirror must not fail the test run.
-    if let Err(e) = setup() {
-        eprintln!("xtask test: setup incomplete ({e}); the tests need none of it, continuing");
-    }
+    // The XDP program can't be built without nightly rust-src and
+    // bpf-linker, and the XDP tests need iproute2 and curl: setup must succeed.
+    setup()?;
     build_release_binaries()?;
     let target = target_dir();
     let mut failed = Vec::new();
