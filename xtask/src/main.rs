@@ -22,6 +22,9 @@ commands:
                         LLVM 22), nightly rust-src, bpf-linker (the XDP program's toolchain)
   test                  setup, release builds, the whole test suite, and compile the criterion benches
   run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
+  bench xdp [--pps N] [--seconds S]
+                        SYN flood from one netns to the gateway's, dropped by XDP vs nftables vs the
+                        userspace fallback: pps, softirq ns/packet, legitimate goodput kept (target/bench/xdp.json)
   bench [--validation] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
                         load benchmark: backend direct vs gateway vs HAProxy vs nginx (see target/bench/);
                         --validation: the gateway as a plain proxy vs validating every chat completion
@@ -355,6 +358,9 @@ fn wait_for_port(child: &mut KillOnDrop, addr: SocketAddr, limit: Duration) -> R
 /// Every argument (`--validation`, `--quick`, …) goes to loadbench as given.
 fn bench(args: &[String]) -> Result {
     setup()?;
+    if args.first().map(String::as_str) == Some("xdp") {
+        return bench_xdp(&args[1..]);
+    }
     build_gateway()?;
     let mut cmd = cargo(&[
         "run",
@@ -381,6 +387,25 @@ fn bench(args: &[String]) -> Result {
     } else {
         Err(format!("loadbench exited with {status}"))
     }
+}
+
+/// `bench xdp`: SYN flood dropped by XDP vs nftables vs the userspace
+/// fallback, in network namespaces (root). See benches/src/bin/xdpbench.rs.
+fn bench_xdp(args: &[String]) -> Result {
+    if !is_root() {
+        return Err("bench xdp builds network namespaces and loads XDP programs: run it as root".into());
+    }
+    build_release_binaries()?;
+    run_step(&mut cargo(&["build", "--release", "-p", "gateway-benches", "--bin", "xdpbench"]))?;
+    let target = target_dir();
+    let mut cmd = Command::new(target.join("release/xdpbench"));
+    cmd.arg("run")
+        .args(args)
+        .args(["--out", &target.join("bench").display().to_string()])
+        .env("GATEWAY_BIN", target.join("release/gateway"))
+        .env("DEMO_BACKEND_BIN", target.join("release/demo-backend"))
+        .current_dir(workspace_root());
+    run_step(&mut cmd)
 }
 
 // ---------------------------------------------------------------------------
