@@ -10,7 +10,8 @@ fn main() {
     println!("cargo:rerun-if-changed=../gateway-common/src");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let object = out.join("gateway-ebpf");
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         std::fs::write(&object, b"").expect("write empty eBPF object");
     }

@@ -11,7 +11,10 @@
 
 /// Map names, as the userspace looks them up in the loaded object.
 pub mod maps {
-    /// `HashMap<PortKey, u8>`: the gateway's listening ports (value unused, 1).
+    /// `Array<u8>` of 65536, indexed by destination port (host byte order):
+    /// [`PORT_TCP`](crate::PORT_TCP) | [`PORT_UDP`](crate::PORT_UDP) for the
+    /// gateway's listening ports, 0 elsewhere. An array, not a hash: the JIT
+    /// inlines its lookup.
     pub const PORTS: &str = "PORTS";
     /// `LruHashMap<IpKey, BlockEntry>`: blocked source addresses.
     pub const BLOCKLIST: &str = "BLOCKLIST";
@@ -81,8 +84,11 @@ pub enum BlockReason {
 
 impl BlockReason {
     pub const COUNT: usize = 3;
-    pub const ALL: [BlockReason; Self::COUNT] =
-        [BlockReason::Manual, BlockReason::Config, BlockReason::RateLimit];
+    pub const ALL: [BlockReason; Self::COUNT] = [
+        BlockReason::Manual,
+        BlockReason::Config,
+        BlockReason::RateLimit,
+    ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
@@ -148,16 +154,9 @@ pub struct XdpConfig {
     pub pkt_tolerance_ns: u64,
 }
 
-/// Key of [`maps::PORTS`]: a protocol (IPPROTO_TCP = 6, IPPROTO_UDP = 17)
-/// and a destination port the gateway listens on.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct PortKey {
-    /// Host byte order.
-    pub port: u16,
-    pub proto: u8,
-    pub _pad: u8,
-}
+/// [`maps::PORTS`] value bits.
+pub const PORT_TCP: u8 = 1;
+pub const PORT_UDP: u8 = 2;
 
 /// One per verdict and reason; index into [`maps::COUNTERS`].
 #[repr(u32)]
@@ -173,7 +172,8 @@ pub enum Counter {
     PassFragment = 3,
     /// Not to one of the gateway's ports.
     PassOtherPort = 4,
-    /// Source in the allowlist.
+    /// Source in the allowlist, and it would otherwise have been dropped
+    /// (blocked or over quota).
     PassAllowlisted = 5,
     /// Source blocked, but the entry has expired.
     PassExpiredBlock = 6,
@@ -241,5 +241,4 @@ mod pod {
     unsafe impl aya::Pod for super::BlockEntry {}
     unsafe impl aya::Pod for super::QuotaState {}
     unsafe impl aya::Pod for super::XdpConfig {}
-    unsafe impl aya::Pod for super::PortKey {}
 }

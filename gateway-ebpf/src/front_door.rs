@@ -4,28 +4,30 @@
 //! counted verdict (`Counter`); anything the parser can't make sense of is
 //! passed, never dropped, so a parser gap can't black-hole traffic.
 //!
-//! Decision order for a packet to one of the gateway's ports:
-//! allowlisted → pass; blocked (unexpired) → drop; over the per-source SYN or
-//! packet quota → drop; else pass. In monitor mode "drop" is counted as
+//! Decision for a packet to one of the gateway's ports: blocked (unexpired)
+//! → drop; over the per-source SYN or packet quota → drop; else pass. A
+//! drop becomes a pass when the source is allowlisted (the LPM lookup is
+//! only paid on that rare path). In monitor mode "drop" is counted as
 //! "would drop" and the packet passes.
 //!
 //! No logging from here on purpose: a log line per dropped packet would turn
 //! a flood into a flood of log events.
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect},
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use gateway_common::{
-    BlockEntry, BlockReason, Counter, IpKey, PortKey, QuotaState, XdpConfig, MODE_ENFORCE,
+    BlockEntry, BlockReason, Counter, IpKey, QuotaState, XdpConfig, MODE_ENFORCE, PORT_TCP,
+    PORT_UDP,
 };
 
 // Sizes here are defaults; userspace resizes every map before load
 // (`[xdp] max_*` in the config).
 #[map]
-static PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(64, 0);
+static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 #[map]
 static BLOCKLIST: LruHashMap<IpKey, BlockEntry> = LruHashMap::with_max_entries(65536, 0);
 #[map]
@@ -37,8 +39,7 @@ static CONFIG: Array<XdpConfig> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
 #[map]
-static BLOCK_DROPS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(BlockReason::COUNT as u32, 0);
+static BLOCK_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(BlockReason::COUNT as u32, 0);
 #[map]
 static TRAFFIC_TARGET: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -221,30 +222,31 @@ fn parse_l4(ctx: &XdpContext, l4: usize, proto: u8, src: IpKey) -> Result<Flow, 
 }
 
 fn decide(flow: &Flow) -> (u32, Counter) {
-    let port = PortKey {
-        port: flow.dst_port,
-        proto: flow.proto,
-        _pad: 0,
+    let bit = if flow.proto == IPPROTO_TCP {
+        PORT_TCP
+    } else {
+        PORT_UDP
     };
-    // SAFETY: the value is read once, by copy.
-    if unsafe { PORTS.get(&port) }.is_none() {
-        return (xdp_action::XDP_PASS, Counter::PassOtherPort);
-    }
-    if ALLOWLIST.get(Key::new(128, flow.src.addr)).is_some() {
-        return (xdp_action::XDP_PASS, Counter::PassAllowlisted);
+    match PORTS.get(flow.dst_port as u32) {
+        Some(bits) if bits & bit != 0 => {}
+        _ => return (xdp_action::XDP_PASS, Counter::PassOtherPort),
     }
     let Some(config) = CONFIG.get(0) else {
         return (xdp_action::XDP_PASS, Counter::Pass);
     };
     let enforce = config.mode == MODE_ENFORCE;
-    // SAFETY: read-only monotonic clock.
-    let now = unsafe { bpf_ktime_get_ns() };
 
     let mut passed = Counter::Pass;
     // SAFETY: the entry is copied out at once; a concurrent update from
     // userspace at worst gives the previous or the next value.
     if let Some(entry) = unsafe { BLOCKLIST.get(&flow.src) }.copied() {
-        if now < entry.expires_ns {
+        // Block TTLs are seconds long: the coarse clock (same CLOCK_MONOTONIC
+        // base, tick resolution) is plenty and skips a clocksource read.
+        // SAFETY: read-only monotonic clock.
+        if unsafe { bpf_ktime_get_coarse_ns() } < entry.expires_ns {
+            if allowlisted(flow) {
+                return (xdp_action::XDP_PASS, Counter::PassAllowlisted);
+            }
             count(&BLOCK_DROPS, entry.reason);
             return verdict(enforce, Counter::DropBlocked, Counter::MonitorBlocked);
         }
@@ -252,11 +254,21 @@ fn decide(flow: &Flow) -> (u32, Counter) {
     }
 
     if config.syn_interval_ns != 0 || config.pkt_interval_ns != 0 {
+        // SAFETY: read-only monotonic clock.
+        let now = unsafe { bpf_ktime_get_ns() };
         if let Some(over) = over_quota(flow, config, now) {
+            if allowlisted(flow) {
+                return (xdp_action::XDP_PASS, Counter::PassAllowlisted);
+            }
             return over_verdict(enforce, over);
         }
     }
     (xdp_action::XDP_PASS, passed)
+}
+
+#[inline(always)]
+fn allowlisted(flow: &Flow) -> bool {
+    ALLOWLIST.get(Key::new(128, flow.src.addr)).is_some()
 }
 
 #[inline(always)]
@@ -294,14 +306,22 @@ fn over_quota(flow: &Flow, config: &XdpConfig, now: u64) -> Option<Counter> {
     // SAFETY: `state` points into the map value, valid for this program run.
     let state = unsafe { &mut *state };
     if flow.syn && config.syn_interval_ns != 0 {
-        let tat = if state.syn_tat > now { state.syn_tat } else { now };
+        let tat = if state.syn_tat > now {
+            state.syn_tat
+        } else {
+            now
+        };
         if tat - now > config.syn_tolerance_ns {
             return Some(Counter::DropSynQuota);
         }
         state.syn_tat = tat + config.syn_interval_ns;
     }
     if config.pkt_interval_ns != 0 {
-        let tat = if state.pkt_tat > now { state.pkt_tat } else { now };
+        let tat = if state.pkt_tat > now {
+            state.pkt_tat
+        } else {
+            now
+        };
         if tat - now > config.pkt_tolerance_ns {
             return Some(Counter::DropPacketQuota);
         }
@@ -309,4 +329,3 @@ fn over_quota(flow: &Flow, config: &XdpConfig, now: u64) -> Option<Counter> {
     }
     None
 }
-

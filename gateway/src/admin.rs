@@ -71,7 +71,13 @@ fn handle(
                     .headers
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
                     .unwrap_or(0);
                 break (
                     req.method.unwrap_or("").to_string(),
@@ -98,7 +104,12 @@ fn handle(
     let body = &buf[head_len..head_len + body_len];
     if path == "/xdp/blocks" || path.starts_with("/xdp/") {
         let (status, json) = xdp_api(&method, path, body, front_door);
-        return respond(&mut c, status, "application/json", json.to_string().as_bytes());
+        return respond(
+            &mut c,
+            status,
+            "application/json",
+            json.to_string().as_bytes(),
+        );
     }
     if method != "GET" && method != "HEAD" {
         return respond(&mut c, 405, "text/plain", b"method not allowed\n");
@@ -140,9 +151,7 @@ fn respond(c: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io:
 fn xdp_api(method: &str, path: &str, body: &[u8], fd: &FrontDoor) -> (u16, serde_json::Value) {
     use serde_json::json;
     let now = crate::xdp::monotonic_ns();
-    let block_json = |b: &crate::xdp::Block| {
-        json!({"addr": b.addr.to_string(), "reason": b.reason.as_str(), "ttl_s": b.ttl_left(now)})
-    };
+    let block_json = |b: &crate::xdp::Block| json!({"addr": b.addr.to_string(), "reason": b.reason.as_str(), "ttl_s": b.ttl_left(now)});
     let err = |status: u16, msg: String| (status, json!({"error": msg}));
     match (method, path) {
         ("GET", "/xdp/blocks") => {
@@ -158,19 +167,31 @@ fn xdp_api(method: &str, path: &str, body: &[u8], fd: &FrontDoor) -> (u16, serde
             }
             let req: Req = match serde_json::from_slice(body) {
                 Ok(r) => r,
-                Err(e) => return err(400, format!("expected {{\"addr\": \"IP\", \"ttl\": \"10m\"}}: {e}")),
+                Err(e) => {
+                    return err(
+                        400,
+                        format!("expected {{\"addr\": \"IP\", \"ttl\": \"10m\"}}: {e}"),
+                    )
+                }
             };
             let Ok(addr) = req.addr.parse::<std::net::IpAddr>() else {
-                return err(400, format!("`{}` is not an IPv4 or IPv6 address", req.addr));
+                return err(
+                    400,
+                    format!("`{}` is not an IPv4 or IPv6 address", req.addr),
+                );
             };
             let ttl = match req.ttl.as_deref().map(humantime::parse_duration) {
                 None => None,
                 Some(Ok(d)) => Some(d),
-                Some(Err(e)) => return err(400, format!("ttl: {e} (use e.g. \"90s\", \"10m\", \"1h\")")),
+                Some(Err(e)) => {
+                    return err(400, format!("ttl: {e} (use e.g. \"90s\", \"10m\", \"1h\")"))
+                }
             };
             match fd.block(addr, ttl, BlockReason::Manual) {
                 Ok(b) => (201, block_json(&b)),
-                Err(e @ (BlockError::Allowlisted(_) | BlockError::Static(_))) => err(409, e.to_string()),
+                Err(e @ (BlockError::Allowlisted(_) | BlockError::Static(_))) => {
+                    err(409, e.to_string())
+                }
                 Err(e @ BlockError::Ttl(_)) => err(400, e.to_string()),
                 Err(e @ BlockError::Full(_)) => err(503, e.to_string()),
                 Err(e @ BlockError::Kernel(_)) => err(500, e.to_string()),

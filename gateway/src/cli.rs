@@ -173,7 +173,12 @@ fn xdp_command(admin: &str, command: XdpCommand) -> i32 {
     }
 }
 
-fn admin_request(admin: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+fn admin_request(
+    admin: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     let addr = admin

@@ -972,7 +972,10 @@ impl Config {
         }
         for (i, name) in x.interfaces.iter().enumerate() {
             if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-                err(format!("xdp.interfaces[{i}]"), format!("`{name}` is not an interface name"));
+                err(
+                    format!("xdp.interfaces[{i}]"),
+                    format!("`{name}` is not an interface name"),
+                );
             }
         }
         for (key, rate, burst) in [
@@ -999,10 +1002,16 @@ impl Config {
             }
         }
         if x.allow.len() > x.max_allow as usize {
-            err("xdp.allow".into(), format!("more CIDRs than xdp.max_allow ({})", x.max_allow));
+            err(
+                "xdp.allow".into(),
+                format!("more CIDRs than xdp.max_allow ({})", x.max_allow),
+            );
         }
         if x.block.len() > x.max_blocked as usize {
-            err("xdp.block".into(), format!("more addresses than xdp.max_blocked ({})", x.max_blocked));
+            err(
+                "xdp.block".into(),
+                format!("more addresses than xdp.max_blocked ({})", x.max_blocked),
+            );
         }
 
         if errs.is_empty() {

@@ -485,17 +485,14 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
         ("server.backlog", a.backlog != b.backlog),
         ("server.buffer_size", a.buffer_size != b.buffer_size),
         ("admin.listen", old.admin != new.admin),
-        (
-            "xdp.interfaces / xdp.attach / xdp.max_*",
-            {
-                let (x, y) = (&old.config.xdp, &new.config.xdp);
-                x.interfaces != y.interfaces
-                    || x.attach != y.attach
-                    || x.max_blocked != y.max_blocked
-                    || x.max_tracked_sources != y.max_tracked_sources
-                    || x.max_allow != y.max_allow
-            },
-        ),
+        ("xdp.interfaces / xdp.attach / xdp.max_*", {
+            let (x, y) = (&old.config.xdp, &new.config.xdp);
+            x.interfaces != y.interfaces
+                || x.attach != y.attach
+                || x.max_blocked != y.max_blocked
+                || x.max_tracked_sources != y.max_tracked_sources
+                || x.max_allow != y.max_allow
+        }),
         (
             "log.format / log.level",
             old.config.log.format != new.config.log.format

@@ -16,7 +16,10 @@ pub struct NetPair {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -36,17 +39,41 @@ impl NetPair {
             gw_if: format!("vg{tag}{pid}"),
             cl_if: format!("vc{tag}{pid}"),
             gw_ip: format!("10.201.{subnet}.1"),
-            cl_ips: (0..clients).map(|i| format!("10.201.{subnet}.{}", i + 2)).collect(),
+            cl_ips: (0..clients)
+                .map(|i| format!("10.201.{subnet}.{}", i + 2))
+                .collect(),
         };
         for ns in [&p.gw, &p.cl] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
             ip(&["netns", "add", ns]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        ip(&["link", "add", &p.gw_if, "netns", &p.gw, "type", "veth", "peer", "name", &p.cl_if, "netns", &p.cl]);
-        ip(&["-n", &p.gw, "addr", "add", &format!("{}/24", p.gw_ip), "dev", &p.gw_if]);
+        ip(&[
+            "link", "add", &p.gw_if, "netns", &p.gw, "type", "veth", "peer", "name", &p.cl_if,
+            "netns", &p.cl,
+        ]);
+        ip(&[
+            "-n",
+            &p.gw,
+            "addr",
+            "add",
+            &format!("{}/24", p.gw_ip),
+            "dev",
+            &p.gw_if,
+        ]);
         for a in &p.cl_ips {
-            ip(&["-n", &p.cl, "addr", "add", &format!("{a}/24"), "dev", &p.cl_if]);
+            ip(&[
+                "-n",
+                &p.cl,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                &p.cl_if,
+            ]);
         }
         ip(&["-n", &p.gw, "link", "set", &p.gw_if, "up"]);
         ip(&["-n", &p.cl, "link", "set", &p.cl_if, "up"]);
@@ -64,13 +91,23 @@ impl NetPair {
     /// (curl exit code, HTTP status or 0, body).
     pub fn curl_from(&self, from: &str, url: &str, max_time_s: u32) -> (i32, u16, String) {
         let out: Output = Self::cmd(&self.cl, "curl")
-            .args(["-s", "--interface", from, "--max-time", &max_time_s.to_string()])
+            .args([
+                "-s",
+                "--interface",
+                from,
+                "--max-time",
+                &max_time_s.to_string(),
+            ])
             .args(["-o", "-", "-w", "\n%{http_code}", url])
             .output()
             .expect("run curl");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (out.status.code().unwrap_or(-1), code.trim().parse().unwrap_or(0), body.to_string())
+        (
+            out.status.code().unwrap_or(-1),
+            code.trim().parse().unwrap_or(0),
+            body.to_string(),
+        )
     }
 
     /// `curl` on the gateway side (admin API on its loopback).

@@ -75,7 +75,14 @@ impl Frame {
 
     /// IPv4 header: `options` (a multiple of 4 bytes), `frag` = the 16-bit
     /// flags+fragment-offset field.
-    pub fn ipv4(mut self, src: [u8; 4], dst: [u8; 4], proto: u8, options: &[u8], frag: u16) -> Frame {
+    pub fn ipv4(
+        mut self,
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        options: &[u8],
+        frag: u16,
+    ) -> Frame {
         assert!(options.len() % 4 == 0 && options.len() <= 40);
         self.ethernet(ETH_P_IP);
         let l3 = self.bytes.len();
@@ -132,7 +139,8 @@ impl Frame {
     pub fn udp(mut self, src_port: u16, dst_port: u16, payload: &[u8]) -> Frame {
         self.bytes.extend_from_slice(&src_port.to_be_bytes());
         self.bytes.extend_from_slice(&dst_port.to_be_bytes());
-        self.bytes.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        self.bytes
+            .extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
         self.bytes.extend_from_slice(&[0, 0]);
         self.bytes.extend_from_slice(payload);
         self

@@ -75,8 +75,14 @@ syn_rate = 0
         .expect("start gateway");
     let p = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !net.curl_gw(&format!("http://{ADMIN}/readyz")).contains("ready") {
-        assert!(Instant::now() < deadline, "gateway not ready in the namespace");
+    while !net
+        .curl_gw(&format!("http://{ADMIN}/readyz"))
+        .contains("ready")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gateway not ready in the namespace"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     p
@@ -120,11 +126,25 @@ fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
     assert!(ok, "{stats}");
     let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
     assert_eq!(stats["enabled"], true, "{stats}");
-    assert_eq!(stats["attached"][0]["interface"], net.gw_if.as_str(), "{stats}");
-    assert_eq!(stats["attached"][0]["mode"], "native", "veth takes native XDP: {stats}");
-    assert!(net.gw_link().contains("xdp"), "program visible on the link: {}", net.gw_link());
+    assert_eq!(
+        stats["attached"][0]["interface"],
+        net.gw_if.as_str(),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["attached"][0]["mode"], "native",
+        "veth takes native XDP: {stats}"
+    );
+    assert!(
+        net.gw_link().contains("xdp"),
+        "program visible on the link: {}",
+        net.gw_link()
+    );
 
-    assert!(served(&net, &good) && served(&net, &bad), "both clients served before any block");
+    assert!(
+        served(&net, &good) && served(&net, &bad),
+        "both clients served before any block"
+    );
 
     let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "1h"]);
     assert!(ok, "block: {out}");
@@ -133,20 +153,48 @@ fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
     let accepted_before = metric(&before, "gateway_connections_accepted_total", "");
 
     let (code, status, _) = net.curl_from(&bad, &url(&net), 2);
-    assert_eq!((code, status), (28, 0), "blocked client: SYNs dropped, curl times out (exit 28)");
+    assert_eq!(
+        (code, status),
+        (28, 0),
+        "blocked client: SYNs dropped, curl times out (exit 28)"
+    );
     let after = metrics(&net);
     assert_eq!(
         metric(&after, "gateway_connections_accepted_total", ""),
         accepted_before,
         "the gateway never accepted the blocked client's connection"
     );
-    let dropped = metric(&after, "gateway_xdp_packets_total", r#"reason="blocked",verdict="drop""#);
+    let dropped = metric(
+        &after,
+        "gateway_xdp_packets_total",
+        r#"reason="blocked",verdict="drop""#,
+    );
     assert!(dropped >= 1.0, "XDP drop counter rose: {dropped}");
-    assert!(metric(&after, "gateway_xdp_blocked_packets_total", r#"reason="manual""#) >= 1.0);
-    assert_eq!(metric(&after, "gateway_accept_refused_total", r#"reason="blocked""#), 0.0, "XDP did the work, not accept");
-    assert_eq!(metric(&after, "gateway_xdp_blocked_sources", r#"reason="manual""#), 1.0);
+    assert!(
+        metric(
+            &after,
+            "gateway_xdp_blocked_packets_total",
+            r#"reason="manual""#
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "gateway_accept_refused_total",
+            r#"reason="blocked""#
+        ),
+        0.0,
+        "XDP did the work, not accept"
+    );
+    assert_eq!(
+        metric(&after, "gateway_xdp_blocked_sources", r#"reason="manual""#),
+        1.0
+    );
 
-    assert!(served(&net, &good), "the other client is still served during the block");
+    assert!(
+        served(&net, &good),
+        "the other client is still served during the block"
+    );
 
     let (ok, list) = xdp_cli(&net, &["list"]);
     assert!(ok && list.contains(&bad), "list shows the block: {list}");
@@ -154,7 +202,10 @@ fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
     assert!(ok, "unblock: {out}");
     assert!(served(&net, &bad), "unblocking restores service");
     let (ok, out) = xdp_cli(&net, &["unblock", &bad]);
-    assert!(!ok && out.contains("404"), "unblocking twice says it wasn't blocked: {out}");
+    assert!(
+        !ok && out.contains("404"),
+        "unblocking twice says it wasn't blocked: {out}"
+    );
 
     // A short TTL ends by itself.
     let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "2s"]);
@@ -163,12 +214,25 @@ fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
     std::thread::sleep(Duration::from_millis(3200));
     assert!(served(&net, &bad), "served again after the TTL");
     let m = metrics(&net);
-    assert_eq!(metric(&m, "gateway_xdp_block_events_total", r#"action="expire",reason="manual""#), 1.0);
-    assert_eq!(metric(&m, "gateway_xdp_blocked_sources", r#"reason="manual""#), 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            "gateway_xdp_block_events_total",
+            r#"action="expire",reason="manual""#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "gateway_xdp_blocked_sources", r#"reason="manual""#),
+        0.0
+    );
 
     // Bad input is refused with a clear error, not applied.
     let (ok, out) = xdp_cli(&net, &["block", "not-an-ip"]);
-    assert!(!ok && out.contains("400") && out.contains("not an IPv4 or IPv6 address"), "{out}");
+    assert!(
+        !ok && out.contains("400") && out.contains("not an IPv4 or IPv6 address"),
+        "{out}"
+    );
     let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "400d"]);
     assert!(!ok && out.contains("max_block_ttl"), "{out}");
 
@@ -180,13 +244,20 @@ fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
     let _ = gw.0.wait();
     let deadline = Instant::now() + Duration::from_secs(5);
     while net.gw_link().contains("prog/xdp") {
-        assert!(Instant::now() < deadline, "XDP still attached after SIGKILL: {}", net.gw_link());
+        assert!(
+            Instant::now() < deadline,
+            "XDP still attached after SIGKILL: {}",
+            net.gw_link()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let _gw2 = start_gateway(&net, &[&net.gw_if]);
     assert!(served(&net, &good), "restarted gateway serves");
     let (_, stats) = xdp_cli(&net, &["stats"]);
-    assert!(stats.contains("\"native\""), "restarted gateway re-attached: {stats}");
+    assert!(
+        stats.contains("\"native\""),
+        "restarted gateway re-attached: {stats}"
+    );
 }
 
 fn served_quick(net: &NetPair, from: &str) -> bool {
@@ -205,15 +276,30 @@ fn without_xdp_blocks_are_enforced_at_accept() {
     assert!(ok, "{stats}");
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!(stats["enabled"], false, "{stats}");
-    assert!(stats["fallback"].as_str().unwrap().contains("no [xdp] interfaces"), "{stats}");
+    assert!(
+        stats["fallback"]
+            .as_str()
+            .unwrap()
+            .contains("no [xdp] interfaces"),
+        "{stats}"
+    );
     assert_eq!(metric(&metrics(&net), "gateway_xdp_enabled", ""), 0.0);
     assert!(!net.gw_link().contains("prog/xdp"));
 
     let (ok, out) = xdp_cli(&net, &["block", &bad]);
     assert!(ok, "{out}");
     let (code, status, _) = net.curl_from(&bad, &url(&net), 3);
-    assert!(code != 0 && code != 28 && status == 0, "closed at accept, at once (curl exit {code})");
-    assert!(metric(&metrics(&net), "gateway_accept_refused_total", r#"reason="blocked""#) >= 1.0);
+    assert!(
+        code != 0 && code != 28 && status == 0,
+        "closed at accept, at once (curl exit {code})"
+    );
+    assert!(
+        metric(
+            &metrics(&net),
+            "gateway_accept_refused_total",
+            r#"reason="blocked""#
+        ) >= 1.0
+    );
     assert!(served(&net, &good), "the other client is served");
     let (ok, _) = xdp_cli(&net, &["unblock", &bad]);
     assert!(ok);
@@ -228,7 +314,10 @@ fn missing_interface_falls_back_and_says_so() {
     let (_, stats) = xdp_cli(&net, &["stats"]);
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!(stats["enabled"], false, "{stats}");
-    assert!(stats["fallback"].as_str().unwrap().contains("nosuchif0"), "{stats}");
+    assert!(
+        stats["fallback"].as_str().unwrap().contains("nosuchif0"),
+        "{stats}"
+    );
     assert!(served(&net, &net.cl_ips[0].clone()), "serves without XDP");
 }
 
@@ -242,6 +331,16 @@ fn monitor_mode_blocks_nothing_but_counts() {
     assert!(ok, "{out}");
     assert!(served(&net, &bad), "monitor mode drops nothing");
     let m = metrics(&net);
-    assert!(metric(&m, "gateway_xdp_packets_total", r#"reason="blocked",verdict="would_drop""#) >= 1.0, "counted as would_drop");
-    assert_eq!(metric(&m, "gateway_accept_refused_total", r#"reason="blocked""#), 0.0);
+    assert!(
+        metric(
+            &m,
+            "gateway_xdp_packets_total",
+            r#"reason="blocked",verdict="would_drop""#
+        ) >= 1.0,
+        "counted as would_drop"
+    );
+    assert_eq!(
+        metric(&m, "gateway_accept_refused_total", r#"reason="blocked""#),
+        0.0
+    );
 }

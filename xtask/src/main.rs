@@ -86,24 +86,73 @@ fn on_path(name: &'static str) -> impl Fn() -> Option<String> {
 }
 
 /// LLVM 22 development files bpf-linker links against.
-const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
 
 /// Everything the project needs outside cargo. Append to extend `setup`.
 const PREREQS: &[Prereq] = &[
-    Prereq { name: "haproxy", check: || on_path("haproxy")(), install: Install::Apt(&["haproxy"]), why: "load-bench peer" },
-    Prereq { name: "nginx", check: || on_path("nginx")(), install: Install::Apt(&["nginx"]), why: "load-bench backend and peer" },
-    Prereq { name: "wrk", check: || on_path("wrk")(), install: Install::Apt(&["wrk"]), why: "load generator" },
-    Prereq { name: "curl", check: || on_path("curl")(), install: Install::Apt(&["curl"]), why: "tests (clients in network namespaces), `cargo xtask run` examples" },
-    Prereq { name: "ip", check: || on_path("ip")(), install: Install::Apt(&["iproute2"]), why: "XDP tests and bench (network namespaces, veth)" },
-    Prereq { name: "nft", check: || on_path("nft")(), install: Install::Apt(&["nftables"]), why: "XDP bench peer (nftables drop)" },
+    Prereq {
+        name: "haproxy",
+        check: || on_path("haproxy")(),
+        install: Install::Apt(&["haproxy"]),
+        why: "load-bench peer",
+    },
+    Prereq {
+        name: "nginx",
+        check: || on_path("nginx")(),
+        install: Install::Apt(&["nginx"]),
+        why: "load-bench backend and peer",
+    },
+    Prereq {
+        name: "wrk",
+        check: || on_path("wrk")(),
+        install: Install::Apt(&["wrk"]),
+        why: "load generator",
+    },
+    Prereq {
+        name: "curl",
+        check: || on_path("curl")(),
+        install: Install::Apt(&["curl"]),
+        why: "tests (clients in network namespaces), `cargo xtask run` examples",
+    },
+    Prereq {
+        name: "ip",
+        check: || on_path("ip")(),
+        install: Install::Apt(&["iproute2"]),
+        why: "XDP tests and bench (network namespaces, veth)",
+    },
+    Prereq {
+        name: "nft",
+        check: || on_path("nft")(),
+        install: Install::Apt(&["nftables"]),
+        why: "XDP bench peer (nftables drop)",
+    },
     Prereq {
         name: "llvm-22",
-        check: || Path::new("/usr/lib/llvm-22/bin/llvm-config").exists().then(|| "/usr/lib/llvm-22".into()),
+        check: || {
+            Path::new("/usr/lib/llvm-22/bin/llvm-config")
+                .exists()
+                .then(|| "/usr/lib/llvm-22".into())
+        },
         install: Install::Apt(LLVM_PACKAGES),
         why: "bpf-linker links against it",
     },
-    Prereq { name: "rust-src", check: nightly_rust_src, install: Install::RustSrc, why: "builds the XDP program (nightly -Z build-std=core)" },
-    Prereq { name: "bpf-linker", check: || on_path("bpf-linker")().or_else(cargo_bin("bpf-linker")), install: Install::BpfLinker, why: "links the XDP program" },
+    Prereq {
+        name: "rust-src",
+        check: nightly_rust_src,
+        install: Install::RustSrc,
+        why: "builds the XDP program (nightly -Z build-std=core)",
+    },
+    Prereq {
+        name: "bpf-linker",
+        check: || on_path("bpf-linker")().or_else(cargo_bin("bpf-linker")),
+        install: Install::BpfLinker,
+        why: "links the XDP program",
+    },
 ];
 
 fn cargo_bin(name: &'static str) -> impl Fn() -> Option<String> {
@@ -162,7 +211,11 @@ fn setup() -> Result {
         )
         .collect();
     if !apt_missing.is_empty() {
-        let sudo = if is_root() { None } else { find_program("sudo") };
+        let sudo = if is_root() {
+            None
+        } else {
+            find_program("sudo")
+        };
         if !is_root() && sudo.is_none() {
             return Err(format!(
                 "missing prerequisites and not root (no sudo either): install them with \
@@ -187,13 +240,32 @@ fn setup() -> Result {
         install_args.extend(&apt_missing);
         run_step(&mut apt(&install_args))?;
     }
-    if missing.iter().any(|p| matches!(p.install, Install::RustSrc)) {
-        run_step(Command::new("rustup").args(["component", "add", "--toolchain", "nightly", "rust-src"]))?;
+    if missing
+        .iter()
+        .any(|p| matches!(p.install, Install::RustSrc))
+    {
+        run_step(Command::new("rustup").args([
+            "component",
+            "add",
+            "--toolchain",
+            "nightly",
+            "rust-src",
+        ]))?;
     }
-    if missing.iter().any(|p| matches!(p.install, Install::BpfLinker)) {
+    if missing
+        .iter()
+        .any(|p| matches!(p.install, Install::BpfLinker))
+    {
         run_step(
             Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")))
-                .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
     }
@@ -393,10 +465,19 @@ fn bench(args: &[String]) -> Result {
 /// fallback, in network namespaces (root). See benches/src/bin/xdpbench.rs.
 fn bench_xdp(args: &[String]) -> Result {
     if !is_root() {
-        return Err("bench xdp builds network namespaces and loads XDP programs: run it as root".into());
+        return Err(
+            "bench xdp builds network namespaces and loads XDP programs: run it as root".into(),
+        );
     }
     build_release_binaries()?;
-    run_step(&mut cargo(&["build", "--release", "-p", "gateway-benches", "--bin", "xdpbench"]))?;
+    run_step(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway-benches",
+        "--bin",
+        "xdpbench",
+    ]))?;
     let target = target_dir();
     let mut cmd = Command::new(target.join("release/xdpbench"));
     cmd.arg("run")

@@ -11,7 +11,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use gateway_common::{
-    maps, BlockEntry, BlockReason, Counter, IpKey, PortKey, XdpConfig, V4_MAPPED_PREFIX,
+    maps, BlockEntry, BlockReason, Counter, IpKey, XdpConfig, PORT_TCP, PORT_UDP, V4_MAPPED_PREFIX,
 };
 
 use super::Cidr;
@@ -64,7 +64,7 @@ impl Attached {
 /// dies: a crashed gateway leaves nothing attached).
 pub struct Loaded {
     ebpf: Ebpf,
-    ports: HashMap<MapData, PortKey, u8>,
+    ports: Array<MapData, u8>,
     blocklist: HashMap<MapData, IpKey, BlockEntry>,
     allowlist: LpmTrie<MapData, [u8; 16], u8>,
     config: Array<MapData, XdpConfig>,
@@ -108,7 +108,7 @@ impl Loaded {
         let block_drops = take(maps::BLOCK_DROPS)?;
         let map_err = |e: aya::maps::MapError| LoadError::Map(e.to_string());
         Ok(Loaded {
-            ports: HashMap::try_from(ports).map_err(map_err)?,
+            ports: Array::try_from(ports).map_err(map_err)?,
             blocklist: HashMap::try_from(blocklist).map_err(map_err)?,
             allowlist: LpmTrie::try_from(allowlist).map_err(map_err)?,
             config: Array::try_from(config).map_err(map_err)?,
@@ -174,14 +174,16 @@ impl Loaded {
             })
     }
 
+    /// Mark `(protocol, port)` pairs (IPPROTO_TCP = 6, IPPROTO_UDP = 17) as the gateway's.
     pub fn set_ports(&mut self, ports: &[(u8, u16)]) -> io::Result<()> {
         for &(proto, port) in ports {
-            let key = PortKey {
-                port,
-                proto,
-                _pad: 0,
+            let bit = if proto == libc::IPPROTO_UDP as u8 {
+                PORT_UDP
+            } else {
+                PORT_TCP
             };
-            self.ports.insert(key, 1, 0).map_err(map_io)?;
+            let old = self.ports.get(&(port as u32), 0).map_err(map_io)?;
+            self.ports.set(port as u32, old | bit, 0).map_err(map_io)?;
         }
         Ok(())
     }
@@ -191,7 +193,9 @@ impl Loaded {
     }
 
     pub fn block(&mut self, addr: IpAddr, entry: BlockEntry) -> io::Result<()> {
-        self.blocklist.insert(ip_key(addr), entry, 0).map_err(map_io)
+        self.blocklist
+            .insert(ip_key(addr), entry, 0)
+            .map_err(map_io)
     }
 
     /// Remove a block; removing one that isn't there is fine.
@@ -305,7 +309,11 @@ impl Loaded {
 fn ok_if_absent(r: Result<(), aya::maps::MapError>) -> io::Result<()> {
     match r {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(map_io(e)),
     }
 }
@@ -323,10 +331,7 @@ pub fn ip_key(addr: IpAddr) -> IpKey {
 
 fn lpm_key(c: Cidr) -> Key<[u8; 16]> {
     match c.addr {
-        IpAddr::V4(a) => Key::new(
-            V4_MAPPED_PREFIX + c.len as u32,
-            IpKey::v4(a.octets()).addr,
-        ),
+        IpAddr::V4(a) => Key::new(V4_MAPPED_PREFIX + c.len as u32, IpKey::v4(a.octets()).addr),
         IpAddr::V6(a) => Key::new(c.len as u32, a.octets()),
     }
 }

@@ -61,10 +61,10 @@ impl FromStr for Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr = canonical(
-            a.parse::<IpAddr>()
-                .map_err(|_| format!("`{s}` is not a CIDR such as \"10.0.0.0/8\" or \"fd00::/8\""))?,
-        );
+        let addr =
+            canonical(a.parse::<IpAddr>().map_err(|_| {
+                format!("`{s}` is not a CIDR such as \"10.0.0.0/8\" or \"fd00::/8\"")
+            })?);
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
             None => max,
@@ -76,7 +76,10 @@ impl FromStr for Cidr {
         let c = Cidr { addr, len };
         // Store the network address: host bits set is almost always a typo.
         if !c.contains(addr) || network(c) != addr {
-            return Err(format!("`{s}` has host bits set; did you mean {}/{len}?", network(c)));
+            return Err(format!(
+                "`{s}` has host bits set; did you mean {}/{len}?",
+                network(c)
+            ));
         }
         Ok(c)
     }
@@ -243,7 +246,11 @@ impl FrontDoor {
             tracked_sources: s.max_tracked_sources,
             allow: s.max_allow,
         })?;
-        let ports: Vec<(u8, u16)> = r.listen.iter().map(|a| (libc::IPPROTO_TCP as u8, a.port())).collect();
+        let ports: Vec<(u8, u16)> = r
+            .listen
+            .iter()
+            .map(|a| (libc::IPPROTO_TCP as u8, a.port()))
+            .collect();
         k.set_ports(&ports)
             .map_err(|e| kernel::LoadError::Map(e.to_string()))?;
         k.set_config(kernel_config(s))
@@ -337,7 +344,11 @@ impl FrontDoor {
         if ttl.is_zero() || ttl > st.settings.max_block_ttl {
             return Err(BlockError::Ttl(st.settings.max_block_ttl.as_secs()));
         }
-        if st.blocks.get(&addr).is_some_and(|b| b.reason == BlockReason::Config) {
+        if st
+            .blocks
+            .get(&addr)
+            .is_some_and(|b| b.reason == BlockReason::Config)
+        {
             return Err(BlockError::Static(addr));
         }
         let b = Block {
@@ -394,7 +405,10 @@ impl FrontDoor {
             }
             && !view.allow.iter().any(|c| c.contains(addr));
         if refused {
-            self.metrics.accept_refused.with_label_values(&["blocked"]).inc();
+            self.metrics
+                .accept_refused
+                .with_label_values(&["blocked"])
+                .inc();
         }
         refused
     }
@@ -426,7 +440,10 @@ impl FrontDoor {
         } = &mut *st;
         if let Some(k) = kernel.as_ref() {
             let now = k.counters();
-            for (c, (n, last)) in Counter::ALL.iter().zip(now.iter().zip(last_counters.iter_mut())) {
+            for (c, (n, last)) in Counter::ALL
+                .iter()
+                .zip(now.iter().zip(last_counters.iter_mut()))
+            {
                 if *n > *last {
                     let (verdict, reason) = c.labels();
                     self.metrics
@@ -437,7 +454,10 @@ impl FrontDoor {
                 }
             }
             let drops = k.block_drops();
-            for (r, (n, last)) in BlockReason::ALL.iter().zip(drops.iter().zip(last_block_drops.iter_mut())) {
+            for (r, (n, last)) in BlockReason::ALL
+                .iter()
+                .zip(drops.iter().zip(last_block_drops.iter_mut()))
+            {
                 if *n > *last {
                     self.metrics
                         .xdp_block_drops
@@ -559,7 +579,8 @@ impl FrontDoor {
             allow: st.allow.clone(),
             enforce: st.settings.mode == XdpMode::Enforce,
         };
-        self.any_blocked.store(!view.blocks.is_empty(), Ordering::Relaxed);
+        self.any_blocked
+            .store(!view.blocks.is_empty(), Ordering::Relaxed);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
     }
 }
@@ -608,7 +629,10 @@ mod tests {
         assert_eq!(host.len, 32);
         assert!(host.contains("192.0.2.7".parse().unwrap()));
         assert!(!host.contains("192.0.2.8".parse().unwrap()));
-        assert!("10.0.0.1/8".parse::<Cidr>().unwrap_err().contains("10.0.0.0/8"));
+        assert!("10.0.0.1/8"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("10.0.0.0/8"));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("nope/8".parse::<Cidr>().is_err());
     }
