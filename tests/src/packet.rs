@@ -83,7 +83,7 @@ impl Frame {
         options: &[u8],
         frag: u16,
     ) -> Frame {
-        assert!(options.len() % 4 == 0 && options.len() <= 40);
+        assert!(options.len().is_multiple_of(4) && options.len() <= 40);
         self.ethernet(ETH_P_IP);
         let l3 = self.bytes.len();
         self.l3 = Some(l3);

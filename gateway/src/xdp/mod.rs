@@ -639,10 +639,12 @@ mod tests {
 
     #[test]
     fn gcra_parameters() {
-        let mut s = XdpSettings::default();
-        s.syn_rate = 100;
-        s.syn_burst = 5;
-        s.packet_rate = 0;
+        let mut s = XdpSettings {
+            syn_rate: 100,
+            syn_burst: 5,
+            packet_rate: 0,
+            ..Default::default()
+        };
         let k = kernel_config(&s);
         assert_eq!(k.mode, MODE_ENFORCE);
         assert_eq!(k.syn_interval_ns, 10_000_000);
