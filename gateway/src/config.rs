@@ -1198,4 +1198,46 @@ mod tests {
         let c = Config::parse("[server]\nworkers = 3\n", "x").unwrap();
         assert_eq!(c.server.workers, Workers::Count(3));
     }
+
+    #[test]
+    fn xdp_section_is_checked() {
+        let check = |xdp: &str| {
+            let text = format!(
+                "{}\n{xdp}",
+                DEFAULT_CONFIG
+                    .replace("[xdp]", "[xdp_unused]")
+                    .split("[xdp_unused]")
+                    .next()
+                    .unwrap()
+            );
+            Resolved::from_str(&text, "t.toml")
+                .map(|r| (r.xdp_allow, r.xdp_block))
+                .map_err(|e| e.to_string())
+        };
+        let (allow, block) = check("[xdp]\nallow = [\"10.0.0.0/8\", \"fd00::/8\"]\nblock = [\"203.0.113.7\", \"2001:db8::1\"]\n").unwrap();
+        assert_eq!(allow.len(), 2);
+        assert_eq!(block.len(), 2);
+        let e = check("[xdp]\nallow = [\"10.0.0.1/8\"]\n").unwrap_err();
+        assert!(
+            e.contains("xdp.allow[0]") && e.contains("did you mean 10.0.0.0/8"),
+            "{e}"
+        );
+        let e = check("[xdp]\nallow = [\"10.0.0.0/8\"]\nblock = [\"10.1.1.1\"]\n").unwrap_err();
+        assert!(
+            e.contains("xdp.block[0]") && e.contains("allowlisted"),
+            "{e}"
+        );
+        let e = check("[xdp]\nblock = [\"not-an-ip\"]\n").unwrap_err();
+        assert!(e.contains("not an IPv4 or IPv6 address"), "{e}");
+        let e = check("[xdp]\nsyn_rate = 10\nsyn_burst = 0\n").unwrap_err();
+        assert!(e.contains("xdp.syn_burst"), "{e}");
+        let e = check("[xdp]\nmax_blocked = 0\n").unwrap_err();
+        assert!(e.contains("xdp.max_blocked"), "{e}");
+        let e = check("[xdp]\ndefault_block_ttl = \"40d\"\n").unwrap_err();
+        assert!(e.contains("xdp.default_block_ttl"), "{e}");
+        let e = check("[xdp]\ninterfaces = [\"eth0/1\"]\n").unwrap_err();
+        assert!(e.contains("xdp.interfaces[0]"), "{e}");
+        let e = check("[xdp]\nmode = \"drop\"\n").unwrap_err();
+        assert!(e.contains("mode") || e.contains("unknown variant"), "{e}");
+    }
 }
