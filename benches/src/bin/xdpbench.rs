@@ -114,13 +114,13 @@ fn flood(a: &[String]) -> Result {
     Ok(())
 }
 
-/// Attach the pass-everything program to IFACE until stdin closes.
+/// Attach a bench program (gateway_pass or gateway_drop) to IFACE until stdin closes.
 fn pass(a: &[String]) -> Result {
-    let [iface] = a else {
-        return Err("pass IFACE".into());
+    let [iface, program] = a else {
+        return Err("pass IFACE PROGRAM".into());
     };
     let mut k = Loaded::load(sizes()).map_err(|e| e.to_string())?;
-    k.attach_program("gateway_pass", iface, XdpMode::Driver)
+    k.attach_program(program, iface, XdpMode::Driver)
         .map_err(|e| e.to_string())?;
     println!("attached");
     let mut sink = Vec::new();
@@ -158,6 +158,8 @@ fn user_hz() -> f64 {
 
 #[derive(Debug, Clone, Copy)]
 enum Arm {
+    /// An XDP program that drops everything and does nothing else: the floor.
+    Floor,
     Xdp,
     /// netdev ingress hook: the earliest (cheapest) place nftables can drop.
     Nftables,
@@ -169,6 +171,7 @@ enum Arm {
 impl Arm {
     fn name(self) -> &'static str {
         match self {
+            Arm::Floor => "xdp-floor",
             Arm::Xdp => "xdp",
             Arm::Nftables => "nft-ingress",
             Arm::NftablesPrerouting => "nft-prerouting",
@@ -185,6 +188,8 @@ struct ArmResult {
     softirq_ns_per_packet: f64,
     goodput_base: f64,
     goodput_flood: f64,
+    /// The front-door program's own run time per packet (kernel BPF stats).
+    program_ns: Option<f64>,
 }
 
 fn wrk(net: &NetPair, secs: u32) -> Result<f64> {
@@ -273,6 +278,7 @@ fn run_arm(
     let mut _pass = None;
     match arm {
         Arm::Xdp => block(net, ATTACKER)?,
+        Arm::Floor => {}
         Arm::Userspace => {
             block(net, ATTACKER)?;
         }
@@ -300,9 +306,15 @@ fn run_arm(
         }
     }
     if !matches!(arm, Arm::Xdp) {
-        // The same xdp_frame → skb path into the stack as with a NIC driver.
+        // The same xdp_frame → skb path into the stack as with a NIC driver
+        // (or, for the floor, a bare drop).
+        let program = if matches!(arm, Arm::Floor) {
+            "gateway_drop"
+        } else {
+            "gateway_pass"
+        };
         let mut child = NetPair::cmd(&net.gw, &self_bin)
-            .args(["pass", &net.gw_if])
+            .args(["pass", &net.gw_if, program])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -316,7 +328,9 @@ fn run_arm(
         }
         _pass = Some(Proc(child));
     }
-    let goodput_base = wrk(net, secs)?;
+    // The floor arm drops everything, the client's packets too: no goodput.
+    let floor = matches!(arm, Arm::Floor);
+    let goodput_base = if floor { f64::NAN } else { wrk(net, secs)? };
     let mac = gw_mac(net)?;
     let flood = |rate: u64, for_secs: u32| -> Result<(u64, f64, Child)> {
         let child = NetPair::cmd(&net.cl, &self_bin)
@@ -386,14 +400,23 @@ fn run_arm(
         }
         Arm::Nftables | Arm::NftablesPrerouting => nft_counter(),
         // The stack consumes every SYN; none reaches the gateway.
-        Arm::Userspace => sent,
+        Arm::Userspace | Arm::Floor => sent,
     };
 
-    // Goodput under a paced flood.
+    // Goodput under a paced flood; for the XDP arm, the program's own run
+    // time from the kernel's BPF stats (on only for this phase: they cost
+    // two clock reads per run).
+    let stats = matches!(arm, Arm::Xdp).then(BpfStats::on);
+    let before = stats.as_ref().map(|_| program_stats("gateway_xdp"));
     let (_, _, child) = flood(pps, secs + 1)?;
     std::thread::sleep(Duration::from_millis(500));
-    let goodput_flood = wrk(net, secs)?;
+    let goodput_flood = if floor { f64::NAN } else { wrk(net, secs)? };
     finish(child)?;
+    let program_ns = before.map(|(t0, n0)| {
+        let (t1, n1) = program_stats("gateway_xdp");
+        (t1 - t0) as f64 / (n1 - n0).max(1) as f64
+    });
+    drop(stats);
     if matches!(arm, Arm::Nftables | Arm::NftablesPrerouting) {
         let _ = Command::new("ip")
             .args([
@@ -411,12 +434,56 @@ fn run_arm(
         softirq_ns_per_packet,
         goodput_base,
         goodput_flood,
+        program_ns,
     })
+}
+
+/// `kernel.bpf_stats_enabled` on while this lives.
+struct BpfStats;
+impl BpfStats {
+    fn on() -> BpfStats {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+        BpfStats
+    }
+}
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    }
+}
+
+/// Summed (run_time_ns, run_cnt) of every loaded program named `name` (bpftool).
+fn program_stats(name: &str) -> (u64, u64) {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output();
+    let Ok(out) = out else { return (0, 0) };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == name)
+        .fold((0, 0), |(t, n), p| {
+            (
+                t + p["run_time_ns"].as_u64().unwrap_or(0),
+                n + p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn run(a: &[String]) -> Result {
     let mut pps: u64 = 300_000;
-    let mut secs: u32 = 5;
+    let mut secs: u32 = 4;
+    let mut rounds: u32 = 3;
     let mut out = PathBuf::from("target/bench");
     let mut it = a.iter();
     while let Some(x) = it.next() {
@@ -424,11 +491,13 @@ fn run(a: &[String]) -> Result {
         match x.as_str() {
             "--pps" => pps = val()?.parse().map_err(|_| "--pps N")?,
             "--seconds" => secs = val()?.parse().map_err(|_| "--seconds S")?,
+            "--rounds" => rounds = val()?.parse().map_err(|_| "--rounds N")?,
             "--out" => out = PathBuf::from(val()?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
     secs = secs.clamp(1, 60);
+    rounds = rounds.clamp(1, 20);
     pps = pps.clamp(1000, 20_000_000);
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     let net = NetPair::new("x", 90, 1);
@@ -441,50 +510,97 @@ fn run(a: &[String]) -> Result {
             .map_err(|e| e.to_string())?,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let mut results = Vec::new();
-    for arm in [
+    let arms = [
+        Arm::Floor,
         Arm::Xdp,
         Arm::Nftables,
         Arm::NftablesPrerouting,
         Arm::Userspace,
-    ] {
-        eprintln!(
-            "xdpbench: arm {} (full-speed flood, then {pps} SYN/s with a client, {secs}s each) ...",
-            arm.name()
-        );
-        results.push(run_arm(&net, arm, pps, secs, &out)?);
+    ];
+    let mut results: Vec<ArmResult> = Vec::new();
+    for round in 1..=rounds {
+        // Arms interleaved per round: drift on this noisy machine hits all alike.
+        for arm in arms {
+            eprintln!(
+                "xdpbench: round {round}/{rounds} arm {} (full-speed flood, then {pps} SYN/s with a client, {secs}s each) ...",
+                arm.name()
+            );
+            results.push(run_arm(&net, arm, pps, secs, &out)?);
+        }
     }
     println!(
-        "{:<10} {:>12} {:>12} {:>14} {:>14} {:>14} {:>10}",
-        "arm", "flood pps", "dropped", "softirq ns/pkt", "goodput base", "goodput flood", "kept"
+        "{:<15} {:>11} {:>14} {:>12} {:>13} {:>14} {:>8}",
+        "arm (median)",
+        "flood pps",
+        "softirq ns/pkt",
+        "program ns",
+        "goodput base",
+        "goodput flood",
+        "kept"
     );
     let mut json = Vec::new();
-    for r in &results {
-        let pps_real = r.sent as f64 / r.flood_secs;
-        let kept = r.goodput_flood / r.goodput_base;
+    let mut cpu = std::collections::HashMap::new();
+    for arm in arms {
+        let rs: Vec<&ArmResult> = results
+            .iter()
+            .filter(|r| r.arm.name() == arm.name())
+            .collect();
+        let m = |f: &dyn Fn(&ArmResult) -> f64| median(rs.iter().map(|r| f(r)).collect());
+        let pps_real = m(&|r| r.sent as f64 / r.flood_secs);
+        let ns = m(&|r| r.softirq_ns_per_packet);
+        let prog = m(&|r| r.program_ns.unwrap_or(f64::NAN));
+        let base = m(&|r| r.goodput_base);
+        let flood = m(&|r| r.goodput_flood);
+        let kept = m(&|r| r.goodput_flood / r.goodput_base);
+        cpu.insert(arm.name(), ns);
+        let opt = |v: f64, w: usize, p: usize| {
+            if v.is_nan() {
+                format!("{:>w$}", "-")
+            } else {
+                format!("{v:>w$.p$}")
+            }
+        };
         println!(
-            "{:<10} {:>12.0} {:>12} {:>14.1} {:>14.0} {:>14.0} {:>9.1}%",
-            r.arm.name(),
+            "{:<15} {:>11.0} {:>14.1} {} {} {} {}",
+            arm.name(),
             pps_real,
-            r.dropped,
-            r.softirq_ns_per_packet,
-            r.goodput_base,
-            r.goodput_flood,
-            kept * 100.0
+            ns,
+            opt(prog, 12, 1),
+            opt(base, 13, 0),
+            opt(flood, 14, 0),
+            if kept.is_nan() {
+                format!("{:>8}", "-")
+            } else {
+                format!("{:>7.1}%", kept * 100.0)
+            }
         );
         json.push(serde_json::json!({
-            "arm": r.arm.name(), "sent": r.sent, "flood_pps": pps_real, "dropped": r.dropped,
-            "softirq_ns_per_packet": r.softirq_ns_per_packet,
-            "goodput_rps_no_flood": r.goodput_base, "goodput_rps_flood": r.goodput_flood, "goodput_kept": kept,
+            "arm": arm.name(),
+            "flood_pps": pps_real,
+            "softirq_ns_per_packet": ns,
+            "program_ns_per_packet": if prog.is_nan() { serde_json::Value::Null } else { serde_json::json!(prog) },
+            "goodput_rps_no_flood": if base.is_nan() { serde_json::Value::Null } else { serde_json::json!(base) },
+            "goodput_rps_flood": if flood.is_nan() { serde_json::Value::Null } else { serde_json::json!(flood) },
+            "goodput_kept": if kept.is_nan() { serde_json::Value::Null } else { serde_json::json!(kept) },
+            "rounds": rs.iter().map(|r| serde_json::json!({
+                "sent": r.sent, "dropped": r.dropped, "flood_secs": r.flood_secs,
+                "softirq_ns_per_packet": r.softirq_ns_per_packet, "program_ns_per_packet": r.program_ns,
+                "goodput_rps_no_flood": r.goodput_base, "goodput_rps_flood": r.goodput_flood,
+            })).collect::<Vec<_>>(),
         }));
     }
-    let x = results[0].softirq_ns_per_packet;
-    let n = results[1].softirq_ns_per_packet;
-    let p = results[2].softirq_ns_per_packet;
-    println!("xdp ÷ nftables CPU per packet: {:.2} vs netdev ingress, {:.2} vs inet prerouting (bar ≤ 0.25)", x / n, x / p);
+    let x = cpu["xdp"];
+    let (n, p, f) = (cpu["nft-ingress"], cpu["nft-prerouting"], cpu["xdp-floor"]);
+    println!(
+        "xdp ÷ nftables CPU per packet: {:.2} vs netdev ingress, {:.2} vs inet prerouting (bar ≤ 0.25); \
+         the bare-drop floor of this path is {f:.0} ns ({:.2} of netdev ingress)",
+        x / n,
+        x / p,
+        f / n
+    );
     let doc = serde_json::json!({
-        "pps": pps, "seconds": secs, "arms": json,
-        "xdp_over_nft_ingress_cpu": x / n, "xdp_over_nft_prerouting_cpu": x / p,
+        "pps": pps, "seconds": secs, "rounds": rounds, "arms": json,
+        "xdp_over_nft_ingress_cpu": x / n, "xdp_over_nft_prerouting_cpu": x / p, "floor_over_nft_ingress_cpu": f / n,
     });
     let path = out.join("xdp.json");
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())

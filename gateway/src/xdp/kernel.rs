@@ -66,6 +66,7 @@ pub struct Loaded {
     ebpf: Ebpf,
     ports: Array<MapData, u8>,
     blocklist: HashMap<MapData, IpKey, BlockEntry>,
+    blocklist_v4: HashMap<MapData, [u8; 4], BlockEntry>,
     allowlist: LpmTrie<MapData, [u8; 16], u8>,
     config: Array<MapData, XdpConfig>,
     counters: PerCpuArray<MapData, u64>,
@@ -80,6 +81,7 @@ impl Loaded {
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::BLOCKLIST, sizes.blocked)
+            .map_max_entries(maps::BLOCKLIST_V4, sizes.blocked)
             .map_max_entries(maps::QUOTA, sizes.tracked_sources)
             .map_max_entries(maps::ALLOWLIST, sizes.allow)
             .load(OBJECT)
@@ -88,6 +90,7 @@ impl Loaded {
             gateway_common::PROGRAM,
             gateway_common::TRAFFIC_PROGRAM,
             "gateway_pass",
+            "gateway_drop",
         ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -102,6 +105,7 @@ impl Loaded {
         };
         let ports = take(maps::PORTS)?;
         let blocklist = take(maps::BLOCKLIST)?;
+        let blocklist_v4 = take(maps::BLOCKLIST_V4)?;
         let allowlist = take(maps::ALLOWLIST)?;
         let config = take(maps::CONFIG)?;
         let counters = take(maps::COUNTERS)?;
@@ -110,6 +114,7 @@ impl Loaded {
         Ok(Loaded {
             ports: Array::try_from(ports).map_err(map_err)?,
             blocklist: HashMap::try_from(blocklist).map_err(map_err)?,
+            blocklist_v4: HashMap::try_from(blocklist_v4).map_err(map_err)?,
             allowlist: LpmTrie::try_from(allowlist).map_err(map_err)?,
             config: Array::try_from(config).map_err(map_err)?,
             counters: PerCpuArray::try_from(counters).map_err(map_err)?,
@@ -158,7 +163,7 @@ impl Loaded {
             .map_err(fail)
     }
 
-    /// Attach one of the bench-only programs (`gateway_pass`, `gateway_trafficgen`).
+    /// Attach one of the bench-only programs (`gateway_pass`, `gateway_drop`, `gateway_trafficgen`).
     pub fn attach_program(
         &mut self,
         name: &str,
@@ -193,14 +198,19 @@ impl Loaded {
     }
 
     pub fn block(&mut self, addr: IpAddr, entry: BlockEntry) -> io::Result<()> {
-        self.blocklist
-            .insert(ip_key(addr), entry, 0)
-            .map_err(map_io)
+        match ip_key(addr).as_v4() {
+            Some(v4) => self.blocklist_v4.insert(v4, entry, 0),
+            None => self.blocklist.insert(ip_key(addr), entry, 0),
+        }
+        .map_err(map_io)
     }
 
     /// Remove a block; removing one that isn't there is fine.
     pub fn unblock(&mut self, addr: IpAddr) -> io::Result<()> {
-        ok_if_absent(self.blocklist.remove(&ip_key(addr)))
+        ok_if_absent(match ip_key(addr).as_v4() {
+            Some(v4) => self.blocklist_v4.remove(&v4),
+            None => self.blocklist.remove(&ip_key(addr)),
+        })
     }
 
     pub fn allow(&mut self, c: Cidr) -> io::Result<()> {
