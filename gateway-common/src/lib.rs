@@ -170,6 +170,10 @@ pub struct XdpConfig {
     pub pkt_interval_ns: u64,
     /// As `syn_tolerance_ns`, for packets.
     pub pkt_tolerance_ns: u64,
+    /// Monotonic ns at most a few seconds in the past, refreshed by
+    /// userspace every second: blocks expiring well after it need no clock
+    /// read in the packet path. 0: unknown (the clock is always read).
+    pub clock_floor_ns: u64,
 }
 
 /// [`maps::PORTS`] value bits.

@@ -42,6 +42,11 @@ fn main() {
         Some("flood") => flood(&args[1..]),
         Some("pass") => pass(&args[1..]),
         Some("run") => run(&args[1..]),
+        Some("prog") => prog().map(|rows| {
+            for (what, ns) in rows {
+                println!("{ns:>6} ns  {what}");
+            }
+        }),
         _ => Err(
             "usage: xdpbench run [--pps N] [--seconds S] [--out DIR] (flood|pass are internal)"
                 .into(),
@@ -112,6 +117,78 @@ fn flood(a: &[String]) -> Result {
     }
     println!("{sent} {:.3}", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The front-door program alone, configured as in the `xdp` arm, timed by
+/// the kernel over 2M runs per frame (`BPF_PROG_TEST_RUN`, repeat): ns per
+/// packet for each kind of packet, without the NIC path around it.
+fn prog() -> Result<Vec<(&'static str, u32)>> {
+    use gateway_common::{BlockEntry, BlockReason};
+    let mut k = Loaded::load(sizes()).map_err(|e| e.to_string())?;
+    k.set_ports(&[(6, PORT)]).map_err(|e| e.to_string())?;
+    let settings = gateway::config::XdpSettings::default();
+    k.set_config(gateway::xdp::kernel_config(&settings))
+        .map_err(|e| e.to_string())?;
+    for c in ["192.168.0.0/16", "fd00::/8"] {
+        k.allow(c.parse().map_err(|e: String| e)?)
+            .map_err(|e| e.to_string())?;
+    }
+    let entry = BlockEntry {
+        expires_ns: u64::MAX,
+        reason: BlockReason::Manual as u32,
+        _pad: 0,
+    };
+    k.block(ATTACKER.parse().unwrap(), entry)
+        .map_err(|e| e.to_string())?;
+    k.block("2001:db8::66".parse().unwrap(), entry)
+        .map_err(|e| e.to_string())?;
+    let syn = |src: &str| {
+        Frame::new()
+            .ipv4(v4(src), v4("10.201.90.1"), 6, &[], 0)
+            .tcp(40000, PORT, SYN)
+            .finish()
+    };
+    let frames: Vec<(&'static str, Vec<u8>)> = vec![
+        ("IPv4 SYN, blocked source (drop)", syn(ATTACKER)),
+        (
+            "IPv4 SYN, unknown source (SYN quota checked, pass)",
+            syn("10.201.90.2"),
+        ),
+        (
+            "IPv4 ACK, unknown source (pass)",
+            Frame::new()
+                .ipv4(v4("10.201.90.2"), v4("10.201.90.1"), 6, &[], 0)
+                .tcp(40000, PORT, gateway_tests::packet::ACK)
+                .finish(),
+        ),
+        (
+            "IPv4 SYN, other port (pass)",
+            Frame::new()
+                .ipv4(v4(ATTACKER), v4("10.201.90.1"), 6, &[], 0)
+                .tcp(40000, 22, SYN)
+                .finish(),
+        ),
+        (
+            "IPv6 SYN, blocked source (drop)",
+            Frame::new()
+                .ipv6(
+                    gateway_tests::packet::v6("2001:db8::66"),
+                    gateway_tests::packet::v6("2001:db8::1"),
+                    6,
+                    &[],
+                )
+                .tcp(40000, PORT, SYN)
+                .finish(),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (what, f) in frames {
+        let (_, ns) = k
+            .test_run_repeat(&f, 2_000_000)
+            .map_err(|e| format!("test run: {e}"))?;
+        rows.push((what, ns));
+    }
+    Ok(rows)
 }
 
 /// Attach a bench program (gateway_pass or gateway_drop) to IFACE until stdin closes.

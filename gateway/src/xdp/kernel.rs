@@ -258,6 +258,12 @@ impl Loaded {
     /// Run the front-door program once on `packet` (an Ethernet frame);
     /// returns the XDP action (`XDP_DROP` = 1, `XDP_PASS` = 2).
     pub fn test_run(&mut self, packet: &[u8]) -> io::Result<u32> {
+        self.test_run_repeat(packet, 1).map(|(action, _)| action)
+    }
+
+    /// Run the front-door program `repeat` times on `packet`; returns the
+    /// XDP action and the kernel-measured mean ns per run.
+    pub fn test_run_repeat(&mut self, packet: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
         let fd = self
             .program(gateway_common::PROGRAM)
             .fd()
@@ -271,11 +277,11 @@ impl Loaded {
             data_size_out: out.len() as u32,
             data_in: packet.as_ptr() as u64,
             data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
+            repeat,
             ..Default::default()
         };
         bpf_test_run(&mut attr)?;
-        Ok(attr.retval)
+        Ok((attr.retval, attr.duration))
     }
 
     /// Send `count` copies of `frame` out of the interface the traffic

@@ -436,8 +436,15 @@ impl FrontDoor {
             kernel,
             last_counters,
             last_block_drops,
+            settings,
             ..
         } = &mut *st;
+        if let Some(k) = kernel.as_mut() {
+            // Refresh the program's clock floor (see XdpConfig::clock_floor_ns).
+            if let Err(e) = k.set_config(kernel_config(settings)) {
+                tracing::error!(error = %e, "XDP config refresh failed");
+            }
+        }
         if let Some(k) = kernel.as_ref() {
             let now = k.counters();
             for (c, (n, last)) in Counter::ALL
@@ -606,6 +613,7 @@ pub fn kernel_config(s: &XdpSettings) -> XdpConfig {
         syn_tolerance_ns,
         pkt_interval_ns,
         pkt_tolerance_ns,
+        clock_floor_ns: monotonic_ns(),
     }
 }
 
