@@ -39,8 +39,6 @@ fn start_gateway(net: &NetPair, xdp_interfaces: &[&str]) -> Proc {
 
 /// The gateway in the gateway namespace, with `extra` lines in `[xdp]`.
 fn start_gateway_with(net: &NetPair, xdp_interfaces: &[&str], extra: &str) -> Proc {
-    let dir = std::env::temp_dir().join(format!("gw-xdp-{}-{}", net.gw, xdp_interfaces.len()));
-    std::fs::create_dir_all(&dir).unwrap();
     let ifaces: Vec<String> = xdp_interfaces.iter().map(|i| format!("\"{i}\"")).collect();
     let config = format!(
         r#"
@@ -64,7 +62,7 @@ syn_rate = 0
         gw = net.gw_ip,
         ifaces = ifaces.join(", ")
     );
-    let path = dir.join("gateway.toml");
+    let path = config_path(net, xdp_interfaces.len());
     std::fs::write(&path, config).unwrap();
     let child = NetPair::cmd(&net.gw, gateway_bin())
         .args(["run", "--config"])
@@ -86,6 +84,13 @@ syn_rate = 0
         std::thread::sleep(Duration::from_millis(100));
     }
     p
+}
+
+/// Where a test's gateway config lives (one per namespace and interface count).
+fn config_path(net: &NetPair, interfaces: usize) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gw-xdp-{}-{interfaces}", net.gw));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("gateway.toml")
 }
 
 fn xdp_cli(net: &NetPair, args: &[&str]) -> (bool, String) {
@@ -343,4 +348,153 @@ fn monitor_mode_blocks_nothing_but_counts() {
         metric(&m, "gateway_accept_refused_total", r#"reason="blocked""#),
         0.0
     );
+}
+
+/// Stage `program` attached to the gateway-side interface through netlink
+/// (as a gateway on a kernel without XDP links, or another tool, leaves
+/// it): pin it on a bpffs, then `ip link set ... xdpdrv pinned`.
+fn stage_netlink_program(net: &NetPair, program: &str) -> std::path::PathBuf {
+    // A bpffs of our own outside /sys: `ip -n` remounts /sys for the
+    // namespace, which would hide /sys/fs/bpf.
+    let fs = std::env::temp_dir().join(format!("gwtest-bpffs-{}", net.gw));
+    std::fs::create_dir_all(&fs).unwrap();
+    if !std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .contains(&format!(" {} bpf", fs.display()))
+    {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&fs)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a bpffs at {}", fs.display());
+    }
+    let pin = fs.join(program);
+    let _ = std::fs::remove_file(&pin);
+    let mut k = gateway::xdp::kernel::Loaded::load(gateway::xdp::kernel::Sizes {
+        blocked: 16,
+        tracked_sources: 16,
+        allow: 16,
+    })
+    .expect("load");
+    k.pin(program, &pin).expect("pin");
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n", &net.gw, "link", "set", "dev", &net.gw_if, "xdpdrv", "pinned",
+        ])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip link set xdpdrv pinned: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        net.gw_link().contains("prog/xdp"),
+        "staged: {}",
+        net.gw_link()
+    );
+    pin
+}
+
+#[test]
+fn stale_front_door_program_is_replaced_but_a_foreign_one_is_not() {
+    let net = NetPair::new("e", 75, 1);
+    let _backend = start_backend(&net);
+
+    // A gateway_xdp left behind through netlink: replaced on attach.
+    let pin = stage_netlink_program(&net, "gateway_xdp");
+    {
+        let _gw = start_gateway(&net, &[&net.gw_if]);
+        let (_, stats) = xdp_cli(&net, &["stats"]);
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        assert_eq!(stats["enabled"], true, "stale program replaced: {stats}");
+        assert!(served(&net, &net.cl_ips[0].clone()));
+    }
+    let _ = std::fs::remove_file(&pin);
+
+    // Someone else's program: left alone, the gateway falls back and says why.
+    let _ = std::process::Command::new("ip")
+        .args([
+            "-n", &net.gw, "link", "set", "dev", &net.gw_if, "xdp", "off",
+        ])
+        .status();
+    let pin = stage_netlink_program(&net, "gateway_pass");
+    let _gw = start_gateway(&net, &[&net.gw_if]);
+    let (_, stats) = xdp_cli(&net, &["stats"]);
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["enabled"], false, "{stats}");
+    assert!(
+        stats["fallback"]
+            .as_str()
+            .unwrap()
+            .contains("another XDP program is attached"),
+        "{stats}"
+    );
+    assert!(
+        net.gw_link().contains("prog/xdp"),
+        "the foreign program is still attached"
+    );
+    assert!(served(&net, &net.cl_ips[0].clone()), "served without XDP");
+    let _ = std::fs::remove_file(&pin);
+    if let Some(fs) = pin.parent() {
+        let _ = std::process::Command::new("umount").arg(fs).status();
+        let _ = std::fs::remove_dir(fs);
+    }
+}
+
+#[test]
+fn reload_applies_config_blocks_and_mode() {
+    let net = NetPair::new("f", 76, 2);
+    let (good, bad) = (net.cl_ips[0].clone(), net.cl_ips[1].clone());
+    let _backend = start_backend(&net);
+    let gw = start_gateway(&net, &[&net.gw_if]);
+    assert!(served(&net, &bad));
+
+    // Add a config block and SIGHUP: dropped at XDP, listed as "config",
+    // and not removable through the API (the file owns it).
+    rewrite_xdp(&net, &format!("block = [\"{bad}\"]"));
+    // SAFETY: kill(2) on our own child's pid ("ip netns exec" execs the gateway).
+    unsafe { libc::kill(gw.0.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!served_quick(&net, &bad), "config block applied on reload");
+    assert!(served(&net, &good));
+    let (_, list) = xdp_cli(&net, &["list"]);
+    assert!(list.contains(&bad) && list.contains("\"config\""), "{list}");
+    let (ok, out) = xdp_cli(&net, &["unblock", &bad]);
+    assert!(
+        !ok && out.contains("409"),
+        "config blocks change in the file: {out}"
+    );
+
+    // Monitor mode on reload: the same block now only counts.
+    rewrite_xdp(&net, &format!("block = [\"{bad}\"]\nmode = \"monitor\""));
+    unsafe { libc::kill(gw.0.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(served(&net, &bad), "monitor mode drops nothing");
+
+    // Block removed from the file: gone.
+    rewrite_xdp(&net, "");
+    unsafe { libc::kill(gw.0.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, list) = xdp_cli(&net, &["list"]);
+    assert!(!list.contains(&bad), "{list}");
+    assert!(served(&net, &bad));
+}
+
+/// Rewrite the running gateway's config with `extra` in `[xdp]`.
+fn rewrite_xdp(net: &NetPair, extra: &str) {
+    let path = config_path(net, 1);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let head = text.split("[xdp]").next().unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{head}[xdp]\ninterfaces = [\"{}\"]\nsyn_rate = 0\n{extra}\n",
+            net.gw_if
+        ),
+    )
+    .unwrap();
 }

@@ -240,8 +240,10 @@ enum Arm {
     Xdp,
     /// netdev ingress hook: the earliest (cheapest) place nftables can drop.
     Nftables,
-    /// inet prerouting at raw priority (before conntrack): the usual placement.
+    /// inet prerouting at raw priority (before conntrack).
     NftablesPrerouting,
+    /// inet filter input, priority 0: where most hosts keep their rules.
+    NftablesInput,
     Userspace,
 }
 
@@ -252,6 +254,7 @@ impl Arm {
             Arm::Xdp => "xdp",
             Arm::Nftables => "nft-ingress",
             Arm::NftablesPrerouting => "nft-prerouting",
+            Arm::NftablesInput => "nft-input",
             Arm::Userspace => "userspace",
         }
     }
@@ -359,15 +362,19 @@ fn run_arm(
         Arm::Userspace => {
             block(net, ATTACKER)?;
         }
-        Arm::Nftables | Arm::NftablesPrerouting => {
+        Arm::Nftables | Arm::NftablesPrerouting | Arm::NftablesInput => {
             let rules = if matches!(arm, Arm::Nftables) {
                 format!(
                     "table netdev xdpbench {{\n  chain ingress {{\n    type filter hook ingress device \"{}\" priority -500; policy accept;\n    ip saddr {ATTACKER} counter drop\n  }}\n}}\n",
                     net.gw_if
                 )
-            } else {
+            } else if matches!(arm, Arm::NftablesPrerouting) {
                 format!(
                     "table inet xdpbench {{\n  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    ip saddr {ATTACKER} counter drop\n  }}\n}}\n"
+                )
+            } else {
+                format!(
+                    "table inet xdpbench {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {ATTACKER} counter drop\n  }}\n}}\n"
                 )
             };
             let file = dir.join("xdpbench.nft");
@@ -475,7 +482,7 @@ fn run_arm(
             (metric(&after_metrics, "gateway_xdp_packets_total", l)
                 - metric(&before_metrics, "gateway_xdp_packets_total", l)) as u64
         }
-        Arm::Nftables | Arm::NftablesPrerouting => nft_counter(),
+        Arm::Nftables | Arm::NftablesPrerouting | Arm::NftablesInput => nft_counter(),
         // The stack consumes every SYN; none reaches the gateway.
         Arm::Userspace | Arm::Floor => sent,
     };
@@ -494,7 +501,10 @@ fn run_arm(
         (t1 - t0) as f64 / (n1 - n0).max(1) as f64
     });
     drop(stats);
-    if matches!(arm, Arm::Nftables | Arm::NftablesPrerouting) {
+    if matches!(
+        arm,
+        Arm::Nftables | Arm::NftablesPrerouting | Arm::NftablesInput
+    ) {
         let _ = Command::new("ip")
             .args([
                 "netns", "exec", &net.gw, "nft", "delete", "table", family, "xdpbench",
@@ -592,6 +602,7 @@ fn run(a: &[String]) -> Result {
         Arm::Xdp,
         Arm::Nftables,
         Arm::NftablesPrerouting,
+        Arm::NftablesInput,
         Arm::Userspace,
     ];
     let mut results: Vec<ArmResult> = Vec::new();
@@ -667,17 +678,24 @@ fn run(a: &[String]) -> Result {
         }));
     }
     let x = cpu["xdp"];
-    let (n, p, f) = (cpu["nft-ingress"], cpu["nft-prerouting"], cpu["xdp-floor"]);
+    let (n, p, i, f) = (
+        cpu["nft-ingress"],
+        cpu["nft-prerouting"],
+        cpu["nft-input"],
+        cpu["xdp-floor"],
+    );
     println!(
-        "xdp ÷ nftables CPU per packet: {:.2} vs netdev ingress, {:.2} vs inet prerouting (bar ≤ 0.25); \
+        "xdp ÷ nftables CPU per packet: {:.2} vs netdev ingress, {:.2} vs inet prerouting, {:.2} vs inet input (bar ≤ 0.25); \
          the bare-drop floor of this path is {f:.0} ns ({:.2} of netdev ingress)",
         x / n,
         x / p,
+        x / i,
         f / n
     );
     let doc = serde_json::json!({
         "pps": pps, "seconds": secs, "rounds": rounds, "arms": json,
-        "xdp_over_nft_ingress_cpu": x / n, "xdp_over_nft_prerouting_cpu": x / p, "floor_over_nft_ingress_cpu": f / n,
+        "xdp_over_nft_ingress_cpu": x / n, "xdp_over_nft_prerouting_cpu": x / p,
+        "xdp_over_nft_input_cpu": x / i, "floor_over_nft_ingress_cpu": f / n,
     });
     let path = out.join("xdp.json");
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())

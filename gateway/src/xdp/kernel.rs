@@ -138,6 +138,7 @@ impl Loaded {
         interface: &str,
         generic: bool,
     ) -> Result<(Attached, Option<String>), LoadError> {
+        replace_stale(interface)?;
         let prog = self.program(gateway_common::PROGRAM);
         let fail = |e: aya::programs::ProgramError| LoadError::Attach {
             interface: interface.to_string(),
@@ -161,6 +162,15 @@ impl Loaded {
         prog.attach(interface, XdpMode::Skb)
             .map(|_| (Attached::Generic, None))
             .map_err(fail)
+    }
+
+    /// Pin program `name` at `path` on a bpffs (inspection with bpftool or
+    /// `ip link set dev X xdp pinned PATH`; the tests use it to stage a
+    /// netlink-attached program).
+    pub fn pin(&mut self, name: &str, path: &std::path::Path) -> Result<(), LoadError> {
+        self.program(name)
+            .pin(path)
+            .map_err(|e| LoadError::Program(e.to_string()))
     }
 
     /// Attach one of the bench-only programs (`gateway_pass`, `gateway_drop`, `gateway_trafficgen`).
@@ -331,6 +341,52 @@ fn ok_if_absent(r: Result<(), aya::maps::MapError>) -> io::Result<()> {
             Ok(())
         }
         Err(e) => Err(map_io(e)),
+    }
+}
+
+/// "Replace on attach": a front-door program left attached through netlink
+/// (it outlives its process, unlike a bpf_link) is removed first. Another
+/// program, or one a live process holds through a link, is an error: the
+/// gateway never takes an interface from something it didn't load.
+fn replace_stale(interface: &str) -> Result<(), LoadError> {
+    let fail = |error: String| LoadError::Attach {
+        interface: interface.to_string(),
+        error,
+    };
+    let name = std::ffi::CString::new(interface).map_err(|_| fail("bad interface name".into()))?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(fail("no such interface".into()));
+    }
+    let Some(p) = super::netlink::attached(ifindex).map_err(|e| fail(format!("netlink: {e}")))?
+    else {
+        return Ok(());
+    };
+    let owner = super::netlink::program_name(p.id);
+    if owner != gateway_common::PROGRAM {
+        return Err(fail(format!(
+            "another XDP program is attached (id {}, name `{owner}`); remove it (`ip link set dev {interface} xdp off`) or pick another interface",
+            p.id
+        )));
+    }
+    match super::netlink::detach(ifindex, p.mode) {
+        Ok(()) => {
+            tracing::warn!(
+                interface,
+                program_id = p.id,
+                "replaced a front-door XDP program left attached by an earlier gateway"
+            );
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(fail(format!(
+            "a running gateway holds this interface (program id {})",
+            p.id
+        ))),
+        Err(e) => Err(fail(format!(
+            "cannot remove the stale program id {}: {e}",
+            p.id
+        ))),
     }
 }
 

@@ -15,6 +15,7 @@
 //! folds the program's per-CPU counters into Prometheus.
 
 pub mod kernel;
+mod netlink;
 
 use std::collections::HashMap;
 use std::fmt;
