@@ -19,8 +19,11 @@
 //!   xdpbench run [--pps N] [--seconds S] [--out DIR]
 //!
 //! Per arm: goodput without a flood; then the flood alone at full speed
-//! (one core) for CPU per packet; then goodput during a flood paced at
-//! `--pps` (default 300k SYN/s).
+//! (one core) for CPU per packet; then goodput while the generator runs at
+//! `--pps` (default 300k SYN/s) with its frames discarded at the sender, and
+//! while they are delivered. "kept" = delivered ÷ discarded: what the drop
+//! path costs the legitimate client, with the rig's own sending cost (which
+//! a NIC doesn't have) on both sides; "kept/idle" divides by no generator.
 
 use std::io::{BufRead, Read};
 use std::path::PathBuf;
@@ -80,8 +83,8 @@ fn ifindex(name: &str) -> Result<u32> {
 
 /// Send SYNs out of IFACE at PPS for SECONDS; print the count sent.
 fn flood(a: &[String]) -> Result {
-    let [iface, mac, src, dst, port, pps, secs] = a else {
-        return Err("flood IFACE DST_MAC SRC_IP DST_IP PORT PPS SECONDS".into());
+    let [iface, mac, src, dst, port, pps, secs, deliver] = a else {
+        return Err("flood IFACE DST_MAC SRC_IP DST_IP PORT PPS SECONDS deliver|discard".into());
     };
     let mac: Vec<u8> = mac
         .split(':')
@@ -97,7 +100,10 @@ fn flood(a: &[String]) -> Result {
     let secs: f64 = secs.parse().map_err(|_| "seconds")?;
     let mut k = Loaded::load(sizes()).map_err(|e| e.to_string())?;
     let idx = ifindex(iface)?;
-    k.set_traffic_target(idx).map_err(|e| e.to_string())?;
+    // "discard": the generator drops every frame it makes (target 0): the
+    // sender's CPU cost without the flood, for the goodput baseline.
+    let target = if deliver == "deliver" { idx } else { 0 };
+    k.set_traffic_target(target).map_err(|e| e.to_string())?;
     // Batches of 256 paced to the rate: the sender's CPU stays bounded, so the
     // legitimate client's goodput measures the drop path, not a starved core.
     // Each live-frames call costs ~20 ms of setup in the kernel: big batches,
@@ -267,6 +273,8 @@ struct ArmResult {
     dropped: u64,
     softirq_ns_per_packet: f64,
     goodput_base: f64,
+    /// Goodput while the generator runs with its frames discarded.
+    goodput_sender_only: f64,
     goodput_flood: f64,
     /// The front-door program's own run time per packet (kernel BPF stats).
     program_ns: Option<f64>,
@@ -416,7 +424,7 @@ fn run_arm(
     let floor = matches!(arm, Arm::Floor);
     let goodput_base = if floor { f64::NAN } else { wrk(net, secs)? };
     let mac = gw_mac(net)?;
-    let flood = |rate: u64, for_secs: u32| -> Result<(u64, f64, Child)> {
+    let flood_to = |rate: u64, for_secs: u32, deliver: &str| -> Result<(u64, f64, Child)> {
         let child = NetPair::cmd(&net.cl, &self_bin)
             .args([
                 "flood",
@@ -427,12 +435,14 @@ fn run_arm(
                 &PORT.to_string(),
                 &rate.to_string(),
                 &for_secs.to_string(),
+                deliver,
             ])
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
         Ok((0, 0.0, child))
     };
+    let flood = |rate: u64, for_secs: u32| flood_to(rate, for_secs, "deliver");
     let finish = |child: Child| -> Result<(u64, f64)> {
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -487,6 +497,19 @@ fn run_arm(
         Arm::Userspace | Arm::Floor => sent,
     };
 
+    // Goodput with the generator running but its frames discarded at the
+    // sender: the baseline that charges the rig's own sending cost (a NIC
+    // delivers for free) to both sides of the comparison.
+    let goodput_sender_only = if floor {
+        f64::NAN
+    } else {
+        let (_, _, child) = flood_to(pps, secs + 1, "discard")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let g = wrk(net, secs)?;
+        finish(child)?;
+        g
+    };
+
     // Goodput under a paced flood; for the XDP arm, the program's own run
     // time from the kernel's BPF stats (on only for this phase: they cost
     // two clock reads per run).
@@ -520,6 +543,7 @@ fn run_arm(
         dropped,
         softirq_ns_per_packet,
         goodput_base,
+        goodput_sender_only,
         goodput_flood,
         program_ns,
     })
@@ -617,14 +641,16 @@ fn run(a: &[String]) -> Result {
         }
     }
     println!(
-        "{:<15} {:>11} {:>14} {:>12} {:>13} {:>14} {:>8}",
+        "{:<15} {:>11} {:>14} {:>11} {:>10} {:>11} {:>10} {:>8} {:>9}",
         "arm (median)",
         "flood pps",
         "softirq ns/pkt",
         "program ns",
-        "goodput base",
-        "goodput flood",
-        "kept"
+        "rps idle",
+        "rps sender",
+        "rps flood",
+        "kept",
+        "kept/idle"
     );
     let mut json = Vec::new();
     let mut cpu = std::collections::HashMap::new();
@@ -639,7 +665,9 @@ fn run(a: &[String]) -> Result {
         let prog = m(&|r| r.program_ns.unwrap_or(f64::NAN));
         let base = m(&|r| r.goodput_base);
         let flood = m(&|r| r.goodput_flood);
-        let kept = m(&|r| r.goodput_flood / r.goodput_base);
+        let kept = m(&|r| r.goodput_flood / r.goodput_sender_only);
+        let kept_raw = m(&|r| r.goodput_flood / r.goodput_base);
+        let sender = m(&|r| r.goodput_sender_only);
         cpu.insert(arm.name(), ns);
         let opt = |v: f64, w: usize, p: usize| {
             if v.is_nan() {
@@ -648,19 +676,24 @@ fn run(a: &[String]) -> Result {
                 format!("{v:>w$.p$}")
             }
         };
+        let pct = |v: f64, w: usize| {
+            if v.is_nan() {
+                format!("{:>w$}", "-")
+            } else {
+                format!("{:>w$.1}%", v * 100.0, w = w - 1)
+            }
+        };
         println!(
-            "{:<15} {:>11.0} {:>14.1} {} {} {} {}",
+            "{:<15} {:>11.0} {:>14.1} {} {} {} {} {} {}",
             arm.name(),
             pps_real,
             ns,
-            opt(prog, 12, 1),
-            opt(base, 13, 0),
-            opt(flood, 14, 0),
-            if kept.is_nan() {
-                format!("{:>8}", "-")
-            } else {
-                format!("{:>7.1}%", kept * 100.0)
-            }
+            opt(prog, 11, 1),
+            opt(base, 10, 0),
+            opt(sender, 11, 0),
+            opt(flood, 10, 0),
+            pct(kept, 8),
+            pct(kept_raw, 9)
         );
         json.push(serde_json::json!({
             "arm": arm.name(),
@@ -669,11 +702,14 @@ fn run(a: &[String]) -> Result {
             "program_ns_per_packet": if prog.is_nan() { serde_json::Value::Null } else { serde_json::json!(prog) },
             "goodput_rps_no_flood": if base.is_nan() { serde_json::Value::Null } else { serde_json::json!(base) },
             "goodput_rps_flood": if flood.is_nan() { serde_json::Value::Null } else { serde_json::json!(flood) },
+            "goodput_rps_sender_only": if sender.is_nan() { serde_json::Value::Null } else { serde_json::json!(sender) },
             "goodput_kept": if kept.is_nan() { serde_json::Value::Null } else { serde_json::json!(kept) },
+            "goodput_kept_vs_idle": if kept_raw.is_nan() { serde_json::Value::Null } else { serde_json::json!(kept_raw) },
             "rounds": rs.iter().map(|r| serde_json::json!({
                 "sent": r.sent, "dropped": r.dropped, "flood_secs": r.flood_secs,
                 "softirq_ns_per_packet": r.softirq_ns_per_packet, "program_ns_per_packet": r.program_ns,
-                "goodput_rps_no_flood": r.goodput_base, "goodput_rps_flood": r.goodput_flood,
+                "goodput_rps_no_flood": r.goodput_base, "goodput_rps_sender_only": r.goodput_sender_only,
+                "goodput_rps_flood": r.goodput_flood,
             })).collect::<Vec<_>>(),
         }));
     }
