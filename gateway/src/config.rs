@@ -43,6 +43,80 @@ pub struct Config {
     /// The XDP front door: blocklist, allowlist and per-source quotas at the NIC.
     #[serde(default)]
     pub xdp: XdpSettings,
+    /// TLS termination.
+    #[serde(default)]
+    pub tls: TlsSettings,
+}
+
+/// Lowest TLS version accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// Client certificates (mutual TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// Not asked for.
+    #[default]
+    None,
+    /// Asked for; verified against `client_ca` when given; a client without one is let through.
+    Optional,
+    /// Required and verified against `client_ca`; the handshake fails without one.
+    Required,
+}
+
+/// One certificate chain and its private key (PEM files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[tls]`: see README "TLS".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// Addresses that speak TLS (server.listen stays plaintext).
+    pub listen: Vec<String>,
+    /// Certificates; the first is the default for clients without (or with an unknown) SNI.
+    pub certificates: Vec<CertificateFiles>,
+    pub min_version: TlsVersion,
+    /// From accept to a finished handshake; over it the connection is closed.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// TLS 1.3 session tickets (stateless resumption; keys rotate every 6 h).
+    pub session_tickets: bool,
+    /// Server-side session cache entries (resumption without tickets).
+    pub session_cache: usize,
+    pub client_auth: ClientAuth,
+    /// CA bundle (PEM) client certificates are verified against.
+    pub client_ca: Option<PathBuf>,
+    /// How often to check the certificate files for changes; "0s": only on SIGHUP.
+    #[serde(deserialize_with = "duration")]
+    pub reload_check: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            listen: Vec::new(),
+            certificates: Vec::new(),
+            min_version: TlsVersion::V1_2,
+            handshake_timeout: Duration::from_secs(10),
+            session_tickets: true,
+            session_cache: 10_000,
+            client_auth: ClientAuth::None,
+            client_ca: None,
+            reload_check: Duration::from_secs(5),
+        }
+    }
 }
 
 /// How the XDP program is attached.
@@ -533,6 +607,10 @@ pub struct Resolved {
     pub xdp_allow: Vec<crate::xdp::Cidr>,
     /// `[xdp] block`, parsed.
     pub xdp_block: Vec<std::net::IpAddr>,
+    /// `[tls] listen`, parsed.
+    pub tls_listen: Vec<SocketAddr>,
+    /// The TLS stage, built (certificates loaded and checked) when `[tls] listen` is set.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Config {
@@ -581,10 +659,10 @@ impl Config {
         };
 
         let mut listen = Vec::new();
-        if self.server.listen.is_empty() {
+        if self.server.listen.is_empty() && self.tls.listen.is_empty() {
             err(
                 "server.listen".into(),
-                "give at least one address, e.g. [\"0.0.0.0:8080\"]".into(),
+                "give at least one address, e.g. [\"0.0.0.0:8080\"] (or tls.listen)".into(),
             );
         }
         for (i, a) in self.server.listen.iter().enumerate() {
@@ -1014,6 +1092,59 @@ impl Config {
             );
         }
 
+        let mut tls_listen = Vec::new();
+        for (i, a) in self.tls.listen.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(sa) if listen.contains(&sa) => err(
+                    format!("tls.listen[{i}]"),
+                    format!("{sa} is also in server.listen; an address speaks TLS or plaintext, not both"),
+                ),
+                Ok(sa) => tls_listen.push(sa),
+                Err(_) => err(
+                    format!("tls.listen[{i}]"),
+                    format!("`{a}` is not an IP:port such as \"0.0.0.0:8443\""),
+                ),
+            }
+        }
+        if tls_listen.contains(&admin) {
+            err(
+                "admin.listen".into(),
+                "the admin listener must not share an address with tls.listen".into(),
+            );
+        }
+        let mut tls_settings = self.tls.clone();
+        for c in &mut tls_settings.certificates {
+            c.cert = base.join(&c.cert);
+            c.key = base.join(&c.key);
+        }
+        tls_settings.client_ca = tls_settings.client_ca.map(|p| base.join(p));
+        if tls_settings.handshake_timeout.is_zero() {
+            err(
+                "tls.handshake_timeout".into(),
+                "must be more than 0s, e.g. \"10s\"".into(),
+            );
+        }
+        if tls_settings.client_auth != ClientAuth::None && tls_settings.client_ca.is_none() {
+            err("tls.client_auth".into(), "mutual TLS needs tls.client_ca (the CA bundle client certificates are checked against)".into());
+        }
+        let tls = if tls_listen.is_empty() {
+            None
+        } else if tls_settings.certificates.is_empty() {
+            err(
+                "tls.certificates".into(),
+                "tls.listen is set: give at least one [[tls.certificates]] cert/key pair".into(),
+            );
+            None
+        } else {
+            match crate::tls::Tls::new(&tls_settings) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    err("tls.certificates".into(), e);
+                    None
+                }
+            }
+        };
+
         if errs.is_empty() {
             Ok(Resolved {
                 listen,
@@ -1024,6 +1155,8 @@ impl Config {
                 route_schemas,
                 xdp_allow,
                 xdp_block,
+                tls_listen,
+                tls,
             })
         } else {
             Err(ConfigErrors(errs))

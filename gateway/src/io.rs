@@ -15,6 +15,33 @@ pub struct Conn {
     buf: Vec<u8>,
     pos: usize,
     cap: usize,
+    /// Set on a TLS listener's connections: `fill` decrypts into `buf`,
+    /// `write_all` encrypts; everything above sees plaintext.
+    tls: Option<Box<TlsIo>>,
+}
+
+/// A rustls session and its ciphertext buffers (owned, for monoio).
+struct TlsIo {
+    session: rustls::ServerConnection,
+    /// Ciphertext read from the socket.
+    rbuf: Vec<u8>,
+    /// Ciphertext waiting to be written.
+    wbuf: Vec<u8>,
+    /// Plaintext staging: rustls' reader wants an initialised slice.
+    plain: Vec<u8>,
+}
+
+/// TLS records are at most 16 KiB of plaintext plus overhead.
+const TLS_RECORD: usize = 16 * 1024 + 256;
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug)]
+pub enum HandshakeError {
+    Timeout,
+    /// The client went away (EOF or reset) mid-handshake.
+    Closed,
+    Tls(rustls::Error),
+    Io(io::Error),
 }
 
 /// Why a read did not produce bytes.
@@ -44,6 +71,75 @@ impl Conn {
             buf: Vec::with_capacity(cap),
             pos: 0,
             cap,
+            tls: None,
+        }
+    }
+
+    /// A connection whose bytes are TLS records of `session`; call
+    /// [`handshake`](Self::handshake) before anything else.
+    pub fn new_tls(stream: TcpStream, cap: usize, mut session: rustls::ServerConnection) -> Conn {
+        // Bound what rustls buffers on our behalf to what a plain connection may hold.
+        session.set_buffer_limit(Some(cap.max(TLS_RECORD)));
+        Conn {
+            tls: Some(Box::new(TlsIo {
+                session,
+                rbuf: Vec::with_capacity(TLS_RECORD),
+                wbuf: Vec::with_capacity(TLS_RECORD),
+                plain: vec![0; TLS_RECORD],
+            })),
+            ..Conn::new(stream, cap)
+        }
+    }
+
+    /// The TLS session, on a TLS connection (SNI, ALPN, client certificate).
+    pub fn tls_session(&self) -> Option<&rustls::ServerConnection> {
+        self.tls.as_ref().map(|t| &t.session)
+    }
+
+    /// Run the TLS handshake to completion within `d`.
+    pub async fn handshake(&mut self, d: Duration) -> Result<(), HandshakeError> {
+        let stream = &mut self.stream;
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        let work = async {
+            while tls.session.is_handshaking() {
+                tls.flush(stream).await.map_err(HandshakeError::Io)?;
+                if !tls.session.is_handshaking() {
+                    break;
+                }
+                match tls.read_records(stream).await {
+                    Ok(0) => return Err(HandshakeError::Closed),
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Send the alert rustls queued, then give up.
+                        let _ = tls.flush(stream).await;
+                        return Err(
+                            match e
+                                .into_inner()
+                                .and_then(|i| i.downcast::<rustls::Error>().ok())
+                            {
+                                Some(t) => HandshakeError::Tls(*t),
+                                None => HandshakeError::Closed,
+                            },
+                        );
+                    }
+                }
+            }
+            tls.flush(stream).await.map_err(HandshakeError::Io)
+        };
+        match monoio::time::timeout(d, work).await {
+            Ok(r) => r,
+            Err(_) => Err(HandshakeError::Timeout),
+        }
+    }
+
+    /// Best effort: tell a TLS client we are done (close_notify).
+    pub async fn close_notify(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.session.send_close_notify();
+            let _ = monoio::time::timeout(Duration::from_millis(500), tls.flush(&mut self.stream))
+                .await;
         }
     }
 
@@ -86,6 +182,9 @@ impl Conn {
         let len = self.buf.len();
         if len == self.buf.capacity() {
             return Err(io::Error::other("read buffer full"));
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            return tls.fill(&mut self.stream, &mut self.buf, self.cap).await;
         }
         let buf = std::mem::take(&mut self.buf);
         let cap = buf.capacity();
@@ -156,9 +255,17 @@ impl Conn {
     /// cleared (or empty after a timeout).
     pub async fn write_all(
         &mut self,
-        out: Vec<u8>,
+        mut out: Vec<u8>,
         d: Duration,
     ) -> (Result<(), WriteError>, Vec<u8>) {
+        if let Some(tls) = self.tls.as_mut() {
+            let r = monoio::time::timeout(d, tls.write_plain(&mut self.stream, &out)).await;
+            out.clear();
+            return match r {
+                Ok(r) => (r.map_err(WriteError::Io), out),
+                Err(_) => (Err(WriteError::Timeout), out),
+            };
+        }
         match monoio::time::timeout(d, write_vec(&mut self.stream, out)).await {
             Ok((r, out)) => (r.map_err(WriteError::Io), out),
             Err(_) => (Err(WriteError::Timeout), Vec::new()),
@@ -170,6 +277,97 @@ impl Conn {
     pub fn is_stale(&self) -> bool {
         // EOF, or bytes nobody asked for: either way unusable.
         !matches!(peek(self.stream.as_raw_fd()), Peek::Nothing)
+    }
+}
+
+impl TlsIo {
+    /// Read one batch of ciphertext and hand it to rustls. `Ok(0)`: EOF.
+    async fn read_records(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        rbuf.clear();
+        if rbuf.capacity() < TLS_RECORD {
+            // A cancelled read (timeout) took the buffer with it.
+            rbuf = Vec::with_capacity(TLS_RECORD);
+        }
+        let (res, slice) = stream.read(rbuf.slice_mut(0..TLS_RECORD)).await;
+        self.rbuf = slice.into_inner();
+        let n = res?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut data = &self.rbuf[..n];
+        while !data.is_empty() {
+            if self.session.read_tls(&mut data)? == 0 {
+                break;
+            }
+            self.session
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+        Ok(n)
+    }
+
+    /// Write what rustls has queued (handshake, alerts, records).
+    async fn flush(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        while self.session.wants_write() {
+            let mut w = std::mem::take(&mut self.wbuf);
+            w.clear();
+            self.session.write_tls(&mut w)?;
+            let (res, w) = write_vec(stream, w).await;
+            self.wbuf = w;
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Decrypt into `buf` (up to `cap` bytes held); `Ok(0)` at the end of
+    /// the stream (close_notify or EOF).
+    async fn fill(
+        &mut self,
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        cap: usize,
+    ) -> io::Result<usize> {
+        use std::io::Read;
+        loop {
+            let room = (cap - buf.len()).min(self.plain.len());
+            match self.session.reader().read(&mut self.plain[..room]) {
+                Ok(n) => {
+                    buf.extend_from_slice(&self.plain[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // EOF without close_notify: a truncation attack or a plain
+                // hangup; either way the stream ends here.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            self.flush(stream).await?;
+            match self.read_records(stream).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = self.flush(stream).await;
+                    return Err(e);
+                }
+            }
+            // Key updates and the like may want an answer.
+            self.flush(stream).await?;
+        }
+    }
+
+    /// Encrypt `data` and write it all.
+    async fn write_plain(&mut self, stream: &mut TcpStream, mut data: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        while !data.is_empty() {
+            let n = self.session.writer().write(data)?;
+            data = &data[n..];
+            if n == 0 && !self.session.wants_write() {
+                return Err(io::Error::other("TLS session refused data"));
+            }
+            self.flush(stream).await?;
+        }
+        self.flush(stream).await
     }
 }
 

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod validate;
 pub mod worker;

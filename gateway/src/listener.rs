@@ -20,8 +20,8 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     TcpListener::bind_with_config(addr, &opts)
 }
 
-/// Accept connections until the worker drains.
-pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>) {
+/// Accept connections until the worker drains; `tls`: a TLS listener.
+pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: bool) {
     loop {
         if w.draining.get() {
             return;
@@ -58,7 +58,7 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>) {
                 let w2 = w.clone();
                 monoio::spawn(async move {
                     // A bug must cost one connection, not the worker and all of its connections.
-                    if CatchUnwind(pipeline::serve_connection(stream, peer, w2.clone()))
+                    if CatchUnwind(pipeline::serve_connection(stream, peer, w2.clone(), tls))
                         .await
                         .is_err()
                     {

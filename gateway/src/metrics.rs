@@ -45,6 +45,9 @@ pub struct Metrics {
     pub xdp_blocked: IntGaugeVec,
     pub xdp_block_events: IntCounterVec,
     pub accept_refused: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_errors: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -171,6 +174,22 @@ impl Metrics {
             accept_refused: reg(
                 &r,
                 IntCounterVec::new(Opts::new("gateway_accept_refused_total", "Connections closed at accept by the userspace front door, by reason"), &["reason"]).unwrap(),
+            ),
+            tls_handshakes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_tls_handshakes_total", "Completed TLS handshakes, by version (1.2, 1.3) and whether the session was resumed"),
+                    &["version", "resumed"],
+                )
+                .unwrap(),
+            ),
+            tls_errors: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_tls_handshake_errors_total", "TLS handshakes that failed, by kind (timeout, closed, bad_client_certificate, incompatible, ...)"), &["kind"]).unwrap(),
+            ),
+            tls_reloads: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_tls_certificate_reloads_total", "Certificate reloads when the files changed, by result (ok, error)"), &["result"]).unwrap(),
             ),
             registry: r,
         })

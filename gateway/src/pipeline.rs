@@ -39,9 +39,17 @@ enum Next {
 }
 
 /// Serve every request of one client connection, in order.
-pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>) {
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>, tls: bool) {
     let _ = stream.set_nodelay(true);
-    let mut client = Conn::new(stream, w.current().shared.buffer_size);
+    // Stage 2: tls (on TLS listeners).
+    let mut client = if tls {
+        match crate::tls::terminate(stream, peer, &w).await {
+            Some(c) => c,
+            None => return,
+        }
+    } else {
+        Conn::new(stream, w.current().shared.buffer_size)
+    };
     let conn_id = w.conn_id();
     let mut head = RequestHead::default();
     // Reused per request, like `head`: no allocation for its header list.
@@ -271,6 +279,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         }
     }
     w.mark_busy(conn_id);
+    // TLS: say goodbye properly (an EOF without close_notify looks like truncation).
+    client.close_notify().await;
     if linger {
         linger_close(&mut client).await;
     }

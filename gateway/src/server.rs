@@ -109,6 +109,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         }
     }
     let _detach = DetachOnExit(front_door.clone());
+    spawn_tls_watch(&r, metrics.clone())?;
     let control = Arc::new(Control {
         current: Mutex::new((0, Arc::new(r.clone()))),
         event: event_listener::Event::new(),
@@ -137,7 +138,12 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         let tx = tx.clone();
         let control = control.clone();
         let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
-        let listen = r.listen.clone();
+        let listen: Vec<(SocketAddr, bool)> = r
+            .listen
+            .iter()
+            .map(|a| (*a, false))
+            .chain(r.tls_listen.iter().map(|a| (*a, true)))
+            .collect();
         let backlog = r.config.server.backlog;
         let driver = r.config.server.driver;
         std::thread::Builder::new()
@@ -270,7 +276,7 @@ fn worker_thread(
     control: Arc<Control>,
     cpu: Option<usize>,
     driver: DriverChoice,
-    listen: Vec<SocketAddr>,
+    listen: Vec<(SocketAddr, bool)>,
     backlog: i32,
     tx: mpsc::Sender<Msg>,
 ) {
@@ -338,7 +344,8 @@ fn worker_thread(
 struct WorkerStart {
     id: usize,
     control: Arc<Control>,
-    listen: Vec<SocketAddr>,
+    /// (address, speaks TLS)
+    listen: Vec<(SocketAddr, bool)>,
     backlog: i32,
     tx: mpsc::Sender<Msg>,
 }
@@ -359,9 +366,9 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
     let w = Rc::new(Worker::new(id, control.build(&resolved, generation)));
     let metrics = control.metrics.clone();
     let mut listeners = Vec::new();
-    for a in &listen {
+    for (a, tls) in &listen {
         match listener::bind(*a, backlog) {
-            Ok(l) => listeners.push(l),
+            Ok(l) => listeners.push((l, *tls)),
             Err(e) => {
                 let _ = tx.send(Msg::Failed {
                     worker: id,
@@ -419,7 +426,7 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
 
     let loops: Vec<_> = listeners
         .into_iter()
-        .map(|l| monoio::spawn(listener::accept_loop(l, w.clone())))
+        .map(|(l, tls)| monoio::spawn(listener::accept_loop(l, w.clone(), tls)))
         .collect();
     for l in loops {
         l.await;
@@ -485,6 +492,7 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
         ("server.backlog", a.backlog != b.backlog),
         ("server.buffer_size", a.buffer_size != b.buffer_size),
         ("admin.listen", old.admin != new.admin),
+        ("tls.listen", old.tls_listen != new.tls_listen),
         ("xdp.interfaces / xdp.attach / xdp.max_*", {
             let (x, y) = (&old.config.xdp, &new.config.xdp);
             x.interfaces != y.interfaces
@@ -504,6 +512,39 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
         .filter(|(_, c)| *c)
         .map(|(k, _)| k)
         .collect()
+}
+
+/// Poll the certificate files every `tls.reload_check` and reload them in
+/// place when they change (a bad file is logged; the certificates in force stay).
+fn spawn_tls_watch(r: &Resolved, metrics: Arc<Metrics>) -> Result<(), RunError> {
+    let (Some(tls), every) = (r.tls.clone(), r.config.tls.reload_check) else {
+        return Ok(());
+    };
+    if every.is_zero() {
+        return Ok(());
+    }
+    let resolver = Arc::downgrade(&tls.resolver);
+    std::thread::Builder::new()
+        .name("gateway-tls-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(resolver) = resolver.upgrade() else {
+                return;
+            };
+            match resolver.reload_if_changed() {
+                None => {}
+                Some(Ok(n)) => {
+                    metrics.tls_reloads.with_label_values(&["ok"]).inc();
+                    tracing::info!(certificates = n, "TLS certificates changed on disk; reloaded");
+                }
+                Some(Err(e)) => {
+                    metrics.tls_reloads.with_label_values(&["error"]).inc();
+                    tracing::error!(error = %e, "TLS certificate reload refused; the certificates in force stay");
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| RunError::Startup(format!("cannot start the TLS watch thread: {e}")))
 }
 
 /// CPUs this process may run on, in order.

@@ -72,6 +72,8 @@ pub struct Shared {
     pub rules: crate::validate::Rules,
     /// The blocklist (process-wide; the same handle in every generation).
     pub front_door: Arc<crate::xdp::FrontDoor>,
+    /// The TLS stage, when `[tls] listen` is set.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Shared {
@@ -112,6 +114,7 @@ impl Shared {
             generation,
             rules: crate::validate::Rules::new(r),
             front_door,
+            tls: r.tls.clone(),
         }
     }
 }
