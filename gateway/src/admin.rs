@@ -16,6 +16,10 @@ use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::xdp::{BlockError, BlockReason, FrontDoor};
 
+/// Re-reads the TLS certificates in force: `None` without TLS, else the
+/// number loaded or why they were refused (the ones in force stay).
+pub type TlsReload = Box<dyn Fn() -> Option<Result<usize, String>> + Send>;
+
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 4096;
 
@@ -25,6 +29,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     front_door: Arc<FrontDoor>,
+    tls_reload: TlsReload,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     std::thread::Builder::new()
@@ -33,7 +38,7 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &metrics, &health, &front_door) {
+                        if let Err(e) = handle(c, &metrics, &health, &front_door, &tls_reload) {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     }
@@ -52,6 +57,7 @@ fn handle(
     metrics: &Metrics,
     health: &Health,
     front_door: &FrontDoor,
+    tls_reload: &TlsReload,
 ) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -109,6 +115,32 @@ fn handle(
             status,
             "application/json",
             json.to_string().as_bytes(),
+        );
+    }
+    if path == "/tls/reload" {
+        use serde_json::json;
+        let (status, body) = match (method.as_str(), tls_reload()) {
+            ("POST", None) => (
+                404,
+                json!({"error": "TLS is not configured ([tls] listen)"}),
+            ),
+            ("POST", Some(Ok(n))) => {
+                metrics.tls_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(certificates = n, "TLS certificates reloaded (admin API)");
+                (200, json!({"reloaded": n}))
+            }
+            ("POST", Some(Err(e))) => {
+                metrics.tls_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, "TLS certificate reload refused; the certificates in force stay");
+                (409, json!({"error": e}))
+            }
+            _ => (405, json!({"error": "POST /tls/reload"})),
+        };
+        return respond(
+            &mut c,
+            status,
+            "application/json",
+            body.to_string().as_bytes(),
         );
     }
     if method != "GET" && method != "HEAD" {

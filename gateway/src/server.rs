@@ -124,9 +124,21 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         draining: AtomicBool::new(false),
     });
 
-    admin::spawn(r.admin, metrics.clone(), health.clone(), front_door.clone()).map_err(|e| {
-        RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin))
-    })?;
+    let tls_reload: admin::TlsReload = {
+        let control = control.clone();
+        Box::new(move || {
+            let (_, r) = control.snapshot();
+            r.tls.as_ref().map(|t| t.resolver.reload())
+        })
+    };
+    admin::spawn(
+        r.admin,
+        metrics.clone(),
+        health.clone(),
+        front_door.clone(),
+        tls_reload,
+    )
+    .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))?;
 
     let (tx, rx) = mpsc::channel::<Msg>();
     let cpus = if r.config.server.pin_workers {

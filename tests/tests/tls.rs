@@ -253,6 +253,16 @@ fn certificates_reload_without_failed_requests_and_bad_files_are_refused() {
     let c = connect(addr, "api.test", ClientOpts::trusting(&p.ca.pem).config())
         .expect("still serving with the certificates in force");
     assert_eq!(c.peer_cert(), der_of(&renewed.0));
+
+    // The admin API says the same when asked to reload.
+    let post = b"POST /tls/reload HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n";
+    let r = gateway_tests::request(g.admin, post);
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("does not match"));
+    write_pair(&p.dir, "api", &renewed);
+    let r = gateway_tests::request(g.admin, post);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("\"reloaded\":2"));
 }
 
 #[test]
