@@ -285,6 +285,8 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
             content_types: None,
             schema: None,
             response_drop_fields: Vec::new(),
+            auth: None,
+            anonymous: false,
         }];
     }
     if let Some(w) = &a.workers {

@@ -38,6 +38,12 @@ pub enum ClientError {
     ClientClosed,
     #[error("client stopped reading the response")]
     SendTimeout,
+    /// 401: no or bad credentials (the reason goes to metrics and logs, not the client).
+    #[error("authentication required")]
+    Unauthenticated { challenge: &'static str },
+    /// 403: authenticated, not allowed (the decision goes to the audit log).
+    #[error("not allowed")]
+    Forbidden,
 }
 
 impl ClientError {
@@ -56,6 +62,8 @@ impl ClientError {
             ClientError::NoRoute => "no_route",
             ClientError::ClientClosed => "client_closed",
             ClientError::SendTimeout => "send_timeout",
+            ClientError::Unauthenticated { .. } => "unauthenticated",
+            ClientError::Forbidden => "forbidden",
         }
     }
 
@@ -71,13 +79,18 @@ impl ClientError {
             ClientError::NoRoute => 404,
             // Nobody is listening; logged as 499 like nginx does.
             ClientError::ClientClosed | ClientError::SendTimeout => 499,
+            ClientError::Unauthenticated { .. } => 401,
+            ClientError::Forbidden => 403,
         }
     }
 
     /// Whether the request framing can no longer be trusted, so the
     /// connection must close after the error response (RFC 9112 §6.3).
     pub fn must_close(self) -> bool {
-        !matches!(self, ClientError::NoRoute)
+        !matches!(
+            self,
+            ClientError::NoRoute | ClientError::Unauthenticated { .. } | ClientError::Forbidden
+        )
     }
 }
 
@@ -190,6 +203,8 @@ impl ProxyError {
                 ClientError::HeaderTimeout | ClientError::BodyTimeout => "request_timeout",
                 ClientError::NoRoute => "not_found",
                 ClientError::ClientClosed | ClientError::SendTimeout => "client_closed",
+                ClientError::Unauthenticated { .. } => "authentication_error",
+                ClientError::Forbidden => "permission_denied",
             },
             ProxyError::Upstream(u) if u.status() == 504 => "gateway_timeout",
             ProxyError::Upstream(UpstreamError::Saturated) => "service_unavailable",
@@ -222,6 +237,10 @@ impl ProxyError {
                 ClientError::NoRoute => "no route matches this request",
                 ClientError::ClientClosed => "the client closed the connection",
                 ClientError::SendTimeout => "the client stopped reading",
+                ClientError::Unauthenticated { .. } => {
+                    "valid credentials are required (a bearer token or an API key)"
+                }
+                ClientError::Forbidden => "these credentials do not allow this request",
             },
             ProxyError::Upstream(u) => match u {
                 UpstreamError::ResponseTimeout => "the upstream service did not respond in time",
@@ -264,6 +283,13 @@ impl ProxyError {
             retry_after: (self.status() == 503).then_some(1),
         };
         e.write(request_id, close, out);
+        if let ProxyError::Client(ClientError::Unauthenticated { challenge }) = self {
+            // RFC 9110 §11.6.1: a 401 carries WWW-Authenticate; insert it into the head.
+            if let Some(end) = memchr::memmem::find(out, b"\r\n\r\n") {
+                let line = format!("\r\nwww-authenticate: {challenge}");
+                out.splice(end..end, line.bytes());
+            }
+        }
     }
 }
 
@@ -332,6 +358,8 @@ pub fn validation_type(status: u16) -> &'static str {
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
         413 => "Content Too Large",

@@ -6,11 +6,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod authn;
+pub mod authz;
 pub mod catalog;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod filter;
 pub mod io;
 pub mod listener;

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     pub tls_errors: IntCounterVec,
     pub tls_reloads: IntCounterVec,
+    pub authn: IntCounterVec,
+    pub authz: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -191,6 +193,22 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(Opts::new("gateway_tls_certificate_reloads_total", "Certificate reloads when the files changed, by result (ok, error)"), &["result"]).unwrap(),
             ),
+            authn: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_authn_total", "Authentication outcomes, by route, method (jwt, api_key, mtls, anonymous, none) and result (ok or the reason refused)"),
+                    &["route", "method", "result"],
+                )
+                .unwrap(),
+            ),
+            authz: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_authz_decisions_total", "Authorization decisions, by route, decision (allow, deny) and the rule that allowed"),
+                    &["route", "decision", "rule"],
+                )
+                .unwrap(),
+            ),
             registry: r,
         })
     }
@@ -217,6 +235,8 @@ pub struct WorkerMetrics {
     pub validation_rejections: RefCell<LocalIntCounterVec>,
     pub upstream_connections: RefCell<LocalIntCounterVec>,
     pub upstream_reused: RefCell<LocalIntCounterVec>,
+    pub authn: RefCell<LocalIntCounterVec>,
+    pub authz: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
     pub active_connections: IntGauge,
 }
@@ -235,6 +255,8 @@ impl WorkerMetrics {
             validation_rejections: RefCell::new(m.validation_rejections.local()),
             upstream_connections: RefCell::new(m.upstream_connections.local()),
             upstream_reused: RefCell::new(m.upstream_reused.local()),
+            authn: RefCell::new(m.authn.local()),
+            authz: RefCell::new(m.authz.local()),
             connections_accepted: m.connections_accepted.local(),
             active_connections: m.active_connections.with_label_values(&[&w]),
         }
@@ -263,6 +285,8 @@ impl WorkerMetrics {
         self.validation_rejections.borrow().flush();
         self.upstream_connections.borrow().flush();
         self.upstream_reused.borrow().flush();
+        self.authn.borrow().flush();
+        self.authz.borrow().flush();
         self.connections_accepted.flush();
     }
 }

@@ -121,6 +121,23 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             (String::new(), String::new())
         };
 
+        // Stage: authn — who is calling (401 when the route needs to know and can't).
+        let identity = match authenticate(&mut client, &mut head, route, &w, &cur) {
+            Ok(id) => id,
+            Err(e) => {
+                let close = !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
+                log_rejected(&w, &cur, &rid, peer, e);
+                client.consume(head.head_len);
+                w.metrics.inc(&w.metrics.requests, &[&route.name, status_label(e.status())], 1);
+                respond_error(&mut client, &cur, e, &rid, close, head.is_head, &mut out).await;
+                if close {
+                    linger = true;
+                    break;
+                }
+                continue;
+            }
+        };
+
         // Stage 4: validate.
         let verdict = match validate::admit(
             &mut client,
@@ -183,6 +200,26 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 continue;
             }
         };
+        // Stage: authz — may this identity use this model? (Needs the model
+        // the validate stage found, hence here.)
+        if let Err(e) = authorize(&identity, verdict.model.as_ref().map(|(m, _)| m.as_str()).unwrap_or(""), route, &w, &cur, &rid, peer) {
+            // The body (if any) was read by validate only when buffered: close otherwise.
+            let close = !head.keep_alive
+                || !matches!(verdict.admitted, validate::Admitted::Buffered(_) | validate::Admitted::Answer(_))
+                    && head.body_kind() != codec::BodyKind::Empty
+                || w.draining.get();
+            if matches!(verdict.admitted, validate::Admitted::Stream | validate::Admitted::Answer(_)) {
+                client.consume(head.head_len);
+            }
+            w.metrics.inc(&w.metrics.requests, &[&route.name, "403"], 1);
+            respond_error(&mut client, &cur, e, &rid, close, head.is_head, &mut out).await;
+            if close {
+                linger = true;
+                break;
+            }
+            continue;
+        }
+
         let buffered = match &verdict.admitted {
             validate::Admitted::Answer(body) => {
                 // Answered here (GET /v1/models).
@@ -217,6 +254,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         // Stage 5: upstream.
         let req = Request {
             head: &head,
+            identity: identity.as_ref(),
+            tls: client.tls_session().is_some(),
             buffered,
             continue_sent: verdict.continue_sent,
             route,
@@ -359,6 +398,72 @@ async fn respond_error(
         .write_all(std::mem::take(out), cur.shared.timeouts.send)
         .await;
     *out = o;
+}
+
+/// The authn stage: `Ok(None)` when the route is anonymous or nothing is
+/// configured, `Ok(Some(identity))`, or a 401.
+fn authenticate(
+    client: &mut Conn,
+    head: &mut RequestHead,
+    route: &crate::route::Route,
+    w: &Worker,
+    cur: &Current,
+) -> Result<Option<crate::authn::Identity>, ProxyError> {
+    let Some(authn) = cur.shared.authn.as_ref() else {
+        return Ok(None);
+    };
+    if route.anonymous {
+        // Still strip client-supplied identity headers on anonymous routes.
+        let _ = authn.authenticate(client.pending(), head, &[], None, &w.token_cache);
+        w.metrics.inc(&w.metrics.authn, &[&route.name, "anonymous", "ok"], 1);
+        return Ok(None);
+    }
+    let tls = client.tls_session();
+    let buf = client.pending();
+    match authn.authenticate(buf, head, &route.auth, tls, &w.token_cache) {
+        Ok(id) => {
+            w.metrics.inc(&w.metrics.authn, &[&route.name, id.method, "ok"], 1);
+            Ok(Some(id))
+        }
+        Err(e) => {
+            w.metrics.inc(&w.metrics.authn, &[&route.name, "none", e.reason], 1);
+            tracing::info!(target: "audit", route = route.name.as_str(), reason = e.reason, "authentication refused");
+            Err(ProxyError::Client(ClientError::Unauthenticated { challenge: e.challenge() }))
+        }
+    }
+}
+
+/// The authz stage: allowed (a rule matched, or nothing is configured) or 403.
+fn authorize(
+    identity: &Option<crate::authn::Identity>,
+    model: &str,
+    route: &crate::route::Route,
+    w: &Worker,
+    cur: &Current,
+    rid: &str,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    let Some(authz) = cur.shared.authz.as_ref() else {
+        return Ok(());
+    };
+    if route.anonymous {
+        return Ok(());
+    }
+    let anon = crate::authn::Identity::anonymous();
+    let id = identity.as_ref().unwrap_or(&anon);
+    match authz.decide(id, model, "infer") {
+        Some(rule) => {
+            w.metrics.inc(&w.metrics.authz, &[&route.name, "allow", rule], 1);
+            Ok(())
+        }
+        None => {
+            w.metrics.inc(&w.metrics.authz, &[&route.name, "deny", ""], 1);
+            tracing::warn!(target: "audit", request_id = rid, client = %peer.ip(), route = route.name.as_str(),
+                principal = id.principal.as_str(), tenant = id.tenant.as_str(), method = id.method, model,
+                decision = "deny", "no authorization rule allows this request");
+            Err(ProxyError::Client(ClientError::Forbidden))
+        }
+    }
 }
 
 /// Keep only the head of a response in `out` (answers to HEAD).

@@ -27,6 +27,10 @@ pub struct Route {
     pub response_timeout: Duration,
     /// `None` = no limit.
     pub total_timeout: Option<Duration>,
+    /// Authentication methods accepted (every one when the route lists none).
+    pub auth: Vec<crate::config::AuthMethod>,
+    /// No credentials needed, no authorization.
+    pub anonymous: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +91,11 @@ impl Router {
                 connect_timeout: rc.timeouts.upstream_connect.unwrap_or(t.upstream_connect),
                 response_timeout: rc.timeouts.upstream_response.unwrap_or(t.upstream_response),
                 total_timeout: (!total.is_zero()).then_some(total),
+                auth: rc.auth.clone().unwrap_or_else(|| {
+                    use crate::config::AuthMethod;
+                    vec![AuthMethod::Jwt, AuthMethod::ApiKey, AuthMethod::Mtls]
+                }),
+                anonymous: rc.anonymous,
             });
             match rc.host.as_deref().map(str::to_ascii_lowercase) {
                 None => r.any_host.push(i),

@@ -309,6 +309,10 @@ pub struct Exchange {
 /// Everything the upstream stage needs to know about the request.
 pub struct Request<'a> {
     pub head: &'a RequestHead,
+    /// Who is calling (authn stage); sent to the backend as identity headers.
+    pub identity: Option<&'a crate::authn::Identity>,
+    /// The client connection is TLS (`x-forwarded-proto: https`).
+    pub tls: bool,
     /// Read whole and checked by the validation stage (head and body are
     /// then off the client buffer and `head`'s ranges index `buffered.head`).
     pub buffered: Option<&'a crate::validate::Buffered>,
@@ -414,6 +418,7 @@ async fn exchange(
                 cur.shared.trust_forwarded,
                 up.addr,
                 Some(b.body.len() as u64),
+                cur.shared.authn.as_ref().map(|_| &cur.shared.authn_settings),
                 out,
             );
             out.extend_from_slice(&b.body);
@@ -424,6 +429,7 @@ async fn exchange(
                 cur.shared.trust_forwarded,
                 up.addr,
                 None,
+                cur.shared.authn.as_ref().map(|_| &cur.shared.authn_settings),
                 out,
             );
         }
@@ -987,6 +993,7 @@ fn build_upstream_head(
     trust_forwarded: bool,
     backend: SocketAddr,
     length: Option<u64>,
+    identity_settings: Option<&crate::config::AuthnSettings>,
     out: &mut Vec<u8>,
 ) {
     let h = req.head;
@@ -1006,6 +1013,9 @@ fn build_upstream_head(
         }
         _ => {}
     }
+    if let (Some(id), Some(settings)) = (req.identity, identity_settings) {
+        crate::authn::write_identity_headers(settings, id, out);
+    }
     out.extend_from_slice(b"x-forwarded-for: ");
     if trust_forwarded && h.forwarded_for.is_some() {
         // Every X-Forwarded-For line, in order (RFC 9110 §5.3: same as one comma-joined line).
@@ -1020,7 +1030,9 @@ fn build_upstream_head(
     }
     let _ = write!(
         out,
-        "{}\r\nx-forwarded-proto: http\r\nx-request-id: {}\r\n\r\n",
-        req.peer, req.request_id
+        "{}\r\nx-forwarded-proto: {}\r\nx-request-id: {}\r\n\r\n",
+        req.peer,
+        if req.tls { "https" } else { "http" },
+        req.request_id
     );
 }

@@ -74,6 +74,12 @@ pub struct Shared {
     pub front_door: Arc<crate::xdp::FrontDoor>,
     /// The TLS stage, when `[tls] listen` is set.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The authentication stage, when a method is configured.
+    pub authn: Option<Arc<crate::authn::Authn>>,
+    /// The authorization rules; `None`: no authentication and no rules (all open).
+    pub authz: Option<crate::authz::Authz>,
+    /// `[authn]` (identity header names, ...).
+    pub authn_settings: crate::config::AuthnSettings,
 }
 
 impl Shared {
@@ -115,6 +121,10 @@ impl Shared {
             rules: crate::validate::Rules::new(r),
             front_door,
             tls: r.tls.clone(),
+            authn: r.authn.clone(),
+            authz: (r.authn.is_some() || !r.config.authz.rules.is_empty())
+                .then(|| crate::authz::Authz::new(&r.config.authz.rules)),
+            authn_settings: r.config.authn.clone(),
         }
     }
 }
@@ -182,6 +192,8 @@ pub struct Worker {
     pub drain: event_listener::Event,
     /// Reused memory for the validation stage's JSON parsing.
     pub json_scratch: RefCell<crate::validate::Scratch>,
+    /// Verified JWTs (per worker: no lock on the hot path).
+    pub token_cache: RefCell<crate::authn::TokenCache>,
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
     pub metrics_registry: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
@@ -190,6 +202,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(id: usize, shared: Shared) -> Worker {
         let metrics = WorkerMetrics::new(&shared.metrics, id);
+        let token_cache = crate::authn::TokenCache::new(shared.authn_settings.token_cache_entries);
         let metrics_registry = shared.metrics.clone();
         let shutdown = shared.shutdown.clone();
         Worker {
@@ -205,6 +218,7 @@ impl Worker {
             wake: event_listener::Event::new(),
             drain: event_listener::Event::new(),
             json_scratch: RefCell::new(crate::validate::Scratch::default()),
+            token_cache: RefCell::new(token_cache),
             metrics_registry,
             shutdown,
         }

@@ -7,6 +7,7 @@ pub mod client;
 pub mod gateway;
 pub mod netns;
 pub mod packet;
+pub mod jwt;
 pub mod tls;
 
 pub use backend::Backend;
