@@ -16,9 +16,8 @@ use crate::metrics::Metrics;
 use crate::server::Health;
 use crate::xdp::{BlockError, BlockReason, FrontDoor};
 
-/// Re-reads the TLS certificates in force: `None` without TLS, else the
-/// number loaded or why they were refused (the ones in force stay).
-pub type TlsReload = Box<dyn Fn() -> Option<Result<usize, String>> + Send>;
+/// The configuration in force (TLS certificates to reload, API keys to revoke).
+pub type Current = Box<dyn Fn() -> Arc<crate::config::Resolved> + Send>;
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 4096;
@@ -29,7 +28,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     front_door: Arc<FrontDoor>,
-    tls_reload: TlsReload,
+    current: Current,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     std::thread::Builder::new()
@@ -38,7 +37,7 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &metrics, &health, &front_door, &tls_reload) {
+                        if let Err(e) = handle(c, &metrics, &health, &front_door, &current) {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     }
@@ -57,7 +56,7 @@ fn handle(
     metrics: &Metrics,
     health: &Health,
     front_door: &FrontDoor,
-    tls_reload: &TlsReload,
+    current: &Current,
 ) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -119,7 +118,8 @@ fn handle(
     }
     if path == "/tls/reload" {
         use serde_json::json;
-        let (status, body) = match (method.as_str(), tls_reload()) {
+        let reload = current().tls.as_ref().map(|t| t.resolver.reload());
+        let (status, body) = match (method.as_str(), reload) {
             ("POST", None) => (
                 404,
                 json!({"error": "TLS is not configured ([tls] listen)"}),
@@ -141,6 +141,15 @@ fn handle(
             status,
             "application/json",
             body.to_string().as_bytes(),
+        );
+    }
+    if path.starts_with("/authn/") {
+        let (status, json) = authn_api(&method, path, body, current().authn.as_deref());
+        return respond(
+            &mut c,
+            status,
+            "application/json",
+            json.to_string().as_bytes(),
         );
     }
     if method != "GET" && method != "HEAD" {
@@ -266,5 +275,53 @@ fn xdp_api(method: &str, path: &str, body: &[u8], fd: &FrontDoor) -> (u16, serde
         }
         (_, "/xdp/blocks") | (_, "/xdp/stats") => err(405, "method not allowed".into()),
         _ => err(404, "not found".into()),
+    }
+}
+
+/// `POST /authn/revoke {"sha256": "<hex digest of the key>"}`, `GET /authn/keys`.
+fn authn_api(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    authn: Option<&crate::authn::Authn>,
+) -> (u16, serde_json::Value) {
+    use serde_json::json;
+    let Some(authn) = authn else {
+        return (
+            404,
+            json!({"error": "authentication is not configured ([authn])"}),
+        );
+    };
+    match (method, path) {
+        ("GET", "/authn/keys") => {
+            let keys: Vec<_> = authn
+                .list_api_keys()
+                .into_iter()
+                .map(|(client, tenant, prefix)| json!({"client": client, "tenant": tenant, "sha256_prefix": prefix}))
+                .collect();
+            (200, json!({ "api_keys": keys }))
+        }
+        ("POST", "/authn/revoke") => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Req {
+                sha256: String,
+            }
+            let Ok(req) = serde_json::from_slice::<Req>(body) else {
+                return (
+                    400,
+                    json!({"error": "expected {\"sha256\": \"<64 hex digits: SHA-256 of the key>\"}"}),
+                );
+            };
+            let Some(d) = crate::authn::parse_hex32(&req.sha256) else {
+                return (400, json!({"error": "sha256 must be 64 hex digits"}));
+            };
+            match authn.revoke_api_key(d) {
+                Some(client) => (200, json!({"revoked": client})),
+                None => (404, json!({"error": "no active key has that digest"})),
+            }
+        }
+        (_, "/authn/keys") | (_, "/authn/revoke") => (405, json!({"error": "method not allowed"})),
+        _ => (404, json!({"error": "not found"})),
     }
 }

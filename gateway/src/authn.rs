@@ -64,10 +64,16 @@ pub struct AuthnError {
 
 impl AuthnError {
     fn missing() -> AuthnError {
-        AuthnError { missing: true, reason: "missing_credentials" }
+        AuthnError {
+            missing: true,
+            reason: "missing_credentials",
+        }
     }
     fn invalid(reason: &'static str) -> AuthnError {
-        AuthnError { missing: false, reason }
+        AuthnError {
+            missing: false,
+            reason,
+        }
     }
 
     /// The `WWW-Authenticate` value for the 401.
@@ -138,7 +144,10 @@ impl std::fmt::Debug for Authn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authn")
             .field("issuers", &self.issuers.len())
-            .field("api_key_clients", &self.api_keys.read().map(|t| t.by_digest.len()).unwrap_or(0))
+            .field(
+                "api_key_clients",
+                &self.api_keys.read().map(|t| t.by_digest.len()).unwrap_or(0),
+            )
             .finish()
     }
 }
@@ -175,7 +184,10 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn family_algs(allowed: &[Algorithm], family: jsonwebtoken::jwk::AlgorithmParameters) -> Vec<Algorithm> {
+fn family_algs(
+    allowed: &[Algorithm],
+    family: jsonwebtoken::jwk::AlgorithmParameters,
+) -> Vec<Algorithm> {
     use jsonwebtoken::jwk::AlgorithmParameters as P;
     allowed
         .iter()
@@ -183,8 +195,15 @@ fn family_algs(allowed: &[Algorithm], family: jsonwebtoken::jwk::AlgorithmParame
         .filter(|a| {
             matches!(
                 (&family, a),
-                (P::RSA(_), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512)
-                    | (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384)
+                (
+                    P::RSA(_),
+                    Algorithm::RS256
+                        | Algorithm::RS384
+                        | Algorithm::RS512
+                        | Algorithm::PS256
+                        | Algorithm::PS384
+                        | Algorithm::PS512
+                ) | (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384)
                     | (P::OctetKeyPair(_), Algorithm::EdDSA)
             )
         })
@@ -213,8 +232,13 @@ impl Issuer {
             if algs.is_empty() {
                 continue; // a key of a family this issuer doesn't allow
             }
-            let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
-            let k = Arc::new(IssuerKey { key, validation: self.validation(algs) });
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let k = Arc::new(IssuerKey {
+                key,
+                validation: self.validation(algs),
+            });
             match &jwk.common.key_id {
                 Some(kid) => {
                     ks.by_kid.insert(kid.clone(), k);
@@ -233,13 +257,21 @@ impl Issuer {
         *self.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let text = match &self.source {
             JwksSource::Secret => return Ok(0),
-            JwksSource::File(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            JwksSource::File(p) => {
+                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?
+            }
             JwksSource::Url(u) => crate::fetch::get(u, self.cfg.jwks_ca.as_deref())?,
             JwksSource::Discovery(iss) => {
-                let url = format!("{}/.well-known/openid-configuration", iss.trim_end_matches('/'));
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    iss.trim_end_matches('/')
+                );
                 let doc = crate::fetch::get(&url, self.cfg.jwks_ca.as_deref())?;
-                let v: serde_json::Value = serde_json::from_str(&doc).map_err(|e| format!("{url}: {e}"))?;
-                let jwks = v["jwks_uri"].as_str().ok_or(format!("{url}: no jwks_uri"))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&doc).map_err(|e| format!("{url}: {e}"))?;
+                let jwks = v["jwks_uri"]
+                    .as_str()
+                    .ok_or(format!("{url}: no jwks_uri"))?;
                 crate::fetch::get(jwks, self.cfg.jwks_ca.as_deref())?
             }
         };
@@ -263,6 +295,11 @@ struct Claims {
     rest: HashMap<String, serde_json::Value>,
 }
 
+/// API keys revoked through the admin API in this process (kept across
+/// config reloads, which rebuild the key table).
+static REVOKED: std::sync::LazyLock<RwLock<std::collections::HashSet<[u8; 32]>>> =
+    std::sync::LazyLock::new(|| RwLock::new(std::collections::HashSet::new()));
+
 /// A verified token, cached per worker.
 struct Cached {
     identity: Arc<Identity>,
@@ -279,12 +316,18 @@ pub struct TokenCache {
 
 impl TokenCache {
     pub fn new(max: usize) -> TokenCache {
-        TokenCache { map: HashMap::new(), max }
+        TokenCache {
+            map: HashMap::new(),
+            max,
+        }
     }
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Authn {
@@ -293,12 +336,27 @@ impl Authn {
     pub fn new(s: &AuthnSettings) -> Result<Authn, String> {
         let mut table = KeyTable::default();
         for (i, k) in s.api_keys.iter().enumerate() {
-            let client = Arc::new(KeyClient { client: k.client.clone(), tenant: k.tenant.clone(), roles: k.roles.clone() });
+            let client = Arc::new(KeyClient {
+                client: k.client.clone(),
+                tenant: k.tenant.clone(),
+                roles: k.roles.clone(),
+            });
             if k.sha256.is_empty() {
-                return Err(format!("authn.api_keys[{i}]: give at least one sha256 digest"));
+                return Err(format!(
+                    "authn.api_keys[{i}]: give at least one sha256 digest"
+                ));
             }
             for d in &k.sha256 {
-                let digest = parse_hex32(d).ok_or(format!("authn.api_keys[{i}]: `{d}` is not a 64-hex-digit SHA-256"))?;
+                let digest = parse_hex32(d).ok_or(format!(
+                    "authn.api_keys[{i}]: `{d}` is not a 64-hex-digit SHA-256"
+                ))?;
+                if REVOKED
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&digest)
+                {
+                    continue; // revoked through the admin API since the start
+                }
                 if table.by_digest.insert(digest, client.clone()).is_some() {
                     return Err(format!("authn.api_keys[{i}]: a key digest is listed twice"));
                 }
@@ -306,8 +364,18 @@ impl Authn {
         }
         let mut mtls = HashMap::new();
         for (i, c) in s.mtls_clients.iter().enumerate() {
-            let d = parse_hex32(&c.sha256).ok_or(format!("authn.mtls_clients[{i}]: `{}` is not a SHA-256 fingerprint", c.sha256))?;
-            mtls.insert(d, Arc::new(KeyClient { client: c.client.clone(), tenant: c.tenant.clone(), roles: c.roles.clone() }));
+            let d = parse_hex32(&c.sha256).ok_or(format!(
+                "authn.mtls_clients[{i}]: `{}` is not a SHA-256 fingerprint",
+                c.sha256
+            ))?;
+            mtls.insert(
+                d,
+                Arc::new(KeyClient {
+                    client: c.client.clone(),
+                    tenant: c.tenant.clone(),
+                    roles: c.roles.clone(),
+                }),
+            );
         }
         let mut issuers = Vec::new();
         for (i, j) in s.jwt.iter().enumerate() {
@@ -333,22 +401,41 @@ impl Authn {
                 if j.algorithms != [Algorithm::HS256] {
                     return Err(format!("authn.jwt[{i}]: a shared secret needs algorithms = [\"HS256\"] and nothing else"));
                 }
-                let secret = std::fs::read(p).map_err(|e| format!("authn.jwt[{i}]: {}: {e}", p.display()))?;
+                let secret = std::fs::read(p)
+                    .map_err(|e| format!("authn.jwt[{i}]: {}: {e}", p.display()))?;
                 let secret = secret.trim_ascii().to_vec();
                 if secret.len() < 32 {
-                    return Err(format!("authn.jwt[{i}]: the HS256 secret must be at least 32 bytes"));
+                    return Err(format!(
+                        "authn.jwt[{i}]: the HS256 secret must be at least 32 bytes"
+                    ));
                 }
-                let k = Arc::new(IssuerKey { key: DecodingKey::from_secret(&secret), validation: issuer.validation(vec![Algorithm::HS256]) });
-                *issuer.keys.write().unwrap() = Arc::new(KeySet { by_kid: HashMap::new(), unnamed: vec![k] });
+                let k = Arc::new(IssuerKey {
+                    key: DecodingKey::from_secret(&secret),
+                    validation: issuer.validation(vec![Algorithm::HS256]),
+                });
+                *issuer.keys.write().unwrap() = Arc::new(KeySet {
+                    by_kid: HashMap::new(),
+                    unnamed: vec![k],
+                });
             } else {
-                if j.algorithms.iter().any(|a| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)) {
+                if j.algorithms
+                    .iter()
+                    .any(|a| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512))
+                {
                     return Err(format!("authn.jwt[{i}]: HS* algorithms need hs256_secret_file (never a public JWKS)"));
                 }
-                issuer.refresh().map_err(|e| format!("authn.jwt[{i}] ({}): {e}", j.issuer))?;
+                issuer
+                    .refresh()
+                    .map_err(|e| format!("authn.jwt[{i}] ({}): {e}", j.issuer))?;
             }
             issuers.push(issuer);
         }
-        Ok(Authn { settings: s.clone(), issuers, api_keys: RwLock::new(Arc::new(table)), mtls })
+        Ok(Authn {
+            settings: s.clone(),
+            issuers,
+            api_keys: RwLock::new(Arc::new(table)),
+            mtls,
+        })
     }
 
     /// Whether any method is configured (else every route is anonymous).
@@ -393,7 +480,8 @@ impl Authn {
             }
             let is_jwt = b.iter().filter(|&&c| c == b'.').count() == 2;
             if is_jwt && accepts(AuthMethod::Jwt) {
-                let token = std::str::from_utf8(b).map_err(|_| AuthnError::invalid("malformed_token"))?;
+                let token =
+                    std::str::from_utf8(b).map_err(|_| AuthnError::invalid("malformed_token"))?;
                 return self.verify_jwt(token, cache);
             }
             if !is_jwt && accepts(AuthMethod::ApiKey) && api_key.is_none() {
@@ -406,7 +494,10 @@ impl Authn {
             }
         }
         if accepts(AuthMethod::Mtls) {
-            if let Some(leaf) = tls.and_then(|t| t.peer_certificates()).and_then(|c| c.first()) {
+            if let Some(leaf) = tls
+                .and_then(|t| t.peer_certificates())
+                .and_then(|c| c.first())
+            {
                 let fp = sha256(leaf.as_ref());
                 return Ok(match self.mtls.get(&fp) {
                     Some(c) => Identity {
@@ -445,7 +536,11 @@ impl Authn {
             return Err(AuthnError::invalid("bad_api_key"));
         }
         let digest = sha256(key);
-        let table = self.api_keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let table = self
+            .api_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         // The map compares digests (which say nothing about the key); the
         // final check is constant-time anyway.
         match table.by_digest.get_key_value(&digest) {
@@ -467,22 +562,32 @@ impl Authn {
                 return Ok((*c.identity).clone());
             }
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthnError::invalid("malformed_token"))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthnError::invalid("malformed_token"))?;
         // `iss` picks the issuer (from the unverified payload; the signature
         // check below then binds it). One issuer: no need to peek.
         let issuer = if self.issuers.len() == 1 {
             &self.issuers[0]
         } else {
             let iss = peek_iss(token).ok_or(AuthnError::invalid("malformed_token"))?;
-            self.issuers.iter().find(|i| i.cfg.issuer == iss).ok_or(AuthnError::invalid("unknown_issuer"))?
+            self.issuers
+                .iter()
+                .find(|i| i.cfg.issuer == iss)
+                .ok_or(AuthnError::invalid("unknown_issuer"))?
         };
-        let keys = issuer.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let keys = issuer
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let candidates: Vec<Arc<IssuerKey>> = match &header.kid {
             Some(kid) => match keys.by_kid.get(kid) {
                 Some(k) => vec![k.clone()],
                 None if !keys.unnamed.is_empty() => keys.unnamed.clone(),
                 None => {
-                    issuer.wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                    issuer
+                        .wanted
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     return Err(AuthnError::invalid("unknown_kid"));
                 }
             },
@@ -511,7 +616,13 @@ impl Authn {
                             cache.map.clear();
                         }
                     }
-                    cache.map.insert(token.into(), Cached { identity: identity.clone(), exp });
+                    cache.map.insert(
+                        token.into(),
+                        Cached {
+                            identity: identity.clone(),
+                            exp,
+                        },
+                    );
                     return Ok((*identity).clone());
                 }
                 Err(e) => {
@@ -539,29 +650,61 @@ impl Authn {
             serde_json::Value::Bool(b) => Some(b.to_string()),
             _ => None,
         };
-        let tenant = c.rest.get(&issuer.cfg.tenant_claim).and_then(s).unwrap_or_default();
+        let tenant = c
+            .rest
+            .get(&issuer.cfg.tenant_claim)
+            .and_then(s)
+            .unwrap_or_default();
         let roles = match c.rest.get(&issuer.cfg.roles_claim) {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(s).collect(),
             Some(serde_json::Value::String(r)) => r.split_whitespace().map(String::from).collect(),
             _ => Vec::new(),
         };
-        let claims = c.rest.iter().filter_map(|(k, v)| Some((k.clone(), s(v)?))).collect();
-        Identity { principal: c.sub.unwrap_or_default(), tenant, roles, method: "jwt", claims }
+        let claims = c
+            .rest
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), s(v)?)))
+            .collect();
+        Identity {
+            principal: c.sub.unwrap_or_default(),
+            tenant,
+            roles,
+            method: "jwt",
+            claims,
+        }
     }
 
-    /// Revoke an API key by its SHA-256 digest: `Ok(client)` it belonged to.
+    /// Revoke an API key by its SHA-256 digest: the client it belonged to,
+    /// or `None` when no configured key has that digest. The revocation is
+    /// process-wide and survives config reloads (until a restart: remove
+    /// the digest from the config to make it permanent).
     pub fn revoke_api_key(&self, digest: [u8; 32]) -> Option<String> {
         let mut g = self.api_keys.write().unwrap_or_else(|p| p.into_inner());
-        let mut t = KeyTable { by_digest: g.by_digest.clone() };
+        let mut t = KeyTable {
+            by_digest: g.by_digest.clone(),
+        };
         let c = t.by_digest.remove(&digest)?;
         *g = Arc::new(t);
+        REVOKED
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest);
+        tracing::warn!(target: "audit", event = "revoke_api_key", client = c.client.as_str(), key = %hex(&digest[..8]), "API key revoked");
         Some(c.client.clone())
     }
 
     /// (client, tenant, first 16 hex digits of each key digest), for the admin API.
     pub fn list_api_keys(&self) -> Vec<(String, String, String)> {
-        let t = self.api_keys.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut v: Vec<_> = t.by_digest.iter().map(|(d, c)| (c.client.clone(), c.tenant.clone(), hex(&d[..8]))).collect();
+        let t = self
+            .api_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut v: Vec<_> = t
+            .by_digest
+            .iter()
+            .map(|(d, c)| (c.client.clone(), c.tenant.clone(), hex(&d[..8])))
+            .collect();
         v.sort();
         v
     }
@@ -569,7 +712,11 @@ impl Authn {
     /// The background JWKS refresher: every `jwks_refresh`, and soon after a
     /// worker saw an unknown `kid` (at most once per `unknown_kid_refetch`).
     pub fn spawn_refresher(self: &Arc<Self>) -> std::io::Result<()> {
-        if self.issuers.iter().all(|i| matches!(i.source, JwksSource::Secret)) {
+        if self
+            .issuers
+            .iter()
+            .all(|i| matches!(i.source, JwksSource::Secret))
+        {
             return Ok(());
         }
         let me = Arc::downgrade(self);
@@ -602,7 +749,9 @@ impl Authn {
 fn peek_iss(token: &str) -> Option<String> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     v["iss"].as_str().map(String::from)
 }
@@ -612,7 +761,11 @@ pub fn write_identity_headers(s: &AuthnSettings, id: &Identity, out: &mut Vec<u8
     let h = &s.identity_headers;
     // Only visible ASCII and spaces (RFC 9110 §5.5): a claim can't inject a header.
     let safe = |v: &str| v.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t');
-    for (name, value) in [(&h.principal, id.principal.clone()), (&h.tenant, id.tenant.clone()), (&h.roles, id.roles.join(","))] {
+    for (name, value) in [
+        (&h.principal, id.principal.clone()),
+        (&h.tenant, id.tenant.clone()),
+        (&h.roles, id.roles.join(",")),
+    ] {
         if !name.is_empty() && !value.is_empty() && safe(&value) {
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");

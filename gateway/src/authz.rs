@@ -16,7 +16,10 @@ fn glob(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || !name[first.len()..].ends_with(last) || name.len() < first.len() + last.len() {
+    if !name.starts_with(first)
+        || !name[first.len()..].ends_with(last)
+        || name.len() < first.len() + last.len()
+    {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
@@ -36,7 +39,9 @@ pub struct Authz {
 
 impl Authz {
     pub fn new(rules: &[AuthzRule]) -> Authz {
-        Authz { rules: rules.to_vec() }
+        Authz {
+            rules: rules.to_vec(),
+        }
     }
 
     /// The id of the first rule allowing `id` to use `model` ("" when the
@@ -47,14 +52,19 @@ impl Authz {
             .iter()
             .find(|r| {
                 let any = |list: &[String], value: &str| {
-                    list.is_empty() || list.iter().any(|x| (x == "*" && authenticated) || x == value)
+                    list.is_empty()
+                        || list
+                            .iter()
+                            .any(|x| (x == "*" && authenticated) || x == value)
                 };
                 any(&r.tenants, &id.tenant)
                     && (r.roles.is_empty() || r.roles.iter().any(|x| id.roles.contains(x)))
                     && any(&r.principals, &id.principal)
                     && r.scopes.iter().any(|s| s == scope)
-                    && r.models.iter().any(|m| m == "*" || (!model.is_empty() && glob(m, model)))
-                    && r.claims.iter().all(|(k, v)| id.claims.iter().any(|(ck, cv)| ck == k && cv == v))
+                    && r.models.iter().any(|m| glob(m, model))
+                    && r.claims
+                        .iter()
+                        .all(|(k, v)| id.claims.iter().any(|(ck, cv)| ck == k && cv == v))
             })
             .map(|r| r.id.as_str())
     }
@@ -65,7 +75,13 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn rule(id: &str, tenants: &[&str], roles: &[&str], models: &[&str], scopes: &[&str]) -> AuthzRule {
+    fn rule(
+        id: &str,
+        tenants: &[&str],
+        roles: &[&str],
+        models: &[&str],
+        scopes: &[&str],
+    ) -> AuthzRule {
         AuthzRule {
             id: id.into(),
             tenants: tenants.iter().map(|s| s.to_string()).collect(),
@@ -112,18 +128,33 @@ mod tests {
             (who("acme", &[]), "mistral-7b", "infer", None),
             (who("acme", &[]), "llama-3-8b", "admin", None),
             (who("other", &[]), "llama-3-8b", "infer", None),
-            (who("other", &["admin"]), "mistral-7b", "admin", Some("admins")),
+            (
+                who("other", &["admin"]),
+                "mistral-7b",
+                "admin",
+                Some("admins"),
+            ),
             (who("beta", &[]), "anything", "infer", Some("pro-claims")),
             (Identity::anonymous(), "llama-3-8b", "infer", None),
             (who("acme", &[]), "", "infer", None),
         ];
         for (id, model, scope, want) in table {
-            assert_eq!(z.decide(id, model, scope), *want, "{} {:?} {model} {scope}", id.tenant, id.roles);
+            assert_eq!(
+                z.decide(id, model, scope),
+                *want,
+                "{} {:?} {model} {scope}",
+                id.tenant,
+                id.roles
+            );
         }
         // "*" needs an authenticated caller.
         let open = Authz::new(&[rule("any", &["*"], &[], &["*"], &["infer"])]);
         assert_eq!(open.decide(&Identity::anonymous(), "m", "infer"), None);
         assert_eq!(open.decide(&who("", &[]), "", "infer"), Some("any"));
-        assert_eq!(Authz::new(&[]).decide(&who("acme", &["admin"]), "m", "infer"), None, "default deny");
+        assert_eq!(
+            Authz::new(&[]).decide(&who("acme", &["admin"]), "m", "infer"),
+            None,
+            "default deny"
+        );
     }
 }

@@ -207,7 +207,7 @@ pub struct AuthzRule {
     /// Any of these principals.
     #[serde(default)]
     pub principals: Vec<String>,
-    /// Model name patterns (`*` anywhere); "*" also covers requests without a model.
+    /// Model name patterns (`*` anywhere); "*" also covers requests without a model, "" only those.
     #[serde(default = "star")]
     pub models: Vec<String>,
     /// Scopes granted: "infer" (model routes), "admin".
@@ -1342,14 +1342,26 @@ impl Config {
             j.jwks_ca = j.jwks_ca.take().map(|p| base.join(p));
             j.hs256_secret_file = j.hs256_secret_file.take().map(|p| base.join(p));
             if j.algorithms.is_empty() {
-                err("authn.jwt".into(), format!("issuer {}: list the allowed algorithms, e.g. [\"ES256\"]", j.issuer));
+                err(
+                    "authn.jwt".into(),
+                    format!(
+                        "issuer {}: list the allowed algorithms, e.g. [\"ES256\"]",
+                        j.issuer
+                    ),
+                );
             }
             if j.audiences.is_empty() {
-                err("authn.jwt".into(), format!("issuer {}: list the accepted audiences", j.issuer));
+                err(
+                    "authn.jwt".into(),
+                    format!("issuer {}: list the accepted audiences", j.issuer),
+                );
             }
         }
         if authn_settings.max_token_bytes < 256 || authn_settings.token_cache_entries == 0 {
-            err("authn.max_token_bytes".into(), "max_token_bytes must be at least 256 and token_cache_entries at least 1".into());
+            err(
+                "authn.max_token_bytes".into(),
+                "max_token_bytes must be at least 256 and token_cache_entries at least 1".into(),
+            );
         }
         let authn = match crate::authn::Authn::new(&authn_settings) {
             Ok(a) if a.configured() => Some(Arc::new(a)),
@@ -1361,12 +1373,18 @@ impl Config {
         };
         for (i, r) in self.routes.iter().enumerate() {
             if r.anonymous && r.auth.is_some() {
-                err(format!("routes[{i}].anonymous"), "a route is either anonymous or lists auth methods, not both".into());
+                err(
+                    format!("routes[{i}].anonymous"),
+                    "a route is either anonymous or lists auth methods, not both".into(),
+                );
             }
         }
         for (i, r) in self.authz.rules.iter().enumerate() {
             if r.id.is_empty() {
-                err(format!("authz.rules[{i}].id"), "give each rule an id (it names the decision in the audit log)".into());
+                err(
+                    format!("authz.rules[{i}].id"),
+                    "give each rule an id (it names the decision in the audit log)".into(),
+                );
             }
         }
 

@@ -30,9 +30,10 @@ pub fn get(url: &str, ca: Option<&Path>) -> Result<String, String> {
         None => (rest, "/"),
     };
     let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-            (h.trim_matches(['[', ']']), p.parse::<u16>().map_err(|_| format!("{url}: bad port"))?)
-        }
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
+            h.trim_matches(['[', ']']),
+            p.parse::<u16>().map_err(|_| format!("{url}: bad port"))?,
+        ),
         _ => (authority, if tls { 443 } else { 80 }),
     };
     let addr = (host, port)
@@ -48,17 +49,22 @@ pub fn get(url: &str, ca: Option<&Path>) -> Result<String, String> {
     let raw = if tls {
         let config = client_config(ca)?;
         let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{url}: {e}"))?;
-        let conn = rustls::ClientConnection::new(config, name).map_err(|e| format!("{url}: {e}"))?;
+        let conn =
+            rustls::ClientConnection::new(config, name).map_err(|e| format!("{url}: {e}"))?;
         let mut s = rustls::StreamOwned::new(conn, sock);
-        s.write_all(req.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("{url}: {e}"))?;
         read_all(&mut s, url)?
     } else {
         let mut s = sock;
-        s.write_all(req.as_bytes()).map_err(|e| format!("{url}: {e}"))?;
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("{url}: {e}"))?;
         read_all(&mut s, url)?
     };
     let text = String::from_utf8(raw).map_err(|_| format!("{url}: not UTF-8"))?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or(format!("{url}: not an HTTP response"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or(format!("{url}: not an HTTP response"))?;
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status != "200" {
         return Err(format!("{url}: HTTP {status}"));
@@ -88,10 +94,11 @@ fn read_all(s: &mut impl Read, url: &str) -> Result<Vec<u8>, String> {
 fn client_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
     let path = ca.unwrap_or(Path::new(SYSTEM_CAS));
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
-        if let Ok(c) = c {
-            let _ = roots.add(c);
-        }
+    for c in CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .flatten()
+    {
+        let _ = roots.add(c);
     }
     if roots.is_empty() {
         return Err(format!("{}: no CA certificates", path.display()));

@@ -125,10 +125,16 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         let identity = match authenticate(&mut client, &mut head, route, &w, &cur) {
             Ok(id) => id,
             Err(e) => {
-                let close = !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
+                let close = !head.keep_alive
+                    || head.body_kind() != codec::BodyKind::Empty
+                    || w.draining.get();
                 log_rejected(&w, &cur, &rid, peer, e);
                 client.consume(head.head_len);
-                w.metrics.inc(&w.metrics.requests, &[&route.name, status_label(e.status())], 1);
+                w.metrics.inc(
+                    &w.metrics.requests,
+                    &[&route.name, status_label(e.status())],
+                    1,
+                );
                 respond_error(&mut client, &cur, e, &rid, close, head.is_head, &mut out).await;
                 if close {
                     linger = true;
@@ -202,13 +208,30 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         };
         // Stage: authz — may this identity use this model? (Needs the model
         // the validate stage found, hence here.)
-        if let Err(e) = authorize(&identity, verdict.model.as_ref().map(|(m, _)| m.as_str()).unwrap_or(""), route, &w, &cur, &rid, peer) {
+        if let Err(e) = authorize(
+            &identity,
+            verdict
+                .model
+                .as_ref()
+                .map(|(m, _)| m.as_str())
+                .unwrap_or(""),
+            route,
+            &w,
+            &cur,
+            &rid,
+            peer,
+        ) {
             // The body (if any) was read by validate only when buffered: close otherwise.
             let close = !head.keep_alive
-                || !matches!(verdict.admitted, validate::Admitted::Buffered(_) | validate::Admitted::Answer(_))
-                    && head.body_kind() != codec::BodyKind::Empty
+                || !matches!(
+                    verdict.admitted,
+                    validate::Admitted::Buffered(_) | validate::Admitted::Answer(_)
+                ) && head.body_kind() != codec::BodyKind::Empty
                 || w.draining.get();
-            if matches!(verdict.admitted, validate::Admitted::Stream | validate::Admitted::Answer(_)) {
+            if matches!(
+                verdict.admitted,
+                validate::Admitted::Stream | validate::Admitted::Answer(_)
+            ) {
                 client.consume(head.head_len);
             }
             w.metrics.inc(&w.metrics.requests, &[&route.name, "403"], 1);
@@ -415,20 +438,25 @@ fn authenticate(
     if route.anonymous {
         // Still strip client-supplied identity headers on anonymous routes.
         let _ = authn.authenticate(client.pending(), head, &[], None, &w.token_cache);
-        w.metrics.inc(&w.metrics.authn, &[&route.name, "anonymous", "ok"], 1);
+        w.metrics
+            .inc(&w.metrics.authn, &[&route.name, "anonymous", "ok"], 1);
         return Ok(None);
     }
     let tls = client.tls_session();
     let buf = client.pending();
     match authn.authenticate(buf, head, &route.auth, tls, &w.token_cache) {
         Ok(id) => {
-            w.metrics.inc(&w.metrics.authn, &[&route.name, id.method, "ok"], 1);
+            w.metrics
+                .inc(&w.metrics.authn, &[&route.name, id.method, "ok"], 1);
             Ok(Some(id))
         }
         Err(e) => {
-            w.metrics.inc(&w.metrics.authn, &[&route.name, "none", e.reason], 1);
+            w.metrics
+                .inc(&w.metrics.authn, &[&route.name, "none", e.reason], 1);
             tracing::info!(target: "audit", route = route.name.as_str(), reason = e.reason, "authentication refused");
-            Err(ProxyError::Client(ClientError::Unauthenticated { challenge: e.challenge() }))
+            Err(ProxyError::Client(ClientError::Unauthenticated {
+                challenge: e.challenge(),
+            }))
         }
     }
 }
@@ -453,11 +481,13 @@ fn authorize(
     let id = identity.as_ref().unwrap_or(&anon);
     match authz.decide(id, model, "infer") {
         Some(rule) => {
-            w.metrics.inc(&w.metrics.authz, &[&route.name, "allow", rule], 1);
+            w.metrics
+                .inc(&w.metrics.authz, &[&route.name, "allow", rule], 1);
             Ok(())
         }
         None => {
-            w.metrics.inc(&w.metrics.authz, &[&route.name, "deny", ""], 1);
+            w.metrics
+                .inc(&w.metrics.authz, &[&route.name, "deny", ""], 1);
             tracing::warn!(target: "audit", request_id = rid, client = %peer.ip(), route = route.name.as_str(),
                 principal = id.principal.as_str(), tenant = id.tenant.as_str(), method = id.method, model,
                 decision = "deny", "no authorization rule allows this request");

@@ -110,6 +110,12 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
     }
     let _detach = DetachOnExit(front_door.clone());
     spawn_tls_watch(&r, metrics.clone())?;
+    if let Some(a) = &r.authn {
+        a.spawn_refresher()
+            .map_err(|e| RunError::Startup(format!("cannot start the JWKS refresher: {e}")))?;
+    } else {
+        tracing::warn!("no authentication configured ([authn]): every route is open to anyone who can reach it");
+    }
     let control = Arc::new(Control {
         current: Mutex::new((0, Arc::new(r.clone()))),
         event: event_listener::Event::new(),
@@ -124,19 +130,16 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         draining: AtomicBool::new(false),
     });
 
-    let tls_reload: admin::TlsReload = {
+    let current: admin::Current = {
         let control = control.clone();
-        Box::new(move || {
-            let (_, r) = control.snapshot();
-            r.tls.as_ref().map(|t| t.resolver.reload())
-        })
+        Box::new(move || control.snapshot().1)
     };
     admin::spawn(
         r.admin,
         metrics.clone(),
         health.clone(),
         front_door.clone(),
-        tls_reload,
+        current,
     )
     .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))?;
 
@@ -240,6 +243,11 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
                 }) {
                     Ok(new) => {
                         front_door.apply(&new);
+                        if let Some(a) = &new.authn {
+                            if let Err(e) = a.spawn_refresher() {
+                                tracing::error!(error = %e, "cannot start the JWKS refresher for the reloaded config");
+                            }
+                        }
                         let generation = control.publish(new);
                         metrics.config_reloads.with_label_values(&["ok"]).inc();
                         metrics.config_generation.set(generation as i64);

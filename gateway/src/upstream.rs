@@ -418,7 +418,10 @@ async fn exchange(
                 cur.shared.trust_forwarded,
                 up.addr,
                 Some(b.body.len() as u64),
-                cur.shared.authn.as_ref().map(|_| &cur.shared.authn_settings),
+                cur.shared
+                    .authn
+                    .as_ref()
+                    .map(|_| &cur.shared.authn_settings),
                 out,
             );
             out.extend_from_slice(&b.body);
@@ -429,7 +432,10 @@ async fn exchange(
                 cur.shared.trust_forwarded,
                 up.addr,
                 None,
-                cur.shared.authn.as_ref().map(|_| &cur.shared.authn_settings),
+                cur.shared
+                    .authn
+                    .as_ref()
+                    .map(|_| &cur.shared.authn_settings),
                 out,
             );
         }

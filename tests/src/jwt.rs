@@ -53,15 +53,33 @@ impl SigningKey {
     pub fn rs256(kid: &str, dir: &Path) -> SigningKey {
         let key = dir.join(format!("{kid}.rsa.pem"));
         let run = |args: &[&str]| {
-            let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8(out.stdout).unwrap()
         };
         let k = key.to_str().unwrap();
-        run(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", k]);
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            k,
+        ]);
         let modulus = run(&["rsa", "-in", k, "-noout", "-modulus"]);
         let hex = modulus.trim().trim_start_matches("Modulus=");
-        let n: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
         let public_pem = run(&["rsa", "-in", k, "-pubout"]);
         let jwk = serde_json::json!({
             "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
@@ -86,11 +104,15 @@ impl SigningKey {
 
 /// A JWKS document with these keys' public halves.
 pub fn jwks(keys: &[&SigningKey]) -> String {
-    serde_json::json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() }).to_string()
+    serde_json::json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() })
+        .to_string()
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// Standard claims for `sub` at `iss`/`aud`, valid for an hour.

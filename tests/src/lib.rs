@@ -5,9 +5,9 @@
 pub mod backend;
 pub mod client;
 pub mod gateway;
+pub mod jwt;
 pub mod netns;
 pub mod packet;
-pub mod jwt;
 pub mod tls;
 
 pub use backend::Backend;
