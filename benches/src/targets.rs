@@ -76,6 +76,21 @@ pub struct Tools {
     pub gateway: Option<PathBuf>,
 }
 
+impl Tools {
+    /// Look the programs up; the gateway is `$GATEWAY_BIN` or `target/release/gateway`.
+    pub fn find(target_dir: &Path) -> Tools {
+        let gateway_bin = std::env::var_os("GATEWAY_BIN")
+            .map_or_else(|| target_dir.join("release/gateway"), PathBuf::from);
+        Tools {
+            nginx: crate::procs::find_program("nginx"),
+            haproxy: crate::procs::find_program("haproxy"),
+            wrk: crate::procs::find_program("wrk"),
+            taskset: crate::procs::find_program("taskset"),
+            gateway: gateway_bin.is_file().then_some(gateway_bin),
+        }
+    }
+}
+
 /// Where each process runs: the backend and wrk share one CPU, the proxy
 /// under test gets the other to itself. `None`: not pinned (one CPU only).
 #[derive(Debug, Clone, Copy)]

@@ -27,7 +27,10 @@ const SCRIPT: &str = r#"-- Written by loadbench: a chat-completion POST, and one
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '__BODY__'
+"#;
 
+/// wrk's `done` hook: the summary as one JSON line after [`MARKER`].
+const DONE: &str = r#"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -42,9 +45,14 @@ end
 "#;
 
 pub fn write_script(run_dir: &Path) -> Result<PathBuf> {
-    let p = run_dir.join("report.lua");
-    fs::write(&p, SCRIPT.replace("__BODY__", REQUEST_BODY))
-        .map_err(|e| format!("{}: {e}", p.display()))?;
+    write_custom_script(run_dir, "report.lua", &SCRIPT.replace("__BODY__", REQUEST_BODY))
+}
+
+/// A wrk script of `requests` (Lua that sets up the requests) plus the
+/// summary hook every run parses.
+pub fn write_custom_script(run_dir: &Path, name: &str, requests: &str) -> Result<PathBuf> {
+    let p = run_dir.join(name);
+    fs::write(&p, format!("{requests}\n{DONE}")).map_err(|e| format!("{}: {e}", p.display()))?;
     Ok(p)
 }
 
@@ -111,6 +119,10 @@ pub struct Load<'a> {
     pub cpu: Option<usize>,
     pub script: &'a Path,
     pub connections: u32,
+    /// "http", or "https" (wrk's OpenSSL client; keep-alive, one handshake per connection).
+    pub scheme: &'a str,
+    /// The request target.
+    pub path: &'a str,
 }
 
 impl Load<'_> {
@@ -125,7 +137,7 @@ impl Load<'_> {
             "-s",
         ])
         .arg(self.script)
-        .arg(format!("http://{addr}/v1/chat/completions"))
+        .arg(format!("{}://{addr}{}", self.scheme, self.path))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

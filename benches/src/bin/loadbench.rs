@@ -174,15 +174,8 @@ fn run(s: &Settings) -> Result {
     fs::create_dir_all(&run_dir)
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
 
-    let gateway_bin = env::var_os("GATEWAY_BIN")
-        .map_or_else(|| target_dir.join("release/gateway"), PathBuf::from);
-    let tools = Tools {
-        nginx: procs::find_program("nginx"),
-        haproxy: procs::find_program("haproxy"),
-        wrk: procs::find_program("wrk"),
-        taskset: procs::find_program("taskset"),
-        gateway: gateway_bin.is_file().then_some(gateway_bin.clone()),
-    };
+    let tools = Tools::find(&target_dir);
+    let gateway_bin = tools.gateway.clone().unwrap_or_else(|| target_dir.join("release/gateway"));
     let wrk_bin = tools
         .wrk
         .clone()
@@ -351,6 +344,8 @@ fn run(s: &Settings) -> Result {
         cpu: place.client_cpu,
         script: &script,
         connections: s.connections,
+        scheme: "http",
+        path: "/v1/chat/completions",
     };
 
     let started_at = SystemTime::now();
