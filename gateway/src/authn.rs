@@ -138,6 +138,8 @@ pub struct Authn {
     api_keys: RwLock<Arc<KeyTable>>,
     /// mTLS certificate fingerprint (SHA-256 of the leaf DER) → client.
     mtls: HashMap<[u8; 32], Arc<KeyClient>>,
+    /// JWT claims the authorization rules test.
+    policy_claims: Vec<String>,
 }
 
 impl std::fmt::Debug for Authn {
@@ -282,18 +284,9 @@ impl Issuer {
     }
 }
 
-/// Claims the gateway reads; the rest are kept as strings for policies.
-#[derive(serde::Deserialize)]
-struct Claims {
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    exp: Option<u64>,
-    #[serde(default)]
-    iat: Option<u64>,
-    #[serde(flatten)]
-    rest: HashMap<String, serde_json::Value>,
-}
+/// A token's payload (parsed once into a map: serde's `flatten` would buffer
+/// it twice).
+type Claims = serde_json::Map<String, serde_json::Value>;
 
 /// API keys revoked through the admin API in this process (kept across
 /// config reloads, which rebuild the key table).
@@ -333,7 +326,7 @@ fn now_unix() -> u64 {
 impl Authn {
     /// Build from `[authn]`: API keys, mTLS clients, issuers (their keys are
     /// loaded now: a bad JWKS file or unreachable URL fails the start).
-    pub fn new(s: &AuthnSettings) -> Result<Authn, String> {
+    pub fn new(s: &AuthnSettings, policy_claims: Vec<String>) -> Result<Authn, String> {
         let mut table = KeyTable::default();
         for (i, k) in s.api_keys.iter().enumerate() {
             let client = Arc::new(KeyClient {
@@ -435,6 +428,7 @@ impl Authn {
             issuers,
             api_keys: RwLock::new(Arc::new(table)),
             mtls,
+            policy_claims,
         })
     }
 
@@ -451,7 +445,7 @@ impl Authn {
         accepted: &[AuthMethod],
         tls: Option<&rustls::ServerConnection>,
         cache: &RefCell<TokenCache>,
-    ) -> Result<Identity, AuthnError> {
+    ) -> Result<Arc<Identity>, AuthnError> {
         let mut bearer: Option<&[u8]> = None;
         let mut api_key: Option<&[u8]> = None;
         let key_header = self.settings.api_key_header.as_bytes();
@@ -499,7 +493,7 @@ impl Authn {
                 .and_then(|c| c.first())
             {
                 let fp = sha256(leaf.as_ref());
-                return Ok(match self.mtls.get(&fp) {
+                return Ok(Arc::new(match self.mtls.get(&fp) {
                     Some(c) => Identity {
                         principal: c.client.clone(),
                         tenant: c.tenant.clone(),
@@ -514,7 +508,7 @@ impl Authn {
                         method: "mtls",
                         claims: Vec::new(),
                     },
-                });
+                }));
             }
         }
         if bearer.is_some() || api_key.is_some() {
@@ -531,7 +525,7 @@ impl Authn {
             .any(|n| !n.is_empty() && name.eq_ignore_ascii_case(n.as_bytes()))
     }
 
-    fn check_api_key(&self, key: &[u8]) -> Result<Identity, AuthnError> {
+    fn check_api_key(&self, key: &[u8]) -> Result<Arc<Identity>, AuthnError> {
         if key.is_empty() || key.len() > self.settings.max_token_bytes {
             return Err(AuthnError::invalid("bad_api_key"));
         }
@@ -544,22 +538,22 @@ impl Authn {
         // The map compares digests (which say nothing about the key); the
         // final check is constant-time anyway.
         match table.by_digest.get_key_value(&digest) {
-            Some((stored, c)) if ct_eq(stored, &digest) => Ok(Identity {
+            Some((stored, c)) if ct_eq(stored, &digest) => Ok(Arc::new(Identity {
                 principal: c.client.clone(),
                 tenant: c.tenant.clone(),
                 roles: c.roles.clone(),
                 method: "api_key",
                 claims: Vec::new(),
-            }),
+            })),
             _ => Err(AuthnError::invalid("unknown_api_key")),
         }
     }
 
-    fn verify_jwt(&self, token: &str, cache: &RefCell<TokenCache>) -> Result<Identity, AuthnError> {
+    fn verify_jwt(&self, token: &str, cache: &RefCell<TokenCache>) -> Result<Arc<Identity>, AuthnError> {
         let now = now_unix();
         if let Some(c) = cache.borrow().map.get(token) {
             if now < c.exp {
-                return Ok((*c.identity).clone());
+                return Ok(c.identity.clone());
             }
         }
         let header = jsonwebtoken::decode_header(token)
@@ -603,10 +597,11 @@ impl Authn {
                 Ok(data) => {
                     let c = data.claims;
                     let leeway = issuer.cfg.leeway.as_secs();
-                    if c.iat.is_some_and(|iat| iat > now + leeway) {
+                    let int = |k: &str| c.get(k).and_then(serde_json::Value::as_u64);
+                    if int("iat").is_some_and(|iat| iat > now + leeway) {
                         return Err(AuthnError::invalid("issued_in_future"));
                     }
-                    let exp = c.exp.unwrap_or(0);
+                    let exp = int("exp").unwrap_or(0);
                     let identity = Arc::new(self.identity_from(issuer, c));
                     let mut cache = cache.borrow_mut();
                     if cache.map.len() >= cache.max {
@@ -623,7 +618,7 @@ impl Authn {
                             exp,
                         },
                     );
-                    return Ok((*identity).clone());
+                    return Ok(identity);
                 }
                 Err(e) => {
                     use jsonwebtoken::errors::ErrorKind as K;
@@ -651,22 +646,22 @@ impl Authn {
             _ => None,
         };
         let tenant = c
-            .rest
             .get(&issuer.cfg.tenant_claim)
             .and_then(s)
             .unwrap_or_default();
-        let roles = match c.rest.get(&issuer.cfg.roles_claim) {
+        let roles = match c.get(&issuer.cfg.roles_claim) {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(s).collect(),
             Some(serde_json::Value::String(r)) => r.split_whitespace().map(String::from).collect(),
             _ => Vec::new(),
         };
-        let claims = c
-            .rest
+        // Only the claims a policy looks at travel with the identity.
+        let claims = self
+            .policy_claims
             .iter()
-            .filter_map(|(k, v)| Some((k.clone(), s(v)?)))
+            .filter_map(|k| Some((k.clone(), s(c.get(k)?)?)))
             .collect();
         Identity {
-            principal: c.sub.unwrap_or_default(),
+            principal: c.get("sub").and_then(s).unwrap_or_default(),
             tenant,
             roles,
             method: "jwt",

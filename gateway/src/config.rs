@@ -1363,7 +1363,15 @@ impl Config {
                 "max_token_bytes must be at least 256 and token_cache_entries at least 1".into(),
             );
         }
-        let authn = match crate::authn::Authn::new(&authn_settings) {
+        let policy_claims: Vec<String> = self
+            .authz
+            .rules
+            .iter()
+            .flat_map(|r| r.claims.keys().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let authn = match crate::authn::Authn::new(&authn_settings, policy_claims) {
             Ok(a) if a.configured() => Some(Arc::new(a)),
             Ok(_) => None,
             Err(e) => {

@@ -277,7 +277,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         // Stage 5: upstream.
         let req = Request {
             head: &head,
-            identity: identity.as_ref(),
+            identity: identity.as_deref(),
             tls: client.tls_session().is_some(),
             buffered,
             continue_sent: verdict.continue_sent,
@@ -431,7 +431,7 @@ fn authenticate(
     route: &crate::route::Route,
     w: &Worker,
     cur: &Current,
-) -> Result<Option<crate::authn::Identity>, ProxyError> {
+) -> Result<Option<std::sync::Arc<crate::authn::Identity>>, ProxyError> {
     let Some(authn) = cur.shared.authn.as_ref() else {
         return Ok(None);
     };
@@ -463,7 +463,7 @@ fn authenticate(
 
 /// The authz stage: allowed (a rule matched, or nothing is configured) or 403.
 fn authorize(
-    identity: &Option<crate::authn::Identity>,
+    identity: &Option<std::sync::Arc<crate::authn::Identity>>,
     model: &str,
     route: &crate::route::Route,
     w: &Worker,
@@ -478,7 +478,7 @@ fn authorize(
         return Ok(());
     }
     let anon = crate::authn::Identity::anonymous();
-    let id = identity.as_ref().unwrap_or(&anon);
+    let id = identity.as_deref().unwrap_or(&anon);
     match authz.decide(id, model, "infer") {
         Some(rule) => {
             w.metrics

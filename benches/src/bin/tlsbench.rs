@@ -187,6 +187,21 @@ fn wait_tcp(server: &mut Server, addr: SocketAddr) -> Result {
     Err(format!("{addr} not listening: {}", server.log_tail(10)))
 }
 
+/// `gateway_tls_handshakes_total`, summed, from the admin listener.
+fn gateway_handshakes(admin: SocketAddr) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_secs(2)) else {
+        return 0;
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with("gateway_tls_handshakes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 struct Run {
     scenario: Scenario,
     target: &'static str,
@@ -264,6 +279,7 @@ fn run() -> Result {
                 let cpu0 = server.cpu_seconds(true).unwrap_or(0.0);
                 let r = load.run(addr, duration)?;
                 let cpu1 = server.cpu_seconds(true).unwrap_or(0.0);
+                let handshakes = (target == "gateway").then(|| gateway_handshakes(ports.gateway_admin()));
                 drop(server);
                 if r.non_2xx > 0 || r.socket_errors() > 0 {
                     return Err(format!(
@@ -277,6 +293,10 @@ fn run() -> Result {
                     eprintln!("tlsbench: warning: {target} served more requests than distinct tokens; some repeated");
                 }
                 let cpu_us_per_req = (cpu1 - cpu0) * 1e6 / r.requests.max(1) as f64;
+                if let Some(h) = handshakes {
+                    // Keep-alive: one handshake per wrk connection, not per request.
+                    eprintln!("tlsbench: gateway did {h} TLS handshakes for {} requests", r.requests);
+                }
                 runs.push(Run { scenario, target, r, cpu_us_per_req });
             }
         }
