@@ -45,7 +45,11 @@ end
 "#;
 
 pub fn write_script(run_dir: &Path) -> Result<PathBuf> {
-    write_custom_script(run_dir, "report.lua", &SCRIPT.replace("__BODY__", REQUEST_BODY))
+    write_custom_script(
+        run_dir,
+        "report.lua",
+        &SCRIPT.replace("__BODY__", REQUEST_BODY),
+    )
 }
 
 /// A wrk script of `requests` (Lua that sets up the requests) plus the

@@ -549,7 +549,11 @@ impl Authn {
         }
     }
 
-    fn verify_jwt(&self, token: &str, cache: &RefCell<TokenCache>) -> Result<Arc<Identity>, AuthnError> {
+    fn verify_jwt(
+        &self,
+        token: &str,
+        cache: &RefCell<TokenCache>,
+    ) -> Result<Arc<Identity>, AuthnError> {
         let now = now_unix();
         if let Some(c) = cache.borrow().map.get(token) {
             if now < c.exp {

@@ -332,3 +332,77 @@ fn silent_and_plaintext_clients_are_cut_off() {
         ) >= 1.0
     );
 }
+
+#[test]
+fn testssl_finds_no_weak_protocol_cipher_or_vulnerability() {
+    let p = pki();
+    let (_g, addr, _b) = start(&p, Driver::Auto, "");
+    let json = p.dir.join("testssl.json");
+    let out = std::process::Command::new("testssl")
+        .args([
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+            "--ip",
+            "one",
+            "-p",
+            "-s",
+            "-f",
+            "-U",
+            "-S",
+            "--jsonfile",
+        ])
+        .arg(&json)
+        .arg(addr.to_string())
+        .output()
+        .expect("testssl (Debian package testssl.sh; `cargo xtask setup` installs it)");
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|_| {
+        panic!(
+            "testssl wrote no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(
+        findings.len() > 30,
+        "testssl ran its checks: {} findings",
+        findings.len()
+    );
+    // The test CA's certificate is untrusted, has no OCSP/CRL and no CAA record:
+    // those findings are about the test PKI, not the gateway.
+    let about_test_pki =
+        |id: &str| id.starts_with("cert_") || id.starts_with("DNS_CAA") || id == "OCSP_stapling";
+    let bad: Vec<String> = findings
+        .iter()
+        .filter(|f| {
+            matches!(
+                f["severity"].as_str(),
+                Some("LOW" | "MEDIUM" | "HIGH" | "CRITICAL")
+            )
+        })
+        .filter(|f| !about_test_pki(f["id"].as_str().unwrap_or("")))
+        .map(|f| format!("{} [{}]: {}", f["id"], f["severity"], f["finding"]))
+        .collect();
+    assert!(bad.is_empty(), "testssl findings: {bad:#?}");
+    let offered = |id: &str| {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .map(|f| f["finding"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    for old in ["SSLv2", "SSLv3", "TLS1", "TLS1_1"] {
+        assert!(
+            offered(old).contains("not offered"),
+            "{old}: {}",
+            offered(old)
+        );
+    }
+    assert!(
+        offered("TLS1_3").contains("offered"),
+        "TLS 1.3: {}",
+        offered("TLS1_3")
+    );
+}

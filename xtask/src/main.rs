@@ -22,6 +22,9 @@ commands:
                         LLVM 22), nightly rust-src, bpf-linker (the XDP program's toolchain)
   test                  setup, release builds, the whole test suite, and compile the criterion benches
   run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
+  bench tls [--rounds N] [--duration SECS] [--connections C]
+                        TLS 1.3 termination vs HAProxy 2.6 (one pinned thread each): TLS only, + ES256 JWT with
+                        a distinct token per request, + ES256 JWT from a hot set (target/bench/tls.json)
   bench xdp [--pps N] [--seconds S]
                         SYN flood from one netns to the gateway's, dropped by XDP vs nftables vs the
                         userspace fallback: pps, softirq ns/packet, legitimate goodput kept (target/bench/xdp.json)
@@ -130,6 +133,24 @@ const PREREQS: &[Prereq] = &[
         check: || on_path("nft")(),
         install: Install::Apt(&["nftables"]),
         why: "XDP bench peer (nftables drop)",
+    },
+    Prereq {
+        name: "bpftool",
+        check: || on_path("bpftool")(),
+        install: Install::Apt(&["bpftool"]),
+        why: "XDP bench: the program's own run time",
+    },
+    Prereq {
+        name: "testssl",
+        check: || on_path("testssl")(),
+        install: Install::Apt(&["testssl.sh"]),
+        why: "TLS test: no weak protocol, cipher or known vulnerability",
+    },
+    Prereq {
+        name: "openssl",
+        check: || on_path("openssl")(),
+        install: Install::Apt(&["openssl"]),
+        why: "tests: RSA keys",
     },
     Prereq {
         name: "llvm-22",
@@ -432,6 +453,24 @@ fn bench(args: &[String]) -> Result {
     setup()?;
     if args.first().map(String::as_str) == Some("xdp") {
         return bench_xdp(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("tls") {
+        build_gateway()?;
+        run_step(&mut cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "gateway-benches",
+            "--bin",
+            "tlsbench",
+        ]))?;
+        let target = target_dir();
+        let mut cmd = Command::new(target.join("release/tlsbench"));
+        cmd.args(&args[1..])
+            .args(["--out", &target.join("bench").display().to_string()])
+            .env("GATEWAY_BIN", target.join("release/gateway"))
+            .current_dir(workspace_root());
+        return run_step(&mut cmd);
     }
     build_gateway()?;
     let mut cmd = cargo(&[

@@ -175,7 +175,10 @@ fn run(s: &Settings) -> Result {
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
 
     let tools = Tools::find(&target_dir);
-    let gateway_bin = tools.gateway.clone().unwrap_or_else(|| target_dir.join("release/gateway"));
+    let gateway_bin = tools
+        .gateway
+        .clone()
+        .unwrap_or_else(|| target_dir.join("release/gateway"));
     let wrk_bin = tools
         .wrk
         .clone()

@@ -80,7 +80,11 @@ fn prepare(dir: &Path) -> Result<Files> {
     let make = |n: usize, tag: &str| -> String {
         let mut out = String::with_capacity(n * 300);
         for i in 0..n {
-            let _ = writeln!(out, "{}", sk.sign(&claims(ISS, AUD, &format!("{tag}-{i}"), "bench")));
+            let _ = writeln!(
+                out,
+                "{}",
+                sk.sign(&claims(ISS, AUD, &format!("{tag}-{i}"), "bench"))
+            );
         }
         out
     };
@@ -89,14 +93,27 @@ fn prepare(dir: &Path) -> Result<Files> {
     std::fs::write(&distinct, make(DISTINCT, "user")).map_err(|e| e.to_string())?;
     let hot = dir.join("tokens-hot.txt");
     std::fs::write(&hot, make(HOT, "hot")).map_err(|e| e.to_string())?;
-    Ok(Files { dir: dir.to_path_buf(), cert, key, combined, jwks: jwks_path, pubkey, distinct, hot })
+    Ok(Files {
+        dir: dir.to_path_buf(),
+        cert,
+        key,
+        combined,
+        jwks: jwks_path,
+        pubkey,
+        distinct,
+        hot,
+    })
 }
 
 fn script(f: &Files, s: Scenario) -> Result<PathBuf> {
     let requests = match s {
         Scenario::Tls => "wrk.method = \"GET\"\n".to_string(),
         _ => {
-            let file = if s == Scenario::JwtHot { &f.hot } else { &f.distinct };
+            let file = if s == Scenario::JwtHot {
+                &f.hot
+            } else {
+                &f.distinct
+            };
             format!(
                 "local tokens = {{}}\n\
                  for line in io.lines(\"{}\") do tokens[#tokens + 1] = line end\n\
@@ -113,7 +130,13 @@ fn script(f: &Files, s: Scenario) -> Result<PathBuf> {
     wrk::write_custom_script(&f.dir, &format!("{}.lua", s.name()), &requests)
 }
 
-fn start_gateway(tools: &Tools, place: Placement, f: &Files, s: Scenario, listen: SocketAddr) -> Result<Server> {
+fn start_gateway(
+    tools: &Tools,
+    place: Placement,
+    f: &Files,
+    s: Scenario,
+    listen: SocketAddr,
+) -> Result<Server> {
     let gateway = tools.gateway.as_deref().ok_or("gateway binary not found")?;
     let auth = if s.jwt() {
         format!(
@@ -141,7 +164,13 @@ fn start_gateway(tools: &Tools, place: Placement, f: &Files, s: Scenario, listen
     Server::spawn("gateway", cmd, &f.dir.join("gateway.log"))
 }
 
-fn start_haproxy(tools: &Tools, place: Placement, f: &Files, s: Scenario, listen: SocketAddr) -> Result<Server> {
+fn start_haproxy(
+    tools: &Tools,
+    place: Placement,
+    f: &Files,
+    s: Scenario,
+    listen: SocketAddr,
+) -> Result<Server> {
     let haproxy = tools.haproxy.as_deref().ok_or("haproxy not found")?;
     let jwt = if s.jwt() {
         format!(
@@ -177,7 +206,10 @@ fn start_haproxy(tools: &Tools, place: Placement, f: &Files, s: Scenario, listen
 fn wait_tcp(server: &mut Server, addr: SocketAddr) -> Result {
     for _ in 0..100 {
         if let Some(st) = server.exited() {
-            return Err(format!("exited during startup ({st}): {}", server.log_tail(10)));
+            return Err(format!(
+                "exited during startup ({st}): {}",
+                server.log_tail(10)
+            ));
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(());
@@ -193,7 +225,10 @@ fn gateway_handshakes(admin: SocketAddr) -> u64 {
     let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_secs(2)) else {
         return 0;
     };
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+    );
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text.lines()
@@ -235,18 +270,36 @@ fn run() -> Result {
     }
     let (rounds, duration) = (rounds.clamp(1, 20), duration.clamp(1, 60));
     // nginx and HAProxy get absolute paths in their configs.
-    let out = std::env::current_dir().map_err(|e| e.to_string())?.join(out);
+    let out = std::env::current_dir()
+        .map_err(|e| e.to_string())?
+        .join(out);
     procs::install_stop_handlers();
     let tools = Tools::find(&out.join(".."));
-    let wrk_bin = tools.wrk.clone().ok_or("wrk not found (cargo xtask setup)")?;
+    let wrk_bin = tools
+        .wrk
+        .clone()
+        .ok_or("wrk not found (cargo xtask setup)")?;
     let cpus = procs::allowed_cpus();
     let ports = Ports { base: 19000 };
     let place = match cpus.as_slice() {
-        [a, b, ..] if tools.taskset.is_some() => Placement { client_cpu: Some(*a), proxy_cpu: Some(*b), ports },
-        _ => Placement { client_cpu: None, proxy_cpu: None, ports },
+        [a, b, ..] if tools.taskset.is_some() => Placement {
+            client_cpu: Some(*a),
+            proxy_cpu: Some(*b),
+            ports,
+        },
+        _ => Placement {
+            client_cpu: None,
+            proxy_cpu: None,
+            ports,
+        },
     };
     let f = prepare(&out.join("tls-run"))?;
-    for a in [ports.backend(), ports.gateway(), ports.haproxy(), ports.gateway_admin()] {
+    for a in [
+        ports.backend(),
+        ports.gateway(),
+        ports.haproxy(),
+        ports.gateway_admin(),
+    ] {
         procs::ensure_port_free(a)?;
     }
     let mut backend = targets::start_backend(&tools, place, &f.dir)?;
@@ -257,8 +310,15 @@ fn run() -> Result {
         for scenario in [Scenario::Tls, Scenario::JwtDistinct, Scenario::JwtHot] {
             let script = script(&f, scenario)?;
             for target in ["gateway", "haproxy"] {
-                eprintln!("tlsbench: round {round}/{rounds} {} {target}", scenario.name());
-                let addr = if target == "gateway" { ports.gateway() } else { ports.haproxy() };
+                eprintln!(
+                    "tlsbench: round {round}/{rounds} {} {target}",
+                    scenario.name()
+                );
+                let addr = if target == "gateway" {
+                    ports.gateway()
+                } else {
+                    ports.haproxy()
+                };
                 let mut server = if target == "gateway" {
                     start_gateway(&tools, place, &f, scenario, addr)?
                 } else {
@@ -279,7 +339,8 @@ fn run() -> Result {
                 let cpu0 = server.cpu_seconds(true).unwrap_or(0.0);
                 let r = load.run(addr, duration)?;
                 let cpu1 = server.cpu_seconds(true).unwrap_or(0.0);
-                let handshakes = (target == "gateway").then(|| gateway_handshakes(ports.gateway_admin()));
+                let handshakes =
+                    (target == "gateway").then(|| gateway_handshakes(ports.gateway_admin()));
                 drop(server);
                 if r.non_2xx > 0 || r.socket_errors() > 0 {
                     return Err(format!(
@@ -295,9 +356,17 @@ fn run() -> Result {
                 let cpu_us_per_req = (cpu1 - cpu0) * 1e6 / r.requests.max(1) as f64;
                 if let Some(h) = handshakes {
                     // Keep-alive: one handshake per wrk connection, not per request.
-                    eprintln!("tlsbench: gateway did {h} TLS handshakes for {} requests", r.requests);
+                    eprintln!(
+                        "tlsbench: gateway did {h} TLS handshakes for {} requests",
+                        r.requests
+                    );
                 }
-                runs.push(Run { scenario, target, r, cpu_us_per_req });
+                runs.push(Run {
+                    scenario,
+                    target,
+                    r,
+                    cpu_us_per_req,
+                });
             }
         }
     }
@@ -311,10 +380,28 @@ fn run() -> Result {
     for scenario in [Scenario::Tls, Scenario::JwtDistinct, Scenario::JwtHot] {
         let mut rps = std::collections::HashMap::new();
         for target in ["gateway", "haproxy"] {
-            let rs: Vec<&Run> = runs.iter().filter(|r| r.scenario == scenario && r.target == target).collect();
-            let m = |f: &dyn Fn(&Run) -> f64| median(rs.iter().map(|r| f(r)).collect()).unwrap_or(f64::NAN);
-            let (q, p50, p99, cpu) = (m(&|r| r.r.rps()), m(&|r| r.r.p50_us / 1000.0), m(&|r| r.r.p99_us / 1000.0), m(&|r| r.cpu_us_per_req));
-            println!("{:<14} {:<8} {:>10.0} {:>9.2} {:>9.2} {:>12.1}", scenario.name(), target, q, p50, p99, cpu);
+            let rs: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.scenario == scenario && r.target == target)
+                .collect();
+            let m = |f: &dyn Fn(&Run) -> f64| {
+                median(rs.iter().map(|r| f(r)).collect()).unwrap_or(f64::NAN)
+            };
+            let (q, p50, p99, cpu) = (
+                m(&|r| r.r.rps()),
+                m(&|r| r.r.p50_us / 1000.0),
+                m(&|r| r.r.p99_us / 1000.0),
+                m(&|r| r.cpu_us_per_req),
+            );
+            println!(
+                "{:<14} {:<8} {:>10.0} {:>9.2} {:>9.2} {:>12.1}",
+                scenario.name(),
+                target,
+                q,
+                p50,
+                p99,
+                cpu
+            );
             rps.insert(target, (q, p99));
             json.push(serde_json::json!({
                 "scenario": scenario.name(), "target": target, "rps": q, "p50_ms": p50, "p99_ms": p99, "cpu_us_per_request": cpu,
@@ -323,18 +410,35 @@ fn run() -> Result {
         }
         let (g, h) = (rps["gateway"], rps["haproxy"]);
         ratios.insert(scenario.name().into(), serde_json::json!({"rps_gateway_over_haproxy": g.0 / h.0, "p99_gateway_over_haproxy": g.1 / h.1}));
-        println!("  {}: gateway ÷ HAProxy req/s {:.2}, p99 {:.2}", scenario.name(), g.0 / h.0, g.1 / h.1);
+        println!(
+            "  {}: gateway ÷ HAProxy req/s {:.2}, p99 {:.2}",
+            scenario.name(),
+            g.0 / h.0,
+            g.1 / h.1
+        );
     }
-    let tls_h = json.iter().find(|j| j["scenario"] == "tls" && j["target"] == "haproxy").and_then(|j| j["rps"].as_f64()).unwrap_or(f64::NAN);
-    let hot_g = json.iter().find(|j| j["scenario"] == "jwt-hot" && j["target"] == "gateway").and_then(|j| j["rps"].as_f64()).unwrap_or(f64::NAN);
-    println!("  gateway jwt-hot ÷ HAProxy tls-only: {:.2} (bar ≥ 0.8)", hot_g / tls_h);
+    let tls_h = json
+        .iter()
+        .find(|j| j["scenario"] == "tls" && j["target"] == "haproxy")
+        .and_then(|j| j["rps"].as_f64())
+        .unwrap_or(f64::NAN);
+    let hot_g = json
+        .iter()
+        .find(|j| j["scenario"] == "jwt-hot" && j["target"] == "gateway")
+        .and_then(|j| j["rps"].as_f64())
+        .unwrap_or(f64::NAN);
+    println!(
+        "  gateway jwt-hot ÷ HAProxy tls-only: {:.2} (bar ≥ 0.8)",
+        hot_g / tls_h
+    );
     let doc = serde_json::json!({
         "rounds": rounds, "duration_s": duration, "connections": connections,
         "results": json, "ratios": ratios, "gateway_jwt_hot_over_haproxy_tls": hot_g / tls_h,
         "haproxy": tools.haproxy.as_deref().map(|h| procs::version_line(h, &["-v"])),
     });
     let path = out.join("tls.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).map_err(|e| e.to_string())?;
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
+        .map_err(|e| e.to_string())?;
     println!("results: {}", path.display());
     drop(backend);
     Ok(())
