@@ -549,7 +549,8 @@ impl Authn {
         }
     }
 
-    fn verify_jwt(
+    /// Verify a JWT, the per-worker cache first (public for the criterion bench).
+    pub fn verify_jwt(
         &self,
         token: &str,
         cache: &RefCell<TokenCache>,
