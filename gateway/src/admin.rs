@@ -62,6 +62,8 @@ fn handle(
     c.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
+    let mut bearer: Option<Vec<u8>> = None;
+    let mut api_key: Option<Vec<u8>> = None;
     let (method, path, head_len, body_len) = loop {
         let r = c.read(&mut buf[n..])?;
         if r == 0 {
@@ -72,6 +74,23 @@ fn handle(
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..n]) {
             Ok(httparse::Status::Complete(head_len)) => {
+                let key_header = current()
+                    .authn
+                    .as_ref()
+                    .map(|a| a.api_key_header().to_string());
+                for h in req.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("authorization") {
+                        let v = h.value.trim_ascii();
+                        if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
+                            bearer = Some(v[7..].trim_ascii().to_vec());
+                        }
+                    } else if key_header
+                        .as_deref()
+                        .is_some_and(|k| h.name.eq_ignore_ascii_case(k))
+                    {
+                        api_key = Some(h.value.trim_ascii().to_vec());
+                    }
+                }
                 let body_len = req
                     .headers
                     .iter()
@@ -107,6 +126,27 @@ fn handle(
         n += r;
     }
     let body = &buf[head_len..head_len + body_len];
+    // The control plane (blocks, key revocation, certificate reload) needs
+    // the `admin` scope once authentication is configured; metrics and
+    // probes stay open for scrapers and orchestrators.
+    let control_plane =
+        path.starts_with("/xdp/") || path.starts_with("/authn/") || path == "/tls/reload";
+    if control_plane {
+        if let Err((status, why, challenge)) =
+            admin_allowed(current, bearer.as_deref(), api_key.as_deref())
+        {
+            let body = serde_json::json!({"error": why}).to_string();
+            let head = format!(
+                "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}connection: close\r\n\r\n",
+                if status == 401 { "Unauthorized" } else { "Forbidden" },
+                body.len(),
+                challenge.map(|c| format!("www-authenticate: {c}\r\n")).unwrap_or_default()
+            );
+            c.write_all(head.as_bytes())?;
+            c.write_all(body.as_bytes())?;
+            return c.flush();
+        }
+    }
     if path == "/xdp/blocks" || path.starts_with("/xdp/") {
         let (status, json) = xdp_api(&method, path, body, front_door);
         return respond(
@@ -323,5 +363,47 @@ fn authn_api(
         }
         (_, "/authn/keys") | (_, "/authn/revoke") => (405, json!({"error": "method not allowed"})),
         _ => (404, json!({"error": "not found"})),
+    }
+}
+
+/// Whether a control-plane request may proceed: always without
+/// authentication configured (keep the listener on loopback then); else it
+/// needs valid credentials (JWT or API key) and a rule granting `admin`.
+fn admin_allowed(
+    current: &Current,
+    bearer: Option<&[u8]>,
+    api_key: Option<&[u8]>,
+) -> Result<(), (u16, &'static str, Option<&'static str>)> {
+    use crate::config::AuthMethod;
+    let r = current();
+    let Some(authn) = r.authn.as_ref() else {
+        return Ok(());
+    };
+    let cache = std::cell::RefCell::new(crate::authn::TokenCache::new(1));
+    let id = authn
+        .authenticate_credentials(
+            bearer,
+            api_key,
+            &[AuthMethod::Jwt, AuthMethod::ApiKey],
+            None,
+            &cache,
+        )
+        .map_err(|e| {
+            tracing::warn!(target: "audit", reason = e.reason, "admin API: authentication refused");
+            (
+                401,
+                "valid credentials with the admin scope are required",
+                Some(e.challenge()),
+            )
+        })?;
+    match crate::authz::Authz::new(&r.config.authz.rules).decide(&id, "", "admin") {
+        Some(rule) => {
+            tracing::info!(target: "audit", principal = id.principal.as_str(), rule, "admin API access");
+            Ok(())
+        }
+        None => {
+            tracing::warn!(target: "audit", principal = id.principal.as_str(), tenant = id.tenant.as_str(), "admin API: no rule grants the admin scope");
+            Err((403, "these credentials do not have the admin scope", None))
+        }
     }
 }

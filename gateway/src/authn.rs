@@ -465,6 +465,24 @@ impl Authn {
                 h.drop = true;
             }
         }
+        self.authenticate_credentials(bearer, api_key, accepted, tls, cache)
+    }
+
+    /// The header name API keys come in (the admin listener reads it too).
+    pub fn api_key_header(&self) -> &str {
+        &self.settings.api_key_header
+    }
+
+    /// Authenticate from the credentials a request carried: the
+    /// `Authorization: Bearer` value and the API-key header's.
+    pub fn authenticate_credentials<'a>(
+        &self,
+        bearer: Option<&'a [u8]>,
+        mut api_key: Option<&'a [u8]>,
+        accepted: &[AuthMethod],
+        tls: Option<&rustls::ServerConnection>,
+        cache: &RefCell<TokenCache>,
+    ) -> Result<Arc<Identity>, AuthnError> {
         let accepts = |m: AuthMethod| accepted.contains(&m);
         // A bearer that looks like a JWT (three dot-separated parts) is a JWT;
         // otherwise a bearer is an API key (OpenAI clients send keys that way).

@@ -49,6 +49,15 @@ pub enum Command {
         /// The running gateway's admin address (admin.listen).
         #[arg(long, default_value = "127.0.0.1:9901", global = true)]
         admin: String,
+        /// A JWT or API key with the admin scope, sent as `Authorization: Bearer`
+        /// (needed once [authn] is configured).
+        #[arg(
+            long,
+            env = "GATEWAY_ADMIN_BEARER",
+            global = true,
+            hide_env_values = true
+        )]
+        bearer: Option<String>,
         #[command(subcommand)]
         command: XdpCommand,
     },
@@ -135,12 +144,16 @@ pub fn main() -> i32 {
             }
         },
         Command::Run(args) => run(args),
-        Command::Xdp { admin, command } => xdp_command(&admin, command),
+        Command::Xdp {
+            admin,
+            bearer,
+            command,
+        } => xdp_command(&admin, bearer.as_deref(), command),
     }
 }
 
 /// `gateway xdp ...`: one request to the admin API; prints its JSON answer.
-fn xdp_command(admin: &str, command: XdpCommand) -> i32 {
+fn xdp_command(admin: &str, bearer: Option<&str>, command: XdpCommand) -> i32 {
     let (method, path, body) = match &command {
         XdpCommand::Block { addr, ttl } => {
             let mut b = serde_json::json!({ "addr": addr });
@@ -153,7 +166,7 @@ fn xdp_command(admin: &str, command: XdpCommand) -> i32 {
         XdpCommand::List => ("GET", "/xdp/blocks".to_string(), String::new()),
         XdpCommand::Stats => ("GET", "/xdp/stats".to_string(), String::new()),
     };
-    match admin_request(admin, method, &path, &body) {
+    match admin_request(admin, method, &path, &body, bearer) {
         Ok((status, text)) => {
             let pretty = serde_json::from_str::<serde_json::Value>(&text)
                 .map(|v| serde_json::to_string_pretty(&v).unwrap_or(text.clone()))
@@ -178,6 +191,7 @@ fn admin_request(
     method: &str,
     path: &str,
     body: &str,
+    bearer: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
@@ -187,9 +201,12 @@ fn admin_request(
         .ok_or_else(|| std::io::Error::other("no address"))?;
     let mut c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
     c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let auth = bearer
+        .map(|b| format!("authorization: Bearer {b}\r\n"))
+        .unwrap_or_default();
     write!(
         c,
-        "{method} {path} HTTP/1.1\r\nhost: {admin}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {admin}\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();

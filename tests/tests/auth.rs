@@ -71,6 +71,16 @@ tenant = "acme"
 roles = ["batch"]
 sha256 = ["{k1}", "{k2}"]
 
+[[authn.api_keys]]
+client = "ops"
+roles = ["admin"]
+sha256 = ["{k3}"]
+
+[[authz.rules]]
+id = "ops-admin"
+roles = ["admin"]
+scopes = ["admin"]
+
 [[authz.rules]]
 id = "acme-llama"
 tenants = ["acme"]
@@ -89,6 +99,7 @@ models = ["*"]
 "#,
         k1 = key_digest("key-one-0123456789"),
         k2 = key_digest("key-two-0123456789"),
+        k3 = key_digest("ops-key-0123456789"),
     )
 }
 
@@ -335,11 +346,28 @@ fn api_keys_rotation_revocation_and_route_methods() {
     // Revoke key one through the admin API: refused from the next request on.
     let digest = key_digest("key-one-0123456789");
     let body = format!(r#"{{"sha256":"{digest}"}}"#);
-    let raw = format!(
-        "POST /authn/revoke HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
+    let revoke = |cred: &str| {
+        let raw = format!(
+            "POST /authn/revoke HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n{cred}content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        request(s.g.admin, raw.as_bytes())
+    };
+    // The control plane needs credentials with the admin scope.
+    let r = revoke("");
+    assert_eq!(
+        r.status,
+        401,
+        "no credentials: {}",
+        String::from_utf8_lossy(&r.body)
     );
-    let r = request(s.g.admin, raw.as_bytes());
+    assert!(header(&r, "www-authenticate").is_some());
+    assert_eq!(
+        revoke("x-api-key: key-two-0123456789\r\n").status,
+        403,
+        "a client without the admin scope"
+    );
+    let r = revoke("x-api-key: ops-key-0123456789\r\n");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(String::from_utf8_lossy(&r.body).contains("batch-jobs"));
     assert_eq!(
@@ -352,8 +380,34 @@ fn api_keys_rotation_revocation_and_route_methods() {
         200,
         "the other key still works"
     );
-    let r = request(s.g.admin, raw.as_bytes());
-    assert_eq!(r.status, 404, "revoking twice: not found");
+    assert_eq!(
+        revoke("x-api-key: ops-key-0123456789\r\n").status,
+        404,
+        "revoking twice: not found"
+    );
+    // The CLI passes the credential along.
+    let cli = |bearer: Option<&str>| {
+        let mut c = std::process::Command::new(gateway_tests::gateway::gateway_bin());
+        c.args(["xdp", "list", "--admin", &s.g.admin.to_string()])
+            .env_remove("GATEWAY_ADMIN_BEARER");
+        if let Some(b) = bearer {
+            c.args(["--bearer", b]);
+        }
+        c.output().unwrap()
+    };
+    let out = cli(None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = cli(Some("ops-key-0123456789"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Metrics and probes stay open.
+    assert_eq!(
+        request(s.g.admin, b"GET /readyz HTTP/1.1\r\nhost: a\r\n\r\n").status,
+        200
+    );
 }
 
 #[test]
