@@ -138,6 +138,8 @@ pub struct Authn {
     api_keys: RwLock<Arc<KeyTable>>,
     /// mTLS certificate fingerprint (SHA-256 of the leaf DER) → client.
     mtls: HashMap<[u8; 32], Arc<KeyClient>>,
+    /// mTLS certificate name (URI/DNS/e-mail SAN or CN) → client.
+    mtls_names: HashMap<String, Arc<KeyClient>>,
     /// JWT claims the authorization rules test.
     policy_claims: Vec<String>,
 }
@@ -356,19 +358,29 @@ impl Authn {
             }
         }
         let mut mtls = HashMap::new();
+        let mut mtls_names = HashMap::new();
         for (i, c) in s.mtls_clients.iter().enumerate() {
-            let d = parse_hex32(&c.sha256).ok_or(format!(
-                "authn.mtls_clients[{i}]: `{}` is not a SHA-256 fingerprint",
-                c.sha256
-            ))?;
-            mtls.insert(
-                d,
-                Arc::new(KeyClient {
-                    client: c.client.clone(),
-                    tenant: c.tenant.clone(),
-                    roles: c.roles.clone(),
-                }),
-            );
+            let client = Arc::new(KeyClient {
+                client: c.client.clone(),
+                tenant: c.tenant.clone(),
+                roles: c.roles.clone(),
+            });
+            match (&c.sha256, &c.name) {
+                (Some(fp), None) => {
+                    let d = parse_hex32(fp).ok_or(format!(
+                        "authn.mtls_clients[{i}]: `{fp}` is not a SHA-256 fingerprint"
+                    ))?;
+                    mtls.insert(d, client);
+                }
+                (None, Some(name)) => {
+                    mtls_names.insert(name.clone(), client);
+                }
+                _ => {
+                    return Err(format!(
+                        "authn.mtls_clients[{i}]: give either sha256 or name"
+                    ))
+                }
+            }
         }
         let mut issuers = Vec::new();
         for (i, j) in s.jwt.iter().enumerate() {
@@ -428,13 +440,17 @@ impl Authn {
             issuers,
             api_keys: RwLock::new(Arc::new(table)),
             mtls,
+            mtls_names,
             policy_claims,
         })
     }
 
     /// Whether any method is configured (else every route is anonymous).
     pub fn configured(&self) -> bool {
-        !self.issuers.is_empty() || !self.settings.api_keys.is_empty() || !self.mtls.is_empty()
+        !self.issuers.is_empty()
+            || !self.settings.api_keys.is_empty()
+            || !self.mtls.is_empty()
+            || !self.mtls_names.is_empty()
     }
 
     /// Authenticate a request. `accepted`: the route's methods.
@@ -511,20 +527,38 @@ impl Authn {
                 .and_then(|c| c.first())
             {
                 let fp = sha256(leaf.as_ref());
-                return Ok(Arc::new(match self.mtls.get(&fp) {
+                let subject = crate::x509::subject(leaf.as_ref()).unwrap_or_default();
+                // Policies may test the certificate's names as claims.
+                let claims = self
+                    .policy_claims
+                    .iter()
+                    .filter_map(|k| match k.as_str() {
+                        "cert_cn" => Some((k.clone(), subject.common_name.clone()?)),
+                        "cert_name" => Some((k.clone(), subject.primary()?.to_string())),
+                        _ => None,
+                    })
+                    .collect();
+                let mapped = self
+                    .mtls
+                    .get(&fp)
+                    .or_else(|| subject.names().find_map(|n| self.mtls_names.get(n)));
+                return Ok(Arc::new(match mapped {
                     Some(c) => Identity {
                         principal: c.client.clone(),
                         tenant: c.tenant.clone(),
                         roles: c.roles.clone(),
                         method: "mtls",
-                        claims: Vec::new(),
+                        claims,
                     },
                     None => Identity {
-                        principal: format!("cert:{}", hex(&fp[..16])),
+                        principal: subject
+                            .primary()
+                            .map(String::from)
+                            .unwrap_or_else(|| format!("cert:{}", hex(&fp[..16]))),
                         tenant: String::new(),
                         roles: Vec::new(),
                         method: "mtls",
-                        claims: Vec::new(),
+                        claims,
                     },
                 }));
             }

@@ -152,7 +152,13 @@ pub struct ApiKeyClient {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MtlsClient {
-    pub sha256: String,
+    /// Hex SHA-256 of the certificate's DER (pins one certificate) ...
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// ... or a name the certificate carries: a URI SAN (SPIFFE ID), DNS SAN,
+    /// e-mail SAN or the subject CN (any certificate from the CA with it).
+    #[serde(default)]
+    pub name: Option<String>,
     pub client: String,
     #[serde(default)]
     pub tenant: String,

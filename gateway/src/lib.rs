@@ -26,4 +26,5 @@ pub mod tls;
 pub mod upstream;
 pub mod validate;
 pub mod worker;
+pub mod x509;
 pub mod xdp;

@@ -406,3 +406,39 @@ fn testssl_finds_no_weak_protocol_cipher_or_vulnerability() {
         offered("TLS1_3")
     );
 }
+
+#[test]
+fn client_certificates_authenticate_by_name() {
+    let p = pki();
+    let clients = Ca::new("client CA");
+    std::fs::write(p.dir.join("clients-ca.pem"), &clients.pem).unwrap();
+    let extra = format!(
+        "client_auth = \"required\"\nclient_ca = \"{}/clients-ca.pem\"\n\
+         [[authn.mtls_clients]]\nname = \"svc-a\"\nclient = \"service-a\"\ntenant = \"acme\"\n\
+         [[authz.rules]]\nid = \"any-cert\"\ntenants = [\"*\"]\n",
+        p.dir.display()
+    );
+    let (_g, addr, _b) = start(&p, Driver::Auto, &extra);
+    let echo = |cert: (String, String)| {
+        let mut o = ClientOpts::trusting(&p.ca.pem);
+        o.client_cert = Some(cert);
+        let mut c = connect(addr, "api.test", o.config()).expect("mTLS handshake");
+        let (status, body) = c.get("/who", "api.test").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        (status, v["headers"].clone())
+    };
+    let (status, h) = echo(clients.client("svc-a"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        h["x-gateway-principal"], "service-a",
+        "mapped by the certificate's CN"
+    );
+    assert_eq!(h["x-gateway-tenant"], "acme");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    // An unmapped certificate is still an identity (its name), with no tenant:
+    // the "*" tenant rule needs an authenticated caller, which it is.
+    let (status, h) = echo(clients.client("svc-b"));
+    assert_eq!(status, 200);
+    assert_eq!(h["x-gateway-principal"], "svc-b");
+    assert!(h.get("x-gateway-tenant").is_none());
+}
