@@ -207,20 +207,39 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             }
         };
         // Stage: authz — may this identity use this model? (Needs the model
-        // the validate stage found, hence here.)
-        if let Err(e) = authorize(
-            &identity,
-            verdict
-                .model
-                .as_ref()
-                .map(|(m, _)| m.as_str())
-                .unwrap_or(""),
-            route,
-            &w,
-            &cur,
-            &rid,
-            peer,
-        ) {
+        // the validate stage found, hence here.) The model list is not
+        // refused but filtered: each caller sees the models it may use.
+        let is_list = matches!(verdict.admitted, validate::Admitted::Answer(_));
+        let filtered_list = match (&cur.shared.authz, is_list && !route.anonymous) {
+            (Some(authz), true) => {
+                let anon = crate::authn::Identity::anonymous();
+                let id = identity.as_deref().unwrap_or(&anon);
+                Some(validate::openai::models_list(
+                    &cur.shared.rules.catalog,
+                    |m| authz.decide(id, m, "infer").is_some(),
+                ))
+            }
+            _ => None,
+        };
+        let denied = if is_list {
+            None
+        } else {
+            authorize(
+                &identity,
+                verdict
+                    .model
+                    .as_ref()
+                    .map(|(m, _)| m.as_str())
+                    .unwrap_or(""),
+                route,
+                &w,
+                &cur,
+                &rid,
+                peer,
+            )
+            .err()
+        };
+        if let Some(e) = denied {
             // The body (if any) was read by validate only when buffered: close otherwise.
             let close = !head.keep_alive
                 || !matches!(
@@ -245,7 +264,8 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
 
         let buffered = match &verdict.admitted {
             validate::Admitted::Answer(body) => {
-                // Answered here (GET /v1/models).
+                // Answered here (GET /v1/models), filtered by identity.
+                let body = filtered_list.as_ref().unwrap_or(body);
                 client.consume(head.head_len);
                 let keep = head.keep_alive
                     && head.body_kind() == codec::BodyKind::Empty

@@ -443,6 +443,31 @@ fn authorization_rules_decide_by_tenant_and_model() {
         chat(&s.g, "llama-3-8b", "x-api-key: key-two-0123456789\r\n").status,
         200
     );
+    // GET /v1/models lists what each caller may use.
+    let list = |auth: &str| -> Vec<String> {
+        let r = get(&s.g, "/v1/models", auth);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        echoed(&r)["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(list(&acme), vec!["llama-3-8b"], "acme sees only llama-3-*");
+    let globex = bearer(&s.es.sign(&claims(ISS, AUD, "carol", "globex")));
+    let mut all = list(&globex);
+    all.sort();
+    assert_eq!(
+        all,
+        vec!["llama-3-8b", "mistral-7b"],
+        "globex sees every model"
+    );
+    assert_eq!(
+        get(&s.g, "/v1/models", "").status,
+        401,
+        "the list needs credentials"
+    );
     // Anonymous route: no credentials, no rules.
     assert_eq!(get(&s.g, "/health", "").status, 200);
     // A route without a model: the "anyone-no-model" rule.

@@ -586,7 +586,7 @@ pub async fn admit(
         Protocol::Openai => match openai::endpoint(method, path.as_bytes()) {
             openai::Endpoint::Models => {
                 return Ok(Verdict {
-                    admitted: Admitted::Answer(openai::models_list(&rules.catalog)),
+                    admitted: Admitted::Answer(openai::models_list(&rules.catalog, |_| true)),
                     continue_sent: false,
                     model: None,
                     facts: Default::default(),

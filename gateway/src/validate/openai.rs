@@ -352,9 +352,11 @@ fn prompt_like(v: Option<&Value<'_>>, key: &'static str, required: bool) -> Resu
 
 /// The `GET /v1/models` answer: every enabled model (the authorization stage
 /// will filter this by what the caller may use).
-pub fn models_list(catalog: &Catalog) -> Vec<u8> {
+/// `GET /v1/models`: the enabled models `visible` lets through.
+pub fn models_list(catalog: &Catalog, visible: impl Fn(&str) -> bool) -> Vec<u8> {
     let data: Vec<serde_json::Value> = catalog
         .enabled()
+        .filter(|m| visible(&m.name))
         .map(|m| {
             serde_json::json!({
                 "id": m.name,
@@ -603,7 +605,8 @@ mod tests {
 
     #[test]
     fn models_list_has_only_enabled() {
-        let v: serde_json::Value = serde_json::from_slice(&models_list(&catalog())).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&models_list(&catalog(), |_| true)).unwrap();
         let ids: Vec<&str> = v["data"]
             .as_array()
             .unwrap()
