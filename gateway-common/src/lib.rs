@@ -16,9 +16,9 @@ pub mod maps {
     /// gateway's listening ports, 0 elsewhere. An array, not a hash: the JIT
     /// inlines its lookup.
     pub const PORTS: &str = "PORTS";
-    /// `LruHashMap<IpKey, BlockEntry>`: blocked IPv6 source addresses.
+    /// `HashMap<IpKey, BlockEntry>`: blocked IPv6 source addresses.
     pub const BLOCKLIST: &str = "BLOCKLIST";
-    /// `LruHashMap<[u8; 4], BlockEntry>`: blocked IPv4 source addresses
+    /// `HashMap<[u8; 4], BlockEntry>`: blocked IPv4 source addresses
     /// (network byte order), also matched for IPv4-mapped IPv6 sources. A
     /// 4-byte key hashes in one round instead of three: IPv4 floods are the
     /// common case and this lookup is on every packet.

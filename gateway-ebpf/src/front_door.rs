@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect},
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use gateway_common::{
@@ -28,10 +28,13 @@ use gateway_common::{
 // (`[xdp] max_*` in the config).
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+// Blocklists are plain hashes, not LRU: an LRU map may evict an entry
+// before it is full (per-CPU free lists), silently lifting a block; userspace
+// bounds the count (`[xdp] max_blocked`) and removes expired entries.
 #[map]
-static BLOCKLIST: LruHashMap<IpKey, BlockEntry> = LruHashMap::with_max_entries(65536, 0);
+static BLOCKLIST: HashMap<IpKey, BlockEntry> = HashMap::with_max_entries(65536, 0);
 #[map]
-static BLOCKLIST_V4: LruHashMap<[u8; 4], BlockEntry> = LruHashMap::with_max_entries(65536, 0);
+static BLOCKLIST_V4: HashMap<[u8; 4], BlockEntry> = HashMap::with_max_entries(65536, 0);
 #[map]
 static ALLOWLIST: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 0);
 #[map]
@@ -72,10 +75,58 @@ struct Flow {
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     let (action, counter) = match parse(&ctx) {
         Ok(flow) => decide(&flow),
-        Err(counter) => (xdp_action::XDP_PASS, counter),
+        Err(Unparsed { counter, src: None }) => (xdp_action::XDP_PASS, counter),
+        // Ports unreadable but the source known (a first fragment too short
+        // for its TCP header, an IPv6 header chain longer than we walk): a
+        // blocked source is dropped anyway, or fragmenting would get around
+        // the block; anyone else passes.
+        Err(Unparsed {
+            counter,
+            src: Some(src),
+        }) => match blocked(&src) {
+            Some(reason) => {
+                let enforce = CONFIG.get(0).is_some_and(|c| c.mode == MODE_ENFORCE);
+                count(&BLOCK_DROPS, reason);
+                verdict(enforce, Counter::DropBlocked, Counter::MonitorBlocked)
+            }
+            None => (xdp_action::XDP_PASS, counter),
+        },
     };
     count(&COUNTERS, counter as u32);
     action
+}
+
+/// Why a packet wasn't parsed to its ports, and its source when known.
+struct Unparsed {
+    counter: Counter,
+    src: Option<Src>,
+}
+
+impl From<Counter> for Unparsed {
+    fn from(counter: Counter) -> Self {
+        Unparsed { counter, src: None }
+    }
+}
+
+/// A source address: the 16-byte key, and the IPv4 address for IPv4 (and IPv4-mapped) sources.
+#[derive(Clone, Copy)]
+struct Src {
+    key: IpKey,
+    v4: Option<[u8; 4]>,
+}
+
+/// The reason of an unexpired block on `src`.
+#[inline(always)]
+fn blocked(src: &Src) -> Option<u32> {
+    // SAFETY: copied out at once.
+    let entry = match src.v4 {
+        Some(v4) => unsafe { BLOCKLIST_V4.get(&v4) }.copied(),
+        None => unsafe { BLOCKLIST.get(&src.key) }.copied(),
+    }?;
+    // SAFETY: read-only monotonic clock.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    (now < entry.expires_ns && ALLOWLIST.get(Key::new(128, src.key.addr)).is_none())
+        .then_some(entry.reason)
 }
 
 /// Bench-only packet generator (see `gateway_common::TRAFFIC_PROGRAM`).
@@ -132,7 +183,7 @@ fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn parse(ctx: &XdpContext) -> Result<Flow, Counter> {
+fn parse(ctx: &XdpContext) -> Result<Flow, Unparsed> {
     let eth = load::<ETH_HLEN>(ctx, 0).ok_or(Counter::PassMalformed)?;
     let mut ether_type = be16(&eth, 12);
     let mut l3 = ETH_HLEN;
@@ -148,33 +199,37 @@ fn parse(ctx: &XdpContext) -> Result<Flow, Counter> {
     match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3),
         ETH_P_IPV6 => parse_ipv6(ctx, l3),
-        ETH_P_8021Q | ETH_P_8021AD => Err(Counter::PassOtherProtocol),
-        _ => Err(Counter::PassNotIp),
+        ETH_P_8021Q | ETH_P_8021AD => Err(Counter::PassOtherProtocol.into()),
+        _ => Err(Counter::PassNotIp.into()),
     }
 }
 
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Flow, Counter> {
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Flow, Unparsed> {
     let ip = load::<20>(ctx, l3).ok_or(Counter::PassMalformed)?;
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     if ip[0] >> 4 != 4 || ihl < 20 {
-        return Err(Counter::PassMalformed);
+        return Err(Counter::PassMalformed.into());
     }
     // The whole header, options included, must be there.
     if ctx.data() + l3 + ihl > ctx.data_end() {
-        return Err(Counter::PassMalformed);
+        return Err(Counter::PassMalformed.into());
     }
     if be16(&ip, 6) & 0x1fff != 0 {
         // Not the first fragment: no L4 header to read ports from.
-        return Err(Counter::PassFragment);
+        return Err(Counter::PassFragment.into());
     }
     let v4 = [ip[12], ip[13], ip[14], ip[15]];
-    parse_l4(ctx, l3 + ihl, ip[9], IpKey::v4(v4), Some(v4))
+    let src = Src {
+        key: IpKey::v4(v4),
+        v4: Some(v4),
+    };
+    parse_l4(ctx, l3 + ihl, ip[9], src.key, src.v4).map_err(|c| with_src(c, src))
 }
 
-fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Flow, Counter> {
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Flow, Unparsed> {
     let ip = load::<40>(ctx, l3).ok_or(Counter::PassMalformed)?;
     if ip[0] >> 4 != 6 {
-        return Err(Counter::PassMalformed);
+        return Err(Counter::PassMalformed.into());
     }
     let mut next = ip[6];
     let mut src = [0u8; 16];
@@ -194,7 +249,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Flow, Counter> {
             // Fragment header: 8 octets; only the first fragment carries ports.
             44 => {
                 if be16(&ext, 2) >> 3 != 0 {
-                    return Err(Counter::PassFragment);
+                    return Err(Counter::PassFragment.into());
                 }
                 8
             }
@@ -206,8 +261,29 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Flow, Counter> {
         next = ext[0];
         off += len;
     }
-    let src = IpKey::v6(src);
-    parse_l4(ctx, off, next, src, src.as_v4())
+    let key = IpKey::v6(src);
+    let src = Src {
+        key,
+        v4: key.as_v4(),
+    };
+    if matches!(next, 0 | 43 | 60 | 44 | 51) {
+        // A longer chain than we walk: no ports, but the source is known.
+        return Err(Unparsed {
+            counter: Counter::PassOtherProtocol,
+            src: Some(src),
+        });
+    }
+    parse_l4(ctx, off, next, src.key, src.v4).map_err(|c| with_src(c, src))
+}
+
+/// An L4 parse failure, keeping the source when the failure is a
+/// truncated transport header (so a blocked source is still dropped).
+#[inline(always)]
+fn with_src(counter: Counter, src: Src) -> Unparsed {
+    Unparsed {
+        counter,
+        src: (counter == Counter::PassMalformed).then_some(src),
+    }
 }
 
 fn parse_l4(

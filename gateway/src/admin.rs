@@ -158,7 +158,9 @@ fn handle(
     }
     if path == "/tls/reload" {
         use serde_json::json;
-        let reload = current().tls.as_ref().map(|t| t.resolver.reload());
+        let reload = (method == "POST")
+            .then(|| current().tls.as_ref().map(|t| t.resolver.reload()))
+            .flatten();
         let (status, body) = match (method.as_str(), reload) {
             ("POST", None) => (
                 404,

@@ -116,6 +116,8 @@ struct Issuer {
     last_fetch: Mutex<Option<Instant>>,
     /// Set by a worker that saw an unknown kid; the refresher fetches soon.
     wanted: std::sync::atomic::AtomicBool,
+    /// SHA-256 of the JWKS document in force (to notice real changes).
+    jwks_digest: Mutex<Option<[u8; 32]>>,
 }
 
 /// An API-key client.
@@ -174,7 +176,7 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     let s = s.trim();
-    if s.len() != 64 {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -281,6 +283,15 @@ impl Issuer {
         };
         let ks = self.keyset(&text)?;
         let n = ks.by_kid.len() + ks.unnamed.len();
+        let digest = sha256(text.as_bytes());
+        let mut last = self.jwks_digest.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != Some(digest) {
+            // A changed key set (a key withdrawn, say) invalidates every
+            // worker's verified-token cache.
+            *last = Some(digest);
+            KEY_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+        drop(last);
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ks);
         Ok(n)
     }
@@ -300,7 +311,13 @@ struct Cached {
     identity: Arc<Identity>,
     /// Unix seconds after which the cache must not serve it (its `exp`).
     exp: u64,
+    /// [`KEY_EPOCH`] when verified: a reload or a key-set change since makes it a miss.
+    epoch: u64,
 }
+
+/// Bumped by every new authentication config (reload) and every JWKS
+/// change: cached verifications from before no longer count.
+static KEY_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Per-worker cache of verified tokens (the whole token is the key: no
 /// collision can ever map one token to another's identity).
@@ -329,6 +346,8 @@ impl Authn {
     /// Build from `[authn]`: API keys, mTLS clients, issuers (their keys are
     /// loaded now: a bad JWKS file or unreachable URL fails the start).
     pub fn new(s: &AuthnSettings, policy_claims: Vec<String>) -> Result<Authn, String> {
+        // A new configuration (a reload): no cached verification carries over.
+        KEY_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Release);
         let mut table = KeyTable::default();
         for (i, k) in s.api_keys.iter().enumerate() {
             let client = Arc::new(KeyClient {
@@ -401,6 +420,7 @@ impl Authn {
                 source,
                 last_fetch: Mutex::new(None),
                 wanted: std::sync::atomic::AtomicBool::new(false),
+                jwks_digest: Mutex::new(None),
             };
             if let Some(p) = &j.hs256_secret_file {
                 if j.algorithms != [Algorithm::HS256] {
@@ -465,21 +485,28 @@ impl Authn {
         let mut bearer: Option<&[u8]> = None;
         let mut api_key: Option<&[u8]> = None;
         let key_header = self.settings.api_key_header.as_bytes();
+        let (mut authorizations, mut api_keys) = (0, 0);
         for h in head.headers.iter_mut() {
             let name = &buf[h.name.clone()];
             if name.eq_ignore_ascii_case(b"authorization") {
+                authorizations += 1;
                 let v = buf[h.value.clone()].trim_ascii();
                 if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
                     bearer = Some(v[7..].trim_ascii());
                 }
                 h.drop |= !self.settings.forward_credentials;
             } else if name.eq_ignore_ascii_case(key_header) {
+                api_keys += 1;
                 api_key = Some(buf[h.value.clone()].trim_ascii());
                 h.drop |= !self.settings.forward_credentials;
             } else if self.is_identity_header(name) {
                 // Client-supplied copies of the identity headers never reach the backend.
                 h.drop = true;
             }
+        }
+        if authorizations > 1 || api_keys > 1 {
+            // Which one would a backend read? Refuse rather than guess.
+            return Err(AuthnError::invalid("repeated_credentials"));
         }
         self.authenticate_credentials(bearer, api_key, accepted, tls, cache)
     }
@@ -570,11 +597,22 @@ impl Authn {
         Err(AuthnError::missing())
     }
 
+    /// An identity header name, also spelt with `_` for `-` (CGI-style
+    /// backends and some proxies treat the two alike).
     fn is_identity_header(&self, name: &[u8]) -> bool {
         let h = &self.settings.identity_headers;
-        [&h.principal, &h.tenant, &h.roles]
-            .iter()
-            .any(|n| !n.is_empty() && name.eq_ignore_ascii_case(n.as_bytes()))
+        let fold = |b: u8| {
+            if b == b'_' {
+                b'-'
+            } else {
+                b.to_ascii_lowercase()
+            }
+        };
+        [&h.principal, &h.tenant, &h.roles].iter().any(|n| {
+            !n.is_empty()
+                && n.len() == name.len()
+                && n.bytes().zip(name.iter()).all(|(a, &b)| fold(a) == fold(b))
+        })
     }
 
     fn check_api_key(&self, key: &[u8]) -> Result<Arc<Identity>, AuthnError> {
@@ -608,8 +646,9 @@ impl Authn {
         cache: &RefCell<TokenCache>,
     ) -> Result<Arc<Identity>, AuthnError> {
         let now = now_unix();
+        let epoch = KEY_EPOCH.load(std::sync::atomic::Ordering::Acquire);
         if let Some(c) = cache.borrow().map.get(token) {
-            if now < c.exp {
+            if now < c.exp && c.epoch == epoch {
                 return Ok(c.identity.clone());
             }
         }
@@ -673,6 +712,7 @@ impl Authn {
                         Cached {
                             identity: identity.clone(),
                             exp,
+                            epoch,
                         },
                     );
                     return Ok(identity);

@@ -23,8 +23,9 @@ pub struct Conn {
 /// A rustls session and its ciphertext buffers (owned, for monoio).
 struct TlsIo {
     session: rustls::ServerConnection,
-    /// Ciphertext read from the socket.
+    /// Ciphertext read from the socket; `rbuf[rpos..]` is not yet given to rustls.
     rbuf: Vec<u8>,
+    rpos: usize,
     /// Ciphertext waiting to be written.
     wbuf: Vec<u8>,
     /// Plaintext staging: rustls' reader wants an initialised slice.
@@ -84,6 +85,7 @@ impl Conn {
             tls: Some(Box::new(TlsIo {
                 session,
                 rbuf: Vec::with_capacity(TLS_RECORD),
+                rpos: 0,
                 wbuf: Vec::with_capacity(TLS_RECORD),
                 plain: vec![0; TLS_RECORD],
             })),
@@ -282,29 +284,48 @@ impl Conn {
 
 impl TlsIo {
     /// Read one batch of ciphertext and hand it to rustls. `Ok(0)`: EOF.
+    ///
+    /// rustls holds at most 16 KiB of decrypted, unread plaintext: feeding it
+    /// a read that completes two records would fail ("plaintext buffer
+    /// full"). So ciphertext is fed only until a record yields plaintext;
+    /// the rest waits in `rbuf[rpos..]` and is fed before the next socket read.
     async fn read_records(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
-        let mut rbuf = std::mem::take(&mut self.rbuf);
-        rbuf.clear();
-        if rbuf.capacity() < TLS_RECORD {
-            // A cancelled read (timeout) took the buffer with it.
-            rbuf = Vec::with_capacity(TLS_RECORD);
+        if self.rpos >= self.rbuf.len() {
+            let mut rbuf = std::mem::take(&mut self.rbuf);
+            rbuf.clear();
+            self.rpos = 0;
+            if rbuf.capacity() < TLS_RECORD {
+                // A cancelled read (timeout) took the buffer with it.
+                rbuf = Vec::with_capacity(TLS_RECORD);
+            }
+            let (res, slice) = stream.read(rbuf.slice_mut(0..TLS_RECORD)).await;
+            self.rbuf = slice.into_inner();
+            if res? == 0 {
+                return Ok(0);
+            }
         }
-        let (res, slice) = stream.read(rbuf.slice_mut(0..TLS_RECORD)).await;
-        self.rbuf = slice.into_inner();
-        let n = res?;
-        if n == 0 {
-            return Ok(0);
-        }
-        let mut data = &self.rbuf[..n];
+        let mut data = &self.rbuf[self.rpos..];
+        let before = data.len();
         while !data.is_empty() {
             if self.session.read_tls(&mut data)? == 0 {
                 break;
             }
-            self.session
+            let state = self
+                .session
                 .process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if state.plaintext_bytes_to_read() > 0 {
+                break;
+            }
         }
-        Ok(n)
+        let fed = before - data.len();
+        self.rpos += fed;
+        if fed == 0 {
+            // Only reached with no plaintext pending (callers drain it first):
+            // rustls took nothing, and looping would spin.
+            return Err(io::Error::other("TLS session accepted no data"));
+        }
+        Ok(fed)
     }
 
     /// Write what rustls has queued (handshake, alerts, records).

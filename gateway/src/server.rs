@@ -109,7 +109,6 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         }
     }
     let _detach = DetachOnExit(front_door.clone());
-    spawn_tls_watch(&r, metrics.clone())?;
     if let Some(a) = &r.authn {
         a.spawn_refresher()
             .map_err(|e| RunError::Startup(format!("cannot start the JWKS refresher: {e}")))?;
@@ -124,6 +123,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         shutdown: shutdown.clone(),
         front_door: front_door.clone(),
     });
+    spawn_tls_watch(&control, metrics.clone())?;
     let health = Arc::new(Health {
         workers: n,
         started: AtomicUsize::new(0),
@@ -536,22 +536,23 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
 
 /// Poll the certificate files every `tls.reload_check` and reload them in
 /// place when they change (a bad file is logged; the certificates in force stay).
-fn spawn_tls_watch(r: &Resolved, metrics: Arc<Metrics>) -> Result<(), RunError> {
-    let (Some(tls), every) = (r.tls.clone(), r.config.tls.reload_check) else {
-        return Ok(());
-    };
-    if every.is_zero() {
-        return Ok(());
-    }
-    let resolver = Arc::downgrade(&tls.resolver);
+fn spawn_tls_watch(control: &Arc<Control>, metrics: Arc<Metrics>) -> Result<(), RunError> {
+    let control = Arc::downgrade(control);
     std::thread::Builder::new()
         .name("gateway-tls-watch".into())
         .spawn(move || loop {
-            std::thread::sleep(every);
-            let Some(resolver) = resolver.upgrade() else {
-                return;
+            // The configuration in force each time: a SIGHUP builds a new
+            // resolver, and that is the one handshakes use.
+            let Some(c) = control.upgrade() else { return };
+            let (_, r) = c.snapshot();
+            drop(c);
+            let every = r.config.tls.reload_check;
+            let Some(tls) = r.tls.as_ref().filter(|_| !every.is_zero()) else {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
             };
-            match resolver.reload_if_changed() {
+            std::thread::sleep(every);
+            match tls.resolver.reload_if_changed() {
                 None => {}
                 Some(Ok(n)) => {
                     metrics.tls_reloads.with_label_values(&["ok"]).inc();

@@ -110,7 +110,21 @@ pub fn one_cluster(backend: SocketAddr) -> String {
 }
 
 impl Gateway {
+    /// Start the real binary with `spec`. A port picked by `free_port` can be
+    /// taken by some other socket before the gateway binds it (the tests run
+    /// in parallel and open many client connections): then try new ports.
     pub fn start(spec: Spec<'_>) -> Gateway {
+        for _ in 0..4 {
+            match Self::try_start(&spec) {
+                Ok(g) => return g,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("gateway exited during start:\n{log}"),
+            }
+        }
+        panic!("gateway could not bind free ports in 4 tries");
+    }
+
+    fn try_start(spec: &Spec<'_>) -> Result<Gateway, String> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let dir = temp_dir("gw");
@@ -146,18 +160,19 @@ impl Gateway {
             log,
             header,
         };
-        g.wait_ready();
-        g
+        g.wait_ready()?;
+        Ok(g)
     }
 
-    fn wait_ready(&mut self) {
+    /// Ready, or the log of a gateway that exited during start.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("gateway exited during start ({st}):\n{}", self.log_text());
+                return Err(format!("({st}):\n{}", self.log_text()));
             }
             if let Ok((200, _)) = admin_get(self.admin, "/readyz") {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -205,6 +205,24 @@ impl TlsClient {
     pub fn get(&mut self, path: &str, host: &str) -> std::io::Result<(u16, Vec<u8>)> {
         write!(self.tls, "GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n")?;
         self.tls.flush()?;
+        self.read_response()
+    }
+
+    /// One keep-alive POST of `body`; returns (status, response body).
+    pub fn post(&mut self, path: &str, host: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        write!(
+            self.tls,
+            "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )?;
+        for chunk in body.chunks(1 << 20) {
+            self.tls.write_all(chunk)?;
+        }
+        self.tls.flush()?;
+        self.read_response()
+    }
+
+    fn read_response(&mut self) -> std::io::Result<(u16, Vec<u8>)> {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 8192];
         loop {

@@ -164,7 +164,10 @@ fn valid_tokens_per_algorithm_and_identity_reaches_the_backend() {
         let r = get(
             &s.g,
             "/echo",
-            &format!("{}x-gateway-tenant: root\r\n", bearer(&t)),
+            &format!(
+                "{}x-gateway-tenant: root\r\nx_gateway_principal: root\r\n",
+                bearer(&t)
+            ),
         );
         assert_eq!(
             r.status,
@@ -183,6 +186,10 @@ fn valid_tokens_per_algorithm_and_identity_reaches_the_backend() {
         assert!(
             h.get("authorization").is_none(),
             "credentials are not forwarded by default"
+        );
+        assert!(
+            h.get("x_gateway_principal").is_none(),
+            "the underscore spelling is stripped too"
         );
     }
     assert!(
@@ -302,6 +309,21 @@ fn every_classic_jwt_attack_is_a_uniform_401() {
         "one answer for every failure: no oracle"
     );
     assert_eq!(bodies[0]["error"]["type"], "authentication_error");
+
+    // Two Authorization headers: which would the backend read? Refused.
+    let ok = s.es.sign(&good);
+    let r = get(
+        &s.g,
+        "/echo",
+        &format!("{}{}", bearer(&ok), bearer("junk.junk.junk")),
+    );
+    assert_eq!(r.status, 401, "repeated credentials");
+    assert!(
+        s.g.wait_metric(
+            &["gateway_authn_total", "result=\"repeated_credentials\""],
+            1.0
+        ) >= 1.0
+    );
 
     let r = get(&s.g, "/echo", "");
     assert_eq!(r.status, 401);
@@ -544,4 +566,42 @@ fn jwks_rotation_from_a_live_server_with_bounded_refetch() {
         "refetches are rate limited: {burst} for 50 unknown-kid requests"
     );
     assert!(*fetches.lock().unwrap() > before);
+}
+
+#[test]
+fn a_reload_invalidates_cached_verifications() {
+    let s = setup();
+    let t = bearer(&s.es.sign(&claims(ISS, AUD, "alice", "globex")));
+    for _ in 0..3 {
+        assert_eq!(
+            get(&s.g, "/echo", &t).status,
+            200,
+            "verified, then served from the cache"
+        );
+    }
+    // The audience this token carries is withdrawn by a reload: the cached
+    // verification must not outlive it.
+    let dir = temp_dir("auth-reload");
+    let path = dir.join("jwks.json");
+    std::fs::write(&path, jwks(&[&s.es, &s.rs, &s.ed])).unwrap();
+    let body = config(
+        s._b.addr,
+        &format!("jwks_file = \"{}\"", path.display()),
+        "",
+    )
+    .replace(
+        &format!("audiences = [\"{AUD}\"]"),
+        "audiences = [\"someone-else\"]",
+    );
+    s.g.rewrite_config(&body);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(s.g.pid(), libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&s.g, "/echo", &t).status != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "the cached token still works after the reload"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -442,3 +442,24 @@ fn client_certificates_authenticate_by_name() {
     assert_eq!(h["x-gateway-principal"], "svc-b");
     assert!(h.get("x-gateway-tenant").is_none());
 }
+
+#[test]
+fn large_bodies_cross_tls_intact() {
+    // Many full 16 KiB records: socket reads that end mid-record and
+    // complete two records at once must not overflow rustls' plaintext buffer.
+    let p = pki();
+    let (_g, addr, _b) = start(&p, Driver::IoUring, "");
+    let cfg = ClientOpts::trusting(&p.ca.pem).config();
+    let mut c = connect(addr, "api.test", cfg).unwrap();
+    let body: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let (status, resp) = c
+        .post("/upload", "api.test", &body)
+        .expect("24 MiB over TLS");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(v["body_len"], body.len() as u64, "every byte arrived");
+    // And the connection is still good for the next request.
+    assert_eq!(c.get("/", "api.test").unwrap().0, 200);
+}

@@ -304,10 +304,25 @@ fn parsing_and_blocklist_fixtures() {
                 Counter::PassMalformed,
             ),
             fx(
-                "truncated: TCP header cut after the ports",
-                syn4(BLOCKED, PORT)[..14 + 20 + 4].to_vec(),
+                "truncated TCP header from an unknown source: passed",
+                syn4(CLIENT, PORT)[..14 + 20 + 4].to_vec(),
                 PASS,
                 Counter::PassMalformed,
+            ),
+            fx(
+                "truncated TCP header from a blocked source: no ports, still dropped",
+                syn4(BLOCKED, PORT)[..14 + 20 + 4].to_vec(),
+                DROP,
+                Counter::DropBlocked,
+            ),
+            fx(
+                "tiny first fragment (8 bytes of TCP) from a blocked source: dropped, so no SYN reassembles",
+                Frame::new()
+                    .ipv4(v4(BLOCKED), v4(GW), TCP, &[], 0x2000)
+                    .payload(&syn4(BLOCKED, PORT)[34..42])
+                    .finish(),
+                DROP,
+                Counter::DropBlocked,
             ),
             fx(
                 "IHL below 5 is not IPv4",
@@ -355,7 +370,7 @@ fn parsing_and_blocklist_fixtures() {
                 Counter::PassFragment,
             ),
             fx(
-                "IPv6 with five extension headers: chain not walked, passed",
+                "IPv6 with five extension headers from a blocked source: no ports, still dropped",
                 syn6(
                     BLOCKED6,
                     &[
@@ -366,8 +381,8 @@ fn parsing_and_blocklist_fixtures() {
                         (60, ext_header(0)),
                     ],
                 ),
-                PASS,
-                Counter::PassOtherProtocol,
+                DROP,
+                Counter::DropBlocked,
             ),
             fx(
                 "IPv6 from fd00::/8 (allowlisted), not blocked",
@@ -389,17 +404,17 @@ fn parsing_and_blocklist_fixtures() {
             ),
         ],
     );
-    // Drops per block reason: the eight IPv4 (and IPv4-mapped) drops above
-    // hit the manual block, the three IPv6 ones the rate-limit block.
+    // Drops per block reason: the ten IPv4 (and IPv4-mapped) drops above
+    // hit the manual block, the four IPv6 ones the rate-limit block.
     let drops = k.block_drops();
     assert_eq!(
         drops[BlockReason::Manual as usize],
-        8,
+        10,
         "manual-block drops: {drops:?}"
     );
     assert_eq!(
         drops[BlockReason::RateLimit as usize],
-        3,
+        4,
         "rate-limit-block drops: {drops:?}"
     );
     assert_eq!(

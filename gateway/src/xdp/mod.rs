@@ -250,6 +250,7 @@ impl FrontDoor {
         let ports: Vec<(u8, u16)> = r
             .listen
             .iter()
+            .chain(&r.tls_listen)
             .map(|a| (libc::IPPROTO_TCP as u8, a.port()))
             .collect();
         k.set_ports(&ports)
