@@ -65,6 +65,7 @@ impl Authz {
                     && r.claims
                         .iter()
                         .all(|(k, v)| id.claims.iter().any(|(ck, cv)| ck == k && cv == v))
+                    && (r.methods.is_empty() || r.methods.iter().any(|m| m == id.method))
             })
             .map(|r| r.id.as_str())
     }
@@ -90,6 +91,7 @@ mod tests {
             models: models.iter().map(|s| s.to_string()).collect(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             claims: BTreeMap::new(),
+            methods: Vec::new(),
         }
     }
 
@@ -155,6 +157,14 @@ mod tests {
             Authz::new(&[]).decide(&who("acme", &["admin"]), "m", "infer"),
             None,
             "default deny"
+        );
+        // A rule for certificates doesn't match the same name from a JWT.
+        let mut certs = rule("svc", &[], &[], &["*"], &["infer"]);
+        certs.principals = vec!["alice".into()];
+        certs.methods = vec!["mtls".into()];
+        assert_eq!(
+            Authz::new(&[certs]).decide(&who("acme", &[]), "m", "infer"),
+            None
         );
     }
 }

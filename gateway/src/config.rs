@@ -222,6 +222,11 @@ pub struct AuthzRule {
     /// JWT claims that must have these values.
     #[serde(default)]
     pub claims: BTreeMap<String, String>,
+    /// Authentication methods the identity must have come from ("jwt",
+    /// "api_key", "mtls"); absent = any. Keeps a principal name from one
+    /// method (a JWT `sub`) from matching another's (a certificate name).
+    #[serde(default)]
+    pub methods: Vec<String>,
 }
 
 fn star() -> Vec<String> {
