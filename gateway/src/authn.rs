@@ -499,7 +499,7 @@ impl Authn {
                 api_keys += 1;
                 api_key = Some(buf[h.value.clone()].trim_ascii());
                 h.drop |= !self.settings.forward_credentials;
-            } else if self.is_identity_header(name) {
+            } else if is_identity_header(&self.settings.identity_headers, name) {
                 // Client-supplied copies of the identity headers never reach the backend.
                 h.drop = true;
             }
@@ -595,24 +595,6 @@ impl Authn {
             return Err(AuthnError::invalid("method_not_accepted"));
         }
         Err(AuthnError::missing())
-    }
-
-    /// An identity header name, also spelt with `_` for `-` (CGI-style
-    /// backends and some proxies treat the two alike).
-    fn is_identity_header(&self, name: &[u8]) -> bool {
-        let h = &self.settings.identity_headers;
-        let fold = |b: u8| {
-            if b == b'_' {
-                b'-'
-            } else {
-                b.to_ascii_lowercase()
-            }
-        };
-        [&h.principal, &h.tenant, &h.roles].iter().any(|n| {
-            !n.is_empty()
-                && n.len() == name.len()
-                && n.bytes().zip(name.iter()).all(|(a, &b)| fold(a) == fold(b))
-        })
     }
 
     fn check_api_key(&self, key: &[u8]) -> Result<Arc<Identity>, AuthnError> {
@@ -846,6 +828,37 @@ fn peek_iss(token: &str) -> Option<String> {
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     v["iss"].as_str().map(String::from)
+}
+
+/// An identity header name, also spelt with `_` for `-` (CGI-style
+/// backends and some proxies treat the two alike).
+pub fn is_identity_header(h: &crate::config::IdentityHeaders, name: &[u8]) -> bool {
+    let fold = |b: u8| {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    };
+    [&h.principal, &h.tenant, &h.roles].iter().any(|n| {
+        !n.is_empty()
+            && n.len() == name.len()
+            && n.bytes().zip(name.iter()).all(|(a, &b)| fold(a) == fold(b))
+    })
+}
+
+/// Drop client-sent identity headers (every route, authentication or not:
+/// a backend set up to trust them must only ever see the gateway's).
+pub fn strip_identity_headers(
+    h: &crate::config::IdentityHeaders,
+    buf: &[u8],
+    head: &mut RequestHead,
+) {
+    for hd in head.headers.iter_mut() {
+        if is_identity_header(h, &buf[hd.name.clone()]) {
+            hd.drop = true;
+        }
+    }
 }
 
 /// Write the identity headers for the backend.

@@ -453,6 +453,11 @@ fn authenticate(
     cur: &Current,
 ) -> Result<Option<std::sync::Arc<crate::authn::Identity>>, ProxyError> {
     let Some(authn) = cur.shared.authn.as_ref() else {
+        crate::authn::strip_identity_headers(
+            &cur.shared.authn_settings.identity_headers,
+            client.pending(),
+            head,
+        );
         return Ok(None);
     };
     if route.anonymous {

@@ -605,3 +605,21 @@ fn a_reload_invalidates_cached_verifications() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn identity_headers_are_stripped_even_without_authentication() {
+    let b = Backend::start("open");
+    let g = Gateway::start(Spec::new(Driver::Auto, &gateway_tests::one_cluster(b.addr)));
+    let r = get(
+        &g,
+        "/echo",
+        "x-gateway-tenant: root\r\nX_Gateway_Roles: admin\r\nx-other: kept\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let h = &echoed(&r)["headers"];
+    assert!(
+        h.get("x-gateway-tenant").is_none() && h.get("x_gateway_roles").is_none(),
+        "{h}"
+    );
+    assert_eq!(h["x-other"], "kept");
+}
