@@ -12,14 +12,17 @@ use crate::config::{self, Config, DriverChoice, LogFormat, Resolved, Workers, DE
     version,
     about = "Inference gateway: a thread-per-core io_uring reverse proxy in front of GPU model servers",
     long_about = "Inference gateway: a thread-per-core io_uring reverse proxy in front of GPU model servers \
-(vLLM, Triton, TGI, KServe). It terminates client HTTP/1.1 connections, rejects malformed or smuggling-prone \
-requests, routes by host, path and method to a cluster of backends, checks OpenAI-compatible and KServe v2 \
+(vLLM, Triton, TGI, KServe). It terminates client HTTP/1.1 connections (TLS 1.3/1.2 with rustls on [tls] listen \
+addresses), rejects malformed or smuggling-prone requests, authenticates callers ([authn]: JWT, API keys, client \
+certificates) and applies [authz] rules (default deny), routes by host, path and method to a cluster of backends, \
+checks OpenAI-compatible and KServe v2 \
 requests against a model catalogue (model, version, limits, tensor shapes, JSON Schemas), and streams request \
 and response bodies (SSE token streams included) in both directions with bounded memory.\n\n\
 Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.0.0.5:8000,10.0.0.6:8000\n\n\
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\
 Admin endpoints (default 127.0.0.1:9901): GET /metrics (Prometheus), GET /healthz, GET /readyz, \
-GET|POST /xdp/blocks, DELETE /xdp/blocks/ADDR, GET /xdp/stats.\n\
+GET|POST /xdp/blocks, DELETE /xdp/blocks/ADDR, GET /xdp/stats, POST /tls/reload, GET /authn/keys, \
+POST /authn/revoke (the control plane needs the admin scope once [authn] is configured).\n\
 XDP front door ([xdp] interfaces): blocked and over-quota client addresses are dropped at the NIC; \
 `gateway xdp block ADDR --ttl 10m`, `gateway xdp unblock ADDR`, `gateway xdp list`, `gateway xdp stats`.\n\
 SIGHUP: reload the config file (refused, with the errors logged, if it doesn't validate).\n\
