@@ -452,21 +452,22 @@ fn authenticate(
     w: &Worker,
     cur: &Current,
 ) -> Result<Option<std::sync::Arc<crate::authn::Identity>>, ProxyError> {
-    let Some(authn) = cur.shared.authn.as_ref() else {
-        crate::authn::strip_identity_headers(
-            &cur.shared.authn_settings.identity_headers,
-            client.pending(),
-            head,
-        );
-        return Ok(None);
+    let authn = match cur.shared.authn.as_ref() {
+        Some(a) if !route.anonymous => a,
+        configured => {
+            // Nobody to authenticate: client-sent identity headers still go.
+            crate::authn::strip_identity_headers(
+                &cur.shared.authn_settings.identity_headers,
+                client.pending(),
+                head,
+            );
+            if configured.is_some() {
+                w.metrics
+                    .inc(&w.metrics.authn, &[&route.name, "anonymous", "ok"], 1);
+            }
+            return Ok(None);
+        }
     };
-    if route.anonymous {
-        // Still strip client-supplied identity headers on anonymous routes.
-        let _ = authn.authenticate(client.pending(), head, &[], None, &w.token_cache);
-        w.metrics
-            .inc(&w.metrics.authn, &[&route.name, "anonymous", "ok"], 1);
-        return Ok(None);
-    }
     let tls = client.tls_session();
     let buf = client.pending();
     match authn.authenticate(buf, head, &route.auth, tls, &w.token_cache) {

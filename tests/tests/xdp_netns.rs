@@ -116,7 +116,11 @@ fn url(net: &NetPair) -> String {
 }
 
 fn served(net: &NetPair, from: &str) -> bool {
-    let (code, status, _) = net.curl_from(from, &url(net), 5);
+    served_within(net, from, 5)
+}
+
+fn served_within(net: &NetPair, from: &str, secs: u32) -> bool {
+    let (code, status, _) = net.curl_from(from, &url(net), secs);
     code == 0 && status == 200
 }
 
@@ -215,7 +219,7 @@ fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
     // A short TTL ends by itself.
     let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "2s"]);
     assert!(ok, "{out}");
-    assert!(!served_quick(&net, &bad), "blocked for its TTL");
+    assert!(!served_within(&net, &bad, 1), "blocked for its TTL");
     std::thread::sleep(Duration::from_millis(3200));
     assert!(served(&net, &bad), "served again after the TTL");
     let m = metrics(&net);
@@ -263,11 +267,6 @@ fn blocked_client_is_dropped_at_xdp_and_others_are_served() {
         stats.contains("\"native\""),
         "restarted gateway re-attached: {stats}"
     );
-}
-
-fn served_quick(net: &NetPair, from: &str) -> bool {
-    let (code, status, _) = net.curl_from(from, &url(net), 1);
-    code == 0 && status == 200
 }
 
 #[test]
@@ -459,7 +458,10 @@ fn reload_applies_config_blocks_and_mode() {
     // SAFETY: kill(2) on our own child's pid ("ip netns exec" execs the gateway).
     unsafe { libc::kill(gw.0.id() as i32, libc::SIGHUP) };
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!served_quick(&net, &bad), "config block applied on reload");
+    assert!(
+        !served_within(&net, &bad, 1),
+        "config block applied on reload"
+    );
     assert!(served(&net, &good));
     let (_, list) = xdp_cli(&net, &["list"]);
     assert!(list.contains(&bad) && list.contains("\"config\""), "{list}");

@@ -131,6 +131,13 @@ impl Loaded {
             .expect("checked at load")
     }
 
+    fn program_fd(&mut self, name: &str) -> io::Result<std::os::fd::RawFd> {
+        self.program(name)
+            .fd()
+            .map(|fd| fd.as_fd().as_raw_fd())
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
     /// Attach the front door to `interface`: native first (unless `generic`
     /// is asked for), then generic with the reason returned for the log.
     pub fn attach(
@@ -274,12 +281,7 @@ impl Loaded {
     /// Run the front-door program `repeat` times on `packet`; returns the
     /// XDP action and the kernel-measured mean ns per run.
     pub fn test_run_repeat(&mut self, packet: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
-        let fd = self
-            .program(gateway_common::PROGRAM)
-            .fd()
-            .map_err(|e| io::Error::other(e.to_string()))?
-            .as_fd()
-            .as_raw_fd();
+        let fd = self.program_fd(gateway_common::PROGRAM)?;
         let mut out = vec![0u8; packet.len() + 256];
         let mut attr = TestRunAttr {
             prog_fd: fd as u32,
@@ -304,12 +306,7 @@ impl Loaded {
         count: u32,
         ingress_ifindex: u32,
     ) -> io::Result<()> {
-        let fd = self
-            .program(gateway_common::TRAFFIC_PROGRAM)
-            .fd()
-            .map_err(|e| io::Error::other(e.to_string()))?
-            .as_fd()
-            .as_raw_fd();
+        let fd = self.program_fd(gateway_common::TRAFFIC_PROGRAM)?;
         let ctx = XdpMd {
             data: 0,
             data_end: frame.len() as u32,
