@@ -52,6 +52,9 @@ pub struct Config {
     /// Authorization rules (default deny once authentication is configured).
     #[serde(default)]
     pub authz: AuthzSettings,
+    /// Rate limits, cost limits, concurrency limits and quotas.
+    #[serde(default)]
+    pub ratelimit: crate::ratelimit::RateLimitSettings,
 }
 
 /// How a client may prove who it is (`routes.auth`).
@@ -740,7 +743,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
@@ -1397,6 +1400,9 @@ impl Config {
                     "a route is either anonymous or lists auth methods, not both".into(),
                 );
             }
+        }
+        for (key, message) in self.ratelimit.check() {
+            err(key, message);
         }
         for (i, r) in self.authz.rules.iter().enumerate() {
             if r.id.is_empty() {

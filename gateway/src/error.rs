@@ -281,6 +281,7 @@ impl ProxyError {
             code: None,
             param: None,
             retry_after: (self.status() == 503).then_some(1),
+            headers: "",
         };
         e.write(request_id, close, out);
         if let ProxyError::Client(ClientError::Unauthenticated { challenge }) = self {
@@ -303,8 +304,10 @@ pub struct ErrorBody<'a> {
     /// Machine-readable reason (validation errors).
     pub code: Option<&'a str>,
     pub param: Option<&'a str>,
-    /// Seconds for `Retry-After` (503s).
-    pub retry_after: Option<u32>,
+    /// Seconds for `Retry-After` (429s, 503s).
+    pub retry_after: Option<u64>,
+    /// More header lines, each ending in CRLF (the rate-limit headers).
+    pub headers: &'a str,
 }
 
 impl ErrorBody<'_> {
@@ -334,6 +337,7 @@ impl ErrorBody<'_> {
         if let Some(s) = self.retry_after {
             let _ = write!(head, "retry-after: {s}\r\n");
         }
+        head.push_str(self.headers);
         if close {
             head.push_str("connection: close\r\n");
         }

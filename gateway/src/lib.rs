@@ -19,6 +19,7 @@ pub mod io;
 pub mod listener;
 pub mod metrics;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod route;
 pub mod server;
 pub mod telemetry;

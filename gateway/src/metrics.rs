@@ -50,6 +50,13 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     pub authn: IntCounterVec,
     pub authz: IntCounterVec,
+    pub ratelimit: IntCounterVec,
+    pub ratelimit_tokens: IntCounterVec,
+    pub ratelimit_escalations: IntCounterVec,
+    pub ratelimit_tracked: IntGaugeVec,
+    pub ratelimit_redis_up: IntGauge,
+    pub ratelimit_redis_errors: IntCounterVec,
+    pub ratelimit_redis_sync: prometheus::Histogram,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -209,6 +216,47 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            ratelimit: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_ratelimit_decisions_total", "Rate-limit decisions, by route, result (admitted, refused), and for refusals the level (ip, principal, tenant, route, model) and limit (requests, tokens, concurrency, requests_per_day, ..., redis_unavailable)"),
+                    &["route", "result", "level", "limit"],
+                )
+                .unwrap(),
+            ),
+            ratelimit_tokens: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_ratelimit_tokens_total", "Cost in tokens, by route and kind: estimated (charged up front) and actual (reported by the backend's usage)"),
+                    &["route", "kind"],
+                )
+                .unwrap(),
+            ),
+            ratelimit_escalations: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_ratelimit_escalations_total", "Repeat offenders handed to the XDP blocklist, by result (blocked, allowlisted, shared_address, error)"),
+                    &["result"],
+                )
+                .unwrap(),
+            ),
+            ratelimit_tracked: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_ratelimit_tracked_keys", "Keys the limiter tracks, per level"), &["level"]).unwrap(),
+            ),
+            ratelimit_redis_up: reg(&r, IntGauge::new("gateway_ratelimit_redis_up", "1 while Redis (fleet-wide limits) is reachable; 0 while local counts are used").unwrap()),
+            ratelimit_redis_errors: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_ratelimit_redis_errors_total", "Failed Redis operations, by stage (connect, sync)"), &["stage"]).unwrap(),
+            ),
+            ratelimit_redis_sync: reg(
+                &r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new("gateway_ratelimit_redis_sync_seconds", "Duration of one Redis sync round trip")
+                        .buckets(exponential_buckets(0.0001, 2.0, 14).expect("valid buckets")),
+                )
+                .unwrap(),
+            ),
             registry: r,
         })
     }
@@ -237,6 +285,8 @@ pub struct WorkerMetrics {
     pub upstream_reused: RefCell<LocalIntCounterVec>,
     pub authn: RefCell<LocalIntCounterVec>,
     pub authz: RefCell<LocalIntCounterVec>,
+    pub ratelimit: RefCell<LocalIntCounterVec>,
+    pub ratelimit_tokens: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
     pub active_connections: IntGauge,
 }
@@ -257,6 +307,8 @@ impl WorkerMetrics {
             upstream_reused: RefCell::new(m.upstream_reused.local()),
             authn: RefCell::new(m.authn.local()),
             authz: RefCell::new(m.authz.local()),
+            ratelimit: RefCell::new(m.ratelimit.local()),
+            ratelimit_tokens: RefCell::new(m.ratelimit_tokens.local()),
             connections_accepted: m.connections_accepted.local(),
             active_connections: m.active_connections.with_label_values(&[&w]),
         }
@@ -287,6 +339,8 @@ impl WorkerMetrics {
         self.upstream_reused.borrow().flush();
         self.authn.borrow().flush();
         self.authz.borrow().flush();
+        self.ratelimit.borrow().flush();
+        self.ratelimit_tokens.borrow().flush();
         self.connections_accepted.flush();
     }
 }

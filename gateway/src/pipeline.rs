@@ -56,6 +56,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
     let mut resp_head = codec::ResponseHead::default();
     let mut out = Vec::with_capacity(4096);
     let mut rid = String::with_capacity(40);
+    let mut rl_headers = String::new();
     let mut first = true;
     // Closing after an error answer: linger so the answer is not lost to an RST.
     let mut linger = false;
@@ -190,6 +191,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                     code: Some(r.reason),
                     param: r.pointer.as_deref(),
                     retry_after: None,
+                    headers: "",
                 }
                 .write(&rid, !keep, &mut out);
                 if head.is_head {
@@ -240,19 +242,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             .err()
         };
         if let Some(e) = denied {
-            // The body (if any) was read by validate only when buffered: close otherwise.
-            let close = !head.keep_alive
-                || !matches!(
-                    verdict.admitted,
-                    validate::Admitted::Buffered(_) | validate::Admitted::Answer(_)
-                ) && head.body_kind() != codec::BodyKind::Empty
-                || w.draining.get();
-            if matches!(
-                verdict.admitted,
-                validate::Admitted::Stream | validate::Admitted::Answer(_)
-            ) {
-                client.consume(head.head_len);
-            }
+            let close = refused_after_validate(&mut client, &head, &verdict.admitted, &w);
             w.metrics.inc(&w.metrics.requests, &[&route.name, "403"], 1);
             respond_error(&mut client, &cur, e, &rid, close, head.is_head, &mut out).await;
             if close {
@@ -261,6 +251,57 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             }
             continue;
         }
+
+        // Stage: ratelimit — may this caller send this now? (Keys on the
+        // identity, the model and the cost, hence after authz.)
+        rl_headers.clear();
+        let admission = match rate_limit(
+            &identity,
+            route,
+            &verdict,
+            peer,
+            &w,
+            &cur,
+            &rid,
+            &mut rl_headers,
+        ) {
+            Ok(a) => a,
+            Err(r) => {
+                let close = refused_after_validate(&mut client, &head, &verdict.admitted, &w);
+                w.metrics.inc(
+                    &w.metrics.requests,
+                    &[&route.name, status_label(r.status())],
+                    1,
+                );
+                out.clear();
+                ErrorBody {
+                    status: r.status(),
+                    error_type: if r.status() == 429 {
+                        "rate_limit_exceeded"
+                    } else {
+                        "service_unavailable"
+                    },
+                    message: r.message(),
+                    code: Some(r.limit.as_str()),
+                    param: None,
+                    retry_after: Some(r.retry_after_s),
+                    headers: &rl_headers,
+                }
+                .write(&rid, close, &mut out);
+                if head.is_head {
+                    truncate_to_head(&mut out);
+                }
+                let (_, o) = client
+                    .write_all(std::mem::take(&mut out), cur.shared.timeouts.send)
+                    .await;
+                out = o;
+                if close {
+                    linger = true;
+                    break;
+                }
+                continue;
+            }
+        };
 
         let buffered = match &verdict.admitted {
             validate::Admitted::Answer(body) => {
@@ -305,8 +346,31 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             request_id: &rid,
             peer: peer.ip(),
             started,
+            response_headers: &rl_headers,
+            scan_usage: admission.as_ref().is_some_and(|a| a.tokens > 0)
+                && cur
+                    .shared
+                    .ratelimit
+                    .as_ref()
+                    .is_some_and(|p| p.correct_from_usage),
         };
         let x = upstream::forward(&mut client, &req, &w, &cur, &mut out, &mut resp_head).await;
+        if let (Some(a), Some(actual), Some(p)) = (
+            &admission,
+            x.usage.as_ref().and_then(|u| u.total()),
+            cur.shared.ratelimit.as_ref(),
+        ) {
+            let model = verdict.model.as_ref().map(|m| m.0.as_str()).unwrap_or("");
+            let actual = p.weigh(model, actual);
+            cur.shared.limiter.correct(a, actual);
+            w.metrics.inc(
+                &w.metrics.ratelimit_tokens,
+                &[&route.name, "actual"],
+                actual,
+            );
+        }
+        // Concurrency slots go back now that the response is over.
+        drop(admission);
         if !x.head_consumed {
             // Failed before anything was sent upstream (e.g. no backend reachable).
             client.consume(head.head_len);
@@ -518,6 +582,99 @@ fn authorize(
                 principal = id.principal.as_str(), tenant = id.tenant.as_str(), method = id.method, model,
                 decision = "deny", "no authorization rule allows this request");
             Err(ProxyError::Client(ClientError::Forbidden))
+        }
+    }
+}
+
+/// After a refusal once validation ran: take the head off the client buffer
+/// where validation left it, and say whether the connection must close (the
+/// body, if any, was read only when validation buffered it).
+fn refused_after_validate(
+    client: &mut Conn,
+    head: &RequestHead,
+    admitted: &validate::Admitted,
+    w: &Worker,
+) -> bool {
+    if matches!(
+        admitted,
+        validate::Admitted::Stream | validate::Admitted::Answer(_)
+    ) {
+        client.consume(head.head_len);
+    }
+    !head.keep_alive
+        || !matches!(
+            admitted,
+            validate::Admitted::Buffered(_) | validate::Admitted::Answer(_)
+        ) && head.body_kind() != codec::BodyKind::Empty
+        || w.draining.get()
+}
+
+/// The ratelimit stage: `Ok(None)` when nothing is limited, `Ok(admission)`
+/// (held to the end of the response: concurrency slots, cost correction),
+/// or the refusal. `headers` gets the rate-limit response headers.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one stage's inputs, each from a different earlier stage"
+)]
+fn rate_limit(
+    identity: &Option<std::sync::Arc<crate::authn::Identity>>,
+    route: &crate::route::Route,
+    verdict: &validate::Verdict,
+    peer: SocketAddr,
+    w: &Worker,
+    cur: &Current,
+    rid: &str,
+    headers: &mut String,
+) -> Result<Option<crate::ratelimit::Admission>, crate::ratelimit::Refusal> {
+    let Some(p) = cur.shared.ratelimit.as_ref() else {
+        return Ok(None);
+    };
+    let (principal, tenant) = identity
+        .as_deref()
+        .map(|i| (i.principal.as_str(), i.tenant.as_str()))
+        .unwrap_or(("", ""));
+    let model = verdict.model.as_ref().map(|m| m.0.as_str()).unwrap_or("");
+    let f = &verdict.facts;
+    let tokens = if p.counts_tokens && (f.prompt_tokens > 0 || f.max_tokens.is_some()) {
+        p.cost(model, f.prompt_tokens, f.max_tokens)
+    } else {
+        0
+    };
+    let subject = crate::ratelimit::Subject {
+        ip: peer.ip(),
+        principal,
+        tenant,
+        route: &route.name,
+        model,
+        tokens,
+    };
+    match cur.shared.limiter.admit(p, &subject) {
+        Ok(a) => {
+            w.metrics
+                .inc(&w.metrics.ratelimit, &[&route.name, "admitted", "", ""], 1);
+            w.metrics.inc(
+                &w.metrics.ratelimit_tokens,
+                &[&route.name, "estimated"],
+                tokens,
+            );
+            if let (Some(s), true) = (a.shown, p.headers_on_success) {
+                s.write_headers(p.headers, headers);
+            }
+            Ok(Some(a))
+        }
+        Err(r) => {
+            let (level, limit) = (r.level.as_str(), r.limit.as_str());
+            w.metrics.inc(
+                &w.metrics.ratelimit,
+                &[&route.name, "refused", level, limit],
+                1,
+            );
+            if let Some(s) = r.shown {
+                s.write_headers(p.headers, headers);
+            }
+            tracing::info!(target: "ratelimit", request_id = rid, client = %peer.ip(), principal, tenant, route = route.name.as_str(),
+                model, level, limit, cost_tokens = tokens, retry_after_s = r.retry_after_s, "request refused by a rate limit");
+            Err(r)
         }
     }
 }

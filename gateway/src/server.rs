@@ -53,6 +53,7 @@ pub struct Control {
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
     front_door: Arc<FrontDoor>,
+    limiter: Arc<crate::ratelimit::Limiter>,
 }
 
 impl Control {
@@ -80,6 +81,7 @@ impl Control {
             self.shutdown.clone(),
             generation,
             self.front_door.clone(),
+            self.limiter.clone(),
         )
     }
 }
@@ -109,6 +111,17 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         }
     }
     let _detach = DetachOnExit(front_door.clone());
+    // Rate limits: state that outlives reloads; quotas reloaded from disk.
+    let limiter =
+        crate::ratelimit::Limiter::start(&r, front_door.clone(), metrics.clone(), shutdown.clone())
+            .map_err(RunError::Startup)?;
+    struct SaveOnExit(Arc<crate::ratelimit::Limiter>);
+    impl Drop for SaveOnExit {
+        fn drop(&mut self) {
+            self.0.persist();
+        }
+    }
+    let _save = SaveOnExit(limiter.clone());
     if let Some(a) = &r.authn {
         a.spawn_refresher()
             .map_err(|e| RunError::Startup(format!("cannot start the JWKS refresher: {e}")))?;
@@ -122,6 +135,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         front_door: front_door.clone(),
+        limiter,
     });
     spawn_tls_watch(&control, metrics.clone())?;
     let health = Arc::new(Health {
@@ -487,6 +501,9 @@ fn keep_restart_only(
         );
     }
     new.config.server.buffer_size = old.config.server.buffer_size;
+    new.config.ratelimit.redis = old.config.ratelimit.redis.clone();
+    new.config.ratelimit.state_file = old.config.ratelimit.state_file.clone();
+    new.config.ratelimit.max_keys = old.config.ratelimit.max_keys;
     let l = &new.config.limits;
     if l.max_header_bytes > old.config.server.buffer_size
         || l.max_response_header_bytes > old.config.server.buffer_size
@@ -521,6 +538,13 @@ fn restart_only_changes(old: &Resolved, new: &Resolved) -> Vec<&'static str> {
                 || x.max_tracked_sources != y.max_tracked_sources
                 || x.max_allow != y.max_allow
         }),
+        (
+            "ratelimit.redis / ratelimit.state_file / ratelimit.max_keys",
+            {
+                let (x, y) = (&old.config.ratelimit, &new.config.ratelimit);
+                x.redis != y.redis || x.state_file != y.state_file || x.max_keys != y.max_keys
+            },
+        ),
         (
             "log.format / log.level",
             old.config.log.format != new.config.log.format

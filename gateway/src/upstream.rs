@@ -304,6 +304,8 @@ pub struct Exchange {
     pub resp_bytes: u64,
     /// The client connection may carry another request.
     pub client_keep_alive: bool,
+    /// The token usage the backend reported (when asked to look for it).
+    pub usage: Option<crate::ratelimit::usage::UsageScan>,
 }
 
 /// Everything the upstream stage needs to know about the request.
@@ -322,6 +324,10 @@ pub struct Request<'a> {
     pub request_id: &'a str,
     pub peer: IpAddr,
     pub started: Instant,
+    /// Extra response header lines (each ending in CRLF): the rate-limit headers.
+    pub response_headers: &'a str,
+    /// Look for the backend's reported token usage in the response body.
+    pub scan_usage: bool,
 }
 
 pub async fn forward(
@@ -334,6 +340,9 @@ pub async fn forward(
 ) -> Exchange {
     let mut x = Exchange {
         request_body_done: req.head.body_kind() == BodyKind::Empty,
+        usage: req
+            .scan_usage
+            .then(crate::ratelimit::usage::UsageScan::default),
         ..Exchange::default()
     };
     if let Err(e) = exchange(client, req, w, cur, out, resp, &mut x).await {
@@ -642,6 +651,7 @@ async fn exchange(
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(req.request_id.as_bytes());
         out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(req.response_headers.as_bytes());
         if client_close {
             out.extend_from_slice(b"connection: close\r\n");
         } else if !client_11 {
@@ -668,6 +678,9 @@ async fn exchange(
             _ if replaced.is_some() => {
                 let b = replaced.take().unwrap_or_default();
                 x.resp_bytes += b.len() as u64;
+                if let Some(u) = x.usage.as_mut() {
+                    u.feed(&b);
+                }
                 out.extend_from_slice(&b);
                 used = 0;
                 finished = true;
@@ -679,6 +692,9 @@ async fn exchange(
             BodyKind::Length(_) => {
                 used = (remaining.min(p.len() as u64)) as usize;
                 out.extend_from_slice(&p[..used]);
+                if let Some(u) = x.usage.as_mut() {
+                    u.feed(&p[..used]);
+                }
                 remaining -= used as u64;
                 x.resp_bytes += used as u64;
                 finished = remaining == 0;
@@ -694,25 +710,43 @@ async fn exchange(
                     f.finish(&mut sse_out);
                 }
                 x.resp_bytes += sse_out.len() as u64;
+                if let Some(u) = x.usage.as_mut() {
+                    u.feed(&sse_out);
+                }
                 emit(&mut sse_out, rechunk, finished, out);
             }
             BodyKind::UntilClose if sse.is_some() => {
                 used = p.len();
                 sse.as_mut().expect("checked").feed(p, &mut sse_out);
                 x.resp_bytes += sse_out.len() as u64;
+                if let Some(u) = x.usage.as_mut() {
+                    u.feed(&sse_out);
+                }
                 emit(&mut sse_out, rechunk, false, out);
                 finished = false;
             }
             BodyKind::Chunked => {
                 let before = dec.data_total;
+                let usage = &mut x.usage;
                 used = if rechunk {
-                    let n = dec.feed(p, |_| {}).map_err(|_| UpstreamError::BadResponse);
+                    let n = dec
+                        .feed(p, |r| {
+                            if let Some(u) = usage.as_mut() {
+                                u.feed(&p[r]);
+                            }
+                        })
+                        .map_err(|_| UpstreamError::BadResponse);
                     let n = abort_if_started(n, x)?;
                     out.extend_from_slice(&p[..n]);
                     n
                 } else {
                     let n = dec
-                        .feed(p, |r| out.extend_from_slice(&p[r]))
+                        .feed(p, |r| {
+                            if let Some(u) = usage.as_mut() {
+                                u.feed(&p[r.clone()]);
+                            }
+                            out.extend_from_slice(&p[r])
+                        })
                         .map_err(|_| UpstreamError::BadResponse);
                     abort_if_started(n, x)?
                 };
@@ -721,6 +755,9 @@ async fn exchange(
             }
             BodyKind::UntilClose => {
                 used = p.len();
+                if let Some(u) = x.usage.as_mut() {
+                    u.feed(p);
+                }
                 if used > 0 {
                     if rechunk {
                         codec::encode_chunk(p, out);

@@ -80,6 +80,10 @@ pub struct Shared {
     pub authz: Option<crate::authz::Authz>,
     /// `[authn]` (identity header names, ...).
     pub authn_settings: crate::config::AuthnSettings,
+    /// The rate limits of this generation; `None`: nothing is limited.
+    pub ratelimit: Option<Arc<crate::ratelimit::Policies>>,
+    /// The limiter's state (process-wide; survives reloads).
+    pub limiter: Arc<crate::ratelimit::Limiter>,
 }
 
 impl Shared {
@@ -90,6 +94,7 @@ impl Shared {
         shutdown: Arc<Shutdown>,
         generation: u64,
         front_door: Arc<crate::xdp::FrontDoor>,
+        limiter: Arc<crate::ratelimit::Limiter>,
     ) -> Shared {
         let names: Vec<String> = r.clusters.keys().cloned().collect();
         let clusters = names
@@ -125,6 +130,12 @@ impl Shared {
             authz: (r.authn.is_some() || !r.config.authz.rules.is_empty())
                 .then(|| crate::authz::Authz::new(&r.config.authz.rules)),
             authn_settings: r.config.authn.clone(),
+            ratelimit: r
+                .config
+                .ratelimit
+                .enabled()
+                .then(|| Arc::new(crate::ratelimit::Policies::new(&r.config.ratelimit))),
+            limiter,
         }
     }
 }

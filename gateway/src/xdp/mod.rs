@@ -391,6 +391,13 @@ impl FrontDoor {
         &self.status
     }
 
+    /// Whether `addr` is in the allowlist (never blocked, never escalated).
+    pub fn allowlisted(&self, addr: IpAddr) -> bool {
+        let addr = canonical(addr);
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        view.allow.iter().any(|c| c.contains(addr))
+    }
+
     /// The accept-time check: true when a connection from `addr` must be
     /// closed at once (blocked, unexpired, not allowlisted, enforce mode).
     pub fn refuses(&self, addr: IpAddr) -> bool {

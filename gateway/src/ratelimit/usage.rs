@@ -1,0 +1,101 @@
+//! Finds the token usage a backend reports (`usage.prompt_tokens` and
+//! `usage.completion_tokens`, in a JSON body or in the final SSE event) in
+//! the response bytes as they stream by, so a request's up-front cost can
+//! be corrected. Nothing is buffered beyond a short tail for matches split
+//! across reads.
+
+const TAIL: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct UsageScan {
+    tail: Vec<u8>,
+    prompt: Option<u64>,
+    completion: Option<u64>,
+}
+
+impl UsageScan {
+    pub fn feed(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if !self.tail.is_empty() {
+            let mut w = std::mem::take(&mut self.tail);
+            w.extend_from_slice(&data[..data.len().min(TAIL)]);
+            self.scan(&w);
+            w.clear();
+            self.tail = w;
+        }
+        self.scan(data);
+        let keep = data.len().min(TAIL);
+        self.tail.extend_from_slice(&data[data.len() - keep..]);
+    }
+
+    fn scan(&mut self, buf: &[u8]) {
+        for end in memchr::memmem::find_iter(buf, b"_tokens\"") {
+            let before = &buf[..end];
+            let slot = if before.ends_with(b"\"prompt") {
+                &mut self.prompt
+            } else if before.ends_with(b"\"completion") {
+                &mut self.completion
+            } else {
+                continue;
+            };
+            let mut i = end + 8;
+            while i < buf.len() && matches!(buf[i], b' ' | b'\t' | b'\r' | b'\n') {
+                i += 1;
+            }
+            if buf.get(i) != Some(&b':') {
+                continue;
+            }
+            i += 1;
+            while i < buf.len() && matches!(buf[i], b' ' | b'\t' | b'\r' | b'\n') {
+                i += 1;
+            }
+            let start = i;
+            while i < buf.len() && buf[i].is_ascii_digit() {
+                i += 1;
+            }
+            // Digits up to the end may go on in the next read: the tail window decides.
+            if i == start || i == buf.len() || i - start > 15 {
+                continue;
+            }
+            if let Ok(n) = std::str::from_utf8(&buf[start..i]).unwrap_or("").parse() {
+                *slot = Some(n);
+            }
+        }
+    }
+
+    /// Prompt + completion tokens, when the backend reported either
+    /// (embeddings report only the prompt).
+    pub fn total(&self) -> Option<u64> {
+        match (self.prompt, self.completion) {
+            (None, None) => None,
+            (p, c) => Some(p.unwrap_or(0).saturating_add(c.unwrap_or(0))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_body_in_pieces() {
+        let body = br#"{"id":"x","choices":[{"text":"say \"prompt_tokens\": 9"}],"usage":{"prompt_tokens": 12,"completion_tokens":345,"total_tokens":357}}"#;
+        for split in 1..body.len() {
+            let mut u = UsageScan::default();
+            u.feed(&body[..split]);
+            u.feed(&body[split..]);
+            assert_eq!(u.total(), Some(357), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn sse_final_event() {
+        let mut u = UsageScan::default();
+        u.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n");
+        assert_eq!(u.total(), None);
+        u.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n");
+        assert_eq!(u.total(), Some(12));
+    }
+}
