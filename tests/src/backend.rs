@@ -6,7 +6,7 @@
 //! | path | behaviour |
 //! |---|---|
 //! | any other | 200 JSON: method, path, headers seen, body length and FNV-1a hash (the body is streamed, never stored) |
-//! | `/v1/chat/completions` | OpenAI-style completion; `"stream": true` in the body → SSE token stream |
+//! | `/v1/chat/completions` | OpenAI-style completion with `usage`; `"stream": true` in the body → SSE token stream (usage in a last event with `stream_options.include_usage`) |
 //! | `/sse?n=N&gap_ms=M` | chunked `text/event-stream`, N events M ms apart |
 //! | `/sse-gated` | one event, then waits for [`Backend::release`], then `[DONE]` |
 //! | `/slow?ms=M` | waits M ms, then 200 |
@@ -323,6 +323,11 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                             "choices":[{"index":0,"delta":{"content":tok},"finish_reason":null}]});
                         chunk(&mut w, format!("data: {ev}\n\n").as_bytes())?;
                         std::thread::sleep(Duration::from_millis(20 + 5 * i as u64));
+                    }
+                    if body["stream_options"]["include_usage"].as_bool() == Some(true) {
+                        let ev = serde_json::json!({"id":"chatcmpl-demo","object":"chat.completion.chunk","model":model,"choices":[],
+                            "usage":{"prompt_tokens":len / 4,"completion_tokens":6,"total_tokens":len / 4 + 6}});
+                        chunk(&mut w, format!("data: {ev}\n\n").as_bytes())?;
                     }
                     chunk(&mut w, b"data: [DONE]\n\n")?;
                     w.write_all(b"0\r\n\r\n")?;

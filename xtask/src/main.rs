@@ -18,7 +18,7 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [args]
 
 commands:
-  setup                 install what's missing: apt packages (haproxy, nginx, wrk, curl, iproute2, nftables,
+  setup                 install what's missing: apt packages (haproxy, nginx, redis, wrk, curl, iproute2, nftables,
                         LLVM 22), nightly rust-src, bpf-linker (the XDP program's toolchain)
   test                  setup, release builds, the whole test suite, and compile the criterion benches
   run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
@@ -103,6 +103,12 @@ const PREREQS: &[Prereq] = &[
         check: || on_path("haproxy")(),
         install: Install::Apt(&["haproxy"]),
         why: "load-bench peer",
+    },
+    Prereq {
+        name: "redis-server",
+        check: || on_path("redis-server")(),
+        install: Install::Apt(&["redis-server"]),
+        why: "fleet-wide rate limits: tests run two gateways against a real Redis",
     },
     Prereq {
         name: "nginx",

@@ -109,6 +109,12 @@ fn read_reply(r: &mut BufReader<TcpStream>, depth: usize) -> std::io::Result<Rep
     }
     let mut line = Vec::new();
     r.by_ref().take(1 << 16).read_until(b'\n', &mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "Redis closed the connection",
+        ));
+    }
     if !line.ends_with(b"\r\n") {
         return Err(bad("truncated reply"));
     }
