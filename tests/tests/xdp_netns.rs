@@ -500,3 +500,62 @@ fn rewrite_xdp(net: &NetPair, extra: &str) {
     )
     .unwrap();
 }
+
+#[test]
+fn rate_limit_escalation_blocks_at_xdp_until_the_ttl_ends() {
+    let net = NetPair::new("g", 77, 2);
+    let (good, bad) = (net.cl_ips[0].clone(), net.cl_ips[1].clone());
+    let _backend = start_backend(&net);
+    // Two requests per address, then refusals; the third refusal in 10 s
+    // puts the address in the XDP blocklist for 3 s.
+    let _gw = start_gateway_with(
+        &net,
+        &[&net.gw_if],
+        "\n[ratelimit.ip]\nrequests_per_second = 0.01\nburst = 2\n\
+         [ratelimit.escalation]\nenabled = true\nrefusals = 3\nwindow = \"10s\"\nblock_ttl = \"3s\"\n",
+    );
+    for i in 0..2 {
+        assert_eq!(net.curl_from(&bad, &url(&net), 5).1, 200, "request {i}");
+    }
+    for i in 0..3 {
+        assert_eq!(net.curl_from(&bad, &url(&net), 5).1, 429, "refusal {i}");
+    }
+    // Now its SYNs die at the NIC; the other client is served.
+    let (code, status, _) = net.curl_from(&bad, &url(&net), 2);
+    assert_eq!((code, status), (28, 0), "dropped at XDP: curl times out");
+    assert!(served(&net, &good));
+    let m = metrics(&net);
+    assert_eq!(
+        metric(&m, "gateway_ratelimit_escalations_total", r#"result="blocked""#),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "gateway_xdp_blocked_sources", r#"reason="rate_limit""#),
+        1.0
+    );
+    assert!(
+        metric(&m, "gateway_xdp_blocked_packets_total", r#"reason="rate_limit""#) >= 1.0,
+        "dropped by XDP, counted under the rate-limit reason"
+    );
+    assert_eq!(
+        metric(&m, "gateway_accept_refused_total", r#"reason="blocked""#),
+        0.0,
+        "XDP did the work, not accept"
+    );
+    // The TTL ends: the address reaches the gateway again (and is still
+    // over its rate: 429, not a timeout).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let (code, status, _) = net.curl_from(&bad, &url(&net), 1);
+        if code == 0 {
+            assert_eq!(status, 429);
+            break;
+        }
+        assert!(Instant::now() < deadline, "block never expired");
+    }
+    let m = metrics(&net);
+    assert_eq!(
+        metric(&m, "gateway_xdp_blocked_sources", r#"reason="rate_limit""#),
+        0.0
+    );
+}
