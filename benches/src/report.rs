@@ -156,7 +156,12 @@ pub fn validation_cost(passthrough: &Summary, validated: &Summary) -> Option<Val
 }
 
 /// The `--validation` table: both gateways, then what validation costs.
-pub fn validation_table(summaries: &[Summary], cost: Option<&ValidationCost>) -> String {
+/// `label` names the cost ("validation cost", "rate-limit cost").
+pub fn validation_table(
+    summaries: &[Summary],
+    cost: Option<&ValidationCost>,
+    label: &str,
+) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -178,18 +183,14 @@ pub fn validation_table(summaries: &[Summary], cost: Option<&ValidationCost>) ->
     }
     match cost {
         Some(c) => {
-            let _ = write!(
-                t,
-                "validation cost: {:.1} % of throughput",
-                c.throughput_pct
-            );
+            let _ = write!(t, "{label}: {:.1} % of throughput", c.throughput_pct);
             if let (Some(us), Some(pct)) = (c.cpu_us_per_req, c.cpu_pct) {
                 let _ = write!(t, ", {us:+.1} µs CPU/request ({pct:+.1} %)");
             }
             let _ = writeln!(t, ", p50 {:+.3} ms, p99 {:+.3} ms", c.p50_ms, c.p99_ms);
         }
         None => {
-            let _ = writeln!(t, "validation cost: - (a side produced no numbers)");
+            let _ = writeln!(t, "{label}: - (a side produced no numbers)");
         }
     }
     t
@@ -446,7 +447,7 @@ mod tests {
         assert!((c.throughput_pct - 10.0).abs() < 1e-9);
         assert!((c.cpu_us_per_req.unwrap() - 2.0).abs() < 1e-9);
         assert!((c.cpu_pct.unwrap() - 10.0).abs() < 1e-9);
-        let table = validation_table(&[p, v], Some(&c));
+        let table = validation_table(&[p, v], Some(&c), "validation cost");
         assert!(
             table.contains("validation cost: 10.0 % of throughput, +2.0 µs CPU/request (+10.0 %)"),
             "{table}"

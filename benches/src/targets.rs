@@ -325,6 +325,64 @@ pub fn start_gateway_validated(tools: &Tools, place: Placement, run_dir: &Path) 
     Server::spawn("gateway-validated", cmd, &dir.join("gateway.log"))
 }
 
+/// `loadbench --ratelimit`'s second gateway: the validating one on the
+/// plain gateway's ports, with limits at every level that applies without
+/// authentication (address, route, model: request and token buckets, a
+/// concurrency limit), escalation on, and the headers on every response.
+/// The load stays far under every limit: this measures the stage's cost.
+pub fn gateway_limited_config(ports: Ports, model: &str) -> String {
+    let validated = gateway_validated_config(ports, model);
+    let text = validated
+        .replace(
+            &format!("listen = [\"{}\"]", ports.gateway_validated()),
+            &format!("listen = [\"{}\"]", ports.gateway()),
+        )
+        .replace(
+            &format!("listen = \"{}\"", ports.gateway_validated_admin()),
+            &format!("listen = \"{}\"", ports.gateway_admin()),
+        )
+        .replace(
+            "# Written by loadbench --validation",
+            "# Written by loadbench --ratelimit (the validating gateway + [ratelimit])",
+        );
+    text + "\n\
+[ratelimit]\n\
+headers_on_success = true\n\
+\n\
+[ratelimit.ip]\n\
+requests_per_second = 10000000\n\
+burst = 10000000\n\
+\n\
+[ratelimit.route]\n\
+requests_per_second = 10000000\n\
+burst = 10000000\n\
+\n\
+[ratelimit.model]\n\
+requests_per_second = 10000000\n\
+burst = 10000000\n\
+tokens_per_minute = 1e12\n\
+token_burst = 1000000000\n\
+concurrency = 100000\n\
+\n\
+[ratelimit.escalation]\n\
+enabled = true\n"
+}
+
+pub fn start_gateway_limited(tools: &Tools, place: Placement, run_dir: &Path) -> Result<Server> {
+    let gateway = tools.gateway.as_deref().ok_or("gateway binary not found")?;
+    let dir = run_dir.join("gateway-ratelimited");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let conf_path = dir.join("gateway.toml");
+    fs::write(
+        &conf_path,
+        gateway_limited_config(place.ports, &request_model()?),
+    )
+    .map_err(|e| format!("{}: {e}", conf_path.display()))?;
+    let mut cmd = pinned(place.proxy_cpu, tools.taskset.as_deref(), gateway);
+    cmd.arg("run").arg("--config").arg(&conf_path);
+    Server::spawn("gateway-ratelimited", cmd, &dir.join("gateway.log"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +410,17 @@ mod tests {
         assert_eq!(r.config.models[0].name, "demo");
         assert_eq!(r.listen, vec![p.gateway_validated()]);
         assert_eq!(r.admin, p.gateway_validated_admin());
+    }
+
+    #[test]
+    fn limited_config_is_the_validated_one_plus_limits() {
+        let p = Ports { base: 18000 };
+        let text = gateway_limited_config(p, "demo");
+        let r = gateway::config::Resolved::from_str(&text, "gateway.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(r.listen, vec![p.gateway()]);
+        assert_eq!(r.admin, p.gateway_admin());
+        assert!(r.config.ratelimit.model.is_some() && r.config.ratelimit.escalation.enabled);
+        assert_eq!(r.config.models[0].name, "demo");
     }
 }

@@ -263,6 +263,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             &w,
             &cur,
             &rid,
+            started,
             &mut rl_headers,
         ) {
             Ok(a) => a,
@@ -624,6 +625,7 @@ fn rate_limit(
     w: &Worker,
     cur: &Current,
     rid: &str,
+    started: Instant,
     headers: &mut String,
 ) -> Result<Option<crate::ratelimit::Admission>, crate::ratelimit::Refusal> {
     let Some(p) = cur.shared.ratelimit.as_ref() else {
@@ -648,7 +650,7 @@ fn rate_limit(
         model,
         tokens,
     };
-    match cur.shared.limiter.admit(p, &subject) {
+    match cur.shared.limiter.admit_at(p, &subject, started) {
         Ok(a) => {
             w.metrics
                 .inc(&w.metrics.ratelimit, &[&route.name, "admitted", "", ""], 1);

@@ -526,7 +526,11 @@ fn rate_limit_escalation_blocks_at_xdp_until_the_ttl_ends() {
     assert!(served(&net, &good));
     let m = metrics(&net);
     assert_eq!(
-        metric(&m, "gateway_ratelimit_escalations_total", r#"result="blocked""#),
+        metric(
+            &m,
+            "gateway_ratelimit_escalations_total",
+            r#"result="blocked""#
+        ),
         1.0
     );
     assert_eq!(
@@ -534,7 +538,11 @@ fn rate_limit_escalation_blocks_at_xdp_until_the_ttl_ends() {
         1.0
     );
     assert!(
-        metric(&m, "gateway_xdp_blocked_packets_total", r#"reason="rate_limit""#) >= 1.0,
+        metric(
+            &m,
+            "gateway_xdp_blocked_packets_total",
+            r#"reason="rate_limit""#
+        ) >= 1.0,
         "dropped by XDP, counted under the rate-limit reason"
     );
     assert_eq!(

@@ -28,10 +28,14 @@ commands:
   bench xdp [--pps N] [--seconds S]
                         SYN flood from one netns to the gateway's, dropped by XDP vs nftables vs the
                         userspace fallback: pps, softirq ns/packet, legitimate goodput kept (target/bench/xdp.json)
-  bench [--validation] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
+  bench [--validation | --ratelimit] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS]
+        [--port-base P]
                         load benchmark: backend direct vs gateway vs HAProxy vs nginx (see target/bench/);
                         --validation: the gateway as a plain proxy vs validating every chat completion
-                        (target/bench/validation.json)
+                        (target/bench/validation.json); --ratelimit: the validating gateway vs the same with
+                        rate/token/concurrency limits the load stays under (target/bench/ratelimit.json)
+  cargo bench -p gateway-benches --bench ratelimit
+                        criterion: one limiter decision on 1 core, all levels, the same key from every core
 ";
 
 type Result<T = ()> = std::result::Result<T, String>;

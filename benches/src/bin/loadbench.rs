@@ -14,6 +14,12 @@
 //! model the load asks for), both in front of the same backend, same load;
 //! results in `target/bench/validation.json`.
 //!
+//! With `--ratelimit`, what the rate-limit stage costs on a load that stays
+//! under every limit: the validating gateway as above against the same with
+//! `[ratelimit]` address, route and model levels (request and token buckets,
+//! a concurrency limit, escalation on, headers on every response); results
+//! in `target/bench/ratelimit.json`.
+//!
 //! Usually run as `cargo xtask bench`, which builds the gateway first.
 
 use std::env;
@@ -31,11 +37,14 @@ use gateway_benches::Result;
 use serde_json::json;
 
 const USAGE: &str = "\
-usage: loadbench [--validation] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
+usage: loadbench [--validation | --ratelimit] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
 
   --validation       measure the validation stage instead: the gateway as a plain proxy vs the
                      gateway checking every chat completion (openai route + model catalogue),
                      same backend, same load, alternating rounds (target/bench/validation.json)
+  --ratelimit        measure the rate-limit stage: the validating gateway vs the same with rate,
+                     token, concurrency limits and escalation that the load stays under
+                     (target/bench/ratelimit.json)
 
   --rounds N         rounds over all targets; medians are reported (default 3)
   --duration SECS    measured seconds per target per round (default 10)
@@ -57,6 +66,8 @@ struct Settings {
     port_base: u16,
     /// `--validation`: passthrough gateway vs validating gateway.
     validation: bool,
+    /// `--ratelimit`: validating gateway vs the same with rate limits.
+    ratelimit: bool,
 }
 
 fn parse_args() -> Result<Option<Settings>> {
@@ -67,6 +78,7 @@ fn parse_args() -> Result<Option<Settings>> {
         warmup: 2,
         port_base: 18000,
         validation: false,
+        ratelimit: false,
     };
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
@@ -94,6 +106,7 @@ fn parse_args() -> Result<Option<Settings>> {
                     .ok_or("--port-base: 1024 to 63000")?
             }
             "--validation" => s.validation = true,
+            "--ratelimit" => s.ratelimit = true,
             "--quick" => {
                 s.rounds = 1;
                 s.duration = 3;
@@ -208,7 +221,8 @@ fn run(s: &Settings) -> Result {
         }
     };
 
-    let used: Vec<SocketAddr> = if s.validation {
+    let stage = s.validation || s.ratelimit;
+    let used: Vec<SocketAddr> = if stage {
         ports.validation().to_vec()
     } else {
         ports.all().to_vec()
@@ -230,7 +244,7 @@ fn run(s: &Settings) -> Result {
         .map_err(|e| format!("backend: {e}"))?;
 
     let mut list: Vec<Target> = Vec::new();
-    if !s.validation {
+    if !stage {
         list.push(Target {
             name: "direct",
             addr: ports.backend(),
@@ -241,7 +255,24 @@ fn run(s: &Settings) -> Result {
     }
     let mut skipped: Vec<String> = Vec::new();
     type Start = fn(&Tools, Placement, &std::path::Path) -> Result<Server>;
-    let proxies: Vec<(&'static str, SocketAddr, bool, bool, Start)> = if s.validation {
+    let proxies: Vec<(&'static str, SocketAddr, bool, bool, Start)> = if s.ratelimit {
+        vec![
+            (
+                VALIDATED,
+                ports.gateway_validated(),
+                tools.gateway.is_some(),
+                false,
+                targets::start_gateway_validated,
+            ),
+            (
+                LIMITED,
+                ports.gateway(),
+                tools.gateway.is_some(),
+                false,
+                targets::start_gateway_limited,
+            ),
+        ]
+    } else if s.validation {
         vec![
             (
                 PASSTHROUGH,
@@ -300,7 +331,7 @@ fn run(s: &Settings) -> Result {
         }
         let started = start(&tools, place, &run_dir).and_then(|mut srv| {
             srv.wait_ready(addr, "/", ready)?;
-            if name == VALIDATED {
+            if name == VALIDATED || name == LIMITED {
                 check_validating(addr).map_err(|e| format!("{e}; {}", srv.log_tail(10)))?;
             }
             Ok(srv)
@@ -324,9 +355,9 @@ fn run(s: &Settings) -> Result {
         }
     }
 
-    if s.validation && list.len() < 2 {
+    if stage && list.len() < 2 {
         return Err(format!(
-            "--validation needs both gateways running: {}",
+            "--validation / --ratelimit need both gateways running: {}",
             skipped.join("; ")
         ));
     }
@@ -401,12 +432,12 @@ fn run(s: &Settings) -> Result {
     let summaries = report::summarize(&names, &samples);
     let versions = json!({
         "gateway": tools.gateway.as_deref().map(|g| procs::version_line(g, &["--version"])),
-        "haproxy": tools.haproxy.as_deref().filter(|_| !s.validation).map(|h| procs::version_line(h, &["-v"])),
+        "haproxy": tools.haproxy.as_deref().filter(|_| !stage).map(|h| procs::version_line(h, &["-v"])),
         "nginx": tools.nginx.as_deref().map(|n| procs::version_line(n, &["-v"])),
         "wrk": procs::version_line(&wrk_bin, &["-v"]),
     });
     let meta = json!({
-        "mode": if s.validation { "validation" } else { "proxies" },
+        "mode": if s.ratelimit { "ratelimit" } else if s.validation { "validation" } else { "proxies" },
         "timestamp": report::rfc3339_utc(started_at),
         "elapsed_s": clock.elapsed().as_secs_f64(),
         "machine": { "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()), "allowed_cpus": cpus },
@@ -421,8 +452,9 @@ fn run(s: &Settings) -> Result {
         "skipped": skipped,
         "dead": list.iter().filter_map(|t| t.dead.as_ref().map(|d| json!({"target": t.name, "why": d}))).collect::<Vec<_>>(),
     });
-    if s.validation {
-        return report_validation(
+    if stage {
+        return report_stage(
+            s.ratelimit,
             meta,
             &samples,
             &summaries,
@@ -469,6 +501,8 @@ fn run(s: &Settings) -> Result {
 /// The two gateways of a `--validation` run.
 const PASSTHROUGH: &str = "gateway-passthrough";
 const VALIDATED: &str = "gateway-validated";
+/// `--ratelimit`'s second gateway.
+const LIMITED: &str = "gateway-ratelimited";
 
 /// Before measuring it, make sure the validating gateway does validate: the
 /// load's request goes through (200), the same request for a model outside
@@ -494,9 +528,11 @@ fn check_validating(addr: SocketAddr) -> Result {
     }
 }
 
-/// `--validation`: the table, the cost of validation, `validation.json`.
+/// `--validation` / `--ratelimit`: the table, the cost of the stage,
+/// `validation.json` / `ratelimit.json`.
 #[allow(clippy::too_many_arguments)]
-fn report_validation(
+fn report_stage(
+    ratelimit: bool,
     mut meta: serde_json::Value,
     samples: &[Sample],
     summaries: &[report::Summary],
@@ -506,12 +542,20 @@ fn report_validation(
     list: &[Target],
     skipped: &[String],
 ) -> Result {
+    let (base, measured, file, label) = if ratelimit {
+        (VALIDATED, LIMITED, "ratelimit.json", "rate-limit cost")
+    } else {
+        (PASSTHROUGH, VALIDATED, "validation.json", "validation cost")
+    };
     let find = |name: &str| summaries.iter().find(|s| s.target == name);
-    let cost = find(PASSTHROUGH)
-        .zip(find(VALIDATED))
+    let cost = find(base)
+        .zip(find(measured))
         .and_then(|(p, v)| report::validation_cost(p, v));
     let model = targets::request_model()?;
     meta["validated_config"] = json!(targets::gateway_validated_config(ports, &model));
+    if ratelimit {
+        meta["ratelimited_config"] = json!(targets::gateway_limited_config(ports, &model));
+    }
     meta["passthrough_command"] = json!(format!(
         "gateway run --listen {} --upstream {} --workers 1 --admin {} --no-access-log",
         ports.gateway(),
@@ -519,13 +563,20 @@ fn report_validation(
         ports.gateway_admin()
     ));
     let mut results = report::results_json(meta, samples, summaries);
-    results["validation_cost"] = report::validation_cost_json(cost.as_ref());
-    let json_path = bench_dir.join("validation.json");
+    results[if ratelimit {
+        "ratelimit_cost"
+    } else {
+        "validation_cost"
+    }] = report::validation_cost_json(cost.as_ref());
+    let json_path = bench_dir.join(file);
     let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
     fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
 
     println!();
-    print!("{}", report::validation_table(summaries, cost.as_ref()));
+    print!(
+        "{}",
+        report::validation_table(summaries, cost.as_ref(), label)
+    );
     println!();
     for t in list {
         if let Some(d) = &t.dead {
@@ -538,7 +589,7 @@ fn report_validation(
     println!("raw rounds: {}", json_path.display());
     println!(
         "config:     {}",
-        run_dir.join("gateway-validated/gateway.toml").display()
+        run_dir.join(format!("{measured}/gateway.toml")).display()
     );
     println!("logs:       {}", run_dir.display());
     Ok(())

@@ -252,6 +252,9 @@ impl Policies {
 
     fn level(&self, level: Level, s: &Subject<'_>) -> Option<&LevelPolicy> {
         let class = || {
+            if self.classes.is_empty() {
+                return None;
+            }
             self.tenant_class
                 .get(s.tenant)
                 .or(self.default_class.as_ref())
@@ -347,9 +350,38 @@ impl KeyState {
     }
 }
 
+/// A key's state while a decision uses it: a read guard on its map shard
+/// (no reference-count traffic on the hot path), or the overflow bucket.
+enum Held<'a> {
+    Map(dashmap::mapref::one::Ref<'a, Box<[u8]>, Arc<KeyState>>),
+    Own(Arc<KeyState>),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = KeyState;
+    fn deref(&self) -> &KeyState {
+        match self {
+            Held::Map(r) => r.value(),
+            Held::Own(a) => a,
+        }
+    }
+}
+
+impl Held<'_> {
+    /// A reference that outlives the decision (concurrency slots, cost correction).
+    fn arc(&self) -> Arc<KeyState> {
+        match self {
+            Held::Map(r) => r.value().clone(),
+            Held::Own(a) => a.clone(),
+        }
+    }
+}
+
 /// The keys of one level.
+type MapHasher = foldhash::fast::RandomState;
+
 struct LevelMap {
-    map: DashMap<Box<[u8]>, Arc<KeyState>>,
+    map: DashMap<Box<[u8]>, Arc<KeyState>, MapHasher>,
     /// Shared by new keys once `max_keys` are tracked.
     overflow: Arc<KeyState>,
 }
@@ -504,7 +536,7 @@ impl Limiter {
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Limiter {
         let lm = || LevelMap {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(MapHasher::default()),
             overflow: Arc::new(KeyState::default()),
         };
         Limiter {
@@ -595,18 +627,18 @@ impl Limiter {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    fn state(&self, level: Level, key: &[u8]) -> Arc<KeyState> {
+    fn state(&self, level: Level, key: &[u8]) -> Held<'_> {
         let lm = &self.levels[level as usize];
         if let Some(s) = lm.map.get(key) {
-            return s.clone();
+            return Held::Map(s);
         }
         if lm.map.len() >= self.max_keys {
-            return lm.overflow.clone();
+            return Held::Own(lm.overflow.clone());
         }
-        lm.map.entry(key.into()).or_default().clone()
+        Held::Map(lm.map.entry(key.into()).or_default().downgrade())
     }
 
-    fn key_state(&self, level: Level, s: &Subject<'_>) -> Arc<KeyState> {
+    fn key_state(&self, level: Level, s: &Subject<'_>) -> Held<'_> {
         if level == Level::Ip {
             let mut b = [0u8; 16];
             let n = s.ip_key(&mut b);
@@ -615,19 +647,29 @@ impl Limiter {
         self.state(level, s.key_str(level).as_bytes())
     }
 
-    /// Check every level that applies; charge them all or none.
+    /// [`Limiter::admit_at`] now.
     pub fn admit(&self, p: &Policies, s: &Subject<'_>) -> Result<Admission, Refusal> {
-        let now = self.now();
+        self.admit_at(p, s, Instant::now())
+    }
+
+    /// Check every level that applies; charge them all or none.
+    /// `at` is when the request arrived (the pipeline has it already: no
+    /// second clock read).
+    pub fn admit_at(
+        &self,
+        p: &Policies,
+        s: &Subject<'_>,
+        at: Instant,
+    ) -> Result<Admission, Refusal> {
+        let now = at.saturating_duration_since(self.epoch).as_nanos() as u64;
         let mut a = Admission::default();
         a.tokens = s.tokens;
         let synced = self.redis_configured.load(Ordering::Relaxed);
         let redis_down = synced && !self.redis_up.load(Ordering::Relaxed);
         // Taken so far, to give back if a later level refuses.
-        let mut taken: [(Option<Arc<KeyState>>, Option<Gcra>, Option<Gcra>); 5] =
-            Default::default();
+        let mut taken: [(Option<Held<'_>>, Option<Gcra>, Option<Gcra>); 5] = Default::default();
         let mut best: Option<(u64, Shown)> = None;
         let mut refusal = None;
-        let mut ip_state = None;
         for level in LEVELS {
             let Some(lp) = p.level(level, s) else {
                 continue;
@@ -642,9 +684,6 @@ impl Limiter {
                 break;
             }
             let st = self.key_state(level, s);
-            if level == Level::Ip {
-                ip_state = Some(st.clone());
-            }
             let slot = &mut taken[level as usize];
             if let Some(g) = lp.requests {
                 match g.take(&st.req, 1, now) {
@@ -724,7 +763,7 @@ impl Limiter {
                     slot.0 = Some(st);
                     break;
                 }
-                a.slots.push(st.clone());
+                a.slots.push(st.arc());
             }
             if level == Level::Tenant && lp.quota.any() {
                 let q = self.quotas.state(s.tenant);
@@ -779,18 +818,22 @@ impl Limiter {
             }
             // `a` drops here: its concurrency slots are released.
             if let Some(esc) = &p.escalation {
-                let ip_state = ip_state.unwrap_or_else(|| self.key_state(Level::Ip, s));
-                self.note_refusal(esc, &ip_state, s, now);
+                match &taken[Level::Ip as usize].0 {
+                    Some(ip) => self.note_refusal(esc, ip, s, now),
+                    None => self.note_refusal(esc, &self.key_state(Level::Ip, s), s, now),
+                }
             }
             return Err(r);
         }
         if let Some(esc) = &p.escalation {
-            let ip_state = ip_state.unwrap_or_else(|| self.key_state(Level::Ip, s));
-            self.note_good(esc, &ip_state, s.principal, now);
+            match &taken[Level::Ip as usize].0 {
+                Some(ip) => self.note_good(esc, ip, s.principal, now),
+                None => self.note_good(esc, &self.key_state(Level::Ip, s), s.principal, now),
+            }
         }
-        for (st, _, tok) in taken.iter_mut() {
-            if let (Some(st), Some(g)) = (st.take(), tok) {
-                a.charged.push((st, *g, false));
+        for (st, _, tok) in &taken {
+            if let (Some(st), Some(g)) = (st, tok) {
+                a.charged.push((st.arc(), *g, false));
             }
         }
         a.shown = best.map(|b| b.1);

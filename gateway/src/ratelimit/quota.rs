@@ -251,7 +251,7 @@ struct Saved {
 
 /// Every tenant's quota state.
 pub struct Quotas {
-    map: DashMap<Box<str>, Arc<QuotaState>>,
+    map: DashMap<Box<str>, Arc<QuotaState>, foldhash::fast::RandomState>,
     max_keys: usize,
     overflow: Arc<QuotaState>,
 }
@@ -259,7 +259,7 @@ pub struct Quotas {
 impl Quotas {
     pub fn new(max_keys: usize) -> Quotas {
         Quotas {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(Default::default()),
             max_keys,
             overflow: Arc::new(QuotaState::default()),
         }
