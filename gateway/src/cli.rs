@@ -16,7 +16,9 @@ use crate::config::{self, Config, DriverChoice, LogFormat, Resolved, Workers, DE
 addresses), rejects malformed or smuggling-prone requests, authenticates callers ([authn]: JWT, API keys, client \
 certificates) and applies [authz] rules (default deny), routes by host, path and method to a cluster of backends, \
 checks OpenAI-compatible and KServe v2 \
-requests against a model catalogue (model, version, limits, tensor shapes, JSON Schemas), and streams request \
+requests against a model catalogue (model, version, limits, tensor shapes, JSON Schemas), enforces [ratelimit] \
+limits per client address, principal, tenant, route and model (requests, token cost corrected from the reported \
+usage, concurrency, day/month quotas; fleet-wide with Redis; repeat offenders blocked at the NIC), and streams request \
 and response bodies (SSE token streams included) in both directions with bounded memory.\n\n\
 Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.0.0.5:8000,10.0.0.6:8000\n\n\
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\

@@ -2,7 +2,8 @@
 //! proxy for HTTP/1.1 inference traffic.
 //!
 //! The request pipeline is assembled in [`pipeline`], in request order:
-//! [`xdp`] (at the NIC, and at accept) → [`listener`] → [`codec`] → [`route`] → [`upstream`].
+//! [`xdp`] (at the NIC, and at accept) → [`listener`] → [`tls`] → [`codec`] → [`route`] →
+//! [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] → [`upstream`].
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;

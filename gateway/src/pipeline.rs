@@ -1,18 +1,24 @@
 //! The request pipeline, assembled in one place and in request order:
 //!
 //! 1. listener (`listener.rs`) — accepted a connection on this worker
-//! 2. http codec (`codec.rs`) — read and check one request head
-//! 3. route match (`route.rs`) — host/path/method → a configured route, or 404
-//! 4. validate (`validate/`) — content type, JSON shape, protocol (OpenAI,
+//!    (the XDP front door, `xdp/`, already dropped blocked clients at the NIC)
+//! 2. tls (`tls.rs`) — on TLS listeners, a finished handshake
+//! 3. http codec (`codec.rs`) — read and check one request head
+//! 4. route match (`route.rs`) — host/path/method → a configured route, or 404
+//! 5. authn (`authn.rs`) — who is calling, or 401
+//! 6. validate (`validate/`) — content type, JSON shape, protocol (OpenAI,
 //!    KServe v2) and model catalogue checks; may answer itself (`/v1/models`)
-//! 5. upstream (`upstream.rs`) — pick a backend of the route's cluster,
+//! 7. authz (`authz.rs`) — may this identity use this model, or 403
+//! 8. ratelimit (`ratelimit/`) — rate, cost, concurrency and quota at every
+//!    level that applies, or 429; the admission is held to the response's end
+//! 9. upstream (`upstream.rs`) — pick a backend of the route's cluster,
 //!    forward, stream the response back
 //!
 //! then one access-log event and the metrics for the request. The route is
-//! matched before validation because a route says which protocol its
-//! requests speak; model-aware backend choice (the GPU balancer) goes
-//! between 4 and 5. TLS, authentication, authorization and rate limiting slot
-//! in between 2 and 3 as their issues land.
+//! matched before authn (a route says which methods it accepts) and
+//! validation (a route says which protocol its requests speak); authz and
+//! ratelimit need the model validation found. Model-aware backend choice
+//! (the GPU balancer) goes between 8 and 9.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -61,7 +67,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
     // Closing after an error answer: linger so the answer is not lost to an RST.
     let mut linger = false;
     loop {
-        // Stage 2: http codec.
+        // Stage 3: http codec.
         match read_head(&mut client, &mut head, &w, &w.current(), conn_id, first).await {
             Next::Request => {}
             Next::Close => break,
@@ -88,7 +94,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             None => w.new_request_id(&mut rid),
         }
 
-        // Stage 3: route match.
+        // Stage 4: route match.
         let buf = client.pending();
         let route = cur.shared.router.route(
             head.host.clone().map(|h| &buf[h]).unwrap_or_default(),
@@ -122,7 +128,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             (String::new(), String::new())
         };
 
-        // Stage: authn — who is calling (401 when the route needs to know and can't).
+        // Stage 5: authn — who is calling (401 when the route needs to know and can't).
         let identity = match authenticate(&mut client, &mut head, route, &w, &cur) {
             Ok(id) => id,
             Err(e) => {
@@ -145,7 +151,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             }
         };
 
-        // Stage 4: validate.
+        // Stage 6: validate.
         let verdict = match validate::admit(
             &mut client,
             &head,
@@ -208,7 +214,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 continue;
             }
         };
-        // Stage: authz — may this identity use this model? (Needs the model
+        // Stage 7: authz — may this identity use this model? (Needs the model
         // the validate stage found, hence here.) The model list is not
         // refused but filtered: each caller sees the models it may use.
         let is_list = matches!(verdict.admitted, validate::Admitted::Answer(_));
@@ -252,7 +258,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             continue;
         }
 
-        // Stage: ratelimit — may this caller send this now? (Keys on the
+        // Stage 8: ratelimit — may this caller send this now? (Keys on the
         // identity, the model and the cost, hence after authz.)
         rl_headers.clear();
         let admission = match rate_limit(
@@ -336,7 +342,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             validate::Admitted::Stream => None,
         };
 
-        // Stage 5: upstream.
+        // Stage 9: upstream.
         let req = Request {
             head: &head,
             identity: identity.as_deref(),
