@@ -28,6 +28,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     front_door: Arc<FrontDoor>,
+    limiter: Arc<crate::ratelimit::Limiter>,
     current: Current,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
@@ -37,7 +38,9 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &metrics, &health, &front_door, &current) {
+                        if let Err(e) =
+                            handle(c, &metrics, &health, &front_door, &limiter, &current)
+                        {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     }
@@ -56,6 +59,7 @@ fn handle(
     metrics: &Metrics,
     health: &Health,
     front_door: &FrontDoor,
+    limiter: &crate::ratelimit::Limiter,
     current: &Current,
 ) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -129,8 +133,10 @@ fn handle(
     // The control plane (blocks, key revocation, certificate reload) needs
     // the `admin` scope once authentication is configured; metrics and
     // probes stay open for scrapers and orchestrators.
-    let control_plane =
-        path.starts_with("/xdp/") || path.starts_with("/authn/") || path == "/tls/reload";
+    let control_plane = path.starts_with("/xdp/")
+        || path.starts_with("/authn/")
+        || path.starts_with("/ratelimit/")
+        || path == "/tls/reload";
     if control_plane {
         if let Err((status, why, challenge)) =
             admin_allowed(current, bearer.as_deref(), api_key.as_deref())
@@ -183,6 +189,15 @@ fn handle(
             status,
             "application/json",
             body.to_string().as_bytes(),
+        );
+    }
+    if path.starts_with("/ratelimit/") {
+        let (status, json) = quota_api(&method, path, limiter);
+        return respond(
+            &mut c,
+            status,
+            "application/json",
+            json.to_string().as_bytes(),
         );
     }
     if path.starts_with("/authn/") {
@@ -407,5 +422,48 @@ fn admin_allowed(
             tracing::warn!(target: "audit", principal = id.principal.as_str(), tenant = id.tenant.as_str(), "admin API: no rule grants the admin scope");
             Err((403, "these credentials do not have the admin scope", None))
         }
+    }
+}
+
+/// `GET /ratelimit/quotas`: every tenant's day and month counts;
+/// `DELETE /ratelimit/quotas/TENANT`: start the tenant's day and month over
+/// (an operator granting more; with Redis, this node's view until the next sync).
+fn quota_api(
+    method: &str,
+    path: &str,
+    limiter: &crate::ratelimit::Limiter,
+) -> (u16, serde_json::Value) {
+    use serde_json::json;
+    match (method, path) {
+        ("GET", "/ratelimit/quotas") => {
+            let tenants: serde_json::Map<String, serde_json::Value> = limiter
+                .quotas
+                .tenants()
+                .into_iter()
+                .map(|(t, st)| {
+                    let (day, month, c) = st.snapshot();
+                    (
+                        t,
+                        json!({"day": day, "requests_today": c[0], "tokens_today": c[1],
+                               "month": month, "requests_this_month": c[2], "tokens_this_month": c[3]}),
+                    )
+                })
+                .collect();
+            (200, json!({ "tenants": tenants }))
+        }
+        ("DELETE", p) if p.starts_with("/ratelimit/quotas/") => {
+            let tenant = &p["/ratelimit/quotas/".len()..];
+            if limiter.quotas.reset(tenant) {
+                tracing::warn!(target: "audit", event = "quota_reset", tenant, "tenant quota counts reset (admin API)");
+                (200, json!({ "reset": tenant }))
+            } else {
+                (404, json!({ "error": "no quota counts for this tenant" }))
+            }
+        }
+        (_, "/ratelimit/quotas") => (405, json!({"error": "GET /ratelimit/quotas"})),
+        _ => (
+            404,
+            json!({"error": "GET /ratelimit/quotas, DELETE /ratelimit/quotas/TENANT"}),
+        ),
     }
 }

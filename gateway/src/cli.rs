@@ -24,7 +24,7 @@ Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\
 Admin endpoints (default 127.0.0.1:9901): GET /metrics (Prometheus), GET /healthz, GET /readyz, \
 GET|POST /xdp/blocks, DELETE /xdp/blocks/ADDR, GET /xdp/stats, POST /tls/reload, GET /authn/keys, \
-POST /authn/revoke (the control plane needs the admin scope once [authn] is configured).\n\
+POST /authn/revoke, GET /ratelimit/quotas, DELETE /ratelimit/quotas/TENANT (the control plane needs the admin scope once [authn] is configured).\n\
 XDP front door ([xdp] interfaces): blocked and over-quota client addresses are dropped at the NIC; \
 `gateway xdp block ADDR --ttl 10m`, `gateway xdp unblock ADDR`, `gateway xdp list`, `gateway xdp stats`.\n\
 SIGHUP: reload the config file (refused, with the errors logged, if it doesn't validate).\n\

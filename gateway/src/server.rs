@@ -135,7 +135,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         front_door: front_door.clone(),
-        limiter,
+        limiter: limiter.clone(),
     });
     spawn_tls_watch(&control, metrics.clone())?;
     let health = Arc::new(Health {
@@ -153,6 +153,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         metrics.clone(),
         health.clone(),
         front_door.clone(),
+        limiter,
         current,
     )
     .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))?;

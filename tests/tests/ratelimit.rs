@@ -19,6 +19,15 @@ use gateway_tests::{request, Backend, Client, Driver, Gateway, Response, Spec};
 const ALICE: &str = "alice-key-0123456789";
 const BOB: &str = "bob-key-0123456789";
 const CAROL: &str = "carol-key-0123456789";
+const OPS: &str = "ops-key-0123456789";
+
+/// The admin API with the ops key (admin scope).
+fn admin(g: &Gateway, method: &str, path: &str) -> Response {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\nx-api-key: {OPS}\r\ncontent-length: 0\r\n\r\n"
+    );
+    request(g.admin, raw.as_bytes())
+}
 
 /// Three API-key clients: alice and bob in tenant acme, carol in globex.
 fn config(backend: SocketAddr, extra: &str) -> String {
@@ -64,6 +73,16 @@ client = "carol"
 tenant = "globex"
 sha256 = ["{kc}"]
 
+[[authn.api_keys]]
+client = "ops"
+roles = ["admin"]
+sha256 = ["{ko}"]
+
+[[authz.rules]]
+id = "ops-admin"
+roles = ["admin"]
+scopes = ["admin"]
+
 [[authz.rules]]
 id = "all"
 tenants = ["*"]
@@ -74,6 +93,7 @@ models = ["*"]
         ka = key_digest(ALICE),
         kb = key_digest(BOB),
         kc = key_digest(CAROL),
+        ko = key_digest(OPS),
     )
 }
 
@@ -333,6 +353,28 @@ fn day_quota_survives_a_restart() {
     );
     assert_eq!(get(g2.addr, "/x", CAROL).status, 200);
     assert!(g2.log_text().contains("quota counts restored"));
+
+    // Operators see the counts, and can start a tenant's day over.
+    let q = admin(&g2, "GET", "/ratelimit/quotas");
+    assert_eq!(q.status, 200, "{}", q.text());
+    assert_eq!(
+        q.json()["tenants"]["acme"]["requests_today"],
+        3,
+        "{}",
+        q.text()
+    );
+    assert_eq!(q.json()["tenants"]["globex"]["requests_today"], 2);
+    let denied = request(
+        g2.admin,
+        b"GET /ratelimit/quotas HTTP/1.1\r\nhost: a\r\n\r\n",
+    );
+    assert_eq!(
+        denied.status, 401,
+        "the control plane needs the admin scope"
+    );
+    assert_eq!(admin(&g2, "DELETE", "/ratelimit/quotas/acme").status, 200);
+    assert_eq!(get(g2.addr, "/x", ALICE).status, 200);
+    assert_eq!(admin(&g2, "DELETE", "/ratelimit/quotas/nobody").status, 404);
 }
 
 #[test]

@@ -247,9 +247,8 @@ impl RateLimitSettings {
     pub fn check(&self) -> Vec<(String, String)> {
         let mut errs = Vec::new();
         for (key, l) in self.all_levels() {
-            if !(l.requests_per_second >= 0.0 && l.requests_per_second.is_finite())
-                || !(l.tokens_per_minute >= 0.0 && l.tokens_per_minute.is_finite())
-            {
+            let valid = |r: f64| r >= 0.0 && r.is_finite();
+            if !valid(l.requests_per_second) || !valid(l.tokens_per_minute) {
                 errs.push((key.clone(), "rates must be finite and not negative".into()));
             }
             if l.requests_per_second > 0.0 && l.requests_per_second < 1e-6 {

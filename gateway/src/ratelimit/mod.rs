@@ -17,7 +17,7 @@ pub mod usage;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -873,9 +873,7 @@ impl Limiter {
     }
 
     fn principal_hash(&self, p: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        p.hash(&mut h);
-        h.finish() | 1
+        self.hasher.hash_one(p) | 1
     }
 
     /// An admitted principal from this address counts as well-behaved.

@@ -286,6 +286,21 @@ impl Quotas {
         });
     }
 
+    /// Zero a tenant's counts; false when it has none.
+    pub fn reset(&self, tenant: &str) -> bool {
+        match self.map.get(tenant) {
+            Some(st) => {
+                for i in 0..4 {
+                    // Redis: push the negative of what is counted, so the fleet's count drops too.
+                    let had = st.counts[i].swap(0, Ordering::AcqRel);
+                    st.pending[i].fetch_sub(had as i64, Ordering::AcqRel);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn tenants(&self) -> Vec<(String, Arc<QuotaState>)> {
         self.map
             .iter()

@@ -78,9 +78,8 @@ impl Conn {
             r: BufReader::new(s),
         };
         if !password.is_empty() {
-            match c.call(&[b"AUTH", password.as_bytes()])? {
-                Reply::Error(e) => return Err(std::io::Error::other(format!("AUTH: {e}"))),
-                _ => {}
+            if let Reply::Error(e) = c.call(&[b"AUTH", password.as_bytes()])? {
+                return Err(std::io::Error::other(format!("AUTH: {e}")));
             }
         }
         Ok(c)
