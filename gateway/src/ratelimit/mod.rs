@@ -498,7 +498,7 @@ impl Refusal {
 #[derive(Default)]
 pub struct Admission {
     slots: Vec<Arc<KeyState>>,
-    charged: Vec<(Arc<KeyState>, Gcra, bool)>,
+    charged: Vec<(Arc<KeyState>, Gcra, Level)>,
     quota: Option<Arc<QuotaState>>,
     /// Tokens charged up front (0: cost not counted).
     pub tokens: u64,
@@ -831,9 +831,9 @@ impl Limiter {
                 None => self.note_good(esc, &self.key_state(Level::Ip, s), s.principal, now),
             }
         }
-        for (st, _, tok) in &taken {
+        for (level, (st, _, tok)) in LEVELS.iter().zip(&taken) {
             if let (Some(st), Some(g)) = (st, tok) {
-                a.charged.push((st.arc(), *g, false));
+                a.charged.push((st.arc(), *g, *level));
             }
         }
         a.shown = best.map(|b| b.1);
@@ -860,11 +860,12 @@ impl Limiter {
             return;
         }
         let synced = self.redis_configured.load(Ordering::Relaxed);
-        for (st, g, _) in &a.charged {
-            g.adjust(&st.tok, delta);
-            if synced {
-                st.pending_tok
-                    .fetch_add(delta * g.t_ns as i64, Ordering::Relaxed);
+        for (st, g, level) in &a.charged {
+            // A bucket was charged at most its burst: settle against that.
+            let d = actual_tokens.min(g.burst) as i64 - a.tokens.min(g.burst) as i64;
+            g.adjust(&st.tok, d);
+            if synced && level.synced() {
+                st.pending_tok.fetch_add(d * g.t_ns as i64, Ordering::Relaxed);
             }
         }
         if let Some(q) = &a.quota {
