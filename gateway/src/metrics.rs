@@ -286,7 +286,6 @@ pub struct WorkerMetrics {
     pub authn: RefCell<LocalIntCounterVec>,
     pub authz: RefCell<LocalIntCounterVec>,
     pub ratelimit: RefCell<LocalIntCounterVec>,
-    pub ratelimit_tokens: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
     pub active_connections: IntGauge,
 }
@@ -308,7 +307,6 @@ impl WorkerMetrics {
             authn: RefCell::new(m.authn.local()),
             authz: RefCell::new(m.authz.local()),
             ratelimit: RefCell::new(m.ratelimit.local()),
-            ratelimit_tokens: RefCell::new(m.ratelimit_tokens.local()),
             connections_accepted: m.connections_accepted.local(),
             active_connections: m.active_connections.with_label_values(&[&w]),
         }
@@ -340,7 +338,6 @@ impl WorkerMetrics {
         self.authn.borrow().flush();
         self.authz.borrow().flush();
         self.ratelimit.borrow().flush();
-        self.ratelimit_tokens.borrow().flush();
         self.connections_accepted.flush();
     }
 }

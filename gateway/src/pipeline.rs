@@ -370,11 +370,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             let model = verdict.model.as_ref().map(|m| m.0.as_str()).unwrap_or("");
             let actual = p.weigh(model, actual);
             cur.shared.limiter.correct(a, actual);
-            w.metrics.inc(
-                &w.metrics.ratelimit_tokens,
-                &[&route.name, "actual"],
-                actual,
-            );
+            cur.route_counters[route.index].tokens_actual.inc_by(actual);
         }
         // Concurrency slots go back now that the response is over.
         drop(admission);
@@ -658,13 +654,9 @@ fn rate_limit(
     };
     match cur.shared.limiter.admit_at(p, &subject, started) {
         Ok(a) => {
-            w.metrics
-                .inc(&w.metrics.ratelimit, &[&route.name, "admitted", "", ""], 1);
-            w.metrics.inc(
-                &w.metrics.ratelimit_tokens,
-                &[&route.name, "estimated"],
-                tokens,
-            );
+            let c = &cur.route_counters[route.index];
+            c.admitted.inc();
+            c.tokens_estimated.inc_by(tokens);
             if let (Some(s), true) = (a.shown, p.headers_on_success) {
                 s.write_headers(p.headers, headers);
             }

@@ -451,6 +451,7 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
             loop {
                 monoio::time::sleep(FLUSH_EVERY).await;
                 w.metrics.flush();
+                w.current().flush();
                 if last_sweep.elapsed() >= w.sweep_interval() {
                     last_sweep = Instant::now();
                     w.sweep_pool();
@@ -482,6 +483,7 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
         }
     }
     w.metrics.flush();
+    w.current().flush();
     metrics.workers.dec();
     let _ = tx.send(Msg::Done { worker: id });
     // Give the flush a moment to be scraped before the process exits.

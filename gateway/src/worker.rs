@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::local::LocalIntCounter;
 use prometheus::IntGauge;
 
 use crate::config::{Limits, Resolved, Timeouts};
@@ -149,6 +150,25 @@ pub struct Current {
     rr: Vec<Cell<usize>>,
     /// `gateway_upstream_pool_idle_connections{worker, cluster}`, by cluster index.
     pub pool_idle: Vec<IntGauge>,
+    /// The rate-limit stage's per-request counters, by route index, resolved
+    /// once (no label lookup per request).
+    pub route_counters: Vec<RouteCounters>,
+}
+
+/// `gateway_ratelimit_decisions_total{route, result="admitted"}` and
+/// `gateway_ratelimit_tokens_total{route, kind}` of one route, worker-local.
+pub struct RouteCounters {
+    pub admitted: LocalIntCounter,
+    pub tokens_estimated: LocalIntCounter,
+    pub tokens_actual: LocalIntCounter,
+}
+
+impl RouteCounters {
+    fn flush(&self) {
+        self.admitted.flush();
+        self.tokens_estimated.flush();
+        self.tokens_actual.flush();
+    }
 }
 
 impl Current {
@@ -161,6 +181,28 @@ impl Current {
                 .clusters
                 .iter()
                 .map(|c| shared.metrics.pool_idle.with_label_values(&[&w, &c.name]))
+                .collect(),
+            route_counters: shared
+                .router
+                .routes()
+                .iter()
+                .map(|r| {
+                    let m = &shared.metrics;
+                    RouteCounters {
+                        admitted: m
+                            .ratelimit
+                            .with_label_values(&[&r.name, "admitted", "", ""])
+                            .local(),
+                        tokens_estimated: m
+                            .ratelimit_tokens
+                            .with_label_values(&[&r.name, "estimated"])
+                            .local(),
+                        tokens_actual: m
+                            .ratelimit_tokens
+                            .with_label_values(&[&r.name, "actual"])
+                            .local(),
+                    }
+                })
                 .collect(),
             shared,
         }
@@ -176,8 +218,18 @@ impl Current {
     }
 }
 
+impl Current {
+    /// Fold this generation's worker-local counters into the registry.
+    pub fn flush(&self) {
+        for c in &self.route_counters {
+            c.flush();
+        }
+    }
+}
+
 impl Drop for Current {
     fn drop(&mut self) {
+        self.flush();
         // The pool closes with this generation: its idle connections go too.
         for (c, n) in self.pool.get_mut().idle_counts().into_iter().enumerate() {
             self.pool_idle[c].sub(n as i64);

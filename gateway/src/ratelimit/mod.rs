@@ -497,8 +497,9 @@ impl Refusal {
 /// back on drop) and what it was charged (corrected from real usage).
 #[derive(Default)]
 pub struct Admission {
-    slots: Vec<Arc<KeyState>>,
-    charged: Vec<(Arc<KeyState>, Gcra, Level)>,
+    /// By level: no allocation per request.
+    slots: [Option<Arc<KeyState>>; 5],
+    charged: [Option<(Arc<KeyState>, Gcra)>; 5],
     quota: Option<Arc<QuotaState>>,
     /// Tokens charged up front (0: cost not counted).
     pub tokens: u64,
@@ -508,7 +509,7 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        for s in &self.slots {
+        for s in self.slots.iter().flatten() {
             s.inflight.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -763,7 +764,7 @@ impl Limiter {
                     slot.0 = Some(st);
                     break;
                 }
-                a.slots.push(st.arc());
+                a.slots[level as usize] = Some(st.arc());
             }
             if level == Level::Tenant && lp.quota.any() {
                 let q = self.quotas.state(s.tenant);
@@ -833,7 +834,7 @@ impl Limiter {
         }
         for (level, (st, _, tok)) in LEVELS.iter().zip(&taken) {
             if let (Some(st), Some(g)) = (st, tok) {
-                a.charged.push((st.arc(), *g, *level));
+                a.charged[*level as usize] = Some((st.arc(), *g));
             }
         }
         a.shown = best.map(|b| b.1);
@@ -860,12 +861,17 @@ impl Limiter {
             return;
         }
         let synced = self.redis_configured.load(Ordering::Relaxed);
-        for (st, g, level) in &a.charged {
+        for (level, (st, g)) in LEVELS
+            .iter()
+            .zip(&a.charged)
+            .filter_map(|(l, c)| Some((l, c.as_ref()?)))
+        {
             // A bucket was charged at most its burst: settle against that.
             let d = actual_tokens.min(g.burst) as i64 - a.tokens.min(g.burst) as i64;
             g.adjust(&st.tok, d);
             if synced && level.synced() {
-                st.pending_tok.fetch_add(d * g.t_ns as i64, Ordering::Relaxed);
+                st.pending_tok
+                    .fetch_add(d * g.t_ns as i64, Ordering::Relaxed);
             }
         }
         if let Some(q) = &a.quota {
