@@ -292,6 +292,7 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
                 pool_max_idle: 64,
                 pool_idle_timeout: std::time::Duration::from_secs(4),
                 max_connections: 512,
+                balance: Default::default(),
             },
         );
         cfg.routes = vec![config::RouteConfig {

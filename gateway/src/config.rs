@@ -432,6 +432,9 @@ pub struct ModelConfig {
     /// JSON Schema file every request body for this model must match (path relative to the config file).
     #[serde(default)]
     pub schema: Option<String>,
+    /// The pool serving this model: its requests go to this cluster, whatever the route's.
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 fn default_versions() -> Vec<String> {
@@ -681,6 +684,9 @@ pub struct ClusterConfig {
     /// timeout for a free one, then gets 503 + Retry-After.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// How a backend is picked (`[clusters.X.balance]`), health and load signals.
+    #[serde(default)]
+    pub balance: crate::balance::BalanceSettings,
 }
 
 fn default_max_connections() -> usize {
@@ -1032,6 +1038,46 @@ impl Config {
                 }
             }
             clusters.insert(name.clone(), addrs);
+            let b = &c.balance;
+            if b.metrics_max_age < b.metrics_interval
+                && b.algorithm.scrapes()
+                && !b.metrics_interval.is_zero()
+            {
+                err(
+                    format!("{key}.balance.metrics_max_age"),
+                    "must be at least metrics_interval, or every scrape is stale on arrival".into(),
+                );
+            }
+            if !(0.0..=1.0).contains(&b.kv_saturation) || b.queue_saturation == 0 {
+                err(
+                    format!("{key}.balance"),
+                    "kv_saturation is a fraction 0..1 and queue_saturation at least 1".into(),
+                );
+            }
+            if b.ejection > b.max_ejection
+                || (!b.health_path.is_empty() && b.health_interval.is_zero())
+            {
+                err(
+                    format!("{key}.balance"),
+                    "ejection must not exceed max_ejection, and health_interval must be above 0"
+                        .into(),
+                );
+            }
+            if !b.metrics_path.starts_with('/')
+                || (!b.health_path.is_empty() && !b.health_path.starts_with('/'))
+            {
+                err(
+                    format!("{key}.balance"),
+                    "metrics_path and health_path are paths starting with '/'".into(),
+                );
+            }
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if let Some(c) = &m.cluster {
+                if !self.clusters.contains_key(c) {
+                    err(format!("models[{i}].cluster"), format!("no cluster `{c}`"));
+                }
+            }
         }
 
         if self.routes.is_empty() {

@@ -3,12 +3,13 @@
 //!
 //! The request pipeline is assembled in [`pipeline`], in request order:
 //! [`xdp`] (at the NIC, and at accept) → [`listener`] → [`tls`] → [`codec`] → [`route`] →
-//! [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] → [`upstream`].
+//! [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] → [`balance`] → [`upstream`].
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
 pub mod authn;
 pub mod authz;
+pub mod balance;
 pub mod catalog;
 pub mod cli;
 pub mod codec;

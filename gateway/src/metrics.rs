@@ -57,6 +57,14 @@ pub struct Metrics {
     pub ratelimit_redis_up: IntGauge,
     pub ratelimit_redis_errors: IntCounterVec,
     pub ratelimit_redis_sync: prometheus::Histogram,
+    pub balance_shed: IntCounterVec,
+    pub balance_ejections: IntCounterVec,
+    pub balance_scrapes: IntCounterVec,
+    pub backend_inflight: IntGaugeVec,
+    pub backend_queue: IntGaugeVec,
+    pub backend_kv: prometheus::GaugeVec,
+    pub backend_latency: prometheus::GaugeVec,
+    pub backend_available: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -257,6 +265,42 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            balance_shed: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_balance_shed_total", "Requests refused with 503 because every backend of the cluster was saturated"), &["cluster"]).unwrap(),
+            ),
+            balance_ejections: reg(
+                &r,
+                IntCounterVec::new(Opts::new("gateway_balance_ejections_total", "Backends ejected after consecutive failures"), &["cluster", "backend"]).unwrap(),
+            ),
+            balance_scrapes: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_balance_scrapes_total", "Model-server /metrics scrapes, by result (ok, no_load_metrics, http_error, unreachable)"),
+                    &["cluster", "result"],
+                )
+                .unwrap(),
+            ),
+            backend_inflight: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_backend_inflight", "Requests from this gateway in flight to each backend"), &["cluster", "backend"]).unwrap(),
+            ),
+            backend_queue: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_backend_queue", "Requests queued at each backend, as it last reported (-1: no fresh report)"), &["cluster", "backend"]).unwrap(),
+            ),
+            backend_kv: reg(
+                &r,
+                prometheus::GaugeVec::new(Opts::new("gateway_backend_kv_cache_usage", "KV-cache use of each backend, 0..1, as it last reported (-1: no fresh report)"), &["cluster", "backend"]).unwrap(),
+            ),
+            backend_latency: reg(
+                &r,
+                prometheus::GaugeVec::new(Opts::new("gateway_backend_latency_ewma_seconds", "EWMA of request latency per backend"), &["cluster", "backend"]).unwrap(),
+            ),
+            backend_available: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("gateway_backend_available", "1 when a backend takes traffic; 0 while ejected or failing its health check"), &["cluster", "backend"]).unwrap(),
+            ),
             registry: r,
         })
     }
@@ -286,6 +330,8 @@ pub struct WorkerMetrics {
     pub authn: RefCell<LocalIntCounterVec>,
     pub authz: RefCell<LocalIntCounterVec>,
     pub ratelimit: RefCell<LocalIntCounterVec>,
+    pub balance_shed: RefCell<LocalIntCounterVec>,
+    pub balance_ejections: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
     pub active_connections: IntGauge,
 }
@@ -307,6 +353,8 @@ impl WorkerMetrics {
             authn: RefCell::new(m.authn.local()),
             authz: RefCell::new(m.authz.local()),
             ratelimit: RefCell::new(m.ratelimit.local()),
+            balance_shed: RefCell::new(m.balance_shed.local()),
+            balance_ejections: RefCell::new(m.balance_ejections.local()),
             connections_accepted: m.connections_accepted.local(),
             active_connections: m.active_connections.with_label_values(&[&w]),
         }
@@ -338,6 +386,8 @@ impl WorkerMetrics {
         self.authn.borrow().flush();
         self.authz.borrow().flush();
         self.ratelimit.borrow().flush();
+        self.balance_shed.borrow().flush();
+        self.balance_ejections.borrow().flush();
         self.connections_accepted.flush();
     }
 }

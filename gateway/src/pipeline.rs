@@ -11,14 +11,14 @@
 //! 7. authz (`authz.rs`) — may this identity use this model, or 403
 //! 8. ratelimit (`ratelimit/`) — rate, cost, concurrency and quota at every
 //!    level that applies, or 429; the admission is held to the response's end
-//! 9. upstream (`upstream.rs`) — pick a backend of the route's cluster,
-//!    forward, stream the response back
+//! 9. balance (`balance/`, called from `upstream::checkout`) — the
+//!    least-loaded backend of the model's pool (or the route's cluster)
+//! 10. upstream (`upstream.rs`) — forward, stream the response back
 //!
 //! then one access-log event and the metrics for the request. The route is
 //! matched before authn (a route says which methods it accepts) and
 //! validation (a route says which protocol its requests speak); authz and
-//! ratelimit need the model validation found. Model-aware backend choice
-//! (the GPU balancer) goes between 8 and 9.
+//! ratelimit need the model validation found.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -342,7 +342,13 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             validate::Admitted::Stream => None,
         };
 
-        // Stage 9: upstream.
+        // Stage 10: upstream, to a backend the balance stage picks from the
+        // model's pool (`[[models]] cluster`), else the route's cluster.
+        let req_cluster = verdict
+            .model
+            .as_ref()
+            .and_then(|(m, _)| cur.shared.model_clusters.get(m).copied())
+            .unwrap_or(route.cluster);
         let req = Request {
             head: &head,
             identity: identity.as_deref(),
@@ -360,6 +366,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                     .ratelimit
                     .as_ref()
                     .is_some_and(|p| p.correct_from_usage),
+            // Stage 9 (balance, in `upstream::checkout`): the model's pool, else the route's.
+            cluster: req_cluster,
+            model: verdict.model.as_ref().map_or("", |(m, _)| m.as_str()),
         };
         let x = upstream::forward(&mut client, &req, &w, &cur, &mut out, &mut resp_head).await;
         if let (Some(a), Some(actual), Some(p)) = (
@@ -417,7 +426,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             &path,
             &rid,
             peer,
-            (route.name.as_str(), &route.cluster_name),
+            (route.name.as_str(), &cur.shared.clusters[req_cluster].name),
             model,
             status,
             started,

@@ -54,6 +54,7 @@ pub struct Control {
     shutdown: Arc<Shutdown>,
     front_door: Arc<FrontDoor>,
     limiter: Arc<crate::ratelimit::Limiter>,
+    loads: Arc<crate::balance::Registry>,
 }
 
 impl Control {
@@ -82,6 +83,7 @@ impl Control {
             generation,
             self.front_door.clone(),
             self.limiter.clone(),
+            &self.loads,
         )
     }
 }
@@ -136,7 +138,9 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         shutdown: shutdown.clone(),
         front_door: front_door.clone(),
         limiter: limiter.clone(),
+        loads: Arc::new(crate::balance::Registry::default()),
     });
+    spawn_balance_scraper(&control, metrics.clone())?;
     spawn_tls_watch(&control, metrics.clone())?;
     let health = Arc::new(Health {
         workers: n,
@@ -618,4 +622,49 @@ fn pin_to_cpu(cpu: usize) {
             tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "cannot pin worker to its CPU");
         }
     }
+}
+
+/// The balance stage's scraper (model-server metrics, health checks) and
+/// the per-backend gauges, on the configuration in force.
+fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Result<(), RunError> {
+    let c = control.clone();
+    let m = metrics.clone();
+    let targets: crate::balance::scrape::Targets = Box::new(move || {
+        let (_, r) = c.snapshot();
+        let now = crate::balance::now_ms();
+        let mut keep = Vec::new();
+        let out: Vec<_> = r
+            .clusters
+            .iter()
+            .map(|(name, addrs)| {
+                let s = r.config.clusters[name].balance.clone();
+                let loads: Vec<_> = addrs.iter().map(|a| c.loads.get(name, *a)).collect();
+                for l in &loads {
+                    keep.push((name.clone(), l.addr));
+                    let labels = [name.as_str(), &l.addr.to_string()];
+                    m.backend_inflight
+                        .with_label_values(&labels)
+                        .set(i64::from(l.inflight.load(Ordering::Relaxed)));
+                    let fresh = l.reported(now, s.metrics_max_age);
+                    m.backend_queue
+                        .with_label_values(&labels)
+                        .set(fresh.map_or(-1, |f| i64::from(f.0)));
+                    m.backend_kv
+                        .with_label_values(&labels)
+                        .set(fresh.map_or(-1.0, |f| f.2));
+                    m.backend_latency
+                        .with_label_values(&labels)
+                        .set(l.latency_ns.load(Ordering::Relaxed) as f64 / 1e9);
+                    m.backend_available
+                        .with_label_values(&labels)
+                        .set(i64::from(l.available(now)));
+                }
+                (name.clone(), s, loads)
+            })
+            .collect();
+        c.loads.retain(&keep);
+        out
+    });
+    crate::balance::scrape::spawn(targets, metrics)
+        .map_err(|e| RunError::Startup(format!("cannot start the balance scraper: {e}")))
 }

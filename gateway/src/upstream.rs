@@ -27,6 +27,12 @@ use crate::worker::{Current, Worker};
 pub struct Cluster {
     pub name: String,
     pub backends: Vec<SocketAddr>,
+    /// `backends` as metric labels.
+    pub backend_names: Vec<String>,
+    /// How a backend is picked, and its health rules.
+    pub balance: crate::balance::BalanceSettings,
+    /// Each backend's load and health (process-wide, by index).
+    pub loads: Vec<std::sync::Arc<crate::balance::BackendLoad>>,
     /// Open connections per backend per worker (in use + idle).
     pub max_connections: usize,
     pub pool_max_idle: usize,
@@ -189,16 +195,21 @@ pub struct UpConn {
     slot: Slot,
 }
 
-/// Connect or reuse. Connect failures move on to the next backend (nothing
-/// was sent); after every backend failed, the last error is returned (→ 502).
+/// The balance stage, then connect or reuse: the cluster's algorithm picks a
+/// backend (`balance::pick`); a connect failure moves on to another one not
+/// tried yet (nothing was sent) and counts against the backend's health;
+/// after every backend failed, the last error is returned (→ 502). Every
+/// backend saturated (its queue or KV cache, as the server reports it) → 503.
 async fn checkout(
     w: &Worker,
     cur: &Current,
-    route: &Route,
+    req: &Request<'_>,
     allow_pooled: bool,
     deadline: Option<Instant>,
 ) -> Result<UpConn, UpstreamError> {
-    let cl = &cur.shared.clusters[route.cluster];
+    let route = req.route;
+    let ci = req.cluster;
+    let cl = &cur.shared.clusters[ci];
     // Waiting for a free slot (every backend at max_connections) is bounded
     // like a connect.
     let (wait, _) = wait_for(route.connect_timeout, deadline);
@@ -206,18 +217,36 @@ async fn checkout(
     let released = cur.pool.borrow().released.clone();
     loop {
         let mut last = UpstreamError::Saturated;
-        for _ in 0..cl.backends.len() {
-            let b = cur.next_backend(route.cluster);
+        let mut tried = 0u64;
+        loop {
+            let b = match crate::balance::pick(
+                &cl.balance,
+                &cl.loads,
+                tried,
+                req.model,
+                cur.cursor(ci),
+                &w.rng,
+            ) {
+                Ok(b) => b,
+                Err(crate::balance::NoPick::Exhausted) => break,
+                Err(crate::balance::NoPick::Saturated) => {
+                    w.metrics.inc(&w.metrics.balance_shed, &[&cl.name], 1);
+                    return Err(UpstreamError::Saturated);
+                }
+            };
+            if b < 64 {
+                tried |= 1 << b;
+            }
             let addr = cl.backends[b];
             if allow_pooled {
-                let (conn, dropped) = cur.pool.borrow_mut().take(route.cluster, b);
-                let gauge = &cur.pool_idle[route.cluster];
+                let (conn, dropped) = cur.pool.borrow_mut().take(ci, b);
+                let gauge = &cur.pool_idle[ci];
                 gauge.sub(dropped as i64 + i64::from(conn.is_some()));
                 if let Some((conn, slot)) = conn {
                     w.metrics.inc(&w.metrics.upstream_reused, &[&cl.name], 1);
                     return Ok(UpConn {
                         conn,
-                        cluster: route.cluster,
+                        cluster: ci,
                         backend: b,
                         addr,
                         reused: true,
@@ -225,7 +254,7 @@ async fn checkout(
                     });
                 }
             }
-            let Some(slot) = cur.pool.borrow().try_slot(route.cluster, b) else {
+            let Some(slot) = cur.pool.borrow().try_slot(ci, b) else {
                 continue;
             };
             let (wait, is_total) = wait_for(route.connect_timeout, deadline);
@@ -238,7 +267,7 @@ async fn checkout(
                         .inc(&w.metrics.upstream_connections, &[&cl.name], 1);
                     return Ok(UpConn {
                         conn,
-                        cluster: route.cluster,
+                        cluster: ci,
                         backend: b,
                         addr,
                         reused: false,
@@ -249,8 +278,12 @@ async fn checkout(
                     w.metrics
                         .inc(&w.metrics.upstream_errors, &[&cl.name, e.kind()], 1);
                     tracing::warn!(cluster = %cl.name, backend = %addr, kind = e.kind(), "upstream connect failed");
+                    note_outcome(w, cl, b, false);
                     last = e;
                 }
+            }
+            if b >= 64 && tried == u64::MAX {
+                break;
             }
         }
         if last != UpstreamError::Saturated {
@@ -266,6 +299,37 @@ async fn checkout(
         // listening now misses nothing (single-threaded worker).
         let freed = released.listen();
         let _ = monoio::time::timeout(left, freed).await;
+    }
+}
+
+/// Passive health: a backend's success or failure; an ejection is logged and counted.
+fn note_outcome(w: &Worker, cl: &Cluster, b: usize, ok: bool) {
+    if let Some(d) = cl.loads[b].outcome(ok, &cl.balance) {
+        w.metrics.inc(
+            &w.metrics.balance_ejections,
+            &[&cl.name, &cl.backend_names[b]],
+            1,
+        );
+        tracing::warn!(cluster = %cl.name, backend = %cl.backends[b], ejected_for_s = d.as_secs_f64(),
+            "backend ejected after consecutive failures");
+    }
+}
+
+/// This request's hold on its backend's in-flight count (all workers);
+/// released when the exchange is dropped, after the response's last byte.
+#[derive(Debug)]
+pub struct InFlight {
+    pub load: std::sync::Arc<crate::balance::BackendLoad>,
+    /// In flight there when this one was sent, itself included.
+    pub concurrency: u32,
+    pub backend: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.load
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -304,6 +368,8 @@ pub struct Exchange {
     pub resp_bytes: u64,
     /// The client connection may carry another request.
     pub client_keep_alive: bool,
+    /// The backend's in-flight slot (balance stage), held to the end.
+    pub inflight: Option<InFlight>,
     /// The token usage the backend reported (when asked to look for it).
     pub usage: Option<crate::ratelimit::usage::UsageScan>,
 }
@@ -328,6 +394,10 @@ pub struct Request<'a> {
     pub response_headers: &'a str,
     /// Look for the backend's reported token usage in the response body.
     pub scan_usage: bool,
+    /// The cluster serving it: the model's pool (`[[models]] cluster`) or the route's.
+    pub cluster: usize,
+    /// The model asked for ("" when none): LoRA affinity.
+    pub model: &'a str,
 }
 
 pub async fn forward(
@@ -345,9 +415,26 @@ pub async fn forward(
             .then(crate::ratelimit::usage::UsageScan::default),
         ..Exchange::default()
     };
-    if let Err(e) = exchange(client, req, w, cur, out, resp, &mut x).await {
+    let result = exchange(client, req, w, cur, out, resp, &mut x).await;
+    if let Some(f) = &x.inflight {
+        // Load and health signals for the balancer.
+        let cl = &cur.shared.clusters[req.cluster];
+        if x.status != 0 {
+            f.load
+                .complete(req.started.elapsed(), x.header_time, f.concurrency);
+        }
+        let failed = match &result {
+            Err(ProxyError::Upstream(_)) => true,
+            Err(_) => false,
+            Ok(()) => x.status >= 500,
+        };
+        if !matches!(result, Err(ProxyError::Client(_))) {
+            note_outcome(w, cl, f.backend, !failed);
+        }
+    }
+    if let Err(e) = result {
         if let ProxyError::Upstream(u) = e {
-            let cluster = &cur.shared.clusters[req.route.cluster].name;
+            let cluster = &cur.shared.clusters[req.cluster].name;
             // Connect failures were counted per try in `checkout`.
             if !u.retryable() {
                 w.metrics
@@ -410,8 +497,18 @@ async fn exchange(
     let (mut up, sent_at) = 'attempt: loop {
         // A stale pooled connection is retried once, on a fresh one, only when
         // nothing of the request body has been consumed.
-        let mut up = checkout(w, cur, route, !retried, deadline).await?;
+        let mut up = checkout(w, cur, req, !retried, deadline).await?;
         x.backend = Some(up.addr);
+        let load = cur.shared.clusters[up.cluster].loads[up.backend].clone();
+        let n = load
+            .inflight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        x.inflight = Some(InFlight {
+            load,
+            concurrency: n,
+            backend: up.backend,
+        });
         if head.expect_continue && !sent_continue {
             let (r, _) = client
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), timeouts.send)
@@ -575,6 +672,23 @@ async fn exchange(
     let client_close = !head.keep_alive || w.draining.get() || close_delimited || upload_cut;
     x.client_keep_alive = !client_close;
     x.status = resp.status;
+    // An ORCA load report in the response updates the backend's load at once.
+    if cur.shared.clusters[up.cluster].balance.algorithm.scrapes() {
+        let ub = up.conn.pending();
+        if let Some(h) = resp
+            .headers
+            .iter()
+            .find(|h| ub[h.name.clone()].eq_ignore_ascii_case(b"endpoint-load-metrics"))
+        {
+            if let Some(smp) = crate::balance::scrape::parse_orca(&ub[h.value.clone()]) {
+                cur.shared.clusters[up.cluster].loads[up.backend].report(
+                    smp.waiting,
+                    smp.running,
+                    smp.kv,
+                );
+            }
+        }
+    }
 
     // Response field filtering (route `response_drop_fields`): a JSON body is
     // read whole (up to MAX_FILTERED_BODY) and rewritten; an SSE stream is

@@ -85,6 +85,8 @@ pub struct Shared {
     pub ratelimit: Option<Arc<crate::ratelimit::Policies>>,
     /// The limiter's state (process-wide; survives reloads).
     pub limiter: Arc<crate::ratelimit::Limiter>,
+    /// Models served by their own pool (`[[models]] cluster`), by cluster index.
+    pub model_clusters: HashMap<String, usize>,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ impl Shared {
         generation: u64,
         front_door: Arc<crate::xdp::FrontDoor>,
         limiter: Arc<crate::ratelimit::Limiter>,
+        loads: &crate::balance::Registry,
     ) -> Shared {
         let names: Vec<String> = r.clusters.keys().cloned().collect();
         let clusters = names
@@ -105,6 +108,9 @@ impl Shared {
                 Cluster {
                     name: n.clone(),
                     backends: r.clusters[n].clone(),
+                    backend_names: r.clusters[n].iter().map(|a| a.to_string()).collect(),
+                    balance: c.balance.clone(),
+                    loads: r.clusters[n].iter().map(|a| loads.get(n, *a)).collect(),
                     pool_max_idle: c.pool_max_idle,
                     max_connections: c.max_connections,
                     pool_idle_timeout: c.pool_idle_timeout,
@@ -137,6 +143,15 @@ impl Shared {
                 .enabled()
                 .then(|| Arc::new(crate::ratelimit::Policies::new(&r.config.ratelimit))),
             limiter,
+            model_clusters: r
+                .config
+                .models
+                .iter()
+                .filter_map(|m| {
+                    let c = m.cluster.as_ref()?;
+                    Some((m.name.clone(), names.iter().position(|n| n == c)?))
+                })
+                .collect(),
         }
     }
 }
@@ -208,13 +223,9 @@ impl Current {
         }
     }
 
-    /// Next backend index of a cluster, round-robin per worker.
-    pub fn next_backend(&self, cluster: usize) -> usize {
-        let n = self.shared.clusters[cluster].backends.len();
-        let c = &self.rr[cluster];
-        let i = c.get() % n;
-        c.set(i + 1);
-        i
+    /// A cluster's round-robin cursor (per worker).
+    pub fn cursor(&self, cluster: usize) -> &Cell<usize> {
+        &self.rr[cluster]
     }
 }
 
@@ -257,6 +268,8 @@ pub struct Worker {
     pub json_scratch: RefCell<crate::validate::Scratch>,
     /// Verified JWTs (per worker: no lock on the hot path).
     pub token_cache: RefCell<crate::authn::TokenCache>,
+    /// The balance stage's random choices (power of two choices, ties).
+    pub rng: crate::balance::Rng,
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
     pub metrics_registry: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
@@ -282,6 +295,7 @@ impl Worker {
             drain: event_listener::Event::new(),
             json_scratch: RefCell::new(crate::validate::Scratch::default()),
             token_cache: RefCell::new(token_cache),
+            rng: crate::balance::Rng::new(random_u64()),
             metrics_registry,
             shutdown,
         }

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod client;
 pub mod gateway;
+pub mod gpusim;
 pub mod jwt;
 pub mod netns;
 pub mod packet;

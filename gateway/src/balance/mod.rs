@@ -1,0 +1,633 @@
+//! The balance stage: which backend of the request's pool serves it.
+//!
+//! Load signals per backend, shared by every worker ([`BackendLoad`]):
+//! requests in flight from this gateway, EWMAs of latency, time to first
+//! byte and per-slot service time (latency ÷ concurrency: the inverse of
+//! the backend's throughput), and what the model server says about itself —
+//! queue, running batch, KV-cache use — scraped from its `/metrics`
+//! ([`scrape`]) or read from an ORCA `endpoint-load-metrics` response
+//! header. Health: passive ejection after consecutive failures, with
+//! backoff; active checks by the scraper.
+//!
+//! Algorithms, per cluster ([`Algorithm`]): `round_robin`, `least_request`
+//! (power of two choices on in-flight), `gie_like` (the Kubernetes Inference
+//! Gateway's default scorers: queue and KV cache, weight 2 each, from
+//! scraped metrics only) and `gpu_aware` (this gateway's: the expected delay
+//! `(occupancy + 1) × service time`, occupancy from live in-flight counts
+//! and fresh server metrics, KV-cache pressure and saturation, cold-start
+//! ramp, LoRA affinity).
+
+pub mod scrape;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// How a cluster picks a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    GieLike,
+    GpuAware,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastRequest => "least_request",
+            Algorithm::GieLike => "gie_like",
+            Algorithm::GpuAware => "gpu_aware",
+        }
+    }
+
+    /// Uses the model servers' own metrics.
+    pub fn scrapes(self) -> bool {
+        matches!(self, Algorithm::GieLike | Algorithm::GpuAware)
+    }
+}
+
+/// Which metric names a backend's `/metrics` uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Vllm,
+    Sglang,
+    Tgi,
+    Triton,
+    /// No metrics endpoint: local signals only.
+    None,
+}
+
+/// `[clusters.X]` balancing settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceSettings {
+    pub algorithm: Algorithm,
+    pub engine: Engine,
+    /// Scraped every `metrics_interval` (gie_like, gpu_aware); "0s" = never.
+    pub metrics_path: String,
+    #[serde(deserialize_with = "crate::config::duration")]
+    pub metrics_interval: Duration,
+    /// Metrics older than this are ignored, not trusted.
+    #[serde(deserialize_with = "crate::config::duration")]
+    pub metrics_max_age: Duration,
+    /// Active health check: GET this path every `health_interval` ("" = none).
+    pub health_path: String,
+    #[serde(deserialize_with = "crate::config::duration")]
+    pub health_interval: Duration,
+    /// A backend with this many requests queued is saturated (skipped; all saturated → 503).
+    pub queue_saturation: u32,
+    /// A backend whose KV cache is at least this full is saturated.
+    pub kv_saturation: f64,
+    /// Consecutive failures (connect errors, 5xx) that eject a backend.
+    pub eject_after: u32,
+    /// First ejection; doubled on each one in a row, up to `max_ejection`.
+    #[serde(deserialize_with = "crate::config::duration")]
+    pub ejection: Duration,
+    #[serde(deserialize_with = "crate::config::duration")]
+    pub max_ejection: Duration,
+    /// A new (or re-admitted) backend's share ramps up over this long.
+    #[serde(deserialize_with = "crate::config::duration")]
+    pub warmup: Duration,
+}
+
+impl Default for BalanceSettings {
+    fn default() -> Self {
+        BalanceSettings {
+            algorithm: Algorithm::RoundRobin,
+            engine: Engine::Vllm,
+            metrics_path: "/metrics".into(),
+            metrics_interval: Duration::from_millis(100),
+            metrics_max_age: Duration::from_millis(500),
+            health_path: String::new(),
+            health_interval: Duration::from_secs(5),
+            queue_saturation: 64,
+            kv_saturation: 0.98,
+            eject_after: 5,
+            ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(120),
+            warmup: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Milliseconds on the process's monotonic clock.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// One backend's load and health, shared by every worker (and kept across
+/// reloads while the backend stays in its cluster).
+#[derive(Debug)]
+pub struct BackendLoad {
+    pub addr: SocketAddr,
+    /// Requests from this gateway in flight (all workers).
+    pub inflight: AtomicU32,
+    /// EWMAs, ns: request latency, time to first byte, per-slot service time.
+    pub latency_ns: AtomicU64,
+    pub ttfb_ns: AtomicU64,
+    pub service_ns: AtomicU64,
+    pub completed: AtomicU64,
+    /// From the server (scrape or ORCA header): queued, running, KV use ‰, when (ms; 0 never).
+    pub waiting: AtomicU32,
+    pub running: AtomicU32,
+    pub kv_permille: AtomicU32,
+    pub reported_ms: AtomicU64,
+    /// LoRA adapters the server has loaded (vLLM `lora_requests_info`).
+    pub adapters: Mutex<Vec<String>>,
+    /// Health: consecutive failures, ejected until (ms), ejections in a row,
+    /// active check verdict, since when it takes traffic (ms, cold start).
+    pub failures: AtomicU32,
+    pub ejected_until: AtomicU64,
+    pub ejections: AtomicU32,
+    pub healthy: AtomicBool,
+    pub since_ms: AtomicU64,
+}
+
+impl BackendLoad {
+    pub fn new(addr: SocketAddr) -> BackendLoad {
+        BackendLoad {
+            addr,
+            inflight: AtomicU32::new(0),
+            latency_ns: AtomicU64::new(0),
+            ttfb_ns: AtomicU64::new(0),
+            service_ns: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            waiting: AtomicU32::new(0),
+            running: AtomicU32::new(0),
+            kv_permille: AtomicU32::new(0),
+            reported_ms: AtomicU64::new(0),
+            adapters: Mutex::new(Vec::new()),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            since_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    /// Server-reported load, when younger than `max_age`.
+    pub fn reported(&self, now: u64, max_age: Duration) -> Option<(u32, u32, f64)> {
+        let at = self.reported_ms.load(Ordering::Acquire);
+        (at != 0 && now.saturating_sub(at) <= max_age.as_millis() as u64).then(|| {
+            (
+                self.waiting.load(Ordering::Relaxed),
+                self.running.load(Ordering::Relaxed),
+                f64::from(self.kv_permille.load(Ordering::Relaxed)) / 1000.0,
+            )
+        })
+    }
+
+    pub fn report(&self, waiting: Option<u32>, running: Option<u32>, kv: Option<f64>) {
+        if let Some(w) = waiting {
+            self.waiting.store(w, Ordering::Relaxed);
+        }
+        if let Some(r) = running {
+            self.running.store(r, Ordering::Relaxed);
+        }
+        if let Some(k) = kv {
+            self.kv_permille
+                .store((k.clamp(0.0, 1.0) * 1000.0) as u32, Ordering::Relaxed);
+        }
+        self.reported_ms.store(now_ms(), Ordering::Release);
+    }
+
+    pub fn available(&self, now: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.ejected_until.load(Ordering::Relaxed) <= now
+    }
+
+    /// A request finished: `latency` end to end, `ttfb` to the response
+    /// head, `concurrency` in flight here when it was sent (itself included).
+    pub fn complete(&self, latency: Duration, ttfb: Option<Duration>, concurrency: u32) {
+        let l = latency.as_nanos() as u64;
+        ewma(&self.latency_ns, l);
+        if let Some(t) = ttfb {
+            ewma(&self.ttfb_ns, t.as_nanos() as u64);
+        }
+        ewma(&self.service_ns, l / u64::from(concurrency.max(1)));
+        self.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A success resets the failure count; `eject_after` failures in a row
+    /// eject for `ejection` × 2^(ejections in a row), at most `max`.
+    /// Returns the ejection when this failure caused one.
+    pub fn outcome(&self, ok: bool, s: &BalanceSettings) -> Option<Duration> {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            if self.ejections.load(Ordering::Relaxed) > 0
+                && self.ejected_until.load(Ordering::Relaxed) <= now_ms()
+            {
+                self.ejections.store(0, Ordering::Relaxed);
+            }
+            return None;
+        }
+        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if s.eject_after == 0 || n < s.eject_after {
+            return None;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        let k = self.ejections.fetch_add(1, Ordering::AcqRel);
+        let d = s
+            .ejection
+            .saturating_mul(1u32 << k.min(16))
+            .min(s.max_ejection);
+        let now = now_ms();
+        self.ejected_until
+            .store(now + d.as_millis() as u64, Ordering::Release);
+        // Re-admitted with a ramp, like a new backend.
+        self.since_ms
+            .store(now + d.as_millis() as u64, Ordering::Relaxed);
+        Some(d)
+    }
+}
+
+/// EWMA with α = 1/8 (the first sample sets it).
+fn ewma(cell: &AtomicU64, sample: u64) {
+    let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |old| {
+        Some(if old == 0 {
+            sample.max(1)
+        } else {
+            (old * 7 + sample) / 8
+        })
+    });
+}
+
+/// Every backend's load, by (cluster, address): outlives config generations.
+#[derive(Default)]
+pub struct Registry {
+    map: Mutex<HashMap<(String, SocketAddr), Arc<BackendLoad>>>,
+}
+
+impl Registry {
+    pub fn get(&self, cluster: &str, addr: SocketAddr) -> Arc<BackendLoad> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((cluster.to_string(), addr))
+            .or_insert_with(|| Arc::new(BackendLoad::new(addr)))
+            .clone()
+    }
+
+    /// Forget backends no longer in any cluster (after a reload).
+    pub fn retain(&self, keep: &[(String, SocketAddr)]) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep.contains(k));
+    }
+}
+
+/// Why no backend was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// Every candidate was tried already.
+    Exhausted,
+    /// Every healthy candidate is saturated: shed (503 + Retry-After).
+    Saturated,
+}
+
+/// A small xorshift PRNG per worker (P2C choices, tie breaks).
+#[derive(Debug)]
+pub struct Rng(std::cell::Cell<u64>);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(std::cell::Cell::new(seed | 1))
+    }
+
+    pub fn below(&self, n: usize) -> usize {
+        let mut x = self.0.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0.set(x);
+        ((x >> 11) % n.max(1) as u64) as usize
+    }
+}
+
+/// Pick a backend index of `loads` not in `tried` (a bitmask of indexes
+/// tried already; pools above 64 backends treat the rest as untried).
+pub fn pick(
+    s: &BalanceSettings,
+    loads: &[Arc<BackendLoad>],
+    tried: u64,
+    model: &str,
+    rr: &std::cell::Cell<usize>,
+    rng: &Rng,
+) -> Result<usize, NoPick> {
+    let now = now_ms();
+    let untried = |i: usize| i >= 64 || tried & (1 << i) == 0;
+    // Ejected or failing active checks: out, unless nothing else is left
+    // (then everything untried is a candidate: better a chance than a 502).
+    let mut cand: Vec<usize> = (0..loads.len())
+        .filter(|&i| untried(i) && loads[i].available(now))
+        .collect();
+    if cand.is_empty() {
+        cand = (0..loads.len()).filter(|&i| untried(i)).collect();
+    }
+    if cand.is_empty() {
+        return Err(NoPick::Exhausted);
+    }
+    match s.algorithm {
+        Algorithm::RoundRobin => {
+            let start = rr.get();
+            rr.set(start.wrapping_add(1));
+            Ok(cand[start % cand.len()])
+        }
+        Algorithm::LeastRequest => Ok(p2c(&cand, rng, |i| {
+            f64::from(loads[i].inflight.load(Ordering::Relaxed))
+        })),
+        Algorithm::GieLike => gie_like(s, loads, &cand, now, rng),
+        Algorithm::GpuAware => gpu_aware(s, loads, &cand, now, model, rng),
+    }
+}
+
+/// Power of two choices: the lower cost of two distinct random candidates.
+fn p2c(cand: &[usize], rng: &Rng, cost: impl Fn(usize) -> f64) -> usize {
+    if cand.len() == 1 {
+        return cand[0];
+    }
+    let a = rng.below(cand.len());
+    let mut b = rng.below(cand.len() - 1);
+    if b >= a {
+        b += 1;
+    }
+    let (a, b) = (cand[a], cand[b]);
+    if cost(b) < cost(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// The Kubernetes Inference Gateway's default: queue scorer (weight 2,
+/// `(max − q) / (max − min)`, 1 when all equal) + KV-cache scorer (weight 2,
+/// `1 − kv`), highest total wins, ties at random. Backends without fresh
+/// metrics are left out; none fresh → a random candidate.
+fn gie_like(
+    s: &BalanceSettings,
+    loads: &[Arc<BackendLoad>],
+    cand: &[usize],
+    now: u64,
+    rng: &Rng,
+) -> Result<usize, NoPick> {
+    let fresh: Vec<(usize, f64, f64)> = cand
+        .iter()
+        .filter_map(|&i| {
+            loads[i]
+                .reported(now, s.metrics_max_age)
+                .map(|(w, _, kv)| (i, f64::from(w), kv))
+        })
+        .collect();
+    if fresh.is_empty() {
+        return Ok(cand[rng.below(cand.len())]);
+    }
+    let (minq, maxq) = fresh.iter().fold((f64::MAX, f64::MIN), |(lo, hi), f| {
+        (lo.min(f.1), hi.max(f.1))
+    });
+    let score = |q: f64, kv: f64| {
+        let qs = if maxq > minq {
+            (maxq - q) / (maxq - minq)
+        } else {
+            1.0
+        };
+        2.0 * qs + 2.0 * (1.0 - kv)
+    };
+    let best = fresh
+        .iter()
+        .map(|f| score(f.1, f.2))
+        .fold(f64::MIN, f64::max);
+    let top: Vec<usize> = fresh
+        .iter()
+        .filter(|f| score(f.1, f.2) >= best - 1e-9)
+        .map(|f| f.0)
+        .collect();
+    Ok(top[rng.below(top.len())])
+}
+
+/// The gateway's own: lowest expected delay `(occupancy + 1) × service`,
+/// where occupancy is the larger of this gateway's live in-flight count and
+/// the server's fresh running + queued count (other gateways' load shows
+/// there), and service the backend's per-slot service time (EWMA of
+/// latency ÷ concurrency; unknown → the pool's mean). Saturated backends
+/// (queue ≥ `queue_saturation` or KV ≥ `kv_saturation`, fresh metrics only)
+/// are skipped; KV pressure above 80 % raises the cost; a backend within its
+/// `warmup` gets a growing share; one holding the requested LoRA adapter is
+/// preferred. Full scan (pools are small); ties at random.
+fn gpu_aware(
+    s: &BalanceSettings,
+    loads: &[Arc<BackendLoad>],
+    cand: &[usize],
+    now: u64,
+    model: &str,
+    rng: &Rng,
+) -> Result<usize, NoPick> {
+    let known: Vec<u64> = cand
+        .iter()
+        .map(|&i| loads[i].service_ns.load(Ordering::Relaxed))
+        .filter(|&v| v > 0)
+        .collect();
+    let mean = if known.is_empty() {
+        1_000_000.0
+    } else {
+        known.iter().sum::<u64>() as f64 / known.len() as f64
+    };
+    let mut best: Option<(f64, usize)> = None;
+    let mut ties = 0usize;
+    for &i in cand {
+        let b = &loads[i];
+        let mut occ = f64::from(b.inflight.load(Ordering::Relaxed));
+        let mut cost_mul = 1.0;
+        if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
+            if waiting >= s.queue_saturation || kv >= s.kv_saturation {
+                continue;
+            }
+            occ = occ.max(f64::from(waiting + running));
+            if kv > 0.8 {
+                cost_mul *= 1.0 + (kv - 0.8) * 5.0;
+            }
+        }
+        let service = match b.service_ns.load(Ordering::Relaxed) {
+            0 => mean,
+            v => v as f64,
+        };
+        let since = b.since_ms.load(Ordering::Relaxed);
+        let warm = s.warmup.as_millis() as u64;
+        if warm > 0 && now < since + warm {
+            // From 4× the cost at admission down to 1× after `warmup`.
+            let left = (since + warm - now.max(since)) as f64 / warm as f64;
+            cost_mul *= 1.0 + 3.0 * left;
+        }
+        if !model.is_empty()
+            && b.adapters
+                .lock()
+                .map(|a| a.iter().any(|x| x == model))
+                .unwrap_or(false)
+        {
+            cost_mul *= 0.8;
+        }
+        let cost = (occ + 1.0) * service * cost_mul;
+        match best {
+            Some((c, _)) if cost > c + 1e-9 => {}
+            Some((c, _)) if (cost - c).abs() <= 1e-9 => {
+                ties += 1;
+                // Reservoir choice among equals.
+                if rng.below(ties + 1) == 0 {
+                    best = Some((cost, i));
+                }
+            }
+            _ => {
+                best = Some((cost, i));
+                ties = 0;
+            }
+        }
+    }
+    best.map(|b| b.1).ok_or(NoPick::Saturated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn pool(n: usize) -> Vec<Arc<BackendLoad>> {
+        (0..n)
+            .map(|i| {
+                let b = BackendLoad::new(format!("127.0.0.1:{}", 9000 + i).parse().unwrap());
+                b.since_ms.store(0, Ordering::Relaxed);
+                Arc::new(b)
+            })
+            .collect()
+    }
+
+    fn settings(a: Algorithm) -> BalanceSettings {
+        BalanceSettings {
+            algorithm: a,
+            warmup: Duration::ZERO,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_tried_and_ejected() {
+        let p = pool(3);
+        let s = settings(Algorithm::RoundRobin);
+        let (rr, rng) = (Cell::new(0), Rng::new(1));
+        let picks: Vec<usize> = (0..3)
+            .map(|_| pick(&s, &p, 0, "", &rr, &rng).unwrap())
+            .collect();
+        assert_eq!(picks, vec![0, 1, 2]);
+        p[1].ejected_until
+            .store(now_ms() + 60_000, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_ne!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+        }
+        assert_eq!(
+            pick(&s, &p, 0b101, "", &rr, &rng).unwrap(),
+            1,
+            "ejected, but the only one left"
+        );
+        assert_eq!(pick(&s, &p, 0b111, "", &rr, &rng), Err(NoPick::Exhausted));
+    }
+
+    #[test]
+    fn least_request_prefers_fewer_in_flight() {
+        let p = pool(2);
+        p[0].inflight.store(10, Ordering::Relaxed);
+        let s = settings(Algorithm::LeastRequest);
+        let (rr, rng) = (Cell::new(0), Rng::new(7));
+        for _ in 0..20 {
+            assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn gie_like_scores_queue_and_kv_and_ignores_stale() {
+        let p = pool(3);
+        p[0].report(Some(10), Some(4), Some(0.2));
+        p[1].report(Some(0), Some(4), Some(0.9));
+        p[2].report(Some(2), Some(4), Some(0.1));
+        // 0: 2·0 + 2·0.8 = 1.6; 1: 2·1 + 2·0.1 = 2.2; 2: 2·0.8 + 2·0.9 = 3.4.
+        let s = settings(Algorithm::GieLike);
+        let (rr, rng) = (Cell::new(0), Rng::new(3));
+        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 2);
+        // Stale metrics are not trusted: with 2's report too old, 1 wins.
+        let s = BalanceSettings {
+            metrics_max_age: Duration::from_millis(20),
+            ..s
+        };
+        std::thread::sleep(Duration::from_millis(40));
+        p[0].report(Some(10), Some(4), Some(0.2));
+        p[1].report(Some(0), Some(4), Some(0.9));
+        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+        // Nothing fresh: any candidate (random), never an error.
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(pick(&s, &p, 0, "", &rr, &rng).is_ok());
+    }
+
+    #[test]
+    fn gpu_aware_weighs_speed_sheds_saturated_and_prefers_adapters() {
+        let p = pool(2);
+        // 0 is twice as fast per slot; equal occupancy → 0.
+        p[0].service_ns.store(100, Ordering::Relaxed);
+        p[1].service_ns.store(200, Ordering::Relaxed);
+        let s = settings(Algorithm::GpuAware);
+        let (rr, rng) = (Cell::new(0), Rng::new(5));
+        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 0);
+        // With 2 in flight on 0 (cost 300) vs 0 on 1 (cost 200): 1.
+        p[0].inflight.store(2, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+        // The server says 1 is busy (fresh): occupancy 5 → cost 1200: back to 0.
+        p[1].report(Some(1), Some(4), Some(0.5));
+        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 0);
+        // Both saturated: shed.
+        p[0].report(Some(100), Some(8), Some(0.5));
+        p[1].report(Some(0), Some(8), Some(0.99));
+        assert_eq!(pick(&s, &p, 0, "", &rr, &rng), Err(NoPick::Saturated));
+        // LoRA affinity breaks a tie.
+        let q = pool(2);
+        *q[1].adapters.lock().unwrap() = vec!["sql-lora".into()];
+        for _ in 0..10 {
+            assert_eq!(pick(&s, &q, 0, "sql-lora", &rr, &rng).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn ejection_backs_off_and_success_resets() {
+        let b = BackendLoad::new("127.0.0.1:1".parse().unwrap());
+        let s = BalanceSettings {
+            eject_after: 3,
+            ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(3),
+            ..Default::default()
+        };
+        assert_eq!(b.outcome(false, &s), None);
+        assert_eq!(b.outcome(true, &s), None, "a success in between resets");
+        assert_eq!(b.outcome(false, &s), None);
+        assert_eq!(b.outcome(false, &s), None);
+        assert_eq!(b.outcome(false, &s), Some(Duration::from_secs(1)));
+        assert!(!b.available(now_ms()));
+        for _ in 0..2 {
+            b.outcome(false, &s);
+        }
+        assert_eq!(
+            b.outcome(false, &s),
+            Some(Duration::from_secs(2)),
+            "doubled"
+        );
+        for _ in 0..2 {
+            b.outcome(false, &s);
+        }
+        assert_eq!(b.outcome(false, &s), Some(Duration::from_secs(3)), "capped");
+    }
+}
