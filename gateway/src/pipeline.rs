@@ -369,6 +369,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             // Stage 9 (balance, in `upstream::checkout`): the model's pool, else the route's.
             cluster: req_cluster,
             model: verdict.model.as_ref().map_or("", |(m, _)| m.as_str()),
+            size: verdict.facts.max_tokens.unwrap_or(0),
         };
         let x = upstream::forward(&mut client, &req, &w, &cur, &mut out, &mut resp_head).await;
         if let (Some(a), Some(actual), Some(p)) = (

@@ -52,9 +52,7 @@ pub struct Control {
     workers: usize,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
-    front_door: Arc<FrontDoor>,
-    limiter: Arc<crate::ratelimit::Limiter>,
-    loads: Arc<crate::balance::Registry>,
+    process: crate::worker::Process,
 }
 
 impl Control {
@@ -81,9 +79,7 @@ impl Control {
             self.metrics.clone(),
             self.shutdown.clone(),
             generation,
-            self.front_door.clone(),
-            self.limiter.clone(),
-            &self.loads,
+            &self.process,
         )
     }
 }
@@ -136,9 +132,11 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         workers: n,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
-        front_door: front_door.clone(),
-        limiter: limiter.clone(),
-        loads: Arc::new(crate::balance::Registry::default()),
+        process: crate::worker::Process {
+            front_door: front_door.clone(),
+            limiter: limiter.clone(),
+            loads: Arc::new(crate::balance::Registry::default()),
+        },
     });
     spawn_balance_scraper(&control, metrics.clone())?;
     spawn_tls_watch(&control, metrics.clone())?;
@@ -638,7 +636,10 @@ fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Resul
             .iter()
             .map(|(name, addrs)| {
                 let s = r.config.clusters[name].balance.clone();
-                let loads: Vec<_> = addrs.iter().map(|a| c.loads.get(name, *a)).collect();
+                let loads: Vec<_> = addrs
+                    .iter()
+                    .map(|a| c.process.loads.get(name, *a))
+                    .collect();
                 for l in &loads {
                     keep.push((name.clone(), l.addr));
                     let labels = [name.as_str(), &l.addr.to_string()];
@@ -662,7 +663,7 @@ fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Resul
                 (name.clone(), s, loads)
             })
             .collect();
-        c.loads.retain(&keep);
+        c.process.loads.retain(&keep);
         out
     });
     crate::balance::scrape::spawn(targets, metrics)

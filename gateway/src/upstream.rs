@@ -224,6 +224,7 @@ async fn checkout(
                 &cl.loads,
                 tried,
                 req.model,
+                req.size,
                 cur.cursor(ci),
                 &w.rng,
             ) {
@@ -398,6 +399,8 @@ pub struct Request<'a> {
     pub cluster: usize,
     /// The model asked for ("" when none): LoRA affinity.
     pub model: &'a str,
+    /// The declared output budget (`max_tokens`; 0 unknown): size-aware balancing.
+    pub size: u64,
 }
 
 pub async fn forward(
@@ -420,8 +423,12 @@ pub async fn forward(
         // Load and health signals for the balancer.
         let cl = &cur.shared.clusters[req.cluster];
         if x.status != 0 {
-            f.load
-                .complete(req.started.elapsed(), x.header_time, f.concurrency);
+            f.load.complete(
+                req.started.elapsed(),
+                x.header_time,
+                f.concurrency,
+                req.size,
+            );
         }
         let failed = match &result {
             Err(ProxyError::Upstream(_)) => true,

@@ -55,6 +55,14 @@ impl Shutdown {
     }
 }
 
+/// Process-wide state every configuration generation shares: it outlives
+/// reloads (blocks, rate-limit buckets and quotas, backend loads).
+pub struct Process {
+    pub front_door: Arc<crate::xdp::FrontDoor>,
+    pub limiter: Arc<crate::ratelimit::Limiter>,
+    pub loads: Arc<crate::balance::Registry>,
+}
+
 /// What every worker gets, read-only, built once from the config.
 pub struct Shared {
     pub limits: Limits,
@@ -96,10 +104,9 @@ impl Shared {
         metrics: Arc<Metrics>,
         shutdown: Arc<Shutdown>,
         generation: u64,
-        front_door: Arc<crate::xdp::FrontDoor>,
-        limiter: Arc<crate::ratelimit::Limiter>,
-        loads: &crate::balance::Registry,
+        process: &Process,
     ) -> Shared {
+        let loads = &process.loads;
         let names: Vec<String> = r.clusters.keys().cloned().collect();
         let clusters = names
             .iter()
@@ -131,7 +138,7 @@ impl Shared {
             access_log: r.config.log.access_log,
             generation,
             rules: crate::validate::Rules::new(r),
-            front_door,
+            front_door: process.front_door.clone(),
             tls: r.tls.clone(),
             authn: r.authn.clone(),
             authz: (r.authn.is_some() || !r.config.authz.rules.is_empty())
@@ -142,7 +149,7 @@ impl Shared {
                 .ratelimit
                 .enabled()
                 .then(|| Arc::new(crate::ratelimit::Policies::new(&r.config.ratelimit))),
-            limiter,
+            limiter: process.limiter.clone(),
             model_clusters: r
                 .config
                 .models

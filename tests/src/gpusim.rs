@@ -364,18 +364,14 @@ fn generate(
         w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")?;
     }
     let mut n = 0;
-    loop {
-        match rx.recv() {
-            Ok(Event::Token) => {
-                n += 1;
-                if stream {
-                    let ev = format!(
-                        "data: {{\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{n} \"}}}}]}}\n\n"
-                    );
-                    chunk(w, ev.as_bytes())?;
-                }
-            }
-            Ok(Event::Done) | Err(_) => break,
+    // Tokens until Done (or the engine is gone).
+    while let Ok(Event::Token) = rx.recv() {
+        n += 1;
+        if stream {
+            let ev = format!(
+                "data: {{\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{n} \"}}}}]}}\n\n"
+            );
+            chunk(w, ev.as_bytes())?;
         }
     }
     let usage = format!(

@@ -34,6 +34,9 @@ commands:
                         --validation: the gateway as a plain proxy vs validating every chat completion
                         (target/bench/validation.json); --ratelimit: the validating gateway vs the same with
                         rate/token/concurrency limits the load stays under (target/bench/ratelimit.json)
+  bench routing [--duration SECS] [--loads 0.6,0.8,0.9] [--quick]
+                        simulated GPU pool behind the gateway: round_robin vs least_request vs gie_like vs
+                        gpu_aware under open-loop Poisson load; p50/p99, TTFT (target/bench/routing.json, .svg)
   cargo bench -p gateway-benches --bench ratelimit
                         criterion: one limiter decision on 1 core, all levels, the same key from every core
 ";
@@ -463,6 +466,23 @@ fn bench(args: &[String]) -> Result {
     setup()?;
     if args.first().map(String::as_str) == Some("xdp") {
         return bench_xdp(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("routing") {
+        build_gateway()?;
+        run_step(&mut cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "gateway-benches",
+            "--bin",
+            "routebench",
+        ]))?;
+        let target = target_dir();
+        let mut cmd = Command::new(target.join("release/routebench"));
+        cmd.args(&args[1..])
+            .env("GATEWAY_BIN", target.join("release/gateway"))
+            .current_dir(workspace_root());
+        return run_step(&mut cmd);
     }
     if args.first().map(String::as_str) == Some("tls") {
         build_gateway()?;

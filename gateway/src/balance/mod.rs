@@ -137,6 +137,10 @@ pub struct BackendLoad {
     pub latency_ns: AtomicU64,
     pub ttfb_ns: AtomicU64,
     pub service_ns: AtomicU64,
+    /// EWMA of latency per output token (requests with a declared budget).
+    pub token_ns: AtomicU64,
+    /// The largest running batch the server has reported (its batch size, learned).
+    pub batch_seen: AtomicU32,
     pub completed: AtomicU64,
     /// From the server (scrape or ORCA header): queued, running, KV use ‰, when (ms; 0 never).
     pub waiting: AtomicU32,
@@ -162,6 +166,8 @@ impl BackendLoad {
             latency_ns: AtomicU64::new(0),
             ttfb_ns: AtomicU64::new(0),
             service_ns: AtomicU64::new(0),
+            token_ns: AtomicU64::new(0),
+            batch_seen: AtomicU32::new(0),
             completed: AtomicU64::new(0),
             waiting: AtomicU32::new(0),
             running: AtomicU32::new(0),
@@ -194,6 +200,7 @@ impl BackendLoad {
         }
         if let Some(r) = running {
             self.running.store(r, Ordering::Relaxed);
+            self.batch_seen.fetch_max(r, Ordering::Relaxed);
         }
         if let Some(k) = kv {
             self.kv_permille
@@ -207,9 +214,19 @@ impl BackendLoad {
     }
 
     /// A request finished: `latency` end to end, `ttfb` to the response
-    /// head, `concurrency` in flight here when it was sent (itself included).
-    pub fn complete(&self, latency: Duration, ttfb: Option<Duration>, concurrency: u32) {
+    /// head, `concurrency` in flight here when it was sent (itself included),
+    /// `tokens` its declared output budget (0: unknown).
+    pub fn complete(
+        &self,
+        latency: Duration,
+        ttfb: Option<Duration>,
+        concurrency: u32,
+        tokens: u64,
+    ) {
         let l = latency.as_nanos() as u64;
+        if let Some(per_token) = l.checked_div(tokens) {
+            ewma(&self.token_ns, per_token);
+        }
         ewma(&self.latency_ns, l);
         if let Some(t) = ttfb {
             ewma(&self.ttfb_ns, t.as_nanos() as u64);
@@ -317,11 +334,13 @@ impl Rng {
 
 /// Pick a backend index of `loads` not in `tried` (a bitmask of indexes
 /// tried already; pools above 64 backends treat the rest as untried).
+/// `size` is the request's declared output budget in tokens (0: unknown).
 pub fn pick(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
     tried: u64,
     model: &str,
+    size: u64,
     rr: &std::cell::Cell<usize>,
     rng: &Rng,
 ) -> Result<usize, NoPick> {
@@ -348,7 +367,7 @@ pub fn pick(
             f64::from(loads[i].inflight.load(Ordering::Relaxed))
         })),
         Algorithm::GieLike => gie_like(s, loads, &cand, now, rng),
-        Algorithm::GpuAware => gpu_aware(s, loads, &cand, now, model, rng),
+        Algorithm::GpuAware => gpu_aware(s, loads, &cand, now, model, size, rng),
     }
 }
 
@@ -415,33 +434,40 @@ fn gie_like(
     Ok(top[rng.below(top.len())])
 }
 
-/// The gateway's own: lowest expected delay `(occupancy + 1) × service`,
-/// where occupancy is the larger of this gateway's live in-flight count and
-/// the server's fresh running + queued count (other gateways' load shows
-/// there), and service the backend's per-slot service time (EWMA of
-/// latency ÷ concurrency; unknown → the pool's mean). Saturated backends
+/// The gateway's own: the lowest expected completion time. Occupancy is the
+/// larger of this gateway's live in-flight count and the server's fresh
+/// running + queued count (other gateways' load shows there). With the
+/// request's output budget known (OpenAI `max_tokens`) and the backend's
+/// batch size learned from its reports, that is the wait for a batch slot
+/// — `max(0, occupancy + 1 − batch) × service` — plus `budget × per-token
+/// latency` (EWMA per backend): long generations go to fast GPUs, short
+/// ones can fill slow ones. Otherwise `(occupancy + 1) × service`, service
+/// being the per-slot service time (EWMA of latency ÷ concurrency, the
+/// inverse of throughput). Unknown EWMAs take the slowest measured value. Saturated backends
 /// (queue ≥ `queue_saturation` or KV ≥ `kv_saturation`, fresh metrics only)
 /// are skipped; KV pressure above 80 % raises the cost; a backend within its
 /// `warmup` gets a growing share; one holding the requested LoRA adapter is
 /// preferred. Full scan (pools are small); ties at random.
+#[allow(clippy::too_many_arguments)]
 fn gpu_aware(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
     cand: &[usize],
     now: u64,
     model: &str,
+    size: u64,
     rng: &Rng,
 ) -> Result<usize, NoPick> {
-    let known: Vec<u64> = cand
-        .iter()
-        .map(|&i| loads[i].service_ns.load(Ordering::Relaxed))
-        .filter(|&v| v > 0)
-        .collect();
-    let mean = if known.is_empty() {
-        1_000_000.0
-    } else {
-        known.iter().sum::<u64>() as f64 / known.len() as f64
+    // A backend not measured yet is assumed as slow as the slowest measured
+    // one (it may be a slow GPU): its first requests are the measurement.
+    let slowest = |f: &dyn Fn(&BackendLoad) -> u64| {
+        cand.iter().map(|&i| f(&loads[i])).max().unwrap_or(0) as f64
     };
+    let mean = match slowest(&|b| b.service_ns.load(Ordering::Relaxed)) {
+        0.0 => 1_000_000.0,
+        m => m,
+    };
+    let mean_token = slowest(&|b| b.token_ns.load(Ordering::Relaxed));
     let mut best: Option<(f64, usize)> = None;
     let mut ties = 0usize;
     for &i in cand {
@@ -476,7 +502,16 @@ fn gpu_aware(
         {
             cost_mul *= 0.8;
         }
-        let cost = (occ + 1.0) * service * cost_mul;
+        let token = match b.token_ns.load(Ordering::Relaxed) {
+            0 => mean_token,
+            v => v as f64,
+        };
+        let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
+        let cost = if size > 0 && token > 0.0 && batch > 0.0 {
+            ((occ + 1.0 - batch).max(0.0) * service + size as f64 * token) * cost_mul
+        } else {
+            (occ + 1.0) * service * cost_mul
+        };
         match best {
             Some((c, _)) if cost > c + 1e-9 => {}
             Some((c, _)) if (cost - c).abs() <= 1e-9 => {
@@ -524,20 +559,23 @@ mod tests {
         let s = settings(Algorithm::RoundRobin);
         let (rr, rng) = (Cell::new(0), Rng::new(1));
         let picks: Vec<usize> = (0..3)
-            .map(|_| pick(&s, &p, 0, "", &rr, &rng).unwrap())
+            .map(|_| pick(&s, &p, 0, "", 0, &rr, &rng).unwrap())
             .collect();
         assert_eq!(picks, vec![0, 1, 2]);
         p[1].ejected_until
             .store(now_ms() + 60_000, Ordering::Relaxed);
         for _ in 0..4 {
-            assert_ne!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+            assert_ne!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
         }
         assert_eq!(
-            pick(&s, &p, 0b101, "", &rr, &rng).unwrap(),
+            pick(&s, &p, 0b101, "", 0, &rr, &rng).unwrap(),
             1,
             "ejected, but the only one left"
         );
-        assert_eq!(pick(&s, &p, 0b111, "", &rr, &rng), Err(NoPick::Exhausted));
+        assert_eq!(
+            pick(&s, &p, 0b111, "", 0, &rr, &rng),
+            Err(NoPick::Exhausted)
+        );
     }
 
     #[test]
@@ -547,7 +585,7 @@ mod tests {
         let s = settings(Algorithm::LeastRequest);
         let (rr, rng) = (Cell::new(0), Rng::new(7));
         for _ in 0..20 {
-            assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+            assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
         }
     }
 
@@ -560,7 +598,7 @@ mod tests {
         // 0: 2·0 + 2·0.8 = 1.6; 1: 2·1 + 2·0.1 = 2.2; 2: 2·0.8 + 2·0.9 = 3.4.
         let s = settings(Algorithm::GieLike);
         let (rr, rng) = (Cell::new(0), Rng::new(3));
-        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 2);
+        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 2);
         // Stale metrics are not trusted: with 2's report too old, 1 wins.
         let s = BalanceSettings {
             metrics_max_age: Duration::from_millis(20),
@@ -569,10 +607,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         p[0].report(Some(10), Some(4), Some(0.2));
         p[1].report(Some(0), Some(4), Some(0.9));
-        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
         // Nothing fresh: any candidate (random), never an error.
         std::thread::sleep(Duration::from_millis(40));
-        assert!(pick(&s, &p, 0, "", &rr, &rng).is_ok());
+        assert!(pick(&s, &p, 0, "", 0, &rr, &rng).is_ok());
     }
 
     #[test]
@@ -583,22 +621,22 @@ mod tests {
         p[1].service_ns.store(200, Ordering::Relaxed);
         let s = settings(Algorithm::GpuAware);
         let (rr, rng) = (Cell::new(0), Rng::new(5));
-        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 0);
+        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 0);
         // With 2 in flight on 0 (cost 300) vs 0 on 1 (cost 200): 1.
         p[0].inflight.store(2, Ordering::Relaxed);
-        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 1);
+        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
         // The server says 1 is busy (fresh): occupancy 5 → cost 1200: back to 0.
         p[1].report(Some(1), Some(4), Some(0.5));
-        assert_eq!(pick(&s, &p, 0, "", &rr, &rng).unwrap(), 0);
+        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 0);
         // Both saturated: shed.
         p[0].report(Some(100), Some(8), Some(0.5));
         p[1].report(Some(0), Some(8), Some(0.99));
-        assert_eq!(pick(&s, &p, 0, "", &rr, &rng), Err(NoPick::Saturated));
+        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng), Err(NoPick::Saturated));
         // LoRA affinity breaks a tie.
         let q = pool(2);
         *q[1].adapters.lock().unwrap() = vec!["sql-lora".into()];
         for _ in 0..10 {
-            assert_eq!(pick(&s, &q, 0, "sql-lora", &rr, &rng).unwrap(), 1);
+            assert_eq!(pick(&s, &q, 0, "sql-lora", 0, &rr, &rng).unwrap(), 1);
         }
     }
 

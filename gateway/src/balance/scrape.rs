@@ -4,6 +4,7 @@
 //! `health_interval`; and ORCA `endpoint-load-metrics` response headers.
 
 use std::io::{Read, Write};
+
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,8 +91,7 @@ pub fn parse(engine: Engine, text: &str) -> Sample {
 fn lora_adapters(text: &str) -> Option<Vec<String>> {
     let line = text
         .lines()
-        .filter(|l| l.starts_with("vllm:lora_requests_info{"))
-        .last()?;
+        .rfind(|l| l.starts_with("vllm:lora_requests_info{"))?;
     let start = line.find("running_lora_adapters=\"")? + "running_lora_adapters=\"".len();
     let end = start + line[start..].find('"')?;
     Some(
@@ -137,8 +137,37 @@ fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16,
         s,
         "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\naccept: text/plain\r\n\r\n"
     )?;
-    let mut buf = Vec::new();
-    s.take(1 << 20).read_to_end(&mut buf)?;
+    // Read to the end of the body (Content-Length), or to EOF: a server
+    // that keeps the connection open despite `connection: close` must not
+    // turn every scrape into a timeout.
+    let mut buf = Vec::with_capacity(8192);
+    let mut chunk = [0u8; 8192];
+    let mut want: Option<usize> = None;
+    loop {
+        if want.is_some_and(|w| buf.len() >= w) {
+            break;
+        }
+        let n = match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if want.is_none() || buf.is_empty() => return Err(e),
+            Err(_) => break,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 1 << 20 {
+            return Err(std::io::Error::other("metrics page over 1 MiB"));
+        }
+        if want.is_none() {
+            if let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                want = Some(len.map_or(usize::MAX, |l| end + 4 + l));
+            }
+        }
+    }
     let text = String::from_utf8_lossy(&buf);
     let status = text
         .split_whitespace()

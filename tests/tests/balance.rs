@@ -1,0 +1,461 @@
+//! The balance stage through the real binary: model-server metrics scraped
+//! (vLLM names), stale and garbage reports not trusted, saturation shedding,
+//! ORCA load headers, passive ejection of a killed backend and its
+//! re-admission, active health checks, model pools, and the GPU-aware
+//! algorithm sending long generations to the fast GPU of a simulated pool.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway_tests::gpusim::{GpuSim, SimConfig};
+use gateway_tests::{request, Backend, Driver, Gateway, Response, Spec};
+
+/// A model server stand-in whose `/metrics`, `/health` status and response
+/// headers the test sets; counts what it serves.
+struct Fake {
+    addr: SocketAddr,
+    metrics: Arc<Mutex<String>>,
+    health: Arc<Mutex<u16>>,
+    extra_header: Arc<Mutex<String>>,
+    served: Arc<AtomicUsize>,
+}
+
+impl Fake {
+    fn start(metrics: &str) -> Fake {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let f = Fake {
+            addr: l.local_addr().unwrap(),
+            metrics: Arc::new(Mutex::new(metrics.to_string())),
+            health: Arc::new(Mutex::new(200)),
+            extra_header: Arc::new(Mutex::new(String::new())),
+            served: Arc::new(AtomicUsize::new(0)),
+        };
+        let (m, h, x, n) = (
+            f.metrics.clone(),
+            f.health.clone(),
+            f.extra_header.clone(),
+            f.served.clone(),
+        );
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let (m, h, x, n) = (m.clone(), h.clone(), x.clone(), n.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(c, &m, &h, &x, &n);
+                });
+            }
+        });
+        f
+    }
+
+    fn set_metrics(&self, text: &str) {
+        *self.metrics.lock().unwrap() = text.to_string();
+    }
+
+    fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+}
+
+fn serve(
+    c: TcpStream,
+    m: &Mutex<String>,
+    h: &Mutex<u16>,
+    x: &Mutex<String>,
+    n: &AtomicUsize,
+) -> std::io::Result<()> {
+    let mut r = BufReader::new(c.try_clone()?);
+    let mut w = c;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut len = 0;
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l)?;
+            if l.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body)?;
+        let (status, text, extra) = match path.as_str() {
+            "/metrics" => {
+                let t = m.lock().unwrap().clone();
+                if t.is_empty() {
+                    (404, "not found".to_string(), String::new())
+                } else {
+                    (200, t, String::new())
+                }
+            }
+            "/health" => (*h.lock().unwrap(), "{}".into(), String::new()),
+            _ => {
+                n.fetch_add(1, Ordering::SeqCst);
+                (
+                    200,
+                    "{\"ok\":true,\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}".into(),
+                    x.lock().unwrap().clone(),
+                )
+            }
+        };
+        write!(
+            w,
+            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{extra}\r\n{text}",
+            text.len()
+        )?;
+        w.flush()?;
+    }
+}
+
+fn vllm(waiting: u32, running: u32, kv: f64) -> String {
+    format!(
+        "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {waiting}.0\n\
+         vllm:num_requests_running{{model_name=\"m\"}} {running}.0\nvllm:kv_cache_usage_perc{{model_name=\"m\"}} {kv}\n"
+    )
+}
+
+fn cluster(name: &str, backends: &[SocketAddr], balance: &str) -> String {
+    let b: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[clusters.{name}]\nbackends = [{}]\n[clusters.{name}.balance]\n{balance}\n",
+        b.join(", ")
+    )
+}
+
+fn route_all(cluster: &str) -> String {
+    format!("[[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"{cluster}\"\n")
+}
+
+fn start(body: &str) -> Gateway {
+    Gateway::start(Spec::new(Driver::Auto, body))
+}
+
+fn get(g: &Gateway) -> Response {
+    request(g.addr, b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n")
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn scraped_load_steers_traffic_and_stale_or_garbage_reports_are_ignored() {
+    let busy = Fake::start(&vllm(50, 8, 0.5));
+    let idle = Fake::start(&vllm(0, 1, 0.1));
+    let body = cluster(
+        "p",
+        &[busy.addr, idle.addr],
+        "algorithm = \"gpu_aware\"\nmetrics_interval = \"50ms\"\nmetrics_max_age = \"300ms\"\nqueue_saturation = 10\nwarmup = \"0s\"",
+    ) + &route_all("p");
+    let g = start(&body);
+    g.wait_metric(&["gateway_balance_scrapes_total", "result=\"ok\""], 4.0);
+    for _ in 0..20 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert_eq!(
+        busy.served(),
+        0,
+        "a backend with 50 queued (≥ queue_saturation) gets nothing"
+    );
+    assert_eq!(idle.served(), 20);
+    assert_eq!(
+        g.metric(&[
+            "gateway_backend_queue",
+            &format!("backend=\"{}\"", busy.addr)
+        ]),
+        50.0
+    );
+
+    // Its metrics page turns to garbage: the last report goes stale and is
+    // no longer trusted; the backend is back in rotation on local signals.
+    busy.set_metrics("<html>maintenance</html>\n");
+    g.wait_metric(
+        &[
+            "gateway_balance_scrapes_total",
+            "result=\"no_load_metrics\"",
+        ],
+        1.0,
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    for _ in 0..20 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert!(
+        busy.served() > 0,
+        "stale report ignored: busy served {}",
+        busy.served()
+    );
+    assert_eq!(
+        g.metric(&[
+            "gateway_backend_queue",
+            &format!("backend=\"{}\"", busy.addr)
+        ]),
+        -1.0
+    );
+
+    // No /metrics at all (404): counted, traffic still flows.
+    busy.set_metrics("");
+    g.wait_metric(
+        &["gateway_balance_scrapes_total", "result=\"http_error\""],
+        1.0,
+    );
+    assert_eq!(get(&g).status, 200);
+}
+
+#[test]
+fn every_backend_saturated_sheds_with_503_and_orca_headers_update_load() {
+    let a = Fake::start(&vllm(100, 8, 0.5));
+    let b = Fake::start(&vllm(0, 8, 0.99));
+    let body = cluster(
+        "p",
+        &[a.addr, b.addr],
+        "algorithm = \"gpu_aware\"\nmetrics_interval = \"50ms\"\nmetrics_max_age = \"2s\"\nqueue_saturation = 10\nkv_saturation = 0.95",
+    ) + &route_all("p");
+    let g = start(&body);
+    g.wait_metric(&["gateway_balance_scrapes_total", "result=\"ok\""], 4.0);
+    let r = get(&g);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.error_type(), "service_unavailable");
+    g.wait_metric(&["gateway_balance_shed_total"], 1.0);
+    assert_eq!(a.served() + b.served(), 0);
+
+    // ORCA: with scraping off, a response's endpoint-load-metrics header is
+    // the only load report; it takes a backend out until it goes stale.
+    let (c, d) = (Fake::start(""), Fake::start(""));
+    *c.extra_header.lock().unwrap() = "endpoint-load-metrics: TEXT named_metrics.num_requests_waiting=40, named_metrics.kv_cache_usage_perc=0.3\r\n".into();
+    let body = cluster(
+        "q",
+        &[c.addr, d.addr],
+        "algorithm = \"gpu_aware\"\nmetrics_interval = \"0s\"\nmetrics_max_age = \"5s\"\nqueue_saturation = 10\nwarmup = \"0s\"",
+    ) + &route_all("q");
+    let g = start(&body);
+    for _ in 0..10 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert_eq!(
+        c.served(),
+        1,
+        "after its first answer reported 40 queued, c got nothing more"
+    );
+    assert_eq!(d.served(), 9);
+}
+
+/// The demo backend as a process (killing it closes every connection too).
+fn demo_backend(addr: SocketAddr) -> std::process::Child {
+    let c = std::process::Command::new(gateway_tests::gateway::bin(
+        "DEMO_BACKEND_BIN",
+        "demo-backend",
+    ))
+    .args(["--listen", &addr.to_string()])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start demo-backend");
+    wait_for("demo-backend listening", || {
+        TcpStream::connect(addr).is_ok()
+    });
+    c
+}
+
+#[test]
+fn a_killed_backend_is_ejected_then_readmitted() {
+    let a = Backend::start("a");
+    let b_addr: SocketAddr = format!("127.0.0.1:{}", gateway_tests::gateway::free_port())
+        .parse()
+        .unwrap();
+    let mut b = demo_backend(b_addr);
+    let body = cluster(
+        "p",
+        &[a.addr, b_addr],
+        "algorithm = \"round_robin\"\neject_after = 2\nejection = \"3s\"\nmax_ejection = \"6s\"",
+    ) + &route_all("p");
+    let g = start(&body);
+    for _ in 0..4 {
+        assert_eq!(get(&g).status, 200);
+    }
+    // b dies mid-load: no request fails (a connect error moves on to a),
+    // and after two failures b is out.
+    let _ = b.kill();
+    let _ = b.wait();
+    for _ in 0..10 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert!(
+        g.wait_metric(
+            &[
+                "gateway_balance_ejections_total",
+                &format!("backend=\"{b_addr}\"")
+            ],
+            1.0
+        ) >= 1.0
+    );
+    wait_for("b marked unavailable", || {
+        g.metric(&[
+            "gateway_backend_available",
+            &format!("backend=\"{b_addr}\""),
+        ]) == 0.0
+    });
+    assert!(g.log_shows("backend ejected after consecutive failures"));
+    let a_before = a.requests();
+    for _ in 0..6 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert_eq!(a.requests() - a_before, 6, "ejected: no attempt on b");
+    // Back on the same address: re-admitted after the ejection, traffic returns.
+    let mut b2 = demo_backend(b_addr);
+    wait_for("b back in rotation", || {
+        g.metric(&[
+            "gateway_backend_available",
+            &format!("backend=\"{b_addr}\""),
+        ]) == 1.0
+    });
+    let a_before = a.requests();
+    for _ in 0..6 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert!(a.requests() - a_before < 6, "b serves again");
+    let _ = b2.kill();
+    let _ = b2.wait();
+}
+
+#[test]
+fn failing_health_check_takes_a_backend_out_of_rotation() {
+    let a = Fake::start("");
+    let b = Fake::start("");
+    let body = cluster(
+        "p",
+        &[a.addr, b.addr],
+        "algorithm = \"least_request\"\nhealth_path = \"/health\"\nhealth_interval = \"100ms\"",
+    ) + &route_all("p");
+    let g = start(&body);
+    *a.health.lock().unwrap() = 503;
+    wait_for("a failing its health check", || {
+        g.metric(&[
+            "gateway_backend_available",
+            &format!("backend=\"{}\"", a.addr),
+        ]) == 0.0
+    });
+    let before = a.served();
+    for _ in 0..10 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert_eq!(a.served(), before, "out of rotation while unhealthy");
+    *a.health.lock().unwrap() = 200;
+    wait_for("a healthy again", || {
+        g.metric(&[
+            "gateway_backend_available",
+            &format!("backend=\"{}\"", a.addr),
+        ]) == 1.0
+    });
+    wait_for("a serving again", || {
+        let _ = get(&g);
+        a.served() > before
+    });
+}
+
+fn chat(g: &Gateway, model: &str, max_tokens: u64) -> Response {
+    let body = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":{max_tokens}}}"#
+    );
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    request(g.addr, raw.as_bytes())
+}
+
+#[test]
+fn models_are_served_by_their_own_pools() {
+    let a = Fake::start("");
+    let b = Fake::start("");
+    let other = Fake::start("");
+    let body = cluster("pool-a", &[a.addr], "")
+        + &cluster("pool-b", &[b.addr], "")
+        + &cluster("default", &[other.addr], "")
+        + "[[models]]\nname = \"llama\"\ncluster = \"pool-a\"\n[[models]]\nname = \"mistral\"\ncluster = \"pool-b\"\n[[models]]\nname = \"phi\"\n\
+           [[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"default\"\n";
+    let g = start(&body);
+    for _ in 0..3 {
+        assert_eq!(chat(&g, "llama", 5).status, 200);
+    }
+    assert_eq!(chat(&g, "mistral", 5).status, 200);
+    assert_eq!(chat(&g, "phi", 5).status, 200);
+    assert_eq!((a.served(), b.served(), other.served()), (3, 1, 1));
+    // A model pool naming no cluster is a config error.
+    let bad = "[clusters.x]\nbackends = [\"127.0.0.1:1\"]\n[[models]]\nname = \"m\"\ncluster = \"nope\"\n[[routes]]\npath_prefix = \"/\"\ncluster = \"x\"\n";
+    let Err(e) = gateway::config::Resolved::from_str(bad, "t.toml") else {
+        panic!("a pool naming no cluster was accepted");
+    };
+    assert!(e.to_string().contains("no cluster `nope`"), "{e}");
+}
+
+#[test]
+fn gpu_aware_sends_long_generations_to_the_fast_gpu() {
+    // A fast GPU (batch 8) and a slow one (5× slower per step, batch 2).
+    let fast = GpuSim::start(SimConfig {
+        name: "fast".into(),
+        speed: 1.0,
+        max_batch: 8,
+        ..Default::default()
+    });
+    let slow = GpuSim::start(SimConfig {
+        name: "slow".into(),
+        speed: 0.2,
+        max_batch: 2,
+        ..Default::default()
+    });
+    let body = cluster(
+        "p",
+        &[fast.addr, slow.addr],
+        "algorithm = \"gpu_aware\"\nmetrics_interval = \"50ms\"\nmetrics_max_age = \"200ms\"\nwarmup = \"0s\"",
+    ) + "[[models]]\nname = \"m\"\n[[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"p\"\n";
+    let g = start(&body);
+    // Learn both: a few short requests each way.
+    let addr = g.addr;
+    let run = |n: usize, tokens: u64| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20 * i as u64));
+                    let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{tokens}}}"#);
+                    let raw = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    request(addr, raw.as_bytes()).status
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<u16>>()
+    };
+    assert!(run(6, 4).iter().all(|&s| s == 200));
+    let (f0, s0) = (fast.completed(), slow.completed());
+    // Now 12 long generations: the slow GPU would take 5× as long on each.
+    assert!(run(12, 64).iter().all(|&s| s == 200));
+    let (f, s) = (fast.completed() - f0, slow.completed() - s0);
+    assert_eq!(f + s, 12);
+    assert!(
+        f >= 10,
+        "long generations went to the fast GPU: fast {f}, slow {s}"
+    );
+    let m = g.metrics();
+    assert!(
+        m.contains(&format!(
+            "gateway_backend_latency_ewma_seconds{{backend=\"{}\",cluster=\"p\"}}",
+            slow.addr
+        )),
+        "per-backend gauges exported"
+    );
+}
