@@ -29,6 +29,7 @@ pub fn spawn(
     health: Arc<Health>,
     front_door: Arc<FrontDoor>,
     limiter: Arc<crate::ratelimit::Limiter>,
+    loads: Arc<crate::balance::Registry>,
     current: Current,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
@@ -38,9 +39,15 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) =
-                            handle(c, &metrics, &health, &front_door, &limiter, &current)
-                        {
+                        if let Err(e) = handle(
+                            c,
+                            &metrics,
+                            &health,
+                            &front_door,
+                            &limiter,
+                            &loads,
+                            &current,
+                        ) {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     }
@@ -60,6 +67,7 @@ fn handle(
     health: &Health,
     front_door: &FrontDoor,
     limiter: &crate::ratelimit::Limiter,
+    loads: &crate::balance::Registry,
     current: &Current,
 ) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -136,6 +144,7 @@ fn handle(
     let control_plane = path.starts_with("/xdp/")
         || path.starts_with("/authn/")
         || path.starts_with("/ratelimit/")
+        || path.starts_with("/balance/")
         || path == "/tls/reload";
     if control_plane {
         if let Err((status, why, challenge)) =
@@ -189,6 +198,15 @@ fn handle(
             status,
             "application/json",
             body.to_string().as_bytes(),
+        );
+    }
+    if path.starts_with("/balance/") {
+        let (status, json) = balance_api(&method, path, body, loads);
+        return respond(
+            &mut c,
+            status,
+            "application/json",
+            json.to_string().as_bytes(),
         );
     }
     if path.starts_with("/ratelimit/") {
@@ -464,6 +482,85 @@ fn quota_api(
         _ => (
             404,
             json!({"error": "GET /ratelimit/quotas, DELETE /ratelimit/quotas/TENANT"}),
+        ),
+    }
+}
+
+/// `GET /balance/backends`: every backend's load and health;
+/// `POST /balance/drain` / `POST /balance/undrain` `{"cluster", "backend"}`:
+/// take a backend out of rotation (in-flight requests finish) or back in.
+fn balance_api(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    loads: &crate::balance::Registry,
+) -> (u16, serde_json::Value) {
+    use serde_json::json;
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = crate::balance::now_ms();
+    match (method, path) {
+        ("GET", "/balance/backends") => {
+            let list: Vec<_> = loads
+                .all()
+                .into_iter()
+                .map(|(cluster, b)| {
+                    json!({
+                        "cluster": cluster, "backend": b.addr.to_string(),
+                        "available": b.available(now), "draining": b.draining.load(Relaxed),
+                        "healthy": b.healthy.load(Relaxed),
+                        "ejected_for_ms": b.ejected_until.load(Relaxed).saturating_sub(now),
+                        "inflight": b.inflight.load(Relaxed),
+                        "latency_ewma_ms": b.latency_ns.load(Relaxed) as f64 / 1e6,
+                        "reported": b.reported_ms.load(Relaxed) != 0,
+                        "waiting": b.waiting.load(Relaxed), "running": b.running.load(Relaxed),
+                        "kv_cache_usage": f64::from(b.kv_permille.load(Relaxed)) / 1000.0,
+                        "completed": b.completed.load(Relaxed),
+                    })
+                })
+                .collect();
+            (200, json!({ "backends": list }))
+        }
+        ("POST", "/balance/drain") | ("POST", "/balance/undrain") => {
+            let v: serde_json::Value = match serde_json::from_slice(body) {
+                Ok(v) => v,
+                Err(_) => {
+                    return (
+                        400,
+                        json!({"error": "body: {\"cluster\": \"NAME\", \"backend\": \"HOST:PORT\"}"}),
+                    )
+                }
+            };
+            let (Some(cluster), Some(addr)) = (
+                v["cluster"].as_str(),
+                v["backend"]
+                    .as_str()
+                    .and_then(|b| b.parse::<std::net::SocketAddr>().ok()),
+            ) else {
+                return (
+                    400,
+                    json!({"error": "body: {\"cluster\": \"NAME\", \"backend\": \"HOST:PORT\"}"}),
+                );
+            };
+            let Some(b) = loads.find(cluster, addr) else {
+                return (404, json!({"error": "no such backend in that cluster"}));
+            };
+            let drain = path.ends_with("/drain");
+            b.draining.store(drain, Relaxed);
+            if !drain {
+                // Back with a warm-up ramp, like a new backend.
+                b.since_ms.store(now, Relaxed);
+            }
+            tracing::warn!(target: "audit", event = if drain { "drain" } else { "undrain" }, cluster, backend = %addr,
+                inflight = b.inflight.load(Relaxed), "backend {} (admin API)", if drain { "drained" } else { "back in rotation" });
+            (
+                200,
+                json!({"cluster": cluster, "backend": addr.to_string(), "draining": drain, "inflight": b.inflight.load(Relaxed)}),
+            )
+        }
+        (_, "/balance/backends") => (405, json!({"error": "GET /balance/backends"})),
+        _ => (
+            404,
+            json!({"error": "GET /balance/backends, POST /balance/drain, POST /balance/undrain"}),
         ),
     }
 }

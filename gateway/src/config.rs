@@ -435,6 +435,26 @@ pub struct ModelConfig {
     /// The pool serving this model: its requests go to this cluster, whatever the route's.
     #[serde(default)]
     pub cluster: Option<String>,
+    /// The pool serving each version, for requests that name their version
+    /// (`x-model-version`, `model@1.2`, KServe `/versions/`).
+    #[serde(default)]
+    pub version_clusters: BTreeMap<String, String>,
+    /// Weighted split of the requests that don't name a version, across
+    /// pools (a canary at 5, then 50, then 100).
+    #[serde(default)]
+    pub split: Vec<SplitTarget>,
+    /// Split by a hash of the caller's principal (or address when
+    /// anonymous): a client stays on one side of an A/B test.
+    #[serde(default)]
+    pub sticky: bool,
+}
+
+/// One side of a model's traffic split.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitTarget {
+    pub cluster: String,
+    pub weight: u32,
 }
 
 fn default_versions() -> Vec<String> {
@@ -466,6 +486,10 @@ pub struct ServerConfig {
     pub trust_forwarded_headers: bool,
     /// Listen backlog per worker socket.
     pub backlog: i32,
+    /// Backend host names are re-resolved this often; a change reloads the
+    /// configuration (a Kubernetes headless Service). "0s" = only at start.
+    #[serde(deserialize_with = "duration")]
+    pub dns_refresh: Duration,
 }
 
 impl Default for ServerConfig {
@@ -480,6 +504,7 @@ impl Default for ServerConfig {
             buffer_size: 64 * 1024,
             trust_forwarded_headers: false,
             backlog: 1024,
+            dns_refresh: Duration::from_secs(30),
         }
     }
 }
@@ -1032,8 +1057,14 @@ impl Config {
             }
             let mut addrs = Vec::new();
             for (i, b) in c.backends.iter().enumerate() {
-                match resolve(b) {
-                    Ok(a) => addrs.push(a),
+                match resolve_all(b) {
+                    Ok(a) => {
+                        for x in a {
+                            if !addrs.contains(&x) {
+                                addrs.push(x);
+                            }
+                        }
+                    }
                     Err(m) => err(format!("{key}.backends[{i}]"), m),
                 }
             }
@@ -1077,6 +1108,34 @@ impl Config {
                 if !self.clusters.contains_key(c) {
                     err(format!("models[{i}].cluster"), format!("no cluster `{c}`"));
                 }
+            }
+            for (v, c) in &m.version_clusters {
+                if !self.clusters.contains_key(c) {
+                    err(
+                        format!("models[{i}].version_clusters.{v}"),
+                        format!("no cluster `{c}`"),
+                    );
+                }
+                if !m.versions.contains(v) {
+                    err(
+                        format!("models[{i}].version_clusters.{v}"),
+                        format!("`{v}` is not one of the model's versions"),
+                    );
+                }
+            }
+            for (j, t) in m.split.iter().enumerate() {
+                if !self.clusters.contains_key(&t.cluster) {
+                    err(
+                        format!("models[{i}].split[{j}].cluster"),
+                        format!("no cluster `{}`", t.cluster),
+                    );
+                }
+            }
+            if !m.split.is_empty() && m.split.iter().all(|t| t.weight == 0) {
+                err(
+                    format!("models[{i}].split"),
+                    "at least one weight must be above 0".into(),
+                );
             }
         }
 
@@ -1508,17 +1567,26 @@ fn valid_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-fn resolve(s: &str) -> Result<SocketAddr, String> {
+/// Every address a backend name resolves to (a Kubernetes headless
+/// Service answers with one per pod), sorted, without duplicates.
+pub fn resolve_all(s: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
+        return Ok(vec![a]);
     }
     if !s.contains(':') {
         return Err(format!("`{s}` needs a port, e.g. \"{s}:8000\""));
     }
     match s.to_socket_addrs() {
-        Ok(mut it) => it
-            .next()
-            .ok_or_else(|| format!("`{s}` resolved to no address")),
+        Ok(it) => {
+            let mut v: Vec<SocketAddr> = it.collect();
+            v.sort();
+            v.dedup();
+            if v.is_empty() {
+                Err(format!("`{s}` resolved to no address"))
+            } else {
+                Ok(v)
+            }
+        }
         Err(e) => Err(format!("cannot resolve `{s}`: {e}")),
     }
 }

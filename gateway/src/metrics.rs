@@ -58,6 +58,7 @@ pub struct Metrics {
     pub ratelimit_redis_errors: IntCounterVec,
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
+    pub balance_split: IntCounterVec,
     pub balance_ejections: IntCounterVec,
     pub balance_scrapes: IntCounterVec,
     pub backend_inflight: IntGaugeVec,
@@ -269,6 +270,14 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(Opts::new("gateway_balance_shed_total", "Requests refused with 503 because every backend of the cluster was saturated"), &["cluster"]).unwrap(),
             ),
+            balance_split: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_balance_split_total", "Requests of a model with a traffic split, by the pool they went to"),
+                    &["model", "cluster"],
+                )
+                .unwrap(),
+            ),
             balance_ejections: reg(
                 &r,
                 IntCounterVec::new(Opts::new("gateway_balance_ejections_total", "Backends ejected after consecutive failures"), &["cluster", "backend"]).unwrap(),
@@ -331,6 +340,7 @@ pub struct WorkerMetrics {
     pub authz: RefCell<LocalIntCounterVec>,
     pub ratelimit: RefCell<LocalIntCounterVec>,
     pub balance_shed: RefCell<LocalIntCounterVec>,
+    pub balance_split: RefCell<LocalIntCounterVec>,
     pub balance_ejections: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
     pub active_connections: IntGauge,
@@ -354,6 +364,7 @@ impl WorkerMetrics {
             authz: RefCell::new(m.authz.local()),
             ratelimit: RefCell::new(m.ratelimit.local()),
             balance_shed: RefCell::new(m.balance_shed.local()),
+            balance_split: RefCell::new(m.balance_split.local()),
             balance_ejections: RefCell::new(m.balance_ejections.local()),
             connections_accepted: m.connections_accepted.local(),
             active_connections: m.active_connections.with_label_values(&[&w]),
@@ -387,6 +398,7 @@ impl WorkerMetrics {
         self.authz.borrow().flush();
         self.ratelimit.borrow().flush();
         self.balance_shed.borrow().flush();
+        self.balance_split.borrow().flush();
         self.balance_ejections.borrow().flush();
         self.connections_accepted.flush();
     }

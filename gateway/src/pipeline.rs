@@ -347,7 +347,27 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
         let req_cluster = verdict
             .model
             .as_ref()
-            .and_then(|(m, _)| cur.shared.model_clusters.get(m).copied())
+            .and_then(|(m, v)| {
+                let pools = cur.shared.model_pools.get(m)?;
+                let key = if pools.sticky {
+                    identity
+                        .as_deref()
+                        .map(|i| i.principal.clone())
+                        .filter(|p| !p.is_empty())
+                        .unwrap_or_else(|| peer.ip().to_string())
+                } else {
+                    String::new()
+                };
+                let c = pools.cluster(v, verdict.facts.pinned, &key, &w.rng)?;
+                if pools.total > 0 {
+                    w.metrics.inc(
+                        &w.metrics.balance_split,
+                        &[m, &cur.shared.clusters[c].name],
+                        1,
+                    );
+                }
+                Some(c)
+            })
             .unwrap_or(route.cluster);
         let req = Request {
             head: &head,

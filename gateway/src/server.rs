@@ -156,6 +156,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         health.clone(),
         front_door.clone(),
         limiter,
+        control.process.loads.clone(),
         current,
     )
     .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))?;
@@ -199,6 +200,9 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
                 }
             })
             .map_err(|e| RunError::Startup(format!("cannot start signal thread: {e}")))?;
+    }
+    if reload.is_some() {
+        spawn_dns_refresh(&control, &r, tx.clone())?;
     }
     drop(tx);
 
@@ -668,4 +672,57 @@ fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Resul
     });
     crate::balance::scrape::spawn(targets, metrics)
         .map_err(|e| RunError::Startup(format!("cannot start the balance scraper: {e}")))
+}
+
+/// Re-resolve backend host names every `server.dns_refresh`; when the
+/// addresses differ from the configuration in force, reload it (the same
+/// path as SIGHUP: re-read, re-checked, in-flight requests unaffected).
+fn spawn_dns_refresh(
+    control: &Arc<Control>,
+    r: &Resolved,
+    tx: mpsc::Sender<Msg>,
+) -> Result<(), RunError> {
+    let every = r.config.server.dns_refresh;
+    let names = r
+        .config
+        .clusters
+        .values()
+        .flat_map(|c| c.backends.iter())
+        .any(|b| b.parse::<SocketAddr>().is_err());
+    if every.is_zero() || !names {
+        return Ok(());
+    }
+    let c = control.clone();
+    std::thread::Builder::new()
+        .name("dns-refresh".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let (_, cur) = c.snapshot();
+            // Resolved the way the config does; a name that fails to
+            // resolve now keeps its old addresses (no reload on a DNS blip).
+            let changed = cur.config.clusters.iter().any(|(name, cc)| {
+                let mut now: Vec<SocketAddr> = Vec::new();
+                for b in &cc.backends {
+                    match crate::config::resolve_all(b) {
+                        Ok(v) => {
+                            for a in v {
+                                if !now.contains(&a) {
+                                    now.push(a);
+                                }
+                            }
+                        }
+                        Err(_) => return false,
+                    }
+                }
+                cur.clusters.get(name) != Some(&now)
+            });
+            if changed {
+                tracing::info!("backend addresses changed in DNS: reloading the configuration");
+                if tx.send(Msg::Signal(libc::SIGHUP)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| RunError::Startup(format!("cannot start the DNS refresh thread: {e}")))
 }

@@ -93,8 +93,9 @@ pub struct Shared {
     pub ratelimit: Option<Arc<crate::ratelimit::Policies>>,
     /// The limiter's state (process-wide; survives reloads).
     pub limiter: Arc<crate::ratelimit::Limiter>,
-    /// Models served by their own pool (`[[models]] cluster`), by cluster index.
-    pub model_clusters: HashMap<String, usize>,
+    /// Models served by their own pools (`[[models]] cluster`,
+    /// `version_clusters`, `split`), by model name.
+    pub model_pools: HashMap<String, crate::balance::ModelPools>,
 }
 
 impl Shared {
@@ -150,14 +151,16 @@ impl Shared {
                 .enabled()
                 .then(|| Arc::new(crate::ratelimit::Policies::new(&r.config.ratelimit))),
             limiter: process.limiter.clone(),
-            model_clusters: r
+            model_pools: r
                 .config
                 .models
                 .iter()
-                .filter_map(|m| {
-                    let c = m.cluster.as_ref()?;
-                    Some((m.name.clone(), names.iter().position(|n| n == c)?))
+                .map(|m| {
+                    let p =
+                        crate::balance::ModelPools::new(m, |c| names.iter().position(|n| n == c));
+                    (m.name.clone(), p)
                 })
+                .filter(|(_, p)| *p != crate::balance::ModelPools::default())
                 .collect(),
         }
     }

@@ -459,3 +459,147 @@ fn gpu_aware_sends_long_generations_to_the_fast_gpu() {
         "per-backend gauges exported"
     );
 }
+
+fn chat_pinned(g: &Gateway, version: Option<&str>) -> Response {
+    let body = r#"{"model":"llama","messages":[{"role":"user","content":"hello"}],"max_tokens":5}"#;
+    let pin = version
+        .map(|v| format!("x-model-version: {v}\r\n"))
+        .unwrap_or_default();
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{pin}\r\n{body}",
+        body.len()
+    );
+    request(g.addr, raw.as_bytes())
+}
+
+fn canary_config(
+    stable: SocketAddr,
+    canary: SocketAddr,
+    split: (u32, u32),
+    sticky: bool,
+) -> String {
+    cluster("stable", &[stable], "") + &cluster("canary", &[canary], "")
+        + &format!(
+            "[[models]]\nname = \"llama\"\nversions = [\"1.0\", \"2.0\"]\ncluster = \"stable\"\nsticky = {sticky}\n\
+             version_clusters = {{ \"2.0\" = \"canary\" }}\n\
+             split = [{{ cluster = \"stable\", weight = {} }}, {{ cluster = \"canary\", weight = {} }}]\n\
+             [[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"stable\"\n",
+            split.0, split.1
+        )
+}
+
+#[test]
+fn canary_split_header_pins_reload_and_sticky_assignment() {
+    let stable = Fake::start("");
+    let canary = Fake::start("");
+    let g = start(&canary_config(stable.addr, canary.addr, (80, 20), false));
+    for _ in 0..400 {
+        assert_eq!(chat_pinned(&g, None).status, 200);
+    }
+    let c = canary.served();
+    // 20 % of 400 = 80; ±24 is beyond 4 standard deviations (8).
+    assert!(
+        (56..=104).contains(&c),
+        "canary got {c} of 400 at weight 20"
+    );
+    g.wait_metric(
+        &[
+            "gateway_balance_split_total",
+            "cluster=\"canary\"",
+            "model=\"llama\"",
+        ],
+        c as f64,
+    );
+    // A request naming its version goes to that version's pool, never split.
+    let before = (stable.served(), canary.served());
+    for _ in 0..20 {
+        assert_eq!(chat_pinned(&g, Some("2.0")).status, 200);
+        assert_eq!(chat_pinned(&g, Some("1.0")).status, 200);
+    }
+    assert_eq!(
+        (stable.served() - before.0, canary.served() - before.1),
+        (20, 20)
+    );
+
+    // Promote the canary on reload: 0 / 100, no restart.
+    g.rewrite_config(&canary_config(stable.addr, canary.addr, (0, 100), false));
+    g.signal(libc::SIGHUP);
+    wait_for("the reload", || {
+        g.metric(&["gateway_config_generation"]) >= 1.0
+    });
+    let before = stable.served();
+    for _ in 0..30 {
+        assert_eq!(chat_pinned(&g, None).status, 200);
+    }
+    assert_eq!(
+        stable.served(),
+        before,
+        "all unpinned traffic on the promoted pool"
+    );
+
+    // Sticky: one caller (anonymous: by address) always lands on the same side.
+    let (s2, c2) = (Fake::start(""), Fake::start(""));
+    let g = start(&canary_config(s2.addr, c2.addr, (50, 50), true));
+    for _ in 0..40 {
+        assert_eq!(chat_pinned(&g, None).status, 200);
+    }
+    assert!(
+        (s2.served(), c2.served()) == (40, 0) || (s2.served(), c2.served()) == (0, 40),
+        "sticky: {} / {}",
+        s2.served(),
+        c2.served()
+    );
+}
+
+#[test]
+fn an_operator_drains_a_backend_and_brings_it_back() {
+    let a = Fake::start("");
+    let b = Fake::start("");
+    let g =
+        start(&(cluster("p", &[a.addr, b.addr], "algorithm = \"round_robin\"") + &route_all("p")));
+    let admin = |method: &str, path: &str, body: &str| {
+        let raw = format!(
+            "{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        request(g.admin, raw.as_bytes())
+    };
+    let spec = format!(r#"{{"cluster":"p","backend":"{}"}}"#, a.addr);
+    let r = admin("POST", "/balance/drain", &spec);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let before = a.served();
+    for _ in 0..10 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert_eq!(a.served(), before, "drained: no new requests");
+    let list = admin("GET", "/balance/backends", "");
+    assert_eq!(list.status, 200);
+    let v = list.json();
+    let entry = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["backend"] == a.addr.to_string().as_str())
+        .cloned()
+        .expect("listed");
+    assert_eq!(
+        (entry["draining"].as_bool(), entry["available"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(
+        admin(
+            "POST",
+            "/balance/drain",
+            r#"{"cluster":"p","backend":"127.0.0.1:1"}"#
+        )
+        .status,
+        404
+    );
+    assert_eq!(admin("POST", "/balance/drain", "not json").status, 400);
+    assert_eq!(admin("POST", "/balance/undrain", &spec).status, 200);
+    for _ in 0..10 {
+        assert_eq!(get(&g).status, 200);
+    }
+    assert!(a.served() > before, "back in rotation");
+    assert!(g.log_shows("backend drained (admin API)"));
+}

@@ -156,6 +156,8 @@ pub struct BackendLoad {
     pub ejections: AtomicU32,
     pub healthy: AtomicBool,
     pub since_ms: AtomicU64,
+    /// Drained by an operator (admin API): no new requests; in-flight ones finish.
+    pub draining: AtomicBool,
 }
 
 impl BackendLoad {
@@ -179,6 +181,7 @@ impl BackendLoad {
             ejections: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             since_ms: AtomicU64::new(now_ms()),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -210,7 +213,9 @@ impl BackendLoad {
     }
 
     pub fn available(&self, now: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.ejected_until.load(Ordering::Relaxed) <= now
+        self.healthy.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && self.ejected_until.load(Ordering::Relaxed) <= now
     }
 
     /// A request finished: `latency` end to end, `ttfb` to the response
@@ -295,6 +300,28 @@ impl Registry {
             .clone()
     }
 
+    /// A backend's state, if it is in that cluster.
+    pub fn find(&self, cluster: &str, addr: SocketAddr) -> Option<Arc<BackendLoad>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(cluster.to_string(), addr))
+            .cloned()
+    }
+
+    /// Every backend, by cluster and address.
+    pub fn all(&self) -> Vec<(String, Arc<BackendLoad>)> {
+        let mut v: Vec<_> = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((c, _), l)| (c.clone(), l.clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1.addr).cmp(&(&b.0, b.1.addr)));
+        v
+    }
+
     /// Forget backends no longer in any cluster (after a reload).
     pub fn retain(&self, keep: &[(String, SocketAddr)]) {
         self.map
@@ -302,6 +329,82 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|k, _| keep.contains(k));
     }
+}
+
+/// Where a model's requests go (`[[models]] cluster`, `version_clusters`,
+/// `split`, `sticky`), by cluster index.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelPools {
+    pub default: Option<usize>,
+    pub versions: HashMap<String, usize>,
+    /// (cluster, cumulative weight).
+    pub split: Vec<(usize, u64)>,
+    pub total: u64,
+    pub sticky: bool,
+}
+
+impl ModelPools {
+    pub fn new(
+        m: &crate::config::ModelConfig,
+        index: impl Fn(&str) -> Option<usize>,
+    ) -> ModelPools {
+        let mut cum = 0;
+        let split = m
+            .split
+            .iter()
+            .filter(|t| t.weight > 0)
+            .filter_map(|t| {
+                cum += u64::from(t.weight);
+                Some((index(&t.cluster)?, cum))
+            })
+            .collect();
+        ModelPools {
+            default: m.cluster.as_deref().and_then(&index),
+            versions: m
+                .version_clusters
+                .iter()
+                .filter_map(|(v, c)| Some((v.clone(), index(c)?)))
+                .collect(),
+            split,
+            total: cum,
+            sticky: m.sticky,
+        }
+    }
+
+    /// The pool for a request: its named version's pool; else, unless it
+    /// named a version, a side of the split (by a stable hash of
+    /// `sticky_key` when sticky, at random otherwise); else the model's pool.
+    pub fn cluster(
+        &self,
+        version: &str,
+        pinned: bool,
+        sticky_key: &str,
+        rng: &Rng,
+    ) -> Option<usize> {
+        if pinned {
+            if let Some(&c) = self.versions.get(version) {
+                return Some(c);
+            }
+        } else if self.total > 0 {
+            let x = if self.sticky {
+                fnv1a(sticky_key.as_bytes()) % self.total
+            } else {
+                rng.below(self.total as usize) as u64
+            };
+            return self.split.iter().find(|(_, cum)| x < *cum).map(|(c, _)| *c);
+        }
+        self.default
+    }
+}
+
+/// FNV-1a: stable across workers, processes and restarts (sticky splits).
+fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// Why no backend was picked.
@@ -638,6 +741,45 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(pick(&s, &q, 0, "sql-lora", 0, &rr, &rng).unwrap(), 1);
         }
+    }
+
+    #[test]
+    fn model_pools_split_pin_and_stick() {
+        let m: crate::config::ModelConfig = toml::from_str(
+            "name = \"llama\"\nversions = [\"1.0\", \"2.0\"]\ncluster = \"stable\"\nversion_clusters = { \"2.0\" = \"canary\" }\n\
+             split = [{ cluster = \"stable\", weight = 90 }, { cluster = \"canary\", weight = 10 }]\n",
+        )
+        .unwrap();
+        let idx = |c: &str| match c {
+            "stable" => Some(0),
+            "canary" => Some(1),
+            _ => None,
+        };
+        let p = ModelPools::new(&m, idx);
+        let rng = Rng::new(42);
+        assert_eq!(
+            p.cluster("2.0", true, "", &rng),
+            Some(1),
+            "pinned to 2.0's pool"
+        );
+        assert_eq!(
+            p.cluster("1.0", true, "", &rng),
+            Some(0),
+            "pinned, no version pool: the model's"
+        );
+        let canary = (0..10_000)
+            .filter(|_| p.cluster("2.0", false, "", &rng) == Some(1))
+            .count();
+        assert!((800..1200).contains(&canary), "10 % ± 2: {canary}");
+        let sticky = ModelPools { sticky: true, ..p };
+        let first = sticky.cluster("2.0", false, "alice", &rng);
+        for _ in 0..100 {
+            assert_eq!(sticky.cluster("2.0", false, "alice", &rng), first);
+        }
+        let spread: std::collections::HashSet<_> = (0..200)
+            .map(|i| sticky.cluster("2.0", false, &format!("user-{i}"), &rng))
+            .collect();
+        assert_eq!(spread.len(), 2, "principals land on both sides");
     }
 
     #[test]

@@ -319,6 +319,7 @@ pub fn check_parsed<'c>(
                 )
             })?;
             kserve::check_infer(v)?;
+            facts.pinned = version.is_some();
             Some(r)
         }
         JsonKind::Schema => None,
@@ -619,7 +620,10 @@ pub async fn admit(
                     admitted: Admitted::Stream,
                     continue_sent: false,
                     model: Some((r.0.name.clone(), r.1.to_string())),
-                    facts: Default::default(),
+                    facts: openai::Facts {
+                        pinned: version.is_some(),
+                        ..Default::default()
+                    },
                 });
             }
             _ => None,

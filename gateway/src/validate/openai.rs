@@ -165,6 +165,7 @@ pub fn check<'c>(
             max_tokens: max_out,
             prompt_tokens,
             stream,
+            pinned: version_header.is_some() || model.contains('@'),
         },
     ))
 }
@@ -178,6 +179,9 @@ pub struct Facts {
     /// Prompt size, estimated at 4 bytes a token (token ids count one each).
     pub prompt_tokens: u64,
     pub stream: bool,
+    /// The request names its version (`x-model-version`, `model@1.2`, a
+    /// KServe `/versions/` path): no traffic split applies to it.
+    pub pinned: bool,
 }
 
 fn range(v: Option<&Value<'_>>, key: &str, (lo, hi): (f64, f64)) -> Result<(), Rejection> {
@@ -561,9 +565,17 @@ mod tests {
             Facts {
                 max_tokens: Some(7),
                 prompt_tokens: 2,
-                stream: true
+                stream: true,
+                pinned: false,
             }
         );
+        // Naming a version (suffix or header) pins it: no traffic split.
+        let mut b = br#"{"model":"llama@1","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+        let v = simd_json::to_borrowed_value(&mut b).unwrap();
+        assert!(check(Endpoint::Chat, &v, &c, None).unwrap().2.pinned);
+        let mut b = br#"{"model":"llama","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+        let v = simd_json::to_borrowed_value(&mut b).unwrap();
+        assert!(check(Endpoint::Chat, &v, &c, Some("1")).unwrap().2.pinned);
     }
 
     #[test]
