@@ -447,6 +447,33 @@ pub struct ModelConfig {
     /// anonymous): a client stays on one side of an A/B test.
     #[serde(default)]
     pub sticky: bool,
+    /// Mirror a fraction of this model's requests to another pool; its
+    /// answers are discarded, their status and latency recorded.
+    #[serde(default)]
+    pub shadow: Option<ShadowTarget>,
+}
+
+/// `[models.shadow]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowTarget {
+    pub cluster: String,
+    /// 0..1 of the model's requests (those whose body was read whole).
+    pub fraction: f64,
+    /// Mirrored requests in flight at once, per worker; more are skipped.
+    #[serde(default = "default_shadow_max_inflight")]
+    pub max_inflight: usize,
+    /// A mirrored exchange is abandoned after this long.
+    #[serde(default = "default_shadow_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_shadow_max_inflight() -> usize {
+    32
+}
+
+fn default_shadow_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// One side of a model's traffic split.
@@ -1128,6 +1155,23 @@ impl Config {
                     err(
                         format!("models[{i}].split[{j}].cluster"),
                         format!("no cluster `{}`", t.cluster),
+                    );
+                }
+            }
+            if let Some(sh) = &m.shadow {
+                if !self.clusters.contains_key(&sh.cluster) {
+                    err(
+                        format!("models[{i}].shadow.cluster"),
+                        format!("no cluster `{}`", sh.cluster),
+                    );
+                }
+                if !(sh.fraction > 0.0 && sh.fraction <= 1.0)
+                    || sh.max_inflight == 0
+                    || sh.timeout.is_zero()
+                {
+                    err(
+                        format!("models[{i}].shadow"),
+                        "fraction is in (0, 1], max_inflight and timeout above 0".into(),
                     );
                 }
             }

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
     pub balance_split: IntCounterVec,
+    pub shadow: IntCounterVec,
+    pub shadow_duration: HistogramVec,
     pub balance_ejections: IntCounterVec,
     pub balance_scrapes: IntCounterVec,
     pub backend_inflight: IntGaugeVec,
@@ -269,6 +271,23 @@ impl Metrics {
             balance_shed: reg(
                 &r,
                 IntCounterVec::new(Opts::new("gateway_balance_shed_total", "Requests refused with 503 because every backend of the cluster was saturated"), &["cluster"]).unwrap(),
+            ),
+            shadow: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_shadow_requests_total", "Mirrored (shadow) requests, by model, shadow cluster and result (the status, or timeout, connect_error, skipped_busy, ...)"),
+                    &["model", "cluster", "result"],
+                )
+                .unwrap(),
+            ),
+            shadow_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("gateway_shadow_duration_seconds", "Latency of mirrored requests (their answers are discarded)")
+                        .buckets(exponential_buckets(0.0005, 2.0, 22).expect("valid buckets")),
+                    &["cluster"],
+                )
+                .unwrap(),
             ),
             balance_split: reg(
                 &r,

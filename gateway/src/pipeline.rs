@@ -391,6 +391,25 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             model: verdict.model.as_ref().map_or("", |(m, _)| m.as_str()),
             size: verdict.facts.max_tokens.unwrap_or(0),
         };
+        // Shadow traffic: a copy of this request to the model's shadow pool,
+        // answered by nobody.
+        if let Some((m, (cluster, millionths, max_inflight, timeout))) = verdict
+            .model
+            .as_ref()
+            .and_then(|(m, _)| Some((m, cur.shared.model_pools.get(m)?.shadow?)))
+        {
+            if w.rng.below(1_000_000) < millionths as usize {
+                if w.shadows.get() >= max_inflight {
+                    cur.shared
+                        .metrics
+                        .shadow
+                        .with_label_values(&[m, &cur.shared.clusters[cluster].name, "skipped_busy"])
+                        .inc();
+                } else {
+                    upstream::spawn_shadow(&w, &cur, &req, cluster, m, timeout);
+                }
+            }
+        }
         let x = upstream::forward(&mut client, &req, &w, &cur, &mut out, &mut resp_head).await;
         if let (Some(a), Some(actual), Some(p)) = (
             &admission,

@@ -280,6 +280,8 @@ pub struct Worker {
     pub token_cache: RefCell<crate::authn::TokenCache>,
     /// The balance stage's random choices (power of two choices, ties).
     pub rng: crate::balance::Rng,
+    /// Shadow (mirrored) requests in flight on this worker.
+    pub shadows: Rc<Cell<usize>>,
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
     pub metrics_registry: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
@@ -306,6 +308,7 @@ impl Worker {
             json_scratch: RefCell::new(crate::validate::Scratch::default()),
             token_cache: RefCell::new(token_cache),
             rng: crate::balance::Rng::new(random_u64()),
+            shadows: Rc::new(Cell::new(0)),
             metrics_registry,
             shutdown,
         }

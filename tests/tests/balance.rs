@@ -603,3 +603,91 @@ fn an_operator_drains_a_backend_and_brings_it_back() {
     assert!(a.served() > before, "back in rotation");
     assert!(g.log_shows("backend drained (admin API)"));
 }
+
+/// Answers every request with 500 after `delay`, then closes; records bodies.
+fn slow_failing_server(delay: Duration) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                s.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                std::thread::sleep(delay);
+                let mut w = c;
+                let _ = w.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\nconnection: close\r\n\r\noops");
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn shadow_traffic_is_recorded_and_never_touches_the_client_answer() {
+    let primary = Fake::start("");
+    let (shadow, seen) = slow_failing_server(Duration::from_millis(400));
+    let body = cluster("primary", &[primary.addr], "")
+        + &cluster("shadow", &[shadow], "")
+        + "[[models]]\nname = \"llama\"\ncluster = \"primary\"\nshadow = { cluster = \"shadow\", fraction = 1.0 }\n\
+           [[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"primary\"\n";
+    let g = start(&body);
+    let t = Instant::now();
+    for _ in 0..10 {
+        let r = chat(&g, "llama", 5);
+        assert_eq!(r.status, 200, "the client gets the primary's answer");
+        assert!(r.text().contains("\"ok\":true"));
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "ten answers never waited on the 400 ms shadow: {:?}",
+        t.elapsed()
+    );
+    g.wait_metric(
+        &[
+            "gateway_shadow_requests_total",
+            "cluster=\"shadow\"",
+            "model=\"llama\"",
+            "result=\"500\"",
+        ],
+        10.0,
+    );
+    assert_eq!(
+        g.metric(&["gateway_shadow_requests_total", "result=\"500\""]),
+        10.0
+    );
+    let copies = seen.lock().unwrap().clone();
+    assert_eq!(copies.len(), 10);
+    assert!(
+        copies.iter().all(|b| b.contains("\"model\":\"llama\"")),
+        "{copies:?}"
+    );
+    assert_eq!(primary.served(), 10);
+    assert!(
+        g.metric(&[
+            "gateway_shadow_duration_seconds_count",
+            "cluster=\"shadow\""
+        ]) >= 10.0
+    );
+}

@@ -341,6 +341,8 @@ pub struct ModelPools {
     pub split: Vec<(usize, u64)>,
     pub total: u64,
     pub sticky: bool,
+    /// Mirror: (cluster, fraction in millionths, max in flight per worker, timeout).
+    pub shadow: Option<(usize, u32, usize, Duration)>,
 }
 
 impl ModelPools {
@@ -368,6 +370,14 @@ impl ModelPools {
             split,
             total: cum,
             sticky: m.sticky,
+            shadow: m.shadow.as_ref().and_then(|sh| {
+                Some((
+                    index(&sh.cluster)?,
+                    (sh.fraction * 1e6) as u32,
+                    sh.max_inflight,
+                    sh.timeout,
+                ))
+            }),
         }
     }
 
