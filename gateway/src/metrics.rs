@@ -58,6 +58,7 @@ pub struct Metrics {
     pub ratelimit_redis_errors: IntCounterVec,
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
     pub balance_split: IntCounterVec,
     pub shadow: IntCounterVec,
     pub shadow_duration: HistogramVec,
@@ -272,6 +273,14 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(Opts::new("gateway_balance_shed_total", "Requests refused with 503 because every backend of the cluster was saturated"), &["cluster"]).unwrap(),
             ),
+            upstream_retries: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("gateway_upstream_retries_total", "Idempotent requests re-sent to another backend after one closed or reset before answering (within the retry budget)"),
+                    &["cluster"],
+                )
+                .unwrap(),
+            ),
             shadow: reg(
                 &r,
                 IntCounterVec::new(
@@ -359,6 +368,7 @@ pub struct WorkerMetrics {
     pub authz: RefCell<LocalIntCounterVec>,
     pub ratelimit: RefCell<LocalIntCounterVec>,
     pub balance_shed: RefCell<LocalIntCounterVec>,
+    pub upstream_retries: RefCell<LocalIntCounterVec>,
     pub balance_split: RefCell<LocalIntCounterVec>,
     pub balance_ejections: RefCell<LocalIntCounterVec>,
     pub connections_accepted: LocalIntCounter,
@@ -384,6 +394,7 @@ impl WorkerMetrics {
             ratelimit: RefCell::new(m.ratelimit.local()),
             balance_shed: RefCell::new(m.balance_shed.local()),
             balance_split: RefCell::new(m.balance_split.local()),
+            upstream_retries: RefCell::new(m.upstream_retries.local()),
             balance_ejections: RefCell::new(m.balance_ejections.local()),
             connections_accepted: m.connections_accepted.local(),
             active_connections: m.active_connections.with_label_values(&[&w]),
@@ -418,6 +429,7 @@ impl WorkerMetrics {
         self.ratelimit.borrow().flush();
         self.balance_shed.borrow().flush();
         self.balance_split.borrow().flush();
+        self.upstream_retries.borrow().flush();
         self.balance_ejections.borrow().flush();
         self.connections_accepted.flush();
     }

@@ -189,8 +189,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                 let keep = head.keep_alive
                     && (refused.body_read || head.body_kind() == codec::BodyKind::Empty)
                     && !w.draining.get();
-                out.clear();
-                ErrorBody {
+                let body = ErrorBody {
                     status: r.status,
                     error_type: validation_type(r.status),
                     message: &r.message,
@@ -198,15 +197,17 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                     param: r.pointer.as_deref(),
                     retry_after: None,
                     headers: "",
-                }
-                .write(&rid, !keep, &mut out);
-                if head.is_head {
-                    truncate_to_head(&mut out);
-                }
-                let (_, o) = client
-                    .write_all(std::mem::take(&mut out), cur.shared.timeouts.send)
-                    .await;
-                out = o;
+                };
+                respond_body(
+                    &mut client,
+                    &cur,
+                    &body,
+                    &rid,
+                    !keep,
+                    head.is_head,
+                    &mut out,
+                )
+                .await;
                 if !keep {
                     linger = true;
                     break;
@@ -280,8 +281,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                     &[&route.name, status_label(r.status())],
                     1,
                 );
-                out.clear();
-                ErrorBody {
+                let body = ErrorBody {
                     status: r.status(),
                     error_type: if r.status() == 429 {
                         "rate_limit_exceeded"
@@ -293,15 +293,17 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
                     param: None,
                     retry_after: Some(r.retry_after_s),
                     headers: &rl_headers,
-                }
-                .write(&rid, close, &mut out);
-                if head.is_head {
-                    truncate_to_head(&mut out);
-                }
-                let (_, o) = client
-                    .write_all(std::mem::take(&mut out), cur.shared.timeouts.send)
-                    .await;
-                out = o;
+                };
+                respond_body(
+                    &mut client,
+                    &cur,
+                    &body,
+                    &rid,
+                    close,
+                    head.is_head,
+                    &mut out,
+                )
+                .await;
                 if close {
                     linger = true;
                     break;
@@ -550,6 +552,27 @@ async fn respond_error(
 ) {
     out.clear();
     e.to_response(rid, close, out);
+    send_answer(client, cur, head_only, out).await;
+}
+
+/// Answer with a gateway-made error body (head only for HEAD requests).
+async fn respond_body(
+    client: &mut Conn,
+    cur: &Current,
+    body: &ErrorBody<'_>,
+    rid: &str,
+    close: bool,
+    head_only: bool,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    body.write(rid, close, out);
+    send_answer(client, cur, head_only, out).await;
+}
+
+/// Write the gateway's own answer in `out` (only its head for HEAD requests:
+/// a body there would be read as the next response).
+async fn send_answer(client: &mut Conn, cur: &Current, head_only: bool, out: &mut Vec<u8>) {
     if head_only {
         truncate_to_head(out);
     }

@@ -33,6 +33,8 @@ pub struct Cluster {
     pub balance: crate::balance::BalanceSettings,
     /// Each backend's load and health (process-wide, by index).
     pub loads: Vec<std::sync::Arc<crate::balance::BackendLoad>>,
+    /// Retries of idempotent requests left to spend (process-wide).
+    pub retry_budget: std::sync::Arc<crate::balance::RetryBudget>,
     /// Open connections per backend per worker (in use + idle).
     pub max_connections: usize,
     pub pool_max_idle: usize,
@@ -206,6 +208,7 @@ async fn checkout(
     req: &Request<'_>,
     allow_pooled: bool,
     deadline: Option<Instant>,
+    exclude: u64,
 ) -> Result<UpConn, UpstreamError> {
     let route = req.route;
     let ci = req.cluster;
@@ -217,7 +220,7 @@ async fn checkout(
     let released = cur.pool.borrow().released.clone();
     loop {
         let mut last = UpstreamError::Saturated;
-        let mut tried = 0u64;
+        let mut tried = exclude;
         loop {
             let b = match crate::balance::pick(
                 &cl.balance,
@@ -499,12 +502,17 @@ async fn exchange(
     let timeouts = &cur.shared.timeouts;
     let mut sent_continue = req.continue_sent;
     let mut retried = false;
+    // Backends that closed or reset on this request (not tried again).
+    let mut failed_on = 0u64;
+    cur.shared.clusters[req.cluster]
+        .retry_budget
+        .deposit(&cur.shared.clusters[req.cluster].balance);
     let mut upload_cut = false;
 
     let (mut up, sent_at) = 'attempt: loop {
         // A stale pooled connection is retried once, on a fresh one, only when
         // nothing of the request body has been consumed.
-        let mut up = checkout(w, cur, req, !retried, deadline).await?;
+        let mut up = checkout(w, cur, req, !retried, deadline, failed_on).await?;
         x.backend = Some(up.addr);
         let load = cur.shared.clusters[up.cluster].loads[up.backend].clone();
         let n = load
@@ -645,6 +653,28 @@ async fn exchange(
                         && head.idempotent =>
                 {
                     retried = true;
+                    continue 'attempt;
+                }
+                // A fresh connection closed or reset before any answer: an
+                // idempotent request with nothing left to stream goes to
+                // another backend, within the cluster's retry budget.
+                Ok(0) | Err(ReadError::Io(_))
+                    if failed_on.count_ones() < 2
+                        && (failed_on | 1u64.checked_shl(up.backend as u32).unwrap_or(0))
+                            .count_ones()
+                            < cur.shared.clusters[up.cluster].backends.len() as u32
+                        && body == BodyKind::Empty
+                        && up.conn.pending().is_empty()
+                        && head.idempotent
+                        && cur.shared.clusters[up.cluster].retry_budget.try_take() =>
+                {
+                    let cl = &cur.shared.clusters[up.cluster];
+                    note_outcome(w, cl, up.backend, false);
+                    w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
+                    tracing::warn!(cluster = %cl.name, backend = %up.addr, "backend closed without answering; retrying on another backend");
+                    if up.backend < 64 {
+                        failed_on |= 1 << up.backend;
+                    }
                     continue 'attempt;
                 }
                 Ok(0) => return Err(UpstreamError::Closed.into()),

@@ -119,6 +119,7 @@ impl Shared {
                     backend_names: r.clusters[n].iter().map(|a| a.to_string()).collect(),
                     balance: c.balance.clone(),
                     loads: r.clusters[n].iter().map(|a| loads.get(n, *a)).collect(),
+                    retry_budget: loads.budget(n, &c.balance),
                     pool_max_idle: c.pool_max_idle,
                     max_connections: c.max_connections,
                     pool_idle_timeout: c.pool_idle_timeout,

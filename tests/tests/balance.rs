@@ -691,3 +691,84 @@ fn shadow_traffic_is_recorded_and_never_touches_the_client_answer() {
         ]) >= 10.0
     );
 }
+
+/// Reads each request, then closes without answering; counts them.
+fn hangup_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(c);
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    if line == "\r\n" {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[test]
+fn idempotent_requests_retry_on_another_backend_within_the_budget() {
+    let good = Fake::start("");
+    let (bad, hits) = hangup_server();
+    let body = |budget: &str| {
+        cluster(
+            "p",
+            &[bad, good.addr],
+            &format!("algorithm = \"round_robin\"\neject_after = 0\n{budget}"),
+        ) + &route_all("p")
+    };
+    let g = start(&body(""));
+    for _ in 0..12 {
+        assert_eq!(
+            get(&g).status,
+            200,
+            "a GET that met the hang-up went to the other backend"
+        );
+    }
+    let tried_bad = hits.load(Ordering::SeqCst);
+    assert!(
+        tried_bad >= 4,
+        "round robin sent some to the bad backend first: {tried_bad}"
+    );
+    assert_eq!(
+        g.wait_metric(
+            &["gateway_upstream_retries_total", "cluster=\"p\""],
+            tried_bad as f64
+        ),
+        tried_bad as f64
+    );
+    // A POST is not repeated: the client hears of the failure.
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| {
+            request(
+                g.addr,
+                b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\nhi",
+            )
+            .status
+        })
+        .collect();
+    assert!(
+        statuses.contains(&502) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+
+    // No budget, no reserve: no retries.
+    let g = start(&body("retry_budget = 0.0\nretry_reserve = 0"));
+    let statuses: Vec<u16> = (0..8).map(|_| get(&g).status).collect();
+    assert!(statuses.contains(&502), "{statuses:?}");
+    assert_eq!(
+        g.metric(&["gateway_upstream_retries_total", "cluster=\"p\""]),
+        0.0
+    );
+}

@@ -467,40 +467,13 @@ fn bench(args: &[String]) -> Result {
     if args.first().map(String::as_str) == Some("xdp") {
         return bench_xdp(&args[1..]);
     }
-    if args.first().map(String::as_str) == Some("routing") {
-        build_gateway()?;
-        run_step(&mut cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "gateway-benches",
-            "--bin",
-            "routebench",
-        ]))?;
-        let target = target_dir();
-        let mut cmd = Command::new(target.join("release/routebench"));
-        cmd.args(&args[1..])
-            .env("GATEWAY_BIN", target.join("release/gateway"))
-            .current_dir(workspace_root());
-        return run_step(&mut cmd);
-    }
-    if args.first().map(String::as_str) == Some("tls") {
-        build_gateway()?;
-        run_step(&mut cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "gateway-benches",
-            "--bin",
-            "tlsbench",
-        ]))?;
-        let target = target_dir();
-        let mut cmd = Command::new(target.join("release/tlsbench"));
-        cmd.args(&args[1..])
-            .args(["--out", &target.join("bench").display().to_string()])
-            .env("GATEWAY_BIN", target.join("release/gateway"))
-            .current_dir(workspace_root());
-        return run_step(&mut cmd);
+    match args.first().map(String::as_str) {
+        Some("routing") => return bench_bin("routebench", &args[1..], &[]),
+        Some("tls") => {
+            let out = target_dir().join("bench").display().to_string();
+            return bench_bin("tlsbench", &args[1..], &["--out", &out]);
+        }
+        _ => {}
     }
     build_gateway()?;
     let mut cmd = cargo(&[
@@ -532,6 +505,27 @@ fn bench(args: &[String]) -> Result {
 
 /// `bench xdp`: SYN flood dropped by XDP vs nftables vs the userspace
 /// fallback, in network namespaces (root). See benches/src/bin/xdpbench.rs.
+/// Build the gateway and the bench binary `name`, then run it with `args`
+/// and `extra` (it finds the gateway through `GATEWAY_BIN`).
+fn bench_bin(name: &str, args: &[String], extra: &[&str]) -> Result {
+    build_gateway()?;
+    run_step(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway-benches",
+        "--bin",
+        name,
+    ]))?;
+    let target = target_dir();
+    let mut cmd = Command::new(target.join("release").join(name));
+    cmd.args(args)
+        .args(extra)
+        .env("GATEWAY_BIN", target.join("release/gateway"))
+        .current_dir(workspace_root());
+    run_step(&mut cmd)
+}
+
 fn bench_xdp(args: &[String]) -> Result {
     if !is_root() {
         return Err(

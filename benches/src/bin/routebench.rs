@@ -356,13 +356,14 @@ fn main() -> ExitCode {
             let row = json!({
                 "load": load, "policy": p, "requests": out.len(), "ok": ok.len(),
                 "errors": out.len() - ok.len(),
+                // Completed ÷ time from the first arrival to the last answer.
                 "throughput_rps": ok.len() as f64 / elapsed,
                 "p50_s": pct(lat.clone(), 0.5), "p99_s": pct(lat.clone(), 0.99), "mean_s": lat.iter().sum::<f64>() / lat.len().max(1) as f64,
                 "ttft_p50_s": pct(ttft.clone(), 0.5), "ttft_p99_s": pct(ttft, 0.99),
                 "per_backend": share,
             });
             println!(
-                "  {:<14} p50 {:>6.2} s  p99 {:>6.2} s  TTFT p50 {:>6.3} s p99 {:>6.3} s  {:>5.2} req/s  errors {}  per backend {:?}",
+                "  {:<14} p50 {:>6.2} s  p99 {:>6.2} s  TTFT p50 {:>6.3} s p99 {:>6.3} s  {:>5.2} req/s  errors {}  per backend {}",
                 p,
                 row["p50_s"].as_f64().unwrap_or(f64::NAN),
                 row["p99_s"].as_f64().unwrap_or(f64::NAN),

@@ -98,6 +98,11 @@ pub struct BalanceSettings {
     /// A new (or re-admitted) backend's share ramps up over this long.
     #[serde(deserialize_with = "crate::config::duration")]
     pub warmup: Duration,
+    /// Retries (an idempotent request whose backend closed or reset before
+    /// answering, sent to another backend) as a fraction of requests...
+    pub retry_budget: f64,
+    /// ...plus this many always available when traffic is low.
+    pub retry_reserve: u32,
 }
 
 impl Default for BalanceSettings {
@@ -116,6 +121,8 @@ impl Default for BalanceSettings {
             ejection: Duration::from_secs(5),
             max_ejection: Duration::from_secs(120),
             warmup: Duration::from_secs(10),
+            retry_budget: 0.2,
+            retry_reserve: 10,
         }
     }
 }
@@ -284,13 +291,63 @@ fn ewma(cell: &AtomicU64, sample: u64) {
     });
 }
 
-/// Every backend's load, by (cluster, address): outlives config generations.
+/// A cluster's retry budget (process-wide): each request deposits
+/// `retry_budget` of a retry, up to `retry_reserve` + what was deposited;
+/// a retry takes one whole. Kept in thousandths.
+#[derive(Debug)]
+pub struct RetryBudget {
+    milli: std::sync::atomic::AtomicI64,
+}
+
+impl RetryBudget {
+    fn new(reserve: u32) -> RetryBudget {
+        RetryBudget {
+            milli: std::sync::atomic::AtomicI64::new(i64::from(reserve) * 1000),
+        }
+    }
+
+    /// One request's share; the balance is capped at `reserve` + 100 retries' worth.
+    pub fn deposit(&self, s: &BalanceSettings) {
+        let add = (s.retry_budget.clamp(0.0, 1.0) * 1000.0) as i64;
+        if add == 0 {
+            return;
+        }
+        let cap = (i64::from(s.retry_reserve) + 100) * 1000;
+        let _ = self
+            .milli
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                Some((v + add).min(cap))
+            });
+    }
+
+    /// Take one retry, if the budget has it.
+    pub fn try_take(&self) -> bool {
+        self.milli
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                (v >= 1000).then_some(v - 1000)
+            })
+            .is_ok()
+    }
+}
+
+/// Every backend's load, by (cluster, address), and each cluster's retry
+/// budget: outlives config generations.
 #[derive(Default)]
 pub struct Registry {
     map: Mutex<HashMap<(String, SocketAddr), Arc<BackendLoad>>>,
+    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
 }
 
 impl Registry {
+    pub fn budget(&self, cluster: &str, s: &BalanceSettings) -> Arc<RetryBudget> {
+        self.budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cluster.to_string())
+            .or_insert_with(|| Arc::new(RetryBudget::new(s.retry_reserve)))
+            .clone()
+    }
+
     pub fn get(&self, cluster: &str, addr: SocketAddr) -> Arc<BackendLoad> {
         self.map
             .lock()
@@ -790,6 +847,32 @@ mod tests {
             .map(|i| sticky.cluster("2.0", false, &format!("user-{i}"), &rng))
             .collect();
         assert_eq!(spread.len(), 2, "principals land on both sides");
+    }
+
+    #[test]
+    fn retry_budget_is_a_fraction_of_requests_plus_a_reserve() {
+        let s = BalanceSettings {
+            retry_budget: 0.25,
+            retry_reserve: 2,
+            ..Default::default()
+        };
+        let b = RetryBudget::new(s.retry_reserve);
+        assert!(b.try_take() && b.try_take(), "the reserve");
+        assert!(!b.try_take());
+        for _ in 0..3 {
+            b.deposit(&s);
+        }
+        assert!(!b.try_take(), "0.75 of a retry");
+        b.deposit(&s);
+        assert!(b.try_take(), "four requests bought one retry");
+        let none = BalanceSettings {
+            retry_budget: 0.0,
+            retry_reserve: 0,
+            ..Default::default()
+        };
+        let b = RetryBudget::new(0);
+        b.deposit(&none);
+        assert!(!b.try_take());
     }
 
     #[test]
