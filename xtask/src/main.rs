@@ -503,12 +503,21 @@ fn bench(args: &[String]) -> Result {
     }
 }
 
-/// `bench xdp`: SYN flood dropped by XDP vs nftables vs the userspace
-/// fallback, in network namespaces (root). See benches/src/bin/xdpbench.rs.
 /// Build the gateway and the bench binary `name`, then run it with `args`
 /// and `extra` (it finds the gateway through `GATEWAY_BIN`).
 fn bench_bin(name: &str, args: &[String], extra: &[&str]) -> Result {
     build_gateway()?;
+    let target = target_dir();
+    let mut cmd = Command::new(build_bench_bin(name)?);
+    cmd.args(args)
+        .args(extra)
+        .env("GATEWAY_BIN", target.join("release/gateway"))
+        .current_dir(workspace_root());
+    run_step(&mut cmd)
+}
+
+/// `cargo build --release` one binary of gateway-benches; its path.
+fn build_bench_bin(name: &str) -> Result<PathBuf> {
     run_step(&mut cargo(&[
         "build",
         "--release",
@@ -517,15 +526,11 @@ fn bench_bin(name: &str, args: &[String], extra: &[&str]) -> Result {
         "--bin",
         name,
     ]))?;
-    let target = target_dir();
-    let mut cmd = Command::new(target.join("release").join(name));
-    cmd.args(args)
-        .args(extra)
-        .env("GATEWAY_BIN", target.join("release/gateway"))
-        .current_dir(workspace_root());
-    run_step(&mut cmd)
+    Ok(target_dir().join("release").join(name))
 }
 
+/// `bench xdp`: SYN flood dropped by XDP vs nftables vs the userspace
+/// fallback, in network namespaces (root). See benches/src/bin/xdpbench.rs.
 fn bench_xdp(args: &[String]) -> Result {
     if !is_root() {
         return Err(
@@ -533,16 +538,8 @@ fn bench_xdp(args: &[String]) -> Result {
         );
     }
     build_release_binaries()?;
-    run_step(&mut cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "gateway-benches",
-        "--bin",
-        "xdpbench",
-    ]))?;
     let target = target_dir();
-    let mut cmd = Command::new(target.join("release/xdpbench"));
+    let mut cmd = Command::new(build_bench_bin("xdpbench")?);
     cmd.arg("run")
         .args(args)
         .args(["--out", &target.join("bench").display().to_string()])
