@@ -1106,10 +1106,16 @@ impl Config {
                     "must be at least metrics_interval, or every scrape is stale on arrival".into(),
                 );
             }
-            if !(0.0..=1.0).contains(&b.kv_saturation) || b.queue_saturation == 0 {
+            if !(b.kv_saturation > 0.0 && b.kv_saturation <= 1.0) || b.queue_saturation == 0 {
                 err(
                     format!("{key}.balance"),
-                    "kv_saturation is a fraction 0..1 and queue_saturation at least 1".into(),
+                    "kv_saturation is a fraction in (0, 1] (1 = never saturated by the KV cache) and queue_saturation at least 1".into(),
+                );
+            }
+            if !(0.0..=1.0).contains(&b.retry_budget) {
+                err(
+                    format!("{key}.balance.retry_budget"),
+                    "a fraction of requests, 0 to 1".into(),
                 );
             }
             if b.ejection > b.max_ejection

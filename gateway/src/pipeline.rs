@@ -423,6 +423,13 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             cur.shared.limiter.correct(a, actual);
             cur.route_counters[route.index].tokens_actual.inc_by(actual);
         }
+        if let (Some(a), 0) = (&admission, x.status) {
+            // Nothing reached a backend (none reachable, all saturated): the
+            // request's cost and quota count go back.
+            if x.backend.is_none() || matches!(x.error, Some(ProxyError::Upstream(_))) {
+                cur.shared.limiter.refund_unserved(a);
+            }
+        }
         // Concurrency slots go back now that the response is over.
         drop(admission);
         if !x.head_consumed {

@@ -221,7 +221,9 @@ async fn checkout(
     loop {
         let mut last = UpstreamError::Saturated;
         let mut tried = exclude;
-        loop {
+        // At most one pick per backend per pass (indexes past 64 have no
+        // bit in `tried`: this bounds the pass all the same).
+        for _ in 0..cl.backends.len() {
             let b = match crate::balance::pick(
                 &cl.balance,
                 &cl.loads,
@@ -285,9 +287,6 @@ async fn checkout(
                     note_outcome(w, cl, b, false);
                     last = e;
                 }
-            }
-            if b >= 64 && tried == u64::MAX {
-                break;
             }
         }
         if last != UpstreamError::Saturated {
@@ -675,6 +674,8 @@ async fn exchange(
                     if up.backend < 64 {
                         failed_on |= 1 << up.backend;
                     }
+                    // Its failure is counted here, not again at the end.
+                    x.inflight = None;
                     continue 'attempt;
                 }
                 Ok(0) => return Err(UpstreamError::Closed.into()),

@@ -127,6 +127,9 @@ impl Default for BalanceSettings {
     }
 }
 
+/// The largest running batch taken as a server's batch size.
+const MAX_BATCH: u32 = 4096;
+
 /// Milliseconds on the process's monotonic clock.
 pub fn now_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -210,7 +213,10 @@ impl BackendLoad {
         }
         if let Some(r) = running {
             self.running.store(r, Ordering::Relaxed);
-            self.batch_seen.fetch_max(r, Ordering::Relaxed);
+            // A batch beyond any real server's is a bogus report, not a size.
+            if r <= MAX_BATCH {
+                self.batch_seen.fetch_max(r, Ordering::Relaxed);
+            }
         }
         if let Some(k) = kv {
             self.kv_permille
@@ -379,12 +385,13 @@ impl Registry {
         v
     }
 
-    /// Forget backends no longer in any cluster (after a reload).
+    /// Forget backends no longer in any cluster (after a reload) and no
+    /// longer held by any configuration generation.
     pub fn retain(&self, keep: &[(String, SocketAddr)]) {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| keep.contains(k));
+            .retain(|k, v| keep.contains(k) || Arc::strong_count(v) > 1);
     }
 }
 
@@ -516,14 +523,14 @@ pub fn pick(
 ) -> Result<usize, NoPick> {
     let now = now_ms();
     let untried = |i: usize| i >= 64 || tried & (1 << i) == 0;
-    // Ejected or failing active checks: out, unless nothing else is left
-    // (then everything untried is a candidate: better a chance than a 502).
-    let mut cand: Vec<usize> = (0..loads.len())
-        .filter(|&i| untried(i) && loads[i].available(now))
+    // Ejected, drained or failing active checks: out, unless no backend at
+    // all is available (then every untried one is a candidate: better a
+    // chance than a 502). Available ones that were tried (or are at their
+    // connection limit) don't let the unavailable ones in.
+    let any_available = loads.iter().any(|b| b.available(now));
+    let cand: Vec<usize> = (0..loads.len())
+        .filter(|&i| untried(i) && (!any_available || loads[i].available(now)))
         .collect();
-    if cand.is_empty() {
-        cand = (0..loads.len()).filter(|&i| untried(i)).collect();
-    }
     if cand.is_empty() {
         return Err(NoPick::Exhausted);
     }
@@ -648,7 +655,7 @@ fn gpu_aware(
             if waiting >= s.queue_saturation || kv >= s.kv_saturation {
                 continue;
             }
-            occ = occ.max(f64::from(waiting + running));
+            occ = occ.max(f64::from(waiting) + f64::from(running));
             if kv > 0.8 {
                 cost_mul *= 1.0 + (kv - 0.8) * 5.0;
             }
@@ -737,10 +744,19 @@ mod tests {
         for _ in 0..4 {
             assert_ne!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
         }
+        // The available ones tried already: an ejected one isn't tried instead.
+        assert_eq!(
+            pick(&s, &p, 0b101, "", 0, &rr, &rng),
+            Err(NoPick::Exhausted)
+        );
+        // Nothing available at all: every untried backend is a candidate.
+        for b in &p {
+            b.ejected_until.store(now_ms() + 60_000, Ordering::Relaxed);
+        }
         assert_eq!(
             pick(&s, &p, 0b101, "", 0, &rr, &rng).unwrap(),
             1,
-            "ejected, but the only one left"
+            "better a chance than a 502"
         );
         assert_eq!(
             pick(&s, &p, 0b111, "", 0, &rr, &rng),

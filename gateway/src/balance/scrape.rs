@@ -164,7 +164,7 @@ fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16,
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .and_then(|v| v.trim().parse::<usize>().ok());
-                want = Some(len.map_or(usize::MAX, |l| end + 4 + l));
+                want = Some(len.map_or(usize::MAX, |l| l.saturating_add(end + 4)));
             }
         }
     }

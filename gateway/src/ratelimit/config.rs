@@ -301,6 +301,12 @@ impl RateLimitSettings {
             errs.push(("ratelimit.max_keys".into(), "must be at least 1".into()));
         }
         let e = &self.escalation;
+        if e.max_good_principals > 8 {
+            errs.push((
+                "ratelimit.escalation.max_good_principals".into(),
+                "at most 8 (the distinct principals tracked per address)".into(),
+            ));
+        }
         if e.enabled && (e.refusals == 0 || e.window.is_zero() || e.block_ttl.is_zero()) {
             errs.push((
                 "ratelimit.escalation".into(),

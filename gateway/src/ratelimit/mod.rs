@@ -243,11 +243,14 @@ impl Policies {
         self.weigh(model, raw)
     }
 
+    /// Tokens × the model's weight, at most [`MAX_COST`] (a client's
+    /// `max_tokens` must not overflow a counter).
     pub fn weigh(&self, model: &str, tokens: u64) -> u64 {
-        match self.weights.get(model) {
+        let t = match self.weights.get(model) {
             Some(w) => (tokens as f64 * w).ceil() as u64,
             None => tokens,
-        }
+        };
+        t.min(MAX_COST)
     }
 
     fn level(&self, level: Level, s: &Subject<'_>) -> Option<&LevelPolicy> {
@@ -314,6 +317,10 @@ impl Subject<'_> {
     }
 }
 
+/// The largest cost one request is charged (2^40 tokens): sums of such
+/// charges stay far from u64 and i64 overflow.
+pub const MAX_COST: u64 = 1 << 40;
+
 /// Slots for the distinct well-behaved principals seen from one address.
 const GOOD_SLOTS: usize = 8;
 
@@ -368,6 +375,11 @@ impl std::ops::Deref for Held<'_> {
 }
 
 impl Held<'_> {
+    /// The bucket shared by keys beyond `max_keys`: never escalated on.
+    fn is_overflow(&self) -> bool {
+        matches!(self, Held::Own(_))
+    }
+
     /// A reference that outlives the decision (concurrency slots, cost correction).
     fn arc(&self) -> Arc<KeyState> {
         match self {
@@ -817,24 +829,34 @@ impl Limiter {
             if let Some(q) = a.quota.take() {
                 q.refund(1, s.tokens as i64);
             }
-            // `a` drops here: its concurrency slots are released.
-            if let Some(esc) = &p.escalation {
-                match &taken[Level::Ip as usize].0 {
-                    Some(ip) => self.note_refusal(esc, ip, s, now),
-                    None => self.note_refusal(esc, &self.key_state(Level::Ip, s), s, now),
+            // `a` drops here: its concurrency slots are released. Only the
+            // client's own pace counts toward escalation: not a fail-closed
+            // level while Redis is down, not a full concurrency slot.
+            let ip = taken[Level::Ip as usize].0.take();
+            drop(taken);
+            if let (Some(esc), true) = (
+                &p.escalation,
+                !matches!(r.limit, Limit::Unavailable | Limit::Concurrency),
+            ) {
+                // No other map's guard is held here (one lock order).
+                let ip = ip.unwrap_or_else(|| self.key_state(Level::Ip, s));
+                if !ip.is_overflow() {
+                    self.note_refusal(esc, &ip, s, now);
                 }
             }
             return Err(r);
         }
-        if let Some(esc) = &p.escalation {
-            match &taken[Level::Ip as usize].0 {
-                Some(ip) => self.note_good(esc, ip, s.principal, now),
-                None => self.note_good(esc, &self.key_state(Level::Ip, s), s.principal, now),
-            }
-        }
         for (level, (st, _, tok)) in LEVELS.iter().zip(&taken) {
             if let (Some(st), Some(g)) = (st, tok) {
                 a.charged[*level as usize] = Some((st.arc(), *g));
+            }
+        }
+        if let Some(esc) = &p.escalation {
+            let ip = taken[Level::Ip as usize].0.take();
+            drop(taken);
+            let ip = ip.unwrap_or_else(|| self.key_state(Level::Ip, s));
+            if !ip.is_overflow() {
+                self.note_good(esc, &ip, s.principal, now);
             }
         }
         a.shown = best.map(|b| b.1);
@@ -876,6 +898,15 @@ impl Limiter {
         }
         if let Some(q) = &a.quota {
             q.refund(0, -delta);
+        }
+    }
+
+    /// The request never reached a backend (no backend, shed, connect
+    /// failures): its cost and its quota count go back.
+    pub fn refund_unserved(&self, a: &Admission) {
+        self.correct(a, 0);
+        if let Some(q) = &a.quota {
+            q.refund(1, 0);
         }
     }
 
@@ -1126,6 +1157,11 @@ mod tests {
         let p = Policies::new(&s);
         assert_eq!(p.cost("m", 100, Some(200)), 600);
         assert_eq!(p.cost("other", 100, None), 356);
+        assert_eq!(
+            p.cost("m", 0, Some(u64::MAX)),
+            MAX_COST,
+            "a client can't overflow a counter"
+        );
         let l = Limiter::new(&s, None, None);
         let mut sub = subject("a", "");
         sub.tokens = 600;

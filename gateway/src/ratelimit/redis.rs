@@ -349,10 +349,12 @@ pub fn sync_once(limiter: &Limiter, s: &RedisSettings, c: &mut Conn) -> std::io:
     };
     let local_now = limiter.now();
     let mut quota_totals: Vec<(Arc<quota::QuotaState>, [u64; 4])> = Vec::new();
+    if reply.iter().any(|r| !matches!(r, Reply::Int(_))) {
+        restore(&items);
+        return Err(bad("script returned a non-integer"));
+    }
     for (it, r) in items.iter().zip(reply) {
-        let Reply::Int(v) = r else {
-            return Err(bad("script returned a non-integer"));
-        };
+        let Reply::Int(v) = r else { continue };
         match it {
             Item::Bucket { state, tokens, .. } => {
                 let (cell, since) = if *tokens {
@@ -363,7 +365,10 @@ pub fn sync_once(limiter: &Limiter, s: &RedisSettings, c: &mut Conn) -> std::io:
                 // The fleet's debt, plus what was taken here since the push.
                 let debt = (v.max(0) as u64).saturating_mul(1000);
                 let since = since.load(Ordering::Acquire).max(0) as u64;
-                cell.store(local_now + debt + since, Ordering::Release);
+                cell.store(
+                    local_now.saturating_add(debt).saturating_add(since),
+                    Ordering::Release,
+                );
             }
             Item::Quota { state, index, .. } => match quota_totals.last_mut() {
                 Some((s, t)) if Arc::ptr_eq(s, state) => t[*index] = v.max(0) as u64,

@@ -19,15 +19,20 @@ impl UsageScan {
             return;
         }
         if !self.tail.is_empty() {
-            let mut w = std::mem::take(&mut self.tail);
+            let mut w = self.tail.clone();
             w.extend_from_slice(&data[..data.len().min(TAIL)]);
             self.scan(&w);
-            w.clear();
-            self.tail = w;
         }
         self.scan(data);
-        let keep = data.len().min(TAIL);
-        self.tail.extend_from_slice(&data[data.len() - keep..]);
+        // The last TAIL bytes of everything so far (small pieces add up).
+        if data.len() >= TAIL {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - TAIL..]);
+        } else {
+            self.tail.extend_from_slice(data);
+            let extra = self.tail.len().saturating_sub(TAIL);
+            self.tail.drain(..extra);
+        }
     }
 
     fn scan(&mut self, buf: &[u8]) {
@@ -88,6 +93,17 @@ mod tests {
             u.feed(&body[split..]);
             assert_eq!(u.total(), Some(357), "split at {split}");
         }
+    }
+
+    #[test]
+    fn byte_by_byte() {
+        let body = br#"data: {"usage":{"prompt_tokens":12,"completion_tokens":345}}"#;
+        let mut u = UsageScan::default();
+        for b in body.iter() {
+            u.feed(std::slice::from_ref(b));
+        }
+        u.feed(b"\n\n");
+        assert_eq!(u.total(), Some(357));
     }
 
     #[test]
