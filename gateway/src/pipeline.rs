@@ -351,14 +351,11 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>
             .as_ref()
             .and_then(|(m, v)| {
                 let pools = cur.shared.model_pools.get(m)?;
-                let key = if pools.sticky {
-                    identity
-                        .as_deref()
-                        .map(|i| i.principal.clone())
-                        .filter(|p| !p.is_empty())
-                        .unwrap_or_else(|| peer.ip().to_string())
-                } else {
-                    String::new()
+                // Sticky by principal (no copy), else by address.
+                let key: std::borrow::Cow<'_, str> = match identity.as_deref() {
+                    _ if !pools.sticky => "".into(),
+                    Some(i) if !i.principal.is_empty() => i.principal.as_str().into(),
+                    _ => peer.ip().to_string().into(),
                 };
                 let c = pools.cluster(v, verdict.facts.pinned, &key, &w.rng)?;
                 if pools.total > 0 {

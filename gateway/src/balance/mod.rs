@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -130,10 +130,9 @@ impl Default for BalanceSettings {
 /// The largest running batch taken as a server's batch size.
 const MAX_BATCH: u32 = 4096;
 
-/// Milliseconds on the process's monotonic clock.
+/// Milliseconds on the monotonic clock (never 0: 0 means "never").
 pub fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    crate::xdp::monotonic_ns() / 1_000_000 + 1
 }
 
 /// One backend's load and health, shared by every worker (and kept across
@@ -319,6 +318,11 @@ impl RetryBudget {
             return;
         }
         let cap = (i64::from(s.retry_reserve) + 100) * 1000;
+        // Full (the usual state without failures): a read, no write to a
+        // line every worker shares.
+        if self.milli.load(Ordering::Relaxed) >= cap {
+            return;
+        }
         let _ = self
             .milli
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {

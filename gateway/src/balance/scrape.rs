@@ -3,9 +3,7 @@
 //! thread on each cluster's `metrics_interval`; active health checks on
 //! `health_interval`; and ORCA `endpoint-load-metrics` response headers.
 
-use std::io::{Read, Write};
-
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,59 +126,6 @@ pub fn parse_orca(value: &[u8]) -> Option<Sample> {
     (s.waiting.is_some() || s.running.is_some() || s.kv.is_some()).then_some(s)
 }
 
-/// One GET over a fresh connection: (status, body), bounded in time and size.
-fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\naccept: text/plain\r\n\r\n"
-    )?;
-    // Read to the end of the body (Content-Length), or to EOF: a server
-    // that keeps the connection open despite `connection: close` must not
-    // turn every scrape into a timeout.
-    let mut buf = Vec::with_capacity(8192);
-    let mut chunk = [0u8; 8192];
-    let mut want: Option<usize> = None;
-    loop {
-        if want.is_some_and(|w| buf.len() >= w) {
-            break;
-        }
-        let n = match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if want.is_none() || buf.is_empty() => return Err(e),
-            Err(_) => break,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > 1 << 20 {
-            return Err(std::io::Error::other("metrics page over 1 MiB"));
-        }
-        if want.is_none() {
-            if let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                let len = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                want = Some(len.map_or(usize::MAX, |l| l.saturating_add(end + 4)));
-            }
-        }
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no status line"))?;
-    let body = match text.find("\r\n\r\n") {
-        Some(i) => text[i + 4..].to_string(),
-        None => String::new(),
-    };
-    Ok((status, body))
-}
-
 /// What the scraper works on: each cluster's settings and backend loads,
 /// re-read every tick (a reload changes it).
 pub type Targets = Box<dyn Fn() -> Vec<(String, BalanceSettings, Vec<Arc<BackendLoad>>)> + Send>;
@@ -203,7 +148,7 @@ pub fn spawn(targets: Targets, metrics: Arc<crate::metrics::Metrics>) -> std::io
                         {
                             next.insert((b.addr, true), now + s.metrics_interval);
                             let timeout = s.metrics_interval.clamp(Duration::from_millis(20), Duration::from_secs(1));
-                            let result = match get(b.addr, &s.metrics_path, timeout) {
+                            let result = match crate::fetch::get_addr(b.addr, &s.metrics_path, timeout) {
                                 Ok((200, body)) => {
                                     let smp = parse(s.engine, &body);
                                     if smp.waiting.is_none() && smp.running.is_none() && smp.kv.is_none() {
@@ -228,7 +173,10 @@ pub fn spawn(targets: Targets, metrics: Arc<crate::metrics::Metrics>) -> std::io
                             && next.get(&(b.addr, false)).is_none_or(|t| now >= *t)
                         {
                             next.insert((b.addr, false), now + s.health_interval);
-                            let ok = matches!(get(b.addr, &s.health_path, Duration::from_secs(1)), Ok((200..=299, _)));
+                            let ok = matches!(
+                                crate::fetch::get_addr(b.addr, &s.health_path, Duration::from_secs(1)),
+                                Ok((200..=299, _))
+                            );
                             let was = b.healthy.swap(ok, std::sync::atomic::Ordering::AcqRel);
                             if was != ok {
                                 if ok {
