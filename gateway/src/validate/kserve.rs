@@ -19,8 +19,7 @@
 
 use std::collections::HashSet;
 
-use simd_json::{BorrowedValue as Value, StaticNode};
-
+use super::json::{Json, JsonArr, JsonObj, Node};
 use super::{pointer, Rejection, Seg};
 
 /// What an admitted inference request carries.
@@ -113,33 +112,41 @@ pub fn is_valid_datatype(s: &str) -> bool {
 
 /// Check a KServe v2 inference request body (`POST /v2/models/{m}/infer`).
 ///
+/// `elided` describes the tensor `data` arrays that the pre-scan already
+/// validated and left out of the parse (their place in `body` holds `[]`).
 /// Unknown top-level keys and unknown keys inside inputs are allowed, for
 /// forward compatibility.
-pub fn check_infer(body: &Value<'_>) -> Result<InferSummary, Rejection> {
-    let Value::Object(top) = body else {
+pub fn check_infer<'a, J: Json<'a>>(
+    body: J,
+    elided: &[DataSummary],
+) -> Result<InferSummary, Outcome> {
+    let Some(top) = body.as_obj() else {
         return Err(Rejection::at(
             "",
             "not_an_object",
             "the inference request must be a JSON object",
-        ));
+        )
+        .into());
     };
 
     if let Some(id) = top.get("id") {
-        if !matches!(id, Value::String(_)) {
+        if id.as_str().is_none() {
             return Err(Rejection::at(
                 pointer([Seg::Key("id")]),
                 "invalid_id",
                 "`id` must be a string",
-            ));
+            )
+            .into());
         }
     }
     if let Some(p) = top.get("parameters") {
-        if !matches!(p, Value::Object(_)) {
+        if p.as_obj().is_none() {
             return Err(Rejection::at(
                 pointer([Seg::Key("parameters")]),
                 "invalid_parameters",
                 "`parameters` must be an object",
-            ));
+            )
+            .into());
         }
     }
     if let Some(outputs) = top.get("outputs") {
@@ -152,29 +159,35 @@ pub fn check_infer(body: &Value<'_>) -> Result<InferSummary, Rejection> {
                 pointer([Seg::Key("inputs")]),
                 "missing_inputs",
                 "`inputs` is required",
-            ))
+            )
+            .into())
         }
-        Some(Value::Array(a)) => a,
-        Some(_) => {
-            return Err(Rejection::at(
-                pointer([Seg::Key("inputs")]),
-                "invalid_inputs",
-                "`inputs` must be an array of input tensors",
-            ))
-        }
+        Some(v) => match v.as_arr() {
+            Some(a) => a,
+            None => {
+                return Err(Rejection::at(
+                    pointer([Seg::Key("inputs")]),
+                    "invalid_inputs",
+                    "`inputs` must be an array of input tensors",
+                )
+                .into())
+            }
+        },
     };
     if inputs.is_empty() {
         return Err(Rejection::at(
             pointer([Seg::Key("inputs")]),
             "empty_inputs",
             "`inputs` must hold at least one input tensor",
-        ));
+        )
+        .into());
     }
 
     let mut names = Names::new(inputs.len());
     let mut elements: u64 = 0;
     for (i, input) in inputs.iter().enumerate() {
-        let n = check_input(i, input, &mut names)?;
+        let summary = elided.iter().find(|d| d.input == i);
+        let n = check_input(i, input, &mut names, summary)?;
         elements = elements.saturating_add(n);
     }
     Ok(InferSummary {
@@ -183,8 +196,87 @@ pub fn check_infer(body: &Value<'_>) -> Result<InferSummary, Rejection> {
     })
 }
 
-fn check_outputs(outputs: &Value<'_>) -> Result<(), Rejection> {
-    let Value::Array(outputs) = outputs else {
+/// Why [`check_infer`] did not admit a body.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Rejected(Rejection),
+    /// An elided `data` array is not plainly valid for its input: check the
+    /// body again with everything parsed (which finds the exact failure).
+    Recheck,
+}
+
+impl From<Rejection> for Outcome {
+    fn from(r: Rejection) -> Outcome {
+        Outcome::Rejected(r)
+    }
+}
+
+/// What the pre-scan learned about a tensor `data` array made only of
+/// numbers (flat, or nested with the same length at every level), which it
+/// checked for JSON syntax and left out of the parse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSummary {
+    /// Index of the input in `inputs`.
+    pub input: usize,
+    /// Array length at each nesting level (one entry for a flat array).
+    pub lens: Vec<u64>,
+    /// Numbers seen (all at the innermost level).
+    pub leaves: u64,
+    /// Values inside the array (numbers and nested arrays), for the
+    /// element limit.
+    pub values: u64,
+    /// Smallest and largest integer (`i64::MAX`/`i64::MIN` when none).
+    pub min_int: i64,
+    pub max_int: i64,
+    /// Some number had a fraction or an exponent.
+    pub has_float: bool,
+    /// An upper bound on the magnitude of the numbers with a fraction or
+    /// exponent (0 when none).
+    pub max_float: f64,
+}
+
+impl DataSummary {
+    /// Whether every number is valid for `dt`; false also when unsure.
+    fn values_fit(&self, dt: Dt) -> bool {
+        let ints_within = |lo: i64, hi: i64| {
+            self.leaves == 0 || (!self.has_float && self.min_int >= lo && self.max_int <= hi)
+        };
+        let floats_within = |max: f64| {
+            let ints = self.min_int > self.max_int
+                || (self.min_int.unsigned_abs() as f64 <= max
+                    && self.max_int.unsigned_abs() as f64 <= max);
+            ints && self.max_float <= max
+        };
+        match dt {
+            // Numbers are never BOOL or BYTES values.
+            Dt::Bool | Dt::Bytes => self.leaves == 0,
+            Dt::U8 => ints_within(0, i64::from(u8::MAX)),
+            Dt::U16 => ints_within(0, i64::from(u16::MAX)),
+            Dt::U32 => ints_within(0, i64::from(u32::MAX)),
+            Dt::U64 => ints_within(0, i64::MAX),
+            Dt::I8 => ints_within(i64::from(i8::MIN), i64::from(i8::MAX)),
+            Dt::I16 => ints_within(i64::from(i16::MIN), i64::from(i16::MAX)),
+            Dt::I32 => ints_within(i64::from(i32::MIN), i64::from(i32::MAX)),
+            Dt::I64 => ints_within(i64::MIN, i64::MAX),
+            Dt::F16 => floats_within(FP16_MAX),
+            Dt::F32 => floats_within(FP32_MAX),
+            Dt::F64 => floats_within(f64::MAX),
+        }
+    }
+
+    /// Whether the nesting matches `dims` as the data walk requires.
+    fn shape_fits(&self, dims: &[u64], total: u64) -> bool {
+        if self.lens.len() == 1 {
+            // Flat (the walk also takes a flat array for any rank).
+            self.lens[0] == total
+        } else {
+            dims.len() >= 2 && self.lens == dims
+        }
+    }
+}
+
+fn check_outputs<'a, J: Json<'a>>(outputs: J) -> Result<(), Rejection> {
+    let Some(outputs) = outputs.as_arr() else {
         return Err(Rejection::at(
             pointer([Seg::Key("outputs")]),
             "invalid_outputs",
@@ -192,25 +284,25 @@ fn check_outputs(outputs: &Value<'_>) -> Result<(), Rejection> {
         ));
     };
     for (k, out) in outputs.iter().enumerate() {
-        let Value::Object(o) = out else {
+        let Some(o) = out.as_obj() else {
             return Err(Rejection::at(
                 pointer([Seg::Key("outputs"), Seg::Index(k)]),
                 "invalid_output",
                 "each requested output must be an object",
             ));
         };
-        match o.get("name") {
-            Some(Value::String(s)) if !s.is_empty() => {}
-            _ => {
-                return Err(Rejection::at(
-                    pointer([Seg::Key("outputs"), Seg::Index(k), Seg::Key("name")]),
-                    "invalid_output_name",
-                    "each requested output needs a non-empty string `name`",
-                ))
-            }
+        if o
+            .get("name")
+            .and_then(|n| n.as_str()).is_none_or(|s| s.is_empty())
+        {
+            return Err(Rejection::at(
+                pointer([Seg::Key("outputs"), Seg::Index(k), Seg::Key("name")]),
+                "invalid_output_name",
+                "each requested output needs a non-empty string `name`",
+            ));
         }
         if let Some(p) = o.get("parameters") {
-            if !matches!(p, Value::Object(_)) {
+            if p.as_obj().is_none() {
                 return Err(Rejection::at(
                     pointer([Seg::Key("outputs"), Seg::Index(k), Seg::Key("parameters")]),
                     "invalid_parameters",
@@ -267,28 +359,31 @@ fn at_input(
 }
 
 /// Check one input tensor; returns its element count.
-fn check_input<'a>(
+fn check_input<'a, J: Json<'a>>(
     i: usize,
-    input: &'a Value<'_>,
+    input: J,
     names: &mut Names<'a>,
-) -> Result<u64, Rejection> {
-    let Value::Object(o) = input else {
+    elided: Option<&DataSummary>,
+) -> Result<u64, Outcome> {
+    let Some(o) = input.as_obj() else {
         return Err(Rejection::at(
             pointer([Seg::Key("inputs"), Seg::Index(i)]),
             "invalid_input",
             "each input tensor must be an object",
-        ));
+        )
+        .into());
     };
 
-    let name: &'a str = match o.get("name") {
-        Some(Value::String(s)) if !s.is_empty() => s,
+    let name: &'a str = match o.get("name").and_then(|n| n.as_str()) {
+        Some(s) if !s.is_empty() => s,
         _ => {
             return Err(at_input(
                 i,
                 "name",
                 "invalid_input_name",
                 "each input tensor needs a non-empty string `name`",
-            ))
+            )
+            .into())
         }
     };
     if !names.insert(name) {
@@ -297,46 +392,55 @@ fn check_input<'a>(
             "name",
             "duplicate_input_name",
             "input tensor names must be unique",
-        ));
+        )
+        .into());
     }
 
     let (dims, total) = check_shape(i, o.get("shape"))?;
 
-    let dt = match o.get("datatype") {
-        Some(Value::String(s)) => Dt::parse(s),
-        _ => None,
-    };
-    let Some(dt) = dt else {
+    let Some(dt) = o
+        .get("datatype")
+        .and_then(|d| d.as_str())
+        .and_then(Dt::parse)
+    else {
         return Err(at_input(
             i,
             "datatype",
             "invalid_datatype",
             "`datatype` must be one of BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BYTES",
-        ));
+        )
+        .into());
     };
 
     if let Some(p) = o.get("parameters") {
-        if !matches!(p, Value::Object(_)) {
+        if p.as_obj().is_none() {
             return Err(at_input(
                 i,
                 "parameters",
                 "invalid_parameters",
                 "`parameters` must be an object",
-            ));
+            )
+            .into());
         }
     }
 
-    let data: &[Value<'_>] = match o.get("data") {
-        Some(Value::Array(a)) => a,
-        _ => {
-            return Err(at_input(
-                i,
-                "data",
-                "missing_data",
-                "each input tensor needs a `data` array",
-            ))
-        }
+    let Some(data) = o.get("data").and_then(|d| d.as_arr()) else {
+        return Err(at_input(
+            i,
+            "data",
+            "missing_data",
+            "each input tensor needs a `data` array",
+        )
+        .into());
     };
+
+    if let Some(summary) = elided {
+        // Checked by the pre-scan; `data` here is its `[]` placeholder.
+        if summary.shape_fits(&dims, total) && summary.values_fit(dt) {
+            return Ok(total);
+        }
+        return Err(Outcome::Recheck);
+    }
 
     // One dispatch per input: each arm monomorphises the walk with a leaf
     // predicate whose bounds are constants.
@@ -347,33 +451,33 @@ fn check_input<'a>(
         dt,
     };
     match dt {
-        Dt::Bool => walk.run(data, |v| matches!(v, Value::Static(StaticNode::Bool(_)))),
-        Dt::U8 => walk.run(data, |v| fits_unsigned(v, u64::from(u8::MAX))),
-        Dt::U16 => walk.run(data, |v| fits_unsigned(v, u64::from(u16::MAX))),
-        Dt::U32 => walk.run(data, |v| fits_unsigned(v, u64::from(u32::MAX))),
-        Dt::U64 => walk.run(data, |v| fits_unsigned(v, u64::MAX)),
-        Dt::I8 => walk.run(data, |v| {
+        Dt::Bool => walk.run(data, |v: J| matches!(v.node(), Node::Bool(_))),
+        Dt::U8 => walk.run(data, |v: J| fits_unsigned(v, u64::from(u8::MAX))),
+        Dt::U16 => walk.run(data, |v: J| fits_unsigned(v, u64::from(u16::MAX))),
+        Dt::U32 => walk.run(data, |v: J| fits_unsigned(v, u64::from(u32::MAX))),
+        Dt::U64 => walk.run(data, |v: J| fits_unsigned(v, u64::MAX)),
+        Dt::I8 => walk.run(data, |v: J| {
             fits_signed(v, i64::from(i8::MIN), i64::from(i8::MAX))
         }),
-        Dt::I16 => walk.run(data, |v| {
+        Dt::I16 => walk.run(data, |v: J| {
             fits_signed(v, i64::from(i16::MIN), i64::from(i16::MAX))
         }),
-        Dt::I32 => walk.run(data, |v| {
+        Dt::I32 => walk.run(data, |v: J| {
             fits_signed(v, i64::from(i32::MIN), i64::from(i32::MAX))
         }),
-        Dt::I64 => walk.run(data, |v| fits_signed(v, i64::MIN, i64::MAX)),
-        Dt::F16 => walk.run(data, |v| fits_float(v, FP16_MAX)),
-        Dt::F32 => walk.run(data, |v| fits_float(v, FP32_MAX)),
-        Dt::F64 => walk.run(data, |v| fits_float(v, f64::MAX)),
-        Dt::Bytes => walk.run(data, |v| matches!(v, Value::String(_))),
+        Dt::I64 => walk.run(data, |v: J| fits_signed(v, i64::MIN, i64::MAX)),
+        Dt::F16 => walk.run(data, |v: J| fits_float(v, FP16_MAX)),
+        Dt::F32 => walk.run(data, |v: J| fits_float(v, FP32_MAX)),
+        Dt::F64 => walk.run(data, |v: J| fits_float(v, f64::MAX)),
+        Dt::Bytes => walk.run(data, |v: J| matches!(v.node(), Node::Str(_))),
     }?;
     Ok(total)
 }
 
 /// Parse `shape`: non-negative integer dims, each ≤ 2^32, with a product that
 /// fits in u64. Returns the dims and the product.
-fn check_shape(i: usize, shape: Option<&Value<'_>>) -> Result<(Vec<u64>, u64), Rejection> {
-    let Some(Value::Array(shape)) = shape else {
+fn check_shape<'a, J: Json<'a>>(i: usize, shape: Option<J>) -> Result<(Vec<u64>, u64), Rejection> {
+    let Some(shape) = shape.and_then(|s| s.as_arr()) else {
         return Err(at_input(
             i,
             "shape",
@@ -384,23 +488,17 @@ fn check_shape(i: usize, shape: Option<&Value<'_>>) -> Result<(Vec<u64>, u64), R
     let mut dims = Vec::with_capacity(shape.len());
     let mut total: u64 = 1;
     for (j, d) in shape.iter().enumerate() {
-        let d = match d {
-            Value::Static(StaticNode::I64(n)) if *n >= 0 && n.unsigned_abs() <= MAX_DIM => {
-                n.unsigned_abs()
-            }
-            Value::Static(StaticNode::U64(n)) if *n <= MAX_DIM => *n,
-            _ => {
-                return Err(Rejection::at(
-                    pointer([
-                        Seg::Key("inputs"),
-                        Seg::Index(i),
-                        Seg::Key("shape"),
-                        Seg::Index(j),
-                    ]),
-                    "invalid_shape",
-                    "each `shape` dimension must be an integer in 0..=4294967296",
-                ))
-            }
+        let Some(d) = d.as_u64().filter(|&n| n <= MAX_DIM) else {
+            return Err(Rejection::at(
+                pointer([
+                    Seg::Key("inputs"),
+                    Seg::Index(i),
+                    Seg::Key("shape"),
+                    Seg::Index(j),
+                ]),
+                "invalid_shape",
+                "each `shape` dimension must be an integer in 0..=4294967296",
+            ));
         };
         dims.push(d);
         // Keep multiplying after a zero so that every dim is still range-checked;
@@ -418,31 +516,31 @@ fn check_shape(i: usize, shape: Option<&Value<'_>>) -> Result<(Vec<u64>, u64), R
 }
 
 #[inline(always)]
-fn fits_unsigned(v: &Value<'_>, max: u64) -> bool {
-    match v {
-        Value::Static(StaticNode::I64(n)) => *n >= 0 && n.unsigned_abs() <= max,
-        Value::Static(StaticNode::U64(n)) => *n <= max,
+fn fits_unsigned<'a, J: Json<'a>>(v: J, max: u64) -> bool {
+    match v.node() {
+        Node::Int(n) => n >= 0 && n.unsigned_abs() <= max,
+        Node::Uint(n) => n <= max,
         _ => false,
     }
 }
 
 #[inline(always)]
-fn fits_signed(v: &Value<'_>, min: i64, max: i64) -> bool {
-    match v {
-        Value::Static(StaticNode::I64(n)) => *n >= min && *n <= max,
-        // U64 only carries values above i64::MAX, but do not rely on it.
-        Value::Static(StaticNode::U64(n)) => max >= 0 && *n <= max.unsigned_abs(),
+fn fits_signed<'a, J: Json<'a>>(v: J, min: i64, max: i64) -> bool {
+    match v.node() {
+        Node::Int(n) => n >= min && n <= max,
+        // Uint only carries values above i64::MAX, but do not rely on it.
+        Node::Uint(n) => max >= 0 && n <= max.unsigned_abs(),
         _ => false,
     }
 }
 
 #[inline(always)]
-fn fits_float(v: &Value<'_>, max: f64) -> bool {
-    match v {
-        Value::Static(StaticNode::F64(x)) => x.is_finite() && x.abs() <= max,
+fn fits_float<'a, J: Json<'a>>(v: J, max: f64) -> bool {
+    match v.node() {
+        Node::Float(x) => x.is_finite() && x.abs() <= max,
         // Integers are numbers too; every u64 is below the FP32 bound.
-        Value::Static(StaticNode::I64(n)) => n.unsigned_abs() as f64 <= max,
-        Value::Static(StaticNode::U64(n)) => *n as f64 <= max,
+        Node::Int(n) => n.unsigned_abs() as f64 <= max,
+        Node::Uint(n) => n as f64 <= max,
         _ => false,
     }
 }
@@ -461,18 +559,18 @@ impl Walk<'_> {
     /// Flat form: `data` holds exactly `total` leaves. Nested form (rank ≥ 2
     /// and the first element is an array): row-major nesting whose length at
     /// every level equals that level's dim, with leaves exactly at depth rank.
-    fn run<F>(&self, data: &[Value<'_>], ok: F) -> Result<(), Rejection>
+    fn run<'a, J: Json<'a>, F>(&self, data: J::Arr, ok: F) -> Result<(), Rejection>
     where
-        F: Fn(&Value<'_>) -> bool,
+        F: Fn(J) -> bool,
     {
-        let nested = self.dims.len() >= 2 && matches!(data.first(), Some(Value::Array(_)));
+        let nested = self.dims.len() >= 2 && data.first().is_some_and(|v| v.as_arr().is_some());
         if !nested {
             if data.len() as u64 != self.total {
                 return Err(self.mismatch(&[]));
             }
-            return match data.iter().position(|v| !ok(v)) {
+            return match data.iter().enumerate().find(|(_, v)| !ok(*v)) {
                 None => Ok(()),
-                Some(j) => Err(self.bad_leaf(&[], j, &data[j])),
+                Some((j, v)) => Err(self.bad_leaf(&[], j, v.as_arr().is_some())),
             };
         }
 
@@ -480,81 +578,90 @@ impl Walk<'_> {
             return Err(self.mismatch(&[]));
         }
         let rank = self.dims.len();
-        // (array, index of the next child to visit); entry k is at depth k+1
-        // and its length has been checked against dims[k].
-        let mut stack: Vec<(&[Value<'_>], usize)> = Vec::with_capacity(rank.min(32));
-        stack.push((data, 0));
-        while let Some(&(arr, next)) = stack.last() {
+        // (children still to visit, index of the next child); entry k is at
+        // depth k+1 and its length has been checked against dims[k].
+        type Level<'a, J> = (<<J as Json<'a>>::Arr as JsonArr<'a, J>>::Iter, usize);
+        let mut stack: Vec<Level<'a, J>> = Vec::with_capacity(rank.min(32));
+        stack.push((data.iter(), 0));
+        loop {
             let depth = stack.len();
+            let Some((children, next)) = stack.last_mut() else {
+                return Ok(());
+            };
             if depth == rank {
                 // Innermost level: every child is a leaf.
-                if let Some(j) = arr.iter().position(|v| !ok(v)) {
-                    return Err(self.bad_leaf(&stack, j, &arr[j]));
+                if let Some((j, v)) = children.enumerate().find(|(_, v)| !ok(*v)) {
+                    let at = self.ancestors(&stack);
+                    return Err(self.bad_leaf(&at, j, v.as_arr().is_some()));
                 }
                 stack.pop();
                 continue;
             }
-            if next == arr.len() {
+            let Some(child) = children.next() else {
                 stack.pop();
                 continue;
-            }
-            match &arr[next] {
-                Value::Array(child) if child.len() as u64 == self.dims[depth] => {
-                    if let Some(top) = stack.last_mut() {
-                        top.1 = next + 1;
-                    }
-                    stack.push((child, 0));
+            };
+            *next += 1;
+            match child.as_arr() {
+                Some(a) if a.len() as u64 == self.dims[depth] => stack.push((a.iter(), 0)),
+                _ => {
+                    let j = *next - 1;
+                    let at = self.ancestors(&stack);
+                    return Err(self.mismatch_at(&at, j));
                 }
-                _ => return Err(self.mismatch_at(&stack, next)),
             }
         }
-        Ok(())
     }
 
-    /// Pointer `/inputs/i/data/<ancestors…>/<tail>` for the top of `stack`.
-    /// Each ancestor's index is its parent's `next - 1` (the child visited).
-    fn data_pointer(&self, stack: &[(&[Value<'_>], usize)], tail: Option<usize>) -> String {
-        let ancestors = stack
+    /// Position of each array on the stack but the top one within its
+    /// parent's children (its parent's last visited child).
+    #[cold]
+    fn ancestors<I>(&self, stack: &[(I, usize)]) -> Vec<usize> {
+        stack[..stack.len().saturating_sub(1)]
             .iter()
-            .take(stack.len().saturating_sub(1))
-            .map(|&(_, next)| Seg::Index(next - 1));
+            .map(|&(_, next)| next - 1)
+            .collect()
+    }
+
+    /// Pointer `/inputs/i/data/<ancestors…>/<tail>`.
+    fn data_pointer(&self, ancestors: &[usize], tail: Option<usize>) -> String {
         pointer(
             [Seg::Key("inputs"), Seg::Index(self.input), Seg::Key("data")]
                 .into_iter()
-                .chain(ancestors)
+                .chain(ancestors.iter().map(|&k| Seg::Index(k)))
                 .chain(tail.map(Seg::Index)),
         )
     }
 
     #[cold]
-    fn mismatch(&self, stack: &[(&[Value<'_>], usize)]) -> Rejection {
+    fn mismatch(&self, ancestors: &[usize]) -> Rejection {
         Rejection::at(
-            self.data_pointer(stack, None),
+            self.data_pointer(ancestors, None),
             "shape_mismatch",
             "`data` must hold exactly the number of values the `shape` gives, flat or nested to match the shape",
         )
     }
 
     #[cold]
-    fn mismatch_at(&self, stack: &[(&[Value<'_>], usize)], j: usize) -> Rejection {
+    fn mismatch_at(&self, ancestors: &[usize], j: usize) -> Rejection {
         Rejection::at(
-            self.data_pointer(stack, Some(j)),
+            self.data_pointer(ancestors, Some(j)),
             "shape_mismatch",
             "nested `data` must match the `shape`: each level's length must equal its dimension",
         )
     }
 
     #[cold]
-    fn bad_leaf(&self, stack: &[(&[Value<'_>], usize)], j: usize, v: &Value<'_>) -> Rejection {
-        if matches!(v, Value::Array(_)) {
+    fn bad_leaf(&self, ancestors: &[usize], j: usize, is_array: bool) -> Rejection {
+        if is_array {
             return Rejection::at(
-                self.data_pointer(stack, Some(j)),
+                self.data_pointer(ancestors, Some(j)),
                 "shape_mismatch",
                 "`data` nests deeper than the `shape` allows",
             );
         }
         Rejection::at(
-            self.data_pointer(stack, Some(j)),
+            self.data_pointer(ancestors, Some(j)),
             "datatype_mismatch",
             self.dt.rule(),
         )
@@ -565,11 +672,35 @@ impl Walk<'_> {
 mod tests {
     use super::*;
 
-    /// Parse `json` with simd-json (in place, on a copy) and run the check.
+    fn rules() -> crate::validate::Rules {
+        let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n[[routes]]\ncluster = \"a\"\nprotocol = \"kserve\"\n[[models]]\nname = \"m\"\n";
+        crate::validate::Rules::new(&crate::config::Resolved::from_str(text, "t").unwrap())
+    }
+
+    /// Run the check on simd-json's DOM of `json` (every value parsed), and
+    /// the gateway's own way (pre-scan eliding tensor data, tape, re-check
+    /// on doubt); both must agree. Returns the DOM's answer.
     fn check(json: &str) -> Result<InferSummary, Rejection> {
         let mut b = json.as_bytes().to_vec();
         let v = simd_json::to_borrowed_value(&mut b).expect("test body must be valid JSON");
-        check_infer(&v)
+        let dom = match check_infer(&v, &[]) {
+            Ok(s) => Ok(s),
+            Err(Outcome::Rejected(r)) => Err(r),
+            Err(Outcome::Recheck) => panic!("nothing was elided"),
+        };
+        let rules = rules();
+        let gateway = crate::validate::check_json(
+            crate::validate::JsonKind::KserveInfer("m", None),
+            json.as_bytes(),
+            &rules,
+            None,
+        );
+        match (&dom, &gateway) {
+            (Ok(_), Ok(_)) => {}
+            (Err(a), Err(b)) => assert_eq!(a, b, "the two paths disagree on {json:.200}"),
+            _ => panic!("the two paths disagree on {json:.200}: {dom:?} vs {gateway:?}"),
+        }
+        dom
     }
 
     /// One input tensor request.
@@ -972,6 +1103,107 @@ mod tests {
                 "pointer echoes payload: {r:?}"
             );
         }
+    }
+
+    /// Any tensor body, valid or not: the gateway's way (tensor data checked
+    /// by the pre-scan when it can, re-checked when unsure) must answer
+    /// exactly what checking every parsed value answers.
+    #[test]
+    fn elided_and_parsed_data_agree() {
+        use proptest::prelude::*;
+        const NUMBERS: &[&str] = &[
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "7",
+            "127",
+            "128",
+            "-128",
+            "-129",
+            "255",
+            "256",
+            "-32769",
+            "65504",
+            "65505",
+            "65504.0",
+            "65503.9",
+            "-65504.5",
+            "1e5",
+            "1.5e-3",
+            "2E+2",
+            "4294967295",
+            "4294967296",
+            "3.4028235e38",
+            "3.5e38",
+            "1e309",
+            "-1e400",
+            "0.5",
+            "-0.0",
+            "12.345678",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "123456789012345678",
+            "true",
+            "null",
+            "\"x\"",
+            "[]",
+            "[1]",
+            "{}",
+        ];
+        const TYPES: &[&str] = &[
+            "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+            "FP16", "FP32", "FP64", "BYTES",
+        ];
+        let rules = rules();
+        // Two numbers per case, each leaf one of them, as many leaves as the
+        // shape asks (sometimes one fewer): most cases reach the value checks.
+        let strategy = (
+            0..TYPES.len(),
+            proptest::collection::vec(0u64..4, 1..3),
+            (0..NUMBERS.len(), 0..NUMBERS.len()),
+            proptest::collection::vec(any::<bool>(), 16),
+            (any::<bool>(), 0..6u8),
+        );
+        proptest!(ProptestConfig::with_cases(4000), |((t, dims, (a, b), which, (nest, short)) in strategy)| {
+            let total = dims.iter().product::<u64>() as usize;
+            let n = if short == 0 { total.saturating_sub(1) } else { total };
+            let leaves: Vec<&str> = which
+                .iter()
+                .take(n)
+                .map(|&w| NUMBERS[if w { a } else { b }])
+                .collect();
+            let data = if nest && dims.len() == 2 && dims[1] > 0 {
+                let rows: Vec<String> = leaves
+                    .chunks(dims[1] as usize)
+                    .map(|r| format!("[{}]", r.join(",")))
+                    .collect();
+                format!("[{}]", rows.join(","))
+            } else {
+                format!("[{}]", leaves.join(","))
+            };
+            let shape = format!("[{}]", dims.iter().map(u64::to_string).collect::<Vec<_>>().join(","));
+            let json = one("x", &shape, TYPES[t], &data);
+            let mut b = json.clone().into_bytes();
+            let dom = match simd_json::to_borrowed_value(&mut b) {
+                Err(_) => Err("invalid_json"),
+                Ok(v) => match check_infer(&v, &[]) {
+                    Ok(_) => Ok(()),
+                    Err(Outcome::Rejected(r)) => Err(r.reason),
+                    Err(Outcome::Recheck) => Err("recheck"),
+                },
+            };
+            let gateway = crate::validate::check_json(
+                crate::validate::JsonKind::KserveInfer("m", None),
+                json.as_bytes(),
+                &rules,
+                None,
+            );
+            let gateway = gateway.map(|_| ()).map_err(|r| r.reason);
+            prop_assert_eq!(dom, gateway, "{}", json);
+        });
     }
 
     #[test]

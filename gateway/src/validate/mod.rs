@@ -7,13 +7,16 @@
 //! the JSON error shape, which points at the offending field with a JSON
 //! pointer and never echoes payload content.
 
+pub mod json;
 pub mod kserve;
 pub mod magic;
 pub mod openai;
+mod prescan;
 
 use std::sync::Arc;
 
-use simd_json::BorrowedValue as Value;
+use json::{Json, JsonArr, JsonObj};
+use kserve::Outcome;
 
 use crate::catalog::Catalog;
 use crate::codec::{BodyKind, ChunkedDecoder, RequestHead};
@@ -93,43 +96,97 @@ pub struct JsonLimits {
     pub max_elements: usize,
 }
 
-/// Parse once with simd-json (in place: `body` is rewritten) and enforce the
-/// shape limits. Malformed JSON or invalid UTF-8 → 400.
-pub fn parse<'b>(body: &'b mut [u8], limits: JsonLimits) -> Result<Value<'b>, Rejection> {
-    parse_in(body, limits, &mut simd_json::Buffers::default())
-}
-
-/// `parse` with the parser's working buffers reused (per worker): no page
-/// faults for fresh multi-megabyte buffers on every tensor request.
-pub fn parse_in<'b>(
+/// Parse once with simd-json (in place: `body` is rewritten) onto `tape`
+/// (cleared first) and enforce the shape limits. Malformed JSON or invalid
+/// UTF-8 → 400. `extra` values were elided by the pre-scan.
+pub fn parse_onto<'b>(
     body: &'b mut [u8],
     limits: JsonLimits,
     buffers: &mut simd_json::Buffers,
-) -> Result<Value<'b>, Rejection> {
-    let v = simd_json::value::borrowed::to_value_with_buffers(body, buffers).map_err(|_| {
+    tape: &mut simd_json::Tape<'b>,
+    extra: u64,
+) -> Result<(), Rejection> {
+    simd_json::fill_tape(body, buffers, tape).map_err(|_| {
         Rejection::new(
             400,
             "invalid_json",
             "the body is not valid JSON (RFC 8259, UTF-8)",
         )
     })?;
-    check_limits(&v, limits)?;
-    Ok(v)
+    tape_limits(&tape.0, limits, extra)
 }
 
-/// Depth and element-count limits on a parsed document.
-pub fn check_limits(v: &Value<'_>, limits: JsonLimits) -> Result<(), Rejection> {
+/// The shape limits on a tape, in one pass over its nodes (no recursion, so
+/// no depth can exhaust the stack): depth, values (elided ones included),
+/// and no object repeating a key.
+fn tape_limits(
+    nodes: &[simd_json::Node<'_>],
+    limits: JsonLimits,
+    extra: u64,
+) -> Result<(), Rejection> {
+    use simd_json::Node as N;
+    // Where each open container ends (exclusive), innermost last.
+    let mut ends: Vec<usize> = Vec::new();
+    let mut keys = 0usize;
+    for (i, n) in nodes.iter().enumerate() {
+        while ends.last().is_some_and(|&e| e <= i) {
+            ends.pop();
+        }
+        if let N::Object { len, count } | N::Array { len, count } = *n {
+            if ends.len() + 1 > limits.max_depth {
+                return Err(scan_rejection(ScanError::TooDeep, limits));
+            }
+            ends.push(i + count + 1);
+            if let N::Object { .. } = n {
+                keys += len;
+                let obj = json::Tape::root(&nodes[i..]).as_obj();
+                if obj.is_some_and(repeats_a_key::<json::Tape<'_>>) {
+                    return Err(Rejection::new(
+                        400,
+                        "duplicate_key",
+                        "a JSON object in the body repeats a key",
+                    ));
+                }
+            }
+        }
+    }
+    let values = (nodes.len() - keys) as u64 + extra;
+    if values > limits.max_elements as u64 {
+        return Err(scan_rejection(ScanError::TooManyElements, limits));
+    }
+    Ok(())
+}
+
+/// Parse and check the shape limits only (tests).
+pub fn parse(body: &[u8], limits: JsonLimits) -> Result<(), Rejection> {
+    let mut copy = body.to_vec();
+    let mut tape = simd_json::Tape(Vec::new());
+    parse_onto(
+        &mut copy,
+        limits,
+        &mut simd_json::Buffers::default(),
+        &mut tape,
+        0,
+    )
+}
+
+/// Depth and element-count limits on a parsed document, and no repeated keys.
+pub fn check_limits<'a, J: Json<'a>>(v: J, limits: JsonLimits) -> Result<(), Rejection> {
     let mut elements = 0usize;
     check_shape(v, 1, limits, &mut elements)
 }
 
-fn check_shape(
-    v: &Value<'_>,
+/// Objects with up to this many members are checked for repeated keys by
+/// comparing pairs; larger ones with a hash set.
+const PAIRWISE_KEYS: usize = 16;
+
+fn check_shape<'a, J: Json<'a>>(
+    v: J,
     depth: usize,
     limits: JsonLimits,
     elements: &mut usize,
 ) -> Result<(), Rejection> {
-    *elements += 1;
+    *elements = elements.saturating_add(1);
     if *elements > limits.max_elements {
         return Err(Rejection::new(
             413,
@@ -147,152 +204,210 @@ fn check_shape(
             ),
         ));
     }
-    match v {
-        Value::Array(a) => a
+    match v.node() {
+        json::Node::Arr(a) => a
             .iter()
             .try_for_each(|x| check_shape(x, depth + 1, limits, elements)),
-        Value::Object(o) => {
+        json::Node::Obj(o) => {
             // Duplicate keys are read differently by different parsers (first
             // wins here, last wins in Python): what we validated would not be
             // what the backend acts on. Refuse them (RFC 8259 §4 "SHOULD be unique").
-            if o.len() > 1 {
-                let mut seen: std::collections::HashSet<&str> =
-                    std::collections::HashSet::with_capacity(o.len());
-                for k in o.keys() {
-                    if !seen.insert(k.as_ref()) {
-                        return Err(Rejection::new(
-                            400,
-                            "duplicate_key",
-                            "a JSON object in the body repeats a key",
-                        ));
-                    }
-                }
+            if repeats_a_key::<J>(o) {
+                return Err(Rejection::new(
+                    400,
+                    "duplicate_key",
+                    "a JSON object in the body repeats a key",
+                ));
             }
-            o.values()
-                .try_for_each(|x| check_shape(x, depth + 1, limits, elements))
+            o.iter()
+                .try_for_each(|(_, x)| check_shape(x, depth + 1, limits, elements))
         }
         _ => Ok(()),
     }
 }
 
-/// Nesting depth of a JSON text, scanned without building anything, so a
-/// deeply nested body is refused before a recursive DOM builder sees it.
-/// Returns false as soon as `max` is exceeded.
-pub fn depth_within(bytes: &[u8], max: usize) -> bool {
-    scan(bytes, max, usize::MAX).is_ok()
-}
-
-/// Why the pre-scan refused a body.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ScanError {
-    TooDeep,
-    TooManyElements,
-}
-
-/// One pass over the raw bytes, before any DOM exists: nesting depth, and a
-/// lower bound on the number of values (every comma outside strings starts
-/// one), so neither a deep nor a huge document gets built at all.
-pub fn scan(bytes: &[u8], max_depth: usize, max_elements: usize) -> Result<(), ScanError> {
-    let max = max_depth;
-    let mut commas = 0usize;
-    let mut depth = 0usize;
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'"' => {
-                // Skip the string: to the next unescaped quote.
-                i += 1;
-                loop {
-                    match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
-                        None => return Ok(()), // unterminated: the parser will refuse it
-                        Some(p) if bytes[i + p] == b'\\' => i += p + 2,
-                        Some(p) => {
-                            i += p;
-                            break;
-                        }
-                    }
-                }
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return Err(ScanError::TooDeep);
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b',' => {
-                commas += 1;
-                if commas >= max_elements {
-                    return Err(ScanError::TooManyElements);
-                }
-            }
-            _ => {}
-        }
-        i += 1;
+fn repeats_a_key<'a, J: Json<'a>>(o: J::Obj) -> bool {
+    let n = o.len();
+    if n < 2 {
+        return false;
     }
-    Ok(())
+    if n <= PAIRWISE_KEYS {
+        let mut seen: [&str; PAIRWISE_KEYS] = [""; PAIRWISE_KEYS];
+        for (k, (key, _)) in o.iter().enumerate() {
+            if seen[..k].contains(&key) {
+                return true;
+            }
+            seen[k] = key;
+        }
+        return false;
+    }
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::with_capacity(n);
+    o.iter().any(|(key, _)| !seen.insert(key))
 }
 
-/// The whole check of a JSON body for one kind of request. `body` is a
-/// scratch copy: simd-json parses in place.
+pub use prescan::{depth_within, scan, ScanError};
+
+fn scan_rejection(e: ScanError, limits: JsonLimits) -> Rejection {
+    match e {
+        ScanError::TooDeep => Rejection::new(
+            400,
+            "json_too_deep",
+            format!(
+                "the JSON body nests deeper than {} levels",
+                limits.max_depth
+            ),
+        ),
+        ScanError::TooManyElements => Rejection::new(
+            413,
+            "json_too_many_elements",
+            format!("the JSON body has more than {} values", limits.max_elements),
+        ),
+    }
+}
+
+/// Bodies above this size are pre-scanned (depth, value count) before
+/// simd-json builds anything: a tape takes up to 24 bytes per value, so a
+/// large body of tiny values would otherwise cost a worker many times its
+/// size in memory before the limits refuse it.
+const PRESCAN_ABOVE: usize = 64 << 10;
+
+/// The whole check of a JSON body for one kind of request, with fresh
+/// working memory.
 pub fn check_json<'c>(
     kind: JsonKind<'_>,
-    body: &mut [u8],
+    body: &[u8],
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
 ) -> Result<Checked<'c>, Rejection> {
-    check_json_in(
-        kind,
-        body,
-        rules,
-        route_schema,
-        &mut simd_json::Buffers::default(),
-    )
+    check_json_in(kind, body, rules, route_schema, &mut Scratch::default())
 }
 
-/// `check_json` reusing the parser's buffers.
+/// `check_json` with the worker's working memory: the pre-scan copies `body`
+/// into `scratch` (eliding KServe tensor data it has checked itself),
+/// simd-json parses that copy onto the reused tape, and the checks run on
+/// the tape. The original `body` is what gets forwarded.
 pub fn check_json_in<'c>(
     kind: JsonKind<'_>,
-    body: &mut [u8],
+    body: &[u8],
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
-    buffers: &mut simd_json::Buffers,
+    scratch: &mut Scratch,
 ) -> Result<Checked<'c>, Rejection> {
-    match scan(body, rules.json.max_depth, rules.json.max_elements) {
-        Ok(()) => {}
-        Err(ScanError::TooDeep) => {
-            return Err(Rejection::new(
-                400,
-                "json_too_deep",
-                format!(
-                    "the JSON body nests deeper than {} levels",
-                    rules.json.max_depth
-                ),
-            ))
+    // Tensor data can be left out only where no JSON Schema will look at it.
+    let elide = match kind {
+        JsonKind::KserveInfer(name, version) => {
+            route_schema.is_none() && kserve_model(rules, name, version)?.0.schema.is_none()
         }
-        Err(ScanError::TooManyElements) => {
-            return Err(Rejection::new(
-                413,
-                "json_too_many_elements",
-                format!(
-                    "the JSON body has more than {} values",
-                    rules.json.max_elements
-                ),
-            ))
+        _ => false,
+    };
+    match check_once(kind, body, rules, route_schema, scratch, elide) {
+        Err(Outcome::Recheck) => {
+            match check_once(kind, body, rules, route_schema, scratch, false) {
+                Ok(c) => Ok(c),
+                Err(Outcome::Rejected(r)) => Err(r),
+                // Nothing elided, nothing to re-check; never reached.
+                Err(Outcome::Recheck) => Err(Rejection::new(
+                    400,
+                    "invalid_json",
+                    "the body is not valid JSON (RFC 8259, UTF-8)",
+                )),
+            }
         }
+        Ok(c) => Ok(c),
+        Err(Outcome::Rejected(r)) => Err(r),
     }
-    let v = parse_in(body, rules.json, buffers)?;
-    check_parsed(kind, &v, rules, route_schema)
 }
 
-/// The checks after parsing (also used by the benchmark to compare parsers
-/// on identical validation).
-pub fn check_parsed<'c>(
+fn check_once<'c>(
     kind: JsonKind<'_>,
-    v: &Value<'_>,
+    body: &[u8],
+    rules: &'c Rules,
+    route_schema: Option<&jsonschema::Validator>,
+    scratch: &mut Scratch,
+    elide: bool,
+) -> Result<Checked<'c>, Outcome> {
+    let Scratch {
+        bytes,
+        buffers,
+        tape,
+        elided,
+    } = scratch;
+    elided.clear();
+    if elide || body.len() > PRESCAN_ABOVE {
+        prescan::copy_checked(
+            body,
+            rules.json.max_depth,
+            rules.json.max_elements,
+            bytes,
+            elide.then_some(&mut *elided),
+        )
+        .map_err(|e| scan_rejection(e, rules.json))?;
+    } else {
+        // Small: its tape is small whatever it holds; the limits are
+        // checked on the tape.
+        bytes.clear();
+        bytes.extend_from_slice(body);
+    }
+    let extra = elided.iter().map(|d| d.values).sum();
+    let mut t = std::mem::replace(tape, simd_json::Tape(Vec::new())).reset();
+    let r = parse_onto(bytes, rules.json, buffers, &mut t, extra)
+        .map_err(Outcome::from)
+        .and_then(|()| check_tree(kind, json::Tape::root(&t.0), rules, route_schema, elided));
+    *tape = t.reset();
+    r
+}
+
+/// The model a KServe path names, resolved in the catalogue.
+fn kserve_model<'c>(
+    rules: &'c Rules,
+    name: &str,
+    version: Option<&str>,
+) -> Result<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version), Rejection> {
+    let req = match version {
+        Some(v) => crate::catalog::VersionReq::parse(v).ok_or_else(|| {
+            Rejection::new(
+                404,
+                "version_not_found",
+                "no deployed version of the model matches the request",
+            )
+        })?,
+        None => crate::catalog::VersionReq::Latest,
+    };
+    rules.catalog.resolve(name, &req).map_err(|u| {
+        Rejection::new(
+            404,
+            u.reason(),
+            "the model or version does not exist or is not available",
+        )
+    })
+}
+
+/// The checks after parsing, on any parsed form (the benchmark runs them on
+/// what serde_json builds, to compare parsers on identical validation).
+pub fn check_parsed<'a, 'c, J: Json<'a>>(
+    kind: JsonKind<'_>,
+    v: J,
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
 ) -> Result<Checked<'c>, Rejection> {
+    check_tree(kind, v, rules, route_schema, &[]).map_err(|o| match o {
+        Outcome::Rejected(r) => r,
+        // Only elided data asks for a re-check; nothing was elided here.
+        Outcome::Recheck => Rejection::new(
+            400,
+            "invalid_json",
+            "the body is not valid JSON (RFC 8259, UTF-8)",
+        ),
+    })
+}
+
+fn check_tree<'a, 'c, J: Json<'a>>(
+    kind: JsonKind<'_>,
+    v: J,
+    rules: &'c Rules,
+    route_schema: Option<&jsonschema::Validator>,
+    elided: &[kserve::DataSummary],
+) -> Result<Checked<'c>, Outcome> {
     let mut facts = openai::Facts::default();
     let resolved = match kind {
         JsonKind::OpenAi(ep, version_header) => {
@@ -301,24 +416,8 @@ pub fn check_parsed<'c>(
             Some((m, ver))
         }
         JsonKind::KserveInfer(name, version) => {
-            let req = match version {
-                Some(v) => crate::catalog::VersionReq::parse(v).ok_or_else(|| {
-                    Rejection::new(
-                        404,
-                        "version_not_found",
-                        "no deployed version of the model matches the request",
-                    )
-                })?,
-                None => crate::catalog::VersionReq::Latest,
-            };
-            let r = rules.catalog.resolve(name, &req).map_err(|u| {
-                Rejection::new(
-                    404,
-                    u.reason(),
-                    "the model or version does not exist or is not available",
-                )
-            })?;
-            kserve::check_infer(v)?;
+            let r = kserve_model(rules, name, version)?;
+            kserve::check_infer(v, elided)?;
             facts.pinned = version.is_some();
             Some(r)
         }
@@ -326,16 +425,16 @@ pub fn check_parsed<'c>(
     };
     let model_schema = resolved.and_then(|(m, _)| m.schema.as_deref());
     if model_schema.is_some() || route_schema.is_some() {
-        // jsonschema works on serde_json values: convert the parsed DOM (no re-parse).
-        let value = serde_json::to_value(v)
-            .map_err(|_| Rejection::new(400, "invalid_json", "the body is not valid JSON"))?;
+        // jsonschema works on serde_json values: convert the parsed form (no re-parse).
+        let value = json::to_serde(v);
         for s in [route_schema, model_schema].into_iter().flatten() {
             if let Some(e) = s.iter_errors(&value).next() {
                 return Err(Rejection::at(
                     e.instance_path.to_string(),
                     "schema_violation",
                     "the request does not match the schema for this model or route",
-                ));
+                )
+                .into());
             }
         }
     }
@@ -505,17 +604,32 @@ fn kserve_path(path: &str) -> Option<(&str, Option<&str>, &str)> {
 /// Run the stage for one request. On `Buffered`, the head and body have been
 /// consumed from `client`; on `Stream` and `Answer`, nothing has.
 /// Per-worker reusable memory for parsing: the scratch copy of the body and simd-json's buffers.
-#[derive(Default)]
 pub struct Scratch {
     pub bytes: Vec<u8>,
     pub buffers: simd_json::Buffers,
+    /// simd-json's tape, emptied between bodies (`Tape::reset`).
+    pub tape: simd_json::Tape<'static>,
+    /// What the pre-scan left out of the copy.
+    pub elided: Vec<kserve::DataSummary>,
+}
+
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch {
+            bytes: Vec::new(),
+            buffers: simd_json::Buffers::default(),
+            tape: simd_json::Tape(Vec::new()),
+            elided: Vec::new(),
+        }
+    }
 }
 
 impl Scratch {
     /// Kept between requests (reusing it is what saves the page faults on
     /// big tensors), but not beyond 64 MiB of body.
     fn trim(&mut self) {
-        if self.bytes.capacity() > 64 << 20 {
+        let tape_bytes = self.tape.0.capacity() * std::mem::size_of::<simd_json::Node<'_>>();
+        if self.bytes.capacity() > 64 << 20 || tape_bytes > 64 << 20 {
             *self = Scratch::default();
         }
     }
@@ -665,15 +779,12 @@ pub async fn admit(
     // simd-json parses in place: check a copy, forward the original bytes.
     let checked = {
         let mut sc = scratch.borrow_mut();
-        let Scratch { bytes, buffers } = &mut *sc;
-        bytes.clear();
-        bytes.extend_from_slice(&buffered.body);
         let r = check_json_in(
             kind_owned.as_kind(),
-            bytes,
+            &buffered.body,
             rules,
             rr.schema.as_deref(),
-            buffers,
+            &mut sc,
         )
         .map(|c| {
             (
@@ -966,8 +1077,8 @@ mod tests {
             (r#"[1,2]"#, Some("")),
         ];
         for (body, want) in cases {
-            let mut b = body.as_bytes().to_vec();
-            let got = check_json(JsonKind::Schema, &mut b, &rules, Some(&schema));
+            let b = body.as_bytes().to_vec();
+            let got = check_json(JsonKind::Schema, &b, &rules, Some(&schema));
             match (got, want) {
                 (Ok(_), None) => {}
                 (Err(r), Some(p)) => {
@@ -991,10 +1102,10 @@ mod tests {
         assert!(depth_within(br#"["\"[[[[[[[["]"#, 1));
         let deep = "[".repeat(100_000);
         assert!(!depth_within(deep.as_bytes(), 64));
-        let mut b = deep.into_bytes();
+        let b = deep.into_bytes();
         let (rules, _) = rules_with_route_schema("{}");
         assert_eq!(
-            check_json(JsonKind::Schema, &mut b, &rules, None)
+            check_json(JsonKind::Schema, &b, &rules, None)
                 .unwrap_err()
                 .reason,
             "json_too_deep"
@@ -1012,16 +1123,16 @@ mod tests {
             br#"{"x":{"model":"a","model":"b"}}"#,
             br#"[{"k":1,"j":2,"k":3}]"#,
         ] {
-            let mut b = body.to_vec();
+            let b = body.to_vec();
             assert_eq!(
-                parse(&mut b, limits).unwrap_err().reason,
+                parse(&b, limits).unwrap_err().reason,
                 "duplicate_key",
                 "{}",
                 String::from_utf8_lossy(body)
             );
         }
-        let mut b = br#"{"a":{"a":1},"b":[{"a":2}]}"#.to_vec();
-        assert!(parse(&mut b, limits).is_ok());
+        let b = br#"{"a":{"a":1},"b":[{"a":2}]}"#.to_vec();
+        assert!(parse(&b, limits).is_ok());
     }
 
     #[test]
@@ -1029,9 +1140,9 @@ mod tests {
         assert_eq!(scan(b"[1,2,3,4,5]", 8, 3), Err(ScanError::TooManyElements));
         assert_eq!(scan(br#"["a,b,c,d,e,f"]"#, 8, 3), Ok(()));
         let (rules, _) = rules_with_route_schema("{}");
-        let mut b = format!("[{}0]", "0,".repeat(rules.json.max_elements)).into_bytes();
+        let b = format!("[{}0]", "0,".repeat(rules.json.max_elements)).into_bytes();
         assert_eq!(
-            check_json(JsonKind::Schema, &mut b, &rules, None)
+            check_json(JsonKind::Schema, &b, &rules, None)
                 .unwrap_err()
                 .reason,
             "json_too_many_elements"
@@ -1065,12 +1176,12 @@ mod tests {
             max_depth: 8,
             max_elements: 10,
         };
-        let mut b = b"[1,2,3,4,5,6,7,8,9,10,11]".to_vec();
+        let b = b"[1,2,3,4,5,6,7,8,9,10,11]".to_vec();
         assert_eq!(
-            parse(&mut b, limits).unwrap_err().reason,
+            parse(&b, limits).unwrap_err().reason,
             "json_too_many_elements"
         );
-        let mut b = b"[1,2,3]".to_vec();
-        assert!(parse(&mut b, limits).is_ok());
+        let b = b"[1,2,3]".to_vec();
+        assert!(parse(&b, limits).is_ok());
     }
 }

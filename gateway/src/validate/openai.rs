@@ -1,9 +1,7 @@
 //! OpenAI-compatible requests: `/v1/chat/completions`, `/v1/completions`,
 //! `/v1/embeddings` (checked), `GET /v1/models` (answered by the gateway).
 
-use simd_json::prelude::*;
-use simd_json::BorrowedValue as Value;
-
+use super::json::{Json, JsonArr, JsonObj, Node};
 use super::{pointer, Rejection, Seg};
 use crate::catalog::{Catalog, Model, Unresolved, Version};
 
@@ -39,21 +37,50 @@ const ROLES: [&str; 6] = [
 ];
 
 /// Check a request body for `ep` and resolve its model.
-pub fn check<'c>(
+pub fn check<'a, 'c, J: Json<'a>>(
     ep: Endpoint,
-    body: &Value<'_>,
+    body: J,
     catalog: &'c Catalog,
     version_header: Option<&str>,
 ) -> Result<(&'c std::sync::Arc<Model>, &'c Version, Facts), Rejection> {
-    let Value::Object(obj) = body else {
+    let Some(obj) = body.as_obj() else {
         return Err(Rejection::at(
             "",
             "not_an_object",
             "the body must be a JSON object",
         ));
     };
-    let model = match obj.get("model") {
-        Some(Value::String(s)) if !s.is_empty() => s.as_ref(),
+    // One pass over the members picks out every field checked below.
+    let mut f = Fields {
+        model: None,
+        messages: None,
+        prompt: None,
+        input: None,
+        max_tokens: None,
+        max_completion_tokens: None,
+        temperature: None,
+        top_p: None,
+        n: None,
+        stream: None,
+    };
+    for (k, v) in obj.iter() {
+        let slot = match k {
+            "model" => &mut f.model,
+            "messages" => &mut f.messages,
+            "prompt" => &mut f.prompt,
+            "input" => &mut f.input,
+            "max_tokens" => &mut f.max_tokens,
+            "max_completion_tokens" => &mut f.max_completion_tokens,
+            "temperature" => &mut f.temperature,
+            "top_p" => &mut f.top_p,
+            "n" => &mut f.n,
+            "stream" => &mut f.stream,
+            _ => continue,
+        };
+        slot.get_or_insert(v);
+    }
+    let model = match f.model {
+        Some(v) if v.as_str().is_some_and(|s| !s.is_empty()) => v.as_str().unwrap_or_default(),
         Some(_) => {
             return Err(Rejection::at(
                 "/model",
@@ -93,15 +120,18 @@ pub fn check<'c>(
 
     // What the prompt costs, estimated without a tokenizer: ~4 bytes a token.
     let (prompt_key, prompt_tokens) = match ep {
-        Endpoint::Chat => ("messages", chat_messages(obj.get("messages"))?),
-        Endpoint::Completions => ("prompt", prompt_like(obj.get("prompt"), "prompt", true)?),
-        Endpoint::Embeddings => ("input", prompt_like(obj.get("input"), "input", true)?),
+        Endpoint::Chat => ("messages", chat_messages(f.messages)?),
+        Endpoint::Completions => ("prompt", prompt_like(f.prompt, "prompt", true)?),
+        Endpoint::Embeddings => ("input", prompt_like(f.input, "input", true)?),
         Endpoint::Models | Endpoint::Other => ("", 0),
     };
 
     let mut max_out = None;
-    for key in ["max_tokens", "max_completion_tokens"] {
-        if let Some(x) = obj.get(key) {
+    for (key, field) in [
+        ("max_tokens", f.max_tokens),
+        ("max_completion_tokens", f.max_completion_tokens),
+    ] {
+        if let Some(x) = field {
             let n = x.as_u64().filter(|&n| n >= 1).ok_or_else(|| {
                 Rejection::at(
                     format!("/{key}"),
@@ -122,9 +152,9 @@ pub fn check<'c>(
             max_out = Some(max_out.map_or(n, |m: u64| m.max(n)));
         }
     }
-    range(obj.get("temperature"), "temperature", lim.temperature)?;
-    range(obj.get("top_p"), "top_p", lim.top_p)?;
-    if let Some(x) = obj.get("n") {
+    range(f.temperature, "temperature", lim.temperature)?;
+    range(f.top_p, "top_p", lim.top_p)?;
+    if let Some(x) = f.n {
         let n = x
             .as_u64()
             .filter(|&n| n >= 1)
@@ -137,7 +167,7 @@ pub fn check<'c>(
             ));
         }
     }
-    if let Some(x) = obj.get("stream") {
+    if let Some(x) = f.stream {
         if x.as_bool().is_none() {
             return Err(Rejection::at(
                 "/stream",
@@ -157,7 +187,7 @@ pub fn check<'c>(
             ));
         }
     }
-    let stream = obj.get("stream").and_then(|x| x.as_bool()).unwrap_or(false);
+    let stream = f.stream.and_then(|x| x.as_bool()).unwrap_or(false);
     Ok((
         m,
         v,
@@ -168,6 +198,20 @@ pub fn check<'c>(
             pinned: version_header.is_some() || model.contains('@'),
         },
     ))
+}
+
+/// The top-level fields the checks read.
+struct Fields<J> {
+    model: Option<J>,
+    messages: Option<J>,
+    prompt: Option<J>,
+    input: Option<J>,
+    max_tokens: Option<J>,
+    max_completion_tokens: Option<J>,
+    temperature: Option<J>,
+    top_p: Option<J>,
+    n: Option<J>,
+    stream: Option<J>,
 }
 
 /// What later stages (quotas, cost accounting) need from a request body,
@@ -184,9 +228,9 @@ pub struct Facts {
     pub pinned: bool,
 }
 
-fn range(v: Option<&Value<'_>>, key: &str, (lo, hi): (f64, f64)) -> Result<(), Rejection> {
+fn range<'a, J: Json<'a>>(v: Option<J>, key: &str, (lo, hi): (f64, f64)) -> Result<(), Rejection> {
     let Some(v) = v else { return Ok(()) };
-    match v.cast_f64() {
+    match v.as_number() {
         Some(x) if x >= lo && x <= hi => Ok(()),
         Some(_) => Err(Rejection::at(
             format!("/{key}"),
@@ -206,7 +250,7 @@ fn tokens_of(bytes: usize) -> u64 {
     (bytes as u64).div_ceil(4)
 }
 
-fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
+fn chat_messages<'a, J: Json<'a>>(v: Option<J>) -> Result<u64, Rejection> {
     let Some(v) = v else {
         return Err(Rejection::at(
             "/messages",
@@ -214,7 +258,7 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
             "`messages` is required",
         ));
     };
-    let Value::Array(msgs) = v else {
+    let Some(msgs) = v.as_arr() else {
         return Err(Rejection::at(
             "/messages",
             "invalid_messages",
@@ -231,15 +275,15 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
     let mut bytes = 0usize;
     for (i, m) in msgs.iter().enumerate() {
         let at = |k: &str| pointer([Seg::Key("messages"), Seg::Index(i), Seg::Key(k)]);
-        let Value::Object(m) = m else {
+        let Some(m) = m.as_obj() else {
             return Err(Rejection::at(
                 pointer([Seg::Key("messages"), Seg::Index(i)]),
                 "invalid_message",
                 "each message must be an object",
             ));
         };
-        let role = match m.get("role") {
-            Some(Value::String(r)) if ROLES.contains(&r.as_ref()) => r.as_ref(),
+        let role = match m.get("role").and_then(|r| r.as_str()) {
+            Some(r) if ROLES.contains(&r) => r,
             _ => {
                 return Err(Rejection::at(
                     at("role"),
@@ -248,9 +292,9 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
                 ))
             }
         };
-        match m.get("content") {
-            Some(Value::String(s)) => bytes += s.len(),
-            Some(Value::Array(parts)) => {
+        match m.get("content").map(|c| c.node()) {
+            Some(Node::Str(s)) => bytes += s.len(),
+            Some(Node::Arr(parts)) => {
                 for (j, p) in parts.iter().enumerate() {
                     let part_at = |k: Option<&str>| {
                         let mut segs = vec![
@@ -262,16 +306,16 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
                         segs.extend(k.map(Seg::Key));
                         pointer(segs)
                     };
-                    let Value::Object(p) = p else {
+                    let Some(p) = p.as_obj() else {
                         return Err(Rejection::at(
                             part_at(None),
                             "invalid_content",
                             "each content part must be an object",
                         ));
                     };
-                    match p.get("type") {
-                        Some(Value::String(t)) if t == "text" => match p.get("text") {
-                            Some(Value::String(s)) => bytes += s.len(),
+                    match p.get("type").and_then(|t| t.as_str()) {
+                        Some("text") => match p.get("text").and_then(|t| t.as_str()) {
+                            Some(s) => bytes += s.len(),
                             _ => {
                                 return Err(Rejection::at(
                                     part_at(Some("text")),
@@ -280,8 +324,8 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
                                 ))
                             }
                         },
-                        Some(Value::String(_)) => {}
-                        _ => {
+                        Some(_) => {}
+                        None => {
                             return Err(Rejection::at(
                                 part_at(Some("type")),
                                 "invalid_content",
@@ -292,7 +336,7 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
                 }
             }
             // Assistant turns that only call tools carry no content.
-            Some(Value::Static(simd_json::StaticNode::Null)) | None if role == "assistant" => {}
+            Some(Node::Null) | None if role == "assistant" => {}
             _ => {
                 return Err(Rejection::at(
                     at("content"),
@@ -307,7 +351,11 @@ fn chat_messages(v: Option<&Value<'_>>) -> Result<u64, Rejection> {
 
 /// `prompt`/`input`: a string, an array of strings, an array of token ids, or
 /// an array of arrays of token ids.
-fn prompt_like(v: Option<&Value<'_>>, key: &'static str, required: bool) -> Result<u64, Rejection> {
+fn prompt_like<'a, J: Json<'a>>(
+    v: Option<J>,
+    key: &'static str,
+    required: bool,
+) -> Result<u64, Rejection> {
     let bad = || {
         Rejection::at(
             format!("/{key}"),
@@ -322,35 +370,39 @@ fn prompt_like(v: Option<&Value<'_>>, key: &'static str, required: bool) -> Resu
             format!("`{key}` is required"),
         )),
         None => Ok(0),
-        Some(Value::String(s)) => Ok(tokens_of(s.len())),
-        Some(Value::Array(items)) => {
-            let mut tokens = 0u64;
-            for (i, it) in items.iter().enumerate() {
-                match it {
-                    Value::String(s) => tokens = tokens.saturating_add(tokens_of(s.len())),
-                    Value::Static(_) if it.as_u64().is_some() => tokens = tokens.saturating_add(1),
-                    Value::Array(ids) => {
-                        if let Some(j) = ids.iter().position(|x| x.as_u64().is_none()) {
-                            return Err(Rejection::at(
-                                pointer([Seg::Key(key), Seg::Index(i), Seg::Index(j)]),
+        Some(v) => {
+            match v.node() {
+                Node::Str(s) => Ok(tokens_of(s.len())),
+                Node::Arr(items) => {
+                    let mut tokens = 0u64;
+                    for (i, it) in items.iter().enumerate() {
+                        match it.node() {
+                            Node::Str(s) => tokens = tokens.saturating_add(tokens_of(s.len())),
+                            Node::Int(_) | Node::Uint(_) if it.as_u64().is_some() => {
+                                tokens = tokens.saturating_add(1)
+                            }
+                            Node::Arr(ids) => {
+                                if let Some(j) = ids.iter().position(|x| x.as_u64().is_none()) {
+                                    return Err(Rejection::at(
+                                        pointer([Seg::Key(key), Seg::Index(i), Seg::Index(j)]),
+                                        "invalid_prompt",
+                                        "token ids must be non-negative integers",
+                                    ));
+                                }
+                                tokens += ids.len() as u64;
+                            }
+                            _ => return Err(Rejection::at(
+                                pointer([Seg::Key(key), Seg::Index(i)]),
                                 "invalid_prompt",
-                                "token ids must be non-negative integers",
-                            ));
+                                "each item must be a string, a token id or an array of token ids",
+                            )),
                         }
-                        tokens += ids.len() as u64;
                     }
-                    _ => {
-                        return Err(Rejection::at(
-                            pointer([Seg::Key(key), Seg::Index(i)]),
-                            "invalid_prompt",
-                            "each item must be a string, a token id or an array of token ids",
-                        ))
-                    }
+                    Ok(tokens)
                 }
+                _ => Err(bad()),
             }
-            Ok(tokens)
         }
-        Some(_) => Err(bad()),
     }
 }
 
@@ -419,9 +471,17 @@ mod tests {
         let c = catalog();
         let mut b = body.as_bytes().to_vec();
         let v = simd_json::to_borrowed_value(&mut b).unwrap();
-        check(ep, &v, &c, None)
-            .map(|(m, v, _)| format!("{}@{}", m.name, v))
-            .map_err(|r| (r.status, r.reason, r.pointer))
+        let dom = check(ep, &v, &c, None)
+            .map(|(m, v, f)| (format!("{}@{}", m.name, v), f))
+            .map_err(|r| (r.status, r.reason, r.pointer));
+        // The gateway checks simd-json's tape: it must answer the same.
+        let mut b = body.as_bytes().to_vec();
+        let tape = simd_json::to_tape(&mut b).unwrap();
+        let on_tape = check(ep, super::super::json::Tape::root(&tape.0), &c, None)
+            .map(|(m, v, f)| (format!("{}@{}", m.name, v), f))
+            .map_err(|r| (r.status, r.reason, r.pointer));
+        assert_eq!(dom, on_tape, "{body}");
+        dom.map(|(m, _)| m)
     }
 
     #[test]
