@@ -268,6 +268,18 @@ pub enum ClientAuth {
     Required,
 }
 
+/// `[[tls.listeners]]`: mutual TLS for one TLS listener, in place of the
+/// `[tls]` default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    /// One of `tls.listen`.
+    pub listen: String,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    pub client_ca: Option<PathBuf>,
+}
+
 /// One certificate chain and its private key (PEM files).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -298,6 +310,8 @@ pub struct TlsSettings {
     /// How often to check the certificate files for changes; "0s": only on SIGHUP.
     #[serde(deserialize_with = "duration")]
     pub reload_check: Duration,
+    /// Per-listener client authentication (overrides `client_auth`/`client_ca`).
+    pub listeners: Vec<TlsListener>,
 }
 
 impl Default for TlsSettings {
@@ -312,6 +326,7 @@ impl Default for TlsSettings {
             client_auth: ClientAuth::None,
             client_ca: None,
             reload_check: Duration::from_secs(5),
+            listeners: Vec::new(),
         }
     }
 }
@@ -1486,6 +1501,31 @@ impl Config {
         }
         if tls_settings.client_auth != ClientAuth::None && tls_settings.client_ca.is_none() {
             err("tls.client_auth".into(), "mutual TLS needs tls.client_ca (the CA bundle client certificates are checked against)".into());
+        }
+        let mut overridden = Vec::new();
+        for (i, l) in tls_settings.listeners.iter_mut().enumerate() {
+            l.client_ca = l.client_ca.take().map(|p| base.join(p));
+            match l.listen.parse::<SocketAddr>() {
+                Ok(sa) if !tls_listen.contains(&sa) => err(
+                    format!("tls.listeners[{i}].listen"),
+                    format!("{sa} is not in tls.listen"),
+                ),
+                Ok(sa) if overridden.contains(&sa) => err(
+                    format!("tls.listeners[{i}].listen"),
+                    format!("{sa} has two [[tls.listeners]] entries"),
+                ),
+                Ok(sa) => overridden.push(sa),
+                Err(_) => err(
+                    format!("tls.listeners[{i}].listen"),
+                    format!("`{}` is not an IP:port such as \"0.0.0.0:9443\"", l.listen),
+                ),
+            }
+            if l.client_auth != ClientAuth::None && l.client_ca.is_none() {
+                err(
+                    format!("tls.listeners[{i}].client_auth"),
+                    "mutual TLS needs client_ca (the CA bundle client certificates are checked against)".into(),
+                );
+            }
         }
         let tls = if tls_listen.is_empty() {
             None

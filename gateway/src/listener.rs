@@ -20,8 +20,9 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     TcpListener::bind_with_config(addr, &opts)
 }
 
-/// Accept connections until the worker drains; `tls`: a TLS listener.
-pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: bool) {
+/// Accept connections until the worker drains; `tls`: the address of a TLS
+/// listener (its client-authentication policy depends on it).
+pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: Option<SocketAddr>) {
     loop {
         if w.draining.get() {
             return;

@@ -45,11 +45,17 @@ enum Next {
 }
 
 /// Serve every request of one client connection, in order.
-pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, w: Rc<Worker>, tls: bool) {
+/// `tls`: the TLS listener's address, for a connection accepted on one.
+pub async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    w: Rc<Worker>,
+    tls: Option<SocketAddr>,
+) {
     let _ = stream.set_nodelay(true);
     // Stage 2: tls (on TLS listeners).
-    let mut client = if tls {
-        match crate::tls::terminate(stream, peer, &w).await {
+    let mut client = if let Some(local) = tls {
+        match crate::tls::terminate(stream, peer, local, &w).await {
             Some(c) => c,
             None => return,
         }

@@ -409,7 +409,7 @@ async fn worker_main(driver: &'static str, start: WorkerStart) {
     let mut listeners = Vec::new();
     for (a, tls) in &listen {
         match listener::bind(*a, backlog) {
-            Ok(l) => listeners.push((l, *tls)),
+            Ok(l) => listeners.push((l, tls.then_some(*a))),
             Err(e) => {
                 let _ = tx.send(Msg::Failed {
                     worker: id,

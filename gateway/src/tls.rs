@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -189,11 +190,14 @@ impl Resolver {
     }
 }
 
-/// The TLS stage's shared state: the rustls config every worker uses.
-/// Rebuilt on reload (new handshakes get the new one; established
-/// connections keep theirs).
+/// The TLS stage's shared state: the rustls configs every worker uses (the
+/// `[tls]` default, and one per `[[tls.listeners]]` entry). Rebuilt on
+/// reload (new handshakes get the new one; established connections keep
+/// theirs).
 pub struct Tls {
     pub config: Arc<ServerConfig>,
+    /// Listeners with their own client authentication.
+    pub listeners: Vec<(SocketAddr, Arc<ServerConfig>)>,
     pub resolver: Arc<Resolver>,
     pub handshake_timeout: Duration,
 }
@@ -207,64 +211,132 @@ impl fmt::Debug for Tls {
     }
 }
 
+/// Resumption state kept across reloads (a SIGHUP must not make every
+/// client do a full handshake again), per client-authentication policy: a
+/// ticket or cached session issued under one policy never resumes under
+/// another (no resuming past a newly required client certificate).
+struct Resumption {
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    cache: Arc<dyn rustls::server::StoresServerSessions>,
+}
+
+fn resumption(policy: String, cache_size: usize) -> Result<Arc<Resumption>, String> {
+    static KEPT: std::sync::Mutex<Vec<(String, Arc<Resumption>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let key = format!("{policy} cache={cache_size}");
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = kept.iter().find(|(k, _)| *k == key) {
+        return Ok(r.clone());
+    }
+    let r = Arc::new(Resumption {
+        // TLS 1.3 tickets, keys rotated every 6 h (rustls' ticketer).
+        ticketer: rustls::crypto::ring::Ticketer::new().map_err(|e| format!("tls: {e}"))?,
+        cache: rustls::server::ServerSessionMemoryCache::new(cache_size),
+    });
+    // Bounded: a policy no longer in the config is dropped after a few reloads.
+    if kept.len() >= 16 {
+        kept.remove(0);
+    }
+    kept.push((key, r.clone()));
+    Ok(r)
+}
+
 impl Tls {
     /// Build from `[tls]`; errors name the file or setting.
     pub fn new(s: &TlsSettings) -> Result<Tls, String> {
         let resolver = Arc::new(Resolver::load(s)?);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let versions: &[&'static rustls::SupportedProtocolVersion] = match s.min_version {
-            TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-            TlsVersion::V1_3 => &[&rustls::version::TLS13],
-        };
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(versions)
-            .map_err(|e| format!("tls: {e}"))?;
-        let builder = match (&s.client_ca, s.client_auth) {
-            (_, ClientAuth::None) => builder.with_no_client_auth(),
-            (None, _) => return Err("tls.client_auth needs tls.client_ca".into()),
-            (Some(ca), mode) => {
-                let mut roots = RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca)
-                    .map_err(|e| format!("{}: {e}", ca.display()))?
-                {
-                    let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
-                    roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
-                }
-                if roots.is_empty() {
-                    return Err(format!("{}: no CA certificate in the file", ca.display()));
-                }
-                let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-                let v = if mode == ClientAuth::Optional {
-                    v.allow_unauthenticated()
-                } else {
-                    v
-                };
-                builder.with_client_cert_verifier(
-                    v.build().map_err(|e| format!("tls.client_ca: {e}"))?,
-                )
-            }
-        };
-        let mut config = builder.with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        if s.session_tickets {
-            // TLS 1.3 tickets, keys rotated every 6 h (rustls' ticketer).
-            config.ticketer =
-                rustls::crypto::ring::Ticketer::new().map_err(|e| format!("tls: {e}"))?;
+        let config = server_config(s, &resolver, s.client_auth, s.client_ca.as_deref())?;
+        let mut listeners = Vec::new();
+        for l in &s.listeners {
+            let addr: SocketAddr = l
+                .listen
+                .parse()
+                .map_err(|_| format!("tls.listeners: `{}` is not an IP:port", l.listen))?;
+            let c = server_config(s, &resolver, l.client_auth, l.client_ca.as_deref())?;
+            listeners.push((addr, Arc::new(c)));
         }
-        config.session_storage = rustls::server::ServerSessionMemoryCache::new(s.session_cache);
-        // Answer a client's close_notify, and don't keep writing into a dead peer.
-        config.send_half_rtt_data = false;
         Ok(Tls {
             config: Arc::new(config),
+            listeners,
             resolver,
             handshake_timeout: s.handshake_timeout,
         })
     }
 
-    /// A server-side session for a new connection.
-    pub fn accept(&self) -> Result<ServerConnection, rustls::Error> {
-        ServerConnection::new(self.config.clone())
+    /// A server-side session for a new connection on the TLS listener `local`.
+    pub fn accept(&self, local: SocketAddr) -> Result<ServerConnection, rustls::Error> {
+        let config = self
+            .listeners
+            .iter()
+            .find(|(a, _)| *a == local)
+            .map_or(&self.config, |(_, c)| c);
+        ServerConnection::new(config.clone())
     }
+}
+
+/// One rustls config: `[tls]` with the given client authentication.
+fn server_config(
+    s: &TlsSettings,
+    resolver: &Arc<Resolver>,
+    client_auth: ClientAuth,
+    client_ca: Option<&Path>,
+) -> Result<ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match s.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("tls: {e}"))?;
+    let policy = match (client_ca, client_auth) {
+        (_, ClientAuth::None) => "none".to_string(),
+        (Some(ca), mode) => {
+            // The CA's content too: a replaced bundle must not let sessions
+            // verified under the old one resume.
+            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            let digest = ring::digest::digest(&ring::digest::SHA256, &pem);
+            let hex: String = digest.as_ref()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{mode:?} {} {hex}", ca.display())
+        }
+        (None, _) => return Err("tls.client_auth needs tls.client_ca".into()),
+    };
+    let builder = match (client_ca, client_auth) {
+        (_, ClientAuth::None) => builder.with_no_client_auth(),
+        (None, _) => return Err("tls.client_auth needs tls.client_ca".into()),
+        (Some(ca), mode) => {
+            let mut roots = RootCertStore::empty();
+            for c in
+                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
+            {
+                let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{}: no CA certificate in the file", ca.display()));
+            }
+            let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let v = if mode == ClientAuth::Optional {
+                v.allow_unauthenticated()
+            } else {
+                v
+            };
+            builder.with_client_cert_verifier(v.build().map_err(|e| format!("tls.client_ca: {e}"))?)
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let kept = resumption(policy, s.session_cache)?;
+    if s.session_tickets {
+        config.ticketer = kept.ticketer.clone();
+    }
+    config.session_storage = kept.cache.clone();
+    // Answer a client's close_notify, and don't keep writing into a dead peer.
+    config.send_half_rtt_data = false;
+    Ok(config)
 }
 
 /// A TLS failure, by kind, for `gateway_tls_handshake_errors_total{kind}`.
@@ -290,13 +362,14 @@ pub fn error_kind(e: &rustls::Error) -> &'static str {
 /// when it failed (counted and logged; the connection is closed).
 pub async fn terminate(
     stream: monoio::net::TcpStream,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
+    local: SocketAddr,
     w: &crate::worker::Worker,
 ) -> Option<crate::io::Conn> {
     use crate::io::{Conn, HandshakeError};
     let cur = w.current();
     let tls = cur.shared.tls.as_ref()?;
-    let session = match tls.accept() {
+    let session = match tls.accept(local) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start a TLS session");

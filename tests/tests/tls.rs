@@ -463,3 +463,85 @@ fn large_bodies_cross_tls_intact() {
     // And the connection is still good for the next request.
     assert_eq!(c.get("/", "api.test").unwrap().0, 200);
 }
+
+/// `[[tls.listeners]]`: one TLS listener requires client certificates, the
+/// other (the `[tls]` default) does not; both serve the same routes.
+#[test]
+fn mutual_tls_per_listener() {
+    let p = pki();
+    let clients = Ca::new("client CA");
+    std::fs::write(p.dir.join("clients-ca.pem"), &clients.pem).unwrap();
+    let backend = Backend::start("tls");
+    let (open_port, mtls_port) = (free_port(), free_port());
+    let body = format!(
+        "{}\n[tls]\nlisten = [\"127.0.0.1:{open_port}\", \"127.0.0.1:{mtls_port}\"]\nhandshake_timeout = \"1s\"\n\
+         [[tls.listeners]]\nlisten = \"127.0.0.1:{mtls_port}\"\nclient_auth = \"required\"\nclient_ca = \"{d}/clients-ca.pem\"\n\
+         [[tls.certificates]]\ncert = \"{d}/api.crt\"\nkey = \"{d}/api.key\"\n",
+        one_cluster(backend.addr),
+        d = p.dir.display()
+    );
+    let g = Gateway::start(Spec::new(Driver::Auto, &body));
+    let open: SocketAddr = format!("127.0.0.1:{open_port}").parse().unwrap();
+    let mtls: SocketAddr = format!("127.0.0.1:{mtls_port}").parse().unwrap();
+
+    let mut o = ClientOpts::trusting(&p.ca.pem);
+    let mut c = connect(open, "api.test", o.config()).expect("no client certificate needed");
+    assert_eq!(c.get("/", "api.test").unwrap().0, 200);
+    let refused =
+        connect(mtls, "api.test", o.config()).and_then(|mut c| c.get("/", "api.test").map(|_| ()));
+    assert!(
+        refused.is_err(),
+        "the mTLS listener refuses a client without a certificate"
+    );
+
+    o.client_cert = Some(clients.client("svc-a"));
+    let mut c = connect(mtls, "api.test", o.config()).expect("mTLS handshake");
+    assert_eq!(c.get("/", "api.test").unwrap().0, 200);
+    assert!(g.wait_metric(&["gateway_tls_handshake_errors_total"], 1.0) >= 1.0);
+
+    // A listener entry must name one of tls.listen.
+    let bad = format!(
+        "{}\n[tls]\nlisten = [\"127.0.0.1:{open_port}\"]\n[[tls.listeners]]\nlisten = \"127.0.0.1:1\"\n\
+         [[tls.certificates]]\ncert = \"{d}/api.crt\"\nkey = \"{d}/api.key\"\n",
+        one_cluster(backend.addr),
+        d = p.dir.display()
+    );
+    let file = p.dir.join("bad-listeners.toml");
+    std::fs::write(&file, bad).unwrap();
+    let out = std::process::Command::new(gateway_bin())
+        .args(["check-config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tls.listeners[0].listen"), "{text}");
+}
+
+/// Session tickets survive a configuration reload: a client resumes after
+/// SIGHUP instead of paying a full handshake again.
+#[test]
+fn resumption_survives_a_reload() {
+    let p = pki();
+    let (g, addr, _b) = start(&p, Driver::Auto, "");
+    let cfg = ClientOpts::trusting(&p.ca.pem).config();
+    let mut c = connect(addr, "api.test", cfg.clone()).unwrap();
+    // The ticket arrives after the handshake: one request makes sure it's read.
+    assert_eq!(c.get("/", "api.test").unwrap().0, 200);
+    drop(c);
+    let before = g.metric(&["gateway_config_reloads_total", "result=\"ok\""]);
+    g.signal(libc::SIGHUP);
+    assert!(
+        g.wait_metric(
+            &["gateway_config_reloads_total", "result=\"ok\""],
+            before + 1.0
+        ) > before
+    );
+    let mut c = connect(addr, "api.test", cfg).unwrap();
+    assert!(
+        c.resumed(),
+        "the ticket issued before the reload still resumes"
+    );
+    assert_eq!(c.get("/", "api.test").unwrap().0, 200);
+}

@@ -291,9 +291,9 @@ fn check_outputs<'a, J: Json<'a>>(outputs: J) -> Result<(), Rejection> {
                 "each requested output must be an object",
             ));
         };
-        if o
-            .get("name")
-            .and_then(|n| n.as_str()).is_none_or(|s| s.is_empty())
+        if o.get("name")
+            .and_then(|n| n.as_str())
+            .is_none_or(|s| s.is_empty())
         {
             return Err(Rejection::at(
                 pointer([Seg::Key("outputs"), Seg::Index(k), Seg::Key("name")]),
