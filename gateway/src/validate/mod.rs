@@ -324,20 +324,24 @@ fn check_json_with<'c>(
     elide: bool,
 ) -> Result<Checked<'c>, Rejection> {
     match check_once(kind, body, rules, route_schema, scratch, elide) {
+        // Unsure about elided data: check again with every value parsed.
         Err(Outcome::Recheck) => {
-            match check_once(kind, body, rules, route_schema, scratch, false) {
-                Ok(c) => Ok(c),
-                Err(Outcome::Rejected(r)) => Err(r),
-                // Nothing elided, nothing to re-check; never reached.
-                Err(Outcome::Recheck) => Err(Rejection::new(
-                    400,
-                    "invalid_json",
-                    "the body is not valid JSON (RFC 8259, UTF-8)",
-                )),
-            }
+            check_once(kind, body, rules, route_schema, scratch, false).map_err(settled)
         }
-        Ok(c) => Ok(c),
-        Err(Outcome::Rejected(r)) => Err(r),
+        r => r.map_err(settled),
+    }
+}
+
+/// The rejection of a check that elided nothing (so never asks for a
+/// re-check; should it, the body is refused rather than admitted unchecked).
+fn settled(o: Outcome) -> Rejection {
+    match o {
+        Outcome::Rejected(r) => r,
+        Outcome::Recheck => Rejection::new(
+            400,
+            "invalid_json",
+            "the body is not valid JSON (RFC 8259, UTF-8)",
+        ),
     }
 }
 
@@ -413,15 +417,7 @@ pub fn check_parsed<'a, 'c, J: Json<'a>>(
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
 ) -> Result<Checked<'c>, Rejection> {
-    check_tree(kind, v, rules, route_schema, &[]).map_err(|o| match o {
-        Outcome::Rejected(r) => r,
-        // Only elided data asks for a re-check; nothing was elided here.
-        Outcome::Recheck => Rejection::new(
-            400,
-            "invalid_json",
-            "the body is not valid JSON (RFC 8259, UTF-8)",
-        ),
-    })
+    check_tree(kind, v, rules, route_schema, &[]).map_err(settled)
 }
 
 fn check_tree<'a, 'c, J: Json<'a>>(
@@ -1133,6 +1129,29 @@ mod tests {
                 .reason,
             "json_too_deep"
         );
+    }
+
+    /// Small bodies skip the pre-scan: simd-json builds their tape without
+    /// recursion and the limits are checked on it in one loop, so no depth
+    /// exhausts a stack either way.
+    #[test]
+    fn deep_small_bodies_are_refused_on_the_tape() {
+        let (rules, _) = rules_with_route_schema("{}");
+        for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+            let n = (PRESCAN_ABOVE / (open.len() + close.len())) - 1;
+            let body = format!("{}1{}", open.repeat(n), close.repeat(n));
+            assert!(body.len() <= PRESCAN_ABOVE);
+            assert_eq!(
+                check_json(JsonKind::Schema, body.as_bytes(), &rules, None)
+                    .unwrap_err()
+                    .reason,
+                "json_too_deep"
+            );
+        }
+        let ok = format!("{}1{}", "[".repeat(64), "]".repeat(64));
+        assert!(check_json(JsonKind::Schema, ok.as_bytes(), &rules, None).is_ok());
+        let deep = format!("{}1{}", "[".repeat(65), "]".repeat(65));
+        assert!(check_json(JsonKind::Schema, deep.as_bytes(), &rules, None).is_err());
     }
 
     #[test]
