@@ -6,6 +6,9 @@
 //! 3. http codec (`codec.rs`) — read and check one request head
 //! 4. route match (`route.rs`) — host/path/method → a configured route, or 404
 //! 5. authn (`authn.rs`) — who is calling, or 401
+//!    then the early part of stage 8: a caller already over a request rate
+//!    that doesn't depend on the body (ip, principal, tenant, route) gets its
+//!    429 here, before its body is read
 //! 6. validate (`validate/`) — content type, JSON shape, protocol (OpenAI,
 //!    KServe v2) and model catalogue checks; may answer itself (`/v1/models`)
 //! 7. authz (`authz.rs`) — may this identity use this model, or 403
@@ -157,6 +160,45 @@ pub async fn serve_connection(
             }
         };
 
+        // Stage 8, early: a request-rate refusal that depends only on the
+        // caller is answered here, before the body is read and checked.
+        rl_headers.clear();
+        if let Some(r) = rate_limit_early(
+            &identity,
+            route,
+            peer,
+            &w,
+            &cur,
+            &rid,
+            started,
+            &mut rl_headers,
+        ) {
+            let close =
+                !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
+            client.consume(head.head_len);
+            w.metrics.inc(
+                &w.metrics.requests,
+                &[&route.name, status_label(r.status())],
+                1,
+            );
+            respond_refusal(
+                &mut client,
+                &cur,
+                &r,
+                &rl_headers,
+                &rid,
+                close,
+                head.is_head,
+                &mut out,
+            )
+            .await;
+            if close {
+                linger = true;
+                break;
+            }
+            continue;
+        }
+
         // Stage 6: validate.
         let verdict = match validate::admit(
             &mut client,
@@ -287,23 +329,11 @@ pub async fn serve_connection(
                     &[&route.name, status_label(r.status())],
                     1,
                 );
-                let body = ErrorBody {
-                    status: r.status(),
-                    error_type: if r.status() == 429 {
-                        "rate_limit_exceeded"
-                    } else {
-                        "service_unavailable"
-                    },
-                    message: r.message(),
-                    code: Some(r.limit.as_str()),
-                    param: None,
-                    retry_after: Some(r.retry_after_s),
-                    headers: &rl_headers,
-                };
-                respond_body(
+                respond_refusal(
                     &mut client,
                     &cur,
-                    &body,
+                    &r,
+                    &rl_headers,
                     &rid,
                     close,
                     head.is_head,
@@ -745,20 +775,97 @@ fn rate_limit(
             Ok(Some(a))
         }
         Err(r) => {
-            let (level, limit) = (r.level.as_str(), r.limit.as_str());
-            w.metrics.inc(
-                &w.metrics.ratelimit,
-                &[&route.name, "refused", level, limit],
-                1,
-            );
-            if let Some(s) = r.shown {
-                s.write_headers(p.headers, headers);
-            }
-            tracing::info!(target: "ratelimit", request_id = rid, client = %peer.ip(), principal, tenant, route = route.name.as_str(),
-                model, level, limit, cost_tokens = tokens, retry_after_s = r.retry_after_s, "request refused by a rate limit");
+            note_refusal(&r, p, &subject, w, rid, headers);
             Err(r)
         }
     }
+}
+
+/// Count, log and write the headers of a rate-limit refusal.
+fn note_refusal(
+    r: &crate::ratelimit::Refusal,
+    p: &crate::ratelimit::Policies,
+    s: &crate::ratelimit::Subject<'_>,
+    w: &Worker,
+    rid: &str,
+    headers: &mut String,
+) {
+    let (level, limit) = (r.level.as_str(), r.limit.as_str());
+    w.metrics
+        .inc(&w.metrics.ratelimit, &[s.route, "refused", level, limit], 1);
+    if let Some(shown) = r.shown {
+        shown.write_headers(p.headers, headers);
+    }
+    tracing::info!(target: "ratelimit", request_id = rid, client = %s.ip, principal = s.principal, tenant = s.tenant, route = s.route,
+        model = s.model, level, limit, cost_tokens = s.tokens, retry_after_s = r.retry_after_s, "request refused by a rate limit");
+}
+
+/// The early part of the ratelimit stage, before the body is read: a
+/// request-rate refusal at a level that depends only on the caller and the
+/// route (charges nothing; the full stage runs after validation).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one stage's inputs, each from a different earlier stage"
+)]
+fn rate_limit_early(
+    identity: &Option<std::sync::Arc<crate::authn::Identity>>,
+    route: &crate::route::Route,
+    peer: SocketAddr,
+    w: &Worker,
+    cur: &Current,
+    rid: &str,
+    started: Instant,
+    headers: &mut String,
+) -> Option<crate::ratelimit::Refusal> {
+    let p = cur.shared.ratelimit.as_ref()?;
+    let (principal, tenant) = identity
+        .as_deref()
+        .map(|i| (i.principal.as_str(), i.tenant.as_str()))
+        .unwrap_or(("", ""));
+    let subject = crate::ratelimit::Subject {
+        ip: peer.ip(),
+        principal,
+        tenant,
+        route: &route.name,
+        model: "",
+        tokens: 0,
+    };
+    let r = cur.shared.limiter.refuse_early(p, &subject, started)?;
+    note_refusal(&r, p, &subject, w, rid, headers);
+    Some(r)
+}
+
+/// Answer a rate-limit refusal: 429 (or 503 for a fail-closed level whose
+/// Redis is down) with the JSON error shape, `Retry-After` and the
+/// rate-limit headers.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection, the refusal and how to answer it"
+)]
+async fn respond_refusal(
+    client: &mut Conn,
+    cur: &Current,
+    r: &crate::ratelimit::Refusal,
+    headers: &str,
+    rid: &str,
+    close: bool,
+    is_head: bool,
+    out: &mut Vec<u8>,
+) {
+    let body = ErrorBody {
+        status: r.status(),
+        error_type: if r.status() == 429 {
+            "rate_limit_exceeded"
+        } else {
+            "service_unavailable"
+        },
+        message: r.message(),
+        code: Some(r.limit.as_str()),
+        param: None,
+        retry_after: Some(r.retry_after_s),
+        headers,
+    };
+    respond_body(client, cur, &body, rid, close, is_head, out).await;
 }
 
 /// Keep only the head of a response in `out` (answers to HEAD).

@@ -607,3 +607,47 @@ fn two_gateways_share_a_tenant_limit_through_redis_and_survive_its_loss() {
     }
     assert!((20..=22).contains(&ok), "{ok}");
 }
+
+/// A caller already over its request rate is refused before its body is
+/// read: the 429 comes back while a 4 MiB upload has barely started (the
+/// gateway neither waits for nor checks a body it would refuse anyway).
+#[test]
+fn over_the_rate_refused_before_the_body_is_read() {
+    use std::io::{Read, Write};
+    let (g, _b) = start("[ratelimit.principal]\nrequests_per_second = 0.01\nburst = 1\n");
+    assert_eq!(chat(g.addr, ALICE, "llama-3-8b", 16, false).status, 200);
+
+    let mut s = std::net::TcpStream::connect(g.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-api-key: {ALICE}\r\n\r\n",
+        4 << 20
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&[b' '; 1024]).unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("no answer before the body was sent: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Another caller is unaffected, and the refusal is counted once.
+    assert_eq!(chat(g.addr, BOB, "llama-3-8b", 16, false).status, 200);
+    let refused = g.wait_metric(
+        &[
+            "gateway_ratelimit_decisions_total",
+            "level=\"principal\"",
+            "result=\"refused\"",
+        ],
+        1.0,
+    );
+    assert_eq!(refused, 1.0);
+}

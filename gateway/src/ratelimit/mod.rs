@@ -115,6 +115,15 @@ impl Gcra {
         }
     }
 
+    /// What [`Gcra::take`] would answer for `cost` now, without taking:
+    /// `Some(ns until it would pass)` when it would refuse.
+    #[inline]
+    pub fn would_wait(&self, cell: &AtomicU64, cost: u64, now: u64) -> Option<u64> {
+        let inc = cost.min(self.burst).saturating_mul(self.t_ns);
+        let ahead = cell.load(Ordering::Relaxed).max(now).saturating_add(inc) - now;
+        (ahead > self.tau_ns).then(|| ahead - self.tau_ns)
+    }
+
     /// Give back (or charge more than) what was taken: `units` may be negative.
     pub fn adjust(&self, cell: &AtomicU64, units: i64) {
         let d = units.unsigned_abs().saturating_mul(self.t_ns);
@@ -660,6 +669,66 @@ impl Limiter {
         self.state(level, s.key_str(level).as_bytes())
     }
 
+    /// Before the request body is read: the refusal [`Limiter::admit_at`]
+    /// would give for the request rate of a level that doesn't depend on the
+    /// body (ip, principal, tenant, route), for keys already tracked. Charges
+    /// nothing, so the full check still runs once the body is validated; a
+    /// refusal here spares reading and checking a body that would be refused
+    /// anyway (escalation counts it like any other refusal).
+    pub fn refuse_early(&self, p: &Policies, s: &Subject<'_>, at: Instant) -> Option<Refusal> {
+        let now = at.saturating_duration_since(self.epoch).as_nanos() as u64;
+        let redis_down =
+            self.redis_configured.load(Ordering::Relaxed) && !self.redis_up.load(Ordering::Relaxed);
+        for level in LEVELS {
+            if level == Level::Model {
+                continue;
+            }
+            let Some(lp) = p.level(level, s) else {
+                continue;
+            };
+            let Some(g) = lp.requests else { continue };
+            if redis_down && lp.fail_closed && level.synced() {
+                continue; // the full check answers 503 for it
+            }
+            let mut ip = [0u8; 16];
+            let key: &[u8] = if level == Level::Ip {
+                let n = s.ip_key(&mut ip);
+                &ip[..n]
+            } else {
+                s.key_str(level).as_bytes()
+            };
+            let wait = {
+                let Some(st) = self.levels[level as usize].map.get(key) else {
+                    continue;
+                };
+                g.would_wait(&st.req, 1, now)
+            };
+            let Some(wait) = wait else { continue };
+            let retry = wait.div_ceil(1_000_000_000).max(1);
+            if let Some(esc) = &p.escalation {
+                // No map guard is held here (one lock order).
+                let ip = self.key_state(Level::Ip, s);
+                if !ip.is_overflow() {
+                    self.note_refusal(esc, &ip, s, now);
+                }
+            }
+            return Some(Refusal {
+                level,
+                limit: Limit::Requests,
+                retry_after_s: retry,
+                shown: Some(Shown {
+                    level,
+                    window: "",
+                    quota: g.burst,
+                    window_s: g.window_s(),
+                    remaining: 0,
+                    reset_s: retry,
+                }),
+            });
+        }
+        None
+    }
+
     /// [`Limiter::admit_at`] now.
     pub fn admit(&self, p: &Policies, s: &Subject<'_>) -> Result<Admission, Refusal> {
         self.admit_at(p, s, Instant::now())
@@ -1117,6 +1186,44 @@ mod tests {
             1000 - 3,
             "a:t ok, a:u ok, the refused one given back, this one"
         );
+    }
+
+    /// The check before the body: refuses exactly when the request-rate
+    /// bucket of a caller-only level is empty, and charges nothing.
+    #[test]
+    fn early_refusal_peeks_without_charging() {
+        let s = settings(
+            "[tenant]\nrequests_per_second = 0.001\nburst = 2\n[model]\nrequests_per_second = 0.001\nburst = 1\n",
+        );
+        let p = Policies::new(&s);
+        let l = Limiter::new(&s, None, None);
+        let now = Instant::now();
+        // Unknown keys: nothing to refuse yet.
+        assert!(l.refuse_early(&p, &subject("a", "t"), now).is_none());
+        assert!(l.admit_at(&p, &subject("a", "t"), now).is_ok());
+        // Peeking many times takes nothing: one more request still passes.
+        for _ in 0..5 {
+            assert!(l.refuse_early(&p, &subject("a", "t"), now).is_none());
+        }
+        // (The pipeline passes the request's arrival time to both checks.)
+        // The model level (known only after validation) is left to the full check.
+        let r = l
+            .admit_at(&p, &subject("a", "t"), now)
+            .err()
+            .expect("model refuses");
+        assert_eq!(r.level, Level::Model);
+        let mut other_model = subject("a", "t");
+        other_model.model = "n";
+        assert!(l.admit_at(&p, &other_model, now).is_ok());
+        let r = l
+            .refuse_early(&p, &subject("b", "t"), now)
+            .expect("tenant bucket empty");
+        assert_eq!(
+            (r.level, r.limit, r.status()),
+            (Level::Tenant, Limit::Requests, 429)
+        );
+        assert!(r.retry_after_s >= 1);
+        assert!(l.refuse_early(&p, &subject("b", "u"), now).is_none());
     }
 
     #[test]
