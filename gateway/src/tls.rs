@@ -198,6 +198,10 @@ pub struct Tls {
     pub config: Arc<ServerConfig>,
     /// Listeners with their own client authentication.
     pub listeners: Vec<(SocketAddr, Arc<ServerConfig>)>,
+    /// `tls.listen` as configured now. A socket bound under an earlier
+    /// config (the listen list needs a restart) that is no longer in it gets
+    /// no handshake: its client-auth policy may have been removed with it.
+    pub listen: Vec<SocketAddr>,
     pub resolver: Arc<Resolver>,
     pub handshake_timeout: Duration,
 }
@@ -255,9 +259,11 @@ impl Tls {
             let c = server_config(s, &resolver, l.client_auth, l.client_ca.as_deref())?;
             listeners.push((addr, Arc::new(c)));
         }
+        let listen = s.listen.iter().filter_map(|a| a.parse().ok()).collect();
         Ok(Tls {
             config: Arc::new(config),
             listeners,
+            listen,
             resolver,
             handshake_timeout: s.handshake_timeout,
         })
@@ -265,6 +271,11 @@ impl Tls {
 
     /// A server-side session for a new connection on the TLS listener `local`.
     pub fn accept(&self, local: SocketAddr) -> Result<ServerConnection, rustls::Error> {
+        if !self.listen.contains(&local) {
+            return Err(rustls::Error::General(format!(
+                "{local} is no longer in tls.listen (restart to apply); handshake refused"
+            )));
+        }
         let config = self
             .listeners
             .iter()
@@ -289,42 +300,39 @@ fn server_config(
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .map_err(|e| format!("tls: {e}"))?;
-    let policy = match (client_ca, client_auth) {
-        (_, ClientAuth::None) => "none".to_string(),
+    let (builder, policy) = match (client_ca, client_auth) {
+        (_, ClientAuth::None) => (builder.with_no_client_auth(), "none".to_string()),
+        (None, _) => return Err("tls.client_auth needs tls.client_ca".into()),
         (Some(ca), mode) => {
-            // The CA's content too: a replaced bundle must not let sessions
-            // verified under the old one resume.
+            // Read once: the roots and the resumption policy key (which
+            // includes the bundle's content, so sessions verified under a
+            // replaced bundle never resume) come from the same bytes.
             let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-            let digest = ring::digest::digest(&ring::digest::SHA256, &pem);
-            let hex: String = digest.as_ref()[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            format!("{mode:?} {} {hex}", ca.display())
-        }
-        (None, _) => return Err("tls.client_auth needs tls.client_ca".into()),
-    };
-    let builder = match (client_ca, client_auth) {
-        (_, ClientAuth::None) => builder.with_no_client_auth(),
-        (None, _) => return Err("tls.client_auth needs tls.client_ca".into()),
-        (Some(ca), mode) => {
             let mut roots = RootCertStore::empty();
-            for c in
-                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
-            {
+            for c in CertificateDer::pem_slice_iter(&pem) {
                 let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
                 roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
             }
             if roots.is_empty() {
                 return Err(format!("{}: no CA certificate in the file", ca.display()));
             }
+            let digest = ring::digest::digest(&ring::digest::SHA256, &pem);
+            let hex: String = digest.as_ref()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let v = if mode == ClientAuth::Optional {
                 v.allow_unauthenticated()
             } else {
                 v
             };
-            builder.with_client_cert_verifier(v.build().map_err(|e| format!("tls.client_ca: {e}"))?)
+            (
+                builder.with_client_cert_verifier(
+                    v.build().map_err(|e| format!("tls.client_ca: {e}"))?,
+                ),
+                format!("{mode:?} {} {hex}", ca.display()),
+            )
         }
     };
     let mut config = builder.with_cert_resolver(resolver.clone());

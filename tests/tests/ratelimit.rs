@@ -637,7 +637,10 @@ fn over_the_rate_refused_before_the_body_is_read() {
     }
     let text = String::from_utf8_lossy(&got).to_string();
     assert!(text.starts_with("HTTP/1.1 429"), "{text}");
-    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
     // Another caller is unaffected, and the refusal is counted once.
     assert_eq!(chat(g.addr, BOB, "llama-3-8b", 16, false).status, 200);

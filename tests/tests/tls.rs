@@ -499,6 +499,33 @@ fn mutual_tls_per_listener() {
     assert_eq!(c.get("/", "api.test").unwrap().0, 200);
     assert!(g.wait_metric(&["gateway_tls_handshake_errors_total"], 1.0) >= 1.0);
 
+    // A reload that drops the mTLS port from tls.listen (a restart would
+    // unbind it) must not leave it serving without client certificates.
+    let reloaded = format!(
+        "{}\n[tls]\nlisten = [\"127.0.0.1:{open_port}\"]\nhandshake_timeout = \"1s\"\n\
+         [[tls.certificates]]\ncert = \"{d}/api.crt\"\nkey = \"{d}/api.key\"\n",
+        one_cluster(backend.addr),
+        d = p.dir.display()
+    );
+    g.rewrite_config(&reloaded);
+    let before = g.metric(&["gateway_config_reloads_total", "result=\"ok\""]);
+    g.signal(libc::SIGHUP);
+    assert!(
+        g.wait_metric(
+            &["gateway_config_reloads_total", "result=\"ok\""],
+            before + 1.0
+        ) > before
+    );
+    let anonymous = ClientOpts::trusting(&p.ca.pem);
+    let refused = connect(mtls, "api.test", anonymous.config())
+        .and_then(|mut c| c.get("/", "api.test").map(|_| ()));
+    assert!(
+        refused.is_err(),
+        "the unlisted port refuses handshakes until a restart"
+    );
+    let mut c = connect(open, "api.test", anonymous.config()).expect("the open port still serves");
+    assert_eq!(c.get("/", "api.test").unwrap().0, 200);
+
     // A listener entry must name one of tls.listen.
     let bad = format!(
         "{}\n[tls]\nlisten = [\"127.0.0.1:{open_port}\"]\n[[tls.listeners]]\nlisten = \"127.0.0.1:1\"\n\

@@ -671,10 +671,12 @@ impl Limiter {
 
     /// Before the request body is read: the refusal [`Limiter::admit_at`]
     /// would give for the request rate of a level that doesn't depend on the
-    /// body (ip, principal, tenant, route), for keys already tracked. Charges
+    /// body (ip, principal, tenant, route), for keys already tracked — only
+    /// while every level before it has nothing but a request rate (otherwise
+    /// the full check might refuse earlier, for another reason). Charges
     /// nothing, so the full check still runs once the body is validated; a
-    /// refusal here spares reading and checking a body that would be refused
-    /// anyway (escalation counts it like any other refusal).
+    /// refusal here is exactly the one the full check would give (escalation
+    /// counted the same way), minus reading and checking the body.
     pub fn refuse_early(&self, p: &Policies, s: &Subject<'_>, at: Instant) -> Option<Refusal> {
         let now = at.saturating_duration_since(self.epoch).as_nanos() as u64;
         let redis_down =
@@ -686,10 +688,15 @@ impl Limiter {
             let Some(lp) = p.level(level, s) else {
                 continue;
             };
-            let Some(g) = lp.requests else { continue };
             if redis_down && lp.fail_closed && level.synced() {
-                continue; // the full check answers 503 for it
+                return None; // the full check answers 503 here
             }
+            let Some(g) = lp.requests else {
+                if lp.tokens.is_some() || lp.concurrency > 0 {
+                    return None;
+                }
+                continue;
+            };
             let mut ip = [0u8; 16];
             let key: &[u8] = if level == Level::Ip {
                 let n = s.ip_key(&mut ip);
@@ -703,7 +710,19 @@ impl Limiter {
                 };
                 g.would_wait(&st.req, 1, now)
             };
-            let Some(wait) = wait else { continue };
+            let Some(wait) = wait else {
+                // The full check goes on to this level's cost, concurrency
+                // and quota, unknown here (or not peeked): a refusal there
+                // would come first, with its own code and escalation rule.
+                // Only answer early what the full check would answer.
+                if lp.tokens.is_some()
+                    || lp.concurrency > 0
+                    || (level == Level::Tenant && lp.quota.any())
+                {
+                    return None;
+                }
+                continue;
+            };
             let retry = wait.div_ceil(1_000_000_000).max(1);
             if let Some(esc) = &p.escalation {
                 // No map guard is held here (one lock order).
@@ -1224,6 +1243,26 @@ mod tests {
         );
         assert!(r.retry_after_s >= 1);
         assert!(l.refuse_early(&p, &subject("b", "u"), now).is_none());
+    }
+
+    /// Early refusals are only the ones the full check would give: behind a
+    /// level with a concurrency or token limit (not peeked) nothing is
+    /// answered early.
+    #[test]
+    fn early_refusal_stops_behind_limits_it_cannot_peek() {
+        let s = settings(
+            "[principal]\nconcurrency = 1\n[route]\nrequests_per_second = 0.001\nburst = 1\n",
+        );
+        let p = Policies::new(&s);
+        let l = Limiter::new(&s, None, None);
+        let now = Instant::now();
+        let held = l.admit_at(&p, &subject("a", "t"), now).expect("first");
+        // The route bucket is empty now, but the full check refuses at the
+        // principal's concurrency first (a code that is never escalated).
+        assert!(l.refuse_early(&p, &subject("a", "t"), now).is_none());
+        let r = l.admit_at(&p, &subject("a", "t"), now).err().unwrap();
+        assert_eq!(r.limit, Limit::Concurrency);
+        drop(held);
     }
 
     #[test]

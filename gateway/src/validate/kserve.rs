@@ -185,8 +185,11 @@ pub fn check_infer<'a, J: Json<'a>>(
 
     let mut names = Names::new(inputs.len());
     let mut elements: u64 = 0;
+    // Summaries come in input order: one cursor, no search per input.
+    let mut next = elided.iter().peekable();
     for (i, input) in inputs.iter().enumerate() {
-        let summary = elided.iter().find(|d| d.input == i);
+        while next.next_if(|d| d.input < i).is_some() {}
+        let summary = next.next_if(|d| d.input == i);
         let n = check_input(i, input, &mut names, summary)?;
         elements = elements.saturating_add(n);
     }
@@ -1146,6 +1149,17 @@ mod tests {
             "18446744073709551615",
             "18446744073709551616",
             "123456789012345678",
+            "4e-4294967258",
+            "1e-4294967291",
+            "2e-4294966988",
+            "0e99999999999",
+            "1e-400",
+            "1e-05",
+            "2.5e+07",
+            "9.9e99",
+            "1e100",
+            "0.1e-99",
+            "1.2345678901234567e3",
             "true",
             "null",
             "\"x\"",

@@ -648,7 +648,8 @@ impl Scratch {
     /// big tensors), but not beyond 64 MiB of body.
     fn trim(&mut self) {
         let tape_bytes = self.tape.0.capacity() * std::mem::size_of::<simd_json::Node<'_>>();
-        if self.bytes.capacity() > 64 << 20 || tape_bytes > 64 << 20 {
+        let elided_bytes = self.elided.capacity() * std::mem::size_of::<kserve::DataSummary>();
+        if self.bytes.capacity() > 64 << 20 || tape_bytes > 64 << 20 || elided_bytes > 16 << 20 {
             *self = Scratch::default();
         }
     }

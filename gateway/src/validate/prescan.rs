@@ -317,6 +317,11 @@ fn numbers(bytes: &[u8], start: usize, room: usize) -> Option<(usize, DataSummar
     }
 }
 
+/// Exponent digits the fast path reads (|e| ≤ 99: with ≤ 19 mantissa
+/// digits every value is a normal f64, rounded the same by any correct
+/// parser).
+const MAX_EXP_DIGITS: usize = 2;
+
 /// One JSON number at `bytes[i]`, folded into `s`. Returns the index past it,
 /// or `None` for invalid syntax or a number this fast path leaves to the
 /// parser.
@@ -344,6 +349,7 @@ fn number(bytes: &[u8], start: usize, s: &mut DataSummary) -> Option<usize> {
         return None;
     }
     let mut float = false;
+    let mut frac_digits = 0;
     if bytes.get(i) == Some(&b'.') {
         i += 1;
         let frac_start = i;
@@ -353,6 +359,7 @@ fn number(bytes: &[u8], start: usize, s: &mut DataSummary) -> Option<usize> {
         if i == frac_start {
             return None;
         }
+        frac_digits = i - frac_start;
         float = true;
     }
     let mut exponent = false;
@@ -365,7 +372,11 @@ fn number(bytes: &[u8], start: usize, s: &mut DataSummary) -> Option<usize> {
         while let Some(b'0'..=b'9') = bytes.get(i) {
             i += 1;
         }
-        if i == exp_start {
+        // Only what both parsers read identically: at most 19 digits (the
+        // parser's exact path) and a 1–2 digit exponent (no overflow, no
+        // underflow, no wrapping of a huge exponent). Anything else is the
+        // parser's to read.
+        if i == exp_start || i - exp_start > MAX_EXP_DIGITS || int_digits + frac_digits > 19 {
             return None;
         }
         exponent = true;
@@ -460,6 +471,12 @@ mod tests {
             r#"{"inputs":[{"data":[-]}]}"#,
             r#"{"inputs":[{"data":[+1]}]}"#,
             r#"{"inputs":[{"data":[1,]}]}"#,
+            // Exponents the parser reads its own way (huge, wrapping, long).
+            r#"{"inputs":[{"data":[4e-4294967258]}]}"#,
+            r#"{"inputs":[{"data":[0e99999999999]}]}"#,
+            r#"{"inputs":[{"data":[1e-400]}]}"#,
+            r#"{"inputs":[{"data":[1e100]}]}"#,
+            r#"{"inputs":[{"data":[1.2345678901234567890e5]}]}"#,
             r#"{"inputs":[{"data":[,1]}]}"#,
             r#"{"inputs":[{"data":[1 2]}]}"#,
             r#"{"inputs":[{"data":[1"#,
