@@ -1,10 +1,15 @@
 //! KServe v2 / Open Inference Protocol: the REST inference request check.
 //!
-//! Runs on the simd-json borrowed DOM that [`super::parse`] produced, before
-//! the request reaches a model server. Tensor requests are 1–16 MiB, so the
-//! data walk allocates nothing per value: it dispatches once per input on the
-//! datatype to a monomorphised leaf predicate, iterates with explicit indices,
-//! and only builds a JSON pointer when it is about to report a failure.
+//! Runs on the parsed body (simd-json's tape in the gateway, through the
+//! [`super::json::Json`] view), before the request reaches a model server.
+//! Tensor `data` arrays made only of numbers usually arrive already checked
+//! by the pre-scan as a [`DataSummary`] (see `prescan.rs`); this module
+//! accepts an input from its summary only when that proves it valid, and
+//! asks for a full re-check ([`Outcome::Recheck`]) otherwise. When it walks
+//! the data itself, the walk allocates nothing per value: it dispatches once
+//! per input on the datatype to a monomorphised leaf predicate, iterates
+//! without indexing, and only builds a JSON pointer when it is about to
+//! report a failure.
 //!
 //! Every failure is a 422 [`Rejection`] with a stable `reason` (the metric
 //! label), a pointer to the offending field, and a message that names the

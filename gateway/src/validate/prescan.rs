@@ -25,7 +25,7 @@ pub enum ScanError {
 }
 
 /// Nesting depth of a JSON text, scanned without building anything, so a
-/// deeply nested body is refused before a recursive DOM builder sees it.
+/// deeply nested body is refused before anything is built from it.
 /// Returns false as soon as `max` is exceeded.
 pub fn depth_within(bytes: &[u8], max: usize) -> bool {
     scan(bytes, max, usize::MAX).is_ok()
