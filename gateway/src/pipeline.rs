@@ -176,14 +176,11 @@ pub async fn serve_connection(
             let close =
                 !head.keep_alive || head.body_kind() != codec::BodyKind::Empty || w.draining.get();
             client.consume(head.head_len);
-            w.metrics.inc(
-                &w.metrics.requests,
-                &[&route.name, status_label(r.status())],
-                1,
-            );
             respond_refusal(
                 &mut client,
+                &w,
                 &cur,
+                &route.name,
                 &r,
                 &rl_headers,
                 &rid,
@@ -324,14 +321,11 @@ pub async fn serve_connection(
             Ok(a) => a,
             Err(r) => {
                 let close = refused_after_validate(&mut client, &head, &verdict.admitted, &w);
-                w.metrics.inc(
-                    &w.metrics.requests,
-                    &[&route.name, status_label(r.status())],
-                    1,
-                );
                 respond_refusal(
                     &mut client,
+                    &w,
                     &cur,
+                    &route.name,
                     &r,
                     &rl_headers,
                     &rid,
@@ -835,16 +829,18 @@ fn rate_limit_early(
     Some(r)
 }
 
-/// Answer a rate-limit refusal: 429 (or 503 for a fail-closed level whose
-/// Redis is down) with the JSON error shape, `Retry-After` and the
-/// rate-limit headers.
+/// Count and answer a rate-limit refusal: 429 (or 503 for a fail-closed
+/// level whose Redis is down) with the JSON error shape, `Retry-After` and
+/// the rate-limit headers.
 #[expect(
     clippy::too_many_arguments,
     reason = "the connection, the refusal and how to answer it"
 )]
 async fn respond_refusal(
     client: &mut Conn,
+    w: &Worker,
     cur: &Current,
+    route: &str,
     r: &crate::ratelimit::Refusal,
     headers: &str,
     rid: &str,
@@ -865,6 +861,8 @@ async fn respond_refusal(
         retry_after: Some(r.retry_after_s),
         headers,
     };
+    w.metrics
+        .inc(&w.metrics.requests, &[route, status_label(r.status())], 1);
     respond_body(client, cur, &body, rid, close, is_head, out).await;
 }
 

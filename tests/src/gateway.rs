@@ -198,6 +198,17 @@ impl Gateway {
         .unwrap();
     }
 
+    /// SIGHUP, and wait until the gateway reports one more successful reload.
+    pub fn reload(&self) {
+        let ok = ["gateway_config_reloads_total", "result=\"ok\""];
+        let before = self.metric(&ok);
+        self.signal(libc::SIGHUP);
+        assert!(
+            self.wait_metric(&ok, before + 1.0) > before,
+            "the reload was not applied"
+        );
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -96,6 +96,15 @@ pub struct JsonLimits {
     pub max_elements: usize,
 }
 
+/// The answer to a body that is not JSON.
+fn invalid_json() -> Rejection {
+    Rejection::new(
+        400,
+        "invalid_json",
+        "the body is not valid JSON (RFC 8259, UTF-8)",
+    )
+}
+
 /// Parse once with simd-json (in place: `body` is rewritten) onto `tape`
 /// (cleared first) and enforce the shape limits. Malformed JSON or invalid
 /// UTF-8 → 400. `extra` values were elided by the pre-scan.
@@ -106,13 +115,7 @@ pub fn parse_onto<'b>(
     tape: &mut simd_json::Tape<'b>,
     extra: u64,
 ) -> Result<(), Rejection> {
-    simd_json::fill_tape(body, buffers, tape).map_err(|_| {
-        Rejection::new(
-            400,
-            "invalid_json",
-            "the body is not valid JSON (RFC 8259, UTF-8)",
-        )
-    })?;
+    simd_json::fill_tape(body, buffers, tape).map_err(|_| invalid_json())?;
     tape_limits(&tape.0, limits, extra)
 }
 
@@ -337,11 +340,7 @@ fn check_json_with<'c>(
 fn settled(o: Outcome) -> Rejection {
     match o {
         Outcome::Rejected(r) => r,
-        Outcome::Recheck => Rejection::new(
-            400,
-            "invalid_json",
-            "the body is not valid JSON (RFC 8259, UTF-8)",
-        ),
+        Outcome::Recheck => invalid_json(),
     }
 }
 
