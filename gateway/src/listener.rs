@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use monoio::net::{ListenerOpts, TcpListener};
 
-use crate::pipeline;
+use crate::http1;
 use crate::worker::Worker;
 
 pub fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
@@ -59,7 +59,7 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: Option<Socke
                 let w2 = w.clone();
                 monoio::spawn(async move {
                     // A bug must cost one connection, not the worker and all of its connections.
-                    if CatchUnwind(pipeline::serve_connection(stream, peer, w2.clone(), tls))
+                    if CatchUnwind(http1::serve_connection(stream, peer, w2.clone(), tls))
                         .await
                         .is_err()
                     {

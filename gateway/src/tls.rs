@@ -372,11 +372,11 @@ pub async fn terminate(
     stream: monoio::net::TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    w: &crate::worker::Worker,
+    tls: &Tls,
+    buffer_size: usize,
+    metrics: &crate::metrics::Metrics,
 ) -> Option<crate::io::Conn> {
     use crate::io::{Conn, HandshakeError};
-    let cur = w.current();
-    let tls = cur.shared.tls.as_ref()?;
     let session = match tls.accept(local) {
         Ok(s) => s,
         Err(e) => {
@@ -384,8 +384,7 @@ pub async fn terminate(
             return None;
         }
     };
-    let mut conn = Conn::new_tls(stream, cur.shared.buffer_size, session);
-    let metrics = &cur.shared.metrics;
+    let mut conn = Conn::new_tls(stream, buffer_size, session);
     match conn.handshake(tls.handshake_timeout).await {
         Ok(()) => {
             let s = conn.tls_session()?;

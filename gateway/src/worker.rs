@@ -16,7 +16,7 @@ use prometheus::IntGauge;
 use crate::config::{Limits, Resolved, Timeouts};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::route::Router;
-use crate::upstream::{Cluster, Pool};
+use crate::pool::{Cluster, Pool};
 
 /// Process-wide shutdown flag, set once from the signal thread.
 pub struct Shutdown {

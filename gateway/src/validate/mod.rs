@@ -22,7 +22,8 @@ use crate::catalog::Catalog;
 use crate::codec::{BodyKind, ChunkedDecoder, RequestHead};
 use crate::config::{Protocol, Resolved, Timeouts};
 use crate::filter::FieldFilter;
-use crate::io::{Conn, ReadError};
+use crate::downstream::Downstream;
+use crate::io::ReadError;
 use crate::route::Route;
 
 /// Why a request was refused by validation. `reason` is the metric label.
@@ -654,8 +655,8 @@ impl Scratch {
     }
 }
 
-pub async fn admit(
-    client: &mut Conn,
+pub async fn admit<D: Downstream>(
+    client: &mut D,
     head: &RequestHead,
     route: &Route,
     rules: &Rules,
@@ -864,8 +865,8 @@ impl OwnedKind {
     }
 }
 
-async fn continue_if_expected(
-    client: &mut Conn,
+async fn continue_if_expected<D: Downstream>(
+    client: &mut D,
     head: &RequestHead,
     t: &Timeouts,
 ) -> Result<(), Refused> {
@@ -891,8 +892,8 @@ fn read_failed(e: ReadError) -> Refused {
 }
 
 /// Read a whole body (bounded by `limit`) and take the request off the client buffer.
-async fn read_whole(
-    client: &mut Conn,
+async fn read_whole<D: Downstream>(
+    client: &mut D,
     head: &RequestHead,
     limit: u64,
     t: &Timeouts,
@@ -977,8 +978,8 @@ async fn read_whole(
 
 /// Wait (bounded) for the first bytes of a streamed body and check them
 /// against the declared media type's signature. Nothing is consumed.
-async fn check_magic(
-    client: &mut Conn,
+async fn check_magic<D: Downstream>(
+    client: &mut D,
     head: &RequestHead,
     media: &str,
     t: &Timeouts,

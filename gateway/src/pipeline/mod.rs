@@ -1,0 +1,191 @@
+//! The request pipeline: every stage of one request, in request order, run
+//! by [`run`] for whichever protocol driver read the request.
+//!
+//! Before it, per connection (the driver's part, [`crate::http1`]):
+//! 0. front door (`xdp/`) — blocked clients dropped at the NIC and at accept
+//! 1. listener (`listener.rs`) — a connection accepted on this worker
+//! 1b. tls (`tls.rs`) — on TLS listeners, a finished handshake
+//! 2. http codec (`codec.rs`) — one strictly parsed request head
+//!
+//! Then the stages, each a function that returns what it found or a
+//! [`Refusal`] (`?` ends the request there):
+//! 3. route (`route.rs`) — host/path/method → a configured route, or 404
+//! 3b. authn (`authn.rs`) — who is calling, or 401
+//! 4c. ratelimit, early (`ratelimit/`) — a caller already over a request
+//!     rate that doesn't depend on the body gets its 429 before the body is read
+//! 4. validate (`validate/`) — content type, JSON shape, protocol (OpenAI,
+//!    KServe v2) and model catalogue checks; may answer itself (`/v1/models`)
+//! 4b. authz (`authz.rs`) — may this identity use this model, or 403
+//! 4c. ratelimit (`ratelimit/`) — rate, cost, concurrency and quota at every
+//!     level that applies, or 429; the admission is held to the response's end
+//! 4d. balance (`balance/`) — the model's pool (or the route's cluster); the
+//!     backend itself is picked when the upstream stage checks a connection out
+//! 5. upstream (`upstream/`) — forward, stream the response back
+//!
+//! then the request's cost is settled against what the backend reported,
+//! and one access-log event and the metrics close it ([`dispatch::finish`];
+//! a refusal's: [`Refusal::record`]). The route is matched before authn (a
+//! route says which methods it accepts) and validation (a route says which
+//! protocol its requests speak); authz and ratelimit need the model
+//! validation found.
+
+mod admission;
+mod dispatch;
+mod refusal;
+
+pub use refusal::{Record, Refusal};
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use crate::codec::{RequestHead, ResponseHead};
+use crate::downstream::Downstream;
+use crate::error::{ClientError, ProxyError};
+use crate::route::Route;
+use crate::validate::{self, Admitted, Verdict};
+use crate::worker::{Current, Worker};
+
+/// One request as the driver hands it over: its parsed head (whose ranges
+/// index the downstream's pending bytes until the head is consumed) and
+/// what the stages learn about it.
+pub struct Incoming {
+    pub head: RequestHead,
+    pub peer: SocketAddr,
+    /// The request id: the client's `x-request-id`, or a fresh one.
+    pub id: String,
+    pub started: Instant,
+    /// The matched route's index (the route stage's finding).
+    pub route: Option<usize>,
+    /// Method and path (without query) for the access log; empty when it is off.
+    pub method: String,
+    pub path: String,
+}
+
+impl Incoming {
+    pub fn new(peer: SocketAddr) -> Incoming {
+        Incoming {
+            head: RequestHead::default(),
+            peer,
+            id: String::with_capacity(40),
+            started: Instant::now(),
+            route: None,
+            method: String::new(),
+            path: String::new(),
+        }
+    }
+
+    /// Start a request whose head was just parsed into `self.head` from
+    /// `buf` (`None`: a head that could not be parsed).
+    pub fn begin(&mut self, buf: Option<&[u8]>, w: &Worker, cur: &Current) {
+        self.started = Instant::now();
+        self.route = None;
+        self.method.clear();
+        self.path.clear();
+        let Some(buf) = buf else {
+            w.new_request_id(&mut self.id);
+            return;
+        };
+        match &self.head.request_id {
+            Some(r) => {
+                self.id.clear();
+                self.id
+                    .push_str(std::str::from_utf8(&buf[r.clone()]).unwrap_or_default());
+            }
+            None => w.new_request_id(&mut self.id),
+        }
+        if cur.shared.access_log {
+            let target = &buf[self.head.target.clone()];
+            let path = &target[..memchr::memchr(b'?', target).unwrap_or(target.len())];
+            self.method
+                .push_str(&String::from_utf8_lossy(&buf[self.head.method.clone()]));
+            self.path.push_str(&String::from_utf8_lossy(path));
+        }
+    }
+}
+
+/// Buffers a connection reuses from one request to the next.
+#[derive(Default)]
+pub struct Scratch {
+    /// Bytes on their way to the client.
+    pub out: Vec<u8>,
+    pub resp_head: ResponseHead,
+    /// Rate-limit header lines for this request's answer.
+    pub limit_headers: String,
+}
+
+impl Scratch {
+    /// After a request: a buffered body that went through `out` doesn't
+    /// keep its memory for the rest of the connection.
+    pub fn trim(&mut self) {
+        if self.out.capacity() > 1 << 20 {
+            self.out = Vec::with_capacity(4096);
+        }
+    }
+}
+
+/// How a request that no stage refused was served.
+pub enum Served {
+    /// A backend's response went to the client (or was cut short once it
+    /// had started); `keep_alive`: the connection may carry another request.
+    Relayed { keep_alive: bool },
+    /// The gateway answers itself: 200 with this JSON body (`GET /v1/models`,
+    /// filtered by what the caller may use). The head is still pending.
+    Answer(Vec<u8>),
+}
+
+/// Run every stage of one request. `Err`: the driver answers with the
+/// refusal (after [`Refusal::record`]); `Ok`: served, see [`Served`].
+pub async fn run<D: Downstream>(
+    d: &mut D,
+    rq: &mut Incoming,
+    w: &Rc<Worker>,
+    cur: &Rc<Current>,
+    s: &mut Scratch,
+) -> Result<Served, Refusal> {
+    let route = route(d.pending(), rq, cur)?; // 3
+    let identity = admission::authenticate(d, rq, route, w, cur)?; // 3b
+    s.limit_headers.clear();
+    admission::rate_limit_early(&identity, route, rq, w, cur, &mut s.limit_headers)?; // 4c, early
+    let verdict = validate(d, rq, route, w, cur).await?; // 4
+    let models = admission::authorize(&identity, &verdict, route, rq, w, cur)?; // 4b
+    let admission = admission::rate_limit(&identity, &verdict, route, rq, w, cur, s)?; // 4c
+    let buffered = match &verdict.admitted {
+        Admitted::Answer(list) => return Ok(dispatch::answer(models, list, route, rq, w, cur)),
+        Admitted::Buffered(b) => Some(b),
+        Admitted::Stream => None,
+    };
+    let cluster = dispatch::balance(&identity, &verdict, route, rq, w, cur); // 4d
+    let req = dispatch::upstream_request(&identity, &verdict, &admission, buffered, route, rq, cluster, d, cur, &s.limit_headers);
+    dispatch::shadow(&verdict, &req, w, cur);
+    let x = crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await; // 5
+    dispatch::settle(admission, &verdict, &x, route, cur);
+    dispatch::finish(rq, route, cluster, &verdict, x, w, cur)
+}
+
+/// Stage 3, route match: the configured route for this host, path and method.
+fn route<'c>(buf: &[u8], rq: &mut Incoming, cur: &'c Current) -> Result<&'c Route, Refusal> {
+    let h = &rq.head;
+    let host = h.host.clone().map(|r| &buf[r]).unwrap_or_default();
+    let route = cur
+        .shared
+        .router
+        .route(host, &buf[h.target.clone()], &buf[h.method.clone()])
+        .ok_or_else(|| Refusal::from_error(ProxyError::Client(ClientError::NoRoute)))?;
+    rq.route = Some(route.index);
+    Ok(route)
+}
+
+/// Stage 4, validate: the request's checks, and the model it asks for.
+async fn validate<D: Downstream>(
+    d: &mut D,
+    rq: &Incoming,
+    route: &Route,
+    w: &Worker,
+    cur: &Current,
+) -> Result<Verdict, Refusal> {
+    let (rules, t) = (&cur.shared.rules, &cur.shared.timeouts);
+    validate::admit(d, &rq.head, route, rules, t, &w.json_scratch)
+        .await
+        .map_err(Refusal::from_validation)
+}

@@ -1,0 +1,187 @@
+//! The one refusal type every stage's "no" becomes, and the one place that
+//! counts and logs it ([`Refusal::record`]). A protocol driver turns it into
+//! its protocol's answer (HTTP/1.1: [`crate::http1`]): the fields say what
+//! to answer and whether the connection can carry another request.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use crate::error::{validation_type, ProxyError};
+use crate::metrics::status_label;
+use crate::worker::{Current, Worker};
+
+use super::Incoming;
+
+/// A request the gateway answers itself with an error.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u16,
+    /// The `type` of the JSON error: stable, documented, safe to show.
+    pub error_type: &'static str,
+    /// Safe to show: names the rule, never the payload or our internals.
+    pub message: Cow<'static, str>,
+    /// Machine-readable reason (a validation rule, a rate limit's name).
+    pub code: Option<&'static str>,
+    /// JSON pointer to the offending field.
+    pub param: Option<String>,
+    /// Seconds for `Retry-After` (429, 503).
+    pub retry_after: Option<u64>,
+    /// 401: the `WWW-Authenticate` challenge (RFC 9110 §11.6.1).
+    pub challenge: Option<&'static str>,
+    /// Answer with the rate-limit headers the ratelimit stage wrote.
+    pub limit_headers: bool,
+    /// The request head is off the client buffer already.
+    pub head_consumed: bool,
+    /// The request body was read to its end (or there is none to read).
+    pub body_read: bool,
+    /// The request's framing can't be trusted any more (RFC 9112 §6.3):
+    /// close after answering.
+    pub must_close: bool,
+    /// The client is gone: nobody to answer.
+    pub client_gone: bool,
+    /// What [`Refusal::record`] counts and logs.
+    pub record: Record,
+}
+
+/// How a refusal is counted, beside `gateway_requests_total{route, status}`.
+#[derive(Debug)]
+pub enum Record {
+    /// A failure of the request or its transport:
+    /// `gateway_request_errors_total{source, kind}`.
+    Error {
+        source: &'static str,
+        kind: &'static str,
+    },
+    /// A policy decision its stage counted and logged (authz audit, rate limit).
+    Decision,
+    /// A validation rejection: `gateway_validation_rejections_total{route, model, reason}`.
+    Validation { model: Option<String> },
+    /// Counted and logged with the exchange already (upstream failures).
+    Counted,
+}
+
+impl Refusal {
+    /// A refusal for a typed proxy error (codec, route, authn, authz, upstream).
+    pub fn from_error(e: ProxyError) -> Refusal {
+        let (source, kind) = e.source_and_kind();
+        let challenge = match e {
+            ProxyError::Client(crate::error::ClientError::Unauthenticated { challenge }) => {
+                Some(challenge)
+            }
+            _ => None,
+        };
+        Refusal {
+            status: e.status(),
+            error_type: e.error_type(),
+            message: Cow::Borrowed(e.public_message()),
+            code: None,
+            param: None,
+            retry_after: (e.status() == 503).then_some(1),
+            challenge,
+            limit_headers: false,
+            head_consumed: false,
+            body_read: false,
+            must_close: e.must_close(),
+            client_gone: e.status() == 499,
+            record: Record::Error { source, kind },
+        }
+    }
+
+    /// The validation stage's refusal.
+    pub fn from_validation(r: crate::validate::Refused) -> Refusal {
+        let j = r.rejection;
+        Refusal {
+            status: j.status,
+            error_type: validation_type(j.status),
+            message: Cow::Owned(j.message),
+            code: Some(j.reason),
+            param: j.pointer,
+            retry_after: None,
+            challenge: None,
+            limit_headers: false,
+            head_consumed: r.consumed,
+            body_read: r.body_read,
+            must_close: false,
+            client_gone: j.status == 499,
+            record: Record::Validation { model: r.model },
+        }
+    }
+
+    /// The ratelimit stage's refusal: 429, or 503 for a fail-closed level
+    /// whose Redis is down, with `Retry-After` and the rate-limit headers.
+    pub fn from_rate_limit(r: &crate::ratelimit::Refusal) -> Refusal {
+        let status = r.status();
+        Refusal {
+            status,
+            error_type: if status == 429 {
+                "rate_limit_exceeded"
+            } else {
+                "service_unavailable"
+            },
+            message: Cow::Borrowed(r.message()),
+            code: Some(r.limit.as_str()),
+            param: None,
+            retry_after: Some(r.retry_after_s),
+            challenge: None,
+            limit_headers: true,
+            head_consumed: false,
+            body_read: false,
+            must_close: false,
+            client_gone: false,
+            record: Record::Decision,
+        }
+    }
+
+    /// A policy decision (counted and logged by its stage).
+    pub fn decision(e: ProxyError) -> Refusal {
+        Refusal {
+            record: Record::Decision,
+            ..Refusal::from_error(e)
+        }
+    }
+
+    /// Refused after the validation stage ran: the body was read (and the
+    /// head consumed) only when validation buffered the request.
+    pub fn after_validation(self, admitted: &crate::validate::Admitted) -> Refusal {
+        let buffered = matches!(admitted, crate::validate::Admitted::Buffered(_));
+        Refusal {
+            head_consumed: buffered,
+            body_read: buffered,
+            ..self
+        }
+    }
+
+    /// Count and log this refusal: the one place every refused request goes
+    /// through, whichever stage refused it and whichever protocol answers.
+    pub fn record(&self, rq: &Incoming, w: &Worker, cur: &Current) {
+        let m = &w.metrics;
+        let route = rq.route.map_or("", |i| cur.shared.router.routes()[i].name.as_str());
+        match &self.record {
+            Record::Counted => return,
+            Record::Error { source, kind } => m.inc(&m.request_errors, &[source, kind], 1),
+            Record::Validation { model } => {
+                let labels = [route, model.as_deref().unwrap_or(""), self.code.unwrap_or("")];
+                m.inc(&m.validation_rejections, &labels, 1);
+            }
+            Record::Decision => {}
+        }
+        m.inc(&m.requests, &[route, status_label(self.status)], 1);
+        if cur.shared.access_log {
+            self.log(rq, route, rq.peer);
+        }
+    }
+
+    fn log(&self, rq: &Incoming, route: &str, peer: SocketAddr) {
+        let error = match &self.record {
+            Record::Error { kind, .. } => kind,
+            _ => self.code.unwrap_or(""),
+        };
+        let message = match self.record {
+            Record::Validation { .. } => "request refused by validation",
+            _ if route.is_empty() => "request rejected",
+            _ => "request refused",
+        };
+        tracing::info!(target: "access", request_id = rq.id.as_str(), client = %peer.ip(), method = rq.method.as_str(),
+            path = rq.path.as_str(), route, status = self.status, error, pointer = self.param.as_deref().unwrap_or(""), "{message}");
+    }
+}
