@@ -1,7 +1,7 @@
 //! The contract between a protocol driver and the request pipeline: what the
 //! pipeline reads of one request, and where it writes the answer.
 //!
-//! A driver (HTTP/1.1 today: [`crate::http1`]) owns the client connection:
+//! A driver (HTTP/1.1 today: `http1/`) owns the client connection:
 //! it reads and parses request heads, decides keep-alive and writes the
 //! gateway's own answers. For the stages that need the request's bytes
 //! (validation reads a JSON body, the upstream stage streams a body to the
@@ -39,8 +39,12 @@ pub trait Downstream {
     /// Receive more request bytes within `d`; `Ok(0)` is the end of the stream.
     async fn fill_timeout(&mut self, d: Duration) -> Result<usize, ReadError>;
     /// Send the first `n` pending bytes to a backend connection and consume them.
-    async fn forward(&mut self, n: usize, dst: &mut TcpStream, d: Duration)
-        -> Result<(), WriteError>;
+    async fn forward(
+        &mut self,
+        n: usize,
+        dst: &mut TcpStream,
+        d: Duration,
+    ) -> Result<(), WriteError>;
     /// Write response bytes within `d`; the buffer comes back for reuse.
     async fn write_all(&mut self, out: Vec<u8>, d: Duration) -> (Result<(), WriteError>, Vec<u8>);
     /// A descriptor whose hang-up means the client is gone (watched while a

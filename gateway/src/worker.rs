@@ -15,8 +15,8 @@ use prometheus::IntGauge;
 
 use crate::config::{Limits, Resolved, Timeouts};
 use crate::metrics::{Metrics, WorkerMetrics};
-use crate::route::Router;
 use crate::pool::{Cluster, Pool};
+use crate::route::Router;
 
 /// Process-wide shutdown flag, set once from the signal thread.
 pub struct Shutdown {

@@ -60,7 +60,11 @@ pub(super) async fn refuse(
         code: r.code,
         param: r.param.as_deref(),
         retry_after: r.retry_after,
-        headers: if r.limit_headers { &s.limit_headers } else { "" },
+        headers: if r.limit_headers {
+            &s.limit_headers
+        } else {
+            ""
+        },
     };
     s.out.clear();
     body.write(&rq.id, !keep, &mut s.out);

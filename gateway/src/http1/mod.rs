@@ -60,7 +60,9 @@ pub async fn serve_connection(
         };
         let after = match served {
             Ok(Served::Relayed { keep_alive }) => After::from_keep_alive(keep_alive),
-            Ok(Served::Answer(body)) => answer::own(&mut client, &rq, &w, &cur, &body, &mut s).await,
+            Ok(Served::Answer(body)) => {
+                answer::own(&mut client, &rq, &w, &cur, &body, &mut s).await
+            }
             Err(r) => {
                 let head_only = rq.head.is_head;
                 answer::refuse(&mut client, &r, &rq, &w, &cur, &mut s, head_only).await
@@ -94,5 +96,13 @@ async fn open(
         return Some(Conn::new(stream, cur.shared.buffer_size));
     };
     let t = cur.shared.tls.as_ref()?;
-    crate::tls::terminate(stream, peer, local, t, cur.shared.buffer_size, &cur.shared.metrics).await
+    crate::tls::terminate(
+        stream,
+        peer,
+        local,
+        t,
+        cur.shared.buffer_size,
+        &cur.shared.metrics,
+    )
+    .await
 }

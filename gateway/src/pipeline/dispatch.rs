@@ -87,7 +87,11 @@ pub(super) fn upstream_request<'a, D: Downstream>(
 ) -> Request<'a> {
     // Tokens were charged: look for the usage the backend reports.
     let scan_usage = admission.as_ref().is_some_and(|a| a.tokens > 0)
-        && cur.shared.ratelimit.as_ref().is_some_and(|p| p.correct_from_usage);
+        && cur
+            .shared
+            .ratelimit
+            .as_ref()
+            .is_some_and(|p| p.correct_from_usage);
     Request {
         head: &rq.head,
         identity: identity.as_deref(),
@@ -121,7 +125,11 @@ pub(super) fn shadow(verdict: &Verdict, req: &Request<'_>, w: &Rc<Worker>, cur: 
         return;
     }
     if w.shadows.get() >= max_inflight {
-        let labels = [m.as_str(), cur.shared.clusters[cluster].name.as_str(), "skipped_busy"];
+        let labels = [
+            m.as_str(),
+            cur.shared.clusters[cluster].name.as_str(),
+            "skipped_busy",
+        ];
         cur.shared.metrics.shadow.with_label_values(&labels).inc();
         return;
     }

@@ -1,7 +1,7 @@
 //! The request pipeline: every stage of one request, in request order, run
 //! by [`run`] for whichever protocol driver read the request.
 //!
-//! Before it, per connection (the driver's part, [`crate::http1`]):
+//! Before it, per connection (the driver's part, `http1/`):
 //! 0. front door (`xdp/`) — blocked clients dropped at the NIC and at accept
 //! 1. listener (`listener.rs`) — a connection accepted on this worker
 //! 1b. tls (`tls.rs`) — on TLS listeners, a finished handshake
@@ -156,7 +156,18 @@ pub async fn run<D: Downstream>(
         Admitted::Stream => None,
     };
     let cluster = dispatch::balance(&identity, &verdict, route, rq, w, cur); // 4d
-    let req = dispatch::upstream_request(&identity, &verdict, &admission, buffered, route, rq, cluster, d, cur, &s.limit_headers);
+    let req = dispatch::upstream_request(
+        &identity,
+        &verdict,
+        &admission,
+        buffered,
+        route,
+        rq,
+        cluster,
+        d,
+        cur,
+        &s.limit_headers,
+    );
     dispatch::shadow(&verdict, &req, w, cur);
     let x = crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await; // 5
     dispatch::settle(admission, &verdict, &x, route, cur);

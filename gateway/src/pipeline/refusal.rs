@@ -1,6 +1,6 @@
 //! The one refusal type every stage's "no" becomes, and the one place that
 //! counts and logs it ([`Refusal::record`]). A protocol driver turns it into
-//! its protocol's answer (HTTP/1.1: [`crate::http1`]): the fields say what
+//! its protocol's answer (HTTP/1.1: `http1/`): the fields say what
 //! to answer and whether the connection can carry another request.
 
 use std::borrow::Cow;
@@ -155,12 +155,18 @@ impl Refusal {
     /// through, whichever stage refused it and whichever protocol answers.
     pub fn record(&self, rq: &Incoming, w: &Worker, cur: &Current) {
         let m = &w.metrics;
-        let route = rq.route.map_or("", |i| cur.shared.router.routes()[i].name.as_str());
+        let route = rq
+            .route
+            .map_or("", |i| cur.shared.router.routes()[i].name.as_str());
         match &self.record {
             Record::Counted => return,
             Record::Error { source, kind } => m.inc(&m.request_errors, &[source, kind], 1),
             Record::Validation { model } => {
-                let labels = [route, model.as_deref().unwrap_or(""), self.code.unwrap_or("")];
+                let labels = [
+                    route,
+                    model.as_deref().unwrap_or(""),
+                    self.code.unwrap_or(""),
+                ];
                 m.inc(&m.validation_rejections, &labels, 1);
             }
             Record::Decision => {}

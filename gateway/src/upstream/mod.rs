@@ -28,7 +28,6 @@ use crate::pool::{Cluster, Slot};
 use crate::route::Route;
 use crate::worker::{Current, Worker};
 
-
 /// After the backend stopped reading an upload: how long to wait for its early answer.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
@@ -338,7 +337,6 @@ fn wait_for(stage: Duration, deadline: Option<Instant>) -> (Duration, bool) {
         None => (stage, false),
     }
 }
-
 
 /// A request's state across its attempts (a stale pooled connection
 /// replaced, another backend after one closed without answering).

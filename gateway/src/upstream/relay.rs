@@ -48,8 +48,17 @@ pub(super) async fn response_head(
     let limits = &cur.shared.limits;
     let up = to.up;
     loop {
-        let (max_bytes, max_headers) = (limits.max_response_header_bytes, limits.max_response_headers);
-        match codec::parse_response(up.conn.pending(), max_bytes, max_headers, req.head.is_head, resp) {
+        let (max_bytes, max_headers) = (
+            limits.max_response_header_bytes,
+            limits.max_response_headers,
+        );
+        match codec::parse_response(
+            up.conn.pending(),
+            max_bytes,
+            max_headers,
+            req.head.is_head,
+            resp,
+        ) {
             Ok(true) if resp.status == 101 => return Err(UpstreamError::BadResponse.into()),
             Ok(true) if (100..200).contains(&resp.status) => {
                 up.conn.consume(resp.head_len);
@@ -64,7 +73,8 @@ pub(super) async fn response_head(
             wait = wait.min(EARLY_ANSWER_WAIT);
         }
         // Nothing of the request is left to stream and nothing was answered.
-        let unanswered = to.body == BodyKind::Empty && up.conn.pending().is_empty() && req.head.idempotent;
+        let unanswered =
+            to.body == BodyKind::Empty && up.conn.pending().is_empty() && req.head.idempotent;
         match up.conn.fill_watching(wait, watch).await {
             Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
             Ok(0) | Err(ReadError::Timeout) | Err(ReadError::Io(_)) if a.upload_cut => {
@@ -80,7 +90,9 @@ pub(super) async fn response_head(
             // A fresh connection closed or reset before any answer: an
             // idempotent request with nothing left to stream goes to
             // another backend, within the cluster's retry budget.
-            Ok(0) | Err(ReadError::Io(_)) if unanswered && another_backend(cur, up, a.failed_on) => {
+            Ok(0) | Err(ReadError::Io(_))
+                if unanswered && another_backend(cur, up, a.failed_on) =>
+            {
                 let cl = &cur.shared.clusters[up.cluster];
                 note_outcome(w, cl, up.backend, false);
                 w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
@@ -178,7 +190,16 @@ pub(super) async fn response<D: Downstream>(
         report_orca(cl, up.backend, up.conn.pending(), resp);
     }
     let watch = client.closed_watch();
-    let f = filter(req, cur, &mut up.conn, resp, framing.up_body, watch, done.deadline).await?;
+    let f = filter(
+        req,
+        cur,
+        &mut up.conn,
+        resp,
+        framing.up_body,
+        watch,
+        done.deadline,
+    )
+    .await?;
     out.clear();
     let head_bytes: &[u8] = f.head_copy.as_deref().unwrap_or(up.conn.pending());
     let length = f.replaced.as_ref().map(|b| b.len() as u64);
@@ -187,7 +208,17 @@ pub(super) async fn response<D: Downstream>(
         up.conn.consume(resp.head_len);
     }
     let mut body = BodyRelay::new(framing, f);
-    relay_body(client, req, cur, &mut up.conn, &mut body, done.deadline, out, x).await?;
+    relay_body(
+        client,
+        req,
+        cur,
+        &mut up.conn,
+        &mut body,
+        done.deadline,
+        out,
+        x,
+    )
+    .await?;
     x.response_started = true;
     let reusable = resp.keep_alive
         && framing.up_body != BodyKind::UntilClose
@@ -379,7 +410,10 @@ impl BodyRelay {
                 Ok((used, finished))
             }
             BodyKind::UntilClose if self.sse.is_some() => {
-                self.sse.as_mut().expect("checked").feed(p, &mut self.sse_out);
+                self.sse
+                    .as_mut()
+                    .expect("checked")
+                    .feed(p, &mut self.sse_out);
                 self.emit_sse(rechunk, false, out, x);
                 Ok((p.len(), false))
             }
@@ -622,4 +656,3 @@ fn abort(x: &mut Exchange, e: UpstreamError) -> Result<(), ProxyError> {
     x.client_keep_alive = false;
     Err(e.into())
 }
-

@@ -6,7 +6,6 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-
 use super::{relay, wait_for, Attempts, Exchange, Request, UpConn, COALESCE_MAX};
 use crate::codec::{self, BodyKind, ChunkedDecoder};
 use crate::config::Timeouts;
@@ -46,7 +45,11 @@ pub(super) async fn request<D: Downstream>(
         a.sent_continue = true;
     }
     let with_head = head_for_backend(client.pending(), req, cur, to.up.addr, to.body, out);
-    let (r, o) = to.up.conn.write_all(std::mem::take(out), timeouts.send).await;
+    let (r, o) = to
+        .up
+        .conn
+        .write_all(std::mem::take(out), timeouts.send)
+        .await;
     // A buffered body went through `out`: don't hold a second copy of it
     // for the rest of a (possibly minutes-long) response.
     *out = if o.capacity() > 1 << 20 {
@@ -70,7 +73,15 @@ pub(super) async fn request<D: Downstream>(
     x.head_consumed = true;
     x.req_bytes = with_head as u64;
     let limit = req.route.max_request_body_bytes;
-    let sent = send_body(client, &mut to.up.conn, to.body, limit, timeouts, to.deadline, x);
+    let sent = send_body(
+        client,
+        &mut to.up.conn,
+        to.body,
+        limit,
+        timeouts,
+        to.deadline,
+        x,
+    );
     match sent.await {
         Ok(()) => x.request_body_done = true,
         Err(ProxyError::Upstream(UpstreamError::Reset)) => a.upload_cut = true,
@@ -99,7 +110,15 @@ fn head_for_backend(
         out.extend_from_slice(&b.body);
         return 0;
     }
-    build_upstream_head(pending, req, s.trust_forwarded, backend, None, identity, out);
+    build_upstream_head(
+        pending,
+        req,
+        s.trust_forwarded,
+        backend,
+        None,
+        identity,
+        out,
+    );
     if let BodyKind::Length(n) = body {
         let p = &pending[req.head.head_len..];
         let k = n.min(p.len() as u64) as usize;
@@ -235,4 +254,3 @@ pub(super) fn build_upstream_head(
         req.request_id
     );
 }
-

@@ -125,4 +125,3 @@ pub fn spawn_shadow(
         inflight.set(inflight.get() - 1);
     });
 }
-

@@ -21,8 +21,8 @@ use kserve::Outcome;
 use crate::catalog::Catalog;
 use crate::codec::{BodyKind, ChunkedDecoder, RequestHead};
 use crate::config::{Protocol, Resolved, Timeouts};
-use crate::filter::FieldFilter;
 use crate::downstream::Downstream;
+use crate::filter::FieldFilter;
 use crate::io::ReadError;
 use crate::route::Route;
 
@@ -655,6 +655,9 @@ impl Scratch {
     }
 }
 
+/// The validation stage for one request: what the route's protocol says
+/// about its head, then its body — streamed (checked from its first bytes
+/// where a signature applies) or read whole and checked as JSON.
 pub async fn admit<D: Downstream>(
     client: &mut D,
     head: &RequestHead,
@@ -665,130 +668,18 @@ pub async fn admit<D: Downstream>(
 ) -> Result<Verdict, Refused> {
     let rr = &rules.routes[route.index];
     let buf = client.pending();
-    let method = &buf[head.method.clone()];
-    let target = &buf[head.target.clone()];
-    let path = std::str::from_utf8(&target[..memchr::memchr(b'?', target).unwrap_or(target.len())])
-        .map_err(|_| Rejection::new(400, "invalid_path", "the request path is not UTF-8"))?;
-    let has_body = head.body_kind() != BodyKind::Empty;
+    let path = utf8_path(head, buf)?;
     let media = header(head, buf, b"content-type").and_then(magic::media_type);
-
-    let allowed: Option<&[String]> = rr.content_types.as_deref();
-    let json_protocol = matches!(rr.protocol, Protocol::Openai | Protocol::Kserve);
-    if has_body {
-        let ok = match (allowed, &media) {
-            (Some(list), Some(m)) => list.iter().any(|a| a == m),
-            (Some(_), None) => false,
-            (None, Some(m)) if json_protocol => JSON_ONLY.contains(&m.as_str()),
-            (None, None) if json_protocol => false,
-            (None, _) => true,
-        };
-        if !ok {
-            return Err(Rejection::new(
-                415,
-                "unsupported_media_type",
-                "this route does not accept the request's Content-Type",
-            )
-            .into());
-        }
-    }
-
-    if json_protocol && !canonical_path(path) {
-        // The backend would decode or normalise this path and serve an
-        // endpoint the checks below would not recognise: refuse, don't guess.
-        return Err(Rejection::new(
-            400,
-            "invalid_path",
-            "the request path must not contain percent-encoding, `//` or dot segments",
-        )
-        .into());
-    }
-    if rr.protocol == Protocol::Passthrough && rr.schema.is_some() && has_body {
-        let is_json = media
-            .as_deref()
-            .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
-        if !is_json {
-            return Err(Rejection::new(
-                415,
-                "unsupported_media_type",
-                "this route takes JSON bodies (Content-Type: application/json)",
-            )
-            .into());
-        }
-    }
-    let version_header =
-        header(head, buf, b"x-model-version").and_then(|v| std::str::from_utf8(v).ok());
-    let kind = match rr.protocol {
-        Protocol::Openai => match openai::endpoint(method, path.as_bytes()) {
-            openai::Endpoint::Models => {
-                return Ok(Verdict {
-                    admitted: Admitted::Answer(openai::models_list(&rules.catalog, |_| true)),
-                    continue_sent: false,
-                    model: None,
-                    facts: Default::default(),
-                })
-            }
-            openai::Endpoint::Other => None,
-            ep => Some(JsonKind::OpenAi(ep, version_header)),
-        },
-        Protocol::Kserve => match kserve_path(path) {
-            Some((name, version, "infer")) if method == b"POST" => {
-                Some(JsonKind::KserveInfer(name, version))
-            }
-            Some((name, version, "" | "ready")) => {
-                // Metadata and readiness: only for models the catalogue has.
-                let req = version.map_or(
-                    Some(crate::catalog::VersionReq::Latest),
-                    crate::catalog::VersionReq::parse,
-                );
-                let r = req
-                    .ok_or(crate::catalog::Unresolved::BadVersion)
-                    .and_then(|req| rules.catalog.resolve(name, &req))
-                    .map_err(|u| {
-                        Rejection::new(
-                            404,
-                            u.reason(),
-                            "the model or version does not exist or is not available",
-                        )
-                    })?;
-                return Ok(Verdict {
-                    admitted: Admitted::Stream,
-                    continue_sent: false,
-                    model: Some((r.0.name.clone(), r.1.to_string())),
-                    facts: openai::Facts {
-                        pinned: version.is_some(),
-                        ..Default::default()
-                    },
-                });
-            }
-            _ => None,
-        },
-        Protocol::Passthrough => {
-            let is_json = media
-                .as_deref()
-                .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
-            (rr.schema.is_some() && has_body && is_json).then_some(JsonKind::Schema)
-        }
+    check_media(head, rr, media.as_deref())?;
+    check_path(path, rr)?;
+    check_schema_media(head, rr, media.as_deref())?;
+    let kind = match json_kind(head, buf, path, rr, rules, media.as_deref())? {
+        Found::Json(kind) => kind,
+        Found::Verdict(v) => return Ok(v),
+        Found::Stream => return streamed(client, head, media.as_deref(), t).await,
     };
-
-    let Some(kind) = kind else {
-        // Streamed: check what can be checked from the first bytes.
-        let mut continue_sent = false;
-        if let (true, Some(m)) = (has_body, media.as_deref()) {
-            if magic::check(m, b"") != magic::Magic::NotChecked {
-                check_magic(client, head, m, t).await?;
-                continue_sent = head.expect_continue;
-            }
-        }
-        return Ok(Verdict {
-            admitted: Admitted::Stream,
-            continue_sent,
-            model: None,
-            facts: Default::default(),
-        });
-    };
-
     // Owned copies: the kind borrows the client buffer, which reading the body reuses.
-    let kind_owned = OwnedKind::from(kind);
+    let kind = OwnedKind::from(kind);
     let limit = route.max_request_body_bytes.min(rules.max_json_body);
     let buffered = read_whole(client, head, limit, t)
         .await
@@ -800,7 +691,7 @@ pub async fn admit<D: Downstream>(
     let checked = {
         let mut sc = scratch.borrow_mut();
         let r = check_json_in(
-            kind_owned.as_kind(),
+            kind.as_kind(),
             &buffered.body,
             rules,
             rr.schema.as_deref(),
@@ -826,9 +717,182 @@ pub async fn admit<D: Downstream>(
             rejection,
             body_read: true,
             consumed: true,
-            model: kind_owned.model_name(),
+            model: kind.model_name(),
         }),
     }
+}
+
+/// The request path (without query), or 400 when it isn't UTF-8.
+fn utf8_path<'b>(head: &RequestHead, buf: &'b [u8]) -> Result<&'b str, Refused> {
+    let target = &buf[head.target.clone()];
+    std::str::from_utf8(&target[..memchr::memchr(b'?', target).unwrap_or(target.len())])
+        .map_err(|_| Rejection::new(400, "invalid_path", "the request path is not UTF-8").into())
+}
+
+/// On JSON protocols, a path that isn't canonical is refused: the backend
+/// would decode or normalise it and serve an endpoint the checks below
+/// would not recognise. Refuse, don't guess.
+fn check_path(path: &str, rr: &RouteRules) -> Result<(), Refused> {
+    if matches!(rr.protocol, Protocol::Openai | Protocol::Kserve) && !canonical_path(path) {
+        return Err(Rejection::new(
+            400,
+            "invalid_path",
+            "the request path must not contain percent-encoding, `//` or dot segments",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn is_json_media(media: Option<&str>) -> bool {
+    media.is_some_and(|m| m == "application/json" || m.ends_with("+json"))
+}
+
+/// A body's media type against what the route accepts (its list, else
+/// JSON on JSON protocols, else anything), or 415.
+fn check_media(head: &RequestHead, rr: &RouteRules, media: Option<&str>) -> Result<(), Refused> {
+    if head.body_kind() == BodyKind::Empty {
+        return Ok(());
+    }
+    let json_protocol = matches!(rr.protocol, Protocol::Openai | Protocol::Kserve);
+    let ok = match (rr.content_types.as_deref(), media) {
+        (Some(list), Some(m)) => list.iter().any(|a| a == m),
+        (Some(_), None) => false,
+        (None, Some(m)) if json_protocol => JSON_ONLY.contains(&m),
+        (None, None) if json_protocol => false,
+        (None, _) => true,
+    };
+    if !ok {
+        return Err(Rejection::new(
+            415,
+            "unsupported_media_type",
+            "this route does not accept the request's Content-Type",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A body on a passthrough route with a JSON Schema must be JSON, or 415.
+fn check_schema_media(
+    head: &RequestHead,
+    rr: &RouteRules,
+    media: Option<&str>,
+) -> Result<(), Refused> {
+    let has_body = head.body_kind() != BodyKind::Empty;
+    if rr.protocol == Protocol::Passthrough
+        && rr.schema.is_some()
+        && has_body
+        && !is_json_media(media)
+    {
+        return Err(Rejection::new(
+            415,
+            "unsupported_media_type",
+            "this route takes JSON bodies (Content-Type: application/json)",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// What the route's protocol makes of a request, before its body.
+enum Found<'a> {
+    /// A JSON body to read whole and check.
+    Json(JsonKind<'a>),
+    /// Decided from the head alone (the model list, a model's metadata).
+    Verdict(Verdict),
+    /// Nothing to check in the body as JSON: stream it.
+    Stream,
+}
+
+fn json_kind<'a>(
+    head: &RequestHead,
+    buf: &'a [u8],
+    path: &'a str,
+    rr: &RouteRules,
+    rules: &Rules,
+    media: Option<&str>,
+) -> Result<Found<'a>, Refused> {
+    let method = &buf[head.method.clone()];
+    let version = header(head, buf, b"x-model-version").and_then(|v| std::str::from_utf8(v).ok());
+    Ok(match rr.protocol {
+        Protocol::Openai => match openai::endpoint(method, path.as_bytes()) {
+            openai::Endpoint::Models => Found::Verdict(Verdict {
+                admitted: Admitted::Answer(openai::models_list(&rules.catalog, |_| true)),
+                continue_sent: false,
+                model: None,
+                facts: Default::default(),
+            }),
+            openai::Endpoint::Other => Found::Stream,
+            ep => Found::Json(JsonKind::OpenAi(ep, version)),
+        },
+        Protocol::Kserve => match kserve_path(path) {
+            Some((name, version, "infer")) if method == b"POST" => {
+                Found::Json(JsonKind::KserveInfer(name, version))
+            }
+            Some((name, version, "" | "ready")) => {
+                Found::Verdict(kserve_metadata(name, version, rules)?)
+            }
+            _ => Found::Stream,
+        },
+        Protocol::Passthrough => {
+            let has_body = head.body_kind() != BodyKind::Empty;
+            if rr.schema.is_some() && has_body && is_json_media(media) {
+                Found::Json(JsonKind::Schema)
+            } else {
+                Found::Stream
+            }
+        }
+    })
+}
+
+/// KServe metadata and readiness: only for models the catalogue has (404 otherwise).
+fn kserve_metadata(name: &str, version: Option<&str>, rules: &Rules) -> Result<Verdict, Refused> {
+    let req = version.map_or(
+        Some(crate::catalog::VersionReq::Latest),
+        crate::catalog::VersionReq::parse,
+    );
+    let r = req
+        .ok_or(crate::catalog::Unresolved::BadVersion)
+        .and_then(|req| rules.catalog.resolve(name, &req))
+        .map_err(|u| {
+            Rejection::new(
+                404,
+                u.reason(),
+                "the model or version does not exist or is not available",
+            )
+        })?;
+    Ok(Verdict {
+        admitted: Admitted::Stream,
+        continue_sent: false,
+        model: Some((r.0.name.clone(), r.1.to_string())),
+        facts: openai::Facts {
+            pinned: version.is_some(),
+            ..Default::default()
+        },
+    })
+}
+
+/// A streamed body: check what can be checked from its first bytes.
+async fn streamed<D: Downstream>(
+    client: &mut D,
+    head: &RequestHead,
+    media: Option<&str>,
+    t: &Timeouts,
+) -> Result<Verdict, Refused> {
+    let mut continue_sent = false;
+    if let (true, Some(m)) = (head.body_kind() != BodyKind::Empty, media) {
+        if magic::check(m, b"") != magic::Magic::NotChecked {
+            check_magic(client, head, m, t).await?;
+            continue_sent = head.expect_continue;
+        }
+    }
+    Ok(Verdict {
+        admitted: Admitted::Stream,
+        continue_sent,
+        model: None,
+        facts: Default::default(),
+    })
 }
 
 /// `JsonKind` without borrows, kept across reading the body.
