@@ -1,9 +1,17 @@
 //! Inference gateway: the userspace half. A thread-per-core monoio reverse
 //! proxy for HTTP/1.1 inference traffic.
 //!
-//! The request pipeline is assembled in [`pipeline`], in request order:
-//! [`xdp`] (at the NIC, and at accept) → [`listener`] → [`tls`] → [`codec`] → [`route`] →
-//! [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] → [`balance`] → [`upstream`].
+//! - process and threads: [`server`] (start, reload, drain), [`worker`]
+//!   (what one worker thread owns), [`listener`] (accept);
+//! - protocol drivers: [`http1`], which hands each request to the pipeline
+//!   through a [`downstream::Downstream`];
+//! - the request pipeline, [`pipeline`], and its stages in request order:
+//!   [`route`] → [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] →
+//!   [`balance`] → [`upstream`] (backend connections: [`pool`]); in front of
+//!   it all, [`xdp`] at the NIC and at accept, and [`tls`];
+//! - configuration: [`config`] (settings and their checks);
+//! - support: [`io`], [`codec`], [`metrics`], [`fetch`], [`x509`], [`error`],
+//!   [`telemetry`], [`catalog`], [`filter`], [`admin`], [`cli`].
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;

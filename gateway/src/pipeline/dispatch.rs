@@ -18,10 +18,10 @@ use crate::worker::{Current, Worker};
 
 use super::{Incoming, Record, Refusal, Served};
 
-/// The gateway's own answer (the model list, filtered by authz when it ran).
+/// The gateway's own answer (the model list, filtered by authz when it ran),
+/// counted and logged.
 pub(super) fn answer(
-    filtered: Option<Vec<u8>>,
-    list: &[u8],
+    list: Vec<u8>,
     route: &Route,
     rq: &Incoming,
     w: &Worker,
@@ -32,7 +32,7 @@ pub(super) fn answer(
         tracing::info!(target: "access", request_id = rq.id.as_str(), method = rq.method.as_str(), path = rq.path.as_str(),
             client = %rq.peer.ip(), route = route.name.as_str(), status = 200u16, "answered by the gateway");
     }
-    Served::Answer(filtered.unwrap_or_else(|| list.to_vec()))
+    Served::Answer(list)
 }
 
 /// Stage 4d, balance (the pool): the model's pool (`[[models]] cluster`,

@@ -147,13 +147,16 @@ pub async fn run<D: Downstream>(
     let identity = admission::authenticate(d, rq, route, w, cur)?; // 3b
     s.limit_headers.clear();
     admission::rate_limit_early(&identity, route, rq, w, cur, &mut s.limit_headers)?; // 4c, early
-    let verdict = validate(d, rq, route, w, cur).await?; // 4
+    let mut verdict = validate(d, rq, route, w, cur).await?; // 4
     let models = admission::authorize(&identity, &verdict, route, rq, w, cur)?; // 4b
     let admission = admission::rate_limit(&identity, &verdict, route, rq, w, cur, s)?; // 4c
+    if let Admitted::Answer(list) = &mut verdict.admitted {
+        let list = models.unwrap_or_else(|| std::mem::take(list));
+        return Ok(dispatch::answer(list, route, rq, w, cur));
+    }
     let buffered = match &verdict.admitted {
-        Admitted::Answer(list) => return Ok(dispatch::answer(models, list, route, rq, w, cur)),
         Admitted::Buffered(b) => Some(b),
-        Admitted::Stream => None,
+        _ => None,
     };
     let cluster = dispatch::balance(&identity, &verdict, route, rq, w, cur); // 4d
     let req = dispatch::upstream_request(
