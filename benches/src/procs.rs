@@ -96,14 +96,28 @@ pub fn allowed_cpus() -> Vec<usize> {
 
 /// Build a command, run under `taskset -c CPU` when a CPU is given.
 pub fn pinned(cpu: Option<usize>, taskset: Option<&Path>, program: &Path) -> Command {
-    match (cpu, taskset) {
-        (Some(cpu), Some(taskset)) => {
+    pinned_set(cpu.as_slice(), taskset, program)
+}
+
+/// Build a command, run under `taskset -c A,B,…` when CPUs are given: the
+/// process and its threads (or workers) may run on any of them. Empty: not pinned.
+pub fn pinned_set(cpus: &[usize], taskset: Option<&Path>, program: &Path) -> Command {
+    match taskset {
+        Some(taskset) if !cpus.is_empty() => {
             let mut c = Command::new(taskset);
-            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c.arg("-c").arg(cpu_list(cpus)).arg(program);
             c
         }
         _ => Command::new(program),
     }
+}
+
+/// CPUs as taskset and people write them: `0,2,3`.
+pub fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Fail when something already answers on `addr`: a leftover server would be

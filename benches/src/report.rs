@@ -196,6 +196,114 @@ pub fn validation_table(
     t
 }
 
+/// One worker count of a `loadbench --workers` run.
+#[derive(Debug, Clone)]
+pub struct ScalingRow {
+    pub workers: usize,
+    /// The CPUs the gateway was allowed (empty: not pinned).
+    pub cpus: Vec<usize>,
+    /// It shared CPUs with the backend and wrk: not a clean scaling figure.
+    pub shared: bool,
+    /// More workers than CPUs allowed.
+    pub oversubscribed: bool,
+    /// `None` when the gateway never ran (failed to start) — no numbers.
+    pub summary: Option<Summary>,
+    /// req/s divided by that of the first count listed.
+    pub ratio: Option<f64>,
+}
+
+impl ScalingRow {
+    /// CPUs the gateway kept busy on average: CPU per request × requests per second.
+    pub fn cores_busy(&self) -> Option<f64> {
+        let s = self.summary.as_ref()?;
+        s.cpu_us_per_req.map(|c| c * s.rps / 1e6)
+    }
+}
+
+/// Each row's req/s over the first row's: the base is the first count listed
+/// (not the smallest, not the first with numbers); none when it has no numbers.
+pub fn scaling_ratios(rows: &mut [ScalingRow]) {
+    let base = rows
+        .first()
+        .and_then(|r| r.summary.as_ref())
+        .filter(|s| s.runs > 0 && s.rps > 0.0)
+        .map(|s| s.rps);
+    for r in rows.iter_mut() {
+        r.ratio = base
+            .zip(r.summary.as_ref().filter(|s| s.runs > 0))
+            .map(|(b, s)| s.rps / b);
+    }
+}
+
+/// The `--workers` table: one line per worker count; `*` marks the shared ones.
+pub fn scaling_table(rows: &[ScalingRow]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:>7}  {:<14} {:>10} {:>8} {:>8} {:>11} {:>6} {:>8} {:>7} {:>5}",
+        "workers",
+        "gateway CPUs",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU µs/req",
+        "cores",
+        "scaling",
+        "errors",
+        "runs"
+    );
+    for r in rows {
+        let cpus = if r.cpus.is_empty() {
+            "any".to_string()
+        } else {
+            crate::procs::cpu_list(&r.cpus)
+        };
+        let cpus = if r.shared { format!("{cpus} *") } else { cpus };
+        let Some(s) = &r.summary else {
+            let _ = writeln!(t, "{:>7}  {:<14} did not start", r.workers, cpus);
+            continue;
+        };
+        let cpu = s.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}"));
+        let cores = r.cores_busy().map_or("-".into(), |c| format!("{c:.2}"));
+        let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}"));
+        let runs = if s.failed_runs > 0 {
+            format!("{}/{}", s.runs, s.runs + s.failed_runs)
+        } else {
+            s.runs.to_string()
+        };
+        let _ = writeln!(
+            t,
+            "{:>7}  {:<14} {:>10.0} {:>8.2} {:>8.2} {:>11} {:>6} {:>8} {:>7} {:>5}",
+            r.workers, cpus, s.rps, s.p50_ms, s.p99_ms, cpu, cores, ratio, s.errors, runs
+        );
+    }
+    t
+}
+
+/// [`ScalingRow`]s as JSON, for `scaling.json`.
+pub fn scaling_json(rows: &[ScalingRow]) -> Value {
+    rows.iter()
+        .map(|r| {
+            let s = r.summary.as_ref();
+            json!({
+                "workers": r.workers,
+                "gateway_cpus": r.cpus,
+                "shares_cpus_with_client": r.shared,
+                "oversubscribed": r.oversubscribed,
+                "rps_median": s.map(|s| s.rps),
+                "scaling_ratio": r.ratio,
+                "cpu_us_per_req_median": s.and_then(|s| s.cpu_us_per_req),
+                "cores_busy": r.cores_busy(),
+                "p50_ms_median": s.map(|s| s.p50_ms),
+                "p99_ms_median": s.map(|s| s.p99_ms),
+                "errors": s.map(|s| s.errors),
+                "runs": s.map(|s| s.runs),
+                "failed_runs": s.map(|s| s.failed_runs),
+            })
+        })
+        .collect()
+}
+
 /// [`ValidationCost`] as JSON (`null` when there is none).
 pub fn validation_cost_json(cost: Option<&ValidationCost>) -> Value {
     cost.map_or(Value::Null, |c| {
@@ -452,5 +560,46 @@ mod tests {
             table.contains("validation cost: 10.0 % of throughput, +2.0 µs CPU/request (+10.0 %)"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn scaling_ratios_are_to_the_first_count() {
+        let summary = |rps| Summary {
+            target: "gateway-wN",
+            runs: 1,
+            failed_runs: 0,
+            rps,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            cpu_us_per_req: Some(20.0),
+            errors: 0,
+            vs_gateway: None,
+        };
+        let row = |workers, s: Option<Summary>| ScalingRow {
+            workers,
+            cpus: vec![workers],
+            shared: workers > 1,
+            oversubscribed: false,
+            summary: s,
+            ratio: None,
+        };
+        let mut rows = vec![
+            row(1, Some(summary(40_000.0))),
+            row(2, Some(summary(70_000.0))),
+            row(4, None),
+        ];
+        scaling_ratios(&mut rows);
+        assert_eq!(rows[0].ratio, Some(1.0));
+        assert!((rows[1].ratio.unwrap() - 1.75).abs() < 1e-9);
+        assert_eq!(rows[2].ratio, None);
+        assert!((rows[1].cores_busy().unwrap() - 1.4).abs() < 1e-9);
+        let t = scaling_table(&rows);
+        assert!(t.contains("2 *"), "{t}");
+        assert!(t.contains("1.75"), "{t}");
+        assert!(t.contains("did not start"), "{t}");
+        // No numbers for the first count: no ratios at all.
+        rows.swap(0, 2);
+        scaling_ratios(&mut rows);
+        assert!(rows.iter().all(|r| r.ratio.is_none()));
     }
 }

@@ -1,5 +1,6 @@
 //! The servers under test: the nginx backend, and the three proxies in front
-//! of it, each configured for one worker on one core, keep-alive on both
+//! of it, each configured for one worker on one core (`--workers`: the
+//! gateway with N, the backend with one per client CPU), keep-alive on both
 //! sides, no access logging. Config files, logs, pid files and nginx's temp
 //! directories all live in the run directory, never in /etc or /var.
 
@@ -7,12 +8,13 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::procs::{pinned, Server};
+use crate::procs::{pinned, pinned_set, Server};
 use crate::Result;
 
 /// Loopback ports, all derived from one base (default 18000): backend = base,
 /// gateway = base+80, HAProxy = base+81, nginx = base+82, gateway admin = base+1901;
-/// for `--validation`, the validating gateway = base+83, its admin = base+1902.
+/// for `--validation`, the validating gateway = base+83, its admin = base+1902;
+/// for `--workers`, the i-th gateway of the list = base+100+i, its admin = base+1910+i.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     pub base: u16,
@@ -43,6 +45,14 @@ impl Ports {
     pub fn gateway_validated_admin(self) -> SocketAddr {
         self.at(1902)
     }
+    /// `--workers`: the gateway for the `i`-th worker count listed (at most
+    /// [`MAX_SCALING_RUNS`] of them, so these stay clear of every other port).
+    pub fn gateway_scaled(self, i: usize) -> SocketAddr {
+        self.at(100 + i as u16)
+    }
+    pub fn gateway_scaled_admin(self, i: usize) -> SocketAddr {
+        self.at(1910 + i as u16)
+    }
     pub fn all(self) -> [SocketAddr; 5] {
         [
             self.backend(),
@@ -63,6 +73,9 @@ impl Ports {
         ]
     }
 }
+
+/// How many worker counts one `--workers` run may list.
+pub const MAX_SCALING_RUNS: usize = 8;
 
 /// What the backend answers to every request: a minimal chat completion.
 pub const BACKEND_BODY: &str = r#"{"id":"cmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
@@ -101,10 +114,12 @@ pub struct Placement {
 }
 
 /// An nginx instance in its own prefix directory: conf, logs, pid and temp
-/// paths under `dir`, in the foreground (`daemon off`), master + 1 worker.
+/// paths under `dir`, in the foreground (`daemon off`), master + `workers`
+/// workers, all allowed on `cpus` (empty: not pinned).
 fn nginx(
     tools: &Tools,
-    cpu: Option<usize>,
+    cpus: &[usize],
+    workers: usize,
     name: &str,
     dir: &Path,
     http_block: &str,
@@ -118,7 +133,7 @@ fn nginx(
         "# Written by loadbench; regenerated on every run.\n\
          daemon off;\n\
          master_process on;\n\
-         worker_processes 1;\n\
+         worker_processes {workers};\n\
          pid {d}/nginx.pid;\n\
          error_log {d}/error.log warn;\n\
          events {{\n    worker_connections 4096;\n}}\n\
@@ -136,7 +151,7 @@ fn nginx(
     );
     let conf_path = dir.join("nginx.conf");
     fs::write(&conf_path, conf).map_err(|e| format!("{}: {e}", conf_path.display()))?;
-    let mut cmd = pinned(cpu, tools.taskset.as_deref(), nginx);
+    let mut cmd = pinned_set(cpus, tools.taskset.as_deref(), nginx);
     cmd.arg("-p")
         .arg(dir)
         .arg("-c")
@@ -146,14 +161,30 @@ fn nginx(
     Server::spawn(name, cmd, &dir.join("stdout.log"))
 }
 
-/// nginx answering every request itself with [`BACKEND_BODY`].
+/// nginx answering every request itself with [`BACKEND_BODY`]: one worker on the client CPU.
 pub fn start_backend(tools: &Tools, place: Placement, run_dir: &Path) -> Result<Server> {
+    start_backend_on(tools, place.ports, place.client_cpu.as_slice(), 1, run_dir)
+}
+
+/// The backend with `workers` nginx workers allowed on `cpus`: `--workers`
+/// sizes it to the client CPUs so that it keeps up with several gateway
+/// workers. With more than one worker it listens with `reuseport`, so the
+/// kernel spreads wrk's connections evenly over the workers (without it, the
+/// first worker awake takes most of them and the others idle).
+pub fn start_backend_on(
+    tools: &Tools,
+    ports: Ports,
+    cpus: &[usize],
+    workers: usize,
+    run_dir: &Path,
+) -> Result<Server> {
     let body = BACKEND_BODY;
-    let listen = place.ports.backend();
+    let listen = ports.backend();
+    let reuseport = if workers > 1 { " reuseport" } else { "" };
     let http = format!(
         "    default_type application/json;\n\
          \x20   server {{\n\
-         \x20       listen {listen};\n\
+         \x20       listen {listen}{reuseport};\n\
          \x20       location / {{\n\
          \x20           return 200 '{body}';\n\
          \x20       }}\n\
@@ -161,7 +192,8 @@ pub fn start_backend(tools: &Tools, place: Placement, run_dir: &Path) -> Result<
     );
     nginx(
         tools,
-        place.client_cpu,
+        cpus,
+        workers,
         "backend (nginx)",
         &run_dir.join("nginx-backend"),
         &http,
@@ -188,7 +220,8 @@ pub fn start_nginx_proxy(tools: &Tools, place: Placement, run_dir: &Path) -> Res
     );
     nginx(
         tools,
-        place.proxy_cpu,
+        place.proxy_cpu.as_slice(),
+        1,
         "nginx",
         &run_dir.join("nginx-proxy"),
         &http,
@@ -235,26 +268,150 @@ pub fn start_haproxy(tools: &Tools, place: Placement, run_dir: &Path) -> Result<
 
 /// The gateway's quick-start mode: one worker (it pins itself to the first CPU taskset allows).
 pub fn start_gateway(tools: &Tools, place: Placement, run_dir: &Path) -> Result<Server> {
-    let gateway = tools.gateway.as_deref().ok_or("gateway binary not found")?;
-    let dir = run_dir.join("gateway");
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut cmd = pinned(place.proxy_cpu, tools.taskset.as_deref(), gateway);
     let p = place.ports;
+    quick_start_gateway(
+        tools,
+        "gateway",
+        p.gateway(),
+        p.gateway_admin(),
+        p.backend(),
+        1,
+        place.proxy_cpu.as_slice(),
+        run_dir,
+    )
+}
+
+/// `loadbench --workers`: the same quick-start gateway as [`start_gateway`]
+/// with `workers` workers, allowed on `cpus`, on the `i`-th scaling ports.
+/// The gateway pins worker k to the k-th allowed CPU (wrapping around), so
+/// with as many CPUs as workers each worker has a CPU of its own.
+pub fn start_gateway_scaled(
+    tools: &Tools,
+    ports: Ports,
+    i: usize,
+    workers: usize,
+    cpus: &[usize],
+    run_dir: &Path,
+) -> Result<Server> {
+    quick_start_gateway(
+        tools,
+        &format!("gateway-w{workers}"),
+        ports.gateway_scaled(i),
+        ports.gateway_scaled_admin(i),
+        ports.backend(),
+        workers,
+        cpus,
+        run_dir,
+    )
+}
+
+/// `gateway run --listen L --upstream B --workers N --admin A --no-access-log`
+/// under taskset, logging to `run_dir/name/gateway.log`.
+#[allow(clippy::too_many_arguments)]
+fn quick_start_gateway(
+    tools: &Tools,
+    name: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backend: SocketAddr,
+    workers: usize,
+    cpus: &[usize],
+    run_dir: &Path,
+) -> Result<Server> {
+    let gateway = tools.gateway.as_deref().ok_or("gateway binary not found")?;
+    let dir = run_dir.join(name);
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut cmd = pinned_set(cpus, tools.taskset.as_deref(), gateway);
     cmd.arg("run")
         .args([
             "--listen",
-            &p.gateway().to_string(),
+            &listen.to_string(),
             "--upstream",
-            &p.backend().to_string(),
+            &backend.to_string(),
         ])
         .args([
             "--workers",
-            "1",
+            &workers.to_string(),
             "--admin",
-            &p.gateway_admin().to_string(),
+            &admin.to_string(),
             "--no-access-log",
         ]);
-    Server::spawn("gateway", cmd, &dir.join("gateway.log"))
+    Server::spawn(name, cmd, &dir.join("gateway.log"))
+}
+
+/// Where `loadbench --workers` runs things, fixed for the whole run so that
+/// every worker count meets the same client side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingPlacement {
+    /// The backend's nginx workers and wrk's threads float over these (empty: not pinned).
+    pub client: Vec<usize>,
+    /// Per worker count listed, in the same order.
+    pub gateways: Vec<GatewayCpus>,
+}
+
+/// The CPUs one gateway of a `--workers` run may use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayCpus {
+    pub workers: usize,
+    /// Empty: not pinned.
+    pub cpus: Vec<usize>,
+    /// Some of `cpus` are the client's too (or nothing is pinned): the backend
+    /// and wrk compete with the gateway for them.
+    pub shared: bool,
+    /// More workers than `cpus`: some workers share a CPU.
+    pub oversubscribed: bool,
+}
+
+/// Split the allowed CPUs between the client side (backend + wrk) and the
+/// gateway. The client gets what the largest gateway leaves, at least one
+/// CPU, and keeps it for every worker count (the same client for all, so the
+/// ratios compare the gateway alone); the gateway with N workers gets N of
+/// the other CPUs. When there are not N others (fewer than N + 1 CPUs) it
+/// takes client CPUs too, and that figure is flagged `shared`: there the
+/// gateway's extra workers take CPU from the load generator and the backend.
+/// Without `pin` (no taskset) or with one CPU, nothing is pinned.
+pub fn scaling_placement(allowed: &[usize], workers: &[usize], pin: bool) -> ScalingPlacement {
+    let max = workers.iter().copied().max().unwrap_or(1);
+    if !pin || allowed.len() < 2 {
+        return ScalingPlacement {
+            client: Vec::new(),
+            gateways: workers
+                .iter()
+                .map(|&n| GatewayCpus {
+                    workers: n,
+                    cpus: Vec::new(),
+                    shared: true,
+                    oversubscribed: n > allowed.len().max(1),
+                })
+                .collect(),
+        };
+    }
+    let k = allowed.len().saturating_sub(max).max(1);
+    let (client, rest) = allowed.split_at(k);
+    // Own CPUs first, then the client's, from the last one back (the first
+    // client CPU, where the default mode puts wrk, is taken last).
+    let order: Vec<usize> = rest
+        .iter()
+        .copied()
+        .chain(client.iter().rev().copied())
+        .collect();
+    let gateways = workers
+        .iter()
+        .map(|&n| {
+            let mut cpus: Vec<usize> = order.iter().copied().take(n).collect();
+            cpus.sort_unstable();
+            GatewayCpus {
+                workers: n,
+                shared: n > rest.len(),
+                oversubscribed: n > allowed.len(),
+                cpus,
+            }
+        })
+        .collect();
+    ScalingPlacement {
+        client: client.to_vec(),
+        gateways,
+    }
 }
 
 /// The model the load's requests name (`"model"` of [`crate::wrk::REQUEST_BODY`]).
@@ -399,6 +556,12 @@ mod tests {
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 7);
+        all.extend(
+            (0..MAX_SCALING_RUNS).flat_map(|i| [p.gateway_scaled(i), p.gateway_scaled_admin(i)]),
+        );
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 7 + 2 * MAX_SCALING_RUNS);
         let text = gateway_validated_config(p, "demo");
         // The gateway itself accepts it, with the route validating OpenAI requests.
         let r = gateway::config::Resolved::from_str(&text, "gateway.toml")
@@ -422,5 +585,39 @@ mod tests {
         assert_eq!(r.admin, p.gateway_admin());
         assert!(r.config.ratelimit.model.is_some() && r.config.ratelimit.escalation.enabled);
         assert_eq!(r.config.models[0].name, "demo");
+    }
+
+    #[test]
+    fn scaling_placement_keeps_the_client_fixed() {
+        // Enough CPUs: the client keeps what 4 workers leave, each gateway its own.
+        let p = scaling_placement(&[0, 1, 2, 3, 4, 5, 6, 7], &[1, 2, 4], true);
+        assert_eq!(p.client, vec![0, 1, 2, 3]);
+        let g: Vec<(Vec<usize>, bool)> = p
+            .gateways
+            .iter()
+            .map(|g| (g.cpus.clone(), g.shared))
+            .collect();
+        assert_eq!(
+            g,
+            vec![
+                (vec![4], false),
+                (vec![4, 5], false),
+                (vec![4, 5, 6, 7], false)
+            ]
+        );
+        // Two CPUs: N = 1 as in the default mode, N = 2 shares wrk's CPU.
+        let p = scaling_placement(&[0, 1], &[1, 2], true);
+        assert_eq!(p.client, vec![0]);
+        assert_eq!(p.gateways[0].cpus, vec![1]);
+        assert!(!p.gateways[0].shared);
+        assert_eq!(p.gateways[1].cpus, vec![0, 1]);
+        assert!(p.gateways[1].shared && !p.gateways[1].oversubscribed);
+        // More workers than CPUs.
+        let p = scaling_placement(&[2, 3], &[1, 4], true);
+        assert_eq!(p.gateways[1].cpus, vec![2, 3]);
+        assert!(p.gateways[1].oversubscribed);
+        // No taskset: nothing pinned, every figure shared.
+        let p = scaling_placement(&[0, 1, 2, 3], &[1, 2], false);
+        assert!(p.client.is_empty() && p.gateways.iter().all(|g| g.cpus.is_empty() && g.shared));
     }
 }

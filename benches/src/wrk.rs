@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::procs::{pinned, stop_requested};
+use crate::procs::{pinned_set, stop_requested};
 use crate::Result;
 
 /// Marks the summary line among wrk's other output.
@@ -120,7 +120,10 @@ impl WrkResult {
 pub struct Load<'a> {
     pub wrk: &'a Path,
     pub taskset: Option<&'a Path>,
-    pub cpu: Option<usize>,
+    /// Where wrk runs (its threads float over these); empty: not pinned.
+    pub cpus: &'a [usize],
+    /// wrk threads (`-t`); at most `connections`.
+    pub threads: u32,
     pub script: &'a Path,
     pub connections: u32,
     /// "http", or "https" (wrk's OpenSSL client; keep-alive, one handshake per connection).
@@ -130,11 +133,11 @@ pub struct Load<'a> {
 }
 
 impl Load<'_> {
-    /// `wrk -t1 -cC -dSs --latency -s script http://addr/v1/chat/completions`, bounded in time.
+    /// `wrk -tT -cC -dSs --latency -s script http://addr/v1/chat/completions`, bounded in time.
     pub fn run(&self, addr: SocketAddr, seconds: u64) -> Result<WrkResult> {
-        let mut cmd = pinned(self.cpu, self.taskset, self.wrk);
+        let mut cmd = pinned_set(self.cpus, self.taskset, self.wrk);
         cmd.args([
-            "-t1",
+            format!("-t{}", self.threads.max(1)).as_str(),
             &format!("-c{}", self.connections),
             &format!("-d{seconds}s"),
             "--latency",

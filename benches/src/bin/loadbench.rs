@@ -20,6 +20,16 @@
 //! a concurrency limit, escalation on, headers on every response); results
 //! in `target/bench/ratelimit.json`.
 //!
+//! With `--workers 1,2,4`, how the gateway scales with its worker count: the
+//! plain-proxy gateway alone, started once per count listed (`--workers N`),
+//! same backend and load for all, in rounds with rotating order; per count
+//! the median req/s, the ratio to the first count listed, and the gateway's
+//! CPU per request. The client side (backend + wrk) keeps the CPUs the
+//! largest gateway leaves, sized to them (nginx workers, wrk threads); a
+//! gateway with N workers gets N CPUs of its own when there are N + 1 or more,
+//! else it shares the client's and the output says the ratio is not a clean
+//! scaling figure. Results in `target/bench/scaling.json`.
+//!
 //! Usually run as `cargo xtask bench`, which builds the gateway first.
 
 use std::env;
@@ -37,7 +47,7 @@ use gateway_benches::Result;
 use serde_json::json;
 
 const USAGE: &str = "\
-usage: loadbench [--validation | --ratelimit] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
+usage: loadbench [--validation | --ratelimit | --workers N,N,...] [--quick] [--rounds N] [--duration SECS] [--connections C] [--warmup SECS] [--port-base P]
 
   --validation       measure the validation stage instead: the gateway as a plain proxy vs the
                      gateway checking every chat completion (openai route + model catalogue),
@@ -45,13 +55,20 @@ usage: loadbench [--validation | --ratelimit] [--quick] [--rounds N] [--duration
   --ratelimit        measure the rate-limit stage: the validating gateway vs the same with rate,
                      token, concurrency limits and escalation that the load stays under
                      (target/bench/ratelimit.json)
+  --workers N,N,...  measure how the gateway scales with its worker count: the plain-proxy gateway
+                     started with `--workers N` for each N listed (up to 8 counts, each 1 to 256),
+                     same backend and load, rotating rounds; req/s, ratio to the first N, CPU per
+                     request (target/bench/scaling.json). Backend + wrk keep the CPUs the largest
+                     gateway leaves (at least one); a gateway with N workers gets N CPUs of its
+                     own when the machine has N + 1 or more, else it shares (flagged in the output)
 
   --rounds N         rounds over all targets; medians are reported (default 3)
   --duration SECS    measured seconds per target per round (default 10)
   --connections C    wrk connections (default 64)
   --warmup SECS      unmeasured load before each measured run (default 2)
   --port-base P      loopback ports used: backend P, gateway P+80 (admin P+1901),
-                     HAProxy P+81, nginx P+82, validating gateway P+83 (admin P+1902)
+                     HAProxy P+81, nginx P+82, validating gateway P+83 (admin P+1902),
+                     --workers gateways P+100.. (admin P+1910..)
                      (default 18000)
   --quick            smoke test: 1 round of 3 s, 1 s warm-up
 
@@ -68,6 +85,36 @@ struct Settings {
     validation: bool,
     /// `--ratelimit`: validating gateway vs the same with rate limits.
     ratelimit: bool,
+    /// `--workers`: the gateway's worker counts to compare, in the order given
+    /// (the first is the base of the ratios); empty for the other modes.
+    workers: Vec<usize>,
+}
+
+/// `--workers 1,2,4`: distinct counts, 1 to 256 each, at most
+/// [`targets::MAX_SCALING_RUNS`] of them (each gateway has its own ports).
+fn parse_workers(v: &str) -> Result<Vec<usize>> {
+    let mut out: Vec<usize> = Vec::new();
+    for part in v.split(',') {
+        let n: usize = part
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=256).contains(n))
+            .ok_or(format!(
+                "--workers {v}: `{part}` is not a count from 1 to 256"
+            ))?;
+        if out.contains(&n) {
+            return Err(format!("--workers {v}: {n} is listed twice"));
+        }
+        out.push(n);
+    }
+    if out.len() > targets::MAX_SCALING_RUNS {
+        return Err(format!(
+            "--workers {v}: at most {} counts",
+            targets::MAX_SCALING_RUNS
+        ));
+    }
+    Ok(out)
 }
 
 fn parse_args() -> Result<Option<Settings>> {
@@ -79,6 +126,7 @@ fn parse_args() -> Result<Option<Settings>> {
         port_base: 18000,
         validation: false,
         ratelimit: false,
+        workers: Vec::new(),
     };
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
@@ -106,6 +154,13 @@ fn parse_args() -> Result<Option<Settings>> {
                     .ok_or("--port-base: 1024 to 63000")?
             }
             "--validation" => s.validation = true,
+            "--workers" => {
+                let v = inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or("--workers needs a value (e.g. 1,2,4)")?;
+                s.workers = parse_workers(&v)?;
+            }
             "--ratelimit" => s.ratelimit = true,
             "--quick" => {
                 s.rounds = 1;
@@ -133,6 +188,12 @@ fn parse_args() -> Result<Option<Settings>> {
     if s.warmup > 30 {
         return Err("--warmup: 0 to 30 seconds".into());
     }
+    if !s.workers.is_empty() && (s.validation || s.ratelimit) {
+        return Err(
+            "--workers measures the plain-proxy gateway: not with --validation / --ratelimit"
+                .into(),
+        );
+    }
     Ok(Some(s))
 }
 
@@ -146,7 +207,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&settings) {
+    let outcome = if settings.workers.is_empty() {
+        run(&settings)
+    } else {
+        run_scaling(&settings)
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("loadbench: {e}");
@@ -174,7 +240,8 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run(s: &Settings) -> Result {
+/// The target directory, `target/bench/` and a fresh `target/bench/run/`.
+fn prepare_dirs() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let root = workspace_root();
     let target_dir =
         env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |d| root.join(d));
@@ -186,6 +253,11 @@ fn run(s: &Settings) -> Result {
     }
     fs::create_dir_all(&run_dir)
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    Ok((target_dir, bench_dir, run_dir))
+}
+
+fn run(s: &Settings) -> Result {
+    let (target_dir, bench_dir, run_dir) = prepare_dirs()?;
 
     let tools = Tools::find(&target_dir);
     let gateway_bin = tools
@@ -375,7 +447,8 @@ fn run(s: &Settings) -> Result {
     let load = Load {
         wrk: &wrk_bin,
         taskset: tools.taskset.as_deref(),
-        cpu: place.client_cpu,
+        cpus: place.client_cpu.as_slice(),
+        threads: 1,
         script: &script,
         connections: s.connections,
         scheme: "http",
@@ -384,49 +457,7 @@ fn run(s: &Settings) -> Result {
 
     let started_at = SystemTime::now();
     let clock = Instant::now();
-    let mut samples: Vec<Sample> = Vec::new();
-    let width = list.iter().map(|t| t.name.len()).max().unwrap_or(0).max(8);
-    for round in 0..s.rounds {
-        // Rotate the order so no target always runs first (or right after another).
-        let n = list.len();
-        for k in 0..n {
-            let t = &mut list[(k + round) % n];
-            if procs::stop_requested() {
-                return Err("interrupted".into());
-            }
-            if t.dead.is_some() {
-                continue;
-            }
-            let outcome = measure(t, &mut backend, &load, s);
-            // wrk prints partial numbers on Ctrl-C: do not show them as a result.
-            if procs::stop_requested() {
-                return Err("interrupted".into());
-            }
-            match &outcome {
-                Ok(m) => println!(
-                    "round {}/{} {:<width$} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {}  errors {} non-2xx {}",
-                    round + 1,
-                    s.rounds,
-                    t.name,
-                    m.wrk.rps(),
-                    m.wrk.p50_us / 1e3,
-                    m.wrk.p99_us / 1e3,
-                    m.proxy_cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1} µs/req")),
-                    m.wrk.socket_errors(),
-                    m.wrk.non_2xx
-                ),
-                Err(e) => println!("round {}/{} {:<width$} FAILED: {e}", round + 1, s.rounds, t.name),
-            }
-            samples.push(Sample {
-                round: round + 1,
-                target: t.name,
-                outcome,
-            });
-            if backend.exited().is_some() {
-                return Err(format!("the backend died: {}", backend.log_tail(15)));
-            }
-        }
-    }
+    let samples = measure_rounds(&mut list, &mut backend, &load, s)?;
 
     let names: Vec<&'static str> = list.iter().map(|t| t.name).collect();
     let summaries = report::summarize(&names, &samples);
@@ -496,6 +527,297 @@ fn run(s: &Settings) -> Result {
     println!("logs:       {}", run_dir.display());
     Ok(())
     // `list` and `backend` drop here: every server is stopped.
+}
+
+/// `--workers`: the plain-proxy gateway once per worker count listed, all in
+/// front of one backend, under one load; `scaling.json` and the table.
+fn run_scaling(s: &Settings) -> Result {
+    let (target_dir, bench_dir, run_dir) = prepare_dirs()?;
+    let tools = Tools::find(&target_dir);
+    let gateway_bin = tools.gateway.clone().ok_or_else(|| {
+        format!(
+            "{} not found (build it: cargo build --release -p gateway, or set GATEWAY_BIN)",
+            target_dir.join("release/gateway").display()
+        )
+    })?;
+    let wrk_bin = tools
+        .wrk
+        .clone()
+        .ok_or("wrk not found: run `cargo xtask setup`")?;
+    if tools.nginx.is_none() {
+        return Err("nginx not found (it is the backend): run `cargo xtask setup`".into());
+    }
+
+    let cpus = procs::allowed_cpus();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let ports = Ports { base: s.port_base };
+    let plan = targets::scaling_placement(&cpus, &s.workers, tools.taskset.is_some());
+    let max = s.workers.iter().copied().max().unwrap_or(1);
+    // Backend workers and wrk threads: one per client CPU, so the client
+    // side grows with the machine; unpinned, what the largest gateway leaves.
+    let client_n = if plan.client.is_empty() {
+        cpus.len().saturating_sub(max).max(1)
+    } else {
+        plan.client.len()
+    };
+    // wrk gives each thread connections / threads of them: at least one each.
+    let wrk_threads = client_n.min(s.connections as usize) as u32;
+
+    let mut used = vec![ports.backend()];
+    for i in 0..s.workers.len() {
+        used.extend([ports.gateway_scaled(i), ports.gateway_scaled_admin(i)]);
+    }
+    for a in used {
+        procs::ensure_port_free(a)?;
+    }
+
+    // Said before the run and again under the table: a ratio measured on
+    // shared CPUs mixes the gateway's scaling with the load generator losing CPU.
+    let mut warnings: Vec<String> = Vec::new();
+    if plan.client.is_empty() {
+        warnings.push(format!(
+            "not pinning (allowed CPUs {cpus:?}, taskset {:?}): the gateway, the backend and wrk \
+             all share the CPUs; the ratios are not clean scaling figures",
+            tools.taskset
+        ));
+    } else {
+        println!(
+            "pinning: backend (nginx, {client_n} worker(s)) + wrk ({wrk_threads} thread(s)) on CPU {}",
+            procs::cpu_list(&plan.client)
+        );
+        for g in &plan.gateways {
+            println!(
+                "pinning: gateway --workers {} on CPU {}{}",
+                g.workers,
+                procs::cpu_list(&g.cpus),
+                if g.shared {
+                    " (shared with backend + wrk)"
+                } else {
+                    ""
+                }
+            );
+            if g.shared {
+                warnings.push(format!(
+                    "--workers {}: the gateway shares CPU(s) with the backend and wrk (this machine \
+                     allows {} CPU(s); a clean figure for {} workers needs {}): its ratio is not a \
+                     clean scaling figure, the extra workers take CPU from the load generator",
+                    g.workers,
+                    cpus.len(),
+                    g.workers,
+                    g.workers + 1
+                ));
+            }
+        }
+    }
+    for g in plan.gateways.iter().filter(|g| g.oversubscribed) {
+        warnings.push(format!(
+            "--workers {}: more workers than CPUs ({}): some workers share a CPU",
+            g.workers,
+            cpus.len().max(1)
+        ));
+    }
+    for w in &warnings {
+        println!("WARNING: {w}");
+    }
+
+    let ready = Duration::from_secs(10);
+    let mut backend = targets::start_backend_on(&tools, ports, &plan.client, client_n, &run_dir)?;
+    backend
+        .wait_ready(ports.backend(), "/", ready)
+        .map_err(|e| format!("backend: {e}"))?;
+
+    let mut list: Vec<Target> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    for (i, g) in plan.gateways.iter().enumerate() {
+        // Target names are `&'static str` all through the report; a handful
+        // of short names, once per run: leaking them is the simple way.
+        let name: &'static str = Box::leak(format!("gateway-w{}", g.workers).into_boxed_str());
+        let addr = ports.gateway_scaled(i);
+        let started = targets::start_gateway_scaled(&tools, ports, i, g.workers, &g.cpus, &run_dir)
+            .and_then(|mut srv| {
+                srv.wait_ready(addr, "/", ready)?;
+                Ok(srv)
+            });
+        match started {
+            Ok(srv) => {
+                println!("{name}: ready on {addr} (pid {})", srv.pid());
+                list.push(Target {
+                    name,
+                    addr,
+                    server: Some(srv),
+                    with_children: false,
+                    dead: None,
+                });
+            }
+            Err(e) if procs::stop_requested() => return Err(e),
+            Err(e) => {
+                println!("skipping {name}: failed to start: {e}");
+                skipped.push(format!("{name}: failed to start: {e}"));
+            }
+        }
+    }
+    if list.is_empty() {
+        return Err(format!("no gateway started: {}", skipped.join("; ")));
+    }
+
+    println!(
+        "measuring {} worker count(s): {} round(s) × ({} s warm-up + {} s), wrk -t{} -c{}; about {} s",
+        list.len(),
+        s.rounds,
+        s.warmup,
+        s.duration,
+        wrk_threads,
+        s.connections,
+        s.rounds as u64 * list.len() as u64 * (s.warmup + s.duration)
+    );
+    let script = gateway_benches::wrk::write_script(&run_dir)?;
+    let load = Load {
+        wrk: &wrk_bin,
+        taskset: tools.taskset.as_deref(),
+        cpus: &plan.client,
+        threads: wrk_threads,
+        script: &script,
+        connections: s.connections,
+        scheme: "http",
+        path: "/v1/chat/completions",
+    };
+    let started_at = SystemTime::now();
+    let clock = Instant::now();
+    let samples = measure_rounds(&mut list, &mut backend, &load, s)?;
+
+    let names: Vec<&'static str> = list.iter().map(|t| t.name).collect();
+    let summaries = report::summarize(&names, &samples);
+    let mut rows: Vec<report::ScalingRow> = plan
+        .gateways
+        .iter()
+        .map(|g| report::ScalingRow {
+            workers: g.workers,
+            cpus: g.cpus.clone(),
+            shared: g.shared,
+            oversubscribed: g.oversubscribed,
+            summary: summaries
+                .iter()
+                .find(|x| x.target == format!("gateway-w{}", g.workers))
+                .cloned(),
+            ratio: None,
+        })
+        .collect();
+    report::scaling_ratios(&mut rows);
+
+    let meta = json!({
+        "mode": "scaling",
+        "timestamp": report::rfc3339_utc(started_at),
+        "elapsed_s": clock.elapsed().as_secs_f64(),
+        "machine": { "nproc": nproc, "allowed_cpus": cpus },
+        "versions": {
+            "gateway": procs::version_line(&gateway_bin, &["--version"]),
+            "nginx": tools.nginx.as_deref().map(|n| procs::version_line(n, &["-v"])),
+            "wrk": procs::version_line(&wrk_bin, &["-v"]),
+        },
+        "settings": {
+            "workers": s.workers, "ratio_base_workers": s.workers[0],
+            "rounds": s.rounds, "duration_s": s.duration, "warmup_s": s.warmup,
+            "connections": s.connections, "wrk_threads": wrk_threads,
+            "backend_workers": client_n, "client_cpus": plan.client, "port_base": s.port_base,
+            "request": format!("POST /v1/chat/completions, {}-byte JSON body", gateway_benches::wrk::REQUEST_BODY.len()),
+            "response_body_bytes": targets::BACKEND_BODY.len(),
+            "gateway_command": format!(
+                "gateway run --listen {} --upstream {} --workers N --admin {} --no-access-log",
+                ports.gateway_scaled(0), ports.backend(), ports.gateway_scaled_admin(0)
+            ),
+        },
+        "warnings": warnings,
+        "skipped": skipped,
+        "dead": list.iter().filter_map(|t| t.dead.as_ref().map(|d| json!({"target": t.name, "why": d}))).collect::<Vec<_>>(),
+    });
+    let mut results = report::results_json(meta, &samples, &summaries);
+    results["scaling"] = report::scaling_json(&rows);
+    let json_path = bench_dir.join("scaling.json");
+    let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+    fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+
+    println!();
+    print!("{}", report::scaling_table(&rows));
+    println!(
+        "nproc {nproc} (allowed CPUs {}); backend (nginx, {client_n} worker(s)) + wrk (-t{wrk_threads} -c{}) on CPU {}; \
+         scaling = req/s over that of --workers {}; cores = gateway CPU µs/req × req/s",
+        procs::cpu_list(&cpus),
+        s.connections,
+        if plan.client.is_empty() { "any".into() } else { procs::cpu_list(&plan.client) },
+        s.workers[0]
+    );
+    if rows.iter().any(|r| r.shared) {
+        println!("* shares CPUs with the backend and wrk: NOT a clean scaling figure");
+    }
+    for w in &warnings {
+        println!("WARNING: {w}");
+    }
+    for t in &list {
+        if let Some(d) = &t.dead {
+            println!("{}: DIED during the run: {d}", t.name);
+        }
+    }
+    for sk in &skipped {
+        println!("skipped {sk}");
+    }
+    println!("raw rounds: {}", json_path.display());
+    println!("logs:       {}", run_dir.display());
+    Ok(())
+    // `list` and `backend` drop here: every server is stopped.
+}
+
+/// Every target once per round, the order rotating each round so no target
+/// always runs first (or right after another); one line per run as it ends.
+fn measure_rounds(
+    list: &mut [Target],
+    backend: &mut Server,
+    load: &Load,
+    s: &Settings,
+) -> Result<Vec<Sample>> {
+    let mut samples: Vec<Sample> = Vec::new();
+    let width = list.iter().map(|t| t.name.len()).max().unwrap_or(0).max(8);
+    for round in 0..s.rounds {
+        // Rotate the order so no target always runs first (or right after another).
+        let n = list.len();
+        for k in 0..n {
+            let t = &mut list[(k + round) % n];
+            if procs::stop_requested() {
+                return Err("interrupted".into());
+            }
+            if t.dead.is_some() {
+                continue;
+            }
+            let outcome = measure(t, backend, load, s);
+            // wrk prints partial numbers on Ctrl-C: do not show them as a result.
+            if procs::stop_requested() {
+                return Err("interrupted".into());
+            }
+            match &outcome {
+                Ok(m) => println!(
+                    "round {}/{} {:<width$} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  cpu {}  errors {} non-2xx {}",
+                    round + 1,
+                    s.rounds,
+                    t.name,
+                    m.wrk.rps(),
+                    m.wrk.p50_us / 1e3,
+                    m.wrk.p99_us / 1e3,
+                    m.proxy_cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1} µs/req")),
+                    m.wrk.socket_errors(),
+                    m.wrk.non_2xx
+                ),
+                Err(e) => println!("round {}/{} {:<width$} FAILED: {e}", round + 1, s.rounds, t.name),
+            }
+            samples.push(Sample {
+                round: round + 1,
+                target: t.name,
+                outcome,
+            });
+            if backend.exited().is_some() {
+                return Err(format!("the backend died: {}", backend.log_tail(15)));
+            }
+        }
+    }
+    Ok(samples)
 }
 
 /// The two gateways of a `--validation` run.

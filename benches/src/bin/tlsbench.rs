@@ -328,7 +328,8 @@ fn run() -> Result {
                 let load = Load {
                     wrk: &wrk_bin,
                     taskset: tools.taskset.as_deref(),
-                    cpu: place.client_cpu,
+                    cpus: place.client_cpu.as_slice(),
+                    threads: 1,
                     script: &script,
                     connections,
                     scheme: "https",
