@@ -6,54 +6,18 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::local::LocalIntCounter;
 use prometheus::IntGauge;
 
-use crate::config::{Limits, Resolved, Timeouts};
+use crate::config::{Limits, Timeouts};
+use crate::generation::Resolved;
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::route::Router;
+pub use crate::shutdown::Shutdown;
 use crate::upstream::{Cluster, Pool};
-
-/// Process-wide shutdown flag, set once from the signal thread.
-pub struct Shutdown {
-    flag: AtomicBool,
-    event: event_listener::Event,
-}
-
-impl Shutdown {
-    pub fn new() -> Arc<Shutdown> {
-        Arc::new(Shutdown {
-            flag: AtomicBool::new(false),
-            event: event_listener::Event::new(),
-        })
-    }
-
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        self.event.notify(usize::MAX);
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    pub async fn wait(&self) {
-        loop {
-            if self.is_triggered() {
-                return;
-            }
-            let l = self.event.listen();
-            if self.is_triggered() {
-                return;
-            }
-            l.await;
-        }
-    }
-}
 
 /// Process-wide state every configuration generation shares: it outlives
 /// reloads (blocks, rate-limit buckets and quotas, backend loads).
