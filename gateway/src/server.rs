@@ -76,6 +76,8 @@ impl Control {
     fn build(&self, r: &Resolved, generation: u64) -> Shared {
         Shared::new(
             r,
+            r.tls.clone(),
+            r.authn.clone(),
             self.workers,
             self.metrics.clone(),
             self.shutdown.clone(),

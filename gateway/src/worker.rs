@@ -12,8 +12,7 @@ use std::time::Duration;
 use prometheus::local::LocalIntCounter;
 use prometheus::IntGauge;
 
-use crate::config::{Limits, Timeouts};
-use crate::generation::Resolved;
+use crate::config::{Checked, Limits, Timeouts};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::route::Router;
 pub use crate::shutdown::Shutdown;
@@ -63,8 +62,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `r` with the stages its generation built (`tls`, `authn`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        r: &Resolved,
+        r: &Checked,
+        tls: Option<Arc<crate::tls::Tls>>,
+        authn: Option<Arc<crate::authn::Authn>>,
         workers: usize,
         metrics: Arc<Metrics>,
         shutdown: Arc<Shutdown>,
@@ -105,10 +108,10 @@ impl Shared {
             generation,
             rules: crate::validate::Rules::new(r),
             front_door: process.front_door.clone(),
-            tls: r.tls.clone(),
-            authn: r.authn.clone(),
-            authz: (r.authn.is_some() || !r.config.authz.rules.is_empty())
+            authz: (authn.is_some() || !r.config.authz.rules.is_empty())
                 .then(|| crate::authz::Authz::new(&r.config.authz.rules)),
+            tls,
+            authn,
             authn_settings: r.config.authn.clone(),
             ratelimit: r
                 .config

@@ -189,7 +189,6 @@ pub struct AuthzSettings {
     pub rules: Vec<AuthzRule>,
 }
 
-
 impl AuthzSettings {
     /// The JWT claims any rule tests, sorted, each once (the authentication
     /// stage keeps these from a verified token).

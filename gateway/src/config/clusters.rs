@@ -42,7 +42,6 @@ fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(4)
 }
 
-
 /// How a cluster picks a backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -217,8 +216,7 @@ fn check_balance(key: &str, b: &BalanceSettings, sink: &mut Sink) {
             "a fraction of requests, 0 to 1",
         );
     }
-    if b.ejection > b.max_ejection || (!b.health_path.is_empty() && b.health_interval.is_zero())
-    {
+    if b.ejection > b.max_ejection || (!b.health_path.is_empty() && b.health_interval.is_zero()) {
         sink.err(
             format!("{key}.balance"),
             "ejection must not exceed max_ejection, and health_interval must be above 0",

@@ -96,7 +96,6 @@ fn yes() -> bool {
     true
 }
 
-
 /// The pools each model names (`cluster`, `version_clusters`, `split`,
 /// `shadow`) exist, and its split and shadow are sound.
 pub(super) fn check_model_pools(

@@ -33,7 +33,6 @@ pub enum Protocol {
     Kserve,
 }
 
-
 /// Per-route timeout overrides (inference can take minutes on one route and milliseconds on another).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +44,6 @@ pub struct RouteTimeouts {
     #[serde(default, deserialize_with = "opt_duration")]
     pub total: Option<Duration>,
 }
-
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,7 +88,6 @@ pub struct RouteConfig {
     pub anonymous: bool,
 }
 
-
 /// Each route's match (host, path, methods), name and cluster.
 pub(super) fn check_routes(
     routes: &[RouteConfig],
@@ -98,7 +95,10 @@ pub(super) fn check_routes(
     sink: &mut Sink,
 ) {
     if routes.is_empty() {
-        sink.err("routes", "add at least one [[routes]] entry naming a cluster");
+        sink.err(
+            "routes",
+            "add at least one [[routes]] entry naming a cluster",
+        );
     }
     let mut names = HashSet::new();
     for (i, r) in routes.iter().enumerate() {
@@ -124,7 +124,10 @@ pub(super) fn check_routes(
                 );
             }
             if !names.insert(n.clone()) {
-                sink.err(format!("{key}.name"), format!("route name `{n}` is used twice"));
+                sink.err(
+                    format!("{key}.name"),
+                    format!("route name `{n}` is used twice"),
+                );
             }
         }
         for (k, v) in [
@@ -156,7 +159,10 @@ fn check_match(key: &str, r: &RouteConfig, sink: &mut Sink) {
     if let Some(h) = &r.host {
         let bare = h.strip_prefix("*.").unwrap_or(h);
         if bare.is_empty() || bare.contains('*') || bare.contains('/') || bare.contains(' ') {
-            sink.err(format!("{key}.host"), format!("`{h}` must be a host name like \"api.example.com\" or \"*.example.com\""));
+            sink.err(
+                format!("{key}.host"),
+                format!("`{h}` must be a host name like \"api.example.com\" or \"*.example.com\""),
+            );
         }
     }
     if let Some(ms) = &r.methods {
@@ -207,7 +213,11 @@ pub(super) fn check_bodies(
             }
         }
         // The first bad pointer, as the response filter would report it.
-        if let Err(e) = r.response_drop_fields.iter().try_for_each(|p| parse_pointer(p).map(drop)) {
+        if let Err(e) = r
+            .response_drop_fields
+            .iter()
+            .try_for_each(|p| parse_pointer(p).map(drop))
+        {
             sink.err(format!("routes[{i}].response_drop_fields"), e);
         }
         if r.protocol != Protocol::Passthrough && !has_models {

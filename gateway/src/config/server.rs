@@ -227,7 +227,6 @@ impl Default for Timeouts {
     }
 }
 
-
 /// `server.listen` and `admin.listen`, parsed and checked, with the rest of
 /// `[server]` and `[log]`. `tls_listen` is `tls.listen` (either may be the
 /// only listener). Returns the plaintext addresses and the admin address.
@@ -337,7 +336,10 @@ pub(super) fn check_head_limits(l: &Limits, buffer_size: usize, sink: &mut Sink)
     }
     for (k, v) in [
         ("limits.max_header_bytes", l.max_header_bytes),
-        ("limits.max_response_header_bytes", l.max_response_header_bytes),
+        (
+            "limits.max_response_header_bytes",
+            l.max_response_header_bytes,
+        ),
     ] {
         if v > buffer_size {
             sink.err(

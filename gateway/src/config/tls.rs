@@ -95,7 +95,6 @@ impl Default for TlsSettings {
     }
 }
 
-
 /// `[tls]`, checked: the TLS addresses (none shared with `listen` or the
 /// admin listener), and the settings with their files resolved against
 /// `base` (the config file's directory).
@@ -111,7 +110,9 @@ pub(super) fn check_tls(
         match a.parse::<SocketAddr>() {
             Ok(sa) if listen.contains(&sa) => sink.err(
                 format!("tls.listen[{i}]"),
-                format!("{sa} is also in server.listen; an address speaks TLS or plaintext, not both"),
+                format!(
+                    "{sa} is also in server.listen; an address speaks TLS or plaintext, not both"
+                ),
             ),
             Ok(sa) => tls_listen.push(sa),
             Err(_) => sink.err(
