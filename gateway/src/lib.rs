@@ -4,6 +4,10 @@
 //! The request pipeline is assembled in [`pipeline`], in request order:
 //! [`xdp`] (at the NIC, and at accept) → [`listener`] → [`tls`] → [`codec`] → [`route`] →
 //! [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] → [`balance`] → [`upstream`].
+//!
+//! Configuration flows one way: [`config`] parses and checks plain settings
+//! data (it imports no stage), [`generation`] builds the stages that load
+//! files (TLS, authentication) from it, and each stage takes its own slice.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
