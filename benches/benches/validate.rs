@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use gateway::config::Resolved;
+use gateway::generation::Resolved;
 use gateway::validate::openai::Endpoint;
 use gateway::validate::{
     check_json, check_json_in, check_json_parsing_all, check_limits, check_parsed, depth_within,

@@ -564,7 +564,7 @@ mod tests {
         assert_eq!(all.len(), 7 + 2 * MAX_SCALING_RUNS);
         let text = gateway_validated_config(p, "demo");
         // The gateway itself accepts it, with the route validating OpenAI requests.
-        let r = gateway::config::Resolved::from_str(&text, "gateway.toml")
+        let r = gateway::generation::Resolved::from_str(&text, "gateway.toml")
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(
             r.config.routes[0].protocol,
@@ -579,7 +579,7 @@ mod tests {
     fn limited_config_is_the_validated_one_plus_limits() {
         let p = Ports { base: 18000 };
         let text = gateway_limited_config(p, "demo");
-        let r = gateway::config::Resolved::from_str(&text, "gateway.toml")
+        let r = gateway::generation::Resolved::from_str(&text, "gateway.toml")
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(r.listen, vec![p.gateway()]);
         assert_eq!(r.admin, p.gateway_admin());

@@ -17,7 +17,7 @@ use crate::server::Health;
 use crate::xdp::{BlockError, BlockReason, FrontDoor};
 
 /// The configuration in force (TLS certificates to reload, API keys to revoke).
-pub type Current = Box<dyn Fn() -> Arc<crate::config::Resolved> + Send>;
+pub type Current = Box<dyn Fn() -> Arc<crate::generation::Resolved> + Send>;
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 4096;

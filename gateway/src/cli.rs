@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config, DriverChoice, LogFormat, Resolved, Workers, DEFAULT_CONFIG};
+use crate::config::{self, Config, DriverChoice, LogFormat, Workers, DEFAULT_CONFIG};
+use crate::generation::Resolved;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -247,7 +248,7 @@ fn run(args: RunArgs) -> i32 {
         eprintln!("command line: {msg}");
         return 1;
     }
-    let resolved = match cfg.validate(&text, &name) {
+    let resolved = match Resolved::from_config(cfg, &text, &name) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
@@ -268,7 +269,7 @@ fn run(args: RunArgs) -> i32 {
                     message: m,
                 }])
             })?;
-            cfg.validate(&text, &path.display().to_string())
+            Resolved::from_config(cfg, &text, &path.display().to_string())
         });
         reload
     });

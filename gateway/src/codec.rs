@@ -98,7 +98,7 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
 }
 
 /// Upper bound for `limits.max_headers` (the header array lives on the stack).
-pub const MAX_HEADERS: usize = 256;
+pub use crate::config::MAX_HEADERS;
 
 const FRAMING: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
 

@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::config::syntax::parse_pointer;
+
 /// A parsed set of JSON pointers to remove from responses.
 #[derive(Debug, Clone, Default)]
 pub struct FieldFilter {
@@ -73,35 +75,6 @@ impl FieldFilter {
         }
         removed
     }
-}
-
-/// RFC 6901 §3/§4: split a pointer into unescaped reference tokens.
-fn parse_pointer(p: &str) -> Result<Vec<String>, String> {
-    let Some(rest) = p.strip_prefix('/') else {
-        return Err(format!("JSON pointer {p:?} must start with '/'"));
-    };
-    rest.split('/')
-        .map(|tok| {
-            let mut out = String::with_capacity(tok.len());
-            let mut chars = tok.chars();
-            while let Some(c) = chars.next() {
-                if c == '~' {
-                    match chars.next() {
-                        Some('0') => out.push('~'),
-                        Some('1') => out.push('/'),
-                        _ => {
-                            return Err(format!(
-                                "JSON pointer {p:?}: '~' must be followed by '0' or '1'"
-                            ))
-                        }
-                    }
-                } else {
-                    out.push(c);
-                }
-            }
-            Ok(out)
-        })
-        .collect()
 }
 
 /// The order pointers are applied in, so that every pointer still means

@@ -9,7 +9,9 @@
 //!   [`route`] → [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] →
 //!   [`balance`] → [`upstream`] (backend connections: [`pool`]); in front of
 //!   it all, [`xdp`] at the NIC and at accept, and [`tls`];
-//! - configuration: [`config`] (settings and their checks);
+//! - configuration, one way: [`config`] parses and checks plain settings
+//!   data (it imports no stage), [`generation`] builds the stages that load
+//!   files (TLS, authentication) from it, and each stage takes its own slice;
 //! - support: [`io`], [`codec`], [`metrics`], [`fetch`], [`x509`], [`error`],
 //!   [`telemetry`], [`catalog`], [`filter`], [`admin`], [`cli`].
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -26,6 +28,7 @@ pub mod downstream;
 pub mod error;
 pub mod fetch;
 pub mod filter;
+pub mod generation;
 pub mod http1;
 pub mod io;
 pub mod listener;
@@ -35,6 +38,7 @@ pub mod pool;
 pub mod ratelimit;
 pub mod route;
 pub mod server;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

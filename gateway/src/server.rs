@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use monoio::{IoUringDriver, LegacyDriver, Runtime};
 
 use crate::admin;
-use crate::config::{DriverChoice, Resolved};
+use crate::config::DriverChoice;
+use crate::generation::Resolved;
 use crate::listener;
 use crate::metrics::{Metrics, FLUSH_EVERY};
 use crate::worker::{Shared, Shutdown, Worker};
@@ -75,6 +76,8 @@ impl Control {
     fn build(&self, r: &Resolved, generation: u64) -> Shared {
         Shared::new(
             r,
+            r.tls.clone(),
+            r.authn.clone(),
             self.workers,
             self.metrics.clone(),
             self.shutdown.clone(),

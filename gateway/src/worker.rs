@@ -6,54 +6,17 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::local::LocalIntCounter;
 use prometheus::IntGauge;
 
-use crate::config::{Limits, Resolved, Timeouts};
+use crate::config::{Checked, Limits, Timeouts};
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::pool::{Cluster, Pool};
 use crate::route::Router;
-
-/// Process-wide shutdown flag, set once from the signal thread.
-pub struct Shutdown {
-    flag: AtomicBool,
-    event: event_listener::Event,
-}
-
-impl Shutdown {
-    pub fn new() -> Arc<Shutdown> {
-        Arc::new(Shutdown {
-            flag: AtomicBool::new(false),
-            event: event_listener::Event::new(),
-        })
-    }
-
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        self.event.notify(usize::MAX);
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    pub async fn wait(&self) {
-        loop {
-            if self.is_triggered() {
-                return;
-            }
-            let l = self.event.listen();
-            if self.is_triggered() {
-                return;
-            }
-            l.await;
-        }
-    }
-}
+pub use crate::shutdown::Shutdown;
 
 /// Process-wide state every configuration generation shares: it outlives
 /// reloads (blocks, rate-limit buckets and quotas, backend loads).
@@ -99,8 +62,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// `r` with the stages its generation built (`tls`, `authn`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        r: &Resolved,
+        r: &Checked,
+        tls: Option<Arc<crate::tls::Tls>>,
+        authn: Option<Arc<crate::authn::Authn>>,
         workers: usize,
         metrics: Arc<Metrics>,
         shutdown: Arc<Shutdown>,
@@ -141,10 +108,10 @@ impl Shared {
             generation,
             rules: crate::validate::Rules::new(r),
             front_door: process.front_door.clone(),
-            tls: r.tls.clone(),
-            authn: r.authn.clone(),
-            authz: (r.authn.is_some() || !r.config.authz.rules.is_empty())
+            authz: (authn.is_some() || !r.config.authz.rules.is_empty())
                 .then(|| crate::authz::Authz::new(&r.config.authz.rules)),
+            tls,
+            authn,
             authn_settings: r.config.authn.clone(),
             ratelimit: r
                 .config

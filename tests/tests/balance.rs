@@ -396,7 +396,7 @@ fn models_are_served_by_their_own_pools() {
     assert_eq!((a.served(), b.served(), other.served()), (3, 1, 1));
     // A model pool naming no cluster is a config error.
     let bad = "[clusters.x]\nbackends = [\"127.0.0.1:1\"]\n[[models]]\nname = \"m\"\ncluster = \"nope\"\n[[routes]]\npath_prefix = \"/\"\ncluster = \"x\"\n";
-    let Err(e) = gateway::config::Resolved::from_str(bad, "t.toml") else {
+    let Err(e) = gateway::generation::Resolved::from_str(bad, "t.toml") else {
         panic!("a pool naming no cluster was accepted");
     };
     assert!(e.to_string().contains("no cluster `nope`"), "{e}");

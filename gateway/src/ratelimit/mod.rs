@@ -10,7 +10,7 @@
 //! by compare-and-swap: exact across workers, no lock beyond the map shard's
 //! read lock on the lookup.
 
-pub mod config;
+pub use crate::config::ratelimit as config;
 pub mod quota;
 pub mod redis;
 pub mod usage;
@@ -579,10 +579,10 @@ impl Limiter {
     /// maintenance thread (sweep, gauges, persistence) and, with Redis, the
     /// sync thread started.
     pub fn start(
-        r: &crate::config::Resolved,
+        r: &crate::config::Checked,
         front_door: Arc<crate::xdp::FrontDoor>,
         metrics: Arc<crate::metrics::Metrics>,
-        shutdown: Arc<crate::worker::Shutdown>,
+        shutdown: Arc<crate::shutdown::Shutdown>,
     ) -> Result<Arc<Limiter>, String> {
         let s = &r.config.ratelimit;
         let l = Arc::new(Limiter::new(s, Some(front_door), Some(metrics.clone())));

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::config::RedisSettings;
 use super::{quota, Level, Limiter};
 use crate::metrics::Metrics;
-use crate::worker::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// KEYS[i] with ARGV kind ('g': GCRA theoretical arrival time in µs, add
 /// `amount` and return the debt ahead of Redis's clock; 'c': counter, add

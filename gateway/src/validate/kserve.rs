@@ -682,7 +682,7 @@ mod tests {
 
     fn rules() -> crate::validate::Rules {
         let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n[[routes]]\ncluster = \"a\"\nprotocol = \"kserve\"\n[[models]]\nname = \"m\"\n";
-        crate::validate::Rules::new(&crate::config::Resolved::from_str(text, "t").unwrap())
+        crate::validate::Rules::new(&crate::config::Checked::from_str(text, "t").unwrap())
     }
 
     /// Run the check on simd-json's DOM of `json` (every value parsed), and

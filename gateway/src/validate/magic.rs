@@ -8,68 +8,7 @@
 //! [`Magic::NotChecked`]. `check` never needs more than [`MAX_MAGIC`] bytes,
 //! so a streaming caller can hold back at most that much before deciding.
 
-/// Lower-cased media type without parameters:
-/// `"Application/JSON; charset=utf-8"` → `"application/json"`.
-///
-/// Leading and trailing whitespace (spaces, tabs) around the media type is
-/// ignored. Both `type` and `subtype` must be non-empty RFC 9110 tokens;
-/// anything else (no `/`, an empty part, a second `/`, a non-token byte such
-/// as a space inside the type) → `None`. Parameters after `;` are not
-/// validated: they are dropped.
-pub fn media_type(content_type: &[u8]) -> Option<String> {
-    let end = content_type
-        .iter()
-        .position(|&b| b == b';')
-        .unwrap_or(content_type.len());
-    let mt = trim_ows(&content_type[..end]);
-    let slash = mt.iter().position(|&b| b == b'/')?;
-    let (ty, sub) = (&mt[..slash], &mt[slash + 1..]);
-    if ty.is_empty()
-        || sub.is_empty()
-        || !ty.iter().all(|&b| is_tchar(b))
-        || !sub.iter().all(|&b| is_tchar(b))
-    {
-        return None;
-    }
-    // All bytes are ASCII token characters, so this is valid UTF-8.
-    Some(
-        mt.iter()
-            .map(|b| char::from(b.to_ascii_lowercase()))
-            .collect(),
-    )
-}
-
-fn trim_ows(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
-        s = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = s {
-        s = rest;
-    }
-    s
-}
-
-/// RFC 9110 §5.6.2 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'!' | b'#'
-                | b'$'
-                | b'%'
-                | b'&'
-                | b'\''
-                | b'*'
-                | b'+'
-                | b'-'
-                | b'.'
-                | b'^'
-                | b'_'
-                | b'`'
-                | b'|'
-                | b'~'
-        )
-}
+pub use crate::config::syntax::media_type;
 
 /// Outcome of [`check`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use kserve::Outcome;
 
 use crate::catalog::Catalog;
 use crate::codec::{BodyKind, ChunkedDecoder, RequestHead};
-use crate::config::{Protocol, Resolved, Timeouts};
+use crate::config::{Protocol, Timeouts};
 use crate::downstream::Downstream;
 use crate::filter::FieldFilter;
 use crate::io::ReadError;
@@ -499,7 +499,7 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn new(r: &Resolved) -> Rules {
+    pub fn new(r: &crate::config::Checked) -> Rules {
         let routes = r
             .config
             .routes
@@ -1116,7 +1116,7 @@ mod tests {
 
     fn rules_with_route_schema(schema: &str) -> (Rules, Arc<jsonschema::Validator>) {
         let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n[[routes]]\ncluster = \"a\"\n";
-        let r = Resolved::from_str(text, "t").unwrap();
+        let r = crate::config::Checked::from_str(text, "t").unwrap();
         let v: serde_json::Value = serde_json::from_str(schema).unwrap();
         (
             Rules::new(&r),

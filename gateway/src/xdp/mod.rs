@@ -18,9 +18,7 @@ pub mod kernel;
 mod netlink;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -28,91 +26,10 @@ use std::time::Duration;
 pub use gateway_common::BlockReason;
 use gateway_common::{BlockEntry, Counter, XdpConfig, MODE_ENFORCE, MODE_MONITOR};
 
-use crate::config::{Resolved, XdpMode, XdpSettings};
+pub use crate::config::{canonical, Cidr};
+use crate::config::{Checked, XdpMode, XdpSettings};
 use crate::metrics::Metrics;
 use kernel::{Loaded, Sizes};
-
-/// An IPv4 or IPv6 network, `addr/len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, a: IpAddr) -> bool {
-        match (self.addr, canonical(a)) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let (a, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr =
-            canonical(a.parse::<IpAddr>().map_err(|_| {
-                format!("`{s}` is not a CIDR such as \"10.0.0.0/8\" or \"fd00::/8\"")
-            })?);
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            None => max,
-            Some(l) => match l.parse::<u8>() {
-                Ok(l) if l <= max => l,
-                _ => return Err(format!("`{s}`: the prefix length must be 0..={max}")),
-            },
-        };
-        let c = Cidr { addr, len };
-        // Store the network address: host bits set is almost always a typo.
-        if !c.contains(addr) || network(c) != addr {
-            return Err(format!(
-                "`{s}` has host bits set; did you mean {}/{len}?",
-                network(c)
-            ));
-        }
-        Ok(c)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-fn network(c: Cidr) -> IpAddr {
-    match c.addr {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX.checked_shl(32 - c.len as u32).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX.checked_shl(128 - c.len as u32).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a dual-stack socket reports for
-/// an IPv4 client) as the IPv4 address it is, so one block covers both.
-pub fn canonical(a: IpAddr) -> IpAddr {
-    match a {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
-        v4 => v4,
-    }
-}
 
 /// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns()` reads.
 pub fn monotonic_ns() -> u64 {
@@ -197,7 +114,7 @@ pub struct FrontDoor {
 impl FrontDoor {
     /// Load and attach the XDP program when `[xdp] interfaces` is set; fall
     /// back to accept-time enforcement, logged once, when that fails.
-    pub fn start(r: &Resolved, metrics: Arc<Metrics>) -> Arc<FrontDoor> {
+    pub fn start(r: &Checked, metrics: Arc<Metrics>) -> Arc<FrontDoor> {
         let s = &r.config.xdp;
         let mut status = Status::default();
         let kernel = if s.interfaces.is_empty() {
@@ -240,7 +157,7 @@ impl FrontDoor {
         fd
     }
 
-    fn load(r: &Resolved, status: &mut Status) -> Result<Loaded, kernel::LoadError> {
+    fn load(r: &Checked, status: &mut Status) -> Result<Loaded, kernel::LoadError> {
         let s = &r.config.xdp;
         let mut k = Loaded::load(Sizes {
             blocked: s.max_blocked,
@@ -272,7 +189,7 @@ impl FrontDoor {
     /// Apply a (re)loaded config: mode and rates, the allowlist, and the
     /// config's static blocks (added, and removed when no longer listed).
     /// Interfaces and map sizes only change on a restart.
-    pub fn apply(&self, r: &Resolved) {
+    pub fn apply(&self, r: &Checked) {
         let mut st = self.lock();
         let s = &r.config.xdp;
         st.settings.mode = s.mode;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::{duration, Sink};
+
 /// One level's limits. Every field is optional (0 = no such limit).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -99,12 +101,12 @@ pub struct EscalationSettings {
     pub enabled: bool,
     /// Refusals of one client address within `window` that trigger a block.
     pub refusals: u32,
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "duration")]
     pub window: Duration,
     /// First block's TTL; doubled on each repeat offence, up to `max_block_ttl`.
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "duration")]
     pub block_ttl: Duration,
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "duration")]
     pub max_block_ttl: Duration,
     /// Never block an address that also carries this many well-behaved
     /// principals (a shared NAT / corporate proxy).
@@ -131,10 +133,10 @@ pub struct RedisSettings {
     /// `host:port`; empty: no Redis.
     pub address: String,
     /// How often local consumption is pushed and the fleet's pulled.
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "duration")]
     pub sync_interval: Duration,
     /// Connect / reply timeout for one sync.
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
     /// Prefix of every key the gateway writes.
     pub key_prefix: String,
@@ -184,7 +186,7 @@ pub struct RateLimitSettings {
     pub max_keys: usize,
     /// Where day/month quota counts are kept across restarts ("" = not kept).
     pub state_file: PathBuf,
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "duration")]
     pub persist_interval: Duration,
     pub escalation: EscalationSettings,
     pub redis: RedisSettings,
@@ -245,6 +247,14 @@ impl RateLimitSettings {
 
     /// Problems an operator must fix, as (key, message).
     pub fn check(&self) -> Vec<(String, String)> {
+        let mut errs = self.check_levels();
+        self.check_classes_and_cost(&mut errs);
+        self.check_escalation_and_redis(&mut errs);
+        errs
+    }
+
+    /// Each level's rates, quotas and Redis failure mode.
+    fn check_levels(&self) -> Vec<(String, String)> {
         let mut errs = Vec::new();
         for (key, l) in self.all_levels() {
             let valid = |r: f64| r >= 0.0 && r.is_finite();
@@ -272,6 +282,10 @@ impl RateLimitSettings {
                 ));
             }
         }
+        errs
+    }
+
+    fn check_classes_and_cost(&self, errs: &mut Vec<(String, String)>) {
         for (t, c) in &self.tenant_classes {
             if !self.classes.contains_key(c) {
                 errs.push((
@@ -300,6 +314,9 @@ impl RateLimitSettings {
         if self.max_keys == 0 {
             errs.push(("ratelimit.max_keys".into(), "must be at least 1".into()));
         }
+    }
+
+    fn check_escalation_and_redis(&self, errs: &mut Vec<(String, String)>) {
         let e = &self.escalation;
         if e.max_good_principals > 8 {
             errs.push((
@@ -326,11 +343,17 @@ impl RateLimitSettings {
                 "sync_interval and timeout must be above zero".into(),
             ));
         }
-        errs
     }
 
     /// Anything configured at all.
     pub fn enabled(&self) -> bool {
         !self.all_levels().is_empty() || self.escalation.enabled
+    }
+}
+
+/// `[ratelimit]`, checked.
+pub(super) fn check_ratelimit(s: &RateLimitSettings, sink: &mut Sink) {
+    for (key, message) in s.check() {
+        sink.err(key, message);
     }
 }

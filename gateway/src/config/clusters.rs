@@ -1,0 +1,257 @@
+//! `[clusters.X]`: backend pools, their connection pools and how each picks
+//! a backend (`[clusters.X.balance]`, for the balance stage).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{duration, valid_name, Sink};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `host:port` of each backend, resolved at load.
+    pub backends: Vec<String>,
+    /// Idle keep-alive connections kept per backend per worker.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+    /// An idle pooled connection older than this is closed. Keep it under the
+    /// backend's own keep-alive timeout (uvicorn, under vLLM, closes after 5 s).
+    #[serde(default = "default_pool_idle_timeout", deserialize_with = "duration")]
+    pub pool_idle_timeout: Duration,
+    /// Open connections (in use + idle) to each backend, per worker. At the
+    /// limit a request tries the next backend, then waits up to the connect
+    /// timeout for a free one, then gets 503 + Retry-After.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How a backend is picked (`[clusters.X.balance]`), health and load signals.
+    #[serde(default)]
+    pub balance: BalanceSettings,
+}
+
+fn default_max_connections() -> usize {
+    512
+}
+
+fn default_pool_max_idle() -> usize {
+    64
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(4)
+}
+
+/// How a cluster picks a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    GieLike,
+    GpuAware,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastRequest => "least_request",
+            Algorithm::GieLike => "gie_like",
+            Algorithm::GpuAware => "gpu_aware",
+        }
+    }
+
+    /// Uses the model servers' own metrics.
+    pub fn scrapes(self) -> bool {
+        matches!(self, Algorithm::GieLike | Algorithm::GpuAware)
+    }
+}
+
+/// Which metric names a backend's `/metrics` uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Vllm,
+    Sglang,
+    Tgi,
+    Triton,
+    /// No metrics endpoint: local signals only.
+    None,
+}
+
+/// `[clusters.X]` balancing settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceSettings {
+    pub algorithm: Algorithm,
+    pub engine: Engine,
+    /// Scraped every `metrics_interval` (gie_like, gpu_aware); "0s" = never.
+    pub metrics_path: String,
+    #[serde(deserialize_with = "duration")]
+    pub metrics_interval: Duration,
+    /// Metrics older than this are ignored, not trusted.
+    #[serde(deserialize_with = "duration")]
+    pub metrics_max_age: Duration,
+    /// Active health check: GET this path every `health_interval` ("" = none).
+    pub health_path: String,
+    #[serde(deserialize_with = "duration")]
+    pub health_interval: Duration,
+    /// A backend with this many requests queued is saturated (skipped; all saturated → 503).
+    pub queue_saturation: u32,
+    /// A backend whose KV cache is at least this full is saturated.
+    pub kv_saturation: f64,
+    /// Consecutive failures (connect errors, 5xx) that eject a backend.
+    pub eject_after: u32,
+    /// First ejection; doubled on each one in a row, up to `max_ejection`.
+    #[serde(deserialize_with = "duration")]
+    pub ejection: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub max_ejection: Duration,
+    /// A new (or re-admitted) backend's share ramps up over this long.
+    #[serde(deserialize_with = "duration")]
+    pub warmup: Duration,
+    /// Retries (an idempotent request whose backend closed or reset before
+    /// answering, sent to another backend) as a fraction of requests...
+    pub retry_budget: f64,
+    /// ...plus this many always available when traffic is low.
+    pub retry_reserve: u32,
+}
+
+impl Default for BalanceSettings {
+    fn default() -> Self {
+        BalanceSettings {
+            algorithm: Algorithm::RoundRobin,
+            engine: Engine::Vllm,
+            metrics_path: "/metrics".into(),
+            metrics_interval: Duration::from_millis(100),
+            metrics_max_age: Duration::from_millis(500),
+            health_path: String::new(),
+            health_interval: Duration::from_secs(5),
+            queue_saturation: 64,
+            kv_saturation: 0.98,
+            eject_after: 5,
+            ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(120),
+            warmup: Duration::from_secs(10),
+            retry_budget: 0.2,
+            retry_reserve: 10,
+        }
+    }
+}
+
+/// `[clusters]`, checked: every backend address each cluster resolves to.
+pub(super) fn check_clusters(
+    clusters: &BTreeMap<String, ClusterConfig>,
+    sink: &mut Sink,
+) -> BTreeMap<String, Vec<SocketAddr>> {
+    let mut resolved = BTreeMap::new();
+    for (name, c) in clusters {
+        let key = format!("clusters.{name}");
+        if !valid_name(name) {
+            sink.err(
+                key.clone(),
+                "cluster names use letters, digits, '-', '_' and '.'",
+            );
+        }
+        if c.backends.is_empty() {
+            sink.err(
+                format!("{key}.backends"),
+                "give at least one backend, e.g. [\"10.0.0.5:8000\"]",
+            );
+        }
+        if c.max_connections == 0 {
+            sink.err(format!("{key}.max_connections"), "must be at least 1");
+        }
+        if c.pool_max_idle > c.max_connections {
+            sink.err(
+                format!("{key}.pool_max_idle"),
+                format!("must not exceed max_connections ({})", c.max_connections),
+            );
+        }
+        if c.pool_idle_timeout.is_zero() {
+            sink.err(format!("{key}.pool_idle_timeout"), "must be more than 0");
+        }
+        let mut addrs = Vec::new();
+        for (i, b) in c.backends.iter().enumerate() {
+            match resolve_all(b) {
+                Ok(a) => {
+                    for x in a {
+                        if !addrs.contains(&x) {
+                            addrs.push(x);
+                        }
+                    }
+                }
+                Err(m) => sink.err(format!("{key}.backends[{i}]"), m),
+            }
+        }
+        resolved.insert(name.clone(), addrs);
+        check_balance(&key, &c.balance, sink);
+    }
+    resolved
+}
+
+/// `[clusters.X.balance]`; `key` is `clusters.X`.
+fn check_balance(key: &str, b: &BalanceSettings, sink: &mut Sink) {
+    if b.metrics_max_age < b.metrics_interval
+        && b.algorithm.scrapes()
+        && !b.metrics_interval.is_zero()
+    {
+        sink.err(
+            format!("{key}.balance.metrics_max_age"),
+            "must be at least metrics_interval, or every scrape is stale on arrival",
+        );
+    }
+    if !(b.kv_saturation > 0.0 && b.kv_saturation <= 1.0) || b.queue_saturation == 0 {
+        sink.err(
+            format!("{key}.balance"),
+            "kv_saturation is a fraction in (0, 1] (1 = never saturated by the KV cache) and queue_saturation at least 1",
+        );
+    }
+    if !(0.0..=1.0).contains(&b.retry_budget) {
+        sink.err(
+            format!("{key}.balance.retry_budget"),
+            "a fraction of requests, 0 to 1",
+        );
+    }
+    if b.ejection > b.max_ejection || (!b.health_path.is_empty() && b.health_interval.is_zero()) {
+        sink.err(
+            format!("{key}.balance"),
+            "ejection must not exceed max_ejection, and health_interval must be above 0",
+        );
+    }
+    if !b.metrics_path.starts_with('/')
+        || (!b.health_path.is_empty() && !b.health_path.starts_with('/'))
+    {
+        sink.err(
+            format!("{key}.balance"),
+            "metrics_path and health_path are paths starting with '/'",
+        );
+    }
+}
+
+/// Every address a backend name resolves to (a Kubernetes headless
+/// Service answers with one per pod), sorted, without duplicates.
+pub fn resolve_all(s: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    if !s.contains(':') {
+        return Err(format!("`{s}` needs a port, e.g. \"{s}:8000\""));
+    }
+    match s.to_socket_addrs() {
+        Ok(it) => {
+            let mut v: Vec<SocketAddr> = it.collect();
+            v.sort();
+            v.dedup();
+            if v.is_empty() {
+                Err(format!("`{s}` resolved to no address"))
+            } else {
+                Ok(v)
+            }
+        }
+        Err(e) => Err(format!("cannot resolve `{s}`: {e}")),
+    }
+}

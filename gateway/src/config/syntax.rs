@@ -1,0 +1,96 @@
+//! Pure syntax the configuration checks and the stages share: media types
+//! (RFC 9110, `routes.content_types`, the validation stage's `Content-Type`)
+//! and JSON pointers (RFC 6901, `routes.response_drop_fields`, the response
+//! field filter). Data in, data out; nothing here knows about a request.
+
+/// Lower-cased media type without parameters:
+/// `"Application/JSON; charset=utf-8"` → `"application/json"`.
+///
+/// Leading and trailing whitespace (spaces, tabs) around the media type is
+/// ignored. Both `type` and `subtype` must be non-empty RFC 9110 tokens;
+/// anything else (no `/`, an empty part, a second `/`, a non-token byte such
+/// as a space inside the type) → `None`. Parameters after `;` are not
+/// validated: they are dropped.
+pub fn media_type(content_type: &[u8]) -> Option<String> {
+    let end = content_type
+        .iter()
+        .position(|&b| b == b';')
+        .unwrap_or(content_type.len());
+    let mt = trim_ows(&content_type[..end]);
+    let slash = mt.iter().position(|&b| b == b'/')?;
+    let (ty, sub) = (&mt[..slash], &mt[slash + 1..]);
+    if ty.is_empty()
+        || sub.is_empty()
+        || !ty.iter().all(|&b| is_tchar(b))
+        || !sub.iter().all(|&b| is_tchar(b))
+    {
+        return None;
+    }
+    // All bytes are ASCII token characters, so this is valid UTF-8.
+    Some(
+        mt.iter()
+            .map(|b| char::from(b.to_ascii_lowercase()))
+            .collect(),
+    )
+}
+
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+/// RFC 6901 §3/§4: split a pointer into unescaped reference tokens.
+pub fn parse_pointer(p: &str) -> Result<Vec<String>, String> {
+    let Some(rest) = p.strip_prefix('/') else {
+        return Err(format!("JSON pointer {p:?} must start with '/'"));
+    };
+    rest.split('/')
+        .map(|tok| {
+            let mut out = String::with_capacity(tok.len());
+            let mut chars = tok.chars();
+            while let Some(c) = chars.next() {
+                if c == '~' {
+                    match chars.next() {
+                        Some('0') => out.push('~'),
+                        Some('1') => out.push('/'),
+                        _ => {
+                            return Err(format!(
+                                "JSON pointer {p:?}: '~' must be followed by '0' or '1'"
+                            ))
+                        }
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
