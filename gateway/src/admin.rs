@@ -73,13 +73,87 @@ fn handle(
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    let mut bearer: Option<Vec<u8>> = None;
-    let mut api_key: Option<Vec<u8>> = None;
-    let (method, path, head_len, body_len) = loop {
+    let Some(req) = read_head(&mut c, &mut buf, current)? else {
+        return Ok(());
+    };
+    let (method, head_len, body_len) = (req.method.as_str(), req.head_len, req.body_len);
+    let path = req.path.split('?').next().unwrap_or("");
+    if body_len > MAX_BODY {
+        return respond(&mut c, 413, "text/plain", b"body too large\n");
+    }
+    let mut n = req.read;
+    while n < head_len + body_len {
         let r = c.read(&mut buf[n..])?;
         if r == 0 {
             return Ok(());
+        }
+        n += r;
+    }
+    let body = &buf[head_len..head_len + body_len];
+    // The control plane (blocks, key revocation, certificate reload) needs
+    // the `admin` scope once authentication is configured; metrics and
+    // probes stay open for scrapers and orchestrators.
+    let control_plane = path.starts_with("/xdp/")
+        || path.starts_with("/authn/")
+        || path.starts_with("/ratelimit/")
+        || path.starts_with("/balance/")
+        || path == "/tls/reload";
+    if control_plane {
+        if let Err(refusal) = admin_allowed(current, req.bearer.as_deref(), req.api_key.as_deref())
+        {
+            return refuse(&mut c, refusal);
+        }
+    }
+    let api = if path == "/xdp/blocks" || path.starts_with("/xdp/") {
+        Some(xdp_api(method, path, body, front_door))
+    } else if path == "/tls/reload" {
+        Some(tls_reload_api(method, metrics, current))
+    } else if path.starts_with("/balance/") {
+        Some(balance_api(method, path, body, loads))
+    } else if path.starts_with("/ratelimit/") {
+        Some(quota_api(method, path, limiter))
+    } else if path.starts_with("/authn/") {
+        Some(authn_api(method, path, body, current().authn.as_deref()))
+    } else {
+        None
+    };
+    if let Some((status, json)) = api {
+        return respond(
+            &mut c,
+            status,
+            "application/json",
+            json.to_string().as_bytes(),
+        );
+    }
+    probe(&mut c, method, path, metrics, health, front_door)
+}
+
+/// A request head read by [`read_head`]: what [`handle`] routes on.
+struct AdminHead {
+    method: String,
+    path: String,
+    head_len: usize,
+    body_len: usize,
+    /// Bytes read into the buffer so far (the head, maybe part of the body).
+    read: usize,
+    bearer: Option<Vec<u8>>,
+    api_key: Option<Vec<u8>>,
+}
+
+/// Reads a request head into `buf`: the head with its credentials and
+/// declared body length, or `None` when the client closed or was answered 400.
+fn read_head(
+    c: &mut TcpStream,
+    buf: &mut [u8],
+    current: &Current,
+) -> std::io::Result<Option<AdminHead>> {
+    let mut n = 0;
+    let mut bearer: Option<Vec<u8>> = None;
+    let mut api_key: Option<Vec<u8>> = None;
+    loop {
+        let r = c.read(&mut buf[n..])?;
+        if r == 0 {
+            return Ok(None);
         }
         n += r;
         let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -115,130 +189,91 @@ fn handle(
                             .ok()
                     })
                     .unwrap_or(0);
-                break (
-                    req.method.unwrap_or("").to_string(),
-                    req.path.unwrap_or("").to_string(),
+                return Ok(Some(AdminHead {
+                    method: req.method.unwrap_or("").to_string(),
+                    path: req.path.unwrap_or("").to_string(),
                     head_len,
                     body_len,
-                );
+                    read: n,
+                    bearer,
+                    api_key,
+                }));
             }
             Ok(httparse::Status::Partial) if n < buf.len() => continue,
-            _ => return respond(&mut c, 400, "text/plain", b"bad request\n"),
-        }
-    };
-    let path = path.split('?').next().unwrap_or("");
-    if body_len > MAX_BODY {
-        return respond(&mut c, 413, "text/plain", b"body too large\n");
-    }
-    while n < head_len + body_len {
-        let r = c.read(&mut buf[n..])?;
-        if r == 0 {
-            return Ok(());
-        }
-        n += r;
-    }
-    let body = &buf[head_len..head_len + body_len];
-    // The control plane (blocks, key revocation, certificate reload) needs
-    // the `admin` scope once authentication is configured; metrics and
-    // probes stay open for scrapers and orchestrators.
-    let control_plane = path.starts_with("/xdp/")
-        || path.starts_with("/authn/")
-        || path.starts_with("/ratelimit/")
-        || path.starts_with("/balance/")
-        || path == "/tls/reload";
-    if control_plane {
-        if let Err((status, why, challenge)) =
-            admin_allowed(current, bearer.as_deref(), api_key.as_deref())
-        {
-            let body = serde_json::json!({"error": why}).to_string();
-            let head = format!(
-                "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}connection: close\r\n\r\n",
-                if status == 401 { "Unauthorized" } else { "Forbidden" },
-                body.len(),
-                challenge.map(|c| format!("www-authenticate: {c}\r\n")).unwrap_or_default()
-            );
-            c.write_all(head.as_bytes())?;
-            c.write_all(body.as_bytes())?;
-            return c.flush();
-        }
-    }
-    if path == "/xdp/blocks" || path.starts_with("/xdp/") {
-        let (status, json) = xdp_api(&method, path, body, front_door);
-        return respond(
-            &mut c,
-            status,
-            "application/json",
-            json.to_string().as_bytes(),
-        );
-    }
-    if path == "/tls/reload" {
-        use serde_json::json;
-        let reload = (method == "POST")
-            .then(|| current().tls.as_ref().map(|t| t.resolver.reload()))
-            .flatten();
-        let (status, body) = match (method.as_str(), reload) {
-            ("POST", None) => (
-                404,
-                json!({"error": "TLS is not configured ([tls] listen)"}),
-            ),
-            ("POST", Some(Ok(n))) => {
-                metrics.tls_reloads.with_label_values(&["ok"]).inc();
-                tracing::info!(certificates = n, "TLS certificates reloaded (admin API)");
-                (200, json!({"reloaded": n}))
+            _ => {
+                respond(c, 400, "text/plain", b"bad request\n")?;
+                return Ok(None);
             }
-            ("POST", Some(Err(e))) => {
-                metrics.tls_reloads.with_label_values(&["error"]).inc();
-                tracing::error!(error = %e, "TLS certificate reload refused; the certificates in force stay");
-                (409, json!({"error": e}))
-            }
-            _ => (405, json!({"error": "POST /tls/reload"})),
-        };
-        return respond(
-            &mut c,
-            status,
-            "application/json",
-            body.to_string().as_bytes(),
-        );
+        }
     }
-    if path.starts_with("/balance/") {
-        let (status, json) = balance_api(&method, path, body, loads);
-        return respond(
-            &mut c,
-            status,
-            "application/json",
-            json.to_string().as_bytes(),
-        );
+}
+
+/// Answers a control-plane request refused by [`admin_allowed`] (401 with
+/// its challenge, or 403).
+fn refuse(
+    c: &mut TcpStream,
+    (status, why, challenge): (u16, &str, Option<&str>),
+) -> std::io::Result<()> {
+    let body = serde_json::json!({"error": why}).to_string();
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}connection: close\r\n\r\n",
+        if status == 401 { "Unauthorized" } else { "Forbidden" },
+        body.len(),
+        challenge.map(|c| format!("www-authenticate: {c}\r\n")).unwrap_or_default()
+    );
+    c.write_all(head.as_bytes())?;
+    c.write_all(body.as_bytes())?;
+    c.flush()
+}
+
+/// `POST /tls/reload`: the status and JSON body of re-reading the TLS
+/// certificates of the configuration in force.
+fn tls_reload_api(method: &str, metrics: &Metrics, current: &Current) -> (u16, serde_json::Value) {
+    use serde_json::json;
+    let reload = (method == "POST")
+        .then(|| current().tls.as_ref().map(|t| t.resolver.reload()))
+        .flatten();
+    match (method, reload) {
+        ("POST", None) => (
+            404,
+            json!({"error": "TLS is not configured ([tls] listen)"}),
+        ),
+        ("POST", Some(Ok(n))) => {
+            metrics.tls_reloads.with_label_values(&["ok"]).inc();
+            tracing::info!(certificates = n, "TLS certificates reloaded (admin API)");
+            (200, json!({"reloaded": n}))
+        }
+        ("POST", Some(Err(e))) => {
+            metrics.tls_reloads.with_label_values(&["error"]).inc();
+            tracing::error!(error = %e, "TLS certificate reload refused; the certificates in force stay");
+            (409, json!({"error": e}))
+        }
+        _ => (405, json!({"error": "POST /tls/reload"})),
     }
-    if path.starts_with("/ratelimit/") {
-        let (status, json) = quota_api(&method, path, limiter);
-        return respond(
-            &mut c,
-            status,
-            "application/json",
-            json.to_string().as_bytes(),
-        );
-    }
-    if path.starts_with("/authn/") {
-        let (status, json) = authn_api(&method, path, body, current().authn.as_deref());
-        return respond(
-            &mut c,
-            status,
-            "application/json",
-            json.to_string().as_bytes(),
-        );
-    }
+}
+
+/// Metrics and probes (`GET`/`HEAD` only): `/metrics`, `/healthz`, `/readyz`;
+/// 404 for any other path.
+fn probe(
+    c: &mut TcpStream,
+    method: &str,
+    path: &str,
+    metrics: &Metrics,
+    health: &Health,
+    front_door: &FrontDoor,
+) -> std::io::Result<()> {
     if method != "GET" && method != "HEAD" {
-        return respond(&mut c, 405, "text/plain", b"method not allowed\n");
+        return respond(c, 405, "text/plain", b"method not allowed\n");
     }
     match path {
         "/metrics" => {
             front_door.tick();
-            respond(&mut c, 200, "text/plain; version=0.0.4", &metrics.render())
+            respond(c, 200, "text/plain; version=0.0.4", &metrics.render())
         }
-        "/healthz" => respond(&mut c, 200, "text/plain", b"ok\n"),
-        "/readyz" if health.ready() => respond(&mut c, 200, "text/plain", b"ready\n"),
-        "/readyz" => respond(&mut c, 503, "text/plain", b"not ready\n"),
-        _ => respond(&mut c, 404, "text/plain", b"not found\n"),
+        "/healthz" => respond(c, 200, "text/plain", b"ok\n"),
+        "/readyz" if health.ready() => respond(c, 200, "text/plain", b"ready\n"),
+        "/readyz" => respond(c, 503, "text/plain", b"not ready\n"),
+        _ => respond(c, 404, "text/plain", b"not found\n"),
     }
 }
 

@@ -253,23 +253,89 @@ pub fn parse_request(
     out: &mut RequestHead,
 ) -> Result<bool, ClientError> {
     let Some(head_len) = find_head_end(buf) else {
-        // No complete head yet: refuse early what is already malformed or can no longer fit.
-        if !line_endings_ok(buf) {
-            return Err(ClientError::Malformed("bare CR or LF in the request head"));
-        }
-        let line_end = memchr_lf(buf);
-        if line_end.is_none() && buf.len() > limits.max_uri_bytes + 64 {
-            return Err(ClientError::UriTooLong);
-        }
-        if buf.len() >= limits.max_header_bytes {
-            return Err(match line_end {
-                Some(p) if p > limits.max_uri_bytes + 64 => ClientError::UriTooLong,
-                None => ClientError::UriTooLong,
-                _ => ClientError::HeaderTooLarge,
-            });
-        }
-        return Ok(false);
+        return incomplete_head(buf, limits);
     };
+    let head = complete_head(buf, head_len, limits)?;
+
+    // On the stack: no allocation per request. `max_headers` is capped at MAX_HEADERS.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers[..limits.max_headers.min(MAX_HEADERS)]);
+    let parsed = req.parse(head);
+    check_parsed(parsed)?;
+    let (method, target, minor) = request_line(&req, limits)?;
+
+    out.headers.clear();
+    out.head_len = head_len;
+    out.method = range_of(buf, method.as_bytes());
+    out.target = range_of(buf, target.as_bytes());
+    out.minor = minor;
+    out.host = None;
+    out.request_id = None;
+    out.forwarded_for = None;
+    out.expect_continue = false;
+    out.is_head = method == "HEAD";
+    out.idempotent = matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    );
+
+    let mut framing = Framing::default();
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = h.value;
+        let drop = framing.absorb(buf, name, value, minor, out)?;
+        out.headers.push(HeaderRef {
+            name: range_of(buf, name),
+            value: range_of(buf, value),
+            drop,
+        });
+    }
+    framing.conn.drop_listed(buf, &mut out.headers);
+    if minor == 1 && out.host.is_none() {
+        return Err(ClientError::Malformed("missing Host header"));
+    }
+
+    out.body = Some(framing.body(minor)?);
+    if out.body_kind() == BodyKind::Empty {
+        out.expect_continue = false;
+    }
+    out.keep_alive = if minor == 1 {
+        !framing.conn.close
+    } else {
+        framing.conn.keep_alive && !framing.conn.close
+    };
+    Ok(true)
+}
+
+/// No complete head yet: refuses early what is already malformed or can no
+/// longer fit, else `Ok(false)` (read more).
+#[inline]
+fn incomplete_head(buf: &[u8], limits: &Limits) -> Result<bool, ClientError> {
+    if !line_endings_ok(buf) {
+        return Err(ClientError::Malformed("bare CR or LF in the request head"));
+    }
+    let line_end = memchr_lf(buf);
+    if line_end.is_none() && buf.len() > limits.max_uri_bytes + 64 {
+        return Err(ClientError::UriTooLong);
+    }
+    if buf.len() >= limits.max_header_bytes {
+        return Err(match line_end {
+            Some(p) if p > limits.max_uri_bytes + 64 => ClientError::UriTooLong,
+            None => ClientError::UriTooLong,
+            _ => ClientError::HeaderTooLarge,
+        });
+    }
+    Ok(false)
+}
+
+/// The complete head of `head_len` bytes, or the refusal of one too large,
+/// with a bare CR or LF, or with an empty line before the request line.
+#[inline]
+fn complete_head<'b>(
+    buf: &'b [u8],
+    head_len: usize,
+    limits: &Limits,
+) -> Result<&'b [u8], ClientError> {
     if head_len > limits.max_header_bytes {
         let line = memchr_lf(buf).unwrap_or(head_len);
         return Err(if line > limits.max_uri_bytes + 64 {
@@ -285,11 +351,13 @@ pub fn parse_request(
     if head.starts_with(b"\r\n") {
         return Err(ClientError::Malformed("empty line before the request line"));
     }
+    Ok(head)
+}
 
-    // On the stack: no allocation per request. `max_headers` is capped at MAX_HEADERS.
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers[..limits.max_headers.min(MAX_HEADERS)]);
-    let parsed = req.parse(head);
+/// The client error for what httparse made of a complete head (`Ok` when it
+/// parsed the whole of it).
+#[inline]
+fn check_parsed(parsed: httparse::Result<usize>) -> Result<(), ClientError> {
     match parsed {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => {
@@ -308,6 +376,16 @@ pub fn parse_request(
         Err(httparse::Error::Token) => return Err(ClientError::Malformed("invalid method")),
         Err(_) => return Err(ClientError::Malformed("invalid request line")),
     }
+    Ok(())
+}
+
+/// The method, target and minor version of the request line, or the refusal
+/// of a target too long, CONNECT, or a target that is not origin-form.
+#[inline]
+fn request_line<'b>(
+    req: &httparse::Request<'_, 'b>,
+    limits: &Limits,
+) -> Result<(&'b str, &'b str, u8), ClientError> {
     let method = req.method.ok_or(ClientError::Malformed("invalid method"))?;
     let target = req
         .path
@@ -327,51 +405,52 @@ pub fn parse_request(
             "request target must be an absolute path",
         ));
     }
+    Ok((method, target, minor))
+}
 
-    out.headers.clear();
-    out.head_len = head_len;
-    out.method = range_of(buf, method.as_bytes());
-    out.target = range_of(buf, target.as_bytes());
-    out.minor = minor;
-    out.host = None;
-    out.request_id = None;
-    out.forwarded_for = None;
-    out.expect_continue = false;
-    out.is_head = method == "HEAD";
-    out.idempotent = matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    );
+/// What the request's headers say about its framing and connection, as
+/// they are read.
+#[derive(Default)]
+struct Framing<'a> {
+    content_length: Option<u64>,
+    te_values: Vec<&'a [u8]>,
+    conn: ConnectionTokens<'a>,
+}
 
-    let mut content_length: Option<u64> = None;
-    let mut te_values: Vec<&[u8]> = Vec::new();
-    let mut conn = ConnectionTokens::default();
-
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        let value = h.value;
+impl<'a> Framing<'a> {
+    /// Takes in one header: whether it is dropped (not forwarded as
+    /// received), or the refusal of a repeated or invalid one.
+    #[inline]
+    fn absorb(
+        &mut self,
+        buf: &[u8],
+        name: &[u8],
+        value: &'a [u8],
+        minor: u8,
+        out: &mut RequestHead,
+    ) -> Result<bool, ClientError> {
         let mut drop = is_hop_by_hop(name);
         if name.eq_ignore_ascii_case(b"content-length") {
             // Re-written by the gateway from the framing it decided on.
             drop = true;
-            if content_length.is_some() {
+            if self.content_length.is_some() {
                 return Err(ClientError::Malformed("repeated Content-Length"));
             }
-            content_length = Some(
+            self.content_length = Some(
                 parse_content_length(value)
                     .ok_or(ClientError::Malformed("invalid Content-Length"))?,
             );
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Re-written by the gateway in a normal form.
             drop = true;
-            te_values.push(value);
+            self.te_values.push(value);
         } else if name.eq_ignore_ascii_case(b"host") {
             if out.host.is_some() {
                 return Err(ClientError::Malformed("repeated Host"));
             }
             out.host = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            conn.absorb(value);
+            self.conn.absorb(value);
         } else if name.eq_ignore_ascii_case(b"expect") {
             if value.eq_ignore_ascii_case(b"100-continue") {
                 out.expect_continue = minor == 1;
@@ -390,48 +469,36 @@ pub fn parse_request(
         } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             drop = true;
         }
-        out.headers.push(HeaderRef {
-            name: range_of(buf, name),
-            value: range_of(buf, value),
-            drop,
-        });
-    }
-    conn.drop_listed(buf, &mut out.headers);
-    if minor == 1 && out.host.is_none() {
-        return Err(ClientError::Malformed("missing Host header"));
+        Ok(drop)
     }
 
-    out.body = Some(if !te_values.is_empty() {
-        if minor == 0 {
-            return Err(ClientError::Malformed(
-                "Transfer-Encoding in an HTTP/1.0 request",
-            ));
-        }
-        if content_length.is_some() {
-            return Err(ClientError::Malformed(
-                "both Content-Length and Transfer-Encoding",
-            ));
-        }
-        match check_transfer_encoding(&te_values) {
-            TeVerdict::Chunked => BodyKind::Chunked,
-            TeVerdict::Bad => return Err(ClientError::Malformed("invalid Transfer-Encoding")),
-            TeVerdict::Unsupported => return Err(ClientError::UnsupportedTransferCoding),
-        }
-    } else {
-        match content_length {
-            Some(0) | None => BodyKind::Empty,
-            Some(n) => BodyKind::Length(n),
-        }
-    });
-    if out.body_kind() == BodyKind::Empty {
-        out.expect_continue = false;
+    /// How the body is delimited, or the refusal of Transfer-Encoding in
+    /// HTTP/1.0, with Content-Length, or other than a final `chunked`.
+    #[inline]
+    fn body(&self, minor: u8) -> Result<BodyKind, ClientError> {
+        Ok(if !self.te_values.is_empty() {
+            if minor == 0 {
+                return Err(ClientError::Malformed(
+                    "Transfer-Encoding in an HTTP/1.0 request",
+                ));
+            }
+            if self.content_length.is_some() {
+                return Err(ClientError::Malformed(
+                    "both Content-Length and Transfer-Encoding",
+                ));
+            }
+            match check_transfer_encoding(&self.te_values) {
+                TeVerdict::Chunked => BodyKind::Chunked,
+                TeVerdict::Bad => return Err(ClientError::Malformed("invalid Transfer-Encoding")),
+                TeVerdict::Unsupported => return Err(ClientError::UnsupportedTransferCoding),
+            }
+        } else {
+            match self.content_length {
+                Some(0) | None => BodyKind::Empty,
+                Some(n) => BodyKind::Length(n),
+            }
+        })
     }
-    out.keep_alive = if minor == 1 {
-        !conn.close
-    } else {
-        conn.keep_alive && !conn.close
-    };
-    Ok(true)
 }
 
 /// A request id we accept from a client and propagate: short, printable, no separators.

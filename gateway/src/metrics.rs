@@ -77,267 +77,392 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
     m
 }
 
+/// A metric's name, help text and label names (none for a single series).
+struct Desc {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+impl Desc {
+    const fn new(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Desc {
+        Desc { name, help, labels }
+    }
+}
+
+/// Registers and returns the integer counter family `d`.
+fn counter_vec(r: &Registry, d: &Desc) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(d.name, d.help), d.labels).unwrap(),
+    )
+}
+
+/// Registers and returns the integer gauge family `d`.
+fn gauge_vec(r: &Registry, d: &Desc) -> IntGaugeVec {
+    reg(
+        r,
+        IntGaugeVec::new(Opts::new(d.name, d.help), d.labels).unwrap(),
+    )
+}
+
+/// Registers and returns the floating-point gauge family `d`.
+fn float_gauge_vec(r: &Registry, d: &Desc) -> prometheus::GaugeVec {
+    reg(
+        r,
+        prometheus::GaugeVec::new(Opts::new(d.name, d.help), d.labels).unwrap(),
+    )
+}
+
+/// Registers and returns the single integer counter `d` (no labels).
+fn counter(r: &Registry, d: &Desc) -> IntCounter {
+    reg(r, IntCounter::new(d.name, d.help).unwrap())
+}
+
+/// Registers and returns the single integer gauge `d` (no labels).
+fn gauge(r: &Registry, d: &Desc) -> IntGauge {
+    reg(r, IntGauge::new(d.name, d.help).unwrap())
+}
+
+/// Registers and returns the histogram family `d` with `buckets`.
+fn histogram_vec(r: &Registry, d: &Desc, buckets: Vec<f64>) -> HistogramVec {
+    let opts = HistogramOpts::new(d.name, d.help).buckets(buckets);
+    reg(r, HistogramVec::new(opts, d.labels).unwrap())
+}
+
+/// Registers and returns the single histogram `d` (no labels) with `buckets`.
+fn histogram(r: &Registry, d: &Desc, buckets: Vec<f64>) -> prometheus::Histogram {
+    let opts = HistogramOpts::new(d.name, d.help).buckets(buckets);
+    reg(r, prometheus::Histogram::with_opts(opts).unwrap())
+}
+
+// Requests, as clients see them.
+const REQUESTS: Desc = Desc::new(
+    "gateway_requests_total",
+    "Requests answered, by route and status",
+    &["route", "status"],
+);
+const REQUEST_DURATION: Desc = Desc::new(
+    "gateway_request_duration_seconds",
+    "From the end of the request head to the last response byte",
+    &["route"],
+);
+const REQUEST_ERRORS: Desc = Desc::new(
+    "gateway_request_errors_total",
+    "Requests that ended in an error, by source (client, upstream, internal) and kind",
+    &["source", "kind"],
+);
+const REQUEST_BYTES: Desc = Desc::new(
+    "gateway_request_body_bytes_total",
+    "Request body bytes forwarded upstream",
+    &["route"],
+);
+const RESPONSE_BYTES: Desc = Desc::new(
+    "gateway_response_body_bytes_total",
+    "Response body bytes sent to clients",
+    &["route"],
+);
+const VALIDATION_REJECTIONS: Desc = Desc::new(
+    "gateway_validation_rejections_total",
+    "Requests refused by the validation stage, by route, model and reason",
+    &["route", "model", "reason"],
+);
+
+// The upstream side of requests.
+const UPSTREAM_HEADER_TIME: Desc = Desc::new(
+    "gateway_upstream_response_header_seconds",
+    "From the request sent upstream to the response head (time to first byte)",
+    &["cluster"],
+);
+const UPSTREAM_ERRORS: Desc = Desc::new(
+    "gateway_upstream_errors_total",
+    "Upstream failures by cluster and kind",
+    &["cluster", "kind"],
+);
+const UPSTREAM_CONNECTIONS: Desc = Desc::new(
+    "gateway_upstream_connections_opened_total",
+    "New TCP connections to backends",
+    &["cluster"],
+);
+const UPSTREAM_REUSED: Desc = Desc::new(
+    "gateway_upstream_connections_reused_total",
+    "Requests sent on a pooled keep-alive connection",
+    &["cluster"],
+);
+const UPSTREAM_RETRIES: Desc = Desc::new(
+    "gateway_upstream_retries_total",
+    "Idempotent requests re-sent to another backend after one closed or reset before answering (within the retry budget)",
+    &["cluster"],
+);
+
+// Client connections, workers and the configuration in force.
+const CONNECTIONS_ACCEPTED: Desc = Desc::new(
+    "gateway_connections_accepted_total",
+    "Client connections accepted",
+    &[],
+);
+const ACTIVE_CONNECTIONS: Desc = Desc::new(
+    "gateway_active_connections",
+    "Open client connections, per worker",
+    &["worker"],
+);
+const POOL_IDLE: Desc = Desc::new(
+    "gateway_upstream_pool_idle_connections",
+    "Idle pooled backend connections, per worker and cluster",
+    &["worker", "cluster"],
+);
+const RUNTIME_DRIVER: Desc = Desc::new(
+    "gateway_runtime_driver",
+    "Workers running on each I/O driver (io_uring or epoll)",
+    &["driver"],
+);
+const WORKERS: Desc = Desc::new("gateway_workers", "Worker threads running", &[]);
+const DRAINING: Desc = Desc::new(
+    "gateway_draining",
+    "1 while shutting down and draining in-flight requests",
+    &[],
+);
+const CONFIG_RELOADS: Desc = Desc::new(
+    "gateway_config_reloads_total",
+    "Configuration reloads (SIGHUP), by result (ok, error)",
+    &["result"],
+);
+const CONFIG_GENERATION: Desc = Desc::new(
+    "gateway_config_generation",
+    "Configuration in force: 0 at start, +1 per successful reload",
+    &[],
+);
+const CONNECTION_PANICS: Desc = Desc::new(
+    "gateway_connection_panics_total",
+    "Connection tasks that panicked (a bug; the connection was dropped)",
+    &[],
+);
+
+// The front door: XDP and the accept-time checks.
+const XDP_ENABLED: Desc = Desc::new(
+    "gateway_xdp_enabled",
+    "1 when the XDP front door is attached; 0: blocks are enforced at accept only",
+    &[],
+);
+const XDP_ATTACHED: Desc = Desc::new(
+    "gateway_xdp_attached",
+    "1 per interface the XDP program is attached to, with its mode (native, generic)",
+    &["interface", "mode"],
+);
+const XDP_PACKETS: Desc = Desc::new(
+    "gateway_xdp_packets_total",
+    "Packets seen by the XDP program, by verdict (pass, drop, would_drop) and reason",
+    &["verdict", "reason"],
+);
+const XDP_BLOCK_DROPS: Desc = Desc::new(
+    "gateway_xdp_blocked_packets_total",
+    "Packets from blocked sources dropped at XDP (would_drop in monitor mode), by block reason",
+    &["reason"],
+);
+const XDP_BLOCKED: Desc = Desc::new(
+    "gateway_xdp_blocked_sources",
+    "Addresses in the blocklist, by reason (manual, config, rate_limit)",
+    &["reason"],
+);
+const XDP_BLOCK_EVENTS: Desc = Desc::new(
+    "gateway_xdp_block_events_total",
+    "Blocklist changes, by action (block, unblock, expire, refused_full) and reason",
+    &["action", "reason"],
+);
+const ACCEPT_REFUSED: Desc = Desc::new(
+    "gateway_accept_refused_total",
+    "Connections closed at accept by the userspace front door, by reason",
+    &["reason"],
+);
+
+// TLS.
+const TLS_HANDSHAKES: Desc = Desc::new(
+    "gateway_tls_handshakes_total",
+    "Completed TLS handshakes, by version (1.2, 1.3) and whether the session was resumed",
+    &["version", "resumed"],
+);
+const TLS_ERRORS: Desc = Desc::new(
+    "gateway_tls_handshake_errors_total",
+    "TLS handshakes that failed, by kind (timeout, closed, bad_client_certificate, incompatible, ...)",
+    &["kind"],
+);
+const TLS_RELOADS: Desc = Desc::new(
+    "gateway_tls_certificate_reloads_total",
+    "Certificate reloads when the files changed, by result (ok, error)",
+    &["result"],
+);
+
+// Authentication and authorization.
+const AUTHN: Desc = Desc::new(
+    "gateway_authn_total",
+    "Authentication outcomes, by route, method (jwt, api_key, mtls, anonymous, none) and result (ok or the reason refused)",
+    &["route", "method", "result"],
+);
+const AUTHZ: Desc = Desc::new(
+    "gateway_authz_decisions_total",
+    "Authorization decisions, by route, decision (allow, deny) and the rule that allowed",
+    &["route", "decision", "rule"],
+);
+
+// Rate limiting.
+const RATELIMIT: Desc = Desc::new(
+    "gateway_ratelimit_decisions_total",
+    "Rate-limit decisions, by route, result (admitted, refused), and for refusals the level (ip, principal, tenant, route, model) and limit (requests, tokens, concurrency, requests_per_day, ..., redis_unavailable)",
+    &["route", "result", "level", "limit"],
+);
+const RATELIMIT_TOKENS: Desc = Desc::new(
+    "gateway_ratelimit_tokens_total",
+    "Cost in tokens, by route and kind: estimated (charged up front) and actual (reported by the backend's usage)",
+    &["route", "kind"],
+);
+const RATELIMIT_ESCALATIONS: Desc = Desc::new(
+    "gateway_ratelimit_escalations_total",
+    "Repeat offenders handed to the XDP blocklist, by result (blocked, allowlisted, shared_address, error)",
+    &["result"],
+);
+const RATELIMIT_TRACKED: Desc = Desc::new(
+    "gateway_ratelimit_tracked_keys",
+    "Keys the limiter tracks, per level",
+    &["level"],
+);
+const RATELIMIT_REDIS_UP: Desc = Desc::new(
+    "gateway_ratelimit_redis_up",
+    "1 while Redis (fleet-wide limits) is reachable; 0 while local counts are used",
+    &[],
+);
+const RATELIMIT_REDIS_ERRORS: Desc = Desc::new(
+    "gateway_ratelimit_redis_errors_total",
+    "Failed Redis operations, by stage (connect, sync)",
+    &["stage"],
+);
+const RATELIMIT_REDIS_SYNC: Desc = Desc::new(
+    "gateway_ratelimit_redis_sync_seconds",
+    "Duration of one Redis sync round trip",
+    &[],
+);
+
+// Balancing, traffic splits and shadowing.
+const BALANCE_SHED: Desc = Desc::new(
+    "gateway_balance_shed_total",
+    "Requests refused with 503 because every backend of the cluster was saturated",
+    &["cluster"],
+);
+const BALANCE_SPLIT: Desc = Desc::new(
+    "gateway_balance_split_total",
+    "Requests of a model with a traffic split, by the pool they went to",
+    &["model", "cluster"],
+);
+const SHADOW: Desc = Desc::new(
+    "gateway_shadow_requests_total",
+    "Mirrored (shadow) requests, by model, shadow cluster and result (the status, or timeout, connect_error, skipped_busy, ...)",
+    &["model", "cluster", "result"],
+);
+const SHADOW_DURATION: Desc = Desc::new(
+    "gateway_shadow_duration_seconds",
+    "Latency of mirrored requests (their answers are discarded)",
+    &["cluster"],
+);
+const BALANCE_EJECTIONS: Desc = Desc::new(
+    "gateway_balance_ejections_total",
+    "Backends ejected after consecutive failures",
+    &["cluster", "backend"],
+);
+const BALANCE_SCRAPES: Desc = Desc::new(
+    "gateway_balance_scrapes_total",
+    "Model-server /metrics scrapes, by result (ok, no_load_metrics, http_error, unreachable)",
+    &["cluster", "result"],
+);
+
+// Backends, as the balancer sees them.
+const BACKEND_INFLIGHT: Desc = Desc::new(
+    "gateway_backend_inflight",
+    "Requests from this gateway in flight to each backend",
+    &["cluster", "backend"],
+);
+const BACKEND_QUEUE: Desc = Desc::new(
+    "gateway_backend_queue",
+    "Requests queued at each backend, as it last reported (-1: no fresh report)",
+    &["cluster", "backend"],
+);
+const BACKEND_KV: Desc = Desc::new(
+    "gateway_backend_kv_cache_usage",
+    "KV-cache use of each backend, 0..1, as it last reported (-1: no fresh report)",
+    &["cluster", "backend"],
+);
+const BACKEND_LATENCY: Desc = Desc::new(
+    "gateway_backend_latency_ewma_seconds",
+    "EWMA of request latency per backend",
+    &["cluster", "backend"],
+);
+const BACKEND_AVAILABLE: Desc = Desc::new(
+    "gateway_backend_available",
+    "1 when a backend takes traffic; 0 while ejected or failing its health check",
+    &["cluster", "backend"],
+);
+
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new();
         let latency = exponential_buckets(0.0005, 2.0, 22).expect("valid buckets"); // 0.5 ms … ~35 min
         Arc::new(Metrics {
-            requests: reg(
+            requests: counter_vec(&r, &REQUESTS),
+            request_duration: histogram_vec(&r, &REQUEST_DURATION, latency.clone()),
+            upstream_header_time: histogram_vec(&r, &UPSTREAM_HEADER_TIME, latency),
+            request_errors: counter_vec(&r, &REQUEST_ERRORS),
+            request_bytes: counter_vec(&r, &REQUEST_BYTES),
+            response_bytes: counter_vec(&r, &RESPONSE_BYTES),
+            upstream_errors: counter_vec(&r, &UPSTREAM_ERRORS),
+            validation_rejections: counter_vec(&r, &VALIDATION_REJECTIONS),
+            upstream_connections: counter_vec(&r, &UPSTREAM_CONNECTIONS),
+            upstream_reused: counter_vec(&r, &UPSTREAM_REUSED),
+            connections_accepted: counter(&r, &CONNECTIONS_ACCEPTED),
+            active_connections: gauge_vec(&r, &ACTIVE_CONNECTIONS),
+            pool_idle: gauge_vec(&r, &POOL_IDLE),
+            runtime_driver: gauge_vec(&r, &RUNTIME_DRIVER),
+            workers: gauge(&r, &WORKERS),
+            draining: gauge(&r, &DRAINING),
+            config_reloads: counter_vec(&r, &CONFIG_RELOADS),
+            config_generation: gauge(&r, &CONFIG_GENERATION),
+            connection_panics: counter(&r, &CONNECTION_PANICS),
+            xdp_enabled: gauge(&r, &XDP_ENABLED),
+            xdp_attached: gauge_vec(&r, &XDP_ATTACHED),
+            xdp_packets: counter_vec(&r, &XDP_PACKETS),
+            xdp_block_drops: counter_vec(&r, &XDP_BLOCK_DROPS),
+            xdp_blocked: gauge_vec(&r, &XDP_BLOCKED),
+            xdp_block_events: counter_vec(&r, &XDP_BLOCK_EVENTS),
+            accept_refused: counter_vec(&r, &ACCEPT_REFUSED),
+            tls_handshakes: counter_vec(&r, &TLS_HANDSHAKES),
+            tls_errors: counter_vec(&r, &TLS_ERRORS),
+            tls_reloads: counter_vec(&r, &TLS_RELOADS),
+            authn: counter_vec(&r, &AUTHN),
+            authz: counter_vec(&r, &AUTHZ),
+            ratelimit: counter_vec(&r, &RATELIMIT),
+            ratelimit_tokens: counter_vec(&r, &RATELIMIT_TOKENS),
+            ratelimit_escalations: counter_vec(&r, &RATELIMIT_ESCALATIONS),
+            ratelimit_tracked: gauge_vec(&r, &RATELIMIT_TRACKED),
+            ratelimit_redis_up: gauge(&r, &RATELIMIT_REDIS_UP),
+            ratelimit_redis_errors: counter_vec(&r, &RATELIMIT_REDIS_ERRORS),
+            ratelimit_redis_sync: histogram(
                 &r,
-                IntCounterVec::new(Opts::new("gateway_requests_total", "Requests answered, by route and status"), &["route", "status"]).unwrap(),
+                &RATELIMIT_REDIS_SYNC,
+                exponential_buckets(0.0001, 2.0, 14).expect("valid buckets"),
             ),
-            request_duration: reg(
+            balance_shed: counter_vec(&r, &BALANCE_SHED),
+            upstream_retries: counter_vec(&r, &UPSTREAM_RETRIES),
+            shadow: counter_vec(&r, &SHADOW),
+            shadow_duration: histogram_vec(
                 &r,
-                HistogramVec::new(
-                    HistogramOpts::new("gateway_request_duration_seconds", "From the end of the request head to the last response byte")
-                        .buckets(latency.clone()),
-                    &["route"],
-                )
-                .unwrap(),
+                &SHADOW_DURATION,
+                exponential_buckets(0.0005, 2.0, 22).expect("valid buckets"),
             ),
-            upstream_header_time: reg(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::new("gateway_upstream_response_header_seconds", "From the request sent upstream to the response head (time to first byte)")
-                        .buckets(latency),
-                    &["cluster"],
-                )
-                .unwrap(),
-            ),
-            request_errors: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_request_errors_total", "Requests that ended in an error, by source (client, upstream, internal) and kind"),
-                    &["source", "kind"],
-                )
-                .unwrap(),
-            ),
-            request_bytes: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_request_body_bytes_total", "Request body bytes forwarded upstream"), &["route"]).unwrap(),
-            ),
-            response_bytes: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_response_body_bytes_total", "Response body bytes sent to clients"), &["route"]).unwrap(),
-            ),
-            upstream_errors: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_upstream_errors_total", "Upstream failures by cluster and kind"), &["cluster", "kind"]).unwrap(),
-            ),
-            validation_rejections: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_validation_rejections_total", "Requests refused by the validation stage, by route, model and reason"),
-                    &["route", "model", "reason"],
-                )
-                .unwrap(),
-            ),
-            upstream_connections: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_upstream_connections_opened_total", "New TCP connections to backends"), &["cluster"]).unwrap(),
-            ),
-            upstream_reused: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_upstream_connections_reused_total", "Requests sent on a pooled keep-alive connection"), &["cluster"])
-                    .unwrap(),
-            ),
-            connections_accepted: reg(&r, IntCounter::new("gateway_connections_accepted_total", "Client connections accepted").unwrap()),
-            active_connections: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_active_connections", "Open client connections, per worker"), &["worker"]).unwrap(),
-            ),
-            pool_idle: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_upstream_pool_idle_connections", "Idle pooled backend connections, per worker and cluster"), &["worker", "cluster"])
-                    .unwrap(),
-            ),
-            runtime_driver: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_runtime_driver", "Workers running on each I/O driver (io_uring or epoll)"), &["driver"]).unwrap(),
-            ),
-            workers: reg(&r, IntGauge::new("gateway_workers", "Worker threads running").unwrap()),
-            draining: reg(&r, IntGauge::new("gateway_draining", "1 while shutting down and draining in-flight requests").unwrap()),
-            config_reloads: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_config_reloads_total", "Configuration reloads (SIGHUP), by result (ok, error)"), &["result"]).unwrap(),
-            ),
-            config_generation: reg(&r, IntGauge::new("gateway_config_generation", "Configuration in force: 0 at start, +1 per successful reload").unwrap()),
-            connection_panics: reg(&r, IntCounter::new("gateway_connection_panics_total", "Connection tasks that panicked (a bug; the connection was dropped)").unwrap()),
-            xdp_enabled: reg(&r, IntGauge::new("gateway_xdp_enabled", "1 when the XDP front door is attached; 0: blocks are enforced at accept only").unwrap()),
-            xdp_attached: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_xdp_attached", "1 per interface the XDP program is attached to, with its mode (native, generic)"), &["interface", "mode"]).unwrap(),
-            ),
-            xdp_packets: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_xdp_packets_total", "Packets seen by the XDP program, by verdict (pass, drop, would_drop) and reason"),
-                    &["verdict", "reason"],
-                )
-                .unwrap(),
-            ),
-            xdp_block_drops: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_xdp_blocked_packets_total", "Packets from blocked sources dropped at XDP (would_drop in monitor mode), by block reason"), &["reason"]).unwrap(),
-            ),
-            xdp_blocked: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_xdp_blocked_sources", "Addresses in the blocklist, by reason (manual, config, rate_limit)"), &["reason"]).unwrap(),
-            ),
-            xdp_block_events: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_xdp_block_events_total", "Blocklist changes, by action (block, unblock, expire, refused_full) and reason"),
-                    &["action", "reason"],
-                )
-                .unwrap(),
-            ),
-            accept_refused: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_accept_refused_total", "Connections closed at accept by the userspace front door, by reason"), &["reason"]).unwrap(),
-            ),
-            tls_handshakes: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_tls_handshakes_total", "Completed TLS handshakes, by version (1.2, 1.3) and whether the session was resumed"),
-                    &["version", "resumed"],
-                )
-                .unwrap(),
-            ),
-            tls_errors: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_tls_handshake_errors_total", "TLS handshakes that failed, by kind (timeout, closed, bad_client_certificate, incompatible, ...)"), &["kind"]).unwrap(),
-            ),
-            tls_reloads: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_tls_certificate_reloads_total", "Certificate reloads when the files changed, by result (ok, error)"), &["result"]).unwrap(),
-            ),
-            authn: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_authn_total", "Authentication outcomes, by route, method (jwt, api_key, mtls, anonymous, none) and result (ok or the reason refused)"),
-                    &["route", "method", "result"],
-                )
-                .unwrap(),
-            ),
-            authz: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_authz_decisions_total", "Authorization decisions, by route, decision (allow, deny) and the rule that allowed"),
-                    &["route", "decision", "rule"],
-                )
-                .unwrap(),
-            ),
-            ratelimit: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_ratelimit_decisions_total", "Rate-limit decisions, by route, result (admitted, refused), and for refusals the level (ip, principal, tenant, route, model) and limit (requests, tokens, concurrency, requests_per_day, ..., redis_unavailable)"),
-                    &["route", "result", "level", "limit"],
-                )
-                .unwrap(),
-            ),
-            ratelimit_tokens: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_ratelimit_tokens_total", "Cost in tokens, by route and kind: estimated (charged up front) and actual (reported by the backend's usage)"),
-                    &["route", "kind"],
-                )
-                .unwrap(),
-            ),
-            ratelimit_escalations: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_ratelimit_escalations_total", "Repeat offenders handed to the XDP blocklist, by result (blocked, allowlisted, shared_address, error)"),
-                    &["result"],
-                )
-                .unwrap(),
-            ),
-            ratelimit_tracked: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_ratelimit_tracked_keys", "Keys the limiter tracks, per level"), &["level"]).unwrap(),
-            ),
-            ratelimit_redis_up: reg(&r, IntGauge::new("gateway_ratelimit_redis_up", "1 while Redis (fleet-wide limits) is reachable; 0 while local counts are used").unwrap()),
-            ratelimit_redis_errors: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_ratelimit_redis_errors_total", "Failed Redis operations, by stage (connect, sync)"), &["stage"]).unwrap(),
-            ),
-            ratelimit_redis_sync: reg(
-                &r,
-                prometheus::Histogram::with_opts(
-                    HistogramOpts::new("gateway_ratelimit_redis_sync_seconds", "Duration of one Redis sync round trip")
-                        .buckets(exponential_buckets(0.0001, 2.0, 14).expect("valid buckets")),
-                )
-                .unwrap(),
-            ),
-            balance_shed: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_balance_shed_total", "Requests refused with 503 because every backend of the cluster was saturated"), &["cluster"]).unwrap(),
-            ),
-            upstream_retries: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_upstream_retries_total", "Idempotent requests re-sent to another backend after one closed or reset before answering (within the retry budget)"),
-                    &["cluster"],
-                )
-                .unwrap(),
-            ),
-            shadow: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_shadow_requests_total", "Mirrored (shadow) requests, by model, shadow cluster and result (the status, or timeout, connect_error, skipped_busy, ...)"),
-                    &["model", "cluster", "result"],
-                )
-                .unwrap(),
-            ),
-            shadow_duration: reg(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::new("gateway_shadow_duration_seconds", "Latency of mirrored requests (their answers are discarded)")
-                        .buckets(exponential_buckets(0.0005, 2.0, 22).expect("valid buckets")),
-                    &["cluster"],
-                )
-                .unwrap(),
-            ),
-            balance_split: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_balance_split_total", "Requests of a model with a traffic split, by the pool they went to"),
-                    &["model", "cluster"],
-                )
-                .unwrap(),
-            ),
-            balance_ejections: reg(
-                &r,
-                IntCounterVec::new(Opts::new("gateway_balance_ejections_total", "Backends ejected after consecutive failures"), &["cluster", "backend"]).unwrap(),
-            ),
-            balance_scrapes: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new("gateway_balance_scrapes_total", "Model-server /metrics scrapes, by result (ok, no_load_metrics, http_error, unreachable)"),
-                    &["cluster", "result"],
-                )
-                .unwrap(),
-            ),
-            backend_inflight: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_backend_inflight", "Requests from this gateway in flight to each backend"), &["cluster", "backend"]).unwrap(),
-            ),
-            backend_queue: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_backend_queue", "Requests queued at each backend, as it last reported (-1: no fresh report)"), &["cluster", "backend"]).unwrap(),
-            ),
-            backend_kv: reg(
-                &r,
-                prometheus::GaugeVec::new(Opts::new("gateway_backend_kv_cache_usage", "KV-cache use of each backend, 0..1, as it last reported (-1: no fresh report)"), &["cluster", "backend"]).unwrap(),
-            ),
-            backend_latency: reg(
-                &r,
-                prometheus::GaugeVec::new(Opts::new("gateway_backend_latency_ewma_seconds", "EWMA of request latency per backend"), &["cluster", "backend"]).unwrap(),
-            ),
-            backend_available: reg(
-                &r,
-                IntGaugeVec::new(Opts::new("gateway_backend_available", "1 when a backend takes traffic; 0 while ejected or failing its health check"), &["cluster", "backend"]).unwrap(),
-            ),
+            balance_split: counter_vec(&r, &BALANCE_SPLIT),
+            balance_ejections: counter_vec(&r, &BALANCE_EJECTIONS),
+            balance_scrapes: counter_vec(&r, &BALANCE_SCRAPES),
+            backend_inflight: gauge_vec(&r, &BACKEND_INFLIGHT),
+            backend_queue: gauge_vec(&r, &BACKEND_QUEUE),
+            backend_kv: float_gauge_vec(&r, &BACKEND_KV),
+            backend_latency: float_gauge_vec(&r, &BACKEND_LATENCY),
+            backend_available: gauge_vec(&r, &BACKEND_AVAILABLE),
             registry: r,
         })
     }

@@ -100,35 +100,15 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
     let metrics = Metrics::new();
     let shutdown = Shutdown::new();
     // Stage 0 first: blocks hold before the first connection is accepted.
-    let front_door = FrontDoor::start(&r, metrics.clone());
-    front_door
-        .spawn_maintenance()
-        .map_err(|e| RunError::Startup(format!("cannot start the XDP maintenance thread: {e}")))?;
+    let front_door = start_front_door(&r, &metrics)?;
     // Detach at the NIC on every way out of here (bpf links also go when the process dies).
-    struct DetachOnExit(Arc<FrontDoor>);
-    impl Drop for DetachOnExit {
-        fn drop(&mut self) {
-            self.0.detach();
-        }
-    }
     let _detach = DetachOnExit(front_door.clone());
     // Rate limits: state that outlives reloads; quotas reloaded from disk.
     let limiter =
         crate::ratelimit::Limiter::start(&r, front_door.clone(), metrics.clone(), shutdown.clone())
             .map_err(RunError::Startup)?;
-    struct SaveOnExit(Arc<crate::ratelimit::Limiter>);
-    impl Drop for SaveOnExit {
-        fn drop(&mut self) {
-            self.0.persist();
-        }
-    }
     let _save = SaveOnExit(limiter.clone());
-    if let Some(a) = &r.authn {
-        a.spawn_refresher()
-            .map_err(|e| RunError::Startup(format!("cannot start the JWKS refresher: {e}")))?;
-    } else {
-        tracing::warn!("no authentication configured ([authn]): every route is open to anyone who can reach it");
-    }
+    start_authn(&r)?;
     let control = Arc::new(Control {
         current: Mutex::new((0, Arc::new(r.clone()))),
         event: event_listener::Event::new(),
@@ -148,23 +128,101 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         started: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
     });
+    spawn_admin(&r, &control, &health, limiter)?;
 
+    let (tx, rx) = mpsc::channel::<Msg>();
+    spawn_workers(&r, n, &control, &tx)?;
+    spawn_signal_thread(&tx)?;
+    if reload.is_some() {
+        spawn_dns_refresh(&control, &r, tx.clone())?;
+    }
+    drop(tx);
+
+    Supervisor {
+        r: &r,
+        n,
+        metrics: &metrics,
+        health: &health,
+        shutdown: &shutdown,
+        control: &control,
+        front_door: &front_door,
+        reloader: reload.as_ref(),
+    }
+    .supervise(&rx)
+}
+
+/// Detaches the XDP program at the NIC when dropped.
+struct DetachOnExit(Arc<FrontDoor>);
+
+impl Drop for DetachOnExit {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+/// Saves the quota counts to the state file when dropped.
+struct SaveOnExit(Arc<crate::ratelimit::Limiter>);
+
+impl Drop for SaveOnExit {
+    fn drop(&mut self) {
+        self.0.persist();
+    }
+}
+
+/// The front door (XDP, or accept-time checks only) with its maintenance
+/// thread running, or why it could not start.
+fn start_front_door(r: &Resolved, metrics: &Arc<Metrics>) -> Result<Arc<FrontDoor>, RunError> {
+    let front_door = FrontDoor::start(r, metrics.clone());
+    front_door
+        .spawn_maintenance()
+        .map_err(|e| RunError::Startup(format!("cannot start the XDP maintenance thread: {e}")))?;
+    Ok(front_door)
+}
+
+/// Starts the JWKS refresher when authentication is configured (warns that
+/// every route is open when it is not).
+fn start_authn(r: &Resolved) -> Result<(), RunError> {
+    if let Some(a) = &r.authn {
+        a.spawn_refresher()
+            .map_err(|e| RunError::Startup(format!("cannot start the JWKS refresher: {e}")))?;
+    } else {
+        tracing::warn!("no authentication configured ([authn]): every route is open to anyone who can reach it");
+    }
+    Ok(())
+}
+
+/// Binds the admin listener and serves it on its own thread, or says why
+/// the address could not be listened on.
+fn spawn_admin(
+    r: &Resolved,
+    control: &Arc<Control>,
+    health: &Arc<Health>,
+    limiter: Arc<crate::ratelimit::Limiter>,
+) -> Result<(), RunError> {
     let current: admin::Current = {
         let control = control.clone();
         Box::new(move || control.snapshot().1)
     };
     admin::spawn(
         r.admin,
-        metrics.clone(),
+        control.metrics.clone(),
         health.clone(),
-        front_door.clone(),
+        control.process.front_door.clone(),
         limiter,
         control.process.loads.clone(),
         current,
     )
-    .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))?;
+    .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))
+}
 
-    let (tx, rx) = mpsc::channel::<Msg>();
+/// Starts the `n` worker threads (pinned round-robin to the allowed CPUs
+/// when `pin_workers` is set), each reporting to `tx`.
+fn spawn_workers(
+    r: &Resolved,
+    n: usize,
+    control: &Arc<Control>,
+    tx: &mpsc::Sender<Msg>,
+) -> Result<(), RunError> {
     let cpus = if r.config.server.pin_workers {
         allowed_cpus()
     } else {
@@ -187,40 +245,105 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
             .spawn(move || worker_thread(id, control, cpu, driver, listen, backlog, tx))
             .map_err(|e| RunError::Startup(format!("cannot start worker thread: {e}")))?;
     }
+    Ok(())
+}
 
-    {
-        let tx = tx.clone();
-        let mut signals =
-            signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
-                .map_err(|e| RunError::Startup(format!("cannot install signal handlers: {e}")))?;
-        std::thread::Builder::new()
-            .name("gateway-signals".into())
-            .spawn(move || {
-                for s in signals.forever() {
-                    if tx.send(Msg::Signal(s)).is_err() {
-                        return;
+/// Forwards SIGTERM, SIGINT and SIGHUP to `tx` from a thread of their own.
+fn spawn_signal_thread(tx: &mpsc::Sender<Msg>) -> Result<(), RunError> {
+    let tx = tx.clone();
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+            .map_err(|e| RunError::Startup(format!("cannot install signal handlers: {e}")))?;
+    std::thread::Builder::new()
+        .name("gateway-signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if tx.send(Msg::Signal(s)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| RunError::Startup(format!("cannot start signal thread: {e}")))?;
+    Ok(())
+}
+
+/// What the main thread watches once everything is started: worker
+/// reports and signals, until the drain is over.
+struct Supervisor<'a> {
+    r: &'a Resolved,
+    n: usize,
+    metrics: &'a Metrics,
+    health: &'a Health,
+    shutdown: &'a Shutdown,
+    control: &'a Control,
+    front_door: &'a FrontDoor,
+    reloader: Option<&'a Reloader>,
+}
+
+impl Supervisor<'_> {
+    /// Handles worker reports and signals until the gateway exits: `Ok` after
+    /// a drain (or a second signal), the error of a worker that failed to start.
+    fn supervise(&self, rx: &mpsc::Receiver<Msg>) -> Result<(), RunError> {
+        let mut started = 0;
+        let mut done = 0;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let Some(msg) = self.next(rx, deadline)? else {
+                return Ok(());
+            };
+            match msg {
+                Msg::Started { worker, driver } => {
+                    started += 1;
+                    tracing::debug!(worker, driver, "worker started");
+                    if started == self.n {
+                        self.health.started.store(self.n, Ordering::SeqCst);
+                        tracing::info!(
+                            workers = self.n,
+                            listen = ?self.r.listen,
+                            admin = %self.r.admin,
+                            "gateway ready"
+                        );
                     }
                 }
-            })
-            .map_err(|e| RunError::Startup(format!("cannot start signal thread: {e}")))?;
+                Msg::Failed { worker, error } => {
+                    self.shutdown.trigger();
+                    return Err(RunError::Startup(format!("worker {worker}: {error}")));
+                }
+                Msg::Signal(libc::SIGHUP) => self.on_sighup(),
+                Msg::Signal(s) => {
+                    if deadline.is_none() {
+                        deadline = Some(self.start_drain(s));
+                    } else {
+                        tracing::warn!(signal = s, "second signal: exiting now");
+                        return Ok(());
+                    }
+                }
+                Msg::Done { worker } => {
+                    done += 1;
+                    tracing::debug!(worker, "worker drained");
+                    if done == self.n {
+                        tracing::info!("all workers drained; bye");
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
-    if reload.is_some() {
-        spawn_dns_refresh(&control, &r, tx.clone())?;
-    }
-    drop(tx);
 
-    let mut started = 0;
-    let mut done = 0;
-    let mut deadline: Option<Instant> = None;
-    let grace = r.config.server.shutdown_grace;
-    loop {
-        let msg = match deadline {
+    /// The next report or signal; `None` once the drain's `deadline` has
+    /// passed (what is left gets closed), an error when every worker is gone.
+    fn next(
+        &self,
+        rx: &mpsc::Receiver<Msg>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Msg>, RunError> {
+        match deadline {
             Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                Ok(m) => m,
+                Ok(m) => Ok(Some(m)),
                 Err(_) => {
-                    let open: i64 = (0..n)
+                    let open: i64 = (0..self.n)
                         .map(|w| {
-                            metrics
+                            self.metrics
                                 .active_connections
                                 .with_label_values(&[&w.to_string()])
                                 .get()
@@ -228,88 +351,68 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
                         .sum();
                     tracing::warn!(
                         open_connections = open,
-                        grace_s = grace.as_secs_f64(),
+                        grace_s = self.r.config.server.shutdown_grace.as_secs_f64(),
                         "shutdown grace period over; closing what is left"
                     );
-                    return Ok(());
+                    Ok(None)
                 }
             },
             None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => return Err(RunError::Startup("all worker threads exited".into())),
+                Ok(m) => Ok(Some(m)),
+                Err(_) => Err(RunError::Startup("all worker threads exited".into())),
             },
-        };
-        match msg {
-            Msg::Started { worker, driver } => {
-                started += 1;
-                tracing::debug!(worker, driver, "worker started");
-                if started == n {
-                    health.started.store(n, Ordering::SeqCst);
-                    tracing::info!(
-                        workers = n,
-                        listen = ?r.listen,
-                        admin = %r.admin,
-                        "gateway ready"
-                    );
-                }
-            }
-            Msg::Failed { worker, error } => {
-                shutdown.trigger();
-                return Err(RunError::Startup(format!("worker {worker}: {error}")));
-            }
-            Msg::Signal(libc::SIGHUP) => match &reload {
-                None => {
-                    tracing::warn!("SIGHUP: no config file to reload (started without --config)")
-                }
-                Some(reload) => match reload().and_then(|new| {
-                    let (_, old) = control.snapshot();
-                    keep_restart_only(&old, new)
-                }) {
-                    Ok(new) => {
-                        front_door.apply(&new);
-                        if let Some(a) = &new.authn {
-                            if let Err(e) = a.spawn_refresher() {
-                                tracing::error!(error = %e, "cannot start the JWKS refresher for the reloaded config");
-                            }
-                        }
-                        let generation = control.publish(new);
-                        metrics.config_reloads.with_label_values(&["ok"]).inc();
-                        metrics.config_generation.set(generation as i64);
-                        tracing::info!(generation, "configuration reloaded");
-                    }
-                    Err(errors) => {
-                        metrics.config_reloads.with_label_values(&["error"]).inc();
-                        for e in &errors.0 {
-                            tracing::error!(error = %e, "reload refused; the running configuration stays in force");
-                        }
-                    }
-                },
-            },
-            Msg::Signal(s) => {
-                if deadline.is_none() {
-                    tracing::info!(
-                        signal = s,
-                        grace_s = grace.as_secs_f64(),
-                        "shutting down: no new connections, draining in-flight requests"
-                    );
-                    health.draining.store(true, Ordering::SeqCst);
-                    metrics.draining.set(1);
-                    shutdown.trigger();
-                    deadline = Some(Instant::now() + grace);
-                } else {
-                    tracing::warn!(signal = s, "second signal: exiting now");
-                    return Ok(());
-                }
-            }
-            Msg::Done { worker } => {
-                done += 1;
-                tracing::debug!(worker, "worker drained");
-                if done == n {
-                    tracing::info!("all workers drained; bye");
-                    return Ok(());
-                }
-            }
         }
+    }
+
+    /// SIGHUP: the re-read configuration published to the workers, or the
+    /// running one kept (with the reasons logged) when the new one is refused.
+    fn on_sighup(&self) {
+        match self.reloader {
+            None => {
+                tracing::warn!("SIGHUP: no config file to reload (started without --config)")
+            }
+            Some(reload) => match reload().and_then(|new| {
+                let (_, old) = self.control.snapshot();
+                keep_restart_only(&old, new)
+            }) {
+                Ok(new) => {
+                    self.front_door.apply(&new);
+                    if let Some(a) = &new.authn {
+                        if let Err(e) = a.spawn_refresher() {
+                            tracing::error!(error = %e, "cannot start the JWKS refresher for the reloaded config");
+                        }
+                    }
+                    let generation = self.control.publish(new);
+                    self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                    self.metrics.config_generation.set(generation as i64);
+                    tracing::info!(generation, "configuration reloaded");
+                }
+                Err(errors) => {
+                    self.metrics
+                        .config_reloads
+                        .with_label_values(&["error"])
+                        .inc();
+                    for e in &errors.0 {
+                        tracing::error!(error = %e, "reload refused; the running configuration stays in force");
+                    }
+                }
+            },
+        }
+    }
+
+    /// The first SIGTERM/SIGINT (`signal`): stop accepting, report draining,
+    /// and return the deadline after which what is left gets closed.
+    fn start_drain(&self, signal: i32) -> Instant {
+        let grace = self.r.config.server.shutdown_grace;
+        tracing::info!(
+            signal,
+            grace_s = grace.as_secs_f64(),
+            "shutting down: no new connections, draining in-flight requests"
+        );
+        self.health.draining.store(true, Ordering::SeqCst);
+        self.metrics.draining.set(1);
+        self.shutdown.trigger();
+        Instant::now() + grace
     }
 }
 

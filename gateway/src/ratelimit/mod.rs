@@ -398,6 +398,115 @@ impl Held<'_> {
     }
 }
 
+/// What each level has taken so far in one decision (its key, the request
+/// and token buckets), to give back if a later level refuses.
+type Taken<'a> = [TakenSlot<'a>; 5];
+
+/// One level's entry in [`Taken`].
+type TakenSlot<'a> = (Option<Held<'a>>, Option<Gcra>, Option<Gcra>);
+
+/// Keeps `shown` as the policy to show when its `share` left (per million)
+/// is the smallest so far.
+#[inline]
+fn keep_most_restrictive(best: &mut Option<(u64, Shown)>, share: u64, shown: Shown) {
+    if best.is_none_or(|(b, _)| share < b) {
+        *best = Some((share, shown));
+    }
+}
+
+/// The request-rate check of one level: `Ok` once one request is taken
+/// (pending for Redis when `sync`, its policy offered to `best`), or the
+/// refusal with the time to retry.
+#[inline]
+fn take_request(
+    st: &KeyState,
+    g: Gcra,
+    level: Level,
+    now: u64,
+    sync: bool,
+    best: &mut Option<(u64, Shown)>,
+) -> Result<(), Refusal> {
+    match g.take(&st.req, 1, now) {
+        Ok((remaining, ahead)) => {
+            if sync {
+                st.pending_req.fetch_add(g.t_ns as i64, Ordering::Relaxed);
+                st.touched.store(now, Ordering::Relaxed);
+            }
+            let shown = Shown {
+                level,
+                window: "",
+                quota: g.burst,
+                window_s: g.window_s(),
+                remaining,
+                reset_s: ahead.div_ceil(1_000_000_000),
+            };
+            // The most restrictive: the smallest share left.
+            let share = remaining * 1_000_000 / g.burst.max(1);
+            keep_most_restrictive(best, share, shown);
+            Ok(())
+        }
+        Err(wait) => Err(Refusal {
+            level,
+            limit: Limit::Requests,
+            retry_after_s: wait.div_ceil(1_000_000_000).max(1),
+            shown: Some(Shown {
+                level,
+                window: "",
+                quota: g.burst,
+                window_s: g.window_s(),
+                remaining: 0,
+                reset_s: wait.div_ceil(1_000_000_000).max(1),
+            }),
+        }),
+    }
+}
+
+/// The token-rate check of one level: `Ok` once `tokens` are taken
+/// (pending for Redis when `sync`), or the refusal with the time to retry.
+#[inline]
+fn take_tokens(
+    st: &KeyState,
+    g: Gcra,
+    tokens: u64,
+    level: Level,
+    now: u64,
+    sync: bool,
+) -> Result<(), Refusal> {
+    match g.take(&st.tok, tokens, now) {
+        Ok(_) => {
+            if sync {
+                st.pending_tok
+                    .fetch_add((tokens.min(g.burst) * g.t_ns) as i64, Ordering::Relaxed);
+                st.touched.store(now, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        Err(wait) => Err(Refusal {
+            level,
+            limit: Limit::Tokens,
+            retry_after_s: wait.div_ceil(1_000_000_000).max(1),
+            shown: None,
+        }),
+    }
+}
+
+/// The concurrency check of one level: the slot taken (released when the
+/// admission drops), or the refusal when `limit` are already in flight.
+#[inline]
+fn take_slot(st: &Held<'_>, limit: u32, level: Level) -> Result<Arc<KeyState>, Refusal> {
+    let n = st.inflight.fetch_add(1, Ordering::AcqRel);
+    if n >= limit {
+        st.inflight.fetch_sub(1, Ordering::AcqRel);
+        return Err(Refusal {
+            level,
+            limit: Limit::Concurrency,
+            retry_after_s: 1,
+            shown: None,
+        });
+    }
+    Ok(st.arc())
+}
+
 /// The keys of one level.
 type MapHasher = foldhash::fast::RandomState;
 
@@ -768,7 +877,7 @@ impl Limiter {
         let synced = self.redis_configured.load(Ordering::Relaxed);
         let redis_down = synced && !self.redis_up.load(Ordering::Relaxed);
         // Taken so far, to give back if a later level refuses.
-        let mut taken: [(Option<Held<'_>>, Option<Gcra>, Option<Gcra>); 5] = Default::default();
+        let mut taken: Taken<'_> = Default::default();
         let mut best: Option<(u64, Shown)> = None;
         let mut refusal = None;
         for level in LEVELS {
@@ -786,152 +895,24 @@ impl Limiter {
             }
             let st = self.key_state(level, s);
             let slot = &mut taken[level as usize];
-            if let Some(g) = lp.requests {
-                match g.take(&st.req, 1, now) {
-                    Ok((remaining, ahead)) => {
-                        slot.1 = Some(g);
-                        if synced && level.synced() {
-                            st.pending_req.fetch_add(g.t_ns as i64, Ordering::Relaxed);
-                            st.touched.store(now, Ordering::Relaxed);
-                        }
-                        let shown = Shown {
-                            level,
-                            window: "",
-                            quota: g.burst,
-                            window_s: g.window_s(),
-                            remaining,
-                            reset_s: ahead.div_ceil(1_000_000_000),
-                        };
-                        // The most restrictive: the smallest share left.
-                        let share = remaining * 1_000_000 / g.burst.max(1);
-                        if best.is_none_or(|(b, _)| share < b) {
-                            best = Some((share, shown));
-                        }
-                    }
-                    Err(wait) => {
-                        refusal = Some(Refusal {
-                            level,
-                            limit: Limit::Requests,
-                            retry_after_s: wait.div_ceil(1_000_000_000).max(1),
-                            shown: Some(Shown {
-                                level,
-                                window: "",
-                                quota: g.burst,
-                                window_s: g.window_s(),
-                                remaining: 0,
-                                reset_s: wait.div_ceil(1_000_000_000).max(1),
-                            }),
-                        });
-                        slot.0 = Some(st);
-                        break;
-                    }
-                }
-            }
-            if let (Some(g), true) = (lp.tokens, s.tokens > 0) {
-                match g.take(&st.tok, s.tokens, now) {
-                    Ok(_) => {
-                        slot.2 = Some(g);
-                        if synced && level.synced() {
-                            st.pending_tok.fetch_add(
-                                (s.tokens.min(g.burst) * g.t_ns) as i64,
-                                Ordering::Relaxed,
-                            );
-                            st.touched.store(now, Ordering::Relaxed);
-                        }
-                    }
-                    Err(wait) => {
-                        refusal = Some(Refusal {
-                            level,
-                            limit: Limit::Tokens,
-                            retry_after_s: wait.div_ceil(1_000_000_000).max(1),
-                            shown: None,
-                        });
-                        slot.0 = Some(st);
-                        break;
-                    }
-                }
-            }
-            if lp.concurrency > 0 {
-                let n = st.inflight.fetch_add(1, Ordering::AcqRel);
-                if n >= lp.concurrency {
-                    st.inflight.fetch_sub(1, Ordering::AcqRel);
-                    refusal = Some(Refusal {
-                        level,
-                        limit: Limit::Concurrency,
-                        retry_after_s: 1,
-                        shown: None,
-                    });
-                    slot.0 = Some(st);
-                    break;
-                }
-                a.slots[level as usize] = Some(st.arc());
-            }
-            if level == Level::Tenant && lp.quota.any() {
-                let q = self.quotas.state(s.tenant);
-                match q.charge(&lp.quota, 1, s.tokens, quota::now_unix()) {
-                    Ok(shown) => {
-                        if let Some((rem, quota, window, window_s, reset_s)) = shown {
-                            let share = rem * 1_000_000 / quota.max(1);
-                            if best.is_none_or(|(b, _)| share < b) {
-                                best = Some((
-                                    share,
-                                    Shown {
-                                        level,
-                                        window,
-                                        quota,
-                                        window_s,
-                                        remaining: rem,
-                                        reset_s,
-                                    },
-                                ));
-                            }
-                        }
-                        a.quota = Some(q);
-                    }
-                    Err((limit, retry, shown)) => {
-                        refusal = Some(Refusal {
-                            level,
-                            limit,
-                            retry_after_s: retry,
-                            shown,
-                        });
-                        slot.0 = Some(st);
-                        break;
-                    }
-                }
-            }
+            let charged =
+                self.charge_level(level, lp, s, &st, now, synced, slot, &mut a, &mut best);
             slot.0 = Some(st);
+            if let Err(r) = charged {
+                refusal = Some(r);
+                break;
+            }
         }
         if let Some(r) = refusal {
             // Give back what was taken before the refusal (only successful
             // takes are recorded; the quota is charged last at its level).
-            for (lvl, (st, req, tok)) in taken.iter().enumerate() {
-                let Some(st) = st else { continue };
-                if let Some(g) = req {
-                    self.give_back(st, g, true, 1, LEVELS[lvl]);
-                }
-                if let Some(g) = tok {
-                    self.give_back(st, g, false, s.tokens, LEVELS[lvl]);
-                }
-            }
-            if let Some(q) = a.quota.take() {
-                q.refund(1, s.tokens as i64);
-            }
+            self.give_back_all(&taken, &mut a, s);
             // `a` drops here: its concurrency slots are released. Only the
             // client's own pace counts toward escalation: not a fail-closed
             // level while Redis is down, not a full concurrency slot.
             let ip = taken[Level::Ip as usize].0.take();
             drop(taken);
-            if let (Some(esc), true) = (
-                &p.escalation,
-                !matches!(r.limit, Limit::Unavailable | Limit::Concurrency),
-            ) {
-                // No other map's guard is held here (one lock order).
-                let ip = ip.unwrap_or_else(|| self.key_state(Level::Ip, s));
-                if !ip.is_overflow() {
-                    self.note_refusal(esc, &ip, s, now);
-                }
-            }
+            self.count_refusal(p, s, &r, ip, now);
             return Err(r);
         }
         for (level, (st, _, tok)) in LEVELS.iter().zip(&taken) {
@@ -949,6 +930,121 @@ impl Limiter {
         }
         a.shown = best.map(|b| b.1);
         Ok(a)
+    }
+
+    /// One level's checks and charges, in order (request rate, token rate,
+    /// concurrency, the tenant's quota): `Ok` when all pass (what was taken
+    /// recorded in `slot` and `a`), or the first refusal.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn charge_level(
+        &self,
+        level: Level,
+        lp: &LevelPolicy,
+        s: &Subject<'_>,
+        st: &Held<'_>,
+        now: u64,
+        synced: bool,
+        slot: &mut TakenSlot<'_>,
+        a: &mut Admission,
+        best: &mut Option<(u64, Shown)>,
+    ) -> Result<(), Refusal> {
+        let sync = synced && level.synced();
+        if let Some(g) = lp.requests {
+            take_request(st, g, level, now, sync, best)?;
+            slot.1 = Some(g);
+        }
+        if let (Some(g), true) = (lp.tokens, s.tokens > 0) {
+            take_tokens(st, g, s.tokens, level, now, sync)?;
+            slot.2 = Some(g);
+        }
+        if lp.concurrency > 0 {
+            a.slots[level as usize] = Some(take_slot(st, lp.concurrency, level)?);
+        }
+        if level == Level::Tenant && lp.quota.any() {
+            self.charge_quota(&lp.quota, s, level, a, best)?;
+        }
+        Ok(())
+    }
+
+    /// The tenant's daily and monthly quotas: `Ok` once charged (the
+    /// charge held in `a`, its policy offered to `best`), or the refusal.
+    #[inline]
+    fn charge_quota(
+        &self,
+        limits: &QuotaLimits,
+        s: &Subject<'_>,
+        level: Level,
+        a: &mut Admission,
+        best: &mut Option<(u64, Shown)>,
+    ) -> Result<(), Refusal> {
+        let q = self.quotas.state(s.tenant);
+        match q.charge(limits, 1, s.tokens, quota::now_unix()) {
+            Ok(shown) => {
+                if let Some((rem, quota, window, window_s, reset_s)) = shown {
+                    let share = rem * 1_000_000 / quota.max(1);
+                    keep_most_restrictive(
+                        best,
+                        share,
+                        Shown {
+                            level,
+                            window,
+                            quota,
+                            window_s,
+                            remaining: rem,
+                            reset_s,
+                        },
+                    );
+                }
+                a.quota = Some(q);
+                Ok(())
+            }
+            Err((limit, retry, shown)) => Err(Refusal {
+                level,
+                limit,
+                retry_after_s: retry,
+                shown,
+            }),
+        }
+    }
+
+    /// After a refusal: gives back each level's request and token takes,
+    /// then the tenant's quota charge.
+    fn give_back_all(&self, taken: &Taken<'_>, a: &mut Admission, s: &Subject<'_>) {
+        for (lvl, (st, req, tok)) in taken.iter().enumerate() {
+            let Some(st) = st else { continue };
+            if let Some(g) = req {
+                self.give_back(st, g, true, 1, LEVELS[lvl]);
+            }
+            if let Some(g) = tok {
+                self.give_back(st, g, false, s.tokens, LEVELS[lvl]);
+            }
+        }
+        if let Some(q) = a.quota.take() {
+            q.refund(1, s.tokens as i64);
+        }
+    }
+
+    /// Counts refusal `r` toward the address's escalation when escalation is
+    /// on and the refusal was the client's own pace.
+    fn count_refusal<'a>(
+        &'a self,
+        p: &Policies,
+        s: &Subject<'_>,
+        r: &Refusal,
+        ip: Option<Held<'a>>,
+        now: u64,
+    ) {
+        if let (Some(esc), true) = (
+            &p.escalation,
+            !matches!(r.limit, Limit::Unavailable | Limit::Concurrency),
+        ) {
+            // No other map's guard is held here (one lock order).
+            let ip = ip.unwrap_or_else(|| self.key_state(Level::Ip, s));
+            if !ip.is_overflow() {
+                self.note_refusal(esc, &ip, s, now);
+            }
+        }
     }
 
     fn give_back(&self, st: &KeyState, g: &Gcra, req: bool, units: u64, level: Level) {
