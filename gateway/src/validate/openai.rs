@@ -3,7 +3,7 @@
 
 use super::json::{Json, JsonArr, JsonObj, Node};
 use super::{pointer, Rejection, Seg};
-use crate::catalog::{Catalog, Model, Unresolved, Version};
+use crate::catalog::{Catalog, Model, ModelLimits, Unresolved, Version};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -50,53 +50,71 @@ pub fn check<'a, 'c, J: Json<'a>>(
             "the body must be a JSON object",
         ));
     };
-    // One pass over the members picks out every field checked below.
-    let mut f = Fields {
-        model: None,
-        messages: None,
-        prompt: None,
-        input: None,
-        max_tokens: None,
-        max_completion_tokens: None,
-        temperature: None,
-        top_p: None,
-        n: None,
-        stream: None,
+    let f = Fields::<J>::pick(obj);
+    let model = model_name(f.model)?;
+    let (m, v) = resolve(catalog, model, version_header)?;
+    let lim = &m.limits;
+
+    // What the prompt costs, estimated without a tokenizer: ~4 bytes a token.
+    let (prompt_key, prompt_tokens) = match ep {
+        Endpoint::Chat => ("messages", chat_messages(f.messages)?),
+        Endpoint::Completions => ("prompt", prompt_like(f.prompt, "prompt", true)?),
+        Endpoint::Embeddings => ("input", prompt_like(f.input, "input", true)?),
+        Endpoint::Models | Endpoint::Other => ("", 0),
     };
-    for (k, v) in obj.iter() {
-        let slot = match k {
-            "model" => &mut f.model,
-            "messages" => &mut f.messages,
-            "prompt" => &mut f.prompt,
-            "input" => &mut f.input,
-            "max_tokens" => &mut f.max_tokens,
-            "max_completion_tokens" => &mut f.max_completion_tokens,
-            "temperature" => &mut f.temperature,
-            "top_p" => &mut f.top_p,
-            "n" => &mut f.n,
-            "stream" => &mut f.stream,
-            _ => continue,
-        };
-        slot.get_or_insert(v);
+    let max_out = max_output(&f, lim)?;
+    range(f.temperature, "temperature", lim.temperature)?;
+    range(f.top_p, "top_p", lim.top_p)?;
+    check_n_and_stream(&f, lim)?;
+    if let Some(ctx) = lim.context_tokens {
+        if !prompt_key.is_empty() && prompt_tokens.saturating_add(max_out.unwrap_or(0)) > ctx {
+            return Err(Rejection::at(
+                format!("/{prompt_key}"),
+                "context_length_exceeded",
+                format!(
+                    "the prompt and requested output exceed this model's context of {ctx} tokens"
+                ),
+            ));
+        }
     }
-    let model = match f.model {
-        Some(v) if v.as_str().is_some_and(|s| !s.is_empty()) => v.as_str().unwrap_or_default(),
-        Some(_) => {
-            return Err(Rejection::at(
-                "/model",
-                "invalid_model",
-                "`model` must be a non-empty string",
-            ))
-        }
-        None => {
-            return Err(Rejection::at(
-                "/model",
-                "missing_model",
-                "`model` is required",
-            ))
-        }
-    };
-    let (m, v) = catalog.resolve_ref(model, version_header).map_err(|u| {
+    let stream = f.stream.and_then(|x| x.as_bool()).unwrap_or(false);
+    Ok((
+        m,
+        v,
+        Facts {
+            max_tokens: max_out,
+            prompt_tokens,
+            stream,
+            pinned: version_header.is_some() || model.contains('@'),
+        },
+    ))
+}
+
+/// `model`: a non-empty string, required.
+fn model_name<'a, J: Json<'a>>(v: Option<J>) -> Result<&'a str, Rejection> {
+    match v {
+        Some(v) if v.as_str().is_some_and(|s| !s.is_empty()) => Ok(v.as_str().unwrap_or_default()),
+        Some(_) => Err(Rejection::at(
+            "/model",
+            "invalid_model",
+            "`model` must be a non-empty string",
+        )),
+        None => Err(Rejection::at(
+            "/model",
+            "missing_model",
+            "`model` is required",
+        )),
+    }
+}
+
+/// The catalogue's model and version for a request (404 unknown or
+/// disabled, 422 a version that can't be read).
+fn resolve<'c>(
+    catalog: &'c Catalog,
+    model: &str,
+    version_header: Option<&str>,
+) -> Result<(&'c std::sync::Arc<Model>, &'c Version), Rejection> {
+    catalog.resolve_ref(model, version_header).map_err(|u| {
         let (status, msg) = match u {
             Unresolved::UnknownModel | Unresolved::Disabled => {
                 (404, "the model does not exist or is not available")
@@ -115,17 +133,12 @@ pub fn check<'a, 'c, J: Json<'a>>(
             message: msg.into(),
             pointer: Some("/model".into()),
         }
-    })?;
-    let lim = &m.limits;
+    })
+}
 
-    // What the prompt costs, estimated without a tokenizer: ~4 bytes a token.
-    let (prompt_key, prompt_tokens) = match ep {
-        Endpoint::Chat => ("messages", chat_messages(f.messages)?),
-        Endpoint::Completions => ("prompt", prompt_like(f.prompt, "prompt", true)?),
-        Endpoint::Embeddings => ("input", prompt_like(f.input, "input", true)?),
-        Endpoint::Models | Endpoint::Other => ("", 0),
-    };
-
+/// The output budget asked for: the larger of `max_tokens` and
+/// `max_completion_tokens`, each a positive integer within the model's limit.
+fn max_output<'a, J: Json<'a>>(f: &Fields<J>, lim: &ModelLimits) -> Result<Option<u64>, Rejection> {
     let mut max_out = None;
     for (key, field) in [
         ("max_tokens", f.max_tokens),
@@ -152,8 +165,11 @@ pub fn check<'a, 'c, J: Json<'a>>(
             max_out = Some(max_out.map_or(n, |m: u64| m.max(n)));
         }
     }
-    range(f.temperature, "temperature", lim.temperature)?;
-    range(f.top_p, "top_p", lim.top_p)?;
+    Ok(max_out)
+}
+
+/// `n` a positive integer within the model's limit; `stream` a boolean.
+fn check_n_and_stream<'a, J: Json<'a>>(f: &Fields<J>, lim: &ModelLimits) -> Result<(), Rejection> {
     if let Some(x) = f.n {
         let n = x
             .as_u64()
@@ -167,37 +183,49 @@ pub fn check<'a, 'c, J: Json<'a>>(
             ));
         }
     }
-    if let Some(x) = f.stream {
-        if x.as_bool().is_none() {
-            return Err(Rejection::at(
-                "/stream",
-                "invalid_stream",
-                "`stream` must be true or false",
-            ));
-        }
+    if f.stream.is_some_and(|x| x.as_bool().is_none()) {
+        return Err(Rejection::at(
+            "/stream",
+            "invalid_stream",
+            "`stream` must be true or false",
+        ));
     }
-    if let Some(ctx) = lim.context_tokens {
-        if !prompt_key.is_empty() && prompt_tokens.saturating_add(max_out.unwrap_or(0)) > ctx {
-            return Err(Rejection::at(
-                format!("/{prompt_key}"),
-                "context_length_exceeded",
-                format!(
-                    "the prompt and requested output exceed this model's context of {ctx} tokens"
-                ),
-            ));
+    Ok(())
+}
+
+impl<'a, J: Json<'a>> Fields<J> {
+    /// One pass over the members picks out every field the checks read.
+    fn pick(obj: J::Obj) -> Fields<J> {
+        let mut f = Fields {
+            model: None,
+            messages: None,
+            prompt: None,
+            input: None,
+            max_tokens: None,
+            max_completion_tokens: None,
+            temperature: None,
+            top_p: None,
+            n: None,
+            stream: None,
+        };
+        for (k, v) in obj.iter() {
+            let slot = match k {
+                "model" => &mut f.model,
+                "messages" => &mut f.messages,
+                "prompt" => &mut f.prompt,
+                "input" => &mut f.input,
+                "max_tokens" => &mut f.max_tokens,
+                "max_completion_tokens" => &mut f.max_completion_tokens,
+                "temperature" => &mut f.temperature,
+                "top_p" => &mut f.top_p,
+                "n" => &mut f.n,
+                "stream" => &mut f.stream,
+                _ => continue,
+            };
+            slot.get_or_insert(v);
         }
+        f
     }
-    let stream = f.stream.and_then(|x| x.as_bool()).unwrap_or(false);
-    Ok((
-        m,
-        v,
-        Facts {
-            max_tokens: max_out,
-            prompt_tokens,
-            stream,
-            pinned: version_header.is_some() || model.contains('@'),
-        },
-    ))
 }
 
 /// The top-level fields the checks read.
