@@ -60,8 +60,11 @@ pub async fn serve_connection(
         };
         let after = match served {
             Ok(Served::Relayed { keep_alive }) => After::from_keep_alive(keep_alive),
-            Ok(Served::Answer(body)) => {
-                answer::own(&mut client, &rq, &w, &cur, &body, &mut s).await
+            Ok(Served::Answer { body, admission }) => {
+                let after = answer::own(&mut client, &rq, &w, &cur, &body, &mut s).await;
+                // Its concurrency slots go back now that the answer is out.
+                drop(admission);
+                after
             }
             Err(r) => {
                 let head_only = rq.head.is_head;

@@ -22,6 +22,7 @@ use super::{Incoming, Record, Refusal, Served};
 /// counted and logged.
 pub(super) fn answer(
     list: Vec<u8>,
+    admission: Option<Admission>,
     route: &Route,
     rq: &Incoming,
     w: &Worker,
@@ -32,7 +33,10 @@ pub(super) fn answer(
         tracing::info!(target: "access", request_id = rq.id.as_str(), method = rq.method.as_str(), path = rq.path.as_str(),
             client = %rq.peer.ip(), route = route.name.as_str(), status = 200u16, "answered by the gateway");
     }
-    Served::Answer(list)
+    Served::Answer {
+        body: list,
+        admission,
+    }
 }
 
 /// Stage 4d, balance (the pool): the model's pool (`[[models]] cluster`,

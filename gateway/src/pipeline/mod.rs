@@ -42,6 +42,7 @@ use std::time::Instant;
 use crate::codec::{RequestHead, ResponseHead};
 use crate::downstream::Downstream;
 use crate::error::{ClientError, ProxyError};
+use crate::ratelimit::Admission;
 use crate::route::Route;
 use crate::validate::{self, Admitted, Verdict};
 use crate::worker::{Current, Worker};
@@ -105,13 +106,22 @@ impl Incoming {
 }
 
 /// Buffers a connection reuses from one request to the next.
-#[derive(Default)]
 pub struct Scratch {
     /// Bytes on their way to the client.
     pub out: Vec<u8>,
     pub resp_head: ResponseHead,
     /// Rate-limit header lines for this request's answer.
     pub limit_headers: String,
+}
+
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch {
+            out: Vec::with_capacity(4096),
+            resp_head: ResponseHead::default(),
+            limit_headers: String::new(),
+        }
+    }
 }
 
 impl Scratch {
@@ -130,8 +140,13 @@ pub enum Served {
     /// had started); `keep_alive`: the connection may carry another request.
     Relayed { keep_alive: bool },
     /// The gateway answers itself: 200 with this JSON body (`GET /v1/models`,
-    /// filtered by what the caller may use). The head is still pending.
-    Answer(Vec<u8>),
+    /// filtered by what the caller may use). The head is still pending; the
+    /// rate-limit admission (concurrency slots) is held until the answer is
+    /// written and this is dropped.
+    Answer {
+        body: Vec<u8>,
+        admission: Option<Admission>,
+    },
 }
 
 /// Run every stage of one request. `Err`: the driver answers with the
@@ -152,7 +167,7 @@ pub async fn run<D: Downstream>(
     let admission = admission::rate_limit(&identity, &verdict, route, rq, w, cur, s)?; // 4c
     if let Admitted::Answer(list) = &mut verdict.admitted {
         let list = models.unwrap_or_else(|| std::mem::take(list));
-        return Ok(dispatch::answer(list, route, rq, w, cur));
+        return Ok(dispatch::answer(list, admission, route, rq, w, cur));
     }
     let buffered = match &verdict.admitted {
         Admitted::Buffered(b) => Some(b),
