@@ -35,7 +35,7 @@ pub(super) fn answer(
     }
     Served::Answer {
         body: list,
-        admission,
+        admission: admission.map(Box::new),
     }
 }
 

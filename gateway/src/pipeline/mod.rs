@@ -2,32 +2,38 @@
 //! by [`run`] for whichever protocol driver read the request.
 //!
 //! Before it, per connection (the driver's part, `http1/`):
-//! 0. front door (`xdp/`) — blocked clients dropped at the NIC and at accept
-//! 1. listener (`listener.rs`) — a connection accepted on this worker
-//! 1b. tls (`tls.rs`) — on TLS listeners, a finished handshake
-//! 2. http codec (`codec.rs`) — one strictly parsed request head
+//! - 0 front door (`xdp/`) — blocked clients dropped at the NIC and at accept
+//! - 1 listener (`listener.rs`) — a connection accepted on this worker
+//! - 1b tls (`tls.rs`) — on TLS listeners, a finished handshake
+//! - 2 http codec (`codec.rs`) — one strictly parsed request head
 //!
 //! Then the stages, each a function that returns what it found or a
 //! [`Refusal`] (`?` ends the request there):
-//! 3. route (`route.rs`) — host/path/method → a configured route, or 404
-//! 3b. authn (`authn.rs`) — who is calling, or 401
-//! 4c. ratelimit, early (`ratelimit/`) — a caller already over a request
-//!     rate that doesn't depend on the body gets its 429 before the body is read
-//! 4. validate (`validate/`) — content type, JSON shape, protocol (OpenAI,
-//!    KServe v2) and model catalogue checks; may answer itself (`/v1/models`)
-//! 4b. authz (`authz.rs`) — may this identity use this model, or 403
-//! 4c. ratelimit (`ratelimit/`) — rate, cost, concurrency and quota at every
-//!     level that applies, or 429; the admission is held to the response's end
-//! 4d. balance (`balance/`) — the model's pool (or the route's cluster); the
-//!     backend itself is picked when the upstream stage checks a connection out
-//! 5. upstream (`upstream/`) — forward, stream the response back
+//!
+//! - 3 route (`route.rs`) — host/path/method → a configured route, or 404
+//! - 3b authn (`authn.rs`) — who is calling, or 401
+//! - 4c ratelimit, early (`ratelimit/`) — a caller already over a request
+//!   rate that doesn't depend on the body gets its 429 before the body is read
+//! - 4 validate (`validate/`) — content type, JSON shape, protocol (OpenAI,
+//!   KServe v2) and model catalogue checks; may answer itself (`/v1/models`)
+//! - 4b authz (`authz.rs`) — may this identity use this model, or 403
+//! - 4c ratelimit (`ratelimit/`) — rate, cost, concurrency and quota at every
+//!   level that applies, or 429; the admission is held to the response's end
+//! - 4d balance (`balance/`) — the model's pool (or the route's cluster); the
+//!   backend itself is picked when the upstream stage checks a connection out
+//! - 5 upstream (`upstream/`) — forward, stream the response back
 //!
 //! then the request's cost is settled against what the backend reported,
-//! and one access-log event and the metrics close it ([`dispatch::finish`];
+//! and one access-log event and the metrics close it (`dispatch::finish`;
 //! a refusal's: [`Refusal::record`]). The route is matched before authn (a
 //! route says which methods it accepts) and validation (a route says which
 //! protocol its requests speak); authz and ratelimit need the model
 //! validation found.
+
+#![expect(
+    clippy::result_large_err,
+    reason = "a refusal is built once per refused request and moved to the driver; boxing it would add an allocation to every refusal for no gain"
+)]
 
 mod admission;
 mod dispatch;
@@ -145,7 +151,7 @@ pub enum Served {
     /// written and this is dropped.
     Answer {
         body: Vec<u8>,
-        admission: Option<Admission>,
+        admission: Option<Box<Admission>>,
     },
 }
 
