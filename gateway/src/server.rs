@@ -693,13 +693,14 @@ fn spawn_tls_watch(control: &Arc<Control>, metrics: Arc<Metrics>) -> Result<(), 
             std::thread::sleep(every);
             match tls.resolver.reload_if_changed() {
                 None => {}
+                // Logged before counted: whoever sees the count finds the event.
                 Some(Ok(n)) => {
-                    metrics.tls_reloads.with_label_values(&["ok"]).inc();
                     tracing::info!(certificates = n, "TLS certificates changed on disk; reloaded");
+                    metrics.tls_reloads.with_label_values(&["ok"]).inc();
                 }
                 Some(Err(e)) => {
-                    metrics.tls_reloads.with_label_values(&["error"]).inc();
                     tracing::error!(error = %e, "TLS certificate reload refused; the certificates in force stay");
+                    metrics.tls_reloads.with_label_values(&["error"]).inc();
                 }
             }
         })

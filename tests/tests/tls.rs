@@ -247,7 +247,7 @@ fn certificates_reload_without_failed_requests_and_bad_files_are_refused() {
         ) >= 1.0
     );
     assert!(
-        g.log_text().contains("does not match the certificate"),
+        g.log_shows("does not match the certificate"),
         "the log names the problem"
     );
     let c = connect(addr, "api.test", ClientOpts::trusting(&p.ca.pem).config())
