@@ -45,6 +45,13 @@ impl Ports {
     pub fn gateway_validated_admin(self) -> SocketAddr {
         self.at(1902)
     }
+    /// `--baseline`: the gateway built from another binary, for before/after.
+    pub fn gateway_baseline(self) -> SocketAddr {
+        self.at(84)
+    }
+    pub fn gateway_baseline_admin(self) -> SocketAddr {
+        self.at(1903)
+    }
     /// `--workers`: the gateway for the `i`-th worker count listed (at most
     /// [`MAX_SCALING_RUNS`] of them, so these stay clear of every other port).
     pub fn gateway_scaled(self, i: usize) -> SocketAddr {
@@ -81,6 +88,7 @@ pub const MAX_SCALING_RUNS: usize = 8;
 pub const BACKEND_BODY: &str = r#"{"id":"cmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
 
 /// Programs the harness runs, when found.
+#[derive(Clone)]
 pub struct Tools {
     pub nginx: Option<PathBuf>,
     pub haproxy: Option<PathBuf>,
@@ -274,6 +282,29 @@ pub fn start_gateway(tools: &Tools, place: Placement, run_dir: &Path) -> Result<
         "gateway",
         p.gateway(),
         p.gateway_admin(),
+        p.backend(),
+        1,
+        place.proxy_cpu.as_slice(),
+        run_dir,
+    )
+}
+
+/// `loadbench --baseline BIN`: the same quick-start gateway as
+/// [`start_gateway`], from another binary (`$GATEWAY_BASELINE_BIN`) on its
+/// own ports: a before/after comparison measured in the same rounds, so
+/// the machine's drift between runs cancels out.
+pub fn start_gateway_baseline(tools: &Tools, place: Placement, run_dir: &Path) -> Result<Server> {
+    let bin = std::env::var_os("GATEWAY_BASELINE_BIN").ok_or("GATEWAY_BASELINE_BIN is not set")?;
+    let tools = Tools {
+        gateway: Some(PathBuf::from(bin)),
+        ..tools.clone()
+    };
+    let p = place.ports;
+    quick_start_gateway(
+        &tools,
+        "gateway-baseline",
+        p.gateway_baseline(),
+        p.gateway_baseline_admin(),
         p.backend(),
         1,
         place.proxy_cpu.as_slice(),

@@ -66,6 +66,8 @@ usage: loadbench [--validation | --ratelimit | --workers N,N,...] [--quick] [--r
   --duration SECS    measured seconds per target per round (default 10)
   --connections C    wrk connections (default 64)
   --warmup SECS      unmeasured load before each measured run (default 2)
+  --baseline BIN     also measure the gateway built from BIN (another build: before/after a change)
+                     in the same rounds, on P+84 (admin P+1903); skipped when not given
   --port-base P      loopback ports used: backend P, gateway P+80 (admin P+1901),
                      HAProxy P+81, nginx P+82, validating gateway P+83 (admin P+1902),
                      --workers gateways P+100.. (admin P+1910..)
@@ -88,6 +90,8 @@ struct Settings {
     /// `--workers`: the gateway's worker counts to compare, in the order given
     /// (the first is the base of the ratios); empty for the other modes.
     workers: Vec<usize>,
+    /// `--baseline BIN`: also measure the gateway built from BIN, same rounds.
+    baseline: bool,
 }
 
 /// `--workers 1,2,4`: distinct counts, 1 to 256 each, at most
@@ -127,6 +131,7 @@ fn parse_args() -> Result<Option<Settings>> {
         validation: false,
         ratelimit: false,
         workers: Vec::new(),
+        baseline: false,
     };
     let mut args = env::args().skip(1);
     while let Some(a) = args.next() {
@@ -162,6 +167,18 @@ fn parse_args() -> Result<Option<Settings>> {
                 s.workers = parse_workers(&v)?;
             }
             "--ratelimit" => s.ratelimit = true,
+            "--baseline" => {
+                let v = inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or("--baseline needs the path of a gateway binary")?;
+                if !std::path::Path::new(&v).is_file() {
+                    return Err(format!("--baseline {v}: no such file"));
+                }
+                // Read by targets::start_gateway_baseline.
+                env::set_var("GATEWAY_BASELINE_BIN", &v);
+                s.baseline = true;
+            }
             "--quick" => {
                 s.rounds = 1;
                 s.duration = 3;
@@ -371,6 +388,13 @@ fn run(s: &Settings) -> Result {
                 targets::start_gateway,
             ),
             (
+                "gateway-baseline",
+                ports.gateway_baseline(),
+                s.baseline,
+                false,
+                targets::start_gateway_baseline,
+            ),
+            (
                 "haproxy",
                 ports.haproxy(),
                 tools.haproxy.is_some(),
@@ -387,6 +411,9 @@ fn run(s: &Settings) -> Result {
         ]
     };
     for (name, addr, present, with_children, start) in proxies {
+        if name == "gateway-baseline" && !present {
+            continue; // not asked for
+        }
         if !present {
             let why = match name {
                 n if n.starts_with("gateway") => {

@@ -445,18 +445,28 @@ fn take_request(
             keep_most_restrictive(best, share, shown);
             Ok(())
         }
-        Err(wait) => Err(Refusal {
+        Err(wait) => Err(over_request_rate(
             level,
-            limit: Limit::Requests,
-            retry_after_s: wait.div_ceil(1_000_000_000).max(1),
-            shown: Some(Shown {
-                level,
-                window: "",
-                quota: g.burst,
-                window_s: g.window_s(),
-                remaining: 0,
-                reset_s: wait.div_ceil(1_000_000_000).max(1),
-            }),
+            g,
+            wait.div_ceil(1_000_000_000).max(1),
+        )),
+    }
+}
+
+/// A request-rate refusal at `level`: retry in `retry` seconds, nothing left.
+#[inline]
+fn over_request_rate(level: Level, g: Gcra, retry: u64) -> Refusal {
+    Refusal {
+        level,
+        limit: Limit::Requests,
+        retry_after_s: retry,
+        shown: Some(Shown {
+            level,
+            window: "",
+            quota: g.burst,
+            window_s: g.window_s(),
+            remaining: 0,
+            reset_s: retry,
         }),
     }
 }
@@ -840,19 +850,7 @@ impl Limiter {
                     self.note_refusal(esc, &ip, s, now);
                 }
             }
-            return Some(Refusal {
-                level,
-                limit: Limit::Requests,
-                retry_after_s: retry,
-                shown: Some(Shown {
-                    level,
-                    window: "",
-                    quota: g.burst,
-                    window_s: g.window_s(),
-                    remaining: 0,
-                    reset_s: retry,
-                }),
-            });
+            return Some(over_request_rate(level, g, retry));
         }
         None
     }
