@@ -28,14 +28,15 @@ commands:
   bench xdp [--pps N] [--seconds S]
                         SYN flood from one netns to the gateway's, dropped by XDP vs nftables vs the
                         userspace fallback: pps, softirq ns/packet, legitimate goodput kept (target/bench/xdp.json)
-  bench [--validation | --ratelimit | --workers N,N,...] [--quick] [--rounds N] [--duration SECS] [--connections C]
+  bench [--validation | --ratelimit | --workers N,N,...] [--baseline BIN] [--quick] [--rounds N] [--duration SECS] [--connections C]
         [--warmup SECS] [--port-base P]
                         load benchmark: backend direct vs gateway vs HAProxy vs nginx (see target/bench/);
                         --validation: the gateway as a plain proxy vs validating every chat completion
                         (target/bench/validation.json); --ratelimit: the validating gateway vs the same with
                         rate/token/concurrency limits the load stays under (target/bench/ratelimit.json);
                         --workers 1,2,4: the gateway alone with each worker count, req/s and the ratio to the
-                        first count (target/bench/scaling.json)
+                        first count (target/bench/scaling.json); --baseline BIN: a second gateway build
+                        measured in the same rounds (before/after a change)
   bench routing [--duration SECS] [--loads 0.6,0.8,0.9] [--quick]
                         simulated GPU pool behind the gateway: round_robin vs least_request vs gie_like vs
                         gpu_aware under open-loop Poisson load; p50/p99, TTFT (target/bench/routing.json, .svg)

@@ -191,3 +191,68 @@ impl Refusal {
             path = rq.path.as_str(), route, status = self.status, error, pointer = self.param.as_deref().unwrap_or(""), "{message}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{ClientError, UpstreamError};
+    use crate::validate::{Admitted, Buffered, Refused, Rejection};
+
+    #[test]
+    fn only_a_buffered_request_counts_as_read_after_validation() {
+        let r = || Refusal::decision(ClientError::Forbidden.into());
+        let buffered = Admitted::Buffered(Buffered {
+            head: b"POST / HTTP/1.1\r\n\r\n".to_vec(),
+            body: b"{}".to_vec(),
+        });
+        let b = r().after_validation(&buffered);
+        assert!(b.body_read && b.head_consumed);
+        // A streamed request's body, and a model-list request's, were never
+        // read: answering must not leave them to be parsed as the next request.
+        for a in [Admitted::Stream, Admitted::Answer(b"[]".to_vec())] {
+            let x = r().after_validation(&a);
+            assert!(!x.body_read && !x.head_consumed);
+        }
+    }
+
+    #[test]
+    fn proxy_errors_keep_their_status_challenge_and_framing_rules() {
+        let no_route = Refusal::from_error(ClientError::NoRoute.into());
+        assert_eq!(no_route.status, 404);
+        assert!(!no_route.must_close && !no_route.client_gone);
+        assert!(matches!(
+            no_route.record,
+            Record::Error {
+                source: "client",
+                kind: "no_route"
+            }
+        ));
+        let e = ClientError::Unauthenticated {
+            challenge: "Bearer",
+        };
+        let unauth = Refusal::from_error(e.into());
+        assert_eq!((unauth.status, unauth.challenge), (401, Some("Bearer")));
+        let bad = Refusal::from_error(ClientError::Malformed("bad chunk").into());
+        assert!(bad.must_close, "a request whose framing broke closes");
+        let full = Refusal::from_error(UpstreamError::Saturated.into());
+        assert_eq!((full.status, full.retry_after), (503, Some(1)));
+        let gone = Refusal::from_error(ClientError::ClientClosed.into());
+        assert!(gone.client_gone);
+    }
+
+    #[test]
+    fn validation_refusals_carry_their_rule_and_pointer() {
+        let r = Refusal::from_validation(Refused {
+            rejection: Rejection::at("/temperature", "out_of_range", "too hot"),
+            body_read: true,
+            consumed: true,
+            model: Some("m".into()),
+        });
+        assert_eq!(r.status, 422);
+        assert_eq!(r.code, Some("out_of_range"));
+        assert_eq!(r.param.as_deref(), Some("/temperature"));
+        assert!(r.body_read && r.head_consumed && !r.client_gone);
+        let gone = Refusal::from_validation(Rejection::new(499, "client_closed", "gone").into());
+        assert!(gone.client_gone);
+    }
+}
