@@ -272,25 +272,28 @@ impl ProxyError {
         }
     }
 
-    /// Append a complete HTTP/1.1 error response to `out`.
-    pub fn to_response(self, request_id: &str, close: bool, out: &mut Vec<u8>) {
-        let e = ErrorBody {
+    /// The error's answer: status, type, message, `Retry-After` (503) and,
+    /// for a 401, its challenge.
+    pub fn body(self) -> ErrorBody<'static> {
+        let challenge = match self {
+            ProxyError::Client(ClientError::Unauthenticated { challenge }) => Some(challenge),
+            _ => None,
+        };
+        ErrorBody {
             status: self.status(),
             error_type: self.error_type(),
             message: self.public_message(),
             code: None,
             param: None,
             retry_after: (self.status() == 503).then_some(1),
+            challenge,
             headers: "",
-        };
-        e.write(request_id, close, out);
-        if let ProxyError::Client(ClientError::Unauthenticated { challenge }) = self {
-            // RFC 9110 §11.6.1: a 401 carries WWW-Authenticate; insert it into the head.
-            if let Some(end) = memchr::memmem::find(out, b"\r\n\r\n") {
-                let line = format!("\r\nwww-authenticate: {challenge}");
-                out.splice(end..end, line.bytes());
-            }
         }
+    }
+
+    /// Append a complete HTTP/1.1 error response to `out`.
+    pub fn to_response(self, request_id: &str, close: bool, out: &mut Vec<u8>) {
+        self.body().write(request_id, close, out);
     }
 }
 
@@ -306,6 +309,8 @@ pub struct ErrorBody<'a> {
     pub param: Option<&'a str>,
     /// Seconds for `Retry-After` (429s, 503s).
     pub retry_after: Option<u64>,
+    /// 401: the `WWW-Authenticate` challenge (RFC 9110 §11.6.1).
+    pub challenge: Option<&'a str>,
     /// More header lines, each ending in CRLF (the rate-limit headers).
     pub headers: &'a str,
 }
@@ -336,6 +341,9 @@ impl ErrorBody<'_> {
         );
         if let Some(s) = self.retry_after {
             let _ = write!(head, "retry-after: {s}\r\n");
+        }
+        if let Some(c) = self.challenge {
+            let _ = write!(head, "www-authenticate: {c}\r\n");
         }
         head.push_str(self.headers);
         if close {

@@ -60,6 +60,7 @@ pub(super) async fn refuse(
         code: r.code,
         param: r.param.as_deref(),
         retry_after: r.retry_after,
+        challenge: r.challenge,
         headers: if r.limit_headers {
             &s.limit_headers
         } else {
@@ -68,13 +69,6 @@ pub(super) async fn refuse(
     };
     s.out.clear();
     body.write(&rq.id, !keep, &mut s.out);
-    if let Some(challenge) = r.challenge {
-        // RFC 9110 §11.6.1: a 401 carries WWW-Authenticate; insert it into the head.
-        if let Some(end) = memchr::memmem::find(&s.out, b"\r\n\r\n") {
-            let line = format!("\r\nwww-authenticate: {challenge}");
-            s.out.splice(end..end, line.bytes());
-        }
-    }
     if head_only {
         truncate_to_head(&mut s.out);
     }

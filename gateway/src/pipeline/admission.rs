@@ -12,7 +12,7 @@ use crate::route::Route;
 use crate::validate::{Admitted, Verdict};
 use crate::worker::{Current, Worker};
 
-use super::{Incoming, Refusal, Scratch};
+use super::{Call, Incoming, Refusal};
 
 /// Stage 3b, authn: `None` when the route is anonymous or nothing is
 /// configured (identity headers the client sent are stripped either way),
@@ -56,59 +56,45 @@ pub(super) fn authenticate<D: Downstream>(
 /// Stage 4b, authz: may this identity use the model validation found? A
 /// model list is not refused but filtered (`Some(list)`): each caller sees
 /// the models it may use. 403 otherwise (audit log).
-pub(super) fn authorize(
-    identity: &Option<Arc<Identity>>,
-    verdict: &Verdict,
-    route: &Route,
-    rq: &Incoming,
-    w: &Worker,
-    cur: &Current,
-) -> Result<Option<Vec<u8>>, Refusal> {
-    let Some(authz) = cur.shared.authz.as_ref() else {
+pub(super) fn authorize(c: &Call<'_>, verdict: &Verdict) -> Result<Option<Vec<u8>>, Refusal> {
+    let Some(authz) = c.cur.shared.authz.as_ref() else {
         return Ok(None);
     };
-    if route.anonymous {
+    if c.route.anonymous {
         return Ok(None);
     }
     let anon = Identity::anonymous();
-    let id = identity.as_deref().unwrap_or(&anon);
+    let id = c.identity.unwrap_or(&anon);
     if matches!(verdict.admitted, Admitted::Answer(_)) {
-        let catalog = &cur.shared.rules.catalog;
+        let catalog = &c.cur.shared.rules.catalog;
         let list = crate::validate::openai::models_list(catalog, |m| {
             authz.decide(id, m, "infer").is_some()
         });
         return Ok(Some(list));
     }
-    let model = verdict.model.as_ref().map_or("", |(m, _)| m.as_str());
-    let m = &w.metrics;
+    let (model, route, m) = (c.model(verdict), c.route.name.as_str(), &c.w.metrics);
     if let Some(rule) = authz.decide(id, model, "infer") {
-        m.inc(&m.authz, &[&route.name, "allow", rule], 1);
+        m.inc(&m.authz, &[route, "allow", rule], 1);
         return Ok(None);
     }
-    m.inc(&m.authz, &[&route.name, "deny", ""], 1);
-    tracing::warn!(target: "audit", request_id = rq.id.as_str(), client = %rq.peer.ip(), route = route.name.as_str(),
+    m.inc(&m.authz, &[route, "deny", ""], 1);
+    tracing::warn!(target: "audit", request_id = c.rq.id.as_str(), client = %c.rq.peer.ip(), route,
         principal = id.principal.as_str(), tenant = id.tenant.as_str(), method = id.method, model,
         decision = "deny", "no authorization rule allows this request");
     Err(Refusal::decision(ClientError::Forbidden.into()).after_validation(&verdict.admitted))
 }
 
 /// Who is asking, as the rate limits key it.
-fn subject<'a>(
-    identity: &'a Option<Arc<Identity>>,
-    route: &'a Route,
-    rq: &Incoming,
-    model: &'a str,
-    tokens: u64,
-) -> Subject<'a> {
-    let (principal, tenant) = identity
-        .as_deref()
+fn subject<'a>(c: &Call<'a>, model: &'a str, tokens: u64) -> Subject<'a> {
+    let (principal, tenant) = c
+        .identity
         .map(|i| (i.principal.as_str(), i.tenant.as_str()))
         .unwrap_or(("", ""));
     Subject {
-        ip: rq.peer.ip(),
+        ip: c.rq.peer.ip(),
         principal,
         tenant,
-        route: &route.name,
+        route: &c.route.name,
         model,
         tokens,
     }
@@ -118,81 +104,65 @@ fn subject<'a>(
 /// level that depends only on the caller and the route (charges nothing;
 /// the full stage runs after validation). `headers` gets the refusal's
 /// rate-limit headers.
-pub(super) fn rate_limit_early(
-    identity: &Option<Arc<Identity>>,
-    route: &Route,
-    rq: &Incoming,
-    w: &Worker,
-    cur: &Current,
-    headers: &mut String,
-) -> Result<(), Refusal> {
-    let Some(p) = cur.shared.ratelimit.as_ref() else {
+pub(super) fn rate_limit_early(c: &Call<'_>, headers: &mut String) -> Result<(), Refusal> {
+    let Some(p) = c.cur.shared.ratelimit.as_ref() else {
         return Ok(());
     };
-    let subject = subject(identity, route, rq, "", 0);
-    match cur.shared.limiter.refuse_early(p, &subject, rq.started) {
+    let subject = subject(c, "", 0);
+    match c.cur.shared.limiter.refuse_early(p, &subject, c.rq.started) {
         None => Ok(()),
-        Some(r) => Err(refused(&r, p, &subject, rq, w, headers)),
+        Some(r) => Err(refused(c, &r, p, &subject, headers)),
     }
 }
 
 /// Stage 4c, ratelimit: `None` when nothing is limited, the admission (held
 /// to the end of the response: concurrency slots, cost correction), or 429.
-/// The rate-limit response headers go to `s.limit_headers`.
+/// The rate-limit response headers go to `headers`.
 pub(super) fn rate_limit(
-    identity: &Option<Arc<Identity>>,
+    c: &Call<'_>,
     verdict: &Verdict,
-    route: &Route,
-    rq: &Incoming,
-    w: &Worker,
-    cur: &Current,
-    s: &mut Scratch,
+    headers: &mut String,
 ) -> Result<Option<Admission>, Refusal> {
-    let Some(p) = cur.shared.ratelimit.as_ref() else {
+    let Some(p) = c.cur.shared.ratelimit.as_ref() else {
         return Ok(None);
     };
-    s.limit_headers.clear();
-    let model = verdict.model.as_ref().map_or("", |m| m.0.as_str());
+    headers.clear();
+    let model = c.model(verdict);
     let f = &verdict.facts;
     let tokens = if p.counts_tokens && (f.prompt_tokens > 0 || f.max_tokens.is_some()) {
         p.cost(model, f.prompt_tokens, f.max_tokens)
     } else {
         0
     };
-    let subject = subject(identity, route, rq, model, tokens);
-    match cur.shared.limiter.admit_at(p, &subject, rq.started) {
+    let subject = subject(c, model, tokens);
+    match c.cur.shared.limiter.admit_at(p, &subject, c.rq.started) {
         Ok(a) => {
-            let c = &cur.route_counters[route.index];
-            c.admitted.inc();
-            c.tokens_estimated.inc_by(tokens);
+            let counters = &c.cur.route_counters[c.route.index];
+            counters.admitted.inc();
+            counters.tokens_estimated.inc_by(tokens);
             if let (Some(shown), true) = (a.shown, p.headers_on_success) {
-                shown.write_headers(p.headers, &mut s.limit_headers);
+                shown.write_headers(p.headers, headers);
             }
             Ok(Some(a))
         }
-        Err(r) => {
-            let refusal = refused(&r, p, &subject, rq, w, &mut s.limit_headers);
-            Err(refusal.after_validation(&verdict.admitted))
-        }
+        Err(r) => Err(refused(c, &r, p, &subject, headers).after_validation(&verdict.admitted)),
     }
 }
 
 /// Count, log and write the headers of a rate-limit refusal.
 fn refused(
+    c: &Call<'_>,
     r: &crate::ratelimit::Refusal,
     p: &crate::ratelimit::Policies,
     s: &Subject<'_>,
-    rq: &Incoming,
-    w: &Worker,
     headers: &mut String,
 ) -> Refusal {
-    let (level, limit) = (r.level.as_str(), r.limit.as_str());
-    w.metrics
-        .inc(&w.metrics.ratelimit, &[s.route, "refused", level, limit], 1);
+    let (level, limit, m) = (r.level.as_str(), r.limit.as_str(), &c.w.metrics);
+    m.inc(&m.ratelimit, &[s.route, "refused", level, limit], 1);
     if let Some(shown) = r.shown {
         shown.write_headers(p.headers, headers);
     }
-    tracing::info!(target: "ratelimit", request_id = rq.id.as_str(), client = %s.ip, principal = s.principal, tenant = s.tenant, route = s.route,
+    tracing::info!(target: "ratelimit", request_id = c.rq.id.as_str(), client = %s.ip, principal = s.principal, tenant = s.tenant, route = s.route,
         model = s.model, level, limit, cost_tokens = s.tokens, retry_after_s = r.retry_after_s, "request refused by a rate limit");
     Refusal::from_rate_limit(r)
 }

@@ -3,35 +3,23 @@
 //! reported, and the request's one access-log event and metrics.
 
 use std::borrow::Cow;
-use std::rc::Rc;
-use std::sync::Arc;
 
-use crate::authn::Identity;
-use crate::downstream::Downstream;
 use crate::error::{ClientError, ProxyError};
 use crate::metrics::status_label;
 use crate::ratelimit::Admission;
-use crate::route::Route;
 use crate::upstream::{Exchange, Request};
-use crate::validate::{Buffered, Verdict};
-use crate::worker::{Current, Worker};
+use crate::validate::{Admitted, Verdict};
 
-use super::{Incoming, Record, Refusal, Served};
+use super::{Call, Record, Refusal, Served};
 
 /// The gateway's own answer (the model list, filtered by authz when it ran),
 /// counted and logged.
-pub(super) fn answer(
-    list: Vec<u8>,
-    admission: Option<Admission>,
-    route: &Route,
-    rq: &Incoming,
-    w: &Worker,
-    cur: &Current,
-) -> Served {
-    w.metrics.inc(&w.metrics.requests, &[&route.name, "200"], 1);
-    if cur.shared.access_log {
+pub(super) fn answer(c: &Call<'_>, list: Vec<u8>, admission: Option<Admission>) -> Served {
+    let (rq, route) = (c.rq, c.route.name.as_str());
+    c.w.metrics.inc(&c.w.metrics.requests, &[route, "200"], 1);
+    if c.cur.shared.access_log {
         tracing::info!(target: "access", request_id = rq.id.as_str(), method = rq.method.as_str(), path = rq.path.as_str(),
-            client = %rq.peer.ip(), route = route.name.as_str(), status = 200u16, "answered by the gateway");
+            client = %rq.peer.ip(), route, status = 200u16, "answered by the gateway");
     }
     Served::Answer {
         body: list,
@@ -42,121 +30,105 @@ pub(super) fn answer(
 /// Stage 4d, balance (the pool): the model's pool (`[[models]] cluster`,
 /// version pools, canary splits; sticky by principal, else by address),
 /// else the route's cluster. The backend within it is picked at checkout.
-pub(super) fn balance(
-    identity: &Option<Arc<Identity>>,
-    verdict: &Verdict,
-    route: &Route,
-    rq: &Incoming,
-    w: &Worker,
-    cur: &Current,
-) -> usize {
+pub(super) fn balance(c: &Call<'_>, verdict: &Verdict) -> usize {
     let Some((m, v)) = verdict.model.as_ref() else {
-        return route.cluster;
+        return c.route.cluster;
     };
-    let Some(pools) = cur.shared.model_pools.get(m) else {
-        return route.cluster;
+    let Some(pools) = c.cur.shared.model_pools.get(m) else {
+        return c.route.cluster;
     };
     // Sticky by principal (no copy), else by address.
-    let key: Cow<'_, str> = match identity.as_deref() {
+    let key: Cow<'_, str> = match c.identity {
         _ if !pools.sticky => "".into(),
         Some(i) if !i.principal.is_empty() => i.principal.as_str().into(),
-        _ => rq.peer.ip().to_string().into(),
+        _ => c.rq.peer.ip().to_string().into(),
     };
-    let Some(c) = pools.cluster(v, verdict.facts.pinned, &key, &w.rng) else {
-        return route.cluster;
+    let Some(cluster) = pools.cluster(v, verdict.facts.pinned, &key, &c.w.rng) else {
+        return c.route.cluster;
     };
     if pools.total > 0 {
-        let labels = [m.as_str(), cur.shared.clusters[c].name.as_str()];
-        w.metrics.inc(&w.metrics.balance_split, &labels, 1);
+        let labels = [m.as_str(), c.cur.shared.clusters[cluster].name.as_str()];
+        c.w.metrics.inc(&c.w.metrics.balance_split, &labels, 1);
     }
-    c
+    cluster
 }
 
 /// Everything the upstream stage needs to know about the request.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the findings of every earlier stage, gathered into one request"
-)]
-pub(super) fn upstream_request<'a, D: Downstream>(
-    identity: &'a Option<Arc<Identity>>,
+pub(super) fn upstream_request<'a>(
+    c: &Call<'a>,
     verdict: &'a Verdict,
     admission: &Option<Admission>,
-    buffered: Option<&'a Buffered>,
-    route: &'a Route,
-    rq: &'a Incoming,
     cluster: usize,
-    d: &D,
-    cur: &Current,
+    tls: bool,
     limit_headers: &'a str,
 ) -> Request<'a> {
     // Tokens were charged: look for the usage the backend reports.
     let scan_usage = admission.as_ref().is_some_and(|a| a.tokens > 0)
-        && cur
+        && c.cur
             .shared
             .ratelimit
             .as_ref()
             .is_some_and(|p| p.correct_from_usage);
     Request {
-        head: &rq.head,
-        identity: identity.as_deref(),
-        tls: d.tls_session().is_some(),
-        buffered,
+        head: &c.rq.head,
+        identity: c.identity,
+        tls,
+        buffered: match &verdict.admitted {
+            Admitted::Buffered(b) => Some(b),
+            _ => None,
+        },
         continue_sent: verdict.continue_sent,
-        route,
-        request_id: &rq.id,
-        peer: rq.peer.ip(),
-        started: rq.started,
+        route: c.route,
+        request_id: &c.rq.id,
+        peer: c.rq.peer.ip(),
+        started: c.rq.started,
         response_headers: limit_headers,
         scan_usage,
         cluster,
-        model: verdict.model.as_ref().map_or("", |(m, _)| m.as_str()),
+        model: c.model(verdict),
         size: verdict.facts.max_tokens.unwrap_or(0),
     }
 }
 
 /// Shadow traffic: a sampled copy of this request to the model's shadow
 /// pool, answered by nobody (skipped when too many are in flight).
-pub(super) fn shadow(verdict: &Verdict, req: &Request<'_>, w: &Rc<Worker>, cur: &Rc<Current>) {
+pub(super) fn shadow(c: &Call<'_>, verdict: &Verdict, req: &Request<'_>) {
     let Some((m, _)) = verdict.model.as_ref() else {
         return;
     };
     let Some((cluster, millionths, max_inflight, timeout)) =
-        cur.shared.model_pools.get(m).and_then(|p| p.shadow)
+        c.cur.shared.model_pools.get(m).and_then(|p| p.shadow)
     else {
         return;
     };
-    if w.rng.below(1_000_000) >= millionths as usize {
+    if c.w.rng.below(1_000_000) >= millionths as usize {
         return;
     }
-    if w.shadows.get() >= max_inflight {
+    if c.w.shadows.get() >= max_inflight {
         let labels = [
             m.as_str(),
-            cur.shared.clusters[cluster].name.as_str(),
+            c.cur.shared.clusters[cluster].name.as_str(),
             "skipped_busy",
         ];
-        cur.shared.metrics.shadow.with_label_values(&labels).inc();
+        c.cur.shared.metrics.shadow.with_label_values(&labels).inc();
         return;
     }
-    crate::upstream::spawn_shadow(w, cur, req, cluster, m, timeout);
+    crate::upstream::spawn_shadow(c.w, c.cur, req, cluster, m, timeout);
 }
 
 /// Settle the request's cost: corrected to the usage the backend reported,
 /// refunded when no backend served it; its concurrency slots go back.
-pub(super) fn settle(
-    admission: Option<Admission>,
-    verdict: &Verdict,
-    x: &Exchange,
-    route: &Route,
-    cur: &Current,
-) {
+pub(super) fn settle(c: &Call<'_>, admission: Option<Admission>, verdict: &Verdict, x: &Exchange) {
+    let cur = c.cur;
     let (Some(a), Some(p)) = (admission, cur.shared.ratelimit.as_ref()) else {
         return;
     };
     if let Some(actual) = x.usage.as_ref().and_then(|u| u.total()) {
-        let model = verdict.model.as_ref().map_or("", |m| m.0.as_str());
-        let actual = p.weigh(model, actual);
+        let actual = p.weigh(c.model(verdict), actual);
         cur.shared.limiter.correct(&a, actual);
-        cur.route_counters[route.index].tokens_actual.inc_by(actual);
+        cur.route_counters[c.route.index]
+            .tokens_actual
+            .inc_by(actual);
     }
     // Nothing reached a backend (none reachable, all saturated): the
     // request's cost and quota count go back.
@@ -169,13 +141,10 @@ pub(super) fn settle(
 /// The request's access-log event and metrics; a failure before the
 /// response started becomes the refusal the driver answers with.
 pub(super) fn finish(
-    rq: &Incoming,
-    route: &Route,
+    c: &Call<'_>,
     cluster: usize,
     verdict: &Verdict,
     x: Exchange,
-    w: &Worker,
-    cur: &Current,
 ) -> Result<Served, Refusal> {
     let mut status = x.status;
     let mut refusal = None;
@@ -196,9 +165,10 @@ pub(super) fn finish(
             status = e.status();
         }
         let (source, kind) = e.source_and_kind();
-        w.metrics.inc(&w.metrics.request_errors, &[source, kind], 1);
+        c.w.metrics
+            .inc(&c.w.metrics.request_errors, &[source, kind], 1);
     }
-    record(rq, route, cluster, verdict, status, &x, w, cur);
+    record(c, cluster, verdict, status, &x);
     match refusal {
         Some(r) => Err(r),
         None => Ok(Served::Relayed {
@@ -208,23 +178,11 @@ pub(super) fn finish(
 }
 
 /// One access record and the request's metrics.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one access record, logged and counted in one place"
-)]
-fn record(
-    rq: &Incoming,
-    route: &Route,
-    cluster: usize,
-    verdict: &Verdict,
-    status: u16,
-    x: &Exchange,
-    w: &Worker,
-    cur: &Current,
-) {
+fn record(c: &Call<'_>, cluster: usize, verdict: &Verdict, status: u16, x: &Exchange) {
+    let (rq, cur) = (c.rq, c.cur);
     let elapsed = rq.started.elapsed();
-    let m = &w.metrics;
-    let route = route.name.as_str();
+    let m = &c.w.metrics;
+    let route = c.route.name.as_str();
     m.inc(&m.requests, &[route, status_label(status)], 1);
     m.observe(&m.request_duration, route, elapsed);
     m.inc(&m.request_bytes, &[route], x.req_bytes);

@@ -45,6 +45,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::authn::Identity;
 use crate::codec::{RequestHead, ResponseHead};
 use crate::downstream::Downstream;
 use crate::error::{ClientError, ProxyError};
@@ -155,6 +156,24 @@ pub enum Served {
     },
 }
 
+/// One authenticated request on its way through the later stages: the
+/// driver's facts, its route and caller, and the worker and configuration
+/// generation it runs on.
+struct Call<'a> {
+    rq: &'a Incoming,
+    route: &'a Route,
+    identity: Option<&'a Identity>,
+    w: &'a Rc<Worker>,
+    cur: &'a Rc<Current>,
+}
+
+impl Call<'_> {
+    /// The model validation resolved ("" when none).
+    fn model<'v>(&self, verdict: &'v Verdict) -> &'v str {
+        verdict.model.as_ref().map_or("", |(m, _)| m.as_str())
+    }
+}
+
 /// Run every stage of one request. `Err`: the driver answers with the
 /// refusal (after [`Refusal::record`]); `Ok`: served, see [`Served`].
 pub async fn run<D: Downstream>(
@@ -166,36 +185,30 @@ pub async fn run<D: Downstream>(
 ) -> Result<Served, Refusal> {
     let route = route(d.pending(), rq, cur)?; // 3
     let identity = admission::authenticate(d, rq, route, w, cur)?; // 3b
+    let identity = identity.as_deref();
+    let c = Call {
+        rq,
+        route,
+        identity,
+        w,
+        cur,
+    };
     s.limit_headers.clear();
-    admission::rate_limit_early(&identity, route, rq, w, cur, &mut s.limit_headers)?; // 4c, early
-    let mut verdict = validate(d, rq, route, w, cur).await?; // 4
-    let models = admission::authorize(&identity, &verdict, route, rq, w, cur)?; // 4b
-    let admission = admission::rate_limit(&identity, &verdict, route, rq, w, cur, s)?; // 4c
+    admission::rate_limit_early(&c, &mut s.limit_headers)?; // 4c, early
+    let mut verdict = validate(d, &c).await?; // 4
+    let models = admission::authorize(&c, &verdict)?; // 4b
+    let admission = admission::rate_limit(&c, &verdict, &mut s.limit_headers)?; // 4c
     if let Admitted::Answer(list) = &mut verdict.admitted {
         let list = models.unwrap_or_else(|| std::mem::take(list));
-        return Ok(dispatch::answer(list, admission, route, rq, w, cur));
+        return Ok(dispatch::answer(&c, list, admission));
     }
-    let buffered = match &verdict.admitted {
-        Admitted::Buffered(b) => Some(b),
-        _ => None,
-    };
-    let cluster = dispatch::balance(&identity, &verdict, route, rq, w, cur); // 4d
-    let req = dispatch::upstream_request(
-        &identity,
-        &verdict,
-        &admission,
-        buffered,
-        route,
-        rq,
-        cluster,
-        d,
-        cur,
-        &s.limit_headers,
-    );
-    dispatch::shadow(&verdict, &req, w, cur);
+    let cluster = dispatch::balance(&c, &verdict); // 4d
+    let tls = d.tls_session().is_some();
+    let req = dispatch::upstream_request(&c, &verdict, &admission, cluster, tls, &s.limit_headers);
+    dispatch::shadow(&c, &verdict, &req);
     let x = crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await; // 5
-    dispatch::settle(admission, &verdict, &x, route, cur);
-    dispatch::finish(rq, route, cluster, &verdict, x, w, cur)
+    dispatch::settle(&c, admission, &verdict, &x);
+    dispatch::finish(&c, cluster, &verdict, x)
 }
 
 /// Stage 3, route match: the configured route for this host, path and method.
@@ -212,15 +225,9 @@ fn route<'c>(buf: &[u8], rq: &mut Incoming, cur: &'c Current) -> Result<&'c Rout
 }
 
 /// Stage 4, validate: the request's checks, and the model it asks for.
-async fn validate<D: Downstream>(
-    d: &mut D,
-    rq: &Incoming,
-    route: &Route,
-    w: &Worker,
-    cur: &Current,
-) -> Result<Verdict, Refusal> {
-    let (rules, t) = (&cur.shared.rules, &cur.shared.timeouts);
-    validate::admit(d, &rq.head, route, rules, t, &w.json_scratch)
+async fn validate<D: Downstream>(d: &mut D, c: &Call<'_>) -> Result<Verdict, Refusal> {
+    let (rules, t) = (&c.cur.shared.rules, &c.cur.shared.timeouts);
+    validate::admit(d, &c.rq.head, c.route, rules, t, &c.w.json_scratch)
         .await
         .map_err(Refusal::from_validation)
 }

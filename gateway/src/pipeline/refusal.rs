@@ -64,25 +64,20 @@ impl Refusal {
     /// A refusal for a typed proxy error (codec, route, authn, authz, upstream).
     pub fn from_error(e: ProxyError) -> Refusal {
         let (source, kind) = e.source_and_kind();
-        let challenge = match e {
-            ProxyError::Client(crate::error::ClientError::Unauthenticated { challenge }) => {
-                Some(challenge)
-            }
-            _ => None,
-        };
+        let b = e.body();
         Refusal {
-            status: e.status(),
-            error_type: e.error_type(),
-            message: Cow::Borrowed(e.public_message()),
+            status: b.status,
+            error_type: b.error_type,
+            message: Cow::Borrowed(b.message),
             code: None,
             param: None,
-            retry_after: (e.status() == 503).then_some(1),
-            challenge,
+            retry_after: b.retry_after,
+            challenge: b.challenge,
             limit_headers: false,
             head_consumed: false,
             body_read: false,
             must_close: e.must_close(),
-            client_gone: e.status() == 499,
+            client_gone: b.status == 499,
             record: Record::Error { source, kind },
         }
     }
