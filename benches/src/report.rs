@@ -103,9 +103,16 @@ pub fn summarize(targets: &[&'static str], samples: &[Sample]) -> Vec<Summary> {
 
 pub fn table(summaries: &[Summary]) -> String {
     let mut t = String::new();
+    // As wide as the longest target name (`gateway-baseline`, ...).
+    let w = summaries
+        .iter()
+        .map(|s| s.target.len())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     let _ = writeln!(
         t,
-        "{:<10} {:>10} {:>8} {:>8} {:>11} {:>10} {:>7} {:>5}",
+        "{:<w$} {:>10} {:>8} {:>8} {:>11} {:>10} {:>7} {:>5}",
         "target", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "x/gateway", "errors", "runs"
     );
     for s in summaries {
@@ -118,7 +125,7 @@ pub fn table(summaries: &[Summary]) -> String {
         };
         let _ = writeln!(
             t,
-            "{:<10} {:>10.0} {:>8.2} {:>8.2} {:>11} {:>10} {:>7} {:>5}",
+            "{:<w$} {:>10.0} {:>8.2} {:>8.2} {:>11} {:>10} {:>7} {:>5}",
             s.target, s.rps, s.p50_ms, s.p99_ms, cpu, ratio, s.errors, runs
         );
     }

@@ -435,23 +435,7 @@ fn run(s: &Settings) -> Result {
             }
             Ok(srv)
         });
-        match started {
-            Ok(srv) => {
-                println!("{name}: ready on {addr} (pid {})", srv.pid());
-                list.push(Target {
-                    name,
-                    addr,
-                    server: Some(srv),
-                    with_children,
-                    dead: None,
-                });
-            }
-            Err(e) if procs::stop_requested() => return Err(e),
-            Err(e) => {
-                println!("skipping {name}: failed to start: {e}");
-                skipped.push(format!("{name}: failed to start: {e}"));
-            }
-        }
+        enlist(started, name, addr, with_children, &mut list, &mut skipped)?;
     }
 
     if stage && list.len() < 2 {
@@ -525,8 +509,7 @@ fn run(s: &Settings) -> Result {
     }
     let results = report::results_json(meta, &samples, &summaries);
     let json_path = bench_dir.join("results.json");
-    let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-    fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+    write_json(&json_path, &results)?;
     let subtitle = format!(
         "wrk -t1 -c{} · median of {} × {} s · one proxy core · {} CPUs",
         s.connections,
@@ -541,14 +524,7 @@ fn run(s: &Settings) -> Result {
     println!();
     print!("{}", report::table(&summaries));
     println!();
-    for t in &list {
-        if let Some(d) = &t.dead {
-            println!("{}: DIED during the run: {d}", t.name);
-        }
-    }
-    for sk in &skipped {
-        println!("skipped {sk}");
-    }
+    print_casualties(&list, &skipped);
     println!("raw rounds: {}", json_path.display());
     println!("chart:      {}", svg_path.display());
     println!("logs:       {}", run_dir.display());
@@ -665,23 +641,7 @@ fn run_scaling(s: &Settings) -> Result {
                 srv.wait_ready(addr, "/", ready)?;
                 Ok(srv)
             });
-        match started {
-            Ok(srv) => {
-                println!("{name}: ready on {addr} (pid {})", srv.pid());
-                list.push(Target {
-                    name,
-                    addr,
-                    server: Some(srv),
-                    with_children: false,
-                    dead: None,
-                });
-            }
-            Err(e) if procs::stop_requested() => return Err(e),
-            Err(e) => {
-                println!("skipping {name}: failed to start: {e}");
-                skipped.push(format!("{name}: failed to start: {e}"));
-            }
-        }
+        enlist(started, name, addr, false, &mut list, &mut skipped)?;
     }
     if list.is_empty() {
         return Err(format!("no gateway started: {}", skipped.join("; ")));
@@ -760,8 +720,7 @@ fn run_scaling(s: &Settings) -> Result {
     let mut results = report::results_json(meta, &samples, &summaries);
     results["scaling"] = report::scaling_json(&rows);
     let json_path = bench_dir.join("scaling.json");
-    let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-    fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+    write_json(&json_path, &results)?;
 
     println!();
     print!("{}", report::scaling_table(&rows));
@@ -779,18 +738,59 @@ fn run_scaling(s: &Settings) -> Result {
     for w in &warnings {
         println!("WARNING: {w}");
     }
-    for t in &list {
-        if let Some(d) = &t.dead {
-            println!("{}: DIED during the run: {d}", t.name);
-        }
-    }
-    for sk in &skipped {
-        println!("skipped {sk}");
-    }
+    print_casualties(&list, &skipped);
     println!("raw rounds: {}", json_path.display());
     println!("logs:       {}", run_dir.display());
     Ok(())
     // `list` and `backend` drop here: every server is stopped.
+}
+
+/// A proxy that started joins the targets; one that didn't is skipped (and
+/// said so), unless the run is being stopped.
+fn enlist(
+    started: Result<Server>,
+    name: &'static str,
+    addr: SocketAddr,
+    with_children: bool,
+    list: &mut Vec<Target>,
+    skipped: &mut Vec<String>,
+) -> Result {
+    match started {
+        Ok(srv) => {
+            println!("{name}: ready on {addr} (pid {})", srv.pid());
+            list.push(Target {
+                name,
+                addr,
+                server: Some(srv),
+                with_children,
+                dead: None,
+            });
+        }
+        Err(e) if procs::stop_requested() => return Err(e),
+        Err(e) => {
+            println!("skipping {name}: failed to start: {e}");
+            skipped.push(format!("{name}: failed to start: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// The targets that died during the run, and those never started.
+fn print_casualties(list: &[Target], skipped: &[String]) {
+    for t in list {
+        if let Some(d) = &t.dead {
+            println!("{}: DIED during the run: {d}", t.name);
+        }
+    }
+    for sk in skipped {
+        println!("skipped {sk}");
+    }
+}
+
+/// Write a results document, pretty-printed.
+fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result {
+    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+    fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Every target once per round, the order rotating each round so no target
@@ -918,8 +918,7 @@ fn report_stage(
         "validation_cost"
     }] = report::validation_cost_json(cost.as_ref());
     let json_path = bench_dir.join(file);
-    let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-    fs::write(&json_path, text + "\n").map_err(|e| format!("{}: {e}", json_path.display()))?;
+    write_json(&json_path, &results)?;
 
     println!();
     print!(
