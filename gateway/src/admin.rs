@@ -238,15 +238,12 @@ fn tls_reload_api(method: &str, metrics: &Metrics, current: &Current) -> (u16, s
             404,
             json!({"error": "TLS is not configured ([tls] listen)"}),
         ),
-        ("POST", Some(Ok(n))) => {
-            metrics.tls_reloads.with_label_values(&["ok"]).inc();
-            tracing::info!(certificates = n, "TLS certificates reloaded (admin API)");
-            (200, json!({"reloaded": n}))
-        }
-        ("POST", Some(Err(e))) => {
-            metrics.tls_reloads.with_label_values(&["error"]).inc();
-            tracing::error!(error = %e, "TLS certificate reload refused; the certificates in force stay");
-            (409, json!({"error": e}))
+        ("POST", Some(r)) => {
+            crate::tls::note_reload(metrics, &r, "admin_api");
+            match r {
+                Ok(n) => (200, json!({"reloaded": n})),
+                Err(e) => (409, json!({"error": e})),
+            }
         }
         _ => (405, json!({"error": "POST /tls/reload"})),
     }

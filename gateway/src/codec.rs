@@ -97,8 +97,7 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
         || (name.len() >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-"))
 }
 
-/// Upper bound for `limits.max_headers` (the header array lives on the stack).
-pub use crate::config::MAX_HEADERS;
+use crate::config::MAX_HEADERS;
 
 const FRAMING: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::config::syntax::parse_pointer;
+use crate::syntax::parse_pointer;
 
 /// A parsed set of JSON pointers to remove from responses.
 #[derive(Debug, Clone, Default)]

@@ -11,12 +11,15 @@
 //! reload publishes a new [`Resolved`]; each worker builds its own state
 //! from it.
 
+use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::authn::Authn;
-use crate::config::{Checked, Config, ConfigErrors, Sink};
+use crate::config::{
+    AuthnSettings, AuthzSettings, Build, Checked, Config, ConfigErrors, Sink, TlsSettings,
+};
 use crate::tls::Tls;
 
 /// A checked configuration with its TLS and authentication stages built.
@@ -55,44 +58,48 @@ impl Resolved {
     }
 
     /// Validate a parsed configuration (`text` is its source, for line
-    /// numbers) and build its stages. The stages are built even when the
-    /// checks found problems, so that every problem is reported at once.
+    /// numbers) and build its stages, each right after its section's checks
+    /// (its errors stand where they did when checks and builds were one
+    /// pass). The stages are built even when earlier checks found problems,
+    /// so that every problem is reported at once.
     pub fn from_config(c: Config, text: &str, file: &str) -> Result<Resolved, ConfigErrors> {
         let mut sink = Sink::new(text, file);
-        let checked = c.check(&mut sink);
-        let tls = build_tls(&checked, &mut sink);
-        let authn = build_authn(&checked, &mut sink);
+        let mut stages = Stages::default();
+        let checked = c.check(&mut sink, &mut stages);
         sink.finish(Resolved {
             checked,
-            tls,
-            authn,
+            tls: stages.tls,
+            authn: stages.authn,
         })
     }
 }
 
-/// The TLS stage, when there are TLS listeners and certificates for them
-/// (no certificates is a configuration error already reported).
-fn build_tls(c: &Checked, sink: &mut Sink) -> Option<Arc<Tls>> {
-    if c.tls_listen.is_empty() || c.tls_settings.certificates.is_empty() {
-        return None;
-    }
-    match Tls::new(&c.tls_settings) {
-        Ok(t) => Some(Arc::new(t)),
-        Err(e) => {
-            sink.err("tls.certificates", e);
-            None
-        }
-    }
+/// The stages built while the configuration is checked.
+#[derive(Default)]
+struct Stages {
+    tls: Option<Arc<Tls>>,
+    authn: Option<Arc<Authn>>,
 }
 
-/// The authentication stage, when any method is configured.
-fn build_authn(c: &Checked, sink: &mut Sink) -> Option<Arc<Authn>> {
-    match Authn::new(&c.authn_settings, c.config.authz.policy_claims()) {
-        Ok(a) if a.configured() => Some(Arc::new(a)),
-        Ok(_) => None,
-        Err(e) => {
-            sink.err("authn", e);
-            None
+impl Build for Stages {
+    /// The TLS stage, when there are TLS listeners and certificates for them
+    /// (no certificates is a configuration error already reported).
+    fn tls(&mut self, listen: &[SocketAddr], settings: &TlsSettings, sink: &mut Sink) {
+        if listen.is_empty() || settings.certificates.is_empty() {
+            return;
+        }
+        match Tls::new(settings) {
+            Ok(t) => self.tls = Some(Arc::new(t)),
+            Err(e) => sink.err("tls.certificates", e),
+        }
+    }
+
+    /// The authentication stage, when any method is configured.
+    fn authn(&mut self, settings: &AuthnSettings, authz: &AuthzSettings, sink: &mut Sink) {
+        match Authn::new(settings, authz.policy_claims()) {
+            Ok(a) if a.configured() => self.authn = Some(Arc::new(a)),
+            Ok(_) => {}
+            Err(e) => sink.err("authn", e),
         }
     }
 }
@@ -121,5 +128,18 @@ mod tests {
         // Checking alone does not load certificates.
         let e = Checked::from_str(text, "x.toml").unwrap_err();
         assert!(e.0.iter().all(|e| e.key != "tls.certificates"), "{e}");
+    }
+
+    #[test]
+    fn a_build_error_stands_where_its_section_is_checked() {
+        // TLS is checked (and built) before the authz rules.
+        let text = "[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n\n[[routes]]\ncluster = \"a\"\n\n\
+                    [tls]\nlisten = [\"127.0.0.1:1\"]\n[[tls.certificates]]\ncert = \"/nonexistent/a.crt\"\nkey = \"/nonexistent/a.key\"\n\n\
+                    [[authz.rules]]\nid = \"\"\n";
+        let e = Resolved::from_str(text, "x.toml").unwrap_err();
+        let at = |k: &str| e.0.iter().position(|e| e.key == k);
+        let (tls, rule) = (at("tls.certificates"), at("authz.rules[0].id"));
+        assert!(tls.is_some() && rule.is_some(), "{e}");
+        assert!(tls < rule, "{e}");
     }
 }

@@ -39,6 +39,7 @@ pub mod ratelimit;
 pub mod route;
 pub mod server;
 pub mod shutdown;
+pub mod syntax;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -17,7 +17,8 @@ use crate::config::DriverChoice;
 use crate::generation::Resolved;
 use crate::listener;
 use crate::metrics::{Metrics, FLUSH_EVERY};
-use crate::worker::{Shared, Shutdown, Worker};
+use crate::shutdown::Shutdown;
+use crate::worker::{Shared, Worker};
 use crate::xdp::FrontDoor;
 
 /// io_uring submission queue entries per worker.
@@ -76,8 +77,6 @@ impl Control {
     fn build(&self, r: &Resolved, generation: u64) -> Shared {
         Shared::new(
             r,
-            r.tls.clone(),
-            r.authn.clone(),
             self.workers,
             self.metrics.clone(),
             self.shutdown.clone(),
@@ -691,17 +690,8 @@ fn spawn_tls_watch(control: &Arc<Control>, metrics: Arc<Metrics>) -> Result<(), 
                 continue;
             };
             std::thread::sleep(every);
-            match tls.resolver.reload_if_changed() {
-                None => {}
-                // Logged before counted: whoever sees the count finds the event.
-                Some(Ok(n)) => {
-                    tracing::info!(certificates = n, "TLS certificates changed on disk; reloaded");
-                    metrics.tls_reloads.with_label_values(&["ok"]).inc();
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "TLS certificate reload refused; the certificates in force stay");
-                    metrics.tls_reloads.with_label_values(&["error"]).inc();
-                }
+            if let Some(r) = tls.resolver.reload_if_changed() {
+                crate::tls::note_reload(&metrics, &r, "file_watch");
             }
         })
         .map(|_| ())

@@ -366,6 +366,22 @@ pub fn error_kind(e: &rustls::Error) -> &'static str {
     }
 }
 
+/// Log, then count, a certificate reload (logged first: whoever sees the
+/// count finds the event). `trigger`: what asked for it (`file_watch`,
+/// `admin_api`).
+pub fn note_reload(metrics: &crate::metrics::Metrics, r: &Result<usize, String>, trigger: &str) {
+    match r {
+        Ok(n) => {
+            tracing::info!(certificates = n, trigger, "TLS certificates reloaded");
+            metrics.tls_reloads.with_label_values(&["ok"]).inc();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, trigger, "TLS certificate reload refused; the certificates in force stay");
+            metrics.tls_reloads.with_label_values(&["error"]).inc();
+        }
+    }
+}
+
 /// Run the handshake for a connection accepted on a TLS listener; `None`
 /// when it failed (counted and logged; the connection is closed).
 pub async fn terminate(

@@ -12,11 +12,12 @@ use std::time::Duration;
 use prometheus::local::LocalIntCounter;
 use prometheus::IntGauge;
 
-use crate::config::{Checked, Limits, Timeouts};
+use crate::config::{Limits, Timeouts};
+use crate::generation::Resolved;
 use crate::metrics::{Metrics, WorkerMetrics};
 use crate::pool::{Cluster, Pool};
 use crate::route::Router;
-pub use crate::shutdown::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// Process-wide state every configuration generation shares: it outlives
 /// reloads (blocks, rate-limit buckets and quotas, backend loads).
@@ -62,12 +63,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// `r` with the stages its generation built (`tls`, `authn`).
-    #[allow(clippy::too_many_arguments)]
+    /// Built from one configuration generation.
     pub fn new(
-        r: &Checked,
-        tls: Option<Arc<crate::tls::Tls>>,
-        authn: Option<Arc<crate::authn::Authn>>,
+        r: &Resolved,
         workers: usize,
         metrics: Arc<Metrics>,
         shutdown: Arc<Shutdown>,
@@ -108,10 +106,10 @@ impl Shared {
             generation,
             rules: crate::validate::Rules::new(r),
             front_door: process.front_door.clone(),
-            authz: (authn.is_some() || !r.config.authz.rules.is_empty())
+            authz: (r.authn.is_some() || !r.config.authz.rules.is_empty())
                 .then(|| crate::authz::Authz::new(&r.config.authz.rules)),
-            tls,
-            authn,
+            tls: r.tls.clone(),
+            authn: r.authn.clone(),
             authn_settings: r.config.authn.clone(),
             ratelimit: r
                 .config

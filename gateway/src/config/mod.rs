@@ -27,7 +27,6 @@ pub mod models;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
-pub mod syntax;
 pub mod tls;
 pub mod xdp;
 
@@ -44,7 +43,7 @@ pub use server::{
     MAX_HEADERS,
 };
 pub use tls::{CertificateFiles, ClientAuth, TlsListener, TlsSettings, TlsVersion};
-pub use xdp::{canonical, Cidr, XdpAttach, XdpMode, XdpSettings};
+pub use xdp::{Cidr, XdpAttach, XdpMode, XdpSettings};
 
 /// The configuration `gateway run` uses when no file is given
 /// (`gateway config default` prints it).
@@ -252,13 +251,15 @@ impl Config {
     /// Check every rule and resolve addresses. `text` is the source (for line numbers).
     pub fn validate(self, text: &str, file: &str) -> Result<Checked, ConfigErrors> {
         let mut sink = Sink::new(text, file);
-        let checked = self.check(&mut sink);
+        let checked = self.check(&mut sink, &mut ());
         sink.finish(checked)
     }
 
-    /// Check every section, in this order, reporting to `sink`. What was
+    /// Check every section, in this order, reporting to `sink`; `build`
+    /// builds what it needs from a section right after that section's checks
+    /// (so its errors stand in the list where the section's do). What was
     /// resolved comes back either way: whole when nothing was reported.
-    pub fn check(self, sink: &mut Sink) -> Checked {
+    pub fn check(self, sink: &mut Sink, build: &mut impl Build) -> Checked {
         let base = Path::new(sink.file())
             .parent()
             .map(Path::to_path_buf)
@@ -276,7 +277,9 @@ impl Config {
         server::check_json_limits(&self.limits, sink);
         let (xdp_allow, xdp_block) = xdp::check_xdp(&self.xdp, sink);
         let (tls_listen, tls_settings) = tls::check_tls(&self.tls, &listen, admin, &base, sink);
+        build.tls(&tls_listen, &tls_settings, sink);
         let authn_settings = authn::check_authn(&self.authn, &base, sink);
+        build.authn(&authn_settings, &self.authz, sink);
         routes::check_route_auth(&self.routes, sink);
         ratelimit::check_ratelimit(&self.ratelimit, sink);
         authn::check_authz(&self.authz, sink);
@@ -296,13 +299,17 @@ impl Config {
     }
 }
 
-impl Checked {
-    /// Parse and check a file.
-    pub fn from_file(path: &Path) -> Result<Checked, ConfigErrors> {
-        let (c, text) = Config::load(path)?;
-        c.validate(&text, &path.display().to_string())
-    }
+/// What a caller builds from checked sections while [`Config::check`] runs
+/// (`generation.rs`: the TLS certificates, the authentication stage). The
+/// defaults build nothing: `()` checks data only.
+pub trait Build {
+    fn tls(&mut self, _listen: &[SocketAddr], _settings: &TlsSettings, _sink: &mut Sink) {}
+    fn authn(&mut self, _settings: &AuthnSettings, _authz: &AuthzSettings, _sink: &mut Sink) {}
+}
 
+impl Build for () {}
+
+impl Checked {
     pub fn from_str(text: &str, file: &str) -> Result<Checked, ConfigErrors> {
         Config::parse(text, file)?.validate(text, file)
     }

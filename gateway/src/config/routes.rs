@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::syntax::{media_type, parse_pointer};
 use super::{load_schema_file, opt_duration, valid_name, ClusterConfig, Sink};
+use crate::syntax::{media_type, parse_pointer};
 
 /// How a client may prove who it is (`routes.auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{duration, Sink};
+use crate::syntax::canonical;
 
 /// How the XDP program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -156,15 +157,6 @@ fn network(c: Cidr) -> IpAddr {
             let mask = u128::MAX.checked_shl(128 - c.len as u32).unwrap_or(0);
             IpAddr::V6((u128::from(a) & mask).into())
         }
-    }
-}
-
-/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a dual-stack socket reports for
-/// an IPv4 client) as the IPv4 address it is, so one block covers both.
-pub fn canonical(a: IpAddr) -> IpAddr {
-    match a {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
-        v4 => v4,
     }
 }
 

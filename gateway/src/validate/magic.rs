@@ -8,7 +8,7 @@
 //! [`Magic::NotChecked`]. `check` never needs more than [`MAX_MAGIC`] bytes,
 //! so a streaming caller can hold back at most that much before deciding.
 
-pub use crate::config::syntax::media_type;
+pub use crate::syntax::media_type;
 
 /// Outcome of [`check`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

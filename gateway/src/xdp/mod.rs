@@ -26,9 +26,10 @@ use std::time::Duration;
 pub use gateway_common::BlockReason;
 use gateway_common::{BlockEntry, Counter, XdpConfig, MODE_ENFORCE, MODE_MONITOR};
 
-pub use crate::config::{canonical, Cidr};
+pub use crate::config::Cidr;
 use crate::config::{Checked, XdpMode, XdpSettings};
 use crate::metrics::Metrics;
+pub use crate::syntax::canonical;
 use kernel::{Loaded, Sizes};
 
 /// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns()` reads.

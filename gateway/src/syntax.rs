@@ -1,7 +1,20 @@
 //! Pure syntax the configuration checks and the stages share: media types
-//! (RFC 9110, `routes.content_types`, the validation stage's `Content-Type`)
-//! and JSON pointers (RFC 6901, `routes.response_drop_fields`, the response
-//! field filter). Data in, data out; nothing here knows about a request.
+//! (RFC 9110, `routes.content_types`, the validation stage's `Content-Type`),
+//! JSON pointers (RFC 6901, `routes.response_drop_fields`, the response
+//! field filter) and client addresses in canonical form (`[xdp]` lists, the
+//! front door, rate-limit keys). Data in, data out; a leaf module: it
+//! imports nothing from the crate, so config and stages can both use it.
+
+use std::net::IpAddr;
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what a dual-stack socket reports for
+/// an IPv4 client) as the IPv4 address it is, so one block covers both.
+pub fn canonical(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
+        v4 => v4,
+    }
+}
 
 /// Lower-cased media type without parameters:
 /// `"Application/JSON; charset=utf-8"` → `"application/json"`.
