@@ -245,103 +245,90 @@ impl RateLimitSettings {
         v
     }
 
-    /// Problems an operator must fix, as (key, message).
-    pub fn check(&self) -> Vec<(String, String)> {
-        let mut errs = self.check_levels();
-        self.check_classes_and_cost(&mut errs);
-        self.check_escalation_and_redis(&mut errs);
-        errs
-    }
-
     /// Each level's rates, quotas and Redis failure mode.
-    fn check_levels(&self) -> Vec<(String, String)> {
-        let mut errs = Vec::new();
+    fn check_levels(&self, sink: &mut Sink) {
         for (key, l) in self.all_levels() {
             let valid = |r: f64| r >= 0.0 && r.is_finite();
             if !valid(l.requests_per_second) || !valid(l.tokens_per_minute) {
-                errs.push((key.clone(), "rates must be finite and not negative".into()));
+                sink.err(key.clone(), "rates must be finite and not negative");
             }
             if l.requests_per_second > 0.0 && l.requests_per_second < 1e-6 {
-                errs.push((
-                    key.clone(),
-                    "requests_per_second below 1e-6 is not a rate".into(),
-                ));
+                sink.err(key.clone(), "requests_per_second below 1e-6 is not a rate");
             }
             if l.has_quota() && !key.ends_with("tenant") {
-                errs.push((
+                sink.err(
                     key.clone(),
-                    "day/month quotas are per tenant: set them under [ratelimit.tenant] or a class's tenant".into(),
-                ));
+                    "day/month quotas are per tenant: set them under [ratelimit.tenant] or a class's tenant",
+                );
             }
             if l.on_redis_failure == FailMode::Closed
                 && !(key.ends_with("tenant") || key.contains(".model"))
             {
-                errs.push((
+                sink.err(
                     key.clone(),
-                    "only the tenant and model levels are shared through Redis".into(),
-                ));
+                    "only the tenant and model levels are shared through Redis",
+                );
             }
         }
-        errs
     }
 
-    fn check_classes_and_cost(&self, errs: &mut Vec<(String, String)>) {
+    fn check_classes_and_cost(&self, sink: &mut Sink) {
         for (t, c) in &self.tenant_classes {
             if !self.classes.contains_key(c) {
-                errs.push((
+                sink.err(
                     format!("ratelimit.tenant_classes.{t}"),
                     format!("no class `{c}` under [ratelimit.classes]"),
-                ));
+                );
             }
         }
         if !self.default_class.is_empty() && !self.classes.contains_key(&self.default_class) {
-            errs.push((
-                "ratelimit.default_class".into(),
+            sink.err(
+                "ratelimit.default_class",
                 format!(
                     "no class `{}` under [ratelimit.classes]",
                     self.default_class
                 ),
-            ));
+            );
         }
         for (m, w) in &self.cost.model_weights {
             if !(*w > 0.0 && w.is_finite()) {
-                errs.push((
+                sink.err(
                     format!("ratelimit.cost.model_weights.{m}"),
-                    "a cost weight must be a positive number".into(),
-                ));
+                    "a cost weight must be a positive number",
+                );
             }
         }
         if self.max_keys == 0 {
-            errs.push(("ratelimit.max_keys".into(), "must be at least 1".into()));
+            sink.err("ratelimit.max_keys", "must be at least 1");
         }
     }
 
-    fn check_escalation_and_redis(&self, errs: &mut Vec<(String, String)>) {
+    fn check_escalation_and_redis(&self, sink: &mut Sink) {
         let e = &self.escalation;
         if e.max_good_principals > 8 {
-            errs.push((
-                "ratelimit.escalation.max_good_principals".into(),
-                "at most 8 (the distinct principals tracked per address)".into(),
-            ));
+            sink.err(
+                "ratelimit.escalation.max_good_principals",
+                "at most 8 (the distinct principals tracked per address)",
+            );
         }
         if e.enabled && (e.refusals == 0 || e.window.is_zero() || e.block_ttl.is_zero()) {
-            errs.push((
-                "ratelimit.escalation".into(),
-                "refusals, window and block_ttl must be above zero".into(),
-            ));
+            sink.err(
+                "ratelimit.escalation",
+                "refusals, window and block_ttl must be above zero",
+            );
         }
         if e.enabled && e.max_block_ttl < e.block_ttl {
-            errs.push((
-                "ratelimit.escalation.max_block_ttl".into(),
-                "must be at least block_ttl".into(),
-            ));
+            sink.err(
+                "ratelimit.escalation.max_block_ttl",
+                "must be at least block_ttl",
+            );
         }
         let r = &self.redis;
         if !r.address.is_empty() && (r.sync_interval.is_zero() || r.timeout.is_zero()) {
-            errs.push((
-                "ratelimit.redis".into(),
-                "sync_interval and timeout must be above zero".into(),
-            ));
+            sink.err(
+                "ratelimit.redis",
+                "sync_interval and timeout must be above zero",
+            );
         }
     }
 
@@ -353,7 +340,7 @@ impl RateLimitSettings {
 
 /// `[ratelimit]`, checked.
 pub(super) fn check_ratelimit(s: &RateLimitSettings, sink: &mut Sink) {
-    for (key, message) in s.check() {
-        sink.err(key, message);
-    }
+    s.check_levels(sink);
+    s.check_classes_and_cost(sink);
+    s.check_escalation_and_redis(sink);
 }
