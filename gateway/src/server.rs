@@ -127,7 +127,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         started: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
     });
-    spawn_admin(&r, &control, &health, limiter)?;
+    spawn_admin(&r, &control, &health)?;
 
     let (tx, rx) = mpsc::channel::<Msg>();
     spawn_workers(&r, n, &control, &tx)?;
@@ -139,12 +139,8 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
 
     Supervisor {
         r: &r,
-        n,
-        metrics: &metrics,
         health: &health,
-        shutdown: &shutdown,
         control: &control,
-        front_door: &front_door,
         reloader: reload.as_ref(),
     }
     .supervise(&rx)
@@ -192,12 +188,8 @@ fn start_authn(r: &Resolved) -> Result<(), RunError> {
 
 /// Binds the admin listener and serves it on its own thread, or says why
 /// the address could not be listened on.
-fn spawn_admin(
-    r: &Resolved,
-    control: &Arc<Control>,
-    health: &Arc<Health>,
-    limiter: Arc<crate::ratelimit::Limiter>,
-) -> Result<(), RunError> {
+fn spawn_admin(r: &Resolved, control: &Arc<Control>, health: &Arc<Health>) -> Result<(), RunError> {
+    let limiter = control.process.limiter.clone();
     let current: admin::Current = {
         let control = control.clone();
         Box::new(move || control.snapshot().1)
@@ -270,12 +262,9 @@ fn spawn_signal_thread(tx: &mpsc::Sender<Msg>) -> Result<(), RunError> {
 /// reports and signals, until the drain is over.
 struct Supervisor<'a> {
     r: &'a Resolved,
-    n: usize,
-    metrics: &'a Metrics,
     health: &'a Health,
-    shutdown: &'a Shutdown,
+    /// Workers, metrics, shutdown flag and process-wide state.
     control: &'a Control,
-    front_door: &'a FrontDoor,
     reloader: Option<&'a Reloader>,
 }
 
@@ -294,10 +283,12 @@ impl Supervisor<'_> {
                 Msg::Started { worker, driver } => {
                     started += 1;
                     tracing::debug!(worker, driver, "worker started");
-                    if started == self.n {
-                        self.health.started.store(self.n, Ordering::SeqCst);
+                    if started == self.control.workers {
+                        self.health
+                            .started
+                            .store(self.control.workers, Ordering::SeqCst);
                         tracing::info!(
-                            workers = self.n,
+                            workers = self.control.workers,
                             listen = ?self.r.listen,
                             admin = %self.r.admin,
                             "gateway ready"
@@ -305,7 +296,7 @@ impl Supervisor<'_> {
                     }
                 }
                 Msg::Failed { worker, error } => {
-                    self.shutdown.trigger();
+                    self.control.shutdown.trigger();
                     return Err(RunError::Startup(format!("worker {worker}: {error}")));
                 }
                 Msg::Signal(libc::SIGHUP) => self.on_sighup(),
@@ -320,7 +311,7 @@ impl Supervisor<'_> {
                 Msg::Done { worker } => {
                     done += 1;
                     tracing::debug!(worker, "worker drained");
-                    if done == self.n {
+                    if done == self.control.workers {
                         tracing::info!("all workers drained; bye");
                         return Ok(());
                     }
@@ -340,9 +331,10 @@ impl Supervisor<'_> {
             Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
                 Ok(m) => Ok(Some(m)),
                 Err(_) => {
-                    let open: i64 = (0..self.n)
+                    let open: i64 = (0..self.control.workers)
                         .map(|w| {
-                            self.metrics
+                            self.control
+                                .metrics
                                 .active_connections
                                 .with_label_values(&[&w.to_string()])
                                 .get()
@@ -375,19 +367,27 @@ impl Supervisor<'_> {
                 keep_restart_only(&old, new)
             }) {
                 Ok(new) => {
-                    self.front_door.apply(&new);
+                    self.control.process.front_door.apply(&new);
                     if let Some(a) = &new.authn {
                         if let Err(e) = a.spawn_refresher() {
                             tracing::error!(error = %e, "cannot start the JWKS refresher for the reloaded config");
                         }
                     }
                     let generation = self.control.publish(new);
-                    self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-                    self.metrics.config_generation.set(generation as i64);
+                    self.control
+                        .metrics
+                        .config_reloads
+                        .with_label_values(&["ok"])
+                        .inc();
+                    self.control
+                        .metrics
+                        .config_generation
+                        .set(generation as i64);
                     tracing::info!(generation, "configuration reloaded");
                 }
                 Err(errors) => {
-                    self.metrics
+                    self.control
+                        .metrics
                         .config_reloads
                         .with_label_values(&["error"])
                         .inc();
@@ -409,8 +409,8 @@ impl Supervisor<'_> {
             "shutting down: no new connections, draining in-flight requests"
         );
         self.health.draining.store(true, Ordering::SeqCst);
-        self.metrics.draining.set(1);
-        self.shutdown.trigger();
+        self.control.metrics.draining.set(1);
+        self.control.shutdown.trigger();
         Instant::now() + grace
     }
 }
