@@ -90,42 +90,52 @@ fn handle(
         n += r;
     }
     let body = &buf[head_len..head_len + body_len];
+    let Some(api) = Api::of(path) else {
+        return probe(&mut c, method, path, metrics, health, front_door);
+    };
     // The control plane (blocks, key revocation, certificate reload) needs
     // the `admin` scope once authentication is configured; metrics and
     // probes stay open for scrapers and orchestrators.
-    let control_plane = path.starts_with("/xdp/")
-        || path.starts_with("/authn/")
-        || path.starts_with("/ratelimit/")
-        || path.starts_with("/balance/")
-        || path == "/tls/reload";
-    if control_plane {
-        if let Err(refusal) = admin_allowed(current, req.bearer.as_deref(), req.api_key.as_deref())
-        {
-            return refuse(&mut c, refusal);
-        }
+    if let Err(refusal) = admin_allowed(current, req.bearer.as_deref(), req.api_key.as_deref()) {
+        return refuse(&mut c, refusal);
     }
-    let api = if path == "/xdp/blocks" || path.starts_with("/xdp/") {
-        Some(xdp_api(method, path, body, front_door))
-    } else if path == "/tls/reload" {
-        Some(tls_reload_api(method, metrics, current))
-    } else if path.starts_with("/balance/") {
-        Some(balance_api(method, path, body, loads))
-    } else if path.starts_with("/ratelimit/") {
-        Some(quota_api(method, path, limiter))
-    } else if path.starts_with("/authn/") {
-        Some(authn_api(method, path, body, current().authn.as_deref()))
-    } else {
-        None
+    let (status, json) = match api {
+        Api::Xdp => xdp_api(method, path, body, front_door),
+        Api::Tls => tls_reload_api(method, metrics, current),
+        Api::Balance => balance_api(method, path, body, loads),
+        Api::Quota => quota_api(method, path, limiter),
+        Api::Authn => authn_api(method, path, body, current().authn.as_deref()),
     };
-    if let Some((status, json)) = api {
-        return respond(
-            &mut c,
-            status,
-            "application/json",
-            json.to_string().as_bytes(),
-        );
+    respond(
+        &mut c,
+        status,
+        "application/json",
+        json.to_string().as_bytes(),
+    )
+}
+
+/// The control-plane API a path belongs to; `None`: metrics and probes.
+#[derive(Clone, Copy)]
+enum Api {
+    Xdp,
+    Tls,
+    Balance,
+    Quota,
+    Authn,
+}
+
+impl Api {
+    fn of(path: &str) -> Option<Api> {
+        let api = match path {
+            "/tls/reload" => Api::Tls,
+            p if p.starts_with("/xdp/") => Api::Xdp,
+            p if p.starts_with("/balance/") => Api::Balance,
+            p if p.starts_with("/ratelimit/") => Api::Quota,
+            p if p.starts_with("/authn/") => Api::Authn,
+            _ => return None,
+        };
+        Some(api)
     }
-    probe(&mut c, method, path, metrics, health, front_door)
 }
 
 /// A request head read by [`read_head`]: what [`handle`] routes on.

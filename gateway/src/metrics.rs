@@ -407,7 +407,7 @@ impl Metrics {
         Arc::new(Metrics {
             requests: counter_vec(&r, &REQUESTS),
             request_duration: histogram_vec(&r, &REQUEST_DURATION, latency.clone()),
-            upstream_header_time: histogram_vec(&r, &UPSTREAM_HEADER_TIME, latency),
+            upstream_header_time: histogram_vec(&r, &UPSTREAM_HEADER_TIME, latency.clone()),
             request_errors: counter_vec(&r, &REQUEST_ERRORS),
             request_bytes: counter_vec(&r, &REQUEST_BYTES),
             response_bytes: counter_vec(&r, &RESPONSE_BYTES),
@@ -450,11 +450,7 @@ impl Metrics {
             balance_shed: counter_vec(&r, &BALANCE_SHED),
             upstream_retries: counter_vec(&r, &UPSTREAM_RETRIES),
             shadow: counter_vec(&r, &SHADOW),
-            shadow_duration: histogram_vec(
-                &r,
-                &SHADOW_DURATION,
-                exponential_buckets(0.0005, 2.0, 22).expect("valid buckets"),
-            ),
+            shadow_duration: histogram_vec(&r, &SHADOW_DURATION, latency),
             balance_split: counter_vec(&r, &BALANCE_SPLIT),
             balance_ejections: counter_vec(&r, &BALANCE_EJECTIONS),
             balance_scrapes: counter_vec(&r, &BALANCE_SCRAPES),
