@@ -169,7 +169,7 @@ fn all_paths(g: &mut BenchmarkGroup<'_, WallTime>, kind: JsonKind<'_>, body: &[u
 fn bench_validate(c: &mut Criterion) {
     let rules = rules();
     let chat = JsonKind::OpenAi(Endpoint::Chat, None);
-    let infer = JsonKind::KserveInfer("resnet", None);
+    let infer = JsonKind::KserveInfer("resnet", None, None);
 
     let mut g = c.benchmark_group(format!("validate_openai_chat_{}b", CHAT.len()));
     g.measurement_time(Duration::from_secs(2))

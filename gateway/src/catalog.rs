@@ -158,6 +158,11 @@ impl Catalog {
         self.models.is_empty()
     }
 
+    /// Whether the catalogue has a model of this name (enabled or not).
+    pub fn contains(&self, name: &str) -> bool {
+        self.models.contains_key(name)
+    }
+
     /// Enabled models, by name.
     pub fn enabled(&self) -> impl Iterator<Item = &Arc<Model>> {
         self.models.values().filter(|m| m.enabled)

@@ -288,6 +288,7 @@ impl ProxyError {
             retry_after: (self.status() == 503).then_some(1),
             challenge,
             headers: "",
+            dialect: Dialect::Gateway,
         }
     }
 
@@ -297,15 +298,86 @@ impl ProxyError {
     }
 }
 
-/// The one JSON error shape every gateway-made error uses:
-/// `{"error":{"type","message","request_id"[,"code"][,"param"]}}`, where
-/// `param` is a JSON pointer to the offending field (as OpenAI's `param`).
+/// Which clients read a gateway-made error, so which shape they expect.
+/// A route's protocol decides it; requests no route matched get `Gateway`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// `{"error":{"type","message","request_id"[,"code"][,"param"]}}`,
+    /// `param` a JSON pointer.
+    #[default]
+    Gateway,
+    /// OpenAI's API (what the OpenAI SDKs parse): 400 for invalid
+    /// parameters, `{"error":{"message","type","param","code"}}` with all
+    /// four keys (null when empty), OpenAI's type names, `param` as OpenAI
+    /// names a parameter (`messages[0].role`); `pointer` and `request_id`
+    /// beside them.
+    OpenAi,
+    /// The Open Inference Protocol (KServe v2, Triton; what `tritonclient`
+    /// parses): `{"error":"<message>"}`, 400 for invalid requests.
+    Kserve,
+}
+
+impl Dialect {
+    /// The status these clients expect for one the gateway would answer:
+    /// a request that breaks a rule (422) or has a body of the wrong type
+    /// (415) is a plain 400 to OpenAI, vLLM and Triton.
+    pub fn status(self, status: u16) -> u16 {
+        match (self, status) {
+            (Dialect::OpenAi | Dialect::Kserve, 415 | 422) => 400,
+            _ => status,
+        }
+    }
+
+    /// OpenAI's `type` for a status, `code` disambiguating within 429.
+    fn openai_type(status: u16, code: Option<&str>) -> &'static str {
+        match status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            408 | 504 => "timeout_error",
+            429 if quota_used_up(code) => "insufficient_quota",
+            429 => "rate_limit_error",
+            503 => "service_unavailable_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+}
+
+/// A 429's code names a day or month quota (`requests_per_day`, ...).
+fn quota_used_up(code: Option<&str>) -> bool {
+    code.is_some_and(|c| c.ends_with("_per_day") || c.ends_with("_per_month"))
+}
+
+/// A JSON pointer (`/messages/0/role`) the way OpenAI names a parameter
+/// (`messages[0].role`); `None` for the whole body.
+pub fn openai_param(pointer: &str) -> Option<String> {
+    let mut out = String::with_capacity(pointer.len());
+    for seg in pointer.split('/').skip(1) {
+        let seg = seg.replace("~1", "/").replace("~0", "~");
+        if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) && !out.is_empty() {
+            out.push('[');
+            out.push_str(&seg);
+            out.push(']');
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg);
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The one place a gateway-made error is written, in its route's
+/// [`Dialect`]. The status is already the dialect's ([`Dialect::status`]).
 pub struct ErrorBody<'a> {
     pub status: u16,
     pub error_type: &'a str,
     pub message: &'a str,
     /// Machine-readable reason (validation errors).
     pub code: Option<&'a str>,
+    /// A JSON pointer to the offending field.
     pub param: Option<&'a str>,
     /// Seconds for `Retry-After` (429s, 503s).
     pub retry_after: Option<u64>,
@@ -313,23 +385,49 @@ pub struct ErrorBody<'a> {
     pub challenge: Option<&'a str>,
     /// More header lines, each ending in CRLF (the rate-limit headers).
     pub headers: &'a str,
+    pub dialect: Dialect,
 }
 
 impl ErrorBody<'_> {
+    /// The JSON body in this error's dialect.
+    pub fn json(&self, request_id: &str) -> String {
+        let v = match self.dialect {
+            Dialect::Gateway => {
+                let mut err = serde_json::json!({
+                    "type": self.error_type,
+                    "message": self.message,
+                    "request_id": request_id,
+                });
+                if let Some(c) = self.code {
+                    err["code"] = c.into();
+                }
+                if let Some(p) = self.param {
+                    err["param"] = p.into();
+                }
+                serde_json::json!({ "error": err })
+            }
+            Dialect::OpenAi => serde_json::json!({ "error": {
+                "message": self.message,
+                "type": Dialect::openai_type(self.status, self.code),
+                "param": self.param.and_then(openai_param),
+                "code": self.code,
+                "pointer": self.param,
+                "request_id": request_id,
+            }}),
+            Dialect::Kserve => {
+                let message = match self.param {
+                    Some(p) if !p.is_empty() => format!("{} (at {p})", self.message),
+                    _ => self.message.to_string(),
+                };
+                serde_json::json!({ "error": message })
+            }
+        };
+        v.to_string()
+    }
+
     /// Append a complete HTTP/1.1 response to `out`.
     pub fn write(&self, request_id: &str, close: bool, out: &mut Vec<u8>) {
-        let mut err = serde_json::json!({
-            "type": self.error_type,
-            "message": self.message,
-            "request_id": request_id,
-        });
-        if let Some(c) = self.code {
-            err["code"] = c.into();
-        }
-        if let Some(p) = self.param {
-            err["param"] = p.into();
-        }
-        let body = serde_json::json!({ "error": err }).to_string();
+        let body = self.json(request_id);
         let mut head = String::with_capacity(256);
         let _ = write!(
             head,
@@ -341,6 +439,11 @@ impl ErrorBody<'_> {
         );
         if let Some(s) = self.retry_after {
             let _ = write!(head, "retry-after: {s}\r\n");
+        }
+        if self.dialect == Dialect::OpenAi && self.status == 429 && quota_used_up(self.code) {
+            // A used-up quota comes back at the window's end, not in the
+            // seconds the OpenAI SDKs would wait: tell them not to retry.
+            head.push_str("x-should-retry: false\r\n");
         }
         if let Some(c) = self.challenge {
             let _ = write!(head, "www-authenticate: {c}\r\n");
@@ -405,6 +508,86 @@ mod tests {
         assert_eq!(v["error"]["type"], "bad_gateway");
         assert_eq!(v["error"]["request_id"], "abc");
         assert!(!body.contains("refused"), "OS-level detail leaked: {body}");
+    }
+
+    fn body_of(b: &ErrorBody<'_>) -> (String, serde_json::Value) {
+        let mut out = Vec::new();
+        b.write("rid", false, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), serde_json::from_str(body).unwrap())
+    }
+
+    fn sample(dialect: Dialect, status: u16, code: Option<&'static str>, param: Option<&'static str>) -> ErrorBody<'static> {
+        ErrorBody {
+            status: dialect.status(status),
+            error_type: "validation_failed",
+            message: "`temperature` must be between 0 and 2",
+            code,
+            param,
+            retry_after: None,
+            challenge: None,
+            headers: "",
+            dialect,
+        }
+    }
+
+    #[test]
+    fn openai_errors_as_the_sdk_reads_them() {
+        let b = sample(Dialect::OpenAi, 422, Some("out_of_range"), Some("/messages/0/role"));
+        let (head, v) = body_of(&b);
+        assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+        let e = &v["error"];
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["param"], "messages[0].role");
+        assert_eq!(e["code"], "out_of_range");
+        assert_eq!(e["pointer"], "/messages/0/role");
+        // All four keys, null when empty.
+        let (_, v) = body_of(&sample(Dialect::OpenAi, 404, None, None));
+        for k in ["message", "type", "param", "code"] {
+            assert!(v["error"].get(k).is_some(), "{k} missing: {v}");
+        }
+        assert!(v["error"]["param"].is_null() && v["error"]["code"].is_null());
+        assert_eq!(v["error"]["type"], "not_found_error");
+        for (status, code, ty) in [
+            (401, None, "authentication_error"),
+            (403, None, "permission_error"),
+            (429, Some("requests"), "rate_limit_error"),
+            (429, Some("tokens_per_day"), "insufficient_quota"),
+            (503, None, "service_unavailable_error"),
+            (502, None, "server_error"),
+            (413, None, "invalid_request_error"),
+        ] {
+            let (head, v) = body_of(&sample(Dialect::OpenAi, status, code, None));
+            assert_eq!(v["error"]["type"], ty, "{status}");
+            assert_eq!(head.contains("x-should-retry: false"), ty == "insufficient_quota", "{head}");
+        }
+    }
+
+    #[test]
+    fn openai_param_names() {
+        for (pointer, param) in [
+            ("/temperature", Some("temperature")),
+            ("/messages/0/content/2/text", Some("messages[0].content[2].text")),
+            ("/input/3", Some("input[3]")),
+            ("/a~1b/c~0d", Some("a/b.c~d")),
+            ("", None),
+        ] {
+            assert_eq!(openai_param(pointer).as_deref(), param, "{pointer}");
+        }
+    }
+
+    #[test]
+    fn kserve_errors_are_one_string() {
+        let (head, v) = body_of(&sample(Dialect::Kserve, 422, Some("shape_mismatch"), Some("/inputs/0/data")));
+        assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+        let msg = v["error"].as_str().expect("a string, as tritonclient reads it");
+        assert!(msg.contains("temperature") && msg.ends_with("(at /inputs/0/data)"), "{msg}");
+        assert_eq!(v.as_object().unwrap().len(), 1);
+        // The gateway's own shape keeps 422 and the pointer.
+        let (head, v) = body_of(&sample(Dialect::Gateway, 422, None, Some("/x")));
+        assert!(head.starts_with("HTTP/1.1 422 "));
+        assert_eq!(v["error"]["param"], "/x");
     }
 
     #[test]

@@ -5,7 +5,6 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::codec::BodyKind;
-use crate::error::ErrorBody;
 use crate::io::Conn;
 use crate::pipeline::{Incoming, Refusal, Scratch};
 use crate::worker::{Current, Worker};
@@ -53,22 +52,8 @@ pub(super) async fn refuse(
     }
     let body_done = r.body_read || head.body_kind() == BodyKind::Empty;
     let keep = !r.must_close && head.keep_alive && body_done && !w.draining.get();
-    let body = ErrorBody {
-        status: r.status,
-        error_type: r.error_type,
-        message: &r.message,
-        code: r.code,
-        param: r.param.as_deref(),
-        retry_after: r.retry_after,
-        challenge: r.challenge,
-        headers: if r.limit_headers {
-            &s.limit_headers
-        } else {
-            ""
-        },
-    };
     s.out.clear();
-    body.write(&rq.id, !keep, &mut s.out);
+    r.body(&s.limit_headers).write(&rq.id, !keep, &mut s.out);
     if head_only {
         truncate_to_head(&mut s.out);
     }

@@ -48,7 +48,8 @@ use std::time::Instant;
 use crate::authn::Identity;
 use crate::codec::{RequestHead, ResponseHead};
 use crate::downstream::Downstream;
-use crate::error::{ClientError, ProxyError};
+use crate::config::Protocol;
+use crate::error::{ClientError, Dialect, ProxyError};
 use crate::ratelimit::Admission;
 use crate::route::Route;
 use crate::validate::{self, Admitted, Verdict};
@@ -175,8 +176,29 @@ impl Call<'_> {
 }
 
 /// Run every stage of one request. `Err`: the driver answers with the
-/// refusal (after [`Refusal::record`]); `Ok`: served, see [`Served`].
+/// refusal (after [`Refusal::record`]), in the shape its route's clients
+/// expect ([`dialect`]); `Ok`: served, see [`Served`].
 pub async fn run<D: Downstream>(
+    d: &mut D,
+    rq: &mut Incoming,
+    w: &Rc<Worker>,
+    cur: &Rc<Current>,
+    s: &mut Scratch,
+) -> Result<Served, Refusal> {
+    let served = stages(d, rq, w, cur, s).await;
+    served.map_err(|r| r.speak(dialect(rq, cur)))
+}
+
+/// Whose clients a request's errors go to: its route's protocol's.
+pub fn dialect(rq: &Incoming, cur: &Current) -> Dialect {
+    match rq.route.map(|i| cur.shared.rules.routes[i].protocol) {
+        Some(Protocol::Openai) => Dialect::OpenAi,
+        Some(Protocol::Kserve) => Dialect::Kserve,
+        Some(Protocol::Passthrough) | None => Dialect::Gateway,
+    }
+}
+
+async fn stages<D: Downstream>(
     d: &mut D,
     rq: &mut Incoming,
     w: &Rc<Worker>,

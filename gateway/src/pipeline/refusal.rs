@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
-use crate::error::{validation_type, ProxyError};
+use crate::error::{validation_type, Dialect, ErrorBody, ProxyError};
 use crate::metrics::status_label;
 use crate::worker::{Current, Worker};
 
@@ -41,6 +41,8 @@ pub struct Refusal {
     pub client_gone: bool,
     /// What [`Refusal::record`] counts and logs.
     pub record: Record,
+    /// Whose clients read the answer (the route's protocol).
+    pub dialect: Dialect,
 }
 
 /// How a refusal is counted, beside `gateway_requests_total{route, status}`.
@@ -79,6 +81,7 @@ impl Refusal {
             must_close: e.must_close(),
             client_gone: b.status == 499,
             record: Record::Error { source, kind },
+            dialect: Dialect::Gateway,
         }
     }
 
@@ -99,6 +102,7 @@ impl Refusal {
             must_close: false,
             client_gone: j.status == 499,
             record: Record::Validation { model: r.model },
+            dialect: Dialect::Gateway,
         }
     }
 
@@ -124,6 +128,7 @@ impl Refusal {
             must_close: false,
             client_gone: false,
             record: Record::Decision,
+            dialect: Dialect::Gateway,
         }
     }
 
@@ -146,6 +151,38 @@ impl Refusal {
         }
     }
 
+    /// The refusal as `dialect`'s clients expect it: its status (a broken
+    /// rule is a 400 to OpenAI and KServe clients) and, for OpenAI's, a
+    /// `code` on every error (the gateway's reason when no stage gave one).
+    pub fn speak(self, dialect: Dialect) -> Refusal {
+        let code = match (&self.record, self.code) {
+            (Record::Error { kind, .. }, None) if dialect == Dialect::OpenAi => Some(*kind),
+            (_, code) => code,
+        };
+        Refusal {
+            status: dialect.status(self.status),
+            code,
+            dialect,
+            ..self
+        }
+    }
+
+    /// What to answer, in the refusal's dialect; `headers`: the rate-limit
+    /// header lines, sent only with a rate-limit refusal.
+    pub fn body<'a>(&'a self, headers: &'a str) -> ErrorBody<'a> {
+        ErrorBody {
+            status: self.status,
+            error_type: self.error_type,
+            message: &self.message,
+            code: self.code,
+            param: self.param.as_deref(),
+            retry_after: self.retry_after,
+            challenge: self.challenge,
+            headers: if self.limit_headers { headers } else { "" },
+            dialect: self.dialect,
+        }
+    }
+
     /// Count and log this refusal: the one place every refused request goes
     /// through, whichever stage refused it and whichever protocol answers.
     pub fn record(&self, rq: &Incoming, w: &Worker, cur: &Current) {
@@ -157,11 +194,14 @@ impl Refusal {
             Record::Counted => return,
             Record::Error { source, kind } => m.inc(&m.request_errors, &[source, kind], 1),
             Record::Validation { model } => {
-                let labels = [
-                    route,
-                    model.as_deref().unwrap_or(""),
-                    self.code.unwrap_or(""),
-                ];
+                // A name from the request path becomes a label only when the
+                // catalogue has it: clients can't create series at will.
+                let model = match model.as_deref() {
+                    None => "",
+                    Some(m) if cur.shared.rules.catalog.contains(m) => m,
+                    Some(_) => "other",
+                };
+                let labels = [route, model, self.code.unwrap_or("")];
                 m.inc(&m.validation_rejections, &labels, 1);
             }
             Record::Decision => {}

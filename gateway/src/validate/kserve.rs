@@ -64,6 +64,8 @@ enum Dt {
     F32,
     F64,
     Bytes,
+    /// Sent as binary data only (Triton's binary tensor extension).
+    Bf16,
 }
 
 impl Dt {
@@ -82,6 +84,7 @@ impl Dt {
             "FP32" => Dt::F32,
             "FP64" => Dt::F64,
             "BYTES" => Dt::Bytes,
+            "BF16" => Dt::Bf16,
             _ => return None,
         })
     }
@@ -104,6 +107,46 @@ impl Dt {
             }
             Dt::F64 => "an FP64 tensor value must be a finite number",
             Dt::Bytes => "a BYTES tensor value must be a JSON string",
+            Dt::Bf16 => "a BF16 tensor must be sent as binary data (`parameters.binary_data_size`)",
+        }
+    }
+
+    /// Bytes per element in the binary form (`None`: BYTES, length-prefixed).
+    fn size(self) -> Option<u64> {
+        Some(match self {
+            Dt::Bool | Dt::U8 | Dt::I8 => 1,
+            Dt::U16 | Dt::I16 | Dt::F16 | Dt::Bf16 => 2,
+            Dt::U32 | Dt::I32 | Dt::F32 => 4,
+            Dt::U64 | Dt::I64 | Dt::F64 => 8,
+            Dt::Bytes => return None,
+        })
+    }
+}
+
+/// The binary part of a request in Triton's binary tensor extension: the
+/// bytes after the JSON header (`Inference-Header-Content-Length`), which
+/// the inputs with `parameters.binary_data_size` take in input order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Binary<'b> {
+    /// `None`: the request has no binary part (plain JSON).
+    rest: Option<&'b [u8]>,
+}
+
+impl<'b> Binary<'b> {
+    /// The binary part after a JSON header (`None`: no header).
+    pub fn new(part: Option<&'b [u8]>) -> Binary<'b> {
+        Binary { rest: part }
+    }
+
+    /// Every byte of the binary part was taken by some input.
+    fn check_used_up(&self) -> Result<(), Rejection> {
+        match self.rest {
+            Some(r) if !r.is_empty() => Err(Rejection::at(
+                "",
+                "binary_size_mismatch",
+                "the binary tensor data is longer than the inputs' `binary_data_size` add up to",
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -111,6 +154,7 @@ impl Dt {
 /// Whether `s` is one of the protocol's tensor datatypes (case-sensitive):
 /// BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16,
 /// FP32, FP64, BYTES.
+/// (and BF16, in binary form only).
 pub fn is_valid_datatype(s: &str) -> bool {
     Dt::parse(s).is_some()
 }
@@ -121,9 +165,14 @@ pub fn is_valid_datatype(s: &str) -> bool {
 /// validated and left out of the parse (their place in `body` holds `[]`).
 /// Unknown top-level keys and unknown keys inside inputs are allowed, for
 /// forward compatibility.
+///
+/// `binary`: the request's binary part, when it came in Triton's binary
+/// tensor extension; the inputs that declare `parameters.binary_data_size`
+/// must take all of it, in order, each exactly its shape's size.
 pub fn check_infer<'a, J: Json<'a>>(
     body: J,
     elided: &[DataSummary],
+    mut binary: Binary<'_>,
 ) -> Result<InferSummary, Outcome> {
     let Some(top) = body.as_obj() else {
         return Err(Rejection::at(
@@ -195,9 +244,10 @@ pub fn check_infer<'a, J: Json<'a>>(
     for (i, input) in inputs.iter().enumerate() {
         while next.next_if(|d| d.input < i).is_some() {}
         let summary = next.next_if(|d| d.input == i);
-        let n = check_input(i, input, &mut names, summary)?;
+        let n = check_input(i, input, &mut names, summary, &mut binary)?;
         elements = elements.saturating_add(n);
     }
+    binary.check_used_up()?;
     Ok(InferSummary {
         inputs: inputs.len(),
         elements,
@@ -269,6 +319,8 @@ impl DataSummary {
             Dt::F16 => floats_within(FP16_MAX),
             Dt::F32 => floats_within(FP32_MAX),
             Dt::F64 => floats_within(f64::MAX),
+            // Never JSON numbers.
+            Dt::Bf16 => false,
         }
     }
 
@@ -310,11 +362,23 @@ fn check_outputs<'a, J: Json<'a>>(outputs: J) -> Result<(), Rejection> {
             ));
         }
         if let Some(p) = o.get("parameters") {
-            if p.as_obj().is_none() {
+            let Some(p) = p.as_obj() else {
                 return Err(Rejection::at(
                     pointer([Seg::Key("outputs"), Seg::Index(k), Seg::Key("parameters")]),
                     "invalid_parameters",
                     "`parameters` must be an object",
+                ));
+            };
+            if p.get("binary_data").is_some_and(|b| b.as_bool().is_none()) {
+                return Err(Rejection::at(
+                    pointer([
+                        Seg::Key("outputs"),
+                        Seg::Index(k),
+                        Seg::Key("parameters"),
+                        Seg::Key("binary_data"),
+                    ]),
+                    "invalid_binary_data",
+                    "`binary_data` must be a boolean",
                 ));
             }
         }
@@ -372,6 +436,7 @@ fn check_input<'a, J: Json<'a>>(
     input: J,
     names: &mut Names<'a>,
     elided: Option<&DataSummary>,
+    binary: &mut Binary<'_>,
 ) -> Result<u64, Outcome> {
     let Some(o) = input.as_obj() else {
         return Err(Rejection::at(
@@ -420,16 +485,32 @@ fn check_input<'a, J: Json<'a>>(
         .into());
     };
 
-    if let Some(p) = o.get("parameters") {
-        if p.as_obj().is_none() {
-            return Err(at_input(
+    let params = match o.get("parameters") {
+        None => None,
+        Some(p) => Some(p.as_obj().ok_or_else(|| {
+            at_input(
                 i,
                 "parameters",
                 "invalid_parameters",
                 "`parameters` must be an object",
             )
+        })?),
+    };
+    if let Some(size) = params.and_then(|p| p.get("binary_data_size")) {
+        if o.get("data").is_some() {
+            return Err(at_input(
+                i,
+                "data",
+                "binary_and_data",
+                "an input with `binary_data_size` carries its values in the binary part, not in `data`",
+            )
             .into());
         }
+        check_binary(i, size.as_u64(), dt, total, binary)?;
+        return Ok(total);
+    }
+    if dt == Dt::Bf16 {
+        return Err(at_input(i, "datatype", "binary_required", dt.rule()).into());
     }
 
     let Some(data) = o.get("data").and_then(|d| d.as_arr()) else {
@@ -478,8 +559,62 @@ fn check_input<'a, J: Json<'a>>(
         Dt::F32 => walk.run(data, |v: J| fits_float(v, FP32_MAX)),
         Dt::F64 => walk.run(data, |v: J| fits_float(v, f64::MAX)),
         Dt::Bytes => walk.run(data, |v: J| matches!(v.node(), Node::Str(_))),
+        Dt::Bf16 => unreachable!("BF16 is refused above unless binary"),
     }?;
     Ok(total)
+}
+
+/// One input's binary data: `binary_data_size` a non-negative integer that
+/// the binary part still holds, and exactly the shape's size — elements ×
+/// the datatype's size, or for BYTES `total` elements each a 4-byte
+/// little-endian length and that many bytes.
+fn check_binary(
+    i: usize,
+    size: Option<u64>,
+    dt: Dt,
+    total: u64,
+    binary: &mut Binary<'_>,
+) -> Result<(), Rejection> {
+    let at = || pointer([Seg::Key("inputs"), Seg::Index(i), Seg::Key("parameters"), Seg::Key("binary_data_size")]);
+    let Some(size) = size else {
+        return Err(Rejection::at(at(), "invalid_binary_size", "`binary_data_size` must be a non-negative integer"));
+    };
+    let Some(rest) = binary.rest else {
+        return Err(Rejection::at(
+            at(),
+            "binary_without_header",
+            "`binary_data_size` needs the binary tensor extension: an `Inference-Header-Content-Length` header and the data after the JSON",
+        ));
+    };
+    if size > rest.len() as u64 {
+        return Err(Rejection::at(at(), "binary_size_mismatch", "`binary_data_size` is more than the binary data left in the body"));
+    }
+    let (data, after) = rest.split_at(size as usize);
+    binary.rest = Some(after);
+    let fits = match dt.size() {
+        Some(each) => total.checked_mul(each) == Some(size),
+        None => bytes_elements(data) == Some(total),
+    };
+    if !fits {
+        let message = match dt {
+            Dt::Bytes => "BYTES binary data must be exactly `shape`'s element count of 4-byte little-endian lengths each followed by that many bytes",
+            _ => "`binary_data_size` must equal the `shape`'s element count times the datatype's size",
+        };
+        return Err(Rejection::at(at(), "binary_size_mismatch", message));
+    }
+    Ok(())
+}
+
+/// How many length-prefixed elements (4-byte little-endian length, then the
+/// bytes) make up `data` exactly (`None`: the last one does not fit).
+fn bytes_elements(mut data: &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    while !data.is_empty() {
+        let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
+        data = data[4..].get(len..)?;
+        n += 1;
+    }
+    Some(n)
 }
 
 /// Parse `shape`: non-negative integer dims, each ≤ 2^32, with a product that
@@ -691,14 +826,14 @@ mod tests {
     fn check(json: &str) -> Result<InferSummary, Rejection> {
         let mut b = json.as_bytes().to_vec();
         let v = simd_json::to_borrowed_value(&mut b).expect("test body must be valid JSON");
-        let dom = match check_infer(&v, &[]) {
+        let dom = match check_infer(&v, &[], Binary::default()) {
             Ok(s) => Ok(s),
             Err(Outcome::Rejected(r)) => Err(r),
             Err(Outcome::Recheck) => panic!("nothing was elided"),
         };
         let rules = rules();
         let gateway = crate::validate::check_json(
-            crate::validate::JsonKind::KserveInfer("m", None),
+            crate::validate::JsonKind::KserveInfer("m", None, None),
             json.as_bytes(),
             &rules,
             None,
@@ -930,7 +1065,8 @@ mod tests {
             // datatype
             ("datatype missing", r#"{"inputs":[{"name":"a","shape":[1],"data":[true]}]}"#.into(), "invalid_datatype", "/inputs/0/datatype"),
             ("datatype lower case", one("a", "[1]", "fp32", "[1]"), "invalid_datatype", "/inputs/0/datatype"),
-            ("datatype unknown", one("a", "[1]", "BF16", "[1]"), "invalid_datatype", "/inputs/0/datatype"),
+            ("datatype unknown", one("a", "[1]", "FP8", "[1]"), "invalid_datatype", "/inputs/0/datatype"),
+            ("BF16 only in binary", one("a", "[1]", "BF16", "[1]"), "binary_required", "/inputs/0/datatype"),
             (
                 "datatype number",
                 r#"{"inputs":[{"name":"a","shape":[1],"datatype":32,"data":[1]}]}"#.into(),
@@ -1208,14 +1344,14 @@ mod tests {
             let mut b = json.clone().into_bytes();
             let dom = match simd_json::to_borrowed_value(&mut b) {
                 Err(_) => Err("invalid_json"),
-                Ok(v) => match check_infer(&v, &[]) {
+                Ok(v) => match check_infer(&v, &[], Binary::default()) {
                     Ok(_) => Ok(()),
                     Err(Outcome::Rejected(r)) => Err(r.reason),
                     Err(Outcome::Recheck) => Err("recheck"),
                 },
             };
             let gateway = crate::validate::check_json(
-                crate::validate::JsonKind::KserveInfer("m", None),
+                crate::validate::JsonKind::KserveInfer("m", None, None),
                 json.as_bytes(),
                 &rules,
                 None,
@@ -1223,6 +1359,92 @@ mod tests {
             let gateway = gateway.map(|_| ()).map_err(|r| r.reason);
             prop_assert_eq!(dom, gateway, "{}", json);
         });
+    }
+
+    /// A body in Triton's binary tensor extension: the JSON header's length
+    /// and the whole body.
+    fn binary_body(json: &str, data: &[u8]) -> (usize, Vec<u8>) {
+        let mut b = json.as_bytes().to_vec();
+        b.extend_from_slice(data);
+        (json.len(), b)
+    }
+
+    fn check_binary_body(json: &str, data: &[u8]) -> Result<(), Rejection> {
+        let (n, body) = binary_body(json, data);
+        let rules = rules();
+        crate::validate::check_json(
+            crate::validate::JsonKind::KserveInfer("m", None, Some(n)),
+            &body,
+            &rules,
+            None,
+        )
+        .map(|_| ())
+    }
+
+    fn bytes_elements_of(items: &[&[u8]]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for it in items {
+            b.extend_from_slice(&(it.len() as u32).to_le_bytes());
+            b.extend_from_slice(it);
+        }
+        b
+    }
+
+    #[test]
+    fn binary_tensors_sized_by_shape_and_datatype() {
+        let input = |name: &str, shape: &str, dt: &str, size: usize| {
+            format!(r#"{{"name":"{name}","shape":{shape},"datatype":"{dt}","parameters":{{"binary_data_size":{size}}}}}"#)
+        };
+        let req = |inputs: &[String]| format!(r#"{{"inputs":[{}],"outputs":[{{"name":"y","parameters":{{"binary_data":true}}}}]}}"#, inputs.join(","));
+        // FP32 [2,3] = 24 bytes, INT64 [1] = 8, BF16 [4] = 8, a JSON input beside them.
+        let json_input = r#"{"name":"j","shape":[2],"datatype":"INT8","data":[1,2]}"#.to_string();
+        let ok = req(&[input("a", "[2,3]", "FP32", 24), json_input.clone(), input("b", "[1]", "INT64", 8), input("c", "[4]", "BF16", 8)]);
+        assert_eq!(check_binary_body(&ok, &[7u8; 40]), Ok(()));
+        let strings = bytes_elements_of(&[b"hello", b"", b"w"]);
+        let ok_bytes = req(&[input("s", "[3]", "BYTES", strings.len())]);
+        assert_eq!(check_binary_body(&ok_bytes, &strings), Ok(()));
+
+        let reason = |json: &str, data: &[u8]| check_binary_body(json, data).map_err(|r| (r.reason, r.pointer.unwrap_or_default()));
+        let size_at = |i: usize| format!("/inputs/{i}/parameters/binary_data_size");
+        // Declared size not the shape's: FP32 [2,3] is 24 bytes, not 20.
+        let short = req(&[input("a", "[2,3]", "FP32", 20)]);
+        assert_eq!(reason(&short, &[0; 20]), Err(("binary_size_mismatch", size_at(0))));
+        // Sizes right but the body holds less than they add up to.
+        let two = req(&[input("a", "[2]", "FP32", 8), input("b", "[2]", "FP32", 8)]);
+        assert_eq!(reason(&two, &[0; 12]), Err(("binary_size_mismatch", size_at(1))));
+        // More bytes than the inputs take.
+        assert_eq!(reason(&two, &[0; 17]), Err(("binary_size_mismatch", String::new())));
+        // BYTES: a length prefix that runs past its input's data, or one element too few.
+        let bad = bytes_elements_of(&[b"hello", b"xy"]);
+        let over = req(&[input("s", "[2]", "BYTES", bad.len() - 1)]);
+        assert_eq!(reason(&over, &bad[..bad.len() - 1]), Err(("binary_size_mismatch", size_at(0))));
+        let few = req(&[input("s", "[3]", "BYTES", bad.len())]);
+        assert_eq!(reason(&few, &bad), Err(("binary_size_mismatch", size_at(0))));
+        // Both `data` and a binary size; a size that isn't a count.
+        let both = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","data":[1],"parameters":{"binary_data_size":1}}]}"#;
+        assert_eq!(reason(both, &[1]), Err(("binary_and_data", "/inputs/0/data".into())));
+        let neg = req(&[input("a", "[1]", "UINT8", 0).replace(":0", ":-1")]);
+        assert_eq!(reason(&neg, &[1]), Err(("invalid_binary_size", size_at(0))));
+        // An output's `binary_data` flag must be a boolean.
+        let flag = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","data":[1]}],"outputs":[{"name":"y","parameters":{"binary_data":"yes"}}]}"#;
+        assert_eq!(reason(flag, &[]), Err(("invalid_binary_data", "/outputs/0/parameters/binary_data".into())));
+    }
+
+    #[test]
+    fn binary_sizes_need_the_header() {
+        let json = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","parameters":{"binary_data_size":1}}]}"#;
+        let r = check(json).unwrap_err();
+        assert_eq!(r.reason, "binary_without_header");
+        // A header longer than the body.
+        let rules = rules();
+        let r = crate::validate::check_json(
+            crate::validate::JsonKind::KserveInfer("m", None, Some(json.len() + 1)),
+            json.as_bytes(),
+            &rules,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!((r.status, r.reason), (400, "invalid_header_length"));
     }
 
     #[test]
@@ -1234,7 +1456,7 @@ mod tests {
             assert!(is_valid_datatype(dt), "{dt}");
         }
         for dt in [
-            "", "bool", "Fp32", "BF16", "FP8", "STRING", "UINT128", "INT4", " FP32", "FP32 ",
+            "", "bool", "Fp32", "bf16", "FP8", "STRING", "UINT128", "INT4", " FP32", "FP32 ",
         ] {
             assert!(!is_valid_datatype(dt), "{dt:?}");
         }

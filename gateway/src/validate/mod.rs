@@ -10,6 +10,7 @@
 pub mod json;
 pub mod kserve;
 pub mod magic;
+pub mod multipart;
 pub mod openai;
 mod prescan;
 
@@ -299,7 +300,7 @@ pub fn check_json_in<'c>(
 ) -> Result<Checked<'c>, Rejection> {
     // Tensor data can be left out only where no JSON Schema will look at it.
     let elide = match kind {
-        JsonKind::KserveInfer(name, version) => {
+        JsonKind::KserveInfer(name, version, _) => {
             route_schema.is_none() && kserve_model(rules, name, version)?.0.schema.is_none()
         }
         _ => false,
@@ -327,11 +328,27 @@ fn check_json_with<'c>(
     scratch: &mut Scratch,
     elide: bool,
 ) -> Result<Checked<'c>, Rejection> {
-    match check_once(kind, body, rules, route_schema, scratch, elide) {
-        // Unsure about elided data: check again with every value parsed.
-        Err(Outcome::Recheck) => {
-            check_once(kind, body, rules, route_schema, scratch, false).map_err(settled)
+    // Triton's binary tensor extension: a JSON header, then raw tensor bytes.
+    let (body, binary) = match kind {
+        JsonKind::KserveInfer(_, _, Some(n)) if n <= body.len() => {
+            let (json, rest) = body.split_at(n);
+            (json, kserve::Binary::new(Some(rest)))
         }
+        JsonKind::KserveInfer(_, _, Some(_)) => {
+            return Err(Rejection::new(
+                400,
+                "invalid_header_length",
+                "`Inference-Header-Content-Length` is longer than the body",
+            ))
+        }
+        _ => (body, kserve::Binary::default()),
+    };
+    let once = |scratch: &mut Scratch, elide| {
+        check_once(kind, body, binary, rules, route_schema, scratch, elide)
+    };
+    match once(scratch, elide) {
+        // Unsure about elided data: check again with every value parsed.
+        Err(Outcome::Recheck) => once(scratch, false).map_err(settled),
         r => r.map_err(settled),
     }
 }
@@ -348,6 +365,7 @@ fn settled(o: Outcome) -> Rejection {
 fn check_once<'c>(
     kind: JsonKind<'_>,
     body: &[u8],
+    binary: kserve::Binary<'_>,
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
     scratch: &mut Scratch,
@@ -379,7 +397,10 @@ fn check_once<'c>(
     let mut t = std::mem::replace(tape, simd_json::Tape(Vec::new())).reset();
     let r = parse_onto(bytes, rules.json, buffers, &mut t, extra)
         .map_err(Outcome::from)
-        .and_then(|()| check_tree(kind, json::Tape::root(&t.0), rules, route_schema, elided));
+        .and_then(|()| {
+            let root = json::Tape::root(&t.0);
+            check_tree(kind, root, rules, route_schema, elided, binary)
+        });
     *tape = t.reset();
     r
 }
@@ -417,7 +438,7 @@ pub fn check_parsed<'a, 'c, J: Json<'a>>(
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
 ) -> Result<Checked<'c>, Rejection> {
-    check_tree(kind, v, rules, route_schema, &[]).map_err(settled)
+    check_tree(kind, v, rules, route_schema, &[], kserve::Binary::default()).map_err(settled)
 }
 
 fn check_tree<'a, 'c, J: Json<'a>>(
@@ -426,6 +447,7 @@ fn check_tree<'a, 'c, J: Json<'a>>(
     rules: &'c Rules,
     route_schema: Option<&jsonschema::Validator>,
     elided: &[kserve::DataSummary],
+    binary: kserve::Binary<'_>,
 ) -> Result<Checked<'c>, Outcome> {
     let mut facts = openai::Facts::default();
     let resolved = match kind {
@@ -434,9 +456,9 @@ fn check_tree<'a, 'c, J: Json<'a>>(
             facts = f;
             Some((m, ver))
         }
-        JsonKind::KserveInfer(name, version) => {
+        JsonKind::KserveInfer(name, version, _) => {
             let r = kserve_model(rules, name, version)?;
-            kserve::check_infer(v, elided)?;
+            kserve::check_infer(v, elided, binary)?;
             facts.pinned = version.is_some();
             Some(r)
         }
@@ -476,8 +498,10 @@ pub struct Checked<'c> {
 pub enum JsonKind<'a> {
     /// OpenAI endpoint, and the `x-model-version` header if any.
     OpenAi(openai::Endpoint, Option<&'a str>),
-    /// KServe infer: model name and version from the path.
-    KserveInfer(&'a str, Option<&'a str>),
+    /// KServe infer: model name and version from the path, and the length
+    /// of the JSON header when the body is in Triton's binary tensor
+    /// extension (`Inference-Header-Content-Length`).
+    KserveInfer(&'a str, Option<&'a str>, Option<usize>),
     /// Passthrough route with a schema.
     Schema,
 }
@@ -670,13 +694,16 @@ pub async fn admit<D: Downstream>(
     let buf = client.pending();
     let path = utf8_path(head, buf)?;
     let media = header(head, buf, b"content-type").and_then(magic::media_type);
-    check_media(head, rr, media.as_deref())?;
+    check_media(head, buf, path, rr, media.as_deref())?;
     check_path(path, rr)?;
     check_schema_media(head, rr, media.as_deref())?;
     let kind = match json_kind(head, buf, path, rr, rules, media.as_deref())? {
         Found::Json(kind) => kind,
         Found::Verdict(v) => return Ok(v),
         Found::Stream => return streamed(client, head, media.as_deref(), t).await,
+        Found::Multipart(boundary, version) => {
+            return multipart_model(client, head, &boundary, version.as_deref(), rules, t).await
+        }
     };
     // Owned copies: the kind borrows the client buffer, which reading the body reuses.
     let kind = OwnedKind::from(kind);
@@ -749,17 +776,33 @@ fn is_json_media(media: Option<&str>) -> bool {
 }
 
 /// A body's media type against what the route accepts (its list, else
-/// JSON on JSON protocols, else anything), or 415.
-fn check_media(head: &RequestHead, rr: &RouteRules, media: Option<&str>) -> Result<(), Refused> {
+/// JSON on JSON protocols, else anything), or 415. KServe clients may send
+/// no `Content-Type` (Triton and KServe servers read such a body as JSON;
+/// `tritonclient` sends none) and, with Triton's binary tensor extension,
+/// `application/octet-stream`. Bodies the gateway checks must not be
+/// compressed.
+fn check_media(
+    head: &RequestHead,
+    buf: &[u8],
+    path: &str,
+    rr: &RouteRules,
+    media: Option<&str>,
+) -> Result<(), Refused> {
     if head.body_kind() == BodyKind::Empty {
         return Ok(());
     }
     let json_protocol = matches!(rr.protocol, Protocol::Openai | Protocol::Kserve);
+    let kserve = rr.protocol == Protocol::Kserve;
+    let binary = || header(head, buf, b"inference-header-content-length").is_some();
     let ok = match (rr.content_types.as_deref(), media) {
         (Some(list), Some(m)) => list.iter().any(|a| a == m),
         (Some(_), None) => false,
+        (None, Some("application/octet-stream")) if kserve => binary(),
+        (None, Some("multipart/form-data")) if rr.protocol == Protocol::Openai => {
+            openai::endpoint(&buf[head.method.clone()], path.as_bytes()) == openai::Endpoint::Audio
+        }
         (None, Some(m)) if json_protocol => JSON_ONLY.contains(&m),
-        (None, None) if json_protocol => false,
+        (None, None) if json_protocol => kserve,
         (None, _) => true,
     };
     if !ok {
@@ -767,6 +810,16 @@ fn check_media(head: &RequestHead, rr: &RouteRules, media: Option<&str>) -> Resu
             415,
             "unsupported_media_type",
             "this route does not accept the request's Content-Type",
+        )
+        .into());
+    }
+    let encoded = header(head, buf, b"content-encoding")
+        .is_some_and(|e| !e.trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if encoded && (json_protocol || rr.schema.is_some()) {
+        return Err(Rejection::new(
+            415,
+            "unsupported_content_encoding",
+            "this route checks request bodies and takes them uncompressed (no Content-Encoding)",
         )
         .into());
     }
@@ -803,6 +856,9 @@ enum Found<'a> {
     Verdict(Verdict),
     /// Nothing to check in the body as JSON: stream it.
     Stream,
+    /// A multipart upload whose `model` field is read from its first bytes
+    /// (the boundary, and the `x-model-version` header).
+    Multipart(Vec<u8>, Option<String>),
 }
 
 fn json_kind<'a>(
@@ -824,11 +880,28 @@ fn json_kind<'a>(
                 facts: Default::default(),
             }),
             openai::Endpoint::Other => Found::Stream,
+            openai::Endpoint::Audio => {
+                let ct = header(head, buf, b"content-type").unwrap_or_default();
+                match multipart::boundary(ct) {
+                    Some(b) if media == Some("multipart/form-data") => {
+                        Found::Multipart(b.to_vec(), version.map(str::to_string))
+                    }
+                    _ => {
+                        return Err(Rejection::new(
+                            415,
+                            "unsupported_media_type",
+                            "audio uploads are multipart/form-data with a boundary",
+                        )
+                        .into())
+                    }
+                }
+            }
             ep => Found::Json(JsonKind::OpenAi(ep, version)),
         },
         Protocol::Kserve => match kserve_path(path) {
             Some((name, version, "infer")) if method == b"POST" => {
-                Found::Json(JsonKind::KserveInfer(name, version))
+                let header = binary_header(head, buf)?;
+                Found::Json(JsonKind::KserveInfer(name, version, header))
             }
             Some((name, version, "" | "ready")) => {
                 Found::Verdict(kserve_metadata(name, version, rules)?)
@@ -844,6 +917,27 @@ fn json_kind<'a>(
             }
         }
     })
+}
+
+/// `Inference-Header-Content-Length`: the JSON header's length in a body in
+/// Triton's binary tensor extension (`None`: a plain JSON body), or 400.
+fn binary_header(head: &RequestHead, buf: &[u8]) -> Result<Option<usize>, Refused> {
+    let Some(v) = header(head, buf, b"inference-header-content-length") else {
+        return Ok(None);
+    };
+    let n = std::str::from_utf8(v)
+        .ok()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<usize>().ok());
+    match n {
+        Some(n) => Ok(Some(n)),
+        None => Err(Rejection::new(
+            400,
+            "invalid_header_length",
+            "`Inference-Header-Content-Length` must be a decimal byte count",
+        )
+        .into()),
+    }
 }
 
 /// KServe metadata and readiness: only for models the catalogue has (404 otherwise).
@@ -898,7 +992,7 @@ async fn streamed<D: Downstream>(
 /// `JsonKind` without borrows, kept across reading the body.
 enum OwnedKind {
     OpenAi(openai::Endpoint, Option<String>),
-    KserveInfer(String, Option<String>),
+    KserveInfer(String, Option<String>, Option<usize>),
     Schema,
 }
 
@@ -906,8 +1000,8 @@ impl OwnedKind {
     fn from(k: JsonKind<'_>) -> OwnedKind {
         match k {
             JsonKind::OpenAi(ep, v) => OwnedKind::OpenAi(ep, v.map(str::to_string)),
-            JsonKind::KserveInfer(n, v) => {
-                OwnedKind::KserveInfer(n.to_string(), v.map(str::to_string))
+            JsonKind::KserveInfer(n, v, h) => {
+                OwnedKind::KserveInfer(n.to_string(), v.map(str::to_string), h)
             }
             JsonKind::Schema => OwnedKind::Schema,
         }
@@ -916,14 +1010,14 @@ impl OwnedKind {
     fn as_kind(&self) -> JsonKind<'_> {
         match self {
             OwnedKind::OpenAi(ep, v) => JsonKind::OpenAi(*ep, v.as_deref()),
-            OwnedKind::KserveInfer(n, v) => JsonKind::KserveInfer(n, v.as_deref()),
+            OwnedKind::KserveInfer(n, v, h) => JsonKind::KserveInfer(n, v.as_deref(), *h),
             OwnedKind::Schema => JsonKind::Schema,
         }
     }
 
     fn model_name(&self) -> Option<String> {
         match self {
-            OwnedKind::KserveInfer(n, _) => Some(n.clone()),
+            OwnedKind::KserveInfer(n, _, _) => Some(n.clone()),
             _ => None,
         }
     }
@@ -1040,6 +1134,101 @@ async fn read_whole<D: Downstream>(
     })
 }
 
+/// The body's first bytes among those already read (`after`: what follows
+/// the head; chunked bodies decoded), at most `max`, and whether that is
+/// all the body there is or `max` was reached.
+fn body_prefix(after: &[u8], kind: BodyKind, max: usize) -> (Vec<u8>, bool) {
+    match kind {
+        BodyKind::Length(n) => {
+            let k = (n.min(max as u64) as usize).min(after.len());
+            (after[..k].to_vec(), k as u64 == n.min(max as u64))
+        }
+        _ => {
+            let mut dec = ChunkedDecoder::new();
+            let mut first = Vec::new();
+            let _ = dec.feed(after, |r| {
+                let room = max.saturating_sub(first.len());
+                first.extend_from_slice(&after[r.start..r.end.min(r.start + room)]);
+            });
+            let complete = dec.is_done() || first.len() >= max;
+            (first, complete)
+        }
+    }
+}
+
+/// An audio upload (`multipart/form-data`): its `model` form field, read
+/// from the body's first bytes without consuming anything, and resolved in
+/// the catalogue. The field must come before the file part and within the
+/// connection's buffer, or 400; the upload itself streams on.
+async fn multipart_model<D: Downstream>(
+    client: &mut D,
+    head: &RequestHead,
+    boundary: &[u8],
+    version: Option<&str>,
+    rules: &Rules,
+    t: &Timeouts,
+) -> Result<Verdict, Refused> {
+    let bad = |reason, message: &'static str| -> Refused {
+        Rejection {
+            status: 400,
+            reason,
+            message: message.into(),
+            pointer: Some("/model".into()),
+        }
+        .into()
+    };
+    continue_if_expected(client, head, t).await?;
+    let model = loop {
+        let after = &client.pending()[head.head_len..];
+        let (first, complete) = body_prefix(after, head.body_kind(), usize::MAX);
+        match multipart::find(&first, boundary, "model", complete) {
+            multipart::Field::Found(v) => {
+                break std::str::from_utf8(v)
+                    .ok()
+                    .filter(|m| !m.is_empty())
+                    .ok_or_else(|| bad("invalid_model", "`model` must be a non-empty UTF-8 string"))?
+                    .to_string()
+            }
+            multipart::Field::Missing => {
+                return Err(bad(
+                    "missing_model",
+                    "the `model` form field is required, before the file",
+                ))
+            }
+            multipart::Field::Malformed => {
+                return Err(Rejection::new(
+                    400,
+                    "invalid_multipart",
+                    "the body is not multipart/form-data with the declared boundary",
+                )
+                .into())
+            }
+            multipart::Field::NeedMore => {}
+        }
+        if client.is_full() {
+            return Err(bad(
+                "model_field_too_late",
+                "the `model` form field must come before the file, near the start of the upload",
+            ));
+        }
+        match client.fill_timeout(t.client_body).await {
+            Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+            Ok(_) => {}
+            Err(e) => return Err(read_failed(e)),
+        }
+    };
+    let (m, v) = openai::resolve(&rules.catalog, &model, version).map_err(Refused::from)?;
+    Ok(Verdict {
+        admitted: Admitted::Stream,
+        continue_sent: head.expect_continue,
+        model: Some((m.name.clone(), v.to_string())),
+        facts: openai::Facts {
+            pinned: version.is_some() || model.contains('@'),
+            ..Default::default()
+        },
+    })
+}
+
 /// Wait (bounded) for the first bytes of a streamed body and check them
 /// against the declared media type's signature. Nothing is consumed.
 async fn check_magic<D: Downstream>(
@@ -1051,25 +1240,7 @@ async fn check_magic<D: Downstream>(
     continue_if_expected(client, head, t).await?;
     loop {
         let after = &client.pending()[head.head_len..];
-        let (first, complete) = match head.body_kind() {
-            BodyKind::Length(n) => {
-                let k = (n as usize).min(after.len()).min(magic::MAX_MAGIC);
-                (
-                    after[..k].to_vec(),
-                    k as u64 == n.min(magic::MAX_MAGIC as u64),
-                )
-            }
-            _ => {
-                let mut dec = ChunkedDecoder::new();
-                let mut first = Vec::new();
-                let _ = dec.feed(after, |r| {
-                    let room = magic::MAX_MAGIC.saturating_sub(first.len());
-                    first.extend_from_slice(&after[r.start..r.end.min(r.start + room)]);
-                });
-                let complete = dec.is_done() || first.len() >= magic::MAX_MAGIC;
-                (first, complete)
-            }
-        };
+        let (first, complete) = body_prefix(after, head.body_kind(), magic::MAX_MAGIC);
         match magic::check(media, &first) {
             magic::Magic::Match | magic::Magic::NotChecked => return Ok(()),
             magic::Magic::Mismatch => {

@@ -1,5 +1,8 @@
-//! OpenAI-compatible requests: `/v1/chat/completions`, `/v1/completions`,
-//! `/v1/embeddings` (checked), `GET /v1/models` (answered by the gateway).
+//! OpenAI-compatible requests, as OpenAI and vLLM serve them: chat,
+//! completions, embeddings and responses (checked in full); rerank, score,
+//! classify, pooling, tokenize and detokenize (model, size); audio
+//! transcriptions and translations (multipart: the `model` form field, read
+//! as the upload streams through); `GET /v1/models` (answered by the gateway).
 
 use super::json::{Json, JsonArr, JsonObj, Node};
 use super::{pointer, Rejection, Seg};
@@ -10,6 +13,14 @@ pub enum Endpoint {
     Chat,
     Completions,
     Embeddings,
+    /// `/v1/responses`: `input` (+ `instructions`), `max_output_tokens`.
+    Responses,
+    /// Rerank, score, classify, pooling: every string in the body is input.
+    Scoring,
+    /// Tokenize and detokenize: no GPU work, no token cost.
+    Tokenize,
+    /// Audio transcriptions and translations: a multipart upload.
+    Audio,
     Models,
     /// Anything else under the route: forwarded with the generic checks only.
     Other,
@@ -21,6 +32,16 @@ pub fn endpoint(method: &[u8], path: &[u8]) -> Endpoint {
         (b"POST", b"/v1/chat/completions") => Endpoint::Chat,
         (b"POST", b"/v1/completions") => Endpoint::Completions,
         (b"POST", b"/v1/embeddings") => Endpoint::Embeddings,
+        (b"POST", b"/v1/responses") => Endpoint::Responses,
+        (
+            b"POST",
+            b"/v1/rerank" | b"/v2/rerank" | b"/rerank" | b"/v1/score" | b"/score" | b"/classify"
+            | b"/v1/classify" | b"/pooling" | b"/v1/pooling",
+        ) => Endpoint::Scoring,
+        (b"POST", b"/tokenize" | b"/detokenize" | b"/v1/tokenize" | b"/v1/detokenize") => {
+            Endpoint::Tokenize
+        }
+        (b"POST", b"/v1/audio/transcriptions" | b"/v1/audio/translations") => Endpoint::Audio,
         (b"GET", b"/v1/models") => Endpoint::Models,
         _ => Endpoint::Other,
     }
@@ -55,21 +76,26 @@ pub fn check<'a, 'c, J: Json<'a>>(
     let (m, v) = resolve(catalog, model, version_header)?;
     let lim = &m.limits;
 
-    // What the prompt costs, estimated without a tokenizer: ~4 bytes a token.
-    let (prompt_key, prompt_tokens) = match ep {
-        Endpoint::Chat => ("messages", chat_messages(f.messages)?),
-        Endpoint::Completions => ("prompt", prompt_like(f.prompt, "prompt", true)?),
-        Endpoint::Embeddings => ("input", prompt_like(f.input, "input", true)?),
-        Endpoint::Models | Endpoint::Other => ("", 0),
+    // What the prompt costs, estimated without a tokenizer: ~4 bytes a
+    // token; and where a prompt over the context is pointed at (`None`: no
+    // GPU work to fit in a context).
+    let (prompt_at, prompt_tokens) = match ep {
+        Endpoint::Chat => (Some("/messages"), chat_messages(f.messages)?),
+        Endpoint::Completions => (Some("/prompt"), prompt_like(f.prompt, "prompt", true)?),
+        Endpoint::Embeddings => (Some("/input"), prompt_like(f.input, "input", true)?),
+        Endpoint::Responses => (Some("/input"), responses_input(&f)?),
+        Endpoint::Scoring => (Some(""), tokens_of(text_bytes(body).saturating_sub(model.len()))),
+        Endpoint::Tokenize | Endpoint::Audio | Endpoint::Models | Endpoint::Other => (None, 0),
     };
     let max_out = max_output(&f, lim)?;
     range(f.temperature, "temperature", lim.temperature)?;
     range(f.top_p, "top_p", lim.top_p)?;
     check_n_and_stream(&f, lim)?;
     if let Some(ctx) = lim.context_tokens {
-        if !prompt_key.is_empty() && prompt_tokens.saturating_add(max_out.unwrap_or(0)) > ctx {
+        let over = prompt_tokens.saturating_add(max_out.unwrap_or(0)) > ctx;
+        if let (Some(at), true) = (prompt_at, over) {
             return Err(Rejection::at(
-                format!("/{prompt_key}"),
+                at,
                 "context_length_exceeded",
                 format!(
                     "the prompt and requested output exceed this model's context of {ctx} tokens"
@@ -109,7 +135,7 @@ fn model_name<'a, J: Json<'a>>(v: Option<J>) -> Result<&'a str, Rejection> {
 
 /// The catalogue's model and version for a request (404 unknown or
 /// disabled, 422 a version that can't be read).
-fn resolve<'c>(
+pub(super) fn resolve<'c>(
     catalog: &'c Catalog,
     model: &str,
     version_header: Option<&str>,
@@ -143,6 +169,7 @@ fn max_output<'a, J: Json<'a>>(f: &Fields<J>, lim: &ModelLimits) -> Result<Optio
     for (key, field) in [
         ("max_tokens", f.max_tokens),
         ("max_completion_tokens", f.max_completion_tokens),
+        ("max_output_tokens", f.max_output_tokens),
     ] {
         if let Some(x) = field {
             let n = x.as_u64().filter(|&n| n >= 1).ok_or_else(|| {
@@ -201,8 +228,10 @@ impl<'a, J: Json<'a>> Fields<J> {
             messages: None,
             prompt: None,
             input: None,
+            instructions: None,
             max_tokens: None,
             max_completion_tokens: None,
+            max_output_tokens: None,
             temperature: None,
             top_p: None,
             n: None,
@@ -214,8 +243,10 @@ impl<'a, J: Json<'a>> Fields<J> {
                 "messages" => &mut f.messages,
                 "prompt" => &mut f.prompt,
                 "input" => &mut f.input,
+                "instructions" => &mut f.instructions,
                 "max_tokens" => &mut f.max_tokens,
                 "max_completion_tokens" => &mut f.max_completion_tokens,
+                "max_output_tokens" => &mut f.max_output_tokens,
                 "temperature" => &mut f.temperature,
                 "top_p" => &mut f.top_p,
                 "n" => &mut f.n,
@@ -234,8 +265,10 @@ struct Fields<J> {
     messages: Option<J>,
     prompt: Option<J>,
     input: Option<J>,
+    instructions: Option<J>,
     max_tokens: Option<J>,
     max_completion_tokens: Option<J>,
+    max_output_tokens: Option<J>,
     temperature: Option<J>,
     top_p: Option<J>,
     n: Option<J>,
@@ -377,6 +410,60 @@ fn chat_messages<'a, J: Json<'a>>(v: Option<J>) -> Result<u64, Rejection> {
     Ok(tokens_of(bytes))
 }
 
+/// Bytes of every string in `v` (keys not counted), for estimating what a
+/// body costs where its text can sit anywhere. Iterative: the depth limit
+/// was enforced on the parse, and this adds no recursion.
+fn text_bytes<'a, J: Json<'a>>(v: J) -> usize {
+    let mut total = 0usize;
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        match v.node() {
+            Node::Str(s) => total = total.saturating_add(s.len()),
+            Node::Arr(a) => todo.extend(a.iter()),
+            Node::Obj(o) => todo.extend(o.iter().map(|(_, x)| x)),
+            _ => {}
+        }
+    }
+    total
+}
+
+/// `/v1/responses`: `input` (required) a string or an array of input
+/// items (objects); `instructions` a string. The prompt is estimated from
+/// every string in both.
+fn responses_input<'a, J: Json<'a>>(f: &Fields<J>) -> Result<u64, Rejection> {
+    let input = f.input.ok_or_else(|| {
+        Rejection::at("/input", "missing_input", "`input` is required")
+    })?;
+    match input.node() {
+        Node::Str(_) => {}
+        Node::Arr(items) => {
+            if let Some(i) = items.iter().position(|x| x.as_obj().is_none()) {
+                return Err(Rejection::at(
+                    pointer([Seg::Key("input"), Seg::Index(i)]),
+                    "invalid_input",
+                    "each input item must be an object",
+                ));
+            }
+        }
+        _ => {
+            return Err(Rejection::at(
+                "/input",
+                "invalid_input",
+                "`input` must be a string or an array of input items",
+            ))
+        }
+    }
+    if f.instructions.is_some_and(|x| !matches!(x.node(), Node::Str(_) | Node::Null)) {
+        return Err(Rejection::at(
+            "/instructions",
+            "invalid_instructions",
+            "`instructions` must be a string",
+        ));
+    }
+    let bytes = text_bytes(input) + f.instructions.map_or(0, |x| text_bytes(x));
+    Ok(tokens_of(bytes))
+}
+
 /// `prompt`/`input`: a string, an array of strings, an array of token ids, or
 /// an array of arrays of token ids.
 fn prompt_like<'a, J: Json<'a>>(
@@ -510,6 +597,76 @@ mod tests {
             .map_err(|r| (r.status, r.reason, r.pointer));
         assert_eq!(dom, on_tape, "{body}");
         dom.map(|(m, _)| m)
+    }
+
+    /// Facts of an admitted body (checked on DOM and tape alike).
+    fn facts(ep: Endpoint, body: &str) -> Facts {
+        run(ep, body).expect("admitted");
+        let mut b = body.as_bytes().to_vec();
+        let v = simd_json::to_borrowed_value(&mut b).unwrap();
+        check(ep, &v, &catalog(), None).unwrap().2
+    }
+
+    #[test]
+    fn vllm_endpoints_are_recognised() {
+        for (path, ep) in [
+            ("/v1/responses", Endpoint::Responses),
+            ("/v1/rerank", Endpoint::Scoring),
+            ("/rerank", Endpoint::Scoring),
+            ("/v1/score", Endpoint::Scoring),
+            ("/classify", Endpoint::Scoring),
+            ("/pooling", Endpoint::Scoring),
+            ("/tokenize", Endpoint::Tokenize),
+            ("/detokenize", Endpoint::Tokenize),
+            ("/v1/audio/transcriptions", Endpoint::Audio),
+            ("/v1/audio/translations/", Endpoint::Audio),
+            ("/v1/responses/resp_1", Endpoint::Other),
+        ] {
+            assert_eq!(endpoint(b"POST", path.as_bytes()), ep, "{path}");
+        }
+        assert_eq!(endpoint(b"GET", b"/v1/responses"), Endpoint::Other);
+    }
+
+    #[test]
+    fn responses_table() {
+        use Endpoint::Responses;
+        let ok = r#"{"model":"llama","input":"abcdefgh","instructions":"abcd","max_output_tokens":20,"stream":true}"#;
+        let f = facts(Responses, ok);
+        assert_eq!((f.prompt_tokens, f.max_tokens, f.stream), (3, Some(20), true));
+        let items = r#"{"model":"llama","input":[{"role":"user","content":[{"type":"input_text","text":"abcdefgh"}]}]}"#;
+        // Every string counts: the role, the part type and the text.
+        assert_eq!(facts(Responses, items).prompt_tokens, (4 + 10 + 8_u64).div_ceil(4));
+        let cases: &[(&str, u16, &str, &str)] = &[
+            (r#"{"model":"llama"}"#, 422, "missing_input", "/input"),
+            (r#"{"model":"llama","input":5}"#, 422, "invalid_input", "/input"),
+            (r#"{"model":"llama","input":["x"]}"#, 422, "invalid_input", "/input/0"),
+            (r#"{"model":"llama","input":"x","instructions":3}"#, 422, "invalid_instructions", "/instructions"),
+            (r#"{"model":"llama","input":"x","max_output_tokens":51}"#, 422, "max_tokens_out_of_range", "/max_output_tokens"),
+            (r#"{"model":"llama","input":"x","max_output_tokens":0}"#, 422, "invalid_max_tokens", "/max_output_tokens"),
+            (r#"{"model":"llama","input":"x","temperature":9}"#, 422, "out_of_range", "/temperature"),
+            (r#"{"model":"nope","input":"x"}"#, 404, "model_not_found", "/model"),
+            (r#"{"input":"x"}"#, 422, "missing_model", "/model"),
+        ];
+        for (body, status, reason, ptr) in cases {
+            assert_eq!(run(Responses, body), Err((*status, *reason, Some(ptr.to_string()))), "{body}");
+        }
+        // Context: 4 bytes a token; 100 tokens of context, 50 asked for.
+        let long = format!(r#"{{"model":"llama","input":"{}","max_output_tokens":50}}"#, "x".repeat(204));
+        assert_eq!(run(Responses, &long).unwrap_err().1, "context_length_exceeded");
+    }
+
+    #[test]
+    fn scoring_and_tokenize_need_a_model() {
+        let rerank = r#"{"model":"llama","query":"abcd","documents":["abcd","abcdabcd"]}"#;
+        assert_eq!(facts(Endpoint::Scoring, rerank).prompt_tokens, 4);
+        assert_eq!(run(Endpoint::Scoring, r#"{"query":"q"}"#).unwrap_err().1, "missing_model");
+        assert_eq!(run(Endpoint::Scoring, r#"{"model":"off","query":"q"}"#).unwrap_err().1, "model_disabled");
+        let tok = r#"{"model":"llama","prompt":"a long prompt"}"#;
+        assert_eq!(facts(Endpoint::Tokenize, tok).prompt_tokens, 0);
+        assert_eq!(run(Endpoint::Tokenize, r#"{"prompt":"x"}"#).unwrap_err().1, "missing_model");
+        // The scoring estimate counts the context too.
+        let long = format!(r#"{{"model":"wide","text_1":"{}","text_2":"x"}}"#, "y".repeat(420));
+        assert_eq!(run(Endpoint::Scoring, &long).unwrap_err().1, "context_length_exceeded");
     }
 
     #[test]
