@@ -19,6 +19,9 @@
 //! | `/json-chunked` | a small JSON object sent chunked |
 //! | `/te-gzip` | a response with `Transfer-Encoding: gzip, chunked` |
 //! | `/reject-upload` | answers 413 as soon as the head arrives, never reads the body, closes |
+//! | `/v1/completions`, `/v1/embeddings`, `/v1/responses` | OpenAI-shaped answers with `usage` |
+//! | `/v1/audio/transcriptions` | `{"text": "<body length> <body FNV-1a>"}` (the upload arrived whole) |
+//! | `/v2/models/{m}/infer` | Triton-like identity model: each input back as `OUT_<name>`, in binary form (Triton's binary tensor extension) when it came in binary, else as JSON `data` |
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -170,7 +173,8 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
         read_body(&mut r, &req, |d| {
             fnv1a(&mut hash, d);
             len += d.len() as u64;
-            if small.len() < 64 * 1024 {
+            let keep = if req.path.ends_with("/infer") { 8 << 20 } else { 64 * 1024 };
+            if small.len() < keep {
                 small.extend_from_slice(d);
             }
         })?;
@@ -178,7 +182,15 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
         s.requests.fetch_add(1, Ordering::SeqCst);
         let keep = req.keep_alive;
         // Behaviour by the last path segment, so route prefixes can be put in front.
-        let behaviour = if req.path == "/v1/chat/completions" {
+        const OPENAI: [&str; 6] = [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+            "/v1/audio/transcriptions",
+            "/v1/audio/translations",
+        ];
+        let behaviour = if OPENAI.contains(&req.path.as_str()) {
             req.path.as_str()
         } else {
             &req.path[req.path.rfind('/').unwrap_or(0)..]
@@ -338,6 +350,42 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                     respond_json(&mut w, 200, &v, keep)?;
                 }
             }
+            "/v1/completions" | "/v1/embeddings" | "/v1/responses" => {
+                let body: serde_json::Value =
+                    serde_json::from_slice(&small).unwrap_or(serde_json::Value::Null);
+                let model = body["model"].as_str().unwrap_or("demo").to_string();
+                let usage = serde_json::json!({"prompt_tokens":len / 4,"completion_tokens":6,"total_tokens":len / 4 + 6,
+                    "input_tokens":len / 4,"output_tokens":6});
+                let mut v = match behaviour {
+                    "/v1/completions" => serde_json::json!({"id":"cmpl-demo","object":"text_completion","model":model,
+                        "choices":[{"index":0,"text":"Hello from the demo backend.","finish_reason":"stop"}],"usage":usage}),
+                    "/v1/embeddings" => serde_json::json!({"object":"list","model":model,
+                        "data":[{"object":"embedding","index":0,"embedding":[0.25,-0.5,1.0]}],"usage":usage}),
+                    _ => serde_json::json!({"id":"resp_demo","object":"response","model":model,"status":"completed",
+                        "output":[{"type":"message","id":"msg_1","role":"assistant","status":"completed",
+                            "content":[{"type":"output_text","text":"Hello from the demo backend.","annotations":[]}]}],
+                        "usage":usage}),
+                };
+                // What arrived, beside the answer (clients ignore unknown fields).
+                v["body_len"] = len.into();
+                v["headers"] = req
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), serde_json::Value::String(v.clone())))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+                respond_json(&mut w, 200, &v, keep)?;
+            }
+            "/v1/audio/transcriptions" | "/v1/audio/translations" => {
+                let v = serde_json::json!({"text": format!("{len} {hash:016x}")});
+                respond_json(&mut w, 200, &v, keep)?;
+            }
+            "/infer" => {
+                let header_len = req.header("inference-header-content-length").and_then(|v| v.parse().ok());
+                let (head, out) = kserve_identity(&small, header_len, &req.path);
+                w.write_all(head.as_bytes())?;
+                w.write_all(&out)?;
+            }
             _ => {
                 let headers: serde_json::Map<String, serde_json::Value> = req
                     .headers
@@ -356,6 +404,52 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// A Triton-like identity model for `POST /v2/models/{m}/infer`: each
+/// input comes back as output `OUT_<name>` with the same datatype, shape
+/// and values; raw bytes in Triton's binary tensor extension when the input
+/// came that way, JSON `data` otherwise. Returns the response head and body.
+fn kserve_identity(body: &[u8], header_len: Option<usize>, path: &str) -> (String, Vec<u8>) {
+    let json_len = header_len.unwrap_or(body.len()).min(body.len());
+    let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body[..json_len]) else {
+        let e = br#"{"error":"backend: the request is not JSON"}"#;
+        return (format!("HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", e.len()), e.to_vec());
+    };
+    let mut binary = &body[json_len..];
+    let mut raw_out = Vec::new();
+    let mut outputs = Vec::new();
+    for i in req["inputs"].as_array().into_iter().flatten() {
+        let mut o = serde_json::json!({
+            "name": format!("OUT_{}", i["name"].as_str().unwrap_or("")),
+            "datatype": i["datatype"], "shape": i["shape"],
+        });
+        match i["parameters"]["binary_data_size"].as_u64() {
+            Some(n) => {
+                let n = (n as usize).min(binary.len());
+                raw_out.extend_from_slice(&binary[..n]);
+                binary = &binary[n..];
+                o["parameters"] = serde_json::json!({"binary_data_size": n});
+            }
+            None => o["data"] = i["data"].clone(),
+        }
+        outputs.push(o);
+    }
+    let model = path.split('/').nth(3).unwrap_or("");
+    let head = serde_json::json!({"model_name": model, "model_version": "1", "outputs": outputs}).to_string();
+    let mut out = head.clone().into_bytes();
+    if raw_out.is_empty() {
+        return (format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", out.len()), out);
+    }
+    out.extend_from_slice(&raw_out);
+    (
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ninference-header-content-length: {}\r\ncontent-length: {}\r\n\r\n",
+            head.len(),
+            out.len()
+        ),
+        out,
+    )
 }
 
 fn chunk(w: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {

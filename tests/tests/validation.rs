@@ -87,16 +87,31 @@ fn post(c: &mut Client, path: &str, ctype: &str, body: &[u8]) -> Response {
     c.read_response()
 }
 
-/// Status, error type, code and param of a refusal.
+/// Status, error type, code and JSON pointer of a refusal (OpenAI routes
+/// keep the pointer beside OpenAI's `param`; the gateway's shape has it as `param`).
 fn refusal(r: &Response) -> (u16, String, String, String) {
     let ty = r.error_type();
     let v = r.json();
+    let e = &v["error"];
+    let pointer = e.get("pointer").unwrap_or(&e["param"]);
     (
         r.status,
         ty,
-        v["error"]["code"].as_str().unwrap_or("").into(),
-        v["error"]["param"].as_str().unwrap_or("").into(),
+        e["code"].as_str().unwrap_or("").into(),
+        pointer.as_str().unwrap_or("").into(),
     )
+}
+
+/// A KServe refusal: `{"error": "<message>"}` and nothing else (what
+/// `tritonclient` parses); its status and the pointer the message ends with.
+fn kserve_refusal(r: &Response) -> (u16, String) {
+    let v = r.json();
+    let msg = v["error"].as_str().unwrap_or_else(|| panic!("not a string error: {v}"));
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+    let at = msg
+        .rsplit_once("(at ")
+        .map_or("", |(_, p)| p.trim_end_matches(')'));
+    (r.status, at.to_string())
 }
 
 fn start(d: Driver) -> (Backend, Gateway) {
@@ -116,16 +131,16 @@ fn openai_requests(d: Driver) {
 
     type Case<'a> = (&'a [u8], &'a str, (u16, &'a str, &'a str, &'a str));
     let cases: &[Case] = &[
-        (br#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#, "application/json", (404, "not_found", "model_not_found", "/model")),
-        (br#"{"model":"retired","messages":[{"role":"user","content":"x"}]}"#, "application/json", (404, "not_found", "model_disabled", "/model")),
-        (br#"{"model":"llama@3","messages":[{"role":"user","content":"x"}]}"#, "application/json", (404, "not_found", "version_not_found", "/model")),
-        (br#"{"model":"llama","messages":[{"role":"user","content":"x"}],"max_tokens":500}"#, "application/json", (422, "validation_failed", "max_tokens_out_of_range", "/max_tokens")),
-        (br#"{"model":"llama","messages":[{"role":"wizard","content":"x"}]}"#, "application/json", (422, "validation_failed", "invalid_role", "/messages/0/role")),
-        (br#"{"model":"llama","messages":[{"role":"user","content":"x"}],"temperature":9}"#, "application/json", (422, "validation_failed", "out_of_range", "/temperature")),
-        (br#"{"model":"strict","messages":[{"role":"user","content":"x"}]}"#, "application/json", (422, "validation_failed", "schema_violation", "")),
-        (br#"{"model":"strict","user":"u","seed":-1,"messages":[{"role":"user","content":"x"}]}"#, "application/json", (422, "validation_failed", "schema_violation", "/seed")),
-        (br#"{"model":"llama","messages":[{"role":"user","content":"x"}"#, "application/json", (400, "invalid_request", "invalid_json", "")),
-        (b"{\"model\":\"llama\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}", "application/json", (400, "invalid_request", "invalid_json", "")),
+        (br#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#, "application/json", (404, "not_found_error", "model_not_found", "/model")),
+        (br#"{"model":"retired","messages":[{"role":"user","content":"x"}]}"#, "application/json", (404, "not_found_error", "model_disabled", "/model")),
+        (br#"{"model":"llama@3","messages":[{"role":"user","content":"x"}]}"#, "application/json", (404, "not_found_error", "version_not_found", "/model")),
+        (br#"{"model":"llama","messages":[{"role":"user","content":"x"}],"max_tokens":500}"#, "application/json", (400, "invalid_request_error", "max_tokens_out_of_range", "/max_tokens")),
+        (br#"{"model":"llama","messages":[{"role":"wizard","content":"x"}]}"#, "application/json", (400, "invalid_request_error", "invalid_role", "/messages/0/role")),
+        (br#"{"model":"llama","messages":[{"role":"user","content":"x"}],"temperature":9}"#, "application/json", (400, "invalid_request_error", "out_of_range", "/temperature")),
+        (br#"{"model":"strict","messages":[{"role":"user","content":"x"}]}"#, "application/json", (400, "invalid_request_error", "schema_violation", "")),
+        (br#"{"model":"strict","user":"u","seed":-1,"messages":[{"role":"user","content":"x"}]}"#, "application/json", (400, "invalid_request_error", "schema_violation", "/seed")),
+        (br#"{"model":"llama","messages":[{"role":"user","content":"x"}"#, "application/json", (400, "invalid_request_error", "invalid_json", "")),
+        (b"{\"model\":\"llama\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}", "application/json", (400, "invalid_request_error", "invalid_json", "")),
     ];
     for (body, ct, want) in cases {
         let r = post(&mut c, "/v1/chat/completions", ct, body);
@@ -159,12 +174,24 @@ fn openai_requests(d: Driver) {
     assert_eq!(
         refusal(&r),
         (
-            415,
-            "unsupported_media_type".into(),
+            400,
+            "invalid_request_error".into(),
             "unsupported_media_type".into(),
             "".into()
         )
     );
+    // OpenAI's own names for the parameter, all four keys present.
+    let r = post(
+        &mut c,
+        "/v1/chat/completions",
+        "application/json",
+        br#"{"model":"llama","messages":[{"role":"wizard","content":"x"}]}"#,
+    );
+    let e = &r.json()["error"];
+    assert_eq!(e["param"], "messages[0].role", "{e}");
+    let r = post(&mut c, "/v1/chat/completions", "application/json", br#"{"model":"nope","messages":[]}"#);
+    let e = &r.json()["error"];
+    assert!(e["message"].is_string() && e["param"] == "model" && e["code"] == "model_not_found", "{e}");
 
     // Context window: ~4 bytes a token; 3600 bytes + 200 output > 1000.
     let long = format!(
@@ -289,49 +316,50 @@ fn kserve_requests(d: Driver) {
         .status,
         200
     );
-    type Case<'a> = (&'a str, &'a [u8], (u16, &'a str, &'a str));
+    // (path, body, (status, pointer), reason in the metrics)
+    type Case<'a> = (&'a str, &'a [u8], (u16, &'a str), &'a str);
     let cases: &[Case] = &[
         (
             "/v2/models/resnet/infer",
             br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3]}]}"#,
-            (422, "shape_mismatch", "/inputs/0/data"),
+            (400, "/inputs/0/data"),
+            "shape_mismatch",
         ),
         (
             "/v2/models/resnet/infer",
             br#"{"inputs":[{"name":"x","shape":[3],"datatype":"UINT8","data":[1,256,3]}]}"#,
-            (422, "datatype_mismatch", "/inputs/0/data/1"),
+            (400, "/inputs/0/data/1"),
+            "datatype_mismatch",
         ),
         (
             "/v2/models/resnet/infer",
             br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP8","data":[1]}]}"#,
-            (422, "invalid_datatype", "/inputs/0/datatype"),
+            (400, "/inputs/0/datatype"),
+            "invalid_datatype",
         ),
-        (
-            "/v2/models/resnet/infer",
-            br#"{"inputs":[]}"#,
-            (422, "empty_inputs", "/inputs"),
-        ),
-        ("/v2/models/unknown/infer", ok, (404, "model_not_found", "")),
-        (
-            "/v2/models/resnet/versions/2/infer",
-            ok,
-            (404, "version_not_found", ""),
-        ),
+        ("/v2/models/resnet/infer", br#"{"inputs":[]}"#, (400, "/inputs"), "empty_inputs"),
+        ("/v2/models/unknown/infer", ok, (404, ""), "model_not_found"),
+        ("/v2/models/resnet/versions/2/infer", ok, (404, ""), "version_not_found"),
     ];
-    for (path, body, want) in cases {
-        let got = refusal(&post(&mut c, path, "application/json", body));
-        assert_eq!(
-            (got.0, got.2.as_str(), got.3.as_str()),
-            *want,
-            "{path} {}",
-            String::from_utf8_lossy(body)
-        );
+    for (path, body, want, reason) in cases {
+        let got = kserve_refusal(&post(&mut c, path, "application/json", body));
+        assert_eq!((got.0, got.1.as_str()), *want, "{path} {}", String::from_utf8_lossy(body));
+        let series = format!("reason=\"{reason}\"");
+        assert!(g.wait_metric(&["gateway_validation_rejections_total", &series], 1.0) >= 1.0, "{reason}");
     }
+    // A model name from the path the catalogue doesn't know is no label value.
+    let text = g.metrics();
+    assert!(!text.contains("model=\"unknown\""), "client-chosen label: {text}");
+    assert!(text.contains("model=\"other\""), "{text}");
+    // tritonclient sends no Content-Type: read as JSON.
+    c.send(format!("POST /v2/models/resnet/infer HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", ok.len()).as_bytes());
+    c.send(ok);
+    assert_eq!(c.read_response().status, 200);
     // Metadata and readiness pass through for known models only.
     assert_eq!(c.get("/v2/models/resnet").status, 200);
     assert_eq!(c.get("/v2/models/resnet/ready").status, 200);
     assert_eq!(c.get("/v2/models/unknown/ready").status, 404);
-    assert_eq!(b.requests(), 4);
+    assert_eq!(b.requests(), 5);
 }
 
 fn binary_uploads(d: Driver) {

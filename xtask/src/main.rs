@@ -84,6 +84,9 @@ enum Install {
     /// `bpf-linker`, built against Debian's LLVM 22 (`cargo install`, about
     /// 5 minutes on 2 cores; skipped when present).
     BpfLinker,
+    /// Python packages from PyPI (`python3 -m pip install`): clients written
+    /// by others that the tests drive the gateway with.
+    Pip(&'static [&'static str]),
 }
 
 /// One prerequisite, present when `check` says so.
@@ -169,6 +172,12 @@ const PREREQS: &[Prereq] = &[
         why: "tests: RSA keys",
     },
     Prereq {
+        name: "py-clients",
+        check: || python_imports("import openai, tritonclient.http"),
+        install: Install::Pip(&["openai", "tritonclient[http]"]),
+        why: "tests: the OpenAI Python SDK and tritonclient through the gateway",
+    },
+    Prereq {
         name: "llvm-22",
         check: || {
             Path::new("/usr/lib/llvm-22/bin/llvm-config")
@@ -200,6 +209,15 @@ fn cargo_bin(name: &'static str) -> impl Fn() -> Option<String> {
         let p = home.join("bin").join(name);
         p.exists().then(|| p.display().to_string())
     }
+}
+
+/// Whether `python3` runs `code` (imports) cleanly.
+fn python_imports(code: &'static str) -> Option<String> {
+    let ok = Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| "python3".into())
 }
 
 fn nightly_rust_src() -> Option<String> {
@@ -305,6 +323,29 @@ fn setup() -> Result {
                 ])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
+    }
+
+    let pip: Vec<&str> = missing
+        .iter()
+        .filter_map(|p| match p.install {
+            Install::Pip(pkgs) => Some(pkgs),
+            _ => None,
+        })
+        .flatten()
+        .copied()
+        .collect();
+    if !pip.is_empty() {
+        if find_program("python3").is_none() {
+            run_step(Command::new("apt-get").args(["install", "-y", "-qq", "python3", "python3-pip"]))?;
+        }
+        let mut args = vec!["-m", "pip", "install", "--quiet", "--disable-pip-version-check"];
+        args.extend(&pip);
+        // A Debian-managed Python refuses installs outside a venv (PEP 668):
+        // the tests want these packages where `python3` finds them.
+        if run_step(Command::new("python3").args(&args)).is_err() {
+            args.push("--break-system-packages");
+            run_step(Command::new("python3").args(&args))?;
+        }
     }
 
     let still: Vec<&str> = PREREQS
