@@ -445,7 +445,7 @@ fn authorization_rules_decide_by_tenant_and_model() {
     );
     let r = chat(&s.g, "mistral-7b", &acme);
     assert_eq!(r.status, 403, "acme may not use mistral");
-    assert_eq!(echoed(&r)["error"]["type"], "permission_denied");
+    assert_eq!(echoed(&r)["error"]["type"], "permission_error");
     assert!(s.g.wait_metric(&["gateway_authz_decisions_total", "decision=\"deny\""], 1.0) >= 1.0);
     assert!(
         s.g.wait_metric(

@@ -393,6 +393,8 @@ fn test() -> Result {
         "--workspace",
         "--exclude",
         "gateway-benches",
+        // Every test binary runs: one failure doesn't hide the others.
+        "--no-fail-fast",
         "--",
         "--test-threads=2",
     ]);

@@ -27,9 +27,13 @@ pub enum Protocol {
     /// Forwarded as is; only the generic checks (content type, size, optional schema).
     #[default]
     Passthrough,
-    /// OpenAI-compatible: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `GET /v1/models`.
+    /// OpenAI-compatible (as vLLM serves it): chat, completions, embeddings,
+    /// responses, rerank/score/classify/pooling, tokenize, audio uploads,
+    /// `GET /v1/models`; errors as OpenAI's API writes them.
     Openai,
-    /// KServe v2 / Open Inference Protocol REST: `/v2/models/{name}[/versions/{v}]/infer`, metadata, ready.
+    /// KServe v2 / Open Inference Protocol REST: `/v2/models/{name}[/versions/{v}]/infer`
+    /// (JSON or Triton's binary tensor extension), metadata, ready;
+    /// errors as `{"error": "<message>"}`.
     Kserve,
 }
 

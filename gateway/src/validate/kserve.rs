@@ -512,6 +512,17 @@ fn check_input<'a, J: Json<'a>>(
     if dt == Dt::Bf16 {
         return Err(at_input(i, "datatype", "binary_required", dt.rule()).into());
     }
+    if params.is_some_and(|p| p.get("shared_memory_region").is_some()) {
+        // The backend is on another host: a client's shared memory region
+        // means nothing there.
+        return Err(at_input(
+            i,
+            "parameters",
+            "shared_memory_unsupported",
+            "tensors in shared memory can't pass through a gateway: send the data in the request",
+        )
+        .into());
+    }
 
     let Some(data) = o.get("data").and_then(|d| d.as_arr()) else {
         return Err(at_input(
@@ -1420,6 +1431,9 @@ mod tests {
         assert_eq!(reason(&over, &bad[..bad.len() - 1]), Err(("binary_size_mismatch", size_at(0))));
         let few = req(&[input("s", "[3]", "BYTES", bad.len())]);
         assert_eq!(reason(&few, &bad), Err(("binary_size_mismatch", size_at(0))));
+        // Shared memory means nothing to a backend on another host.
+        let shm = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","parameters":{"shared_memory_region":"r","shared_memory_byte_size":1}}]}"#;
+        assert_eq!(reason(shm, &[]), Err(("shared_memory_unsupported", "/inputs/0/parameters".into())));
         // Both `data` and a binary size; a size that isn't a count.
         let both = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","data":[1],"parameters":{"binary_data_size":1}}]}"#;
         assert_eq!(reason(both, &[1]), Err(("binary_and_data", "/inputs/0/data".into())));
