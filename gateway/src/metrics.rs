@@ -58,6 +58,10 @@ pub struct Metrics {
     pub ratelimit_redis_errors: IntCounterVec,
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
+    pub prefix_routes: IntCounterVec,
+    pub prefix_index_bytes: IntGaugeVec,
+    pub backend_ttft: prometheus::GaugeVec,
+    pub backend_prefill: prometheus::GaugeVec,
     pub upstream_retries: IntCounterVec,
     pub balance_split: IntCounterVec,
     pub shadow: IntCounterVec,
@@ -342,6 +346,26 @@ const RATELIMIT_REDIS_SYNC: Desc = Desc::new(
 );
 
 // Balancing, traffic splits and shadowing.
+const PREFIX_ROUTES: Desc = Desc::new(
+    "gateway_prefix_routes_total",
+    "Requests routed by a prefix-aware algorithm, by whether the chosen backend had been sent the prompt's leading blocks (cached) or not (uncached)",
+    &["cluster", "result"],
+);
+const PREFIX_INDEX_BYTES: Desc = Desc::new(
+    "gateway_prefix_index_bytes",
+    "Memory of the prefix index (what was sent where), all workers, per cluster; bounded by prefix_cache_blocks × backends",
+    &["cluster"],
+);
+const BACKEND_TTFT: Desc = Desc::new(
+    "gateway_backend_ttft_ewma_seconds",
+    "EWMA of the time from sending a request to its first response body byte (the first token of a stream), per backend",
+    &["cluster", "backend"],
+);
+const BACKEND_PREFILL: Desc = Desc::new(
+    "gateway_backend_prefill_seconds_per_1k_tokens",
+    "Prefill time per 1,000 uncached prompt tokens, as learned from time to first token (0: not learned yet)",
+    &["cluster", "backend"],
+);
 const BALANCE_SHED: Desc = Desc::new(
     "gateway_balance_shed_total",
     "Requests refused with 503 because every backend of the cluster was saturated",
@@ -448,6 +472,10 @@ impl Metrics {
                 exponential_buckets(0.0001, 2.0, 14).expect("valid buckets"),
             ),
             balance_shed: counter_vec(&r, &BALANCE_SHED),
+            prefix_routes: counter_vec(&r, &PREFIX_ROUTES),
+            prefix_index_bytes: gauge_vec(&r, &PREFIX_INDEX_BYTES),
+            backend_ttft: float_gauge_vec(&r, &BACKEND_TTFT),
+            backend_prefill: float_gauge_vec(&r, &BACKEND_PREFILL),
             upstream_retries: counter_vec(&r, &UPSTREAM_RETRIES),
             shadow: counter_vec(&r, &SHADOW),
             shadow_duration: histogram_vec(&r, &SHADOW_DURATION, latency),
@@ -489,6 +517,7 @@ pub struct WorkerMetrics {
     pub authz: RefCell<LocalIntCounterVec>,
     pub ratelimit: RefCell<LocalIntCounterVec>,
     pub balance_shed: RefCell<LocalIntCounterVec>,
+    pub prefix_routes: RefCell<LocalIntCounterVec>,
     pub upstream_retries: RefCell<LocalIntCounterVec>,
     pub balance_split: RefCell<LocalIntCounterVec>,
     pub balance_ejections: RefCell<LocalIntCounterVec>,
@@ -514,6 +543,7 @@ impl WorkerMetrics {
             authz: RefCell::new(m.authz.local()),
             ratelimit: RefCell::new(m.ratelimit.local()),
             balance_shed: RefCell::new(m.balance_shed.local()),
+            prefix_routes: RefCell::new(m.prefix_routes.local()),
             balance_split: RefCell::new(m.balance_split.local()),
             upstream_retries: RefCell::new(m.upstream_retries.local()),
             balance_ejections: RefCell::new(m.balance_ejections.local()),
@@ -549,6 +579,7 @@ impl WorkerMetrics {
         self.authz.borrow().flush();
         self.ratelimit.borrow().flush();
         self.balance_shed.borrow().flush();
+        self.prefix_routes.borrow().flush();
         self.balance_split.borrow().flush();
         self.upstream_retries.borrow().flush();
         self.balance_ejections.borrow().flush();

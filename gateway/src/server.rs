@@ -757,6 +757,12 @@ fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Resul
                     m.backend_latency
                         .with_label_values(&labels)
                         .set(l.latency_ns.load(Ordering::Relaxed) as f64 / 1e9);
+                    m.backend_ttft
+                        .with_label_values(&labels)
+                        .set(l.ttft_ns.load(Ordering::Relaxed) as f64 / 1e9);
+                    m.backend_prefill
+                        .with_label_values(&labels)
+                        .set(l.prefill_ns.load(Ordering::Relaxed) as f64 / 1e6);
                     m.backend_available
                         .with_label_values(&labels)
                         .set(i64::from(l.available(now)));

@@ -246,6 +246,9 @@ pub struct Worker {
     pub token_cache: RefCell<crate::authn::TokenCache>,
     /// The balance stage's random choices (power of two choices, ties).
     pub rng: crate::balance::Rng,
+    /// What this worker sent where, per cluster name (prefix-aware
+    /// algorithms; per worker: no lock on the hot path; kept across reloads).
+    pub prefix: RefCell<HashMap<String, crate::balance::prefix::PrefixIndex>>,
     /// Shadow (mirrored) requests in flight on this worker.
     pub shadows: Rc<Cell<usize>>,
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
@@ -274,6 +277,7 @@ impl Worker {
             json_scratch: RefCell::new(crate::validate::Scratch::default()),
             token_cache: RefCell::new(token_cache),
             rng: crate::balance::Rng::new(random_u64()),
+            prefix: RefCell::new(HashMap::new()),
             shadows: Rc::new(Cell::new(0)),
             metrics_registry,
             shutdown,

@@ -17,6 +17,7 @@
 //! and fresh server metrics, KV-cache pressure and saturation, cold-start
 //! ramp, LoRA affinity).
 
+pub mod prefix;
 pub mod scrape;
 
 use std::collections::HashMap;
@@ -67,6 +68,14 @@ pub struct BackendLoad {
     pub since_ms: AtomicU64,
     /// Drained by an operator (admin API): no new requests; in-flight ones finish.
     pub draining: AtomicBool,
+    /// EWMA of the time to the first body byte (the first token of a
+    /// stream: vLLM sends the head before it), ns.
+    pub ttft_ns: AtomicU64,
+    /// Prefill time per prompt token not in the cache, ns (learned from
+    /// time to first token, biased to its low values: queueing inflates it).
+    pub prefill_ns: AtomicU64,
+    /// KV blocks the engine says it has (`num_gpu_blocks`; 0: not reported).
+    pub cache_blocks: AtomicU32,
 }
 
 impl BackendLoad {
@@ -91,6 +100,31 @@ impl BackendLoad {
             healthy: AtomicBool::new(true),
             since_ms: AtomicU64::new(now_ms()),
             draining: AtomicBool::new(false),
+            ttft_ns: AtomicU64::new(0),
+            prefill_ns: AtomicU64::new(0),
+            cache_blocks: AtomicU32::new(0),
+        }
+    }
+
+    /// The first body byte came `ttft` after the request was sent, which
+    /// had `uncached` prompt tokens to prefill as far as the gateway knows.
+    pub fn first_token(&self, ttft: Duration, uncached: u64) {
+        let t = ttft.as_nanos() as u64;
+        ewma(&self.ttft_ns, t);
+        // Short prompts say more about step time than about prefill.
+        if uncached >= 256 {
+            let per_token = t / uncached;
+            let _ = self
+                .prefill_ns
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |old| {
+                    Some(match old {
+                        0 => per_token.max(1),
+                        // Down fast, up slowly: a queued request's TTFT
+                        // overstates prefill.
+                        o if per_token < o => (o + per_token) / 2,
+                        o => (o * 15 + per_token) / 16,
+                    })
+                });
         }
     }
 
@@ -413,15 +447,49 @@ impl Rng {
     }
 }
 
+/// What the prefix index knows about a request's prompt, for the
+/// prefix-aware algorithms.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefixView<'a> {
+    /// The prompt's block hashes ([`prefix::BlockHasher`]).
+    pub blocks: &'a [u64],
+    /// How far each backend holds them, by the index.
+    pub matches: &'a prefix::Matches,
+    /// The prompt's size in tokens (estimated).
+    pub prompt_tokens: u64,
+}
+
+impl PrefixView<'_> {
+    /// Prompt tokens taken to be cached at `i`, for what they save: the
+    /// blocks the index says it holds and, for the prompt's home when its
+    /// prefix is known to be shared, the longest run any backend holds;
+    /// plus the anchor's worth for the home, so that where every worker and
+    /// gateway agrees a shared prefix lives wins a near tie (they all
+    /// converge there without talking).
+    fn credit_tokens(&self, i: usize, home: Option<usize>) -> u64 {
+        let m = self.matches;
+        let own = u64::from(m.per_backend.get(i).copied().unwrap_or(0));
+        let (held, bonus) = if home == Some(i) && m.anchor_seen {
+            (own.max(u64::from(m.longest)), prefix::ANCHOR_BLOCKS as u64)
+        } else {
+            (own, 0)
+        };
+        (held * prefix::BLOCK_TOKENS).min(self.prompt_tokens.max(1)) + bonus * prefix::BLOCK_TOKENS
+    }
+}
+
 /// Pick a backend index of `loads` not in `tried` (a bitmask of indexes
 /// tried already; pools above 64 backends treat the rest as untried).
-/// `size` is the request's declared output budget in tokens (0: unknown).
+/// `size` is the request's declared output budget in tokens (0: unknown);
+/// `prefix`, what the prefix index knows (prefix-aware algorithms).
+#[allow(clippy::too_many_arguments)]
 pub fn pick(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
     tried: u64,
     model: &str,
     size: u64,
+    prefix: Option<&PrefixView<'_>>,
     rr: &std::cell::Cell<usize>,
     rng: &Rng,
 ) -> Result<usize, NoPick> {
@@ -447,9 +515,39 @@ pub fn pick(
         Algorithm::LeastRequest => Ok(p2c(&cand, rng, |i| {
             f64::from(loads[i].inflight.load(Ordering::Relaxed))
         })),
-        Algorithm::GieLike => gie_like(s, loads, &cand, now, rng),
-        Algorithm::GpuAware => gpu_aware(s, loads, &cand, now, model, size, rng),
+        Algorithm::GieLike => gie_like(s, loads, &cand, now, None, rng),
+        Algorithm::GiePrefix => gie_like(s, loads, &cand, now, prefix, rng),
+        Algorithm::GpuAware => gpu_aware(s, loads, &cand, now, model, size, None, rng),
+        Algorithm::PrefixAware => gpu_aware(s, loads, &cand, now, model, size, prefix, rng),
     }
+}
+
+/// The candidate with the lowest cost (`None`: skipped), ties at random.
+fn cheapest(
+    cand: &[usize],
+    rng: &Rng,
+    mut cost: impl FnMut(usize) -> Option<f64>,
+) -> Option<usize> {
+    let mut best: Option<(f64, usize)> = None;
+    let mut ties = 0usize;
+    for &i in cand {
+        let Some(c) = cost(i) else { continue };
+        match best {
+            Some((b, _)) if c > b + 1e-9 => {}
+            Some((b, _)) if (c - b).abs() <= 1e-9 => {
+                ties += 1;
+                // Reservoir choice among equals.
+                if rng.below(ties + 1) == 0 {
+                    best = Some((c, i));
+                }
+            }
+            _ => {
+                best = Some((c, i));
+                ties = 0;
+            }
+        }
+    }
+    best.map(|b| b.1)
 }
 
 /// Power of two choices: the lower cost of two distinct random candidates.
@@ -473,12 +571,16 @@ fn p2c(cand: &[usize], rng: &Rng, cost: impl Fn(usize) -> f64) -> usize {
 /// The Kubernetes Inference Gateway's default: queue scorer (weight 2,
 /// `(max − q) / (max − min)`, 1 when all equal) + KV-cache scorer (weight 2,
 /// `1 − kv`), highest total wins, ties at random. Backends without fresh
-/// metrics are left out; none fresh → a random candidate.
+/// metrics are left out; none fresh → a random candidate. With `prefix`
+/// (`gie_prefix`), the endpoint picker's prefix scorer too: weight 3 ×
+/// the share of the prompt's blocks the backend was sent (its approximate
+/// index, no fleet prior).
 fn gie_like(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
     cand: &[usize],
     now: u64,
+    prefix: Option<&PrefixView<'_>>,
     rng: &Rng,
 ) -> Result<usize, NoPick> {
     let fresh: Vec<(usize, f64, f64)> = cand
@@ -495,24 +597,24 @@ fn gie_like(
     let (minq, maxq) = fresh.iter().fold((f64::MAX, f64::MIN), |(lo, hi), f| {
         (lo.min(f.1), hi.max(f.1))
     });
-    let score = |q: f64, kv: f64| {
+    let prefix_score = |i: usize| {
+        prefix.map_or(0.0, |p| {
+            let n = p.blocks.len().max(1) as f64;
+            f64::from(p.matches.per_backend.get(i).copied().unwrap_or(0)) / n
+        })
+    };
+    let score = |i: usize, q: f64, kv: f64| {
         let qs = if maxq > minq {
             (maxq - q) / (maxq - minq)
         } else {
             1.0
         };
-        2.0 * qs + 2.0 * (1.0 - kv)
+        3.0 * prefix_score(i) + 2.0 * qs + 2.0 * (1.0 - kv)
     };
-    let best = fresh
-        .iter()
-        .map(|f| score(f.1, f.2))
-        .fold(f64::MIN, f64::max);
-    let top: Vec<usize> = fresh
-        .iter()
-        .filter(|f| score(f.1, f.2) >= best - 1e-9)
-        .map(|f| f.0)
-        .collect();
-    Ok(top[rng.below(top.len())])
+    // Highest score = lowest negated score.
+    let ids: Vec<usize> = fresh.iter().map(|f| f.0).collect();
+    let by_id = |i: usize| fresh.iter().find(|f| f.0 == i).map(|f| -score(i, f.1, f.2));
+    Ok(cheapest(&ids, rng, by_id).unwrap_or(ids[0]))
 }
 
 /// The gateway's own: the lowest expected completion time. Occupancy is the
@@ -529,6 +631,13 @@ fn gie_like(
 /// are skipped; KV pressure above 80 % raises the cost; a backend within its
 /// `warmup` gets a growing share; one holding the requested LoRA adapter is
 /// preferred. Full scan (pools are small); ties at random.
+///
+/// With `prefix` (`prefix_aware`), each backend's cost is lowered by the
+/// prefill its cached share of the prompt saves there: the blocks it holds
+/// ([`PrefixView::credit_tokens`]) × 16 tokens × its prefill time per token
+/// (learned from time to first token; before that, `prefill_per_1k_tokens`
+/// scaled by how much slower than the fastest it serves). So a prompt stays
+/// where its prefix is until the wait there costs more than the cache saves.
 #[allow(clippy::too_many_arguments)]
 fn gpu_aware(
     s: &BalanceSettings,
@@ -537,6 +646,7 @@ fn gpu_aware(
     now: u64,
     model: &str,
     size: u64,
+    prefix: Option<&PrefixView<'_>>,
     rng: &Rng,
 ) -> Result<usize, NoPick> {
     // A backend not measured yet is assumed as slow as the slowest measured
@@ -549,66 +659,91 @@ fn gpu_aware(
         m => m,
     };
     let mean_token = slowest(&|b| b.token_ns.load(Ordering::Relaxed));
-    let mut best: Option<(f64, usize)> = None;
-    let mut ties = 0usize;
-    for &i in cand {
+    let saving = prefix.map(|p| {
+        let fastest = cand
+            .iter()
+            .map(|&i| loads[i].service_ns.load(Ordering::Relaxed))
+            .filter(|&v| v > 0)
+            .min()
+            .unwrap_or(0) as f64;
+        let home = prefix::home(p.blocks, &addrs(loads), cand);
+        (p, home, fastest)
+    });
+    let pick = cheapest(cand, rng, |i| {
+        let cost = expected_ns(s, &loads[i], now, model, size, mean, mean_token)?;
+        let Some((p, home, fastest)) = saving else {
+            return Some(cost);
+        };
         let b = &loads[i];
-        let mut occ = f64::from(b.inflight.load(Ordering::Relaxed));
-        let mut cost_mul = 1.0;
-        if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
-            if waiting >= s.queue_saturation || kv >= s.kv_saturation {
-                continue;
+        let per_token = match b.prefill_ns.load(Ordering::Relaxed) {
+            0 => {
+                let base = s.prefill_per_1k_tokens.as_nanos() as f64 / 1000.0;
+                let service = b.service_ns.load(Ordering::Relaxed) as f64;
+                let slower = if fastest > 0.0 && service > 0.0 { service / fastest } else { 1.0 };
+                base * slower
             }
-            occ = occ.max(f64::from(waiting) + f64::from(running));
-            if kv > 0.8 {
-                cost_mul *= 1.0 + (kv - 0.8) * 5.0;
-            }
-        }
-        let service = match b.service_ns.load(Ordering::Relaxed) {
-            0 => mean,
             v => v as f64,
         };
-        let since = b.since_ms.load(Ordering::Relaxed);
-        let warm = s.warmup.as_millis() as u64;
-        if warm > 0 && now < since + warm {
-            // From 4× the cost at admission down to 1× after `warmup`.
-            let left = (since + warm - now.max(since)) as f64 / warm as f64;
-            cost_mul *= 1.0 + 3.0 * left;
+        Some(cost - p.credit_tokens(i, home) as f64 * per_token)
+    });
+    pick.ok_or(NoPick::Saturated)
+}
+
+fn addrs(loads: &[Arc<BackendLoad>]) -> Vec<SocketAddr> {
+    loads.iter().map(|b| b.addr).collect()
+}
+
+/// One backend's expected completion time for a request, ns (`None`:
+/// saturated, skip it): see [`gpu_aware`].
+fn expected_ns(
+    s: &BalanceSettings,
+    b: &BackendLoad,
+    now: u64,
+    model: &str,
+    size: u64,
+    mean: f64,
+    mean_token: f64,
+) -> Option<f64> {
+    let mut occ = f64::from(b.inflight.load(Ordering::Relaxed));
+    let mut cost_mul = 1.0;
+    if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
+        if waiting >= s.queue_saturation || kv >= s.kv_saturation {
+            return None;
         }
-        if !model.is_empty()
-            && b.adapters
-                .lock()
-                .map(|a| a.iter().any(|x| x == model))
-                .unwrap_or(false)
-        {
-            cost_mul *= 0.8;
-        }
-        let token = match b.token_ns.load(Ordering::Relaxed) {
-            0 => mean_token,
-            v => v as f64,
-        };
-        let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
-        let cost = if size > 0 && token > 0.0 && batch > 0.0 {
-            ((occ + 1.0 - batch).max(0.0) * service + size as f64 * token) * cost_mul
-        } else {
-            (occ + 1.0) * service * cost_mul
-        };
-        match best {
-            Some((c, _)) if cost > c + 1e-9 => {}
-            Some((c, _)) if (cost - c).abs() <= 1e-9 => {
-                ties += 1;
-                // Reservoir choice among equals.
-                if rng.below(ties + 1) == 0 {
-                    best = Some((cost, i));
-                }
-            }
-            _ => {
-                best = Some((cost, i));
-                ties = 0;
-            }
+        occ = occ.max(f64::from(waiting) + f64::from(running));
+        if kv > 0.8 {
+            cost_mul *= 1.0 + (kv - 0.8) * 5.0;
         }
     }
-    best.map(|b| b.1).ok_or(NoPick::Saturated)
+    let service = match b.service_ns.load(Ordering::Relaxed) {
+        0 => mean,
+        v => v as f64,
+    };
+    let since = b.since_ms.load(Ordering::Relaxed);
+    let warm = s.warmup.as_millis() as u64;
+    if warm > 0 && now < since + warm {
+        // From 4× the cost at admission down to 1× after `warmup`.
+        let left = (since + warm - now.max(since)) as f64 / warm as f64;
+        cost_mul *= 1.0 + 3.0 * left;
+    }
+    if !model.is_empty()
+        && b.adapters
+            .lock()
+            .map(|a| a.iter().any(|x| x == model))
+            .unwrap_or(false)
+    {
+        cost_mul *= 0.8;
+    }
+    let token = match b.token_ns.load(Ordering::Relaxed) {
+        0 => mean_token,
+        v => v as f64,
+    };
+    let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
+    Some(if size > 0 && token > 0.0 && batch > 0.0 {
+        ((occ + 1.0 - batch).max(0.0) * service + size as f64 * token) * cost_mul
+    } else {
+        (occ + 1.0) * service * cost_mul
+    })
 }
 
 #[cfg(test)]
@@ -640,17 +775,17 @@ mod tests {
         let s = settings(Algorithm::RoundRobin);
         let (rr, rng) = (Cell::new(0), Rng::new(1));
         let picks: Vec<usize> = (0..3)
-            .map(|_| pick(&s, &p, 0, "", 0, &rr, &rng).unwrap())
+            .map(|_| pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap())
             .collect();
         assert_eq!(picks, vec![0, 1, 2]);
         p[1].ejected_until
             .store(now_ms() + 60_000, Ordering::Relaxed);
         for _ in 0..4 {
-            assert_ne!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
+            assert_ne!(pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap(), 1);
         }
         // The available ones tried already: an ejected one isn't tried instead.
         assert_eq!(
-            pick(&s, &p, 0b101, "", 0, &rr, &rng),
+            pick(&s, &p, 0b101, "", 0, None, &rr, &rng),
             Err(NoPick::Exhausted)
         );
         // Nothing available at all: every untried backend is a candidate.
@@ -658,12 +793,12 @@ mod tests {
             b.ejected_until.store(now_ms() + 60_000, Ordering::Relaxed);
         }
         assert_eq!(
-            pick(&s, &p, 0b101, "", 0, &rr, &rng).unwrap(),
+            pick(&s, &p, 0b101, "", 0, None, &rr, &rng).unwrap(),
             1,
             "better a chance than a 502"
         );
         assert_eq!(
-            pick(&s, &p, 0b111, "", 0, &rr, &rng),
+            pick(&s, &p, 0b111, "", 0, None, &rr, &rng),
             Err(NoPick::Exhausted)
         );
     }
@@ -675,7 +810,7 @@ mod tests {
         let s = settings(Algorithm::LeastRequest);
         let (rr, rng) = (Cell::new(0), Rng::new(7));
         for _ in 0..20 {
-            assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
+            assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap(), 1);
         }
     }
 
@@ -688,7 +823,7 @@ mod tests {
         // 0: 2·0 + 2·0.8 = 1.6; 1: 2·1 + 2·0.1 = 2.2; 2: 2·0.8 + 2·0.9 = 3.4.
         let s = settings(Algorithm::GieLike);
         let (rr, rng) = (Cell::new(0), Rng::new(3));
-        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 2);
+        assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap(), 2);
         // Stale metrics are not trusted: with 2's report too old, 1 wins.
         let s = BalanceSettings {
             metrics_max_age: Duration::from_millis(20),
@@ -697,10 +832,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         p[0].report(Some(10), Some(4), Some(0.2));
         p[1].report(Some(0), Some(4), Some(0.9));
-        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
+        assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap(), 1);
         // Nothing fresh: any candidate (random), never an error.
         std::thread::sleep(Duration::from_millis(40));
-        assert!(pick(&s, &p, 0, "", 0, &rr, &rng).is_ok());
+        assert!(pick(&s, &p, 0, "", 0, None, &rr, &rng).is_ok());
     }
 
     #[test]
@@ -711,22 +846,22 @@ mod tests {
         p[1].service_ns.store(200, Ordering::Relaxed);
         let s = settings(Algorithm::GpuAware);
         let (rr, rng) = (Cell::new(0), Rng::new(5));
-        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 0);
+        assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap(), 0);
         // With 2 in flight on 0 (cost 300) vs 0 on 1 (cost 200): 1.
         p[0].inflight.store(2, Ordering::Relaxed);
-        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 1);
+        assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap(), 1);
         // The server says 1 is busy (fresh): occupancy 5 → cost 1200: back to 0.
         p[1].report(Some(1), Some(4), Some(0.5));
-        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng).unwrap(), 0);
+        assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng).unwrap(), 0);
         // Both saturated: shed.
         p[0].report(Some(100), Some(8), Some(0.5));
         p[1].report(Some(0), Some(8), Some(0.99));
-        assert_eq!(pick(&s, &p, 0, "", 0, &rr, &rng), Err(NoPick::Saturated));
+        assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng), Err(NoPick::Saturated));
         // LoRA affinity breaks a tie.
         let q = pool(2);
         *q[1].adapters.lock().unwrap() = vec!["sql-lora".into()];
         for _ in 0..10 {
-            assert_eq!(pick(&s, &q, 0, "sql-lora", 0, &rr, &rng).unwrap(), 1);
+            assert_eq!(pick(&s, &q, 0, "sql-lora", 0, None, &rr, &rng).unwrap(), 1);
         }
     }
 
@@ -822,5 +957,110 @@ mod tests {
             b.outcome(false, &s);
         }
         assert_eq!(b.outcome(false, &s), Some(Duration::from_secs(3)), "capped");
+    }
+
+    /// A prompt of `n` blocks, and an index where backend `at` was sent
+    /// `held` of them.
+    fn prompt(n: usize, held: &[(usize, usize)]) -> (Vec<u64>, prefix::PrefixIndex) {
+        let mut h = prefix::BlockHasher::new("m", None, usize::MAX);
+        h.write(&vec![b'x'; n * prefix::BLOCK_BYTES]);
+        let blocks = h.finish();
+        let mut ix = prefix::PrefixIndex::new(1 << 16);
+        for &(at, k) in held {
+            ix.insert(&blocks[..k], at);
+        }
+        (blocks, ix)
+    }
+
+    #[test]
+    fn prefix_aware_stays_with_the_cache_until_waiting_there_costs_more() {
+        let p = pool(2);
+        // Equal speed; 50 µs of prefill a token (50 ms a 1k).
+        for b in &p {
+            b.service_ns.store(10_000_000, Ordering::Relaxed);
+            b.prefill_ns.store(50_000, Ordering::Relaxed);
+        }
+        let s = settings(Algorithm::PrefixAware);
+        let (rr, rng) = (Cell::new(0), Rng::new(9));
+        // The prompt's home holds 90 of its 100 blocks (1,440 tokens, and
+        // 64 for being home: ≈ 75 ms of prefill).
+        let (blocks, _) = prompt(100, &[]);
+        let at = prefix::home(&blocks, &addrs(&p), &[0, 1]).unwrap();
+        let (blocks, ix) = prompt(100, &[(at, 90)]);
+        let m = ix.matches(&blocks, 2);
+        let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 1600 };
+        for _ in 0..10 {
+            assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), at);
+        }
+        // Plain gpu_aware is blind to it: a tie, either one.
+        let g = settings(Algorithm::GpuAware);
+        let picks: std::collections::HashSet<usize> =
+            (0..40).map(|_| pick(&g, &p, 0, "m", 0, None, &rr, &rng).unwrap()).collect();
+        assert_eq!(picks.len(), 2);
+        // Five more in flight there (50 ms more wait) is still worth the 75 ms saved…
+        p[at].inflight.store(5, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), at);
+        // …ten more (100 ms) is not.
+        p[at].inflight.store(10, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), 1 - at);
+        // Sent elsewhere once (home was busy): at equal load it goes home
+        // again — one more prefill there, and every worker converges on it…
+        p[at].inflight.store(0, Ordering::Relaxed);
+        let (blocks2, ix2) = prompt(100, &[(1 - at, 90)]);
+        let m2 = ix2.matches(&blocks2, 2);
+        let v2 = PrefixView { blocks: &blocks2, matches: &m2, prompt_tokens: 1600 };
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), at);
+        // …unless home is busier by more than the anchor's worth (3.2 ms).
+        p[at].inflight.store(1, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), 1 - at);
+    }
+
+    #[test]
+    fn gie_prefix_adds_the_prefix_share_to_queue_and_kv() {
+        let p = pool(2);
+        p[0].report(Some(0), Some(4), Some(0.2));
+        p[1].report(Some(3), Some(4), Some(0.2));
+        let (rr, rng) = (Cell::new(0), Rng::new(3));
+        // Queue alone: 0 (score 2 + 1.6 vs 0 + 1.6).
+        assert_eq!(pick(&settings(Algorithm::GieLike), &p, 0, "", 0, None, &rr, &rng).unwrap(), 0);
+        // 1 holds the whole prompt: 3 × 1 outweighs the queue's 2.
+        let (blocks, ix) = prompt(20, &[(1, 20)]);
+        let m = ix.matches(&blocks, 2);
+        let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 320 };
+        let s = settings(Algorithm::GiePrefix);
+        assert_eq!(pick(&s, &p, 0, "", 0, Some(&view), &rr, &rng).unwrap(), 1);
+        // Half of it: 1.5 < 2: back to 0.
+        let (blocks, ix) = prompt(20, &[(1, 10)]);
+        let m = ix.matches(&blocks, 2);
+        let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 320 };
+        assert_eq!(pick(&s, &p, 0, "", 0, Some(&view), &rr, &rng).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_shared_prefix_goes_home_where_no_worker_has_sent_it() {
+        // Two workers' indexes, each knowing only its own sends: both send a
+        // shared prefix to its home, the same backend, when loads are equal.
+        let p = pool(4);
+        for b in &p {
+            b.service_ns.store(10_000_000, Ordering::Relaxed);
+            b.prefill_ns.store(50_000, Ordering::Relaxed);
+        }
+        let s = settings(Algorithm::PrefixAware);
+        let (rr, rng) = (Cell::new(0), Rng::new(11));
+        let (blocks, _) = prompt(40, &[]);
+        let cand: Vec<usize> = (0..4).collect();
+        let home = prefix::home(&blocks, &addrs(&p), &cand).unwrap();
+        let other = (home + 1) % 4;
+        // Worker A sent it elsewhere once (its index has it there); worker B
+        // sent it to the home once.
+        let mut a = prefix::PrefixIndex::new(1 << 16);
+        a.insert(&blocks, other);
+        let mut b = prefix::PrefixIndex::new(1 << 16);
+        b.insert(&blocks, home);
+        for ix in [&a, &b] {
+            let m = ix.matches(&blocks, 4);
+            let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 640 };
+            assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), home);
+        }
     }
 }

@@ -16,6 +16,8 @@ pub struct Sample {
     pub running: Option<u32>,
     pub kv: Option<f64>,
     pub adapters: Option<Vec<String>>,
+    /// KV blocks of 16 tokens the engine has (vLLM `cache_config_info`).
+    pub cache_blocks: Option<u32>,
 }
 
 /// Sum a metric's samples over its label sets (one per model on a
@@ -57,18 +59,21 @@ pub fn parse(engine: Engine, text: &str) -> Sample {
             kv: max(text, "vllm:kv_cache_usage_perc")
                 .or_else(|| max(text, "vllm:gpu_cache_usage_perc")),
             adapters: lora_adapters(text),
+            cache_blocks: cache_blocks(text),
         },
         Engine::Sglang => Sample {
             waiting: u(sum(text, "sglang:num_queue_reqs")),
             running: u(sum(text, "sglang:num_running_reqs")),
             kv: max(text, "sglang:token_usage"),
             adapters: None,
+            cache_blocks: None,
         },
         Engine::Tgi => Sample {
             waiting: u(sum(text, "tgi_queue_size")),
             running: u(sum(text, "tgi_batch_current_size")),
             kv: None,
             adapters: None,
+            cache_blocks: None,
         },
         Engine::Triton => Sample {
             waiting: u(sum(text, "nv_inference_pending_request_count")),
@@ -79,9 +84,27 @@ pub fn parse(engine: Engine, text: &str) -> Sample {
                 .filter(|(_, t)| *t > 0.0)
                 .map(|(u, t)| u / t),
             adapters: None,
+            cache_blocks: None,
         },
         Engine::None => Sample::default(),
     }
+}
+
+/// vLLM's `vllm:cache_config_info{block_size="16",num_gpu_blocks="N",...}`:
+/// the engine's KV cache in 16-token blocks (other block sizes converted).
+fn cache_blocks(text: &str) -> Option<u32> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("vllm:cache_config_info{"))?;
+    let label = |name: &str| -> Option<u64> {
+        let key = format!("{name}=\"");
+        let start = line.find(&key)? + key.len();
+        let end = start + line[start..].find('"')?;
+        line[start..end].parse().ok()
+    };
+    let blocks = label("num_gpu_blocks")?;
+    let size = label("block_size").unwrap_or(16).max(1);
+    u32::try_from(blocks.saturating_mul(size) / 16).ok().filter(|&n| n > 0)
 }
 
 /// vLLM's `vllm:lora_requests_info{running_lora_adapters="a,b",...}`: the
@@ -158,6 +181,9 @@ pub fn spawn(targets: Targets, metrics: Arc<crate::metrics::Metrics>) -> std::io
                                         if let (Some(a), Ok(mut slot)) = (smp.adapters, b.adapters.lock()) {
                                             *slot = a;
                                         }
+                                        if let Some(n) = smp.cache_blocks {
+                                            b.cache_blocks.store(n, std::sync::atomic::Ordering::Relaxed);
+                                        }
                                         "ok"
                                     }
                                 }
@@ -227,6 +253,13 @@ vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql,chat\",waitin
         assert_eq!((s.waiting, s.kv), (Some(3), Some(0.5)));
         let s = parse(Engine::Vllm, "<html>not metrics</html>\nvllm:num_requests_waiting NaN\nvllm:num_requests_running{x=\"1\"} banana\n");
         assert_eq!(s, Sample::default());
+    }
+
+    #[test]
+    fn vllm_cache_size() {
+        let t = "vllm:cache_config_info{block_size=\"32\",cache_dtype=\"auto\",num_gpu_blocks=\"1000\"} 1.0\n";
+        assert_eq!(parse(Engine::Vllm, t).cache_blocks, Some(2000));
+        assert_eq!(parse(Engine::Vllm, "vllm:cache_config_info{num_gpu_blocks=\"x\"} 1\n").cache_blocks, None);
     }
 
     #[test]

@@ -51,6 +51,13 @@ pub enum Algorithm {
     LeastRequest,
     GieLike,
     GpuAware,
+    /// The endpoint picker's prefix-cache scorers (prefix weight 3, queue 2,
+    /// KV 2; approximate prefix index only): a comparator for the bench.
+    GiePrefix,
+    /// `gpu_aware`'s expected completion time minus the prefill its cached
+    /// prefix saves: sticky to where the prefix is until waiting there
+    /// costs more than the cache saves.
+    PrefixAware,
 }
 
 impl Algorithm {
@@ -60,12 +67,19 @@ impl Algorithm {
             Algorithm::LeastRequest => "least_request",
             Algorithm::GieLike => "gie_like",
             Algorithm::GpuAware => "gpu_aware",
+            Algorithm::GiePrefix => "gie_prefix",
+            Algorithm::PrefixAware => "prefix_aware",
         }
     }
 
     /// Uses the model servers' own metrics.
     pub fn scrapes(self) -> bool {
-        matches!(self, Algorithm::GieLike | Algorithm::GpuAware)
+        !matches!(self, Algorithm::RoundRobin | Algorithm::LeastRequest)
+    }
+
+    /// Routes on the prompt's prefix (needs its blocks hashed).
+    pub fn uses_prefix(self) -> bool {
+        matches!(self, Algorithm::GiePrefix | Algorithm::PrefixAware)
     }
 }
 
@@ -118,6 +132,14 @@ pub struct BalanceSettings {
     pub retry_budget: f64,
     /// ...plus this many always available when traffic is low.
     pub retry_reserve: u32,
+    /// Prefix-aware algorithms: KV blocks (16 tokens) each backend caches,
+    /// until its engine reports its own (`vllm:cache_config_info`
+    /// `num_gpu_blocks`); sizes the gateway's index of what it sent where.
+    pub prefix_cache_blocks: u32,
+    /// Prefill time per 1,000 prompt tokens on the fastest backend, until
+    /// measured (time to first token of uncached prompts).
+    #[serde(deserialize_with = "duration")]
+    pub prefill_per_1k_tokens: Duration,
 }
 
 impl Default for BalanceSettings {
@@ -138,6 +160,8 @@ impl Default for BalanceSettings {
             warmup: Duration::from_secs(10),
             retry_budget: 0.2,
             retry_reserve: 10,
+            prefix_cache_blocks: 16_384,
+            prefill_per_1k_tokens: Duration::from_millis(50),
         }
     }
 }

@@ -87,6 +87,8 @@ pub(super) fn upstream_request<'a>(
         cluster,
         model: c.model(verdict),
         size: verdict.facts.max_tokens.unwrap_or(0),
+        prefix: &verdict.prefix,
+        prompt_tokens: verdict.facts.prompt_tokens,
     }
 }
 

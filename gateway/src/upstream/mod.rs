@@ -46,6 +46,9 @@ pub struct UpConn {
     pub addr: SocketAddr,
     pub reused: bool,
     slot: Slot,
+    /// Prompt tokens the backend has to prefill, as far as the prefix index
+    /// knows (its time to first token teaches the balancer its prefill speed).
+    pub uncached: u64,
 }
 
 /// The balance stage, then connect or reuse: the cluster's algorithm picks a
@@ -69,6 +72,12 @@ async fn checkout(
     let (wait, _) = wait_for(route.connect_timeout, deadline);
     let give_up = Instant::now() + wait;
     let released = cur.pool.borrow().released.clone();
+    let matches = prefix_matches(w, cl, req);
+    let view = matches.as_ref().map(|m| crate::balance::PrefixView {
+        blocks: req.prefix,
+        matches: m,
+        prompt_tokens: req.prompt_tokens,
+    });
     loop {
         let mut last = UpstreamError::Saturated;
         let mut tried = exclude;
@@ -81,6 +90,7 @@ async fn checkout(
                 tried,
                 req.model,
                 req.size,
+                view.as_ref(),
                 cur.cursor(ci),
                 &w.rng,
             ) {
@@ -95,6 +105,10 @@ async fn checkout(
                 tried |= 1 << b;
             }
             let addr = cl.backends[b];
+            let uncached = match &matches {
+                Some(m) => prefix_sent(w, cl, req, m, b),
+                None => req.prompt_tokens,
+            };
             if allow_pooled {
                 let (conn, dropped) = cur.pool.borrow_mut().take(ci, b);
                 let gauge = &cur.pool_idle[ci];
@@ -108,6 +122,7 @@ async fn checkout(
                         addr,
                         reused: true,
                         slot,
+                        uncached,
                     });
                 }
             }
@@ -129,6 +144,7 @@ async fn checkout(
                         addr,
                         reused: false,
                         slot,
+                        uncached,
                     });
                 }
                 Err(e) => {
@@ -177,6 +193,59 @@ pub struct InFlight {
     /// In flight there when this one was sent, itself included.
     pub concurrency: u32,
     pub backend: usize,
+    /// Prompt tokens it had to prefill (as far as the prefix index knows).
+    pub uncached: u64,
+}
+
+/// What the worker's prefix index knows of the request's prompt, when its
+/// cluster routes on prefixes (the index is made on first use, sized from
+/// the backends' cache sizes).
+fn prefix_matches(w: &Worker, cl: &Cluster, req: &Request<'_>) -> Option<crate::balance::prefix::Matches> {
+    if req.prefix.is_empty() || !cl.balance.algorithm.uses_prefix() {
+        return None;
+    }
+    let capacity: usize = cl
+        .loads
+        .iter()
+        .map(|l| match l.cache_blocks.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => cl.balance.prefix_cache_blocks as usize,
+            n => n as usize,
+        })
+        .sum();
+    let mut map = w.prefix.borrow_mut();
+    if !map.contains_key(&cl.name) {
+        map.insert(cl.name.clone(), crate::balance::prefix::PrefixIndex::new(capacity));
+    }
+    let ix = map.get_mut(&cl.name)?;
+    ix.set_capacity(capacity);
+    Some(ix.matches(req.prefix, cl.backends.len()))
+}
+
+/// The prompt goes to backend `b`: index its blocks there, count whether
+/// they were there already, keep the index's memory gauge current; returns
+/// the prompt tokens `b` has to prefill as far as the index knows.
+fn prefix_sent(
+    w: &Worker,
+    cl: &Cluster,
+    req: &Request<'_>,
+    m: &crate::balance::prefix::Matches,
+    b: usize,
+) -> u64 {
+    let held = u64::from(m.per_backend.get(b).copied().unwrap_or(0));
+    let result = if held > 0 { "cached" } else { "uncached" };
+    w.metrics.inc(&w.metrics.prefix_routes, &[&cl.name, result], 1);
+    let mut map = w.prefix.borrow_mut();
+    if let Some(ix) = map.get_mut(&cl.name) {
+        ix.insert(req.prefix, b);
+        let bytes = ix.bytes();
+        if bytes != ix.reported {
+            let g = w.metrics_registry.prefix_index_bytes.with_label_values(&[&cl.name]);
+            g.add(bytes as i64 - ix.reported as i64);
+            ix.reported = bytes;
+        }
+    }
+    req.prompt_tokens
+        .saturating_sub(held * crate::balance::prefix::BLOCK_TOKENS)
 }
 
 impl InFlight {
@@ -191,6 +260,7 @@ impl InFlight {
             load,
             concurrency: n,
             backend: up.backend,
+            uncached: up.uncached,
         }
     }
 }
@@ -234,6 +304,9 @@ pub struct Exchange {
     pub head_consumed: bool,
     pub backend: Option<SocketAddr>,
     pub header_time: Option<Duration>,
+    /// From sending the request to the response's first body byte (the
+    /// first token of a stream).
+    pub first_byte: Option<Duration>,
     pub req_bytes: u64,
     pub resp_bytes: u64,
     /// The client connection may carry another request.
@@ -270,6 +343,10 @@ pub struct Request<'a> {
     pub model: &'a str,
     /// The declared output budget (`max_tokens`; 0 unknown): size-aware balancing.
     pub size: u64,
+    /// The prompt's block hashes (prefix-aware balancing; empty: none).
+    pub prefix: &'a [u64],
+    /// The prompt's estimated size in tokens.
+    pub prompt_tokens: u64,
 }
 
 /// Forward one request to a backend and relay its answer to `client`.
@@ -299,6 +376,9 @@ pub async fn forward<D: Downstream>(
                 f.concurrency,
                 req.size,
             );
+        }
+        if let (Some(t), 200) = (x.first_byte, x.status) {
+            f.load.first_token(t, f.uncached);
         }
         let failed = match &result {
             Err(ProxyError::Upstream(_)) => true,

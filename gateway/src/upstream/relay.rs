@@ -208,17 +208,11 @@ pub(super) async fn response<D: Downstream>(
         up.conn.consume(resp.head_len);
     }
     let mut body = BodyRelay::new(framing, f);
-    relay_body(
-        client,
-        req,
-        cur,
-        &mut up.conn,
-        &mut body,
-        done.deadline,
-        out,
-        x,
-    )
-    .await?;
+    let timing = Timing {
+        deadline: done.deadline,
+        sent_at: done.sent_at,
+    };
+    relay_body(client, req, cur, &mut up.conn, &mut body, timing, out, x).await?;
     x.response_started = true;
     let reusable = resp.keep_alive
         && framing.up_body != BodyKind::UntilClose
@@ -484,20 +478,32 @@ impl BodyRelay {
     clippy::too_many_arguments,
     reason = "the exchange's two connections, its state and its buffers"
 )]
+/// When the request went out, and its total deadline.
+#[derive(Clone, Copy)]
+struct Timing {
+    deadline: Option<Instant>,
+    sent_at: Instant,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn relay_body<D: Downstream>(
     client: &mut D,
     req: &Request<'_>,
     cur: &Current,
     up: &mut Conn,
     body: &mut BodyRelay,
-    deadline: Option<Instant>,
+    timing: Timing,
     out: &mut Vec<u8>,
     x: &mut Exchange,
 ) -> Result<(), ProxyError> {
     let send = cur.shared.timeouts.send;
+    let deadline = timing.deadline;
     loop {
         let (used, finished) = body.step(up.pending(), out, x)?;
         up.consume(used);
+        if used > 0 && x.first_byte.is_none() {
+            x.first_byte = Some(timing.sent_at.elapsed());
+        }
         if !out.is_empty() {
             let (r, o) = client.write_all(std::mem::take(out), send).await;
             *out = o;

@@ -29,6 +29,7 @@ pub fn spawn_shadow(
         0,
         req.model,
         req.size,
+        None,
         cur.cursor(cluster),
         &w.rng,
     ) else {
@@ -66,6 +67,7 @@ pub fn spawn_shadow(
         load,
         concurrency: 1,
         backend,
+        uncached: 0,
     };
     let metrics = cur.shared.metrics.clone();
     let (model, cluster_name) = (model.to_string(), cl.name.clone());

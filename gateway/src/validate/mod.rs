@@ -450,10 +450,14 @@ fn check_tree<'a, 'c, J: Json<'a>>(
     binary: kserve::Binary<'_>,
 ) -> Result<Checked<'c>, Outcome> {
     let mut facts = openai::Facts::default();
+    let mut prefix = Vec::new();
     let resolved = match kind {
         JsonKind::OpenAi(ep, version_header) => {
             let (m, ver, f) = openai::check(ep, v, &rules.catalog, version_header)?;
             facts = f;
+            if rules.prefix_blocks > 0 {
+                prefix = openai::prompt_blocks(ep, v, &m.name, rules.prefix_blocks);
+            }
             Some((m, ver))
         }
         JsonKind::KserveInfer(name, version, _) => {
@@ -482,6 +486,7 @@ fn check_tree<'a, 'c, J: Json<'a>>(
     Ok(Checked {
         model: resolved,
         facts,
+        prefix,
     })
 }
 
@@ -491,6 +496,8 @@ fn check_tree<'a, 'c, J: Json<'a>>(
 pub struct Checked<'c> {
     pub model: Option<(&'c Arc<crate::catalog::Model>, &'c crate::catalog::Version)>,
     pub facts: openai::Facts,
+    /// The prompt's block hashes (see [`Verdict::prefix`]).
+    pub prefix: Vec<u64>,
 }
 
 /// What kind of JSON request a body is.
@@ -520,6 +527,9 @@ pub struct Rules {
     pub catalog: Catalog,
     pub json: JsonLimits,
     pub max_json_body: u64,
+    /// Prompt blocks hashed per request for prefix-aware balancing (0: no
+    /// cluster routes on prefixes, nothing is hashed).
+    pub prefix_blocks: usize,
 }
 
 impl Rules {
@@ -552,6 +562,16 @@ impl Rules {
                 max_elements: l.json_max_elements,
             },
             max_json_body: l.max_json_body_bytes,
+            prefix_blocks: if r
+                .config
+                .clusters
+                .values()
+                .any(|c| c.balance.algorithm.uses_prefix())
+            {
+                PREFIX_REACH_BLOCKS
+            } else {
+                0
+            },
         }
     }
 }
@@ -581,6 +601,9 @@ pub struct Verdict {
     pub model: Option<(String, String)>,
     /// Output budget and prompt size (OpenAI requests), for quota and cost stages.
     pub facts: openai::Facts,
+    /// The prompt's block hashes, for prefix-aware balancing (empty unless
+    /// a cluster routes on prefixes and the request has a prompt).
+    pub prefix: Vec<u64>,
 }
 
 /// The stage refused: answer with `rejection` unless its status is 499
@@ -606,6 +629,10 @@ impl From<Rejection> for Refused {
 }
 
 const JSON_ONLY: [&str; 1] = ["application/json"];
+
+/// The most prompt blocks hashed (64 bytes each: 512 KiB, ~130k tokens):
+/// beyond that a prefix decides nothing more.
+const PREFIX_REACH_BLOCKS: usize = 8192;
 
 fn header<'b>(head: &RequestHead, buf: &'b [u8], name: &[u8]) -> Option<&'b [u8]> {
     head.headers
@@ -728,17 +755,19 @@ pub async fn admit<D: Downstream>(
             (
                 c.model.map(|(m, v)| (m.name.clone(), v.to_string())),
                 c.facts,
+                c.prefix,
             )
         });
         sc.trim();
         r
     };
     match checked {
-        Ok((model, facts)) => Ok(Verdict {
+        Ok((model, facts, prefix)) => Ok(Verdict {
             admitted: Admitted::Buffered(buffered),
             continue_sent: head.expect_continue,
             model,
             facts,
+            prefix,
         }),
         Err(rejection) => Err(Refused {
             rejection,
@@ -878,6 +907,7 @@ fn json_kind<'a>(
                 continue_sent: false,
                 model: None,
                 facts: Default::default(),
+                prefix: Vec::new(),
             }),
             openai::Endpoint::Other => Found::Stream,
             openai::Endpoint::Audio => {
@@ -964,6 +994,7 @@ fn kserve_metadata(name: &str, version: Option<&str>, rules: &Rules) -> Result<V
             pinned: version.is_some(),
             ..Default::default()
         },
+        prefix: Vec::new(),
     })
 }
 
@@ -986,6 +1017,7 @@ async fn streamed<D: Downstream>(
         continue_sent,
         model: None,
         facts: Default::default(),
+        prefix: Vec::new(),
     })
 }
 
@@ -1226,6 +1258,7 @@ async fn multipart_model<D: Downstream>(
             pinned: version.is_some() || model.contains('@'),
             ..Default::default()
         },
+        prefix: Vec::new(),
     })
 }
 

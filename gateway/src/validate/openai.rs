@@ -427,6 +427,66 @@ fn text_bytes<'a, J: Json<'a>>(v: J) -> usize {
     total
 }
 
+/// The prompt as the engine will see it, cut into chained block hashes
+/// for prefix-aware balancing (at most `max_blocks`): tool definitions,
+/// then each chat message's role and text in order (completions: `prompt`,
+/// token ids as their bytes; responses: `instructions` then `input`),
+/// seeded with the model and `cache_salt`. Other endpoints: none.
+pub fn prompt_blocks<'a, J: Json<'a>>(ep: Endpoint, body: J, model: &str, max_blocks: usize) -> Vec<u64> {
+    use crate::balance::prefix::BlockHasher;
+    let Some(obj) = body.as_obj() else {
+        return Vec::new();
+    };
+    let salt = obj.get("cache_salt").and_then(|s| s.as_str());
+    let mut h = BlockHasher::new(model, salt, max_blocks);
+    match ep {
+        Endpoint::Chat => {
+            if let Some(t) = obj.get("tools") {
+                h.separate(b"tools");
+                feed_text(&mut h, t);
+            }
+            for m in obj.get("messages").and_then(|m| m.as_arr()).into_iter().flat_map(|a| a.iter()) {
+                let Some(m) = m.as_obj() else { continue };
+                h.separate(m.get("role").and_then(|r| r.as_str()).unwrap_or("").as_bytes());
+                if let Some(c) = m.get("content") {
+                    feed_text(&mut h, c);
+                }
+            }
+        }
+        Endpoint::Completions => {
+            if let Some(p) = obj.get("prompt") {
+                feed_text(&mut h, p);
+            }
+        }
+        Endpoint::Responses => {
+            for key in ["instructions", "input"] {
+                if let Some(x) = obj.get(key) {
+                    h.separate(key.as_bytes());
+                    feed_text(&mut h, x);
+                }
+            }
+        }
+        _ => return Vec::new(),
+    }
+    h.finish()
+}
+
+/// Every string (and token id) under `v`, in document order. Recursion is
+/// bounded by the depth limit the parse enforced.
+fn feed_text<'a, J: Json<'a>>(h: &mut crate::balance::prefix::BlockHasher, v: J) {
+    match v.node() {
+        Node::Str(s) => h.write(s.as_bytes()),
+        Node::Int(_) | Node::Uint(_) => {
+            if let Some(id) = v.as_u64() {
+                h.write(&id.to_le_bytes()[..4]);
+            }
+        }
+        Node::Arr(a) => a.iter().for_each(|x| feed_text(h, x)),
+        Node::Obj(o) => o.iter().for_each(|(_, x)| feed_text(h, x)),
+        _ => {}
+    }
+}
+
 /// `/v1/responses`: `input` (required) a string or an array of input
 /// items (objects); `instructions` a string. The prompt is estimated from
 /// every string in both.
