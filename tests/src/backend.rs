@@ -344,7 +344,7 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                     chunk(&mut w, b"data: [DONE]\n\n")?;
                     w.write_all(b"0\r\n\r\n")?;
                 } else {
-                    let v = serde_json::json!({"id":"chatcmpl-demo","object":"chat.completion","model":model,
+                    let v = serde_json::json!({"id":"chatcmpl-demo","object":"chat.completion","model":model,"backend":name,
                         "choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the demo backend."},"finish_reason":"stop"}],
                         "usage":{"prompt_tokens":len / 4,"completion_tokens":6,"total_tokens":len / 4 + 6}});
                     respond_json(&mut w, 200, &v, keep)?;

@@ -772,3 +772,51 @@ fn idempotent_requests_retry_on_another_backend_within_the_budget() {
         0.0
     );
 }
+
+/// A chat request with a system prompt and a question; the backend's name.
+fn chat_with(g: &Gateway, system: &str, question: &str) -> String {
+    let body = serde_json::json!({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": question}]})
+    .to_string();
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = request(g.addr, raw.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["backend"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
+    let backends: Vec<gateway_tests::Backend> =
+        (0..4).map(|i| gateway_tests::Backend::start(&format!("b{i}"))).collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let body = cluster(
+        "p",
+        &addrs,
+        "algorithm = \"prefix_aware\"\nengine = \"none\"\nwarmup = \"0s\"",
+    ) + "[[models]]\nname = \"m\"\n[[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"p\"\n";
+    let g = start(&body);
+    // 12 groups, each a distinct ~2 KB system prompt, 5 questions each,
+    // interleaved, over both workers' connections.
+    let systems: Vec<String> = (0..12)
+        .map(|k| format!("You are assistant number {k}. ").repeat(70))
+        .collect();
+    let mut homes: Vec<std::collections::HashSet<String>> = vec![Default::default(); 12];
+    for q in 0..5 {
+        for (k, sys) in systems.iter().enumerate() {
+            homes[k].insert(chat_with(&g, sys, &format!("question {q} for group {k}?")));
+        }
+    }
+    for (k, h) in homes.iter().enumerate() {
+        assert_eq!(h.len(), 1, "group {k} was split over {h:?}");
+    }
+    // The groups spread over the pool (rendezvous hashing, not one hot backend).
+    let used: std::collections::HashSet<&String> = homes.iter().flatten().collect();
+    assert!(used.len() >= 3, "groups landed on {used:?}");
+    let cached = g.wait_metric(&["gateway_prefix_routes_total", "result=\"cached\""], 1.0);
+    assert!(cached >= 12.0 * 3.0, "requests after a group's first found it cached: {cached}");
+    assert!(g.metric(&["gateway_prefix_index_bytes", "cluster=\"p\""]) > 0.0);
+
+}

@@ -464,15 +464,16 @@ impl PrefixView<'_> {
     /// blocks the index says it holds and, for the prompt's home when its
     /// prefix is known to be shared, the longest run any backend holds;
     /// plus the anchor's worth for the home, so that where every worker and
-    /// gateway agrees a shared prefix lives wins a near tie (they all
-    /// converge there without talking).
+    /// gateway agrees a prefix lives wins a near tie — from its first
+    /// request on, with no history — and they all converge there without
+    /// talking.
     fn credit_tokens(&self, i: usize, home: Option<usize>) -> u64 {
         let m = self.matches;
         let own = u64::from(m.per_backend.get(i).copied().unwrap_or(0));
-        let (held, bonus) = if home == Some(i) && m.anchor_seen {
-            (own.max(u64::from(m.longest)), prefix::ANCHOR_BLOCKS as u64)
-        } else {
-            (own, 0)
+        let (held, bonus) = match (home == Some(i), m.anchor_seen) {
+            (true, true) => (own.max(u64::from(m.longest)), prefix::ANCHOR_BLOCKS as u64),
+            (true, false) => (own, prefix::ANCHOR_BLOCKS as u64),
+            (false, _) => (own, 0),
         };
         (held * prefix::BLOCK_TOKENS).min(self.prompt_tokens.max(1)) + bonus * prefix::BLOCK_TOKENS
     }

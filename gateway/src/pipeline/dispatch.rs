@@ -89,6 +89,7 @@ pub(super) fn upstream_request<'a>(
         size: verdict.facts.max_tokens.unwrap_or(0),
         prefix: &verdict.prefix,
         prompt_tokens: verdict.facts.prompt_tokens,
+        stream: verdict.facts.stream,
     }
 }
 

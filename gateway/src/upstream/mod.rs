@@ -347,6 +347,9 @@ pub struct Request<'a> {
     pub prefix: &'a [u64],
     /// The prompt's estimated size in tokens.
     pub prompt_tokens: u64,
+    /// The client asked for a stream (`"stream": true`): the first body
+    /// byte is the first token, which times the backend's prefill.
+    pub stream: bool,
 }
 
 /// Forward one request to a backend and relay its answer to `client`.
@@ -377,7 +380,9 @@ pub async fn forward<D: Downstream>(
                 req.size,
             );
         }
-        if let (Some(t), 200) = (x.first_byte, x.status) {
+        // A whole response's first byte comes after its last token: only a
+        // stream's times the prefill.
+        if let (Some(t), 200, true) = (x.first_byte, x.status, req.stream) {
             f.load.first_token(t, f.uncached);
         }
         let failed = match &result {
