@@ -62,6 +62,9 @@ pub struct Metrics {
     pub prefix_index_bytes: IntGaugeVec,
     pub backend_ttft: prometheus::GaugeVec,
     pub backend_prefill: prometheus::GaugeVec,
+    pub backend_itl: prometheus::GaugeVec,
+    pub backend_streams: IntGaugeVec,
+    pub backend_tokens: prometheus::GaugeVec,
     pub upstream_retries: IntCounterVec,
     pub balance_split: IntCounterVec,
     pub shadow: IntCounterVec,
@@ -366,6 +369,21 @@ const BACKEND_PREFILL: Desc = Desc::new(
     "Prefill time per 1,000 uncached prompt tokens, as learned from time to first token (0: not learned yet)",
     &["cluster", "backend"],
 );
+const BACKEND_ITL: Desc = Desc::new(
+    "gateway_backend_itl_ewma_seconds",
+    "EWMA of the time between a stream's events (inter-token time), per backend",
+    &["cluster", "backend"],
+);
+const BACKEND_STREAMS: Desc = Desc::new(
+    "gateway_backend_streams",
+    "Streamed (SSE) requests from this gateway in flight to each backend",
+    &["cluster", "backend"],
+);
+const BACKEND_TOKENS: Desc = Desc::new(
+    "gateway_backend_stream_tokens_per_second",
+    "Tokens (stream events) per second of a stream, per backend: events ÷ streaming time of the streams that ended lately",
+    &["cluster", "backend"],
+);
 const BALANCE_SHED: Desc = Desc::new(
     "gateway_balance_shed_total",
     "Requests refused with 503 because every backend of the cluster was saturated",
@@ -476,6 +494,9 @@ impl Metrics {
             prefix_index_bytes: gauge_vec(&r, &PREFIX_INDEX_BYTES),
             backend_ttft: float_gauge_vec(&r, &BACKEND_TTFT),
             backend_prefill: float_gauge_vec(&r, &BACKEND_PREFILL),
+            backend_itl: float_gauge_vec(&r, &BACKEND_ITL),
+            backend_streams: gauge_vec(&r, &BACKEND_STREAMS),
+            backend_tokens: float_gauge_vec(&r, &BACKEND_TOKENS),
             upstream_retries: counter_vec(&r, &UPSTREAM_RETRIES),
             shadow: counter_vec(&r, &SHADOW),
             shadow_duration: histogram_vec(&r, &SHADOW_DURATION, latency),

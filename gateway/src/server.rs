@@ -763,6 +763,22 @@ fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Resul
                     m.backend_prefill
                         .with_label_values(&labels)
                         .set(l.prefill_ns.load(Ordering::Relaxed) as f64 / 1e6);
+                    m.backend_itl
+                        .with_label_values(&labels)
+                        .set(l.itl_ns.load(Ordering::Relaxed) as f64 / 1e9);
+                    m.backend_streams
+                        .with_label_values(&labels)
+                        .set(i64::from(l.streams.load(Ordering::Relaxed)));
+                    // Tokens over streaming time since the last update.
+                    let (tokens, ns) = (
+                        l.stream_tokens.swap(0, Ordering::Relaxed),
+                        l.stream_ns.swap(0, Ordering::Relaxed),
+                    );
+                    if ns > 0 {
+                        m.backend_tokens
+                            .with_label_values(&labels)
+                            .set(tokens as f64 / (ns as f64 / 1e9));
+                    }
                     m.backend_available
                         .with_label_values(&labels)
                         .set(i64::from(l.available(now)));

@@ -819,4 +819,24 @@ fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
     assert!(cached >= 12.0 * 3.0, "requests after a group's first found it cached: {cached}");
     assert!(g.metric(&["gateway_prefix_index_bytes", "cluster=\"p\""]) > 0.0);
 
+    // Streams time the backends: first token, inter-token time, tokens/s.
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = request(g.addr, raw.as_bytes());
+    assert!(r.text().contains("[DONE]"), "{}", r.text());
+    wait_for("stream timings", || {
+        let m = g.metrics();
+        let positive = |name: &str| {
+            m.lines()
+                .filter(|l| l.starts_with(name))
+                .any(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0))
+        };
+        positive("gateway_backend_itl_ewma_seconds")
+            && positive("gateway_backend_ttft_ewma_seconds")
+            && positive("gateway_backend_stream_tokens_per_second")
+    });
+
 }

@@ -76,6 +76,14 @@ pub struct BackendLoad {
     pub prefill_ns: AtomicU64,
     /// KV blocks the engine says it has (`num_gpu_blocks`; 0: not reported).
     pub cache_blocks: AtomicU32,
+    /// EWMA of the time between a stream's events (inter-token time), ns.
+    pub itl_ns: AtomicU64,
+    /// Streams from this gateway in flight (all workers).
+    pub streams: AtomicU32,
+    /// Stream events (tokens) relayed from this backend, and the time spent
+    /// relaying them after each stream's first (ns), for tokens per second.
+    pub stream_tokens: AtomicU64,
+    pub stream_ns: AtomicU64,
 }
 
 impl BackendLoad {
@@ -103,7 +111,23 @@ impl BackendLoad {
             ttft_ns: AtomicU64::new(0),
             prefill_ns: AtomicU64::new(0),
             cache_blocks: AtomicU32::new(0),
+            itl_ns: AtomicU64::new(0),
+            streams: AtomicU32::new(0),
+            stream_tokens: AtomicU64::new(0),
+            stream_ns: AtomicU64::new(0),
         }
+    }
+
+    /// A stream ended: `events` SSE events relayed, the last `after_first`
+    /// after the first one.
+    pub fn stream_done(&self, events: u64, after_first: Duration) {
+        if events < 2 {
+            return;
+        }
+        let ns = after_first.as_nanos() as u64;
+        ewma(&self.itl_ns, ns / (events - 1));
+        self.stream_tokens.fetch_add(events - 1, Ordering::Relaxed);
+        self.stream_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     /// The first body byte came `ttft` after the request was sent, which

@@ -49,6 +49,8 @@ pub struct UpConn {
     /// Prompt tokens the backend has to prefill, as far as the prefix index
     /// knows (its time to first token teaches the balancer its prefill speed).
     pub uncached: u64,
+    /// The client asked for a stream.
+    pub stream: bool,
 }
 
 /// The balance stage, then connect or reuse: the cluster's algorithm picks a
@@ -123,6 +125,7 @@ async fn checkout(
                         reused: true,
                         slot,
                         uncached,
+                        stream: req.stream,
                     });
                 }
             }
@@ -145,6 +148,7 @@ async fn checkout(
                         reused: false,
                         slot,
                         uncached,
+                        stream: req.stream,
                     });
                 }
                 Err(e) => {
@@ -190,6 +194,8 @@ fn note_outcome(w: &Worker, cl: &Cluster, b: usize, ok: bool) {
 #[derive(Debug)]
 pub struct InFlight {
     pub load: std::sync::Arc<crate::balance::BackendLoad>,
+    /// Counted in the backend's streams in flight too.
+    pub stream: bool,
     /// In flight there when this one was sent, itself included.
     pub concurrency: u32,
     pub backend: usize,
@@ -256,8 +262,12 @@ impl InFlight {
             .inflight
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
             + 1;
+        if up.stream {
+            load.streams.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         InFlight {
             load,
+            stream: up.stream,
             concurrency: n,
             backend: up.backend,
             uncached: up.uncached,
@@ -267,6 +277,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if self.stream {
+            self.load
+                .streams
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
         self.load
             .inflight
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
@@ -307,6 +322,10 @@ pub struct Exchange {
     /// From sending the request to the response's first body byte (the
     /// first token of a stream).
     pub first_byte: Option<Duration>,
+    /// A stream's SSE events relayed so far (`data:` lines), and when the
+    /// first body byte came.
+    pub events: u64,
+    pub first_at: Option<Instant>,
     pub req_bytes: u64,
     pub resp_bytes: u64,
     /// The client connection may carry another request.
@@ -384,6 +403,9 @@ pub async fn forward<D: Downstream>(
         // stream's times the prefill.
         if let (Some(t), 200, true) = (x.first_byte, x.status, req.stream) {
             f.load.first_token(t, f.uncached);
+            if let Some(at) = x.first_at {
+                f.load.stream_done(x.events, at.elapsed());
+            }
         }
         let failed = match &result {
             Err(ProxyError::Upstream(_)) => true,

@@ -500,10 +500,18 @@ async fn relay_body<D: Downstream>(
     let deadline = timing.deadline;
     loop {
         let (used, finished) = body.step(up.pending(), out, x)?;
-        up.consume(used);
-        if used > 0 && x.first_byte.is_none() {
-            x.first_byte = Some(timing.sent_at.elapsed());
+        if used > 0 {
+            if x.first_byte.is_none() {
+                x.first_byte = Some(timing.sent_at.elapsed());
+                x.first_at = Some(Instant::now());
+            }
+            if req.stream {
+                // Tokens by their events (an event split across reads is
+                // missed: a small undercount, never a wrong stream).
+                x.events += memchr::memmem::find_iter(&up.pending()[..used], b"data:").count() as u64;
+            }
         }
+        up.consume(used);
         if !out.is_empty() {
             let (r, o) = client.write_all(std::mem::take(out), send).await;
             *out = o;

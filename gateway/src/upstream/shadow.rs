@@ -65,6 +65,7 @@ pub fn spawn_shadow(
         .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let guard = InFlight {
         load,
+        stream: false,
         concurrency: 1,
         backend,
         uncached: 0,
