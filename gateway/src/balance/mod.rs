@@ -118,6 +118,25 @@ impl BackendLoad {
         }
     }
 
+    /// Seed what isn't measured yet from the engine's own histograms: time
+    /// to first token, inter-token time, and prefill per token (its mean
+    /// TTFT over its mean prompt), so speed is known before the first
+    /// stream through this gateway.
+    pub fn cold_start(&self, sp: scrape::Speed) {
+        let seed = |cell: &AtomicU64, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                let _ = cell.compare_exchange(0, (v as u64).max(1), Ordering::AcqRel, Ordering::Relaxed);
+            }
+        };
+        seed(&self.ttft_ns, sp.ttft_s * 1e9);
+        if let Some(t) = sp.tpot_s {
+            seed(&self.itl_ns, t * 1e9);
+        }
+        if let Some(p) = sp.prompt_tokens.filter(|&p| p >= 1.0) {
+            seed(&self.prefill_ns, sp.ttft_s * 1e9 / p);
+        }
+    }
+
     /// A stream ended: `events` SSE events relayed, the last `after_first`
     /// after the first one.
     pub fn stream_done(&self, events: u64, after_first: Duration) {

@@ -18,6 +18,33 @@ pub struct Sample {
     pub adapters: Option<Vec<String>>,
     /// KV blocks of 16 tokens the engine has (vLLM `cache_config_info`).
     pub cache_blocks: Option<u32>,
+    /// Speed as the engine's own histograms tell it (means since it
+    /// started): time to first token and per output token, seconds, and
+    /// prompt tokens a request. Known before this gateway's first request.
+    pub speed: Option<Speed>,
+}
+
+/// An engine's own means, from its histograms' `_sum` and `_count`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Speed {
+    pub ttft_s: f64,
+    pub tpot_s: Option<f64>,
+    pub prompt_tokens: Option<f64>,
+}
+
+/// The mean of histogram `name` (`_sum` ÷ `_count`, summed over label sets).
+fn mean(text: &str, name: &str) -> Option<f64> {
+    let s = sum(text, &format!("{name}_sum"))?;
+    let c = sum(text, &format!("{name}_count"))?;
+    (c > 0.0).then(|| s / c)
+}
+
+fn speed(text: &str, ttft: &str, tpot: &str, prompt: &str) -> Option<Speed> {
+    Some(Speed {
+        ttft_s: mean(text, ttft)?,
+        tpot_s: mean(text, tpot),
+        prompt_tokens: mean(text, prompt),
+    })
 }
 
 /// Sum a metric's samples over its label sets (one per model on a
@@ -60,6 +87,12 @@ pub fn parse(engine: Engine, text: &str) -> Sample {
                 .or_else(|| max(text, "vllm:gpu_cache_usage_perc")),
             adapters: lora_adapters(text),
             cache_blocks: cache_blocks(text),
+            speed: speed(
+                text,
+                "vllm:time_to_first_token_seconds",
+                "vllm:time_per_output_token_seconds",
+                "vllm:request_prompt_tokens",
+            ),
         },
         Engine::Sglang => Sample {
             waiting: u(sum(text, "sglang:num_queue_reqs")),
@@ -67,6 +100,12 @@ pub fn parse(engine: Engine, text: &str) -> Sample {
             kv: max(text, "sglang:token_usage"),
             adapters: None,
             cache_blocks: None,
+            speed: speed(
+                text,
+                "sglang:time_to_first_token_seconds",
+                "sglang:inter_token_latency_seconds",
+                "sglang:prompt_tokens_histogram",
+            ),
         },
         Engine::Tgi => Sample {
             waiting: u(sum(text, "tgi_queue_size")),
@@ -74,6 +113,7 @@ pub fn parse(engine: Engine, text: &str) -> Sample {
             kv: None,
             adapters: None,
             cache_blocks: None,
+            speed: None,
         },
         Engine::Triton => Sample {
             waiting: u(sum(text, "nv_inference_pending_request_count")),
@@ -85,6 +125,7 @@ pub fn parse(engine: Engine, text: &str) -> Sample {
                 .map(|(u, t)| u / t),
             adapters: None,
             cache_blocks: None,
+            speed: None,
         },
         Engine::None => Sample::default(),
     }
@@ -184,6 +225,9 @@ pub fn spawn(targets: Targets, metrics: Arc<crate::metrics::Metrics>) -> std::io
                                         if let Some(n) = smp.cache_blocks {
                                             b.cache_blocks.store(n, std::sync::atomic::Ordering::Relaxed);
                                         }
+                                        if let Some(sp) = smp.speed {
+                                            b.cold_start(sp);
+                                        }
                                         "ok"
                                     }
                                 }
@@ -253,6 +297,29 @@ vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql,chat\",waitin
         assert_eq!((s.waiting, s.kv), (Some(3), Some(0.5)));
         let s = parse(Engine::Vllm, "<html>not metrics</html>\nvllm:num_requests_waiting NaN\nvllm:num_requests_running{x=\"1\"} banana\n");
         assert_eq!(s, Sample::default());
+    }
+
+    #[test]
+    fn engine_speed_from_its_histograms() {
+        let t = "vllm:time_to_first_token_seconds_sum{model_name=\"m\"} 3.0\nvllm:time_to_first_token_seconds_count{model_name=\"m\"} 10\n\
+                 vllm:time_per_output_token_seconds_sum{model_name=\"m\"} 0.5\nvllm:time_per_output_token_seconds_count{model_name=\"m\"} 25\n\
+                 vllm:request_prompt_tokens_sum{model_name=\"m\"} 15000\nvllm:request_prompt_tokens_count{model_name=\"m\"} 10\n";
+        let sp = parse(Engine::Vllm, t).speed.unwrap();
+        assert!((sp.ttft_s - 0.3).abs() < 1e-9);
+        assert!((sp.tpot_s.unwrap() - 0.02).abs() < 1e-9);
+        assert_eq!(sp.prompt_tokens, Some(1500.0));
+        // No requests yet (count 0): nothing to say.
+        let t0 = "vllm:time_to_first_token_seconds_sum 0\nvllm:time_to_first_token_seconds_count 0\n";
+        assert_eq!(parse(Engine::Vllm, t0).speed, None);
+        let b = BackendLoad::new("127.0.0.1:1".parse().unwrap());
+        b.cold_start(sp);
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(b.ttft_ns.load(Relaxed), 300_000_000);
+        assert_eq!(b.itl_ns.load(Relaxed), 20_000_000);
+        assert_eq!(b.prefill_ns.load(Relaxed), 200_000, "0.3 s over 1,500 tokens");
+        // Learned values are not overwritten.
+        b.cold_start(Speed { ttft_s: 9.0, tpot_s: None, prompt_tokens: Some(1.0) });
+        assert_eq!(b.ttft_ns.load(Relaxed), 300_000_000);
     }
 
     #[test]
