@@ -17,12 +17,31 @@ use crate::server::Health;
 use crate::xdp::{BlockError, BlockReason, FrontDoor};
 
 /// The configuration in force (TLS certificates to reload, API keys to revoke).
-pub type Current = Box<dyn Fn() -> Arc<crate::generation::Resolved> + Send>;
+pub type Current = Arc<dyn Fn() -> Arc<crate::generation::Resolved> + Send + Sync>;
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 4096;
 
-/// Bind now (so a bad address fails the start) and serve on a thread.
+/// Admin connections served at once; more are closed at accept (a scraper
+/// or a probe retries; a flood of slow clients can't hold every thread).
+const MAX_CONNECTIONS: usize = 32;
+
+/// What every admin connection's thread reads.
+struct State {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    front_door: Arc<FrontDoor>,
+    limiter: Arc<crate::ratelimit::Limiter>,
+    loads: Arc<crate::balance::Registry>,
+    current: Current,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+/// Bind now (so a bad address fails the start; SO_REUSEPORT, so a new
+/// gateway can start beside an old one that is draining) and serve on a
+/// thread: each connection on its own short-lived thread, at most
+/// [`MAX_CONNECTIONS`] at once, so a slow client never stalls `/readyz` or
+/// `/metrics`.
 pub fn spawn(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -32,25 +51,22 @@ pub fn spawn(
     loads: Arc<crate::balance::Registry>,
     current: Current,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = bind_reuseport(addr)?;
+    let st = Arc::new(State {
+        metrics,
+        health,
+        front_door,
+        limiter,
+        loads,
+        current,
+        open: std::sync::atomic::AtomicUsize::new(0),
+    });
     std::thread::Builder::new()
         .name("gateway-admin".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(c) => {
-                        if let Err(e) = handle(
-                            c,
-                            &metrics,
-                            &health,
-                            &front_door,
-                            &limiter,
-                            &loads,
-                            &current,
-                        ) {
-                            tracing::debug!(error = %e, "admin request failed");
-                        }
-                    }
+                    Ok(c) => serve(c, &st),
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
                         std::thread::sleep(Duration::from_millis(50));
@@ -61,15 +77,49 @@ pub fn spawn(
     Ok(())
 }
 
-fn handle(
-    mut c: TcpStream,
-    metrics: &Metrics,
-    health: &Health,
-    front_door: &FrontDoor,
-    limiter: &crate::ratelimit::Limiter,
-    loads: &crate::balance::Registry,
-    current: &Current,
-) -> std::io::Result<()> {
+/// One admin connection on its own thread, within the cap.
+fn serve(c: TcpStream, st: &Arc<State>) {
+    use std::sync::atomic::Ordering;
+    if st.open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        st.open.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(max = MAX_CONNECTIONS, "admin connection refused: too many at once");
+        return;
+    }
+    let st2 = st.clone();
+    let spawned = std::thread::Builder::new()
+        .name("gateway-admin-conn".into())
+        .spawn(move || {
+            if let Err(e) = handle(c, &st2) {
+                tracing::debug!(error = %e, "admin request failed");
+            }
+            st2.open.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        st.open.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(error = %e, "cannot start an admin connection thread");
+    }
+}
+
+/// A listening socket with SO_REUSEADDR and SO_REUSEPORT set before bind.
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    Ok(s.into())
+}
+
+fn handle(mut c: TcpStream, st: &State) -> std::io::Result<()> {
+    let (metrics, health, front_door, limiter, loads, current) = (
+        &*st.metrics,
+        &*st.health,
+        &*st.front_door,
+        &*st.limiter,
+        &*st.loads,
+        &st.current,
+    );
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 8192];

@@ -192,7 +192,7 @@ fn spawn_admin(r: &Resolved, control: &Arc<Control>, health: &Arc<Health>) -> Re
     let limiter = control.process.limiter.clone();
     let current: admin::Current = {
         let control = control.clone();
-        Box::new(move || control.snapshot().1)
+        Arc::new(move || control.snapshot().1)
     };
     admin::spawn(
         r.admin,
@@ -410,8 +410,24 @@ impl Supervisor<'_> {
         );
         self.health.draining.store(true, Ordering::SeqCst);
         self.control.metrics.draining.set(1);
-        self.control.shutdown.trigger();
-        Instant::now() + grace
+        let delay = self.r.config.server.drain_delay;
+        if delay.is_zero() {
+            self.control.shutdown.trigger();
+        } else {
+            // Not ready now; still accepting until the delay is over.
+            tracing::info!(drain_delay_s = delay.as_secs_f64(), "readiness withdrawn; listeners stop after the drain delay");
+            let shutdown = self.control.shutdown.clone();
+            let spawned = std::thread::Builder::new()
+                .name("drain-delay".into())
+                .spawn(move || {
+                    std::thread::sleep(delay);
+                    shutdown.trigger();
+                });
+            if spawned.is_err() {
+                self.control.shutdown.trigger();
+            }
+        }
+        Instant::now() + delay + grace
     }
 }
 

@@ -307,3 +307,92 @@ both_drivers!(sighup_reloads_without_dropping_requests, |d: Driver| {
         "{log}"
     );
 });
+
+#[test]
+fn readiness_drops_a_drain_delay_before_the_listeners_stop() {
+    let b = Backend::start("d");
+    let body = one_cluster(b.addr);
+    let mut spec = Spec::new(Driver::Auto, &body);
+    spec.server_extra = "drain_delay = \"1500ms\"";
+    let mut g = Gateway::start(spec);
+    let t = Instant::now();
+    g.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    // Not ready any more…
+    assert_eq!(admin_get(g.admin, "/readyz").unwrap().0, 503);
+    // …but still serving new connections while endpoints catch up.
+    let mut c = Client::connect(g.addr);
+    assert_eq!(c.get("/").status, 200);
+    assert!(t.elapsed() < Duration::from_millis(1500), "the check ran too late to mean anything");
+    // After the delay the listeners stop.
+    std::thread::sleep(Duration::from_millis(1800).saturating_sub(t.elapsed()));
+    let mut refused = false;
+    for _ in 0..20 {
+        if TcpStream::connect_timeout(&g.addr, Duration::from_millis(200)).is_err() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(refused, "listener still accepting after the drain delay");
+    assert!(g.wait_exit(Duration::from_secs(10)).expect("exited").success());
+}
+
+#[test]
+fn slow_admin_clients_dont_stall_probes_and_a_second_gateway_can_share_the_admin_port() {
+    use std::io::Write;
+    let b = Backend::start("a");
+    let g = Gateway::start(Spec::new(Driver::Auto, &one_cluster(b.addr)));
+    // Ten clients connect to the admin port and send half a request.
+    let slow: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(g.admin).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    assert_eq!(admin_get(g.admin, "/readyz").unwrap().0, 200);
+    assert_eq!(admin_get(g.admin, "/metrics").unwrap().0, 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "probes waited behind slow clients: {:?}",
+        t.elapsed()
+    );
+    drop(slow);
+    // An overlapping restart: a second gateway binds the same admin address
+    // (SO_REUSEPORT) while the first still runs.
+    let dir = temp_dir("reuse");
+    let cfg = dir.join("g.toml");
+    let port = free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 1\n[admin]\nlisten = \"{}\"\n{}",
+            g.admin,
+            one_cluster(b.addr)
+        ),
+    )
+    .unwrap();
+    let mut second = Command::new(gateway_bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut up = false;
+    while Instant::now() < deadline {
+        assert!(second.try_wait().unwrap().is_none(), "the second gateway could not start beside the first");
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+    assert!(up, "the second gateway never listened");
+}

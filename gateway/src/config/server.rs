@@ -25,6 +25,11 @@ pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// After SIGTERM/SIGINT, `/readyz` answers 503 this long before the
+    /// listeners stop accepting (load balancers and endpoint lists lag
+    /// behind readiness).
+    #[serde(deserialize_with = "duration")]
+    pub drain_delay: Duration,
     /// Client connections allowed at once, over all workers.
     pub max_connections: usize,
     /// Bytes of read buffer per connection side (client, upstream).
@@ -47,6 +52,7 @@ impl Default for ServerConfig {
             pin_workers: true,
             driver: DriverChoice::Auto,
             shutdown_grace: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             max_connections: 10_000,
             buffer_size: 64 * 1024,
             trust_forwarded_headers: false,
