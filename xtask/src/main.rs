@@ -5,11 +5,13 @@
 //! first failure.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod demo;
+
 use std::env;
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -21,7 +23,11 @@ commands:
   setup                 install what's missing: apt packages (haproxy, nginx, redis, wrk, curl, iproute2, nftables,
                         LLVM 22), nightly rust-src, bpf-linker (the XDP program's toolchain)
   test                  setup, release builds, the whole test suite, and compile the criterion benches
-  run [GATEWAY ARGS]    demo backend on 127.0.0.1:8000 + `gateway run [GATEWAY ARGS]` in the foreground
+  run [--load] [GATEWAY ARGS]
+                        the demo: three simulated GPUs (127.0.0.1:8001-8003) behind the gateway on
+                        127.0.0.1:8080 (OpenAI route, model catalogue, demo API key, rate limit,
+                        prefix- and GPU-aware routing), with curl and OpenAI SDK lines to try;
+                        --load drives a little traffic so the metrics move
   bench tls [--rounds N] [--duration SECS] [--connections C]
                         TLS 1.3 termination vs HAProxy 2.6 (one pinned thread each): TLS only, + ES256 JWT with
                         a distinct token per request, + ES256 JWT from a hot set (target/bench/tls.json)
@@ -53,7 +59,7 @@ fn main() -> ExitCode {
     let outcome = match command.as_deref() {
         Some("setup") => setup(),
         Some("test") => test(),
-        Some("run") => run(&rest),
+        Some("run") => demo::run(&rest),
         Some("bench") => bench(&rest),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
@@ -195,11 +201,15 @@ const PREREQS: &[Prereq] = &[
     },
     Prereq {
         name: "bpf-linker",
-        check: || on_path("bpf-linker")().or_else(cargo_bin("bpf-linker")),
+        check: bpf_linker,
         install: Install::BpfLinker,
         why: "links the XDP program",
     },
 ];
+
+fn bpf_linker() -> Option<String> {
+    on_path("bpf-linker")().or_else(cargo_bin("bpf-linker"))
+}
 
 fn cargo_bin(name: &'static str) -> impl Fn() -> Option<String> {
     move || {
@@ -413,60 +423,6 @@ fn test() -> Result {
         Ok(())
     } else {
         Err(failed.join("\n"))
-    }
-}
-
-// ---------------------------------------------------------------------------
-// run
-
-fn run(gateway_args: &[String]) -> Result {
-    build_release_binaries()?;
-    let target = target_dir();
-    let backend_addr: SocketAddr = "127.0.0.1:8000".parse().expect("literal address");
-    if TcpStream::connect_timeout(&backend_addr, Duration::from_millis(200)).is_ok() {
-        return Err(format!(
-            "{backend_addr} is already in use: stop whatever listens there first"
-        ));
-    }
-
-    let mut cmd = Command::new(target.join("release/demo-backend"));
-    cmd.args(["--listen", &backend_addr.to_string()]);
-    die_with_parent(&mut cmd, libc::SIGKILL);
-    println!("$ {}", show(&cmd));
-    let mut backend = KillOnDrop::spawn("demo-backend", cmd)?;
-    wait_for_port(&mut backend, backend_addr, Duration::from_secs(10))?;
-
-    let listen = flag_value(gateway_args, "--listen").unwrap_or_else(|| "127.0.0.1:8080".into());
-    let listen = listen.split(',').next().unwrap_or_default().to_string();
-    let admin = flag_value(gateway_args, "--admin").unwrap_or_else(|| "127.0.0.1:9901".into());
-    println!();
-    println!("demo backend on http://{backend_addr}; try, from another terminal:");
-    println!(
-        "  curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \
-         -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
-    );
-    println!("  curl -s http://{admin}/metrics");
-    println!("Ctrl-C stops the gateway (it drains in-flight requests) and the backend.");
-    println!();
-
-    let mut cmd = Command::new(target.join("release/gateway"));
-    cmd.arg("run").args(gateway_args);
-    die_with_parent(&mut cmd, libc::SIGTERM);
-    println!("$ {}", show(&cmd));
-    let mut gateway = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the gateway: {e}"))?;
-    // Ctrl-C reaches the whole foreground process group: let the gateway drain
-    // and exit on its own, then stop the backend (the guard's drop) ourselves.
-    // Set after spawning, since an ignored signal stays ignored across exec.
-    ignore_sigint();
-    let status = gateway
-        .wait()
-        .map_err(|e| format!("waiting for the gateway: {e}"))?;
-    drop(backend);
-    match (status.code(), status.signal()) {
-        (Some(0), _) | (_, Some(libc::SIGINT)) => Ok(()),
-        _ => Err(format!("gateway exited with {status}")),
     }
 }
 
