@@ -10,7 +10,7 @@ use crate::generation::Resolved;
 #[derive(Parser, Debug)]
 #[command(
     name = "gateway",
-    version,
+    version = env!("GATEWAY_VERSION"),
     about = "Inference gateway: a thread-per-core io_uring reverse proxy in front of GPU model servers",
     long_about = "Inference gateway: a thread-per-core io_uring reverse proxy in front of GPU model servers \
 (vLLM, Triton, TGI, KServe). It terminates client HTTP/1.1 connections (TLS 1.3/1.2 with rustls on [tls] listen \
@@ -52,6 +52,13 @@ pub enum Command {
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+    },
+    /// Print the man page (roff), e.g. `gateway man > gateway.1`.
+    Man,
+    /// Print shell completions: bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// The XDP front door's blocklist and counters, through a running gateway's admin API.
     Xdp {
@@ -153,6 +160,29 @@ pub fn main() -> i32 {
             }
         },
         Command::Run(args) => run(args),
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => {
+                    use std::io::Write;
+                    let _ = std::io::stdout().write_all(&out);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("cannot render the man page: {e}");
+                    1
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "gateway", &mut out);
+            let _ = std::io::stdout().write_all(&out);
+            0
+        }
         Command::Xdp {
             admin,
             bearer,

@@ -6,6 +6,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod demo;
+mod dist;
 
 use std::env;
 use std::ffi::OsString;
@@ -23,6 +24,8 @@ commands:
   setup                 install what's missing: apt packages (haproxy, nginx, redis, wrk, curl, iproute2, nftables,
                         LLVM 22), nightly rust-src, bpf-linker (the XDP program's toolchain)
   test                  setup, release builds, the whole test suite, and compile the criterion benches
+  dist                  the Debian package: target/dist/gateway_<version>_<arch>.deb (binary,
+                        systemd unit, /etc/gateway/gateway.toml, man page, shell completions)
   run [--load] [GATEWAY ARGS]
                         the demo: three simulated GPUs (127.0.0.1:8001-8003) behind the gateway on
                         127.0.0.1:8080 (OpenAI route, model catalogue, demo API key, rate limit,
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("test") => test(),
         Some("run") => demo::run(&rest),
+        Some("dist") => dist::dist().map(|_| ()),
         Some("bench") => bench(&rest),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
@@ -413,6 +417,14 @@ fn test() -> Result {
         .env("DEMO_BACKEND_BIN", target.join("release/demo-backend"));
     if let Err(e) = run_step(&mut tests) {
         failed.push(e);
+    }
+    // The Debian package, installed and checked (root on a Debian-like host: CI).
+    if is_root() && find_program("dpkg-deb").is_some() {
+        if let Err(e) = dist::dist().and_then(|deb| dist::check_installed(&deb)) {
+            failed.push(format!("dist: {e}"));
+        }
+    } else {
+        println!("xtask test: not root or no dpkg: the Debian package is not built and installed");
     }
     // Compile, never run, the criterion benches so they cannot rot.
     if let Err(e) = run_step(&mut cargo(&["build", "-p", "gateway-benches", "--benches"])) {
