@@ -117,6 +117,10 @@ fn openai_sdk_unmodified() {
     let bad = ["gateway_requests_total", "route=\"openai\"", "status=\"400\""];
     assert!(g.wait_metric(&bad, 5.0) >= 5.0);
     assert_eq!(g.metric(&["gateway_requests_total", "status=\"422\""]), 0.0);
+    // The access log says who called, how, and what it cost.
+    for field in [r#""principal":"app""#, r#""tenant":"acme""#, r#""auth":"api_key""#, r#""protocol":"http/1.1""#, r#""ttft_ms":"#] {
+        assert!(g.log_shows(field), "access log lacks {field}");
+    }
 }
 
 #[test]

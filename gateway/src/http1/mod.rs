@@ -34,6 +34,7 @@ pub async fn serve_connection(
     };
     let conn_id = w.conn_id();
     let mut rq = Incoming::new(peer);
+    rq.tls = client.tls_session().and_then(|s| s.protocol_version()).map(tls_version);
     let mut s = Scratch::default();
     let mut first = true;
     let linger = loop {
@@ -83,6 +84,15 @@ pub async fn serve_connection(
     client.close_notify().await;
     if linger {
         answer::linger_close(&mut client).await;
+    }
+}
+
+/// A TLS version as the access log names it.
+fn tls_version(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "other",
     }
 }
 

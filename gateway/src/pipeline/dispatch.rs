@@ -194,12 +194,19 @@ fn record(c: &Call<'_>, cluster: usize, verdict: &Verdict, status: u16, x: &Exch
         return;
     }
     let model = verdict.model.as_ref();
+    let (prompt, completion) = x.usage.as_ref().map_or((None, None), |u| u.counts());
+    let id = c.identity;
     tracing::info!(
         target: "access",
         request_id = rq.id.as_str(),
         method = rq.method.as_str(),
         path = rq.path.as_str(),
         client = %rq.peer.ip(),
+        protocol = rq.protocol,
+        tls = rq.tls.unwrap_or(""),
+        principal = id.map_or("", |i| i.principal.as_str()),
+        tenant = id.map_or("", |i| i.tenant.as_str()),
+        auth = id.map_or("", |i| i.method),
         route,
         cluster = cur.shared.clusters[cluster].name.as_str(),
         model = model.map_or("", |m| m.0.as_str()),
@@ -209,6 +216,10 @@ fn record(c: &Call<'_>, cluster: usize, verdict: &Verdict, status: u16, x: &Exch
         error = x.error.map(|e| e.source_and_kind().1).unwrap_or(""),
         duration_ms = elapsed.as_secs_f64() * 1e3,
         upstream_header_ms = x.header_time.map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+        ttft_ms = x.first_byte.map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
+        // Estimated from the body when the backend reported no usage.
+        prompt_tokens = prompt.unwrap_or(verdict.facts.prompt_tokens),
+        completion_tokens = completion.unwrap_or(0),
         request_bytes = x.req_bytes,
         response_bytes = x.resp_bytes,
     );

@@ -69,6 +69,10 @@ pub struct Incoming {
     /// Method and path (without query) for the access log; empty when it is off.
     pub method: String,
     pub path: String,
+    /// The driver's protocol (`http/1.1`), and the TLS version when the
+    /// connection is TLS, for the access log.
+    pub protocol: &'static str,
+    pub tls: Option<&'static str>,
 }
 
 impl Incoming {
@@ -81,6 +85,8 @@ impl Incoming {
             route: None,
             method: String::new(),
             path: String::new(),
+            protocol: "http/1.1",
+            tls: None,
         }
     }
 

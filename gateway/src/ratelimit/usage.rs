@@ -72,6 +72,11 @@ impl UsageScan {
 
     /// Prompt + completion tokens, when the backend reported either
     /// (embeddings report only the prompt).
+    /// Prompt and completion tokens, as the backend reported them.
+    pub fn counts(&self) -> (Option<u64>, Option<u64>) {
+        (self.prompt, self.completion)
+    }
+
     pub fn total(&self) -> Option<u64> {
         match (self.prompt, self.completion) {
             (None, None) => None,
