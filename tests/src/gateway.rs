@@ -87,6 +87,8 @@ pub struct Spec<'a> {
     pub driver: Driver,
     pub workers: usize,
     pub server_extra: &'a str,
+    /// More `[log]` keys.
+    pub log_extra: &'a str,
     pub body: &'a str,
     /// Run the child under a seccomp filter that makes io_uring_setup fail.
     pub deny_io_uring: bool,
@@ -98,6 +100,7 @@ impl<'a> Spec<'a> {
             driver,
             workers: 2,
             server_extra: "",
+            log_extra: "",
             body,
             deny_io_uring: false,
         }
@@ -139,10 +142,11 @@ impl Gateway {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let dir = temp_dir("gw");
         let header = format!(
-            "[server]\nlisten = [\"{addr}\"]\nworkers = {}\ndriver = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n",
+            "[server]\nlisten = [\"{addr}\"]\nworkers = {}\ndriver = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n{}\n\n",
             spec.workers,
             spec.driver.name(),
             spec.server_extra,
+            spec.log_extra,
         );
         let cfg = format!("{header}{}", spec.body);
         let cfg_path = dir.join("gateway.toml");

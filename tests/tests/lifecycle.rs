@@ -396,3 +396,53 @@ fn slow_admin_clients_dont_stall_probes_and_a_second_gateway_can_share_the_admin
     let _ = second.wait();
     assert!(up, "the second gateway never listened");
 }
+
+#[test]
+fn audit_events_go_to_their_own_rotated_file() {
+    let b = Backend::start("a");
+    let dir = temp_dir("audit");
+    let audit = dir.join("audit.log");
+    let key = "sk-audit-0123456789abcdef";
+    let body = format!(
+        "[clusters.b]\nbackends = [\"{}\"]\n[[models]]\nname = \"allowed\"\n[[models]]\nname = \"secret\"\n\
+         [[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"b\"\n\
+         [[authn.api_keys]]\nclient = \"app\"\ntenant = \"t\"\nsha256 = [\"{}\"]\n\
+         [[authz.rules]]\nid = \"t-allowed\"\ntenants = [\"t\"]\nmodels = [\"allowed\"]\n",
+        b.addr,
+        gateway_tests::jwt::key_digest(key)
+    );
+    let log_extra = format!("audit_file = \"{}\"\naudit_max_bytes = 4096\naudit_keep = 2", audit.display());
+    let mut spec = Spec::new(Driver::Auto, &body);
+    spec.log_extra = &log_extra;
+    let g = Gateway::start(spec);
+    let chat = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let raw = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        gateway_tests::request(g.addr, raw.as_bytes()).status
+    };
+    assert_eq!(chat("allowed"), 200);
+    for _ in 0..30 {
+        assert_eq!(chat("secret"), 403);
+    }
+    // Every denial is in the audit file (or its rotations), none on stdout.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let count = || {
+        ["audit.log", "audit.log.1", "audit.log.2"]
+            .iter()
+            .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
+            .map(|t| t.lines().filter(|l| l.contains("\"target\":\"audit\"") && l.contains("secret")).count())
+            .sum::<usize>()
+    };
+    while count() < 30 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kept = count();
+    assert!(dir.join("audit.log.1").exists(), "rotated at 4 KiB");
+    assert!(!dir.join("audit.log.3").exists(), "only audit_keep old files");
+    // 30 denials; the oldest rotated out past `audit_keep` may be gone.
+    assert!(kept >= 6, "audit lines kept: {kept}");
+    assert!(!g.log_text().contains("\"target\":\"audit\""), "audit events also on stdout");
+}

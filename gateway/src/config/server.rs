@@ -140,6 +140,13 @@ pub struct LogConfig {
     pub level: String,
     /// One `access` event per request.
     pub access_log: bool,
+    /// Audit events (authz denials, key revocations, blocks, escalations,
+    /// TLS reloads) go to this file, lossless, instead of stdout ("" = stdout).
+    pub audit_file: String,
+    /// The audit file is rotated at this size (`audit.log.1` … `.N`).
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    pub audit_keep: u32,
 }
 
 impl Default for LogConfig {
@@ -148,6 +155,9 @@ impl Default for LogConfig {
             format: LogFormat::Json,
             level: "info".into(),
             access_log: true,
+            audit_file: String::new(),
+            audit_max_bytes: 100 << 20,
+            audit_keep: 5,
         }
     }
 }
