@@ -46,9 +46,15 @@ commands:
                         --workers 1,2,4: the gateway alone with each worker count, req/s and the ratio to the
                         first count (target/bench/scaling.json); --baseline BIN: a second gateway build
                         measured in the same rounds (before/after a change)
-  bench routing [--duration SECS] [--loads 0.6,0.8,0.9] [--quick]
-                        simulated GPU pool behind the gateway: round_robin vs least_request vs gie_like vs
-                        gpu_aware under open-loop Poisson load; p50/p99, TTFT (target/bench/routing.json, .svg)
+  bench routing [--workload mixed|shared_prefix|multi_turn|no_prefix] [--policies LIST] [--gateways N]
+        [--duration SECS] [--loads 0.6,0.8,0.9] [--seed N] [--quick] [--groups G] [--popularity zipf|uniform]
+        [--system-tokens N] [--turns N]
+                        simulated GPU pool (vLLM-like prefix cache) behind the gateway: the balancing algorithms
+                        under open-loop Poisson load; mixed (default): round_robin vs least_request vs gie_like
+                        vs gpu_aware, p50/p99, TTFT (target/bench/routing.json, .svg); shared_prefix, multi_turn,
+                        no_prefix: also gie_prefix, prefix_aware and `pin` (client-side affinity), TTFT
+                        p50/p90/p99, prefix cache hit ratio (target/bench/routing-<workload>.json, .svg);
+                        --gateways 2: two gateways in front of the same pool
   cargo bench -p gateway-benches --bench ratelimit
                         criterion: one limiter decision on 1 core, all levels, the same key from every core
 ";

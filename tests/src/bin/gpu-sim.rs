@@ -1,4 +1,7 @@
-//! `gpu-sim`: the simulated GPU model server (see `gateway_tests::gpusim`).
+//! `gpu-sim`: the simulated GPU model server (see `gateway_tests::gpusim`):
+//! continuous batching, a FIFO queue, a KV cache of `kv-tokens / 16` blocks
+//! with vLLM-like automatic prefix caching (`POST /reset_prefix_cache` empties
+//! it), vLLM's metric names.
 //!
 //! gpu-sim --listen 127.0.0.1:8001 [--name M] [--engine vllm|sglang|tgi|triton]
 //!         [--max-batch 8] [--kv-tokens 32768] [--step-ms 10] [--per-seq-ms 0.5]
