@@ -703,34 +703,91 @@ fn gpu_aware(
         m => m,
     };
     let mean_token = slowest(&|b| b.token_ns.load(Ordering::Relaxed));
-    let saving = prefix.map(|p| {
-        let fastest = cand
-            .iter()
-            .map(|&i| loads[i].service_ns.load(Ordering::Relaxed))
-            .filter(|&v| v > 0)
-            .min()
-            .unwrap_or(0) as f64;
-        let home = prefix::home(p.blocks, &addrs(loads), cand);
-        (p, home, fastest)
-    });
-    let pick = cheapest(cand, rng, |i| {
-        let cost = expected_ns(s, &loads[i], now, model, size, mean, mean_token)?;
-        let Some((p, home, fastest)) = saving else {
-            return Some(cost);
-        };
-        let b = &loads[i];
-        let per_token = match b.prefill_ns.load(Ordering::Relaxed) {
-            0 => {
-                let base = s.prefill_per_1k_tokens.as_nanos() as f64 / 1000.0;
-                let service = b.service_ns.load(Ordering::Relaxed) as f64;
-                let slower = if fastest > 0.0 && service > 0.0 { service / fastest } else { 1.0 };
-                base * slower
-            }
-            v => v as f64,
-        };
-        Some(cost - p.credit_tokens(i, home) as f64 * per_token)
-    });
-    pick.ok_or(NoPick::Saturated)
+    let cost = |i: usize| expected_ns(s, &loads[i], now, model, size, mean, mean_token);
+    let Some(p) = prefix else {
+        return cheapest(cand, rng, cost).ok_or(NoPick::Saturated);
+    };
+    prefix_aware(s, loads, cand, p, rng, cost)
+}
+
+/// `prefix_aware`: the target is the backend that holds the most of the
+/// prompt (the index), else its home ([`prefix::home`], weighted by
+/// capacity so that groups of prompts are spread the way the pool can
+/// serve them); it is chosen while its expected completion time, less the
+/// prefill its cache saves, is within `prefix_stickiness` of the best
+/// backend's (2.0: up to 3× the best; 0: only when it is the best).
+/// Otherwise the backend with the lowest expected time less its savings.
+fn prefix_aware(
+    s: &BalanceSettings,
+    loads: &[Arc<BackendLoad>],
+    cand: &[usize],
+    p: &PrefixView<'_>,
+    rng: &Rng,
+    cost: impl Fn(usize) -> Option<f64>,
+) -> Result<usize, NoPick> {
+    let costs: Vec<(usize, f64)> = cand.iter().filter_map(|&i| Some((i, cost(i)?))).collect();
+    if costs.is_empty() {
+        return Err(NoPick::Saturated);
+    }
+    let fastest = cand
+        .iter()
+        .map(|&i| loads[i].service_ns.load(Ordering::Relaxed))
+        .filter(|&v| v > 0)
+        .min()
+        .unwrap_or(0) as f64;
+    let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
+    let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
+    let saved = |i: usize| p.credit_tokens(i, home) as f64 * prefill_per_token(s, &loads[i], fastest);
+    let best = costs.iter().map(|c| c.1).fold(f64::MAX, f64::min);
+    let held = |i: usize| p.matches.per_backend.get(i).copied().unwrap_or(0);
+    // The most blocks held; ties (and nothing held) go home.
+    let target = ok
+        .iter()
+        .copied()
+        .max_by_key(|&i| (held(i), Some(i) == home))
+        .unwrap_or(ok[0]);
+    let target_cost = costs.iter().find(|c| c.0 == target).map_or(f64::MAX, |c| c.1);
+    if target_cost - saved(target) <= best * (1.0 + s.prefix_stickiness) {
+        return Ok(target);
+    }
+    let by_id = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1 - saved(i));
+    cheapest(&ok, rng, by_id).ok_or(NoPick::Saturated)
+}
+
+/// Prefill time per prompt token at `b`, ns: learned from its streams' time
+/// to first token, else `prefill_per_1k_tokens` scaled by how much slower
+/// than the fastest it serves.
+fn prefill_per_token(s: &BalanceSettings, b: &BackendLoad, fastest: f64) -> f64 {
+    match b.prefill_ns.load(Ordering::Relaxed) {
+        0 => {
+            let base = s.prefill_per_1k_tokens.as_nanos() as f64 / 1000.0;
+            let service = b.service_ns.load(Ordering::Relaxed) as f64;
+            let slower = if fastest > 0.0 && service > 0.0 { service / fastest } else { 1.0 };
+            base * slower
+        }
+        v => v as f64,
+    }
+}
+
+/// Each backend's share of the pool's capacity for the home's weighted
+/// hashing: its batch ÷ its per-token latency (tokens per second), rounded
+/// to a power of √2 so that gateways measuring slightly different values
+/// still agree. Equal weights until every backend has been measured.
+fn capacity_weights(loads: &[Arc<BackendLoad>]) -> Vec<f64> {
+    let raw: Vec<f64> = loads
+        .iter()
+        .map(|b| {
+            let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
+            let token = b.token_ns.load(Ordering::Relaxed) as f64;
+            if batch > 0.0 && token > 0.0 { batch / token } else { 0.0 }
+        })
+        .collect();
+    if raw.iter().any(|&w| w <= 0.0) {
+        return vec![1.0; loads.len()];
+    }
+    raw.iter()
+        .map(|w| 2f64.powf((w.log2() * 2.0).round() / 2.0))
+        .collect()
 }
 
 fn addrs(loads: &[Arc<BackendLoad>]) -> Vec<SocketAddr> {
@@ -1029,7 +1086,7 @@ mod tests {
         // The prompt's home holds 90 of its 100 blocks (1,440 tokens, and
         // 64 for being home: ≈ 75 ms of prefill).
         let (blocks, _) = prompt(100, &[]);
-        let at = prefix::home(&blocks, &addrs(&p), &[0, 1]).unwrap();
+        let at = prefix::home(&blocks, &addrs(&p), &[1.0; 2], &[0, 1]).unwrap();
         let (blocks, ix) = prompt(100, &[(at, 90)]);
         let m = ix.matches(&blocks, 2);
         let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 1600 };
@@ -1047,15 +1104,11 @@ mod tests {
         // …ten more (100 ms) is not.
         p[at].inflight.store(10, Ordering::Relaxed);
         assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), 1 - at);
-        // Sent elsewhere once (home was busy): at equal load it goes home
-        // again — one more prefill there, and every worker converges on it…
+        // Sent elsewhere once (home was busy): it stays with that cache.
         p[at].inflight.store(0, Ordering::Relaxed);
         let (blocks2, ix2) = prompt(100, &[(1 - at, 90)]);
         let m2 = ix2.matches(&blocks2, 2);
         let v2 = PrefixView { blocks: &blocks2, matches: &m2, prompt_tokens: 1600 };
-        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), at);
-        // …unless home is busier by more than the anchor's worth (3.2 ms).
-        p[at].inflight.store(1, Ordering::Relaxed);
         assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), 1 - at);
     }
 
@@ -1083,7 +1136,7 @@ mod tests {
     #[test]
     fn a_shared_prefix_goes_home_where_no_worker_has_sent_it() {
         // Two workers' indexes, each knowing only its own sends: both send a
-        // shared prefix to its home, the same backend, when loads are equal.
+        // new prefix to its home, the same backend, and keep it there.
         let p = pool(4);
         for b in &p {
             b.service_ns.store(10_000_000, Ordering::Relaxed);
@@ -1093,12 +1146,8 @@ mod tests {
         let (rr, rng) = (Cell::new(0), Rng::new(11));
         let (blocks, _) = prompt(40, &[]);
         let cand: Vec<usize> = (0..4).collect();
-        let home = prefix::home(&blocks, &addrs(&p), &cand).unwrap();
-        let other = (home + 1) % 4;
-        // Worker A sent it elsewhere once (its index has it there); worker B
-        // sent it to the home once.
-        let mut a = prefix::PrefixIndex::new(1 << 16);
-        a.insert(&blocks, other);
+        let home = prefix::home(&blocks, &addrs(&p), &[1.0; 4], &cand).unwrap();
+        let a = prefix::PrefixIndex::new(1 << 16);
         let mut b = prefix::PrefixIndex::new(1 << 16);
         b.insert(&blocks, home);
         for ix in [&a, &b] {

@@ -283,14 +283,29 @@ impl PrefixIndex {
     }
 }
 
-/// The prompt's home among `addrs` (rendezvous hashing of its anchor block
-/// over the backends' addresses): the same answer in every worker and every
-/// gateway with the same pool. `None` without a block.
-pub fn home(blocks: &[u64], addrs: &[std::net::SocketAddr], cand: &[usize]) -> Option<usize> {
+/// The prompt's home among the candidates `cand`: weighted rendezvous
+/// hashing of its anchor block over the backends' addresses (`weights`:
+/// each backend's share of the pool's capacity, by index; equal weights:
+/// plain rendezvous hashing). The same answer in every worker and every
+/// gateway that sees the same pool and weights; a backend leaving moves
+/// only its own prompts. `None` without a block.
+pub fn home(
+    blocks: &[u64],
+    addrs: &[std::net::SocketAddr],
+    weights: &[f64],
+    cand: &[usize],
+) -> Option<usize> {
     let anchor = *blocks.get(blocks.len().min(ANCHOR_BLOCKS).checked_sub(1)?)?;
+    let score = |i: usize| {
+        let h = fold(anchor ^ K1, addr_key(&addrs[i]) ^ K2);
+        // A uniform draw in (0, 1); the largest w / −ln(u) wins, so each
+        // backend is home to a share of prompts proportional to its weight.
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        weights.get(i).copied().unwrap_or(1.0).max(1e-9) / -u.ln()
+    };
     cand.iter()
         .copied()
-        .max_by_key(|&i| fold(anchor ^ K1, addr_key(&addrs[i]) ^ K2))
+        .max_by(|&a, &b| score(a).total_cmp(&score(b)))
 }
 
 fn addr_key(a: &std::net::SocketAddr) -> u64 {
@@ -387,14 +402,22 @@ mod tests {
         let mut seen = [0usize; 4];
         for g in 0..400u32 {
             let b = blocks_of("m", format!("{g:>6}").repeat(60).as_bytes());
-            let h = home(&b, &addrs, &cand).unwrap();
-            assert_eq!(home(&b, &addrs, &cand), Some(h), "stable");
+            let h = home(&b, &addrs, &[1.0; 4], &cand).unwrap();
+            assert_eq!(home(&b, &addrs, &[1.0; 4], &cand), Some(h), "stable");
             seen[h] += 1;
             // Without its home among the candidates, another one; the rest keep theirs.
             let others: Vec<usize> = cand.iter().copied().filter(|&i| i != h).collect();
-            assert_ne!(home(&b, &addrs, &others), Some(h));
+            assert_ne!(home(&b, &addrs, &[1.0; 4], &others), Some(h));
         }
         assert!(seen.iter().all(|&n| n > 60), "{seen:?}");
-        assert_eq!(home(&[], &addrs, &cand), None);
+        assert_eq!(home(&[], &addrs, &[1.0; 4], &cand), None);
+        // Weighted: homes in proportion to capacity.
+        let mut seen = [0usize; 4];
+        for g in 0..2000u32 {
+            let b = blocks_of("m", format!("{g:>6}").repeat(60).as_bytes());
+            seen[home(&b, &addrs, &[8.0, 4.0, 2.0, 1.0], &cand).unwrap()] += 1;
+        }
+        let share = |i: usize| seen[i] as f64 / 2000.0;
+        assert!((share(0) - 8.0 / 15.0).abs() < 0.05 && (share(3) - 1.0 / 15.0).abs() < 0.03, "{seen:?}");
     }
 }
