@@ -710,13 +710,15 @@ fn gpu_aware(
     prefix_aware(s, loads, cand, p, rng, cost)
 }
 
-/// `prefix_aware`: the target is the backend that holds the most of the
-/// prompt (the index), else its home ([`prefix::home`], weighted by
-/// capacity so that groups of prompts are spread the way the pool can
-/// serve them); it is chosen while its expected completion time, less the
-/// prefill its cache saves, is within `prefix_stickiness` of the best
-/// backend's (2.0: up to 3× the best; 0: only when it is the best).
-/// Otherwise the backend with the lowest expected time less its savings.
+/// `prefix_aware`. A prompt whose first blocks were seen before has a shared
+/// prefix: its target is its home ([`prefix::home`], weighted by capacity so
+/// that groups of prompts are spread the way the pool can serve them; every
+/// worker and gateway agrees on it), chosen while its expected completion
+/// time, less the prefill its cache saves, is within `prefix_stickiness` of
+/// the best backend's (1.0: up to twice the best). Otherwise — a prefix never
+/// seen, or a home too busy — the backend with the lowest expected time
+/// less what its cached share of the prompt saves (so a prompt with nothing
+/// shared is routed as `gpu_aware` routes it).
 fn prefix_aware(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
@@ -738,20 +740,22 @@ fn prefix_aware(
     let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
     let saved = |i: usize| p.credit_tokens(i, home) as f64 * prefill_per_token(s, &loads[i], fastest);
-    let best = costs.iter().map(|c| c.1).fold(f64::MAX, f64::min);
-    let held = |i: usize| p.matches.per_backend.get(i).copied().unwrap_or(0);
-    // The most blocks held; ties (and nothing held) go home.
-    let target = ok
-        .iter()
-        .copied()
-        .max_by_key(|&i| (held(i), Some(i) == home))
-        .unwrap_or(ok[0]);
-    let target_cost = costs.iter().find(|c| c.0 == target).map_or(f64::MAX, |c| c.1);
-    if target_cost - saved(target) <= best * (1.0 + s.prefix_stickiness) {
-        return Ok(target);
+    let cost_of = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1);
+    if let Some(h) = home {
+        // A prefix seen before sticks to its home; a new one starts there
+        // only when home is nearly as good (it may be shared, and then every
+        // worker and gateway will already agree on where it lives).
+        let tolerance = if p.matches.anchor_seen {
+            s.prefix_stickiness
+        } else {
+            s.prefix_stickiness / 8.0
+        };
+        let best = costs.iter().map(|c| c.1).fold(f64::MAX, f64::min);
+        if cost_of(h).is_some_and(|c| c - saved(h) <= best * (1.0 + tolerance)) {
+            return Ok(h);
+        }
     }
-    let by_id = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1 - saved(i));
-    cheapest(&ok, rng, by_id).ok_or(NoPick::Saturated)
+    cheapest(&ok, rng, |i| Some(cost_of(i)? - saved(i))).ok_or(NoPick::Saturated)
 }
 
 /// Prefill time per prompt token at `b`, ns: learned from its streams' time
@@ -1104,12 +1108,20 @@ mod tests {
         // …ten more (100 ms) is not.
         p[at].inflight.store(10, Ordering::Relaxed);
         assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), 1 - at);
-        // Sent elsewhere once (home was busy): it stays with that cache.
+        // Sent elsewhere once (home was busy): with home free again it goes
+        // home, where every worker and gateway sends it.
         p[at].inflight.store(0, Ordering::Relaxed);
         let (blocks2, ix2) = prompt(100, &[(1 - at, 90)]);
         let m2 = ix2.matches(&blocks2, 2);
         let v2 = PrefixView { blocks: &blocks2, matches: &m2, prompt_tokens: 1600 };
-        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), 1 - at);
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), at);
+        // A prompt with nothing shared (never seen) goes by load alone.
+        let (fresh, ix3) = prompt(100, &[]);
+        let m3 = ix3.matches(&fresh, 2);
+        let v3 = PrefixView { blocks: &fresh, matches: &m3, prompt_tokens: 1600 };
+        let h3 = prefix::home(&fresh, &addrs(&p), &[1.0; 2], &[0, 1]).unwrap();
+        p[h3].inflight.store(1, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v3), &rr, &rng).unwrap(), 1 - h3);
     }
 
     #[test]

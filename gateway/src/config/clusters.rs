@@ -168,7 +168,7 @@ impl Default for BalanceSettings {
             retry_reserve: 10,
             prefix_cache_blocks: 16_384,
             prefill_per_1k_tokens: Duration::from_millis(50),
-            prefix_stickiness: 2.0,
+            prefix_stickiness: 1.0,
         }
     }
 }
