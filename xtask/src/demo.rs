@@ -219,7 +219,7 @@ fn drive(listen: &str, stop: &AtomicBool) {
         let system = systems[(n % 3) as usize].repeat(40);
         let body = format!(
             r#"{{"model":"llama-3-8b","stream":{},"max_tokens":{},"messages":[{{"role":"system","content":"{system}"}},{{"role":"user","content":"question {n}"}}]}}"#,
-            n % 2 == 0,
+            n.is_multiple_of(2),
             16 + (n % 4) * 16
         );
         let req = format!(

@@ -472,12 +472,6 @@ impl BodyRelay {
     }
 }
 
-/// Relay the body: take what is buffered, write it, read more, until the
-/// framing says done (or the backend, the client or a timeout ends it).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the exchange's two connections, its state and its buffers"
-)]
 /// When the request went out, and its total deadline.
 #[derive(Clone, Copy)]
 struct Timing {
@@ -485,7 +479,12 @@ struct Timing {
     sent_at: Instant,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Relay the body: take what is buffered, write it, read more, until the
+/// framing says done (or the backend, the client or a timeout ends it).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the exchange's two connections, its state and its buffers"
+)]
 async fn relay_body<D: Downstream>(
     client: &mut D,
     req: &Request<'_>,
