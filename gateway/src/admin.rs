@@ -328,13 +328,37 @@ fn probe(
             respond(c, 200, "text/plain; version=0.0.4", &metrics.render())
         }
         "/healthz" => respond(c, 200, "text/plain", b"ok\n"),
+        "/dashboard" => respond_with(
+            c,
+            200,
+            "text/html; charset=utf-8",
+            // Everything is inline and embedded; it reads /metrics, nothing else.
+            "content-security-policy: default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'\r\n\
+             x-content-type-options: nosniff\r\ncache-control: no-store\r\n",
+            DASHBOARD.as_bytes(),
+        ),
         "/readyz" if health.ready() => respond(c, 200, "text/plain", b"ready\n"),
         "/readyz" => respond(c, 503, "text/plain", b"not ready\n"),
         _ => respond(c, 404, "text/plain", b"not found\n"),
     }
 }
 
+/// The live dashboard (`GET /dashboard`): one page, embedded in the binary,
+/// that reads this listener's `/metrics` every second.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
 fn respond(c: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io::Result<()> {
+    respond_with(c, status, ctype, "", body)
+}
+
+/// `respond` with more header lines (each ending in CRLF).
+fn respond_with(
+    c: &mut TcpStream,
+    status: u16,
+    ctype: &str,
+    extra: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -347,7 +371,7 @@ fn respond(c: &mut TcpStream, status: u16, ctype: &str, body: &[u8]) -> std::io:
         _ => "Service Unavailable",
     };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n",
         body.len()
     );
     c.write_all(head.as_bytes())?;

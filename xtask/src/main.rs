@@ -188,6 +188,12 @@ const PREREQS: &[Prereq] = &[
         why: "tests: RSA keys",
     },
     Prereq {
+        name: "chromium",
+        check: || on_path("chromium")(),
+        install: Install::Apt(&["chromium"]),
+        why: "tests: the admin dashboard in a real (headless) browser",
+    },
+    Prereq {
         name: "py-clients",
         check: || python_imports("import openai, tritonclient.http"),
         install: Install::Pip(&["openai", "tritonclient[http]"]),
