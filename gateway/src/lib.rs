@@ -33,6 +33,7 @@ pub mod http1;
 pub mod io;
 pub mod listener;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod pool;
 pub mod ratelimit;

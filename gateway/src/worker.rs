@@ -25,6 +25,8 @@ pub struct Process {
     pub front_door: Arc<crate::xdp::FrontDoor>,
     pub limiter: Arc<crate::ratelimit::Limiter>,
     pub loads: Arc<crate::balance::Registry>,
+    /// The OTLP trace exporter (`[tracing] otlp_endpoint`; changes need a restart).
+    pub tracer: Option<Arc<crate::otel::Tracer>>,
 }
 
 /// What every worker gets, read-only, built once from the config.
@@ -57,6 +59,8 @@ pub struct Shared {
     pub ratelimit: Option<Arc<crate::ratelimit::Policies>>,
     /// The limiter's state (process-wide; survives reloads).
     pub limiter: Arc<crate::ratelimit::Limiter>,
+    /// Traces (when an OTLP endpoint is configured).
+    pub tracer: Option<Arc<crate::otel::Tracer>>,
     /// Models served by their own pools (`[[models]] cluster`,
     /// `version_clusters`, `split`), by model name.
     pub model_pools: HashMap<String, crate::balance::ModelPools>,
@@ -117,6 +121,7 @@ impl Shared {
                 .enabled()
                 .then(|| Arc::new(crate::ratelimit::Policies::new(&r.config.ratelimit))),
             limiter: process.limiter.clone(),
+            tracer: process.tracer.clone(),
             model_pools: r
                 .config
                 .models

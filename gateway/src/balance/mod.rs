@@ -481,12 +481,16 @@ impl Rng {
     }
 
     pub fn below(&self, n: usize) -> usize {
+        ((self.next_u64() >> 11) % n.max(1) as u64) as usize
+    }
+
+    pub fn next_u64(&self) -> u64 {
         let mut x = self.0.get();
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         self.0.set(x);
-        ((x >> 11) % n.max(1) as u64) as usize
+        x
     }
 }
 

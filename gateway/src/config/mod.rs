@@ -39,8 +39,8 @@ pub use models::{ModelConfig, ShadowTarget, SplitTarget};
 pub use ratelimit::RateLimitSettings;
 pub use routes::{AuthMethod, Protocol, RouteConfig, RouteTimeouts};
 pub use server::{
-    AdminConfig, DriverChoice, Limits, LogConfig, LogFormat, ServerConfig, Timeouts, Workers,
-    MAX_HEADERS,
+    AdminConfig, DriverChoice, Limits, LogConfig, LogFormat, ServerConfig, Timeouts, TracingConfig,
+    Workers, MAX_HEADERS,
 };
 pub use tls::{CertificateFiles, ClientAuth, TlsListener, TlsSettings, TlsVersion};
 pub use xdp::{Cidr, XdpAttach, XdpMode, XdpSettings};
@@ -58,6 +58,9 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// OpenTelemetry traces (OTLP/HTTP).
+    #[serde(default)]
+    pub tracing: TracingConfig,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -268,6 +271,7 @@ impl Config {
             server::check_server(&self.server, &self.admin, &self.log, &self.tls.listen, sink);
         server::check_head_limits(&self.limits, self.server.buffer_size, sink);
         server::check_timeouts(&self.timeouts, sink);
+        server::check_tracing(&self.tracing, sink);
         let clusters = clusters::check_clusters(&self.clusters, sink);
         models::check_model_pools(&self.models, &self.clusters, sink);
         routes::check_routes(&self.routes, &self.clusters, sink);

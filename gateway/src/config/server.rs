@@ -132,6 +132,50 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// `[tracing]`: OpenTelemetry traces over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The collector, `host:port` ("" = no tracing). Changes need a restart.
+    pub otlp_endpoint: String,
+    /// Its OTLP/HTTP traces path.
+    pub otlp_path: String,
+    /// Requests traced when the client sent no sampled `traceparent`, 0 to 1
+    /// (a client's sampled `traceparent` is always followed).
+    pub sample_ratio: f64,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Spans waiting for export at most; more are dropped and counted.
+    pub max_queue: usize,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: String::new(),
+            otlp_path: "/v1/traces".into(),
+            sample_ratio: 0.1,
+            service_name: "gateway".into(),
+            max_queue: 4096,
+        }
+    }
+}
+
+pub(super) fn check_tracing(t: &TracingConfig, sink: &mut Sink) {
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        sink.err("tracing.sample_ratio", "a fraction from 0 to 1");
+    }
+    if !t.otlp_endpoint.is_empty() {
+        use std::net::ToSocketAddrs;
+        if t.otlp_endpoint.to_socket_addrs().map_or(true, |mut a| a.next().is_none()) {
+            sink.err("tracing.otlp_endpoint", "must be host:port of an OTLP/HTTP collector, e.g. \"127.0.0.1:4318\"");
+        }
+        if !t.otlp_path.starts_with('/') || t.max_queue == 0 {
+            sink.err("tracing", "otlp_path must start with `/` and max_queue be at least 1");
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {

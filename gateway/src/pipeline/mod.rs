@@ -73,6 +73,8 @@ pub struct Incoming {
     /// connection is TLS, for the access log.
     pub protocol: &'static str,
     pub tls: Option<&'static str>,
+    /// This request's span, when it is traced (`[tracing]`).
+    pub trace: std::cell::RefCell<Option<crate::otel::Trace>>,
 }
 
 impl Incoming {
@@ -87,6 +89,14 @@ impl Incoming {
             path: String::new(),
             protocol: "http/1.1",
             tls: None,
+            trace: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// Record a stage's event on the request's span, when it is traced.
+    pub fn event(&self, name: &'static str, attrs: impl FnOnce() -> Vec<(&'static str, crate::otel::Value)>) {
+        if let Some(t) = self.trace.borrow_mut().as_mut() {
+            t.event(name, attrs());
         }
     }
 
@@ -191,8 +201,62 @@ pub async fn run<D: Downstream>(
     cur: &Rc<Current>,
     s: &mut Scratch,
 ) -> Result<Served, Refusal> {
+    begin_trace(d.pending(), rq, w, cur);
     let served = stages(d, rq, w, cur, s).await;
-    served.map_err(|r| r.speak(dialect(rq, cur)))
+    let served = served.map_err(|r| r.speak(dialect(rq, cur)));
+    end_trace(rq, cur, &served);
+    served
+}
+
+/// Start the request's span: the client's sampled `traceparent` continued,
+/// else a new trace at `sample_ratio`.
+fn begin_trace(buf: &[u8], rq: &mut Incoming, w: &Worker, cur: &Current) {
+    let Some(t) = cur.shared.tracer.as_ref() else {
+        return;
+    };
+    let h = &rq.head;
+    let parent = h
+        .headers
+        .iter()
+        .find(|x| buf[x.name.clone()].eq_ignore_ascii_case(b"traceparent"))
+        .map(|x| &buf[x.value.clone()]);
+    let draw = w.rng.below(1 << 20) as f64 / f64::from(1u32 << 20);
+    let ids = (w.rng.next_u64(), w.rng.next_u64(), w.rng.next_u64());
+    let mut trace = t.begin(parent, draw, ids);
+    if let Some(tr) = trace.as_mut() {
+        tr.attr("http.request.method", rq.method.as_str());
+        tr.attr("url.path", rq.path.as_str());
+        tr.attr("client.address", rq.peer.ip().to_string().as_str());
+        tr.attr("network.protocol.name", rq.protocol);
+        tr.attr("gateway.request_id", rq.id.as_str());
+    }
+    *rq.trace.borrow_mut() = trace;
+}
+
+/// Close the request's span with its outcome and hand it to the exporter.
+fn end_trace(rq: &Incoming, cur: &Current, served: &Result<Served, Refusal>) {
+    let Some(mut tr) = rq.trace.borrow_mut().take() else {
+        return;
+    };
+    let Some(t) = cur.shared.tracer.as_ref() else {
+        return;
+    };
+    let route = rq.route.map_or("", |i| cur.shared.router.routes()[i].name.as_str());
+    tr.attr("gateway.route", route);
+    let error = match served {
+        Err(r) => {
+            tr.attr("http.response.status_code", u64::from(r.status));
+            tr.attr("gateway.refused", r.code.unwrap_or(r.error_type));
+            r.status >= 500
+        }
+        Ok(_) => false,
+    };
+    let name = if route.is_empty() {
+        rq.method.clone()
+    } else {
+        format!("{} {route}", rq.method)
+    };
+    t.finish(tr, name, error);
 }
 
 /// Whose clients a request's errors go to: its route's protocol's.
@@ -214,6 +278,13 @@ async fn stages<D: Downstream>(
     let route = route(d.pending(), rq, cur)?; // 3
     let identity = admission::authenticate(d, rq, route, w, cur)?; // 3b
     let identity = identity.as_deref();
+    rq.event("authn", || {
+        let i = identity;
+        vec![
+            ("method", i.map_or("none", |i| i.method).into()),
+            ("tenant", i.map_or("", |i| i.tenant.as_str()).into()),
+        ]
+    });
     let c = Call {
         rq,
         route,
@@ -224,8 +295,22 @@ async fn stages<D: Downstream>(
     s.limit_headers.clear();
     admission::rate_limit_early(&c, &mut s.limit_headers)?; // 4c, early
     let mut verdict = validate(d, &c).await?; // 4
+    rq.event("validate", || {
+        let (m, v) = verdict.model.clone().unwrap_or_default();
+        vec![
+            ("model", m.as_str().into()),
+            ("model.version", v.as_str().into()),
+            ("prompt_tokens", verdict.facts.prompt_tokens.into()),
+        ]
+    });
     let models = admission::authorize(&c, &verdict)?; // 4b
     let admission = admission::rate_limit(&c, &verdict, &mut s.limit_headers)?; // 4c
+    rq.event("ratelimit", || {
+        vec![(
+            "charged_tokens",
+            admission.as_ref().map_or(0, |a| a.tokens).into(),
+        )]
+    });
     if let Admitted::Answer(list) = &mut verdict.admitted {
         let list = models.unwrap_or_else(|| std::mem::take(list));
         return Ok(dispatch::answer(&c, list, admission));
@@ -235,6 +320,17 @@ async fn stages<D: Downstream>(
     let req = dispatch::upstream_request(&c, &verdict, &admission, cluster, tls, &s.limit_headers);
     dispatch::shadow(&c, &verdict, &req);
     let x = crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await; // 5
+    rq.event("upstream", || {
+        let cl = &cur.shared.clusters[cluster];
+        vec![
+            ("cluster", cl.name.as_str().into()),
+            ("algorithm", cl.balance.algorithm.as_str().into()),
+            ("backend", x.backend.map(|b| b.to_string()).unwrap_or_default().as_str().into()),
+            ("http.response.status_code", u64::from(x.status).into()),
+            ("ttft_ms", x.first_byte.map_or(0, |d| d.as_millis() as u64).into()),
+            ("header_ms", x.header_time.map_or(0, |d| d.as_millis() as u64).into()),
+        ]
+    });
     dispatch::settle(&c, admission, &verdict, &x);
     dispatch::finish(&c, cluster, &verdict, x)
 }
