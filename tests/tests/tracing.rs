@@ -83,7 +83,10 @@ fn spans_reach_an_otlp_receiver_with_their_stages() {
     let mut c = Client::connect(g.addr);
     // Continued: the client's trace and span.
     c.send(b"GET /traced HTTP/1.1\r\nHost: a\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n");
-    assert_eq!(c.read_response().status, 200);
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    // The backend got the gateway's span as its parent, in the same trace.
+    let sent = r.json()["headers"]["traceparent"].as_str().unwrap_or_default().to_string();
     // Not sampled by the client: obeyed.
     c.send(b"GET /untraced HTTP/1.1\r\nHost: a\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4737-00f067aa0ba902b7-00\r\n\r\n");
     assert_eq!(c.read_response().status, 200);
@@ -100,6 +103,7 @@ fn spans_reach_an_otlp_receiver_with_their_stages() {
     let traced = by_path("/traced").expect("the continued trace was exported");
     assert_eq!(hex(&traced.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(hex(&traced.parent_span_id), "00f067aa0ba902b7");
+    assert_eq!(sent, format!("00-{}-{}-01", hex(&traced.trace_id), hex(&traced.span_id)));
     assert_eq!(traced.span_id.len(), 8);
     assert!(traced.end_time_unix_nano >= traced.start_time_unix_nano);
     let names: Vec<&str> = traced.events.iter().map(|e| e.name.as_str()).collect();

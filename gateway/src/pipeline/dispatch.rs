@@ -90,6 +90,7 @@ pub(super) fn upstream_request<'a>(
         prefix: &verdict.prefix,
         prompt_tokens: verdict.facts.prompt_tokens,
         stream: verdict.facts.stream,
+        traceparent: c.rq.trace.borrow().as_ref().map(|t| t.traceparent()),
     }
 }
 

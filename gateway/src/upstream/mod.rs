@@ -369,6 +369,9 @@ pub struct Request<'a> {
     /// The client asked for a stream (`"stream": true`): the first body
     /// byte is the first token, which times the backend's prefill.
     pub stream: bool,
+    /// Traced: the `traceparent` naming the gateway's span, which replaces
+    /// the client's on the way to the backend.
+    pub traceparent: Option<String>,
 }
 
 /// Forward one request to a backend and relay its answer to `client`.

@@ -219,7 +219,21 @@ pub(super) fn build_upstream_head(
     out.push(b' ');
     out.extend_from_slice(&buf[h.target.clone()]);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    codec::write_kept_headers(buf, &h.headers, out);
+    match &req.traceparent {
+        None => codec::write_kept_headers(buf, &h.headers, out),
+        // Traced: the backend's spans are children of the gateway's.
+        Some(tp) => {
+            for hd in h.headers.iter().filter(|hd| {
+                !hd.drop && !buf[hd.name.clone()].eq_ignore_ascii_case(b"traceparent")
+            }) {
+                out.extend_from_slice(&buf[hd.name.clone()]);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&buf[hd.value.clone()]);
+                out.extend_from_slice(b"\r\n");
+            }
+            let _ = write!(out, "traceparent: {tp}\r\n");
+        }
+    }
     if h.host.is_none() {
         let _ = write!(out, "host: {backend}\r\n");
     }
