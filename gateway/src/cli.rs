@@ -20,12 +20,16 @@ checks OpenAI-compatible and KServe v2 \
 requests against a model catalogue (model, version, limits, tensor shapes, JSON Schemas), enforces [ratelimit] \
 limits per client address, principal, tenant, route and model (requests, token cost corrected from the reported \
 usage, concurrency, day/month quotas; fleet-wide with Redis; repeat offenders blocked at the NIC), sends each request \
-to the least-loaded GPU backend of its model's pool ([clusters.X.balance]: load scraped from vLLM/SGLang/TGI/Triton \
-metrics, health checks, ejection, canary splits, shadow traffic), and streams request \
-and response bodies (SSE token streams included) in both directions with bounded memory.\n\n\
+to the GPU backend of its model's pool that will serve it soonest ([clusters.X.balance]: load scraped from \
+vLLM/SGLang/TGI/Triton metrics, time to first token measured on streams, prefix-cache-aware routing with \
+algorithm = \"prefix_aware\", health checks, ejection, canary splits, shadow traffic), and streams request \
+and response bodies (SSE token streams included) in both directions with bounded memory. Errors are written \
+the way each route's clients expect them (OpenAI's error object on openai routes, {\"error\": \"...\"} on \
+kserve routes); OpenTelemetry traces go to [tracing] otlp_endpoint.\n\n\
 Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.0.0.5:8000,10.0.0.6:8000\n\n\
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\
-Admin endpoints (default 127.0.0.1:9901): GET /metrics (Prometheus), GET /healthz, GET /readyz, \
+Admin endpoints (default 127.0.0.1:9901): GET /dashboard (live, in a browser), GET /metrics (Prometheus), \
+GET /healthz, GET /readyz, \
 GET|POST /xdp/blocks, DELETE /xdp/blocks/ADDR, GET /xdp/stats, POST /tls/reload, GET /authn/keys, \
 POST /authn/revoke, GET /ratelimit/quotas, DELETE /ratelimit/quotas/TENANT, GET /balance/backends, POST /balance/drain, \
 POST /balance/undrain (the control plane needs the admin scope once [authn] is configured).\n\
