@@ -59,6 +59,7 @@ pub struct Metrics {
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
     pub prefix_routes: IntCounterVec,
+    pub trace_spans: IntCounterVec,
     pub prefix_index_bytes: IntGaugeVec,
     pub backend_ttft: prometheus::GaugeVec,
     pub backend_prefill: prometheus::GaugeVec,
@@ -349,6 +350,11 @@ const RATELIMIT_REDIS_SYNC: Desc = Desc::new(
 );
 
 // Balancing, traffic splits and shadowing.
+const TRACE_SPANS: Desc = Desc::new(
+    "gateway_trace_spans_total",
+    "Trace spans by fate: exported to the OTLP collector, failed (the collector refused or was unreachable), dropped (the export queue was full)",
+    &["result"],
+);
 const PREFIX_ROUTES: Desc = Desc::new(
     "gateway_prefix_routes_total",
     "Requests routed by a prefix-aware algorithm, by whether the chosen backend had been sent the prompt's leading blocks (cached) or not (uncached)",
@@ -491,6 +497,7 @@ impl Metrics {
             ),
             balance_shed: counter_vec(&r, &BALANCE_SHED),
             prefix_routes: counter_vec(&r, &PREFIX_ROUTES),
+            trace_spans: counter_vec(&r, &TRACE_SPANS),
             prefix_index_bytes: gauge_vec(&r, &PREFIX_INDEX_BYTES),
             backend_ttft: float_gauge_vec(&r, &BACKEND_TTFT),
             backend_prefill: float_gauge_vec(&r, &BACKEND_PREFILL),

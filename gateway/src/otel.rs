@@ -11,7 +11,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,9 +21,7 @@ use crate::config::TracingConfig;
 pub struct Tracer {
     tx: SyncSender<Span>,
     ratio: f64,
-    /// Spans dropped: the queue was full, or the collector failed.
-    pub dropped: Arc<AtomicU64>,
-    pub exported: Arc<AtomicU64>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// One request's span while it runs.
@@ -106,7 +103,10 @@ pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], bool)> {
 
 impl Tracer {
     /// Start the exporter thread, when an endpoint is configured.
-    pub fn start(cfg: &TracingConfig) -> std::io::Result<Option<Arc<Tracer>>> {
+    pub fn start(
+        cfg: &TracingConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> std::io::Result<Option<Arc<Tracer>>> {
         if cfg.otlp_endpoint.is_empty() {
             return Ok(None);
         }
@@ -116,9 +116,7 @@ impl Tracer {
             .next()
             .ok_or_else(|| std::io::Error::other("no address for tracing.otlp_endpoint"))?;
         let (tx, rx) = sync_channel::<Span>(cfg.max_queue);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let exported = Arc::new(AtomicU64::new(0));
-        let (d, e) = (dropped.clone(), exported.clone());
+        let m = metrics.clone();
         let (host, path, service) = (
             cfg.otlp_endpoint.clone(),
             cfg.otlp_path.clone(),
@@ -141,13 +139,14 @@ impl Tracer {
                     if !batch.is_empty() {
                         let n = batch.len() as u64;
                         let body = encode(&service, std::mem::take(&mut batch));
-                        match post(addr, &host, &path, &body) {
-                            Ok(()) => e.fetch_add(n, Ordering::Relaxed),
+                        let result = match post(addr, &host, &path, &body) {
+                            Ok(()) => "exported",
                             Err(err) => {
                                 tracing::warn!(error = %err, spans = n, "OTLP export failed; spans dropped");
-                                d.fetch_add(n, Ordering::Relaxed)
+                                "failed"
                             }
                         };
+                        m.trace_spans.with_label_values(&[result]).inc_by(n);
                     }
                     if gone {
                         return;
@@ -157,8 +156,7 @@ impl Tracer {
         Ok(Some(Arc::new(Tracer {
             tx,
             ratio: cfg.sample_ratio,
-            dropped,
-            exported,
+            metrics,
         })))
     }
 
@@ -197,7 +195,7 @@ impl Tracer {
             error,
         };
         if self.tx.try_send(span).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.trace_spans.with_label_values(&["dropped"]).inc();
         }
     }
 }

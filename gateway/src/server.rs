@@ -118,7 +118,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
             front_door: front_door.clone(),
             limiter: limiter.clone(),
             loads: Arc::new(crate::balance::Registry::default()),
-            tracer: crate::otel::Tracer::start(&r.config.tracing)
+            tracer: crate::otel::Tracer::start(&r.config.tracing, metrics.clone())
                 .map_err(|e| RunError::Startup(format!("cannot start the OTLP exporter: {e}")))?,
         },
     });

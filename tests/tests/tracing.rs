@@ -115,6 +115,7 @@ fn spans_reach_an_otlp_receiver_with_their_stages() {
     assert_eq!(fresh.trace_id.len(), 16);
     assert!(fresh.parent_span_id.is_empty());
     assert_ne!(fresh.trace_id, traced.trace_id);
+    assert!(g.wait_metric(&["gateway_trace_spans_total", "result=\"exported\""], 2.0) >= 2.0);
 }
 
 fn hex(b: &[u8]) -> String {
