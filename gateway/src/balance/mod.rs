@@ -707,11 +707,12 @@ fn gpu_aware(
         m => m,
     };
     let mean_token = slowest(&|b| b.token_ns.load(Ordering::Relaxed));
-    let cost = |i: usize| expected_ns(s, &loads[i], now, model, size, mean, mean_token);
     let Some(p) = prefix else {
+        let cost = |i: usize| expected_ns(s, &loads[i], now, model, size, mean, mean_token);
         return cheapest(cand, rng, cost).ok_or(NoPick::Saturated);
     };
-    prefix_aware(s, loads, cand, p, rng, cost)
+    let parts = |i: usize| expected(s, &loads[i], now, model, size, mean, mean_token);
+    prefix_aware(s, loads, cand, p, rng, parts)
 }
 
 /// `prefix_aware`. A prompt whose first blocks were seen before has a shared
@@ -729,9 +730,13 @@ fn prefix_aware(
     cand: &[usize],
     p: &PrefixView<'_>,
     rng: &Rng,
-    cost: impl Fn(usize) -> Option<f64>,
+    parts: impl Fn(usize) -> Option<(f64, f64)>,
 ) -> Result<usize, NoPick> {
-    let costs: Vec<(usize, f64)> = cand.iter().filter_map(|&i| Some((i, cost(i)?))).collect();
+    // (backend, expected completion time, wait for a batch slot)
+    let costs: Vec<(usize, f64, f64)> = cand
+        .iter()
+        .filter_map(|&i| parts(i).map(|(t, w)| (i, t, w)))
+        .collect();
     if costs.is_empty() {
         return Err(NoPick::Saturated);
     }
@@ -743,23 +748,32 @@ fn prefix_aware(
         .unwrap_or(0) as f64;
     let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
-    let saved = |i: usize| p.credit_tokens(i, home) as f64 * prefill_per_token(s, &loads[i], fastest);
-    let cost_of = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1);
-    if let Some(h) = home {
-        // A prefix seen before sticks to its home; a new one starts there
-        // only when home is nearly as good (it may be shared, and then every
-        // worker and gateway will already agree on where it lives).
-        let tolerance = if p.matches.anchor_seen {
-            s.prefix_stickiness
-        } else {
-            s.prefix_stickiness / 8.0
+    let per_token = |i: usize| prefill_per_token(s, &loads[i], fastest);
+    let saved = |i: usize| p.credit_tokens(i, home) as f64 * per_token(i);
+    let best = costs.iter().map(|c| c.1).fold(f64::MAX, f64::min);
+    if p.matches.anchor_seen {
+        // A shared prefix: among the backends whose completion time is
+        // within `prefix_stickiness` of the best, the earliest first token
+        // — the wait for a slot plus the prefill of what it doesn't hold.
+        let limit = best * (1.0 + s.prefix_stickiness);
+        let first_token = |i: usize| {
+            let &(_, total, wait) = costs.iter().find(|c| c.0 == i)?;
+            (total - saved(i) <= limit)
+                .then(|| wait + p.prompt_tokens as f64 * per_token(i) - saved(i))
         };
-        let best = costs.iter().map(|c| c.1).fold(f64::MAX, f64::min);
-        if cost_of(h).is_some_and(|c| c - saved(h) <= best * (1.0 + tolerance)) {
+        if let Some(i) = cheapest(&ok, rng, first_token) {
+            return Ok(i);
+        }
+    } else if let Some(h) = home {
+        // A new prompt starts at home only when home is nearly as good (it
+        // may turn out shared; every worker and gateway agrees on home).
+        let tolerance = s.prefix_stickiness / 8.0;
+        if costs.iter().any(|c| c.0 == h && c.1 - saved(h) <= best * (1.0 + tolerance)) {
             return Ok(h);
         }
     }
-    cheapest(&ok, rng, |i| Some(cost_of(i)? - saved(i))).ok_or(NoPick::Saturated)
+    let total = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1 - saved(i));
+    cheapest(&ok, rng, total).ok_or(NoPick::Saturated)
 }
 
 /// Prefill time per prompt token at `b`, ns: learned from its streams' time
@@ -813,6 +827,19 @@ fn expected_ns(
     mean: f64,
     mean_token: f64,
 ) -> Option<f64> {
+    expected(s, b, now, model, size, mean, mean_token).map(|e| e.0)
+}
+
+/// [`expected_ns`] and, of it, the wait for a batch slot (ns).
+fn expected(
+    s: &BalanceSettings,
+    b: &BackendLoad,
+    now: u64,
+    model: &str,
+    size: u64,
+    mean: f64,
+    mean_token: f64,
+) -> Option<(f64, f64)> {
     let mut occ = f64::from(b.inflight.load(Ordering::Relaxed));
     let mut cost_mul = 1.0;
     if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
@@ -849,9 +876,10 @@ fn expected_ns(
     };
     let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
     Some(if size > 0 && token > 0.0 && batch > 0.0 {
-        ((occ + 1.0 - batch).max(0.0) * service + size as f64 * token) * cost_mul
+        let wait = (occ + 1.0 - batch).max(0.0) * service;
+        ((wait + size as f64 * token) * cost_mul, wait * cost_mul)
     } else {
-        (occ + 1.0) * service * cost_mul
+        ((occ + 1.0) * service * cost_mul, occ * service * cost_mul)
     })
 }
 
