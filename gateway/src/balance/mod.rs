@@ -715,15 +715,16 @@ fn gpu_aware(
     prefix_aware(s, loads, cand, p, rng, parts)
 }
 
-/// `prefix_aware`. A prompt whose first blocks were seen before has a shared
-/// prefix: its target is its home ([`prefix::home`], weighted by capacity so
-/// that groups of prompts are spread the way the pool can serve them; every
-/// worker and gateway agrees on it), chosen while its expected completion
-/// time, less the prefill its cache saves, is within `prefix_stickiness` of
-/// the best backend's (1.0: up to twice the best). Otherwise — a prefix never
-/// seen, or a home too busy — the backend with the lowest expected time
-/// less what its cached share of the prompt saves (so a prompt with nothing
-/// shared is routed as `gpu_aware` routes it).
+/// `prefix_aware`. A prompt whose first blocks were seen before has a
+/// shared prefix: it goes where its first token comes soonest (the wait for
+/// a batch slot plus the prefill of what the backend doesn't hold; its home
+/// — [`prefix::home`], weighted by capacity, the same in every worker and
+/// gateway — taken to hold the longest run any backend holds), among the
+/// backends whose expected completion time less that saving is within
+/// `prefix_stickiness` of the best (1.0: up to twice the best). A new
+/// prompt starts at home only when home is nearly as good. Otherwise the
+/// lowest expected time less what the backend's cached share saves (so a
+/// prompt with nothing shared is routed as `gpu_aware` routes it).
 fn prefix_aware(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],

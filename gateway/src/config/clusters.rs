@@ -140,11 +140,10 @@ pub struct BalanceSettings {
     /// measured (time to first token of uncached prompts).
     #[serde(deserialize_with = "duration")]
     pub prefill_per_1k_tokens: Duration,
-    /// `prefix_aware`: the backend holding a prompt's prefix (or its home)
-    /// is chosen while its expected completion time, less the prefill its
-    /// cache saves, is at most (1 + this) × the best backend's. Higher:
-    /// more cache hits and lower median time to first token; lower: tail
-    /// latency closer to `gpu_aware`'s.
+    /// `prefix_aware`: a shared prefix may go to a backend whose expected
+    /// completion time, less the prefill its cache saves, is at most
+    /// (1 + this) × the best backend's. Higher: more cache hits and earlier
+    /// first tokens; lower: end-to-end tails closer to `gpu_aware`'s.
     pub prefix_stickiness: f64,
 }
 
