@@ -194,6 +194,12 @@ const PREREQS: &[Prereq] = &[
         why: "tests: the admin dashboard in a real (headless) browser",
     },
     Prereq {
+        name: "python3",
+        check: || python_imports("import pip"),
+        install: Install::Apt(&["python3", "python3-pip"]),
+        why: "tests: the Python clients (OpenAI SDK, tritonclient) run on it",
+    },
+    Prereq {
         name: "py-clients",
         check: || python_imports("import openai, tritonclient.http"),
         install: Install::Pip(&["openai", "tritonclient[http]"]),
@@ -361,9 +367,6 @@ fn setup() -> Result {
         .copied()
         .collect();
     if !pip.is_empty() {
-        if find_program("python3").is_none() {
-            run_step(Command::new("apt-get").args(["install", "-y", "-qq", "python3", "python3-pip"]))?;
-        }
         let mut args = vec!["-m", "pip", "install", "--quiet", "--disable-pip-version-check"];
         args.extend(&pip);
         // A Debian-managed Python refuses installs outside a venv (PEP 668):
