@@ -49,8 +49,13 @@ fn version_with_revision() {
     };
     let rev = match git(&["rev-parse", "--short=12", "HEAD"]) {
         Some(r) if !r.is_empty() => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-            if dirty { format!("{r}+dirty") } else { r }
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{r}+dirty")
+            } else {
+                r
+            }
         }
         _ => "unknown".into(),
     };

@@ -15,7 +15,8 @@ use gateway::balance::{pick, Algorithm, BackendLoad, BalanceSettings, PrefixView
 /// ~100k tokens of prompt text (4 bytes a token), written the way the
 /// validation stage feeds it: one message after another.
 fn prompt() -> Vec<Vec<u8>> {
-    let para = "The quick brown fox jumps over the lazy dog while the model server caches every block. ";
+    let para =
+        "The quick brown fox jumps over the lazy dog while the model server caches every block. ";
     (0..50)
         .map(|i| format!("message {i}: {}", para.repeat(92)).into_bytes())
         .collect()
@@ -52,7 +53,9 @@ fn bench(c: &mut Criterion) {
     let ix = index_for(&blocks);
     let mut g = c.benchmark_group("prefix");
     g.throughput(Throughput::Bytes(bytes as u64));
-    g.bench_function("hash_100k_tokens", |b| b.iter(|| black_box(hash(black_box(&parts)))));
+    g.bench_function("hash_100k_tokens", |b| {
+        b.iter(|| black_box(hash(black_box(&parts))))
+    });
     g.bench_function("hash_and_match_100k_tokens", |b| {
         b.iter(|| {
             let blocks = hash(black_box(&parts));
@@ -66,7 +69,10 @@ fn bench(c: &mut Criterion) {
     let loads: Vec<Arc<BackendLoad>> = (0..8)
         .map(|i| {
             let b = BackendLoad::new(format!("10.0.0.{i}:8000").parse().unwrap());
-            b.service_ns.store(10_000_000 + i * 1_000_000, std::sync::atomic::Ordering::Relaxed);
+            b.service_ns.store(
+                10_000_000 + i * 1_000_000,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             Arc::new(b)
         })
         .collect();

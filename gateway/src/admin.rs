@@ -82,7 +82,10 @@ fn serve(c: TcpStream, st: &Arc<State>) {
     use std::sync::atomic::Ordering;
     if st.open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
         st.open.fetch_sub(1, Ordering::AcqRel);
-        tracing::warn!(max = MAX_CONNECTIONS, "admin connection refused: too many at once");
+        tracing::warn!(
+            max = MAX_CONNECTIONS,
+            "admin connection refused: too many at once"
+        );
         return;
     }
     let st2 = st.clone();

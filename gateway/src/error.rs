@@ -518,7 +518,12 @@ mod tests {
         (head.to_string(), serde_json::from_str(body).unwrap())
     }
 
-    fn sample(dialect: Dialect, status: u16, code: Option<&'static str>, param: Option<&'static str>) -> ErrorBody<'static> {
+    fn sample(
+        dialect: Dialect,
+        status: u16,
+        code: Option<&'static str>,
+        param: Option<&'static str>,
+    ) -> ErrorBody<'static> {
         ErrorBody {
             status: dialect.status(status),
             error_type: "validation_failed",
@@ -534,7 +539,12 @@ mod tests {
 
     #[test]
     fn openai_errors_as_the_sdk_reads_them() {
-        let b = sample(Dialect::OpenAi, 422, Some("out_of_range"), Some("/messages/0/role"));
+        let b = sample(
+            Dialect::OpenAi,
+            422,
+            Some("out_of_range"),
+            Some("/messages/0/role"),
+        );
         let (head, v) = body_of(&b);
         assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
         let e = &v["error"];
@@ -560,7 +570,11 @@ mod tests {
         ] {
             let (head, v) = body_of(&sample(Dialect::OpenAi, status, code, None));
             assert_eq!(v["error"]["type"], ty, "{status}");
-            assert_eq!(head.contains("x-should-retry: false"), ty == "insufficient_quota", "{head}");
+            assert_eq!(
+                head.contains("x-should-retry: false"),
+                ty == "insufficient_quota",
+                "{head}"
+            );
         }
     }
 
@@ -568,7 +582,10 @@ mod tests {
     fn openai_param_names() {
         for (pointer, param) in [
             ("/temperature", Some("temperature")),
-            ("/messages/0/content/2/text", Some("messages[0].content[2].text")),
+            (
+                "/messages/0/content/2/text",
+                Some("messages[0].content[2].text"),
+            ),
             ("/input/3", Some("input[3]")),
             ("/a~1b/c~0d", Some("a/b.c~d")),
             ("", None),
@@ -579,10 +596,20 @@ mod tests {
 
     #[test]
     fn kserve_errors_are_one_string() {
-        let (head, v) = body_of(&sample(Dialect::Kserve, 422, Some("shape_mismatch"), Some("/inputs/0/data")));
+        let (head, v) = body_of(&sample(
+            Dialect::Kserve,
+            422,
+            Some("shape_mismatch"),
+            Some("/inputs/0/data"),
+        ));
         assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
-        let msg = v["error"].as_str().expect("a string, as tritonclient reads it");
-        assert!(msg.contains("temperature") && msg.ends_with("(at /inputs/0/data)"), "{msg}");
+        let msg = v["error"]
+            .as_str()
+            .expect("a string, as tritonclient reads it");
+        assert!(
+            msg.contains("temperature") && msg.ends_with("(at /inputs/0/data)"),
+            "{msg}"
+        );
         assert_eq!(v.as_object().unwrap().len(), 1);
         // The gateway's own shape keeps 422 and the pointer.
         let (head, v) = body_of(&sample(Dialect::Gateway, 422, None, Some("/x")));

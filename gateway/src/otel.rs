@@ -163,7 +163,12 @@ impl Tracer {
     /// A request's trace, when it is sampled: continuing the client's
     /// `traceparent` (and its decision), else a new one at `sample_ratio`.
     /// `draw` is a uniform number in [0, 1); `ids` fresh random bits.
-    pub fn begin(&self, traceparent: Option<&[u8]>, draw: f64, ids: (u64, u64, u64)) -> Option<Trace> {
+    pub fn begin(
+        &self,
+        traceparent: Option<&[u8]>,
+        draw: f64,
+        ids: (u64, u64, u64),
+    ) -> Option<Trace> {
         let (trace_id, parent) = match traceparent.and_then(parse_traceparent) {
             Some((t, p, true)) => (t, Some(p)),
             Some((_, _, false)) => return None,
@@ -195,7 +200,10 @@ impl Tracer {
             error,
         };
         if self.tx.try_send(span).is_err() {
-            self.metrics.trace_spans.with_label_values(&["dropped"]).inc();
+            self.metrics
+                .trace_spans
+                .with_label_values(&["dropped"])
+                .inc();
         }
     }
 }
@@ -418,7 +426,11 @@ mod tests {
         assert_eq!(t[0], 0x4b);
         assert_eq!(p[7], 0xb7);
         assert!(sampled);
-        assert!(!parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap().2);
+        assert!(
+            !parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+                .unwrap()
+                .2
+        );
         for bad in [
             &b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"[..],
             b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
@@ -427,7 +439,11 @@ mod tests {
             b"00-4bf92f3577b34da6a3ce929d0e0e47-00f067aa0ba902b7-01",
             b"garbage",
         ] {
-            assert!(parse_traceparent(bad).is_none(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_traceparent(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -417,7 +417,10 @@ impl Supervisor<'_> {
             self.control.shutdown.trigger();
         } else {
             // Not ready now; still accepting until the delay is over.
-            tracing::info!(drain_delay_s = delay.as_secs_f64(), "readiness withdrawn; listeners stop after the drain delay");
+            tracing::info!(
+                drain_delay_s = delay.as_secs_f64(),
+                "readiness withdrawn; listeners stop after the drain delay"
+            );
             let shutdown = self.control.shutdown.clone();
             let spawned = std::thread::Builder::new()
                 .name("drain-delay".into())

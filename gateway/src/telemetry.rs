@@ -40,9 +40,15 @@ pub fn init(cfg: &LogConfig) -> Vec<tracing_appender::non_blocking::WorkerGuard>
         LogFormat::Pretty => stdout.boxed(),
     }
     .with_filter(filter)
-    .with_filter(filter_fn(move |m| !(audit_to_file && m.target() == "audit")));
+    .with_filter(filter_fn(move |m| {
+        !(audit_to_file && m.target() == "audit")
+    }));
     let audit = audit_to_file.then(|| {
-        let file = Rotating::open(PathBuf::from(&cfg.audit_file), cfg.audit_max_bytes, cfg.audit_keep);
+        let file = Rotating::open(
+            PathBuf::from(&cfg.audit_file),
+            cfg.audit_max_bytes,
+            cfg.audit_keep,
+        );
         let (w, g) = tracing_appender::non_blocking::NonBlockingBuilder::default()
             .lossy(false)
             .finish(file);
@@ -54,7 +60,10 @@ pub fn init(cfg: &LogConfig) -> Vec<tracing_appender::non_blocking::WorkerGuard>
             .with_current_span(false)
             .with_filter(filter_fn(|m| m.target() == "audit"))
     });
-    let _ = tracing_subscriber::registry().with(stdout).with(audit).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(stdout)
+        .with(audit)
+        .try_init();
     guards
 }
 
@@ -70,13 +79,23 @@ pub struct Rotating {
 
 impl Rotating {
     pub fn open(path: PathBuf, max: u64, keep: u32) -> Rotating {
-        let mut r = Rotating { path, file: None, size: 0, max: max.max(4096), keep };
+        let mut r = Rotating {
+            path,
+            file: None,
+            size: 0,
+            max: max.max(4096),
+            keep,
+        };
         r.reopen();
         r
     }
 
     fn reopen(&mut self) {
-        match OpenOptions::new().create(true).append(true).open(&self.path) {
+        match OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
             Ok(f) => {
                 self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
                 self.file = Some(f);
@@ -115,7 +134,10 @@ impl Write for Rotating {
         if self.file.is_none() {
             self.reopen();
         }
-        let f = self.file.as_mut().ok_or_else(|| std::io::Error::other("audit log not open"))?;
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("audit log not open"))?;
         f.write_all(buf)?;
         self.size += buf.len() as u64;
         Ok(buf.len())

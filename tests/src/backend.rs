@@ -173,7 +173,11 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
         read_body(&mut r, &req, |d| {
             fnv1a(&mut hash, d);
             len += d.len() as u64;
-            let keep = if req.path.ends_with("/infer") { 8 << 20 } else { 64 * 1024 };
+            let keep = if req.path.ends_with("/infer") {
+                8 << 20
+            } else {
+                64 * 1024
+            };
             if small.len() < keep {
                 small.extend_from_slice(d);
             }
@@ -357,14 +361,18 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                 let usage = serde_json::json!({"prompt_tokens":len / 4,"completion_tokens":6,"total_tokens":len / 4 + 6,
                     "input_tokens":len / 4,"output_tokens":6});
                 let mut v = match behaviour {
-                    "/v1/completions" => serde_json::json!({"id":"cmpl-demo","object":"text_completion","model":model,
-                        "choices":[{"index":0,"text":"Hello from the demo backend.","finish_reason":"stop"}],"usage":usage}),
+                    "/v1/completions" => {
+                        serde_json::json!({"id":"cmpl-demo","object":"text_completion","model":model,
+                        "choices":[{"index":0,"text":"Hello from the demo backend.","finish_reason":"stop"}],"usage":usage})
+                    }
                     "/v1/embeddings" => serde_json::json!({"object":"list","model":model,
                         "data":[{"object":"embedding","index":0,"embedding":[0.25,-0.5,1.0]}],"usage":usage}),
-                    _ => serde_json::json!({"id":"resp_demo","object":"response","model":model,"status":"completed",
+                    _ => {
+                        serde_json::json!({"id":"resp_demo","object":"response","model":model,"status":"completed",
                         "output":[{"type":"message","id":"msg_1","role":"assistant","status":"completed",
                             "content":[{"type":"output_text","text":"Hello from the demo backend.","annotations":[]}]}],
-                        "usage":usage}),
+                        "usage":usage})
+                    }
                 };
                 // What arrived, beside the answer (clients ignore unknown fields).
                 v["body_len"] = len.into();
@@ -381,7 +389,9 @@ fn serve(c: TcpStream, s: &Stats, name: &str) -> std::io::Result<()> {
                 respond_json(&mut w, 200, &v, keep)?;
             }
             "/infer" => {
-                let header_len = req.header("inference-header-content-length").and_then(|v| v.parse().ok());
+                let header_len = req
+                    .header("inference-header-content-length")
+                    .and_then(|v| v.parse().ok());
                 let (head, out) = kserve_identity(&small, header_len, &req.path);
                 w.write_all(head.as_bytes())?;
                 w.write_all(&out)?;
@@ -436,10 +446,17 @@ fn kserve_identity(body: &[u8], header_len: Option<usize>, path: &str) -> (Strin
         outputs.push(o);
     }
     let model = path.split('/').nth(3).unwrap_or("");
-    let head = serde_json::json!({"model_name": model, "model_version": "1", "outputs": outputs}).to_string();
+    let head = serde_json::json!({"model_name": model, "model_version": "1", "outputs": outputs})
+        .to_string();
     let mut out = head.clone().into_bytes();
     if raw_out.is_empty() {
-        return (format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", out.len()), out);
+        return (
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                out.len()
+            ),
+            out,
+        );
     }
     out.extend_from_slice(&raw_out);
     (

@@ -789,8 +789,9 @@ fn chat_with(g: &Gateway, system: &str, question: &str) -> String {
 
 #[test]
 fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
-    let backends: Vec<gateway_tests::Backend> =
-        (0..4).map(|i| gateway_tests::Backend::start(&format!("b{i}"))).collect();
+    let backends: Vec<gateway_tests::Backend> = (0..4)
+        .map(|i| gateway_tests::Backend::start(&format!("b{i}")))
+        .collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let body = cluster(
         "p",
@@ -816,7 +817,10 @@ fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
     let used: std::collections::HashSet<&String> = homes.iter().flatten().collect();
     assert!(used.len() >= 3, "groups landed on {used:?}");
     let cached = g.wait_metric(&["gateway_prefix_routes_total", "result=\"cached\""], 1.0);
-    assert!(cached >= 12.0 * 3.0, "requests after a group's first found it cached: {cached}");
+    assert!(
+        cached >= 12.0 * 3.0,
+        "requests after a group's first found it cached: {cached}"
+    );
     assert!(g.metric(&["gateway_prefix_index_bytes", "cluster=\"p\""]) > 0.0);
 
     // Streams time the backends: first token, inter-token time, tokens/s.
@@ -830,13 +834,15 @@ fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
     wait_for("stream timings", || {
         let m = g.metrics();
         let positive = |name: &str| {
-            m.lines()
-                .filter(|l| l.starts_with(name))
-                .any(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0))
+            m.lines().filter(|l| l.starts_with(name)).any(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+            })
         };
         positive("gateway_backend_itl_ewma_seconds")
             && positive("gateway_backend_ttft_ewma_seconds")
             && positive("gateway_backend_stream_tokens_per_second")
     });
-
 }

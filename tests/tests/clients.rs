@@ -72,7 +72,9 @@ models = ["llama", ""]
 
 /// Run one of the Python client scripts; its failure message is the test's.
 fn python(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(script);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("py")
+        .join(script);
     let out = Command::new("python3")
         .arg(&path)
         .args(args)
@@ -114,11 +116,21 @@ fn openai_sdk_unmodified() {
     // gateway's own); none of the refused ones did.
     assert_eq!(b.requests(), 6, "{out}");
     // Refusals are counted as answered: 400s, not 422s.
-    let bad = ["gateway_requests_total", "route=\"openai\"", "status=\"400\""];
+    let bad = [
+        "gateway_requests_total",
+        "route=\"openai\"",
+        "status=\"400\"",
+    ];
     assert!(g.wait_metric(&bad, 5.0) >= 5.0);
     assert_eq!(g.metric(&["gateway_requests_total", "status=\"422\""]), 0.0);
     // The access log says who called, how, and what it cost.
-    for field in [r#""principal":"app""#, r#""tenant":"acme""#, r#""auth":"api_key""#, r#""protocol":"http/1.1""#, r#""ttft_ms":"#] {
+    for field in [
+        r#""principal":"app""#,
+        r#""tenant":"acme""#,
+        r#""auth":"api_key""#,
+        r#""protocol":"http/1.1""#,
+        r#""ttft_ms":"#,
+    ] {
         assert!(g.log_shows(field), "access log lacks {field}");
     }
 }
@@ -132,7 +144,10 @@ fn openai_sdk_rate_limit_and_its_retries() {
     // Two in the burst, and the retried call once its wait was over.
     assert_eq!(b.requests(), 3);
     // The call without retries, and the retried call's first try.
-    assert_eq!(settled(&g, &["gateway_requests_total", "status=\"429\""]), 2.0);
+    assert_eq!(
+        settled(&g, &["gateway_requests_total", "status=\"429\""]),
+        2.0
+    );
 }
 
 #[test]
@@ -143,7 +158,10 @@ fn openai_sdk_quota_is_not_retried() {
     python("openai_client.py", &["quota"], &openai_env(&g));
     assert_eq!(b.requests(), 1);
     // `x-should-retry: false`: one refusal, no retries.
-    assert_eq!(settled(&g, &["gateway_requests_total", "status=\"429\""]), 1.0);
+    assert_eq!(
+        settled(&g, &["gateway_requests_total", "status=\"429\""]),
+        1.0
+    );
 }
 
 #[test]
@@ -155,7 +173,11 @@ fn tritonclient_unmodified() {
     assert!(out.contains("ok refusals"), "{out}");
     // live, ready (simple), two inferences; the refused ones never arrived.
     assert_eq!(b.requests(), 4, "{out}");
-    for reason in ["binary_size_mismatch", "datatype_mismatch", "model_not_found"] {
+    for reason in [
+        "binary_size_mismatch",
+        "datatype_mismatch",
+        "model_not_found",
+    ] {
         let series = format!("reason=\"{reason}\"");
         assert!(
             g.wait_metric(&["gateway_validation_rejections_total", &series], 1.0) >= 1.0,

@@ -34,7 +34,9 @@ fn load(url: &str) -> (String, String) {
 
 /// The text of the element with this id.
 fn field(dom: &str, id: &str) -> String {
-    let at = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no #{id} in {dom:.2000}"));
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {dom:.2000}"));
     let rest = &dom[at..];
     let start = rest.find('>').unwrap() + 1;
     rest[start..start + rest[start..].find('<').unwrap()].to_string()
@@ -53,12 +55,20 @@ fn dashboard_renders_live_figures_in_a_browser() {
     let (dom, log) = load(&url);
     for bad in ["Uncaught", "CONSOLE(", "Refused to"] {
         assert!(
-            !log.lines().any(|l| l.contains(bad) && !l.contains("DevTools")),
+            !log.lines()
+                .any(|l| l.contains(bad) && !l.contains("DevTools")),
             "browser reported `{bad}`:\n{log}"
         );
     }
-    assert!(dom.contains("data-updates="), "the page never updated: {dom:.3000}");
-    assert!(field(&dom, "status").starts_with("updated"), "{}", field(&dom, "status"));
+    assert!(
+        dom.contains("data-updates="),
+        "the page never updated: {dom:.3000}"
+    );
+    assert!(
+        field(&dom, "status").starts_with("updated"),
+        "{}",
+        field(&dom, "status")
+    );
     let before: f64 = field(&dom, "total").parse().expect("a number of requests");
     assert!(before >= 5.0, "requests served shown: {before}");
     assert_eq!(field(&dom, "workers"), "2");
@@ -71,5 +81,8 @@ fn dashboard_renders_live_figures_in_a_browser() {
     g.wait_metric(&["gateway_requests_total"], before + 30.0);
     let (dom, _) = load(&url);
     let after: f64 = field(&dom, "total").parse().unwrap();
-    assert!(after >= before + 30.0, "figures did not move: {before} → {after}");
+    assert!(
+        after >= before + 30.0,
+        "figures did not move: {before} → {after}"
+    );
 }

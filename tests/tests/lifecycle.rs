@@ -323,7 +323,10 @@ fn readiness_drops_a_drain_delay_before_the_listeners_stop() {
     // …but still serving new connections while endpoints catch up.
     let mut c = Client::connect(g.addr);
     assert_eq!(c.get("/").status, 200);
-    assert!(t.elapsed() < Duration::from_millis(1500), "the check ran too late to mean anything");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "the check ran too late to mean anything"
+    );
     // After the delay the listeners stop.
     std::thread::sleep(Duration::from_millis(1800).saturating_sub(t.elapsed()));
     let mut refused = false;
@@ -335,7 +338,10 @@ fn readiness_drops_a_drain_delay_before_the_listeners_stop() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(refused, "listener still accepting after the drain delay");
-    assert!(g.wait_exit(Duration::from_secs(10)).expect("exited").success());
+    assert!(g
+        .wait_exit(Duration::from_secs(10))
+        .expect("exited")
+        .success());
 }
 
 #[test]
@@ -385,7 +391,10 @@ fn slow_admin_clients_dont_stall_probes_and_a_second_gateway_can_share_the_admin
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut up = false;
     while Instant::now() < deadline {
-        assert!(second.try_wait().unwrap().is_none(), "the second gateway could not start beside the first");
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "the second gateway could not start beside the first"
+        );
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             up = true;
             break;
@@ -411,12 +420,16 @@ fn audit_events_go_to_their_own_rotated_file() {
         b.addr,
         gateway_tests::jwt::key_digest(key)
     );
-    let log_extra = format!("audit_file = \"{}\"\naudit_max_bytes = 4096\naudit_keep = 2", audit.display());
+    let log_extra = format!(
+        "audit_file = \"{}\"\naudit_max_bytes = 4096\naudit_keep = 2",
+        audit.display()
+    );
     let mut spec = Spec::new(Driver::Auto, &body);
     spec.log_extra = &log_extra;
     let g = Gateway::start(spec);
     let chat = |model: &str| {
-        let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let body =
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
         let raw = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
@@ -433,7 +446,11 @@ fn audit_events_go_to_their_own_rotated_file() {
         ["audit.log", "audit.log.1", "audit.log.2"]
             .iter()
             .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
-            .map(|t| t.lines().filter(|l| l.contains("\"target\":\"audit\"") && l.contains("secret")).count())
+            .map(|t| {
+                t.lines()
+                    .filter(|l| l.contains("\"target\":\"audit\"") && l.contains("secret"))
+                    .count()
+            })
             .sum::<usize>()
     };
     while count() < 30 && Instant::now() < deadline {
@@ -441,8 +458,14 @@ fn audit_events_go_to_their_own_rotated_file() {
     }
     let kept = count();
     assert!(dir.join("audit.log.1").exists(), "rotated at 4 KiB");
-    assert!(!dir.join("audit.log.3").exists(), "only audit_keep old files");
+    assert!(
+        !dir.join("audit.log.3").exists(),
+        "only audit_keep old files"
+    );
     // 30 denials; the oldest rotated out past `audit_keep` may be gone.
     assert!(kept >= 6, "audit lines kept: {kept}");
-    assert!(!g.log_text().contains("\"target\":\"audit\""), "audit events also on stdout");
+    assert!(
+        !g.log_text().contains("\"target\":\"audit\""),
+        "audit events also on stdout"
+    );
 }

@@ -51,7 +51,8 @@ fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Span>>>) {
             let mut body = vec![0u8; len];
             r.read_exact(&mut body).unwrap();
             assert_eq!(ctype, "application/x-protobuf");
-            let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP protobuf");
+            let req =
+                ExportTraceServiceRequest::decode(body.as_slice()).expect("valid OTLP protobuf");
             for rs in req.resource_spans {
                 let service = rs.resource.unwrap().attributes;
                 assert!(service.iter().any(|kv| kv.key == "service.name"));
@@ -60,17 +61,20 @@ fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Span>>>) {
                 }
             }
             let mut w = c;
-            let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ =
+                w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         }
     });
     (addr, spans)
 }
 
 fn attr(s: &Span, key: &str) -> Option<String> {
-    s.attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-        Value::StringValue(v) => Some(v.clone()),
-        Value::IntValue(i) => Some(i.to_string()),
-        _ => None,
+    s.attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(v) => Some(v.clone()),
+            Value::IntValue(i) => Some(i.to_string()),
+            _ => None,
+        }
     })
 }
 
@@ -78,7 +82,10 @@ fn attr(s: &Span, key: &str) -> Option<String> {
 fn spans_reach_an_otlp_receiver_with_their_stages() {
     let (otlp, spans) = receiver();
     let b = Backend::start("t");
-    let body = format!("{}\n[tracing]\notlp_endpoint = \"{otlp}\"\nsample_ratio = 1.0\n", one_cluster(b.addr));
+    let body = format!(
+        "{}\n[tracing]\notlp_endpoint = \"{otlp}\"\nsample_ratio = 1.0\n",
+        one_cluster(b.addr)
+    );
     let g = Gateway::start(Spec::new(Driver::Auto, &body));
     let mut c = Client::connect(g.addr);
     // Continued: the client's trace and span.
@@ -86,7 +93,10 @@ fn spans_reach_an_otlp_receiver_with_their_stages() {
     let r = c.read_response();
     assert_eq!(r.status, 200);
     // The backend got the gateway's span as its parent, in the same trace.
-    let sent = r.json()["headers"]["traceparent"].as_str().unwrap_or_default().to_string();
+    let sent = r.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     // Not sampled by the client: obeyed.
     c.send(b"GET /untraced HTTP/1.1\r\nHost: a\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4737-00f067aa0ba902b7-00\r\n\r\n");
     assert_eq!(c.read_response().status, 200);
@@ -99,18 +109,33 @@ fn spans_reach_an_otlp_receiver_with_their_stages() {
     }
     std::thread::sleep(Duration::from_millis(700));
     let spans = spans.lock().unwrap().clone();
-    let by_path = |p: &str| spans.iter().find(|s| attr(s, "url.path").as_deref() == Some(p)).cloned();
+    let by_path = |p: &str| {
+        spans
+            .iter()
+            .find(|s| attr(s, "url.path").as_deref() == Some(p))
+            .cloned()
+    };
     let traced = by_path("/traced").expect("the continued trace was exported");
     assert_eq!(hex(&traced.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(hex(&traced.parent_span_id), "00f067aa0ba902b7");
-    assert_eq!(sent, format!("00-{}-{}-01", hex(&traced.trace_id), hex(&traced.span_id)));
+    assert_eq!(
+        sent,
+        format!("00-{}-{}-01", hex(&traced.trace_id), hex(&traced.span_id))
+    );
     assert_eq!(traced.span_id.len(), 8);
     assert!(traced.end_time_unix_nano >= traced.start_time_unix_nano);
     let names: Vec<&str> = traced.events.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(names, ["authn", "validate", "ratelimit", "upstream"], "stage events in order");
+    assert_eq!(
+        names,
+        ["authn", "validate", "ratelimit", "upstream"],
+        "stage events in order"
+    );
     let up = &traced.events[3];
     assert!(up.attributes.iter().any(|kv| kv.key == "backend"), "{up:?}");
-    assert!(by_path("/untraced").is_none(), "an unsampled traceparent was traced");
+    assert!(
+        by_path("/untraced").is_none(),
+        "an unsampled traceparent was traced"
+    );
     let fresh = by_path("/fresh").expect("a new trace");
     assert_eq!(fresh.trace_id.len(), 16);
     assert!(fresh.parent_span_id.is_empty());

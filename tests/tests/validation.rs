@@ -106,7 +106,9 @@ fn refusal(r: &Response) -> (u16, String, String, String) {
 /// `tritonclient` parses); its status and the pointer the message ends with.
 fn kserve_refusal(r: &Response) -> (u16, String) {
     let v = r.json();
-    let msg = v["error"].as_str().unwrap_or_else(|| panic!("not a string error: {v}"));
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not a string error: {v}"));
     assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
     let at = msg
         .rsplit_once("(at ")
@@ -189,9 +191,17 @@ fn openai_requests(d: Driver) {
     );
     let e = &r.json()["error"];
     assert_eq!(e["param"], "messages[0].role", "{e}");
-    let r = post(&mut c, "/v1/chat/completions", "application/json", br#"{"model":"nope","messages":[]}"#);
+    let r = post(
+        &mut c,
+        "/v1/chat/completions",
+        "application/json",
+        br#"{"model":"nope","messages":[]}"#,
+    );
     let e = &r.json()["error"];
-    assert!(e["message"].is_string() && e["param"] == "model" && e["code"] == "model_not_found", "{e}");
+    assert!(
+        e["message"].is_string() && e["param"] == "model" && e["code"] == "model_not_found",
+        "{e}"
+    );
 
     // Context window: ~4 bytes a token; 3600 bytes + 200 output > 1000.
     let long = format!(
@@ -337,22 +347,49 @@ fn kserve_requests(d: Driver) {
             (400, "/inputs/0/datatype"),
             "invalid_datatype",
         ),
-        ("/v2/models/resnet/infer", br#"{"inputs":[]}"#, (400, "/inputs"), "empty_inputs"),
+        (
+            "/v2/models/resnet/infer",
+            br#"{"inputs":[]}"#,
+            (400, "/inputs"),
+            "empty_inputs",
+        ),
         ("/v2/models/unknown/infer", ok, (404, ""), "model_not_found"),
-        ("/v2/models/resnet/versions/2/infer", ok, (404, ""), "version_not_found"),
+        (
+            "/v2/models/resnet/versions/2/infer",
+            ok,
+            (404, ""),
+            "version_not_found",
+        ),
     ];
     for (path, body, want, reason) in cases {
         let got = kserve_refusal(&post(&mut c, path, "application/json", body));
-        assert_eq!((got.0, got.1.as_str()), *want, "{path} {}", String::from_utf8_lossy(body));
+        assert_eq!(
+            (got.0, got.1.as_str()),
+            *want,
+            "{path} {}",
+            String::from_utf8_lossy(body)
+        );
         let series = format!("reason=\"{reason}\"");
-        assert!(g.wait_metric(&["gateway_validation_rejections_total", &series], 1.0) >= 1.0, "{reason}");
+        assert!(
+            g.wait_metric(&["gateway_validation_rejections_total", &series], 1.0) >= 1.0,
+            "{reason}"
+        );
     }
     // A model name from the path the catalogue doesn't know is no label value.
     let text = g.metrics();
-    assert!(!text.contains("model=\"unknown\""), "client-chosen label: {text}");
+    assert!(
+        !text.contains("model=\"unknown\""),
+        "client-chosen label: {text}"
+    );
     assert!(text.contains("model=\"other\""), "{text}");
     // tritonclient sends no Content-Type: read as JSON.
-    c.send(format!("POST /v2/models/resnet/infer HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", ok.len()).as_bytes());
+    c.send(
+        format!(
+            "POST /v2/models/resnet/infer HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            ok.len()
+        )
+        .as_bytes(),
+    );
     c.send(ok);
     assert_eq!(c.read_response().status, 200);
     // Metadata and readiness pass through for known models only.

@@ -43,14 +43,25 @@ pub fn run(args: &[String]) -> Result {
     for port in GPUS.iter().map(|g| g.1) {
         let a: SocketAddr = ([127, 0, 0, 1], port).into();
         if TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok() {
-            return Err(format!("{a} is already in use: stop whatever listens there first"));
+            return Err(format!(
+                "{a} is already in use: stop whatever listens there first"
+            ));
         }
     }
     let mut sims = Vec::new();
     for (name, port, speed, batch) in GPUS {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cmd = Command::new(target.join("release/gpu-sim"));
-        cmd.args(["--listen", &addr.to_string(), "--name", name, "--speed", speed, "--max-batch", batch]);
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            name,
+            "--speed",
+            speed,
+            "--max-batch",
+            batch,
+        ]);
         die_with_parent(&mut cmd, libc::SIGKILL);
         println!("$ {}", show(&cmd));
         let mut sim = KillOnDrop::spawn("gpu-sim", cmd)?;
@@ -65,10 +76,15 @@ pub fn run(args: &[String]) -> Result {
     print_tour(&listen, &admin, &config);
 
     let mut cmd = Command::new(target.join("release/gateway"));
-    cmd.arg("run").arg("--config").arg(&config).args(&gateway_args);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .args(&gateway_args);
     die_with_parent(&mut cmd, libc::SIGTERM);
     println!("$ {}", show(&cmd));
-    let mut gateway = cmd.spawn().map_err(|e| format!("cannot start the gateway: {e}"))?;
+    let mut gateway = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the gateway: {e}"))?;
     // Ctrl-C reaches the whole foreground process group: let the gateway
     // drain and exit on its own, then stop the simulators ourselves.
     ignore_sigint();
@@ -77,7 +93,9 @@ pub fn run(args: &[String]) -> Result {
         let (stop, listen) = (stop.clone(), listen.clone());
         std::thread::spawn(move || drive(&listen, &stop))
     });
-    let status = gateway.wait().map_err(|e| format!("waiting for the gateway: {e}"))?;
+    let status = gateway
+        .wait()
+        .map_err(|e| format!("waiting for the gateway: {e}"))?;
     stop.store(true, Ordering::Relaxed);
     if let Some(d) = driver {
         let _ = d.join();
@@ -102,11 +120,21 @@ fn build() -> Result {
         gw.env("AYA_BUILD_SKIP", "1");
     }
     run_step(&mut gw)?;
-    run_step(&mut cargo(&["build", "--release", "-p", "gateway-tests", "--bin", "gpu-sim"]))
+    run_step(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway-tests",
+        "--bin",
+        "gpu-sim",
+    ]))
 }
 
 fn demo_config(listen: &str, admin: &str) -> String {
-    let backends: Vec<String> = GPUS.iter().map(|g| format!("\"127.0.0.1:{}\"", g.1)).collect();
+    let backends: Vec<String> = GPUS
+        .iter()
+        .map(|g| format!("\"127.0.0.1:{}\"", g.1))
+        .collect();
     let backends = backends.join(", ");
     format!(
         r#"# Written by `cargo xtask run`: the demo. See `gateway config default` for every key.
@@ -172,22 +200,35 @@ tokens_per_minute = 100000
 }
 
 fn print_tour(listen: &str, admin: &str, config: &std::path::Path) {
-    let chat = r#"{"model":"llama-3-8b","messages":[{"role":"user","content":"Hello!"}],"max_tokens":32}"#;
+    let chat =
+        r#"{"model":"llama-3-8b","messages":[{"role":"user","content":"Hello!"}],"max_tokens":32}"#;
     println!();
     println!("Three simulated GPUs (h100 :8001, a100 :8002, t4 :8003) behind the gateway on http://{listen}");
     println!("(config: {}). From another terminal:", config.display());
     println!();
     println!("  # a chat completion, and a streamed one");
-    println!("  curl -s http://{listen}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEY}' \\");
+    println!(
+        "  curl -s http://{listen}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEY}' \\"
+    );
     println!("       -H 'content-type: application/json' -d '{chat}'");
-    println!("  curl -sN http://{listen}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEY}' \\");
-    println!("       -H 'content-type: application/json' -d '{}'", chat.replace("\"max_tokens\":32", "\"max_tokens\":32,\"stream\":true"));
+    println!(
+        "  curl -sN http://{listen}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEY}' \\"
+    );
+    println!(
+        "       -H 'content-type: application/json' -d '{}'",
+        chat.replace("\"max_tokens\":32", "\"max_tokens\":32,\"stream\":true")
+    );
     println!("  curl -s http://{listen}/v1/models -H 'authorization: Bearer {DEMO_KEY}'");
     println!();
     println!("  # refused: no key (401), a temperature out of range (400, param \"temperature\"), an unknown model (404)");
     println!("  curl -si http://{listen}/v1/chat/completions -H 'content-type: application/json' -d '{chat}'");
-    println!("  curl -s http://{listen}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEY}' \\");
-    println!("       -H 'content-type: application/json' -d '{}'", chat.replace("\"max_tokens\":32", "\"temperature\":9"));
+    println!(
+        "  curl -s http://{listen}/v1/chat/completions -H 'authorization: Bearer {DEMO_KEY}' \\"
+    );
+    println!(
+        "       -H 'content-type: application/json' -d '{}'",
+        chat.replace("\"max_tokens\":32", "\"temperature\":9")
+    );
     println!("  # over the rate limit (2/s, bursts of 5): 429 with Retry-After");
     println!("  for i in $(seq 10); do curl -s -o /dev/null -w '%{{http_code}} ' http://{listen}/v1/models \\");
     println!("       -H 'authorization: Bearer {DEMO_KEY}'; done; echo");
@@ -197,7 +238,9 @@ fn print_tour(listen: &str, admin: &str, config: &std::path::Path) {
     println!("    print(c.chat.completions.create(model='llama-3-8b', messages=[{{'role':'user','content':'hi'}}]).choices[0].message.content)\"");
     println!();
     println!("  # what the gateway sees: per-backend load, TTFT, routing, refusals");
-    println!("  curl -s http://{admin}/metrics | grep -E '^gateway_(backend|prefix|requests_total)'");
+    println!(
+        "  curl -s http://{admin}/metrics | grep -E '^gateway_(backend|prefix|requests_total)'"
+    );
     println!("  curl -s http://{admin}/balance/backends");
     println!();
     println!("Ctrl-C stops the gateway (it drains in-flight requests) and the simulators.");
@@ -211,7 +254,11 @@ fn drive(listen: &str, stop: &AtomicBool) {
         return;
     };
     std::thread::sleep(Duration::from_secs(2));
-    let systems = ["You are a helpful travel agent. ", "You are a careful code reviewer. ", "You answer in haiku. "];
+    let systems = [
+        "You are a helpful travel agent. ",
+        "You are a careful code reviewer. ",
+        "You answer in haiku. ",
+    ];
     let mut n: u64 = 0;
     // Bounded: at most 12 hours of it.
     while !stop.load(Ordering::Relaxed) && n < 12 * 3600 * 4 {

@@ -19,35 +19,59 @@ pub fn dist() -> Result<PathBuf> {
     let bin = target_dir().join("release/gateway");
     let version = output(Command::new(&bin).arg("--version"))?;
     // "gateway 0.1.0 (git abc+dirty)" → "0.1.0"
-    let version = version.split_whitespace().nth(1).unwrap_or("0.0.0").to_string();
+    let version = version
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0.0.0")
+        .to_string();
     let arch = output(Command::new("dpkg").arg("--print-architecture"))
         .map(|a| a.trim().to_string())
         .unwrap_or_else(|_| "amd64".into());
-    let root = target_dir().join("dist").join(format!("gateway_{version}_{arch}"));
+    let root = target_dir()
+        .join("dist")
+        .join(format!("gateway_{version}_{arch}"));
     let _ = std::fs::remove_dir_all(&root);
     let put = |rel: &str, bytes: &[u8], mode: u32| -> Result {
         let p = root.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap_or(&root)).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::create_dir_all(p.parent().unwrap_or(&root))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
         std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("{}: {e}", p.display()))
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", p.display()))
     };
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
     put("usr/bin/gateway", &read(&bin)?, 0o755)?;
     let ws = workspace_root();
-    put("lib/systemd/system/gateway.service", &read(&ws.join("gateway/packaging/gateway.service"))?, 0o644)?;
+    put(
+        "lib/systemd/system/gateway.service",
+        &read(&ws.join("gateway/packaging/gateway.service"))?,
+        0o644,
+    )?;
     let config = output(Command::new(&bin).args(["config", "default"]))?;
     put("etc/gateway/gateway.toml", config.as_bytes(), 0o644)?;
     let man = output(Command::new(&bin).arg("man"))?;
-    put("usr/share/man/man1/gateway.1.gz", &gzip(man.as_bytes())?, 0o644)?;
+    put(
+        "usr/share/man/man1/gateway.1.gz",
+        &gzip(man.as_bytes())?,
+        0o644,
+    )?;
     for (shell, rel) in [
         ("bash", "usr/share/bash-completion/completions/gateway"),
         ("zsh", "usr/share/zsh/vendor-completions/_gateway"),
         ("fish", "usr/share/fish/vendor_completions.d/gateway.fish"),
     ] {
-        put(rel, output(Command::new(&bin).args(["completions", shell]))?.as_bytes(), 0o644)?;
+        put(
+            rel,
+            output(Command::new(&bin).args(["completions", shell]))?.as_bytes(),
+            0o644,
+        )?;
     }
-    put("usr/share/doc/gateway/README.md", &read(&ws.join("README.md"))?, 0o644)?;
+    put(
+        "usr/share/doc/gateway/README.md",
+        &read(&ws.join("README.md"))?,
+        0o644,
+    )?;
     let size_kib = std::fs::metadata(&bin).map(|m| m.len() / 1024).unwrap_or(0);
     put(
         "DEBIAN/control",
@@ -68,8 +92,15 @@ pub fn dist() -> Result<PathBuf> {
         b"#!/bin/sh\nset -e\nif [ \"$1\" = configure ] && [ -d /run/systemd/system ]; then\n  systemctl daemon-reload || true\nfi\n",
         0o755,
     )?;
-    let deb = target_dir().join("dist").join(format!("gateway_{version}_{arch}.deb"));
-    run_step(Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(&root).arg(&deb))?;
+    let deb = target_dir()
+        .join("dist")
+        .join(format!("gateway_{version}_{arch}.deb"));
+    run_step(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "--build"])
+            .arg(&root)
+            .arg(&deb),
+    )?;
     println!("dist: {}", deb.display());
     Ok(deb)
 }
@@ -84,13 +115,18 @@ pub fn check_installed(deb: &Path) -> Result {
         return Err(format!("`gateway --version` lacks the revision: {v}"));
     }
     run_step(Command::new("/usr/bin/gateway").args(["check-config", "/etc/gateway/gateway.toml"]))?;
-    for f in ["/usr/share/man/man1/gateway.1.gz", "/usr/share/bash-completion/completions/gateway"] {
+    for f in [
+        "/usr/share/man/man1/gateway.1.gz",
+        "/usr/share/bash-completion/completions/gateway",
+    ] {
         if !Path::new(f).exists() {
             return Err(format!("{f} not installed"));
         }
     }
     if crate::find_program("systemd-analyze").is_some() {
-        run_step(Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/gateway.service"]))?;
+        run_step(
+            Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/gateway.service"]),
+        )?;
     } else {
         println!("dist: systemd-analyze not found; the unit was not verified");
     }
@@ -98,9 +134,14 @@ pub fn check_installed(deb: &Path) -> Result {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let o = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let o = cmd
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if !o.status.success() {
-        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr)));
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
     }
     Ok(String::from_utf8_lossy(&o.stdout).trim_end().to_string() + "\n")
 }
@@ -113,7 +154,12 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run gzip: {e}"))?;
-    child.stdin.take().ok_or("gzip stdin")?.write_all(data).map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .ok_or("gzip stdin")?
+        .write_all(data)
+        .map_err(|e| e.to_string())?;
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     Ok(out.stdout)
 }

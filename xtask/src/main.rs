@@ -367,7 +367,13 @@ fn setup() -> Result {
         .copied()
         .collect();
     if !pip.is_empty() {
-        let mut args = vec!["-m", "pip", "install", "--quiet", "--disable-pip-version-check"];
+        let mut args = vec![
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ];
         args.extend(&pip);
         // A Debian-managed Python refuses installs outside a venv (PEP 668):
         // the tests want these packages where `python3` finds them.

@@ -125,7 +125,12 @@ impl BackendLoad {
     pub fn cold_start(&self, sp: scrape::Speed) {
         let seed = |cell: &AtomicU64, v: f64| {
             if v.is_finite() && v > 0.0 {
-                let _ = cell.compare_exchange(0, (v as u64).max(1), Ordering::AcqRel, Ordering::Relaxed);
+                let _ = cell.compare_exchange(
+                    0,
+                    (v as u64).max(1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
             }
         };
         seed(&self.ttft_ns, sp.ttft_s * 1e9);
@@ -769,7 +774,10 @@ fn prefix_aware(
         // A new prompt starts at home only when home is nearly as good (it
         // may turn out shared; every worker and gateway agrees on home).
         let tolerance = s.prefix_stickiness / 8.0;
-        if costs.iter().any(|c| c.0 == h && c.1 - saved(h) <= best * (1.0 + tolerance)) {
+        if costs
+            .iter()
+            .any(|c| c.0 == h && c.1 - saved(h) <= best * (1.0 + tolerance))
+        {
             return Ok(h);
         }
     }
@@ -785,7 +793,11 @@ fn prefill_per_token(s: &BalanceSettings, b: &BackendLoad, fastest: f64) -> f64 
         0 => {
             let base = s.prefill_per_1k_tokens.as_nanos() as f64 / 1000.0;
             let service = b.service_ns.load(Ordering::Relaxed) as f64;
-            let slower = if fastest > 0.0 && service > 0.0 { service / fastest } else { 1.0 };
+            let slower = if fastest > 0.0 && service > 0.0 {
+                service / fastest
+            } else {
+                1.0
+            };
             base * slower
         }
         v => v as f64,
@@ -802,7 +814,11 @@ fn capacity_weights(loads: &[Arc<BackendLoad>]) -> Vec<f64> {
         .map(|b| {
             let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
             let token = b.token_ns.load(Ordering::Relaxed) as f64;
-            if batch > 0.0 && token > 0.0 { batch / token } else { 0.0 }
+            if batch > 0.0 && token > 0.0 {
+                batch / token
+            } else {
+                0.0
+            }
         })
         .collect();
     if raw.iter().any(|&w| w <= 0.0) {
@@ -994,7 +1010,10 @@ mod tests {
         // Both saturated: shed.
         p[0].report(Some(100), Some(8), Some(0.5));
         p[1].report(Some(0), Some(8), Some(0.99));
-        assert_eq!(pick(&s, &p, 0, "", 0, None, &rr, &rng), Err(NoPick::Saturated));
+        assert_eq!(
+            pick(&s, &p, 0, "", 0, None, &rr, &rng),
+            Err(NoPick::Saturated)
+        );
         // LoRA affinity breaks a tie.
         let q = pool(2);
         *q[1].adapters.lock().unwrap() = vec!["sql-lora".into()];
@@ -1126,35 +1145,54 @@ mod tests {
         let at = prefix::home(&blocks, &addrs(&p), &[1.0; 2], &[0, 1]).unwrap();
         let (blocks, ix) = prompt(100, &[(at, 90)]);
         let m = ix.matches(&blocks, 2);
-        let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 1600 };
+        let view = PrefixView {
+            blocks: &blocks,
+            matches: &m,
+            prompt_tokens: 1600,
+        };
         for _ in 0..10 {
             assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), at);
         }
         // Plain gpu_aware is blind to it: a tie, either one.
         let g = settings(Algorithm::GpuAware);
-        let picks: std::collections::HashSet<usize> =
-            (0..40).map(|_| pick(&g, &p, 0, "m", 0, None, &rr, &rng).unwrap()).collect();
+        let picks: std::collections::HashSet<usize> = (0..40)
+            .map(|_| pick(&g, &p, 0, "m", 0, None, &rr, &rng).unwrap())
+            .collect();
         assert_eq!(picks.len(), 2);
         // Five more in flight there (50 ms more wait) is still worth the 75 ms saved…
         p[at].inflight.store(5, Ordering::Relaxed);
         assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), at);
         // …ten more (100 ms) is not.
         p[at].inflight.store(10, Ordering::Relaxed);
-        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), 1 - at);
+        assert_eq!(
+            pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(),
+            1 - at
+        );
         // Sent elsewhere once (home was busy): with home free again it goes
         // home, where every worker and gateway sends it.
         p[at].inflight.store(0, Ordering::Relaxed);
         let (blocks2, ix2) = prompt(100, &[(1 - at, 90)]);
         let m2 = ix2.matches(&blocks2, 2);
-        let v2 = PrefixView { blocks: &blocks2, matches: &m2, prompt_tokens: 1600 };
+        let v2 = PrefixView {
+            blocks: &blocks2,
+            matches: &m2,
+            prompt_tokens: 1600,
+        };
         assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), at);
         // A prompt with nothing shared (never seen) goes by load alone.
         let (fresh, ix3) = prompt(100, &[]);
         let m3 = ix3.matches(&fresh, 2);
-        let v3 = PrefixView { blocks: &fresh, matches: &m3, prompt_tokens: 1600 };
+        let v3 = PrefixView {
+            blocks: &fresh,
+            matches: &m3,
+            prompt_tokens: 1600,
+        };
         let h3 = prefix::home(&fresh, &addrs(&p), &[1.0; 2], &[0, 1]).unwrap();
         p[h3].inflight.store(1, Ordering::Relaxed);
-        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v3), &rr, &rng).unwrap(), 1 - h3);
+        assert_eq!(
+            pick(&s, &p, 0, "m", 0, Some(&v3), &rr, &rng).unwrap(),
+            1 - h3
+        );
     }
 
     #[test]
@@ -1164,17 +1202,28 @@ mod tests {
         p[1].report(Some(3), Some(4), Some(0.2));
         let (rr, rng) = (Cell::new(0), Rng::new(3));
         // Queue alone: 0 (score 2 + 1.6 vs 0 + 1.6).
-        assert_eq!(pick(&settings(Algorithm::GieLike), &p, 0, "", 0, None, &rr, &rng).unwrap(), 0);
+        assert_eq!(
+            pick(&settings(Algorithm::GieLike), &p, 0, "", 0, None, &rr, &rng).unwrap(),
+            0
+        );
         // 1 holds the whole prompt: 3 × 1 outweighs the queue's 2.
         let (blocks, ix) = prompt(20, &[(1, 20)]);
         let m = ix.matches(&blocks, 2);
-        let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 320 };
+        let view = PrefixView {
+            blocks: &blocks,
+            matches: &m,
+            prompt_tokens: 320,
+        };
         let s = settings(Algorithm::GiePrefix);
         assert_eq!(pick(&s, &p, 0, "", 0, Some(&view), &rr, &rng).unwrap(), 1);
         // Half of it: 1.5 < 2: back to 0.
         let (blocks, ix) = prompt(20, &[(1, 10)]);
         let m = ix.matches(&blocks, 2);
-        let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 320 };
+        let view = PrefixView {
+            blocks: &blocks,
+            matches: &m,
+            prompt_tokens: 320,
+        };
         assert_eq!(pick(&s, &p, 0, "", 0, Some(&view), &rr, &rng).unwrap(), 0);
     }
 
@@ -1197,8 +1246,15 @@ mod tests {
         b.insert(&blocks, home);
         for ix in [&a, &b] {
             let m = ix.matches(&blocks, 4);
-            let view = PrefixView { blocks: &blocks, matches: &m, prompt_tokens: 640 };
-            assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), home);
+            let view = PrefixView {
+                blocks: &blocks,
+                matches: &m,
+                prompt_tokens: 640,
+            };
+            assert_eq!(
+                pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(),
+                home
+            );
         }
     }
 }

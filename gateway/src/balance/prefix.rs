@@ -208,7 +208,11 @@ impl PrefixIndex {
     }
 
     fn get(&self, k: u64) -> u64 {
-        self.cur.get(&k).or_else(|| self.prev.get(&k)).copied().unwrap_or(0)
+        self.cur
+            .get(&k)
+            .or_else(|| self.prev.get(&k))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Leading blocks of `blocks` each backend of `backends` was sent.
@@ -376,7 +380,10 @@ mod tests {
         assert_eq!(ix.matches(&b, 1).per_backend, vec![2]);
         let fresh = PrefixIndex::new(16);
         let m = fresh.matches(&b, 2);
-        assert_eq!((m.per_backend, m.longest, m.anchor_seen), (vec![0, 0], 0, false));
+        assert_eq!(
+            (m.per_backend, m.longest, m.anchor_seen),
+            (vec![0, 0], 0, false)
+        );
     }
 
     #[test]
@@ -396,8 +403,9 @@ mod tests {
 
     #[test]
     fn home_is_stable_and_spreads() {
-        let addrs: Vec<std::net::SocketAddr> =
-            (0..4).map(|i| format!("10.0.0.{i}:8000").parse().unwrap()).collect();
+        let addrs: Vec<std::net::SocketAddr> = (0..4)
+            .map(|i| format!("10.0.0.{i}:8000").parse().unwrap())
+            .collect();
         let cand = [0, 1, 2, 3];
         let mut seen = [0usize; 4];
         for g in 0..400u32 {
@@ -418,6 +426,9 @@ mod tests {
             seen[home(&b, &addrs, &[8.0, 4.0, 2.0, 1.0], &cand).unwrap()] += 1;
         }
         let share = |i: usize| seen[i] as f64 / 2000.0;
-        assert!((share(0) - 8.0 / 15.0).abs() < 0.05 && (share(3) - 1.0 / 15.0).abs() < 0.03, "{seen:?}");
+        assert!(
+            (share(0) - 8.0 / 15.0).abs() < 0.05 && (share(3) - 1.0 / 15.0).abs() < 0.03,
+            "{seen:?}"
+        );
     }
 }

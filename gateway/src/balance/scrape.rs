@@ -145,7 +145,9 @@ fn cache_blocks(text: &str) -> Option<u32> {
     };
     let blocks = label("num_gpu_blocks")?;
     let size = label("block_size").unwrap_or(16).max(1);
-    u32::try_from(blocks.saturating_mul(size) / 16).ok().filter(|&n| n > 0)
+    u32::try_from(blocks.saturating_mul(size) / 16)
+        .ok()
+        .filter(|&n| n > 0)
 }
 
 /// vLLM's `vllm:lora_requests_info{running_lora_adapters="a,b",...}`: the
@@ -309,16 +311,25 @@ vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql,chat\",waitin
         assert!((sp.tpot_s.unwrap() - 0.02).abs() < 1e-9);
         assert_eq!(sp.prompt_tokens, Some(1500.0));
         // No requests yet (count 0): nothing to say.
-        let t0 = "vllm:time_to_first_token_seconds_sum 0\nvllm:time_to_first_token_seconds_count 0\n";
+        let t0 =
+            "vllm:time_to_first_token_seconds_sum 0\nvllm:time_to_first_token_seconds_count 0\n";
         assert_eq!(parse(Engine::Vllm, t0).speed, None);
         let b = BackendLoad::new("127.0.0.1:1".parse().unwrap());
         b.cold_start(sp);
         use std::sync::atomic::Ordering::Relaxed;
         assert_eq!(b.ttft_ns.load(Relaxed), 300_000_000);
         assert_eq!(b.itl_ns.load(Relaxed), 20_000_000);
-        assert_eq!(b.prefill_ns.load(Relaxed), 200_000, "0.3 s over 1,500 tokens");
+        assert_eq!(
+            b.prefill_ns.load(Relaxed),
+            200_000,
+            "0.3 s over 1,500 tokens"
+        );
         // Learned values are not overwritten.
-        b.cold_start(Speed { ttft_s: 9.0, tpot_s: None, prompt_tokens: Some(1.0) });
+        b.cold_start(Speed {
+            ttft_s: 9.0,
+            tpot_s: None,
+            prompt_tokens: Some(1.0),
+        });
         assert_eq!(b.ttft_ns.load(Relaxed), 300_000_000);
     }
 
@@ -326,7 +337,14 @@ vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql,chat\",waitin
     fn vllm_cache_size() {
         let t = "vllm:cache_config_info{block_size=\"32\",cache_dtype=\"auto\",num_gpu_blocks=\"1000\"} 1.0\n";
         assert_eq!(parse(Engine::Vllm, t).cache_blocks, Some(2000));
-        assert_eq!(parse(Engine::Vllm, "vllm:cache_config_info{num_gpu_blocks=\"x\"} 1\n").cache_blocks, None);
+        assert_eq!(
+            parse(
+                Engine::Vllm,
+                "vllm:cache_config_info{num_gpu_blocks=\"x\"} 1\n"
+            )
+            .cache_blocks,
+            None
+        );
     }
 
     #[test]

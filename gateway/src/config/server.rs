@@ -167,11 +167,20 @@ pub(super) fn check_tracing(t: &TracingConfig, sink: &mut Sink) {
     }
     if !t.otlp_endpoint.is_empty() {
         use std::net::ToSocketAddrs;
-        if t.otlp_endpoint.to_socket_addrs().map_or(true, |mut a| a.next().is_none()) {
-            sink.err("tracing.otlp_endpoint", "must be host:port of an OTLP/HTTP collector, e.g. \"127.0.0.1:4318\"");
+        if t.otlp_endpoint
+            .to_socket_addrs()
+            .map_or(true, |mut a| a.next().is_none())
+        {
+            sink.err(
+                "tracing.otlp_endpoint",
+                "must be host:port of an OTLP/HTTP collector, e.g. \"127.0.0.1:4318\"",
+            );
         }
         if !t.otlp_path.starts_with('/') || t.max_queue == 0 {
-            sink.err("tracing", "otlp_path must start with `/` and max_queue be at least 1");
+            sink.err(
+                "tracing",
+                "otlp_path must start with `/` and max_queue be at least 1",
+            );
         }
     }
 }

@@ -34,7 +34,10 @@ pub async fn serve_connection(
     };
     let conn_id = w.conn_id();
     let mut rq = Incoming::new(peer);
-    rq.tls = client.tls_session().and_then(|s| s.protocol_version()).map(tls_version);
+    rq.tls = client
+        .tls_session()
+        .and_then(|s| s.protocol_version())
+        .map(tls_version);
     let mut s = Scratch::default();
     let mut first = true;
     let linger = loop {

@@ -47,8 +47,8 @@ use std::time::Instant;
 
 use crate::authn::Identity;
 use crate::codec::{RequestHead, ResponseHead};
-use crate::downstream::Downstream;
 use crate::config::Protocol;
+use crate::downstream::Downstream;
 use crate::error::{ClientError, Dialect, ProxyError};
 use crate::ratelimit::Admission;
 use crate::route::Route;
@@ -94,7 +94,11 @@ impl Incoming {
     }
 
     /// Record a stage's event on the request's span, when it is traced.
-    pub fn event(&self, name: &'static str, attrs: impl FnOnce() -> Vec<(&'static str, crate::otel::Value)>) {
+    pub fn event(
+        &self,
+        name: &'static str,
+        attrs: impl FnOnce() -> Vec<(&'static str, crate::otel::Value)>,
+    ) {
         if let Some(t) = self.trace.borrow_mut().as_mut() {
             t.event(name, attrs());
         }
@@ -241,7 +245,9 @@ fn end_trace(rq: &Incoming, cur: &Current, served: &Result<Served, Refusal>) {
     let Some(t) = cur.shared.tracer.as_ref() else {
         return;
     };
-    let route = rq.route.map_or("", |i| cur.shared.router.routes()[i].name.as_str());
+    let route = rq
+        .route
+        .map_or("", |i| cur.shared.router.routes()[i].name.as_str());
     tr.attr("gateway.route", route);
     let error = match served {
         Err(r) => {
@@ -325,10 +331,23 @@ async fn stages<D: Downstream>(
         vec![
             ("cluster", cl.name.as_str().into()),
             ("algorithm", cl.balance.algorithm.as_str().into()),
-            ("backend", x.backend.map(|b| b.to_string()).unwrap_or_default().as_str().into()),
+            (
+                "backend",
+                x.backend
+                    .map(|b| b.to_string())
+                    .unwrap_or_default()
+                    .as_str()
+                    .into(),
+            ),
             ("http.response.status_code", u64::from(x.status).into()),
-            ("ttft_ms", x.first_byte.map_or(0, |d| d.as_millis() as u64).into()),
-            ("header_ms", x.header_time.map_or(0, |d| d.as_millis() as u64).into()),
+            (
+                "ttft_ms",
+                x.first_byte.map_or(0, |d| d.as_millis() as u64).into(),
+            ),
+            (
+                "header_ms",
+                x.header_time.map_or(0, |d| d.as_millis() as u64).into(),
+            ),
         ]
     });
     dispatch::settle(&c, admission, &verdict, &x);

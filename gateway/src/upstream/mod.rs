@@ -206,21 +206,30 @@ pub struct InFlight {
 /// What the worker's prefix index knows of the request's prompt, when its
 /// cluster routes on prefixes (the index is made on first use, sized from
 /// the backends' cache sizes).
-fn prefix_matches(w: &Worker, cl: &Cluster, req: &Request<'_>) -> Option<crate::balance::prefix::Matches> {
+fn prefix_matches(
+    w: &Worker,
+    cl: &Cluster,
+    req: &Request<'_>,
+) -> Option<crate::balance::prefix::Matches> {
     if req.prefix.is_empty() || !cl.balance.algorithm.uses_prefix() {
         return None;
     }
     let capacity: usize = cl
         .loads
         .iter()
-        .map(|l| match l.cache_blocks.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => cl.balance.prefix_cache_blocks as usize,
-            n => n as usize,
-        })
+        .map(
+            |l| match l.cache_blocks.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => cl.balance.prefix_cache_blocks as usize,
+                n => n as usize,
+            },
+        )
         .sum();
     let mut map = w.prefix.borrow_mut();
     if !map.contains_key(&cl.name) {
-        map.insert(cl.name.clone(), crate::balance::prefix::PrefixIndex::new(capacity));
+        map.insert(
+            cl.name.clone(),
+            crate::balance::prefix::PrefixIndex::new(capacity),
+        );
     }
     let ix = map.get_mut(&cl.name)?;
     ix.set_capacity(capacity);
@@ -239,13 +248,17 @@ fn prefix_sent(
 ) -> u64 {
     let held = u64::from(m.per_backend.get(b).copied().unwrap_or(0));
     let result = if held > 0 { "cached" } else { "uncached" };
-    w.metrics.inc(&w.metrics.prefix_routes, &[&cl.name, result], 1);
+    w.metrics
+        .inc(&w.metrics.prefix_routes, &[&cl.name, result], 1);
     let mut map = w.prefix.borrow_mut();
     if let Some(ix) = map.get_mut(&cl.name) {
         ix.insert(req.prefix, b);
         let bytes = ix.bytes();
         if bytes != ix.reported {
-            let g = w.metrics_registry.prefix_index_bytes.with_label_values(&[&cl.name]);
+            let g = w
+                .metrics_registry
+                .prefix_index_bytes
+                .with_label_values(&[&cl.name]);
             g.add(bytes as i64 - ix.reported as i64);
             ix.reported = bytes;
         }
@@ -263,7 +276,8 @@ impl InFlight {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
             + 1;
         if up.stream {
-            load.streams.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            load.streams
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         InFlight {
             load,

@@ -507,7 +507,8 @@ async fn relay_body<D: Downstream>(
             if req.stream {
                 // Tokens by their events (an event split across reads is
                 // missed: a small undercount, never a wrong stream).
-                x.events += memchr::memmem::find_iter(&up.pending()[..used], b"data:").count() as u64;
+                x.events +=
+                    memchr::memmem::find_iter(&up.pending()[..used], b"data:").count() as u64;
             }
         }
         up.consume(used);

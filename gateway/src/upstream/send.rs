@@ -223,9 +223,11 @@ pub(super) fn build_upstream_head(
         None => codec::write_kept_headers(buf, &h.headers, out),
         // Traced: the backend's spans are children of the gateway's.
         Some(tp) => {
-            for hd in h.headers.iter().filter(|hd| {
-                !hd.drop && !buf[hd.name.clone()].eq_ignore_ascii_case(b"traceparent")
-            }) {
+            for hd in h
+                .headers
+                .iter()
+                .filter(|hd| !hd.drop && !buf[hd.name.clone()].eq_ignore_ascii_case(b"traceparent"))
+            {
                 out.extend_from_slice(&buf[hd.name.clone()]);
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(&buf[hd.value.clone()]);

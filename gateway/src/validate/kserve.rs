@@ -586,9 +586,20 @@ fn check_binary(
     total: u64,
     binary: &mut Binary<'_>,
 ) -> Result<(), Rejection> {
-    let at = || pointer([Seg::Key("inputs"), Seg::Index(i), Seg::Key("parameters"), Seg::Key("binary_data_size")]);
+    let at = || {
+        pointer([
+            Seg::Key("inputs"),
+            Seg::Index(i),
+            Seg::Key("parameters"),
+            Seg::Key("binary_data_size"),
+        ])
+    };
     let Some(size) = size else {
-        return Err(Rejection::at(at(), "invalid_binary_size", "`binary_data_size` must be a non-negative integer"));
+        return Err(Rejection::at(
+            at(),
+            "invalid_binary_size",
+            "`binary_data_size` must be a non-negative integer",
+        ));
     };
     let Some(rest) = binary.rest else {
         return Err(Rejection::at(
@@ -598,7 +609,11 @@ fn check_binary(
         ));
     };
     if size > rest.len() as u64 {
-        return Err(Rejection::at(at(), "binary_size_mismatch", "`binary_data_size` is more than the binary data left in the body"));
+        return Err(Rejection::at(
+            at(),
+            "binary_size_mismatch",
+            "`binary_data_size` is more than the binary data left in the body",
+        ));
     }
     let (data, after) = rest.split_at(size as usize);
     binary.rest = Some(after);
@@ -1404,44 +1419,85 @@ mod tests {
     #[test]
     fn binary_tensors_sized_by_shape_and_datatype() {
         let input = |name: &str, shape: &str, dt: &str, size: usize| {
-            format!(r#"{{"name":"{name}","shape":{shape},"datatype":"{dt}","parameters":{{"binary_data_size":{size}}}}}"#)
+            format!(
+                r#"{{"name":"{name}","shape":{shape},"datatype":"{dt}","parameters":{{"binary_data_size":{size}}}}}"#
+            )
         };
-        let req = |inputs: &[String]| format!(r#"{{"inputs":[{}],"outputs":[{{"name":"y","parameters":{{"binary_data":true}}}}]}}"#, inputs.join(","));
+        let req = |inputs: &[String]| {
+            format!(
+                r#"{{"inputs":[{}],"outputs":[{{"name":"y","parameters":{{"binary_data":true}}}}]}}"#,
+                inputs.join(",")
+            )
+        };
         // FP32 [2,3] = 24 bytes, INT64 [1] = 8, BF16 [4] = 8, a JSON input beside them.
         let json_input = r#"{"name":"j","shape":[2],"datatype":"INT8","data":[1,2]}"#.to_string();
-        let ok = req(&[input("a", "[2,3]", "FP32", 24), json_input.clone(), input("b", "[1]", "INT64", 8), input("c", "[4]", "BF16", 8)]);
+        let ok = req(&[
+            input("a", "[2,3]", "FP32", 24),
+            json_input.clone(),
+            input("b", "[1]", "INT64", 8),
+            input("c", "[4]", "BF16", 8),
+        ]);
         assert_eq!(check_binary_body(&ok, &[7u8; 40]), Ok(()));
         let strings = bytes_elements_of(&[b"hello", b"", b"w"]);
         let ok_bytes = req(&[input("s", "[3]", "BYTES", strings.len())]);
         assert_eq!(check_binary_body(&ok_bytes, &strings), Ok(()));
 
-        let reason = |json: &str, data: &[u8]| check_binary_body(json, data).map_err(|r| (r.reason, r.pointer.unwrap_or_default()));
+        let reason = |json: &str, data: &[u8]| {
+            check_binary_body(json, data).map_err(|r| (r.reason, r.pointer.unwrap_or_default()))
+        };
         let size_at = |i: usize| format!("/inputs/{i}/parameters/binary_data_size");
         // Declared size not the shape's: FP32 [2,3] is 24 bytes, not 20.
         let short = req(&[input("a", "[2,3]", "FP32", 20)]);
-        assert_eq!(reason(&short, &[0; 20]), Err(("binary_size_mismatch", size_at(0))));
+        assert_eq!(
+            reason(&short, &[0; 20]),
+            Err(("binary_size_mismatch", size_at(0)))
+        );
         // Sizes right but the body holds less than they add up to.
         let two = req(&[input("a", "[2]", "FP32", 8), input("b", "[2]", "FP32", 8)]);
-        assert_eq!(reason(&two, &[0; 12]), Err(("binary_size_mismatch", size_at(1))));
+        assert_eq!(
+            reason(&two, &[0; 12]),
+            Err(("binary_size_mismatch", size_at(1)))
+        );
         // More bytes than the inputs take.
-        assert_eq!(reason(&two, &[0; 17]), Err(("binary_size_mismatch", String::new())));
+        assert_eq!(
+            reason(&two, &[0; 17]),
+            Err(("binary_size_mismatch", String::new()))
+        );
         // BYTES: a length prefix that runs past its input's data, or one element too few.
         let bad = bytes_elements_of(&[b"hello", b"xy"]);
         let over = req(&[input("s", "[2]", "BYTES", bad.len() - 1)]);
-        assert_eq!(reason(&over, &bad[..bad.len() - 1]), Err(("binary_size_mismatch", size_at(0))));
+        assert_eq!(
+            reason(&over, &bad[..bad.len() - 1]),
+            Err(("binary_size_mismatch", size_at(0)))
+        );
         let few = req(&[input("s", "[3]", "BYTES", bad.len())]);
-        assert_eq!(reason(&few, &bad), Err(("binary_size_mismatch", size_at(0))));
+        assert_eq!(
+            reason(&few, &bad),
+            Err(("binary_size_mismatch", size_at(0)))
+        );
         // Shared memory means nothing to a backend on another host.
         let shm = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","parameters":{"shared_memory_region":"r","shared_memory_byte_size":1}}]}"#;
-        assert_eq!(reason(shm, &[]), Err(("shared_memory_unsupported", "/inputs/0/parameters".into())));
+        assert_eq!(
+            reason(shm, &[]),
+            Err(("shared_memory_unsupported", "/inputs/0/parameters".into()))
+        );
         // Both `data` and a binary size; a size that isn't a count.
         let both = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","data":[1],"parameters":{"binary_data_size":1}}]}"#;
-        assert_eq!(reason(both, &[1]), Err(("binary_and_data", "/inputs/0/data".into())));
+        assert_eq!(
+            reason(both, &[1]),
+            Err(("binary_and_data", "/inputs/0/data".into()))
+        );
         let neg = req(&[input("a", "[1]", "UINT8", 0).replace(":0", ":-1")]);
         assert_eq!(reason(&neg, &[1]), Err(("invalid_binary_size", size_at(0))));
         // An output's `binary_data` flag must be a boolean.
         let flag = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT8","data":[1]}],"outputs":[{"name":"y","parameters":{"binary_data":"yes"}}]}"#;
-        assert_eq!(reason(flag, &[]), Err(("invalid_binary_data", "/outputs/0/parameters/binary_data".into())));
+        assert_eq!(
+            reason(flag, &[]),
+            Err((
+                "invalid_binary_data",
+                "/outputs/0/parameters/binary_data".into()
+            ))
+        );
     }
 
     #[test]

@@ -1218,7 +1218,9 @@ async fn multipart_model<D: Downstream>(
                 break std::str::from_utf8(v)
                     .ok()
                     .filter(|m| !m.is_empty())
-                    .ok_or_else(|| bad("invalid_model", "`model` must be a non-empty UTF-8 string"))?
+                    .ok_or_else(|| {
+                        bad("invalid_model", "`model` must be a non-empty UTF-8 string")
+                    })?
                     .to_string()
             }
             multipart::Field::Missing => {
@@ -1244,7 +1246,9 @@ async fn multipart_model<D: Downstream>(
             ));
         }
         match client.fill_timeout(t.client_body).await {
-            Ok(0) => return Err(Rejection::new(499, "client_closed", "the client went away").into()),
+            Ok(0) => {
+                return Err(Rejection::new(499, "client_closed", "the client went away").into())
+            }
             Ok(_) => {}
             Err(e) => return Err(read_failed(e)),
         }

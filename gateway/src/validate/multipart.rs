@@ -103,7 +103,11 @@ fn part_disposition(head: &[u8]) -> Option<(&[u8], bool)> {
             .then(|| &l[colon + 1..])
     })?;
     let mut params = line.split(|&b| b == b';');
-    if !params.next()?.trim_ascii().eq_ignore_ascii_case(b"form-data") {
+    if !params
+        .next()?
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"form-data")
+    {
         return None;
     }
     let (mut name, mut file) = (None, false);
@@ -138,7 +142,9 @@ mod tests {
             b.extend_from_slice(name.as_bytes());
             b.push(b'"');
             if let Some(f) = file {
-                b.extend_from_slice(format!("; filename=\"{f}\"\r\nContent-Type: audio/wav").as_bytes());
+                b.extend_from_slice(
+                    format!("; filename=\"{f}\"\r\nContent-Type: audio/wav").as_bytes(),
+                );
             }
             b.extend_from_slice(b"\r\n\r\n");
             b.extend_from_slice(value.as_bytes());
@@ -150,16 +156,29 @@ mod tests {
 
     #[test]
     fn boundary_parameter() {
-        assert_eq!(boundary(b"multipart/form-data; boundary=abc"), Some(&b"abc"[..]));
-        assert_eq!(boundary(b"multipart/form-data;charset=x; Boundary=\"a b\""), Some(&b"a b"[..]));
+        assert_eq!(
+            boundary(b"multipart/form-data; boundary=abc"),
+            Some(&b"abc"[..])
+        );
+        assert_eq!(
+            boundary(b"multipart/form-data;charset=x; Boundary=\"a b\""),
+            Some(&b"a b"[..])
+        );
         assert_eq!(boundary(b"multipart/form-data"), None);
         assert_eq!(boundary(b"multipart/form-data; boundary="), None);
-        assert_eq!(boundary(format!("multipart/form-data; boundary={}", "x".repeat(71)).as_bytes()), None);
+        assert_eq!(
+            boundary(format!("multipart/form-data; boundary={}", "x".repeat(71)).as_bytes()),
+            None
+        );
     }
 
     #[test]
     fn the_field_before_the_file() {
-        let b = form(&[("temperature", None, "0"), ("model", None, "whisper"), ("file", Some("a.wav"), "RIFF....")]);
+        let b = form(&[
+            ("temperature", None, "0"),
+            ("model", None, "whisper"),
+            ("file", Some("a.wav"), "RIFF...."),
+        ]);
         assert_eq!(find(&b, b"XyZ", "model", true), Field::Found(b"whisper"));
         // Every prefix either needs more or finds it; never a wrong answer.
         for n in 0..b.len() {
@@ -183,8 +202,14 @@ mod tests {
 
     #[test]
     fn malformed_framing() {
-        assert_eq!(find(b"not a form at all", b"XyZ", "model", true), Field::Malformed);
-        assert_eq!(find(b"--XyZ garbage", b"XyZ", "model", true), Field::Malformed);
+        assert_eq!(
+            find(b"not a form at all", b"XyZ", "model", true),
+            Field::Malformed
+        );
+        assert_eq!(
+            find(b"--XyZ garbage", b"XyZ", "model", true),
+            Field::Malformed
+        );
         let no_disp = b"--XyZ\r\nContent-Type: text/plain\r\n\r\nx\r\n--XyZ--\r\n";
         assert_eq!(find(no_disp, b"XyZ", "model", true), Field::Malformed);
         // A preamble is allowed before the first delimiter.

@@ -84,7 +84,10 @@ pub fn check<'a, 'c, J: Json<'a>>(
         Endpoint::Completions => (Some("/prompt"), prompt_like(f.prompt, "prompt", true)?),
         Endpoint::Embeddings => (Some("/input"), prompt_like(f.input, "input", true)?),
         Endpoint::Responses => (Some("/input"), responses_input(&f)?),
-        Endpoint::Scoring => (Some(""), tokens_of(text_bytes(body).saturating_sub(model.len()))),
+        Endpoint::Scoring => (
+            Some(""),
+            tokens_of(text_bytes(body).saturating_sub(model.len())),
+        ),
         Endpoint::Tokenize | Endpoint::Audio | Endpoint::Models | Endpoint::Other => (None, 0),
     };
     let max_out = max_output(&f, lim)?;
@@ -432,7 +435,12 @@ fn text_bytes<'a, J: Json<'a>>(v: J) -> usize {
 /// then each chat message's role and text in order (completions: `prompt`,
 /// token ids as their bytes; responses: `instructions` then `input`),
 /// seeded with the model and `cache_salt`. Other endpoints: none.
-pub fn prompt_blocks<'a, J: Json<'a>>(ep: Endpoint, body: J, model: &str, max_blocks: usize) -> Vec<u64> {
+pub fn prompt_blocks<'a, J: Json<'a>>(
+    ep: Endpoint,
+    body: J,
+    model: &str,
+    max_blocks: usize,
+) -> Vec<u64> {
     use crate::balance::prefix::BlockHasher;
     let Some(obj) = body.as_obj() else {
         return Vec::new();
@@ -445,9 +453,19 @@ pub fn prompt_blocks<'a, J: Json<'a>>(ep: Endpoint, body: J, model: &str, max_bl
                 h.separate(b"tools");
                 feed_text(&mut h, t);
             }
-            for m in obj.get("messages").and_then(|m| m.as_arr()).into_iter().flat_map(|a| a.iter()) {
+            for m in obj
+                .get("messages")
+                .and_then(|m| m.as_arr())
+                .into_iter()
+                .flat_map(|a| a.iter())
+            {
                 let Some(m) = m.as_obj() else { continue };
-                h.separate(m.get("role").and_then(|r| r.as_str()).unwrap_or("").as_bytes());
+                h.separate(
+                    m.get("role")
+                        .and_then(|r| r.as_str())
+                        .unwrap_or("")
+                        .as_bytes(),
+                );
                 if let Some(c) = m.get("content") {
                     feed_text(&mut h, c);
                 }
@@ -491,9 +509,9 @@ fn feed_text<'a, J: Json<'a>>(h: &mut crate::balance::prefix::BlockHasher, v: J)
 /// items (objects); `instructions` a string. The prompt is estimated from
 /// every string in both.
 fn responses_input<'a, J: Json<'a>>(f: &Fields<J>) -> Result<u64, Rejection> {
-    let input = f.input.ok_or_else(|| {
-        Rejection::at("/input", "missing_input", "`input` is required")
-    })?;
+    let input = f
+        .input
+        .ok_or_else(|| Rejection::at("/input", "missing_input", "`input` is required"))?;
     match input.node() {
         Node::Str(_) => {}
         Node::Arr(items) => {
@@ -513,7 +531,9 @@ fn responses_input<'a, J: Json<'a>>(f: &Fields<J>) -> Result<u64, Rejection> {
             ))
         }
     }
-    if f.instructions.is_some_and(|x| !matches!(x.node(), Node::Str(_) | Node::Null)) {
+    if f.instructions
+        .is_some_and(|x| !matches!(x.node(), Node::Str(_) | Node::Null))
+    {
         return Err(Rejection::at(
             "/instructions",
             "invalid_instructions",
@@ -692,41 +712,109 @@ mod tests {
         use Endpoint::Responses;
         let ok = r#"{"model":"llama","input":"abcdefgh","instructions":"abcd","max_output_tokens":20,"stream":true}"#;
         let f = facts(Responses, ok);
-        assert_eq!((f.prompt_tokens, f.max_tokens, f.stream), (3, Some(20), true));
+        assert_eq!(
+            (f.prompt_tokens, f.max_tokens, f.stream),
+            (3, Some(20), true)
+        );
         let items = r#"{"model":"llama","input":[{"role":"user","content":[{"type":"input_text","text":"abcdefgh"}]}]}"#;
         // Every string counts: the role, the part type and the text.
-        assert_eq!(facts(Responses, items).prompt_tokens, (4 + 10 + 8_u64).div_ceil(4));
+        assert_eq!(
+            facts(Responses, items).prompt_tokens,
+            (4 + 10 + 8_u64).div_ceil(4)
+        );
         let cases: &[(&str, u16, &str, &str)] = &[
             (r#"{"model":"llama"}"#, 422, "missing_input", "/input"),
-            (r#"{"model":"llama","input":5}"#, 422, "invalid_input", "/input"),
-            (r#"{"model":"llama","input":["x"]}"#, 422, "invalid_input", "/input/0"),
-            (r#"{"model":"llama","input":"x","instructions":3}"#, 422, "invalid_instructions", "/instructions"),
-            (r#"{"model":"llama","input":"x","max_output_tokens":51}"#, 422, "max_tokens_out_of_range", "/max_output_tokens"),
-            (r#"{"model":"llama","input":"x","max_output_tokens":0}"#, 422, "invalid_max_tokens", "/max_output_tokens"),
-            (r#"{"model":"llama","input":"x","temperature":9}"#, 422, "out_of_range", "/temperature"),
-            (r#"{"model":"nope","input":"x"}"#, 404, "model_not_found", "/model"),
+            (
+                r#"{"model":"llama","input":5}"#,
+                422,
+                "invalid_input",
+                "/input",
+            ),
+            (
+                r#"{"model":"llama","input":["x"]}"#,
+                422,
+                "invalid_input",
+                "/input/0",
+            ),
+            (
+                r#"{"model":"llama","input":"x","instructions":3}"#,
+                422,
+                "invalid_instructions",
+                "/instructions",
+            ),
+            (
+                r#"{"model":"llama","input":"x","max_output_tokens":51}"#,
+                422,
+                "max_tokens_out_of_range",
+                "/max_output_tokens",
+            ),
+            (
+                r#"{"model":"llama","input":"x","max_output_tokens":0}"#,
+                422,
+                "invalid_max_tokens",
+                "/max_output_tokens",
+            ),
+            (
+                r#"{"model":"llama","input":"x","temperature":9}"#,
+                422,
+                "out_of_range",
+                "/temperature",
+            ),
+            (
+                r#"{"model":"nope","input":"x"}"#,
+                404,
+                "model_not_found",
+                "/model",
+            ),
             (r#"{"input":"x"}"#, 422, "missing_model", "/model"),
         ];
         for (body, status, reason, ptr) in cases {
-            assert_eq!(run(Responses, body), Err((*status, *reason, Some(ptr.to_string()))), "{body}");
+            assert_eq!(
+                run(Responses, body),
+                Err((*status, *reason, Some(ptr.to_string()))),
+                "{body}"
+            );
         }
         // Context: 4 bytes a token; 100 tokens of context, 50 asked for.
-        let long = format!(r#"{{"model":"llama","input":"{}","max_output_tokens":50}}"#, "x".repeat(204));
-        assert_eq!(run(Responses, &long).unwrap_err().1, "context_length_exceeded");
+        let long = format!(
+            r#"{{"model":"llama","input":"{}","max_output_tokens":50}}"#,
+            "x".repeat(204)
+        );
+        assert_eq!(
+            run(Responses, &long).unwrap_err().1,
+            "context_length_exceeded"
+        );
     }
 
     #[test]
     fn scoring_and_tokenize_need_a_model() {
         let rerank = r#"{"model":"llama","query":"abcd","documents":["abcd","abcdabcd"]}"#;
         assert_eq!(facts(Endpoint::Scoring, rerank).prompt_tokens, 4);
-        assert_eq!(run(Endpoint::Scoring, r#"{"query":"q"}"#).unwrap_err().1, "missing_model");
-        assert_eq!(run(Endpoint::Scoring, r#"{"model":"off","query":"q"}"#).unwrap_err().1, "model_disabled");
+        assert_eq!(
+            run(Endpoint::Scoring, r#"{"query":"q"}"#).unwrap_err().1,
+            "missing_model"
+        );
+        assert_eq!(
+            run(Endpoint::Scoring, r#"{"model":"off","query":"q"}"#)
+                .unwrap_err()
+                .1,
+            "model_disabled"
+        );
         let tok = r#"{"model":"llama","prompt":"a long prompt"}"#;
         assert_eq!(facts(Endpoint::Tokenize, tok).prompt_tokens, 0);
-        assert_eq!(run(Endpoint::Tokenize, r#"{"prompt":"x"}"#).unwrap_err().1, "missing_model");
+        assert_eq!(
+            run(Endpoint::Tokenize, r#"{"prompt":"x"}"#).unwrap_err().1,
+            "missing_model"
+        );
         // The scoring estimate counts the context too.
-        let long = format!(r#"{{"model":"wide","text_1":"{}","text_2":"x"}}"#, "y".repeat(420));
-        assert_eq!(run(Endpoint::Scoring, &long).unwrap_err().1, "context_length_exceeded");
+        let long = format!(
+            r#"{{"model":"wide","text_1":"{}","text_2":"x"}}"#,
+            "y".repeat(420)
+        );
+        assert_eq!(
+            run(Endpoint::Scoring, &long).unwrap_err().1,
+            "context_length_exceeded"
+        );
     }
 
     #[test]
