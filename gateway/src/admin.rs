@@ -26,15 +26,14 @@ const MAX_BODY: usize = 4096;
 /// or a probe retries; a flood of slow clients can't hold every thread).
 const MAX_CONNECTIONS: usize = 32;
 
-/// What every admin connection's thread reads.
-struct State {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    front_door: Arc<FrontDoor>,
-    limiter: Arc<crate::ratelimit::Limiter>,
-    loads: Arc<crate::balance::Registry>,
-    current: Current,
-    open: std::sync::atomic::AtomicUsize,
+/// What the admin API reads and acts on (shared by every connection's thread).
+pub struct State {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub front_door: Arc<FrontDoor>,
+    pub limiter: Arc<crate::ratelimit::Limiter>,
+    pub loads: Arc<crate::balance::Registry>,
+    pub current: Current,
 }
 
 /// Bind now (so a bad address fails the start; SO_REUSEPORT, so a new
@@ -42,31 +41,16 @@ struct State {
 /// thread: each connection on its own short-lived thread, at most
 /// [`MAX_CONNECTIONS`] at once, so a slow client never stalls `/readyz` or
 /// `/metrics`.
-pub fn spawn(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    front_door: Arc<FrontDoor>,
-    limiter: Arc<crate::ratelimit::Limiter>,
-    loads: Arc<crate::balance::Registry>,
-    current: Current,
-) -> std::io::Result<()> {
+pub fn spawn(addr: SocketAddr, state: State) -> std::io::Result<()> {
     let listener = bind_reuseport(addr)?;
-    let st = Arc::new(State {
-        metrics,
-        health,
-        front_door,
-        limiter,
-        loads,
-        current,
-        open: std::sync::atomic::AtomicUsize::new(0),
-    });
+    let st = Arc::new(state);
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("gateway-admin".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(c) => serve(c, &st),
+                    Ok(c) => serve(c, &st, &open),
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
                         std::thread::sleep(Duration::from_millis(50));
@@ -78,27 +62,27 @@ pub fn spawn(
 }
 
 /// One admin connection on its own thread, within the cap.
-fn serve(c: TcpStream, st: &Arc<State>) {
+fn serve(c: TcpStream, st: &Arc<State>, open: &Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::Ordering;
-    if st.open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-        st.open.fetch_sub(1, Ordering::AcqRel);
+    if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        open.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!(
             max = MAX_CONNECTIONS,
             "admin connection refused: too many at once"
         );
         return;
     }
-    let st2 = st.clone();
+    let (st2, open2) = (st.clone(), open.clone());
     let spawned = std::thread::Builder::new()
         .name("gateway-admin-conn".into())
         .spawn(move || {
             if let Err(e) = handle(c, &st2) {
                 tracing::debug!(error = %e, "admin request failed");
             }
-            st2.open.fetch_sub(1, Ordering::AcqRel);
+            open2.fetch_sub(1, Ordering::AcqRel);
         });
     if let Err(e) = spawned {
-        st.open.fetch_sub(1, Ordering::AcqRel);
+        open.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!(error = %e, "cannot start an admin connection thread");
     }
 }

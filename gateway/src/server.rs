@@ -196,16 +196,16 @@ fn spawn_admin(r: &Resolved, control: &Arc<Control>, health: &Arc<Health>) -> Re
         let control = control.clone();
         Arc::new(move || control.snapshot().1)
     };
-    admin::spawn(
-        r.admin,
-        control.metrics.clone(),
-        health.clone(),
-        control.process.front_door.clone(),
+    let state = admin::State {
+        metrics: control.metrics.clone(),
+        health: health.clone(),
+        front_door: control.process.front_door.clone(),
         limiter,
-        control.process.loads.clone(),
+        loads: control.process.loads.clone(),
         current,
-    )
-    .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))
+    };
+    admin::spawn(r.admin, state)
+        .map_err(|e| RunError::Startup(format!("cannot listen on admin address {}: {e}", r.admin)))
 }
 
 /// Starts the `n` worker threads (pinned round-robin to the allowed CPUs
@@ -772,21 +772,19 @@ fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Resul
                     m.backend_queue
                         .with_label_values(&labels)
                         .set(fresh.map_or(-1, |f| i64::from(f.0)));
-                    m.backend_kv
-                        .with_label_values(&labels)
-                        .set(fresh.map_or(-1.0, |f| f.2));
-                    m.backend_latency
-                        .with_label_values(&labels)
-                        .set(l.latency_ns.load(Ordering::Relaxed) as f64 / 1e9);
-                    m.backend_ttft
-                        .with_label_values(&labels)
-                        .set(l.ttft_ns.load(Ordering::Relaxed) as f64 / 1e9);
-                    m.backend_prefill
-                        .with_label_values(&labels)
-                        .set(l.prefill_ns.load(Ordering::Relaxed) as f64 / 1e6);
-                    m.backend_itl
-                        .with_label_values(&labels)
-                        .set(l.itl_ns.load(Ordering::Relaxed) as f64 / 1e9);
+                    let secs = |cell: &std::sync::atomic::AtomicU64, per: f64| {
+                        cell.load(Ordering::Relaxed) as f64 / per
+                    };
+                    for (g, v) in [
+                        (&m.backend_kv, fresh.map_or(-1.0, |f| f.2)),
+                        (&m.backend_latency, secs(&l.latency_ns, 1e9)),
+                        (&m.backend_ttft, secs(&l.ttft_ns, 1e9)),
+                        // Per 1,000 tokens: ns per token ÷ 1e6.
+                        (&m.backend_prefill, secs(&l.prefill_ns, 1e6)),
+                        (&m.backend_itl, secs(&l.itl_ns, 1e9)),
+                    ] {
+                        g.with_label_values(&labels).set(v);
+                    }
                     m.backend_streams
                         .with_label_values(&labels)
                         .set(i64::from(l.streams.load(Ordering::Relaxed)));

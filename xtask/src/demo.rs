@@ -110,16 +110,7 @@ pub fn run(args: &[String]) -> Result {
 /// The gateway (with the XDP program when its toolchain is installed) and
 /// the simulator, release builds.
 fn build() -> Result {
-    let mut gw = cargo(&["build", "--release", "-p", "gateway", "--bin", "gateway"]);
-    if crate::nightly_rust_src().is_none() || crate::bpf_linker().is_none() {
-        println!(
-            "note: the eBPF toolchain (nightly rust-src, bpf-linker) is not installed: building \
-             without the XDP program (the front door is off; everything else works). \
-             `cargo xtask setup` installs it."
-        );
-        gw.env("AYA_BUILD_SKIP", "1");
-    }
-    run_step(&mut gw)?;
+    crate::build_gateway_any()?;
     run_step(&mut cargo(&[
         "build",
         "--release",

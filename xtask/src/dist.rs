@@ -7,15 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{cargo, run_step, target_dir, workspace_root, Result};
+use crate::{run_step, target_dir, workspace_root, Result};
 
 pub fn dist() -> Result<PathBuf> {
-    let mut gw = cargo(&["build", "--release", "-p", "gateway", "--bin", "gateway"]);
-    if crate::nightly_rust_src().is_none() || crate::bpf_linker().is_none() {
-        println!("note: no eBPF toolchain (`cargo xtask setup`): packaging a gateway without the XDP program");
-        gw.env("AYA_BUILD_SKIP", "1");
-    }
-    run_step(&mut gw)?;
+    crate::build_gateway_any()?;
     let bin = target_dir().join("release/gateway");
     let version = output(Command::new(&bin).arg("--version"))?;
     // "gateway 0.1.0 (git abc+dirty)" → "0.1.0"

@@ -685,12 +685,7 @@ fn gie_like(
 /// `warmup` gets a growing share; one holding the requested LoRA adapter is
 /// preferred. Full scan (pools are small); ties at random.
 ///
-/// With `prefix` (`prefix_aware`), each backend's cost is lowered by the
-/// prefill its cached share of the prompt saves there: the blocks it holds
-/// ([`PrefixView::credit_tokens`]) × 16 tokens × its prefill time per token
-/// (learned from time to first token; before that, `prefill_per_1k_tokens`
-/// scaled by how much slower than the fastest it serves). So a prompt stays
-/// where its prefix is until the wait there costs more than the cache saves.
+/// With `prefix`, the same costs feed [`prefix_aware`].
 #[allow(clippy::too_many_arguments)]
 fn gpu_aware(
     s: &BalanceSettings,

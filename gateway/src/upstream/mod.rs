@@ -49,8 +49,6 @@ pub struct UpConn {
     /// Prompt tokens the backend has to prefill, as far as the prefix index
     /// knows (its time to first token teaches the balancer its prefill speed).
     pub uncached: u64,
-    /// The client asked for a stream.
-    pub stream: bool,
 }
 
 /// The balance stage, then connect or reuse: the cluster's algorithm picks a
@@ -125,7 +123,6 @@ async fn checkout(
                         reused: true,
                         slot,
                         uncached,
-                        stream: req.stream,
                     });
                 }
             }
@@ -148,7 +145,6 @@ async fn checkout(
                         reused: false,
                         slot,
                         uncached,
-                        stream: req.stream,
                     });
                 }
                 Err(e) => {
@@ -269,19 +265,20 @@ fn prefix_sent(
 
 impl InFlight {
     /// Count this request in flight at the backend `up` leads to.
-    fn hold(cur: &Current, up: &UpConn) -> InFlight {
+    /// `stream`: the client asked for a stream (counted in the backend's streams).
+    fn hold(cur: &Current, up: &UpConn, stream: bool) -> InFlight {
         let load = cur.shared.clusters[up.cluster].loads[up.backend].clone();
         let n = load
             .inflight
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
             + 1;
-        if up.stream {
+        if stream {
             load.streams
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         InFlight {
             load,
-            stream: up.stream,
+            stream,
             concurrency: n,
             backend: up.backend,
             uncached: up.uncached,
@@ -501,7 +498,7 @@ async fn exchange<D: Downstream>(
         // when nothing of the request body has been consumed.
         let mut up = checkout(w, cur, req, !a.retried, deadline, a.failed_on).await?;
         x.backend = Some(up.addr);
-        x.inflight = Some(InFlight::hold(cur, &up));
+        x.inflight = Some(InFlight::hold(cur, &up, req.stream));
         let to = send::Target {
             up: &mut up,
             body,
