@@ -660,10 +660,15 @@ fn balance_api(
                 json!({"cluster": cluster, "backend": addr.to_string(), "draining": drain, "inflight": b.inflight.load(Relaxed)}),
             )
         }
+        ("GET", "/balance/queues") => {
+            let list: Vec<_> = loads.queues().iter().map(|q| q.snapshot()).collect();
+            (200, json!({ "queues": list }))
+        }
         (_, "/balance/backends") => (405, json!({"error": "GET /balance/backends"})),
+        (_, "/balance/queues") => (405, json!({"error": "GET /balance/queues"})),
         _ => (
             404,
-            json!({"error": "GET /balance/backends, POST /balance/drain, POST /balance/undrain"}),
+            json!({"error": "GET /balance/backends, GET /balance/queues, POST /balance/drain, POST /balance/undrain"}),
         ),
     }
 }

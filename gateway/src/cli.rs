@@ -331,6 +331,7 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
                 pool_idle_timeout: std::time::Duration::from_secs(4),
                 max_connections: 512,
                 balance: Default::default(),
+                queue: None,
             },
         );
         cfg.routes = vec![config::RouteConfig {
@@ -348,6 +349,7 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
             response_drop_fields: Vec::new(),
             auth: None,
             anonymous: false,
+            priority: None,
         }];
     }
     if let Some(w) = &a.workers {

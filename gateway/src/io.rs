@@ -418,7 +418,8 @@ fn peek(fd: RawFd) -> Peek {
 }
 
 /// The peer closed (FIN or RST). Bytes waiting (a pipelined request) mean it is still there.
-fn peer_closed(fd: RawFd) -> bool {
+/// The peer on `fd` has closed its side (EOF; never blocks).
+pub fn peer_closed(fd: RawFd) -> bool {
     matches!(peek(fd), Peek::Closed)
 }
 

@@ -58,6 +58,10 @@ pub struct Metrics {
     pub ratelimit_redis_errors: IntCounterVec,
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_wait: HistogramVec,
+    pub queue_dispatched: IntCounterVec,
+    pub queue_refused: IntCounterVec,
     pub prefix_routes: IntCounterVec,
     pub trace_spans: IntCounterVec,
     pub prefix_index_bytes: IntGaugeVec,
@@ -395,6 +399,26 @@ const BALANCE_SHED: Desc = Desc::new(
     "Requests refused with 503 because every backend of the cluster was saturated",
     &["cluster"],
 );
+const QUEUE_DEPTH: Desc = Desc::new(
+    "gateway_queue_depth",
+    "Requests waiting in the cluster's queue for a backend with room, by priority band",
+    &["cluster", "band"],
+);
+const QUEUE_WAIT: Desc = Desc::new(
+    "gateway_queue_wait_seconds",
+    "Time requests waited in the cluster's queue (dispatched or not), by priority band",
+    &["cluster", "band"],
+);
+const QUEUE_DISPATCHED: Desc = Desc::new(
+    "gateway_queue_dispatched_total",
+    "Requests the cluster's queue dispatched to the balance stage after waiting, by priority band",
+    &["cluster", "band"],
+);
+const QUEUE_REFUSED: Desc = Desc::new(
+    "gateway_queue_refused_total",
+    "Requests that left the cluster's queue undispatched: full (max_requests, 429), bytes (max_bytes, 429), timeout (max_wait, 503), disconnected (client gone)",
+    &["cluster", "reason"],
+);
 const BALANCE_SPLIT: Desc = Desc::new(
     "gateway_balance_split_total",
     "Requests of a model with a traffic split, by the pool they went to",
@@ -496,6 +520,14 @@ impl Metrics {
                 exponential_buckets(0.0001, 2.0, 14).expect("valid buckets"),
             ),
             balance_shed: counter_vec(&r, &BALANCE_SHED),
+            queue_depth: gauge_vec(&r, &QUEUE_DEPTH),
+            queue_wait: histogram_vec(
+                &r,
+                &QUEUE_WAIT,
+                exponential_buckets(0.005, 2.0, 14).expect("valid buckets"),
+            ),
+            queue_dispatched: counter_vec(&r, &QUEUE_DISPATCHED),
+            queue_refused: counter_vec(&r, &QUEUE_REFUSED),
             prefix_routes: counter_vec(&r, &PREFIX_ROUTES),
             trace_spans: counter_vec(&r, &TRACE_SPANS),
             prefix_index_bytes: gauge_vec(&r, &PREFIX_INDEX_BYTES),

@@ -31,6 +31,8 @@ pub struct Route {
     pub auth: Vec<crate::config::AuthMethod>,
     /// No credentials needed, no authorization.
     pub anonymous: bool,
+    /// Queue band when its cluster is saturated (`None`: the tenant class's).
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +98,7 @@ impl Router {
                     vec![AuthMethod::Jwt, AuthMethod::ApiKey, AuthMethod::Mtls]
                 }),
                 anonymous: rc.anonymous,
+                priority: rc.priority,
             });
             match rc.host.as_deref().map(str::to_ascii_lowercase) {
                 None => r.any_host.push(i),

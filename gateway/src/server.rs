@@ -806,6 +806,11 @@ fn spawn_balance_scraper(control: &Arc<Control>, metrics: Arc<Metrics>) -> Resul
             })
             .collect();
         c.process.loads.retain(&keep);
+        // Reports, health and ejections change room with no event of their
+        // own: every queue looks again on each pass (every 10 ms).
+        for q in c.process.loads.queues() {
+            q.pump();
+        }
         out
     });
     crate::balance::scrape::spawn(targets, metrics)

@@ -64,6 +64,8 @@ pub struct Shared {
     /// Models served by their own pools (`[[models]] cluster`,
     /// `version_clusters`, `split`), by model name.
     pub model_pools: HashMap<String, crate::balance::ModelPools>,
+    /// Queue bands by tenant class (`[ratelimit.classes.X] priority`).
+    pub bands: crate::balance::queue::Bands,
 }
 
 impl Shared {
@@ -82,12 +84,16 @@ impl Shared {
             .iter()
             .map(|n| {
                 let c = &r.config.clusters[n];
+                let backend_loads: Vec<_> = r.clusters[n].iter().map(|a| loads.get(n, *a)).collect();
                 Cluster {
                     name: n.clone(),
                     backends: r.clusters[n].clone(),
                     backend_names: r.clusters[n].iter().map(|a| a.to_string()).collect(),
                     balance: c.balance.clone(),
-                    loads: r.clusters[n].iter().map(|a| loads.get(n, *a)).collect(),
+                    queue: c.queue.as_ref().map(|q| {
+                        (loads.queue(n, &backend_loads, &c.balance, q), q.clone())
+                    }),
+                    loads: backend_loads,
                     retry_budget: loads.budget(n, &c.balance),
                     pool_max_idle: c.pool_max_idle,
                     max_connections: c.max_connections,
@@ -122,6 +128,7 @@ impl Shared {
                 .then(|| Arc::new(crate::ratelimit::Policies::new(&r.config.ratelimit))),
             limiter: process.limiter.clone(),
             tracer: process.tracer.clone(),
+            bands: crate::balance::queue::Bands::new(&r.config.ratelimit),
             model_pools: r
                 .config
                 .models

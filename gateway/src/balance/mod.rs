@@ -18,6 +18,7 @@
 //! ramp, LoRA affinity).
 
 pub mod prefix;
+pub mod queue;
 pub mod scrape;
 
 use std::collections::HashMap;
@@ -57,6 +58,9 @@ pub struct BackendLoad {
     pub running: AtomicU32,
     pub kv_permille: AtomicU32,
     pub reported_ms: AtomicU64,
+    /// `inflight` when the server last reported: what was sent since is
+    /// not in its report yet.
+    pub inflight_at_report: AtomicU32,
     /// LoRA adapters the server has loaded (vLLM `lora_requests_info`).
     pub adapters: Mutex<Vec<String>>,
     /// Health: consecutive failures, ejected until (ms), ejections in a row,
@@ -101,6 +105,7 @@ impl BackendLoad {
             running: AtomicU32::new(0),
             kv_permille: AtomicU32::new(0),
             reported_ms: AtomicU64::new(0),
+            inflight_at_report: AtomicU32::new(0),
             adapters: Mutex::new(Vec::new()),
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -203,7 +208,32 @@ impl BackendLoad {
             self.kv_permille
                 .store((k.clamp(0.0, 1.0) * 1000.0) as u32, Ordering::Relaxed);
         }
+        self.inflight_at_report
+            .store(self.inflight.load(Ordering::Relaxed), Ordering::Relaxed);
         self.reported_ms.store(now_ms(), Ordering::Release);
+    }
+
+    /// How many more requests this backend takes before it is saturated
+    /// (`u32::MAX`: no bound known). Saturated: at `max_inflight`, or —
+    /// fresh reports only — KV cache at `kv_saturation` or
+    /// `queue_saturation` waiting, counting as waiting what was sent since
+    /// the report beyond the batch slots it had free.
+    pub fn headroom(&self, s: &BalanceSettings, now: u64) -> u32 {
+        let inflight = self.inflight.load(Ordering::Relaxed);
+        let mut room = match s.max_inflight {
+            0 => u32::MAX,
+            cap => cap.saturating_sub(inflight),
+        };
+        if let Some((waiting, running, kv)) = self.reported(now, s.metrics_max_age) {
+            if kv >= s.kv_saturation {
+                return 0;
+            }
+            let sent = inflight.saturating_sub(self.inflight_at_report.load(Ordering::Relaxed));
+            let free = self.batch_seen.load(Ordering::Relaxed).saturating_sub(running);
+            let waiting = waiting.saturating_add(sent.saturating_sub(free));
+            room = room.min(s.queue_saturation.saturating_sub(waiting));
+        }
+        room
     }
 
     pub fn available(&self, now: u64) -> bool {
@@ -328,9 +358,43 @@ impl RetryBudget {
 pub struct Registry {
     map: Mutex<HashMap<(String, SocketAddr), Arc<BackendLoad>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    queues: Mutex<HashMap<String, Arc<queue::FlowQueue>>>,
 }
 
 impl Registry {
+    /// The cluster's queue (`[clusters.X.queue]`), set to this generation's
+    /// backends and settings; requests waiting in it stay across reloads.
+    pub fn queue(
+        &self,
+        cluster: &str,
+        loads: &[Arc<BackendLoad>],
+        b: &BalanceSettings,
+        q: &crate::config::QueueSettings,
+    ) -> Arc<queue::FlowQueue> {
+        let fq = self
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cluster.to_string())
+            .or_insert_with(|| Arc::new(queue::FlowQueue::new(cluster)))
+            .clone();
+        fq.configure(loads, b, q);
+        fq
+    }
+
+    /// Every cluster queue, by cluster name.
+    pub fn queues(&self) -> Vec<Arc<queue::FlowQueue>> {
+        let mut v: Vec<_> = self
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        v
+    }
+
     pub fn budget(&self, cluster: &str, s: &BalanceSettings) -> Arc<RetryBudget> {
         self.budgets
             .lock()
@@ -558,6 +622,14 @@ pub fn pick(
         .collect();
     if cand.is_empty() {
         return Err(NoPick::Exhausted);
+    }
+    // Saturated backends take nothing (the cluster's queue holds it, or 503).
+    let cand: Vec<usize> = cand
+        .into_iter()
+        .filter(|&i| loads[i].headroom(s, now) > 0)
+        .collect();
+    if cand.is_empty() {
+        return Err(NoPick::Saturated);
     }
     match s.algorithm {
         Algorithm::RoundRobin => {
@@ -855,9 +927,7 @@ fn expected(
     let mut occ = f64::from(b.inflight.load(Ordering::Relaxed));
     let mut cost_mul = 1.0;
     if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
-        if waiting >= s.queue_saturation || kv >= s.kv_saturation {
-            return None;
-        }
+        // (A saturated backend never gets here: `pick` leaves it out.)
         occ = occ.max(f64::from(waiting) + f64::from(running));
         if kv > 0.8 {
             cost_mul *= 1.0 + (kv - 0.8) * 5.0;

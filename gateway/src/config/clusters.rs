@@ -29,6 +29,55 @@ pub struct ClusterConfig {
     /// How a backend is picked (`[clusters.X.balance]`), health and load signals.
     #[serde(default)]
     pub balance: BalanceSettings,
+    /// Flow control (`[clusters.X.queue]`): when every backend is
+    /// saturated, requests wait here instead of being answered 503.
+    #[serde(default)]
+    pub queue: Option<QueueSettings>,
+}
+
+/// `[clusters.X.queue]`: one logical queue per cluster, shared by every
+/// worker. Bands by priority (higher first, strictly); within a band, fair
+/// shares between flows (deficit round robin on estimated tokens); within a
+/// flow, arrival order.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// Requests waiting, every band together; one more → 429 + Retry-After.
+    pub max_requests: usize,
+    /// Request bytes held by waiting requests (bodies read for validation,
+    /// else their declared length); over it → 429 + Retry-After.
+    pub max_bytes: u64,
+    /// Waited this long without a backend taking it → 503 + Retry-After.
+    #[serde(deserialize_with = "duration")]
+    pub max_wait: Duration,
+    /// Who shares a band fairly: each `tenant`, each `principal`, or `none`
+    /// (one flow: arrival order).
+    pub fairness: Fairness,
+    /// The `x-gateway-priority: N` header may lower a request's band (never
+    /// raise it above what its route or tenant class gives it).
+    pub client_priority: bool,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            max_requests: 1024,
+            max_bytes: 64 << 20,
+            max_wait: Duration::from_secs(30),
+            fairness: Fairness::Tenant,
+            client_priority: false,
+        }
+    }
+}
+
+/// Whose requests share a queue band fairly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fairness {
+    #[default]
+    Tenant,
+    Principal,
+    None,
 }
 
 fn default_max_connections() -> usize {
@@ -117,6 +166,9 @@ pub struct BalanceSettings {
     pub queue_saturation: u32,
     /// A backend whose KV cache is at least this full is saturated.
     pub kv_saturation: f64,
+    /// Requests in flight to one backend from this gateway (every worker);
+    /// at it the backend is saturated. 0: no cap.
+    pub max_inflight: u32,
     /// Consecutive failures (connect errors, 5xx) that eject a backend.
     pub eject_after: u32,
     /// First ejection; doubled on each one in a row, up to `max_ejection`.
@@ -159,6 +211,7 @@ impl Default for BalanceSettings {
             health_interval: Duration::from_secs(5),
             queue_saturation: 64,
             kv_saturation: 0.98,
+            max_inflight: 0,
             eject_after: 5,
             ejection: Duration::from_secs(5),
             max_ejection: Duration::from_secs(120),
@@ -219,6 +272,14 @@ pub(super) fn check_clusters(
         }
         resolved.insert(name.clone(), addrs);
         check_balance(&key, &c.balance, sink);
+        if let Some(q) = &c.queue {
+            if q.max_requests == 0 || q.max_bytes == 0 || q.max_wait.is_zero() {
+                sink.err(
+                    format!("{key}.queue"),
+                    "max_requests, max_bytes and max_wait must be above 0 (remove [queue] to answer saturation with 503 at once)",
+                );
+            }
+        }
     }
     resolved
 }

@@ -34,7 +34,9 @@ pub use authn::{
     ApiKeyClient, AuthnSettings, AuthzRule, AuthzSettings, IdentityHeaders, JwtIssuerSettings,
     MtlsClient,
 };
-pub use clusters::{resolve_all, Algorithm, BalanceSettings, ClusterConfig, Engine};
+pub use clusters::{
+    resolve_all, Algorithm, BalanceSettings, ClusterConfig, Engine, Fairness, QueueSettings,
+};
 pub use models::{ModelConfig, ShadowTarget, SplitTarget};
 pub use ratelimit::RateLimitSettings;
 pub use routes::{AuthMethod, Protocol, RouteConfig, RouteTimeouts};

@@ -70,6 +70,9 @@ pub enum HeaderStyle {
 pub struct ClassSettings {
     pub principal: Option<LimitSettings>,
     pub tenant: Option<LimitSettings>,
+    /// Queue band of this class's requests when a cluster is saturated
+    /// (`[clusters.X.queue]`; higher first; a route's `priority` wins).
+    pub priority: i32,
 }
 
 /// How a request's cost (in tokens) is estimated up front.

@@ -90,6 +90,11 @@ pub struct RouteConfig {
     /// No credentials needed (and no authorization) on this route.
     #[serde(default)]
     pub anonymous: bool,
+    /// Queue band of this route's requests when its cluster is saturated
+    /// (`[clusters.X.queue]`; higher first); unset: the caller's tenant
+    /// class's `priority`.
+    #[serde(default)]
+    pub priority: Option<i32>,
 }
 
 /// Each route's match (host, path, methods), name and cluster.

@@ -71,6 +71,7 @@ pub(super) fn upstream_request<'a>(
             .is_some_and(|p| p.correct_from_usage);
     Request {
         head: &c.rq.head,
+        grant: None,
         identity: c.identity,
         tls,
         buffered: match &verdict.admitted {

@@ -21,6 +21,9 @@
 //!   level that applies, or 429; the admission is held to the response's end
 //! - 4d balance (`balance/`) — the model's pool (or the route's cluster); the
 //!   backend itself is picked when the upstream stage checks a connection out
+//! - 4e queue (`pipeline/queue.rs`, `balance/queue.rs`) — when every backend
+//!   of the pool is saturated: wait for room in band and fair-share order,
+//!   or 429 (queue full) / 503 (waited too long)
 //! - 5 upstream (`upstream/`) — forward, stream the response back
 //!
 //! then the request's cost is settled against what the backend reported,
@@ -37,6 +40,7 @@
 
 mod admission;
 mod dispatch;
+mod queue;
 mod refusal;
 
 pub use refusal::{Record, Refusal};
@@ -322,8 +326,11 @@ async fn stages<D: Downstream>(
         return Ok(dispatch::answer(&c, list, admission));
     }
     let cluster = dispatch::balance(&c, &verdict); // 4d
+    let grant = queue::wait(d, &c, &verdict, &admission, cluster).await?; // 4e
     let tls = d.tls_session().is_some();
-    let req = dispatch::upstream_request(&c, &verdict, &admission, cluster, tls, &s.limit_headers);
+    let mut req =
+        dispatch::upstream_request(&c, &verdict, &admission, cluster, tls, &s.limit_headers);
+    req.grant = grant.as_ref();
     dispatch::shadow(&c, &verdict, &req);
     let x = crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await; // 5
     rq.event("upstream", || {

@@ -132,6 +132,33 @@ impl Refusal {
         }
     }
 
+    /// A policy's own answer (counted and logged by its stage): a status,
+    /// its type and reason, and when to come back.
+    pub fn policy(
+        status: u16,
+        error_type: &'static str,
+        code: &'static str,
+        message: &'static str,
+        retry_after: u64,
+    ) -> Refusal {
+        Refusal {
+            status,
+            error_type,
+            message: Cow::Borrowed(message),
+            code: Some(code),
+            param: None,
+            retry_after: Some(retry_after),
+            challenge: None,
+            limit_headers: false,
+            head_consumed: false,
+            body_read: false,
+            must_close: false,
+            client_gone: false,
+            record: Record::Decision,
+            dialect: Dialect::Gateway,
+        }
+    }
+
     /// A policy decision (counted and logged by its stage).
     pub fn decision(e: ProxyError) -> Refusal {
         Refusal {

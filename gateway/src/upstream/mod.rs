@@ -96,6 +96,21 @@ async fn checkout(
             ) {
                 Ok(b) => b,
                 Err(crate::balance::NoPick::Exhausted) => break,
+                Err(crate::balance::NoPick::Saturated) if req.grant.is_some() => {
+                    match crate::balance::pick(
+                        &unsaturated(&cl.balance),
+                        &cl.loads,
+                        tried,
+                        req.model,
+                        req.size,
+                        view.as_ref(),
+                        cur.cursor(ci),
+                        &w.rng,
+                    ) {
+                        Ok(b) => b,
+                        Err(_) => break,
+                    }
+                }
                 Err(crate::balance::NoPick::Saturated) => {
                     w.metrics.inc(&w.metrics.balance_shed, &[&cl.name], 1);
                     return Err(UpstreamError::Saturated);
@@ -172,6 +187,17 @@ async fn checkout(
     }
 }
 
+/// The cluster's rules with saturation off: for a request its queue
+/// dispatched (rare: a backend saturated between the grant and the pick).
+fn unsaturated(s: &crate::balance::BalanceSettings) -> crate::balance::BalanceSettings {
+    crate::balance::BalanceSettings {
+        max_inflight: 0,
+        queue_saturation: u32::MAX,
+        kv_saturation: f64::INFINITY,
+        ..s.clone()
+    }
+}
+
 /// Passive health: a backend's success or failure; an ejection is logged and counted.
 fn note_outcome(w: &Worker, cl: &Cluster, b: usize, ok: bool) {
     if let Some(d) = cl.loads[b].outcome(ok, &cl.balance) {
@@ -197,6 +223,8 @@ pub struct InFlight {
     pub backend: usize,
     /// Prompt tokens it had to prefill (as far as the prefix index knows).
     pub uncached: u64,
+    /// Its cluster's queue: the slot it frees goes to a waiter.
+    pub queue: Option<std::sync::Arc<crate::balance::queue::FlowQueue>>,
 }
 
 /// What the worker's prefix index knows of the request's prompt, when its
@@ -282,6 +310,10 @@ impl InFlight {
             concurrency: n,
             backend: up.backend,
             uncached: up.uncached,
+            queue: cur.shared.clusters[up.cluster]
+                .queue
+                .as_ref()
+                .map(|q| q.0.clone()),
         }
     }
 }
@@ -296,6 +328,9 @@ impl Drop for InFlight {
         self.load
             .inflight
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(q) = self.queue.as_ref().filter(|q| q.waiting() > 0) {
+            q.pump();
+        }
     }
 }
 
@@ -350,6 +385,9 @@ pub struct Exchange {
 /// Everything the upstream stage needs to know about the request.
 pub struct Request<'a> {
     pub head: &'a RequestHead,
+    /// Dispatched by its cluster's queue: room was counted for it, so a
+    /// backend that saturated meanwhile still takes it (the least loaded).
+    pub grant: Option<&'a crate::balance::queue::Grant>,
     /// Who is calling (authn stage); sent to the backend as identity headers.
     pub identity: Option<&'a crate::authn::Identity>,
     /// The client connection is TLS (`x-forwarded-proto: https`).
@@ -499,6 +537,9 @@ async fn exchange<D: Downstream>(
         let mut up = checkout(w, cur, req, !a.retried, deadline, a.failed_on).await?;
         x.backend = Some(up.addr);
         x.inflight = Some(InFlight::hold(cur, &up, req.stream));
+        if let Some(g) = req.grant {
+            g.arrived();
+        }
         let to = send::Target {
             up: &mut up,
             body,

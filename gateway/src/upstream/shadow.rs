@@ -69,6 +69,7 @@ pub fn spawn_shadow(
         concurrency: 1,
         backend,
         uncached: 0,
+        queue: None,
     };
     let metrics = cur.shared.metrics.clone();
     let (model, cluster_name) = (model.to_string(), cl.name.clone());
