@@ -141,6 +141,7 @@ fn handle(mut c: TcpStream, st: &State) -> std::io::Result<()> {
         Api::Tls => tls_reload_api(method, metrics, current),
         Api::Balance => balance_api(method, path, body, loads),
         Api::Quota => quota_api(method, path, limiter),
+        Api::Usage => usage_api(method, limiter),
         Api::Authn => authn_api(method, path, body, current().authn.as_deref()),
     };
     respond(
@@ -158,6 +159,7 @@ enum Api {
     Tls,
     Balance,
     Quota,
+    Usage,
     Authn,
 }
 
@@ -168,6 +170,7 @@ impl Api {
             p if p.starts_with("/xdp/") => Api::Xdp,
             p if p.starts_with("/balance/") => Api::Balance,
             p if p.starts_with("/ratelimit/") => Api::Quota,
+            "/usage" => Api::Usage,
             p if p.starts_with("/authn/") => Api::Authn,
             _ => return None,
         };
@@ -544,6 +547,41 @@ fn admin_allowed(
             Err((403, "these credentials do not have the admin scope", None))
         }
     }
+}
+
+/// `GET /usage`: tokens served per tenant and model since the start (as
+/// the backends reported them; streams without usage counted by event),
+/// and each tenant's counts in its current quota windows (UTC day, month).
+fn usage_api(method: &str, limiter: &crate::ratelimit::Limiter) -> (u16, serde_json::Value) {
+    use serde_json::json;
+    if method != "GET" {
+        return (405, json!({"error": "GET /usage"}));
+    }
+    let totals: Vec<_> = limiter
+        .usage
+        .totals()
+        .into_iter()
+        .map(|(tenant, model, t)| {
+            json!({"tenant": tenant, "model": model, "requests": t.requests,
+                   "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+                   "completion_tokens_counted": t.completion_tokens_counted})
+        })
+        .collect();
+    let windows: Vec<_> = limiter
+        .quotas
+        .tenants()
+        .into_iter()
+        .map(|(tenant, st)| {
+            let (day, month, c) = st.snapshot();
+            json!({"tenant": tenant,
+                   "day": {"id": day, "requests": c[0], "tokens": c[1]},
+                   "month": {"id": month, "requests": c[2], "tokens": c[3]}})
+        })
+        .collect();
+    (
+        200,
+        json!({"since_start": totals, "quota_windows": windows}),
+    )
 }
 
 /// `GET /ratelimit/quotas`: every tenant's day and month counts;

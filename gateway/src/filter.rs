@@ -193,6 +193,42 @@ pub struct SseFilter {
     skip_lf: bool,
     /// No event has been completed yet (a UTF-8 BOM may open the stream).
     first_event: bool,
+    /// What the stream's events say about its tokens.
+    pub tap: Tap,
+}
+
+/// What an OpenAI stream's events say, as they go by.
+#[derive(Debug, Default)]
+pub struct Tap {
+    /// Remove usage-only events (`"choices":[]` with a `usage` object):
+    /// the gateway asked for them, the client didn't.
+    pub strip_usage: bool,
+    /// Events removed that way, not yet taken by the relay (it reads the
+    /// backend's usage from them).
+    pub removed: Vec<u8>,
+    /// Events that carried generated content: a token (or a few) each.
+    pub content_events: u64,
+}
+
+impl Tap {
+    /// Count a content event; `true`: remove it (usage-only, stripped).
+    fn sees(&mut self, event: &[u8]) -> bool {
+        // A quote inside a JSON string is escaped, so these only match structure.
+        let has = |needle: &[u8]| {
+            memchr::memmem::find_iter(event, needle).any(|i| i == 0 || event[i - 1] != b'\\')
+        };
+        if has(b"\"choices\":[{") {
+            if has(b"\"content\":\"") || has(b"\"text\":\"") {
+                self.content_events += 1;
+            }
+            return false;
+        }
+        if self.strip_usage && has(b"\"choices\":[]") && has(b"\"usage\":{") {
+            self.removed.extend_from_slice(event);
+            return true;
+        }
+        false
+    }
 }
 
 impl SseFilter {
@@ -206,6 +242,7 @@ impl SseFilter {
             after_cr: false,
             skip_lf: false,
             first_event: true,
+            tap: Tap::default(),
         }
     }
 
@@ -304,8 +341,16 @@ impl SseFilter {
         None
     }
 
-    /// Write one complete event, rewritten if its JSON data changed.
-    fn emit(&self, event: &[u8], out: &mut Vec<u8>) {
+    /// Write one complete event, rewritten if its JSON data changed (or
+    /// not at all: a usage-only event the tap strips).
+    fn emit(&mut self, event: &[u8], out: &mut Vec<u8>) {
+        if self.tap.sees(event) {
+            return;
+        }
+        if self.filter.is_empty() {
+            out.extend_from_slice(event);
+            return;
+        }
         match self.rewrite(event) {
             Some(new) => out.extend_from_slice(&new),
             None => out.extend_from_slice(event),

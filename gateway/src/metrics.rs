@@ -59,6 +59,8 @@ pub struct Metrics {
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    pub usage_tokens: IntCounterVec,
+    pub stream_cuts: IntCounterVec,
     pub queue_wait: HistogramVec,
     pub queue_dispatched: IntCounterVec,
     pub queue_refused: IntCounterVec,
@@ -399,6 +401,16 @@ const BALANCE_SHED: Desc = Desc::new(
     "Requests refused with 503 because every backend of the cluster was saturated",
     &["cluster"],
 );
+const USAGE_TOKENS: Desc = Desc::new(
+    "gateway_usage_tokens_total",
+    "Tokens served, as the backend reported them (a stream without usage: its content events), by tenant (configured names; others `other`, anonymous `none`), model (the catalogue's; others `other`) and kind (prompt, completion)",
+    &["tenant", "model", "kind"],
+);
+const STREAM_CUTS: Desc = Desc::new(
+    "gateway_stream_cuts_total",
+    "Streams ended because their output took the caller past a token budget with cut_streams",
+    &["route"],
+);
 const QUEUE_DEPTH: Desc = Desc::new(
     "gateway_queue_depth",
     "Requests waiting in the cluster's queue for a backend with room, by priority band",
@@ -521,6 +533,8 @@ impl Metrics {
             ),
             balance_shed: counter_vec(&r, &BALANCE_SHED),
             queue_depth: gauge_vec(&r, &QUEUE_DEPTH),
+            usage_tokens: counter_vec(&r, &USAGE_TOKENS),
+            stream_cuts: counter_vec(&r, &STREAM_CUTS),
             queue_wait: histogram_vec(
                 &r,
                 &QUEUE_WAIT,

@@ -66,6 +66,9 @@ pub struct Shared {
     pub model_pools: HashMap<String, crate::balance::ModelPools>,
     /// Queue bands by tenant class (`[ratelimit.classes.X] priority`).
     pub bands: crate::balance::queue::Bands,
+    /// Tenants the configuration names (API keys, client certificates,
+    /// tenant classes): the only tenant values metric labels take.
+    pub known_tenants: std::collections::HashSet<String>,
 }
 
 impl Shared {
@@ -129,6 +132,16 @@ impl Shared {
             limiter: process.limiter.clone(),
             tracer: process.tracer.clone(),
             bands: crate::balance::queue::Bands::new(&r.config.ratelimit),
+            known_tenants: r
+                .config
+                .authn
+                .api_keys
+                .iter()
+                .map(|k| k.tenant.clone())
+                .chain(r.config.authn.mtls_clients.iter().map(|k| k.tenant.clone()))
+                .chain(r.config.ratelimit.tenant_classes.keys().cloned())
+                .filter(|t| !t.is_empty())
+                .collect(),
             model_pools: r
                 .config
                 .models

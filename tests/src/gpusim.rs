@@ -30,7 +30,9 @@
 //! - **Requests**: `POST /v1/chat/completions` and `/v1/completions`
 //!   (OpenAI): the prompt is the engine's text above at 4 bytes a token, the
 //!   output is exactly `max_tokens` tokens (default 16); `"stream": true`
-//!   streams one SSE event per token. A `usage` object reports the counts
+//!   streams one SSE event per token (and, as vLLM, a final usage-only event
+//!   only when `stream_options.include_usage` is true; a stream whose
+//!   client hangs up is aborted). A `usage` object reports the counts
 //!   (with `prompt_tokens_details.cached_tokens`). `GET /health` → 200;
 //!   `POST /reset_prefix_cache` drops every cached block nobody holds (as
 //!   vLLM's endpoint); `GET /metrics` → Prometheus text with vLLM's names
@@ -70,6 +72,9 @@ pub struct SimConfig {
     pub per_seq_ms: f64,
     pub prefill_ms_per_1k_tokens: f64,
     pub speed: f64,
+    /// Tokens generated for a request that sets no `max_tokens` (a real
+    /// engine runs to its end-of-sequence token).
+    pub default_output: u64,
 }
 
 impl Default for SimConfig {
@@ -83,6 +88,7 @@ impl Default for SimConfig {
             per_seq_ms: 0.5,
             prefill_ms_per_1k_tokens: 20.0,
             speed: 1.0,
+            default_output: 16,
         }
     }
 }
@@ -333,6 +339,9 @@ pub struct Stats {
     pub prefix_hits: AtomicU64,
     /// Prompt tokens prefilled (computed): queries − hits.
     pub prefill_tokens: AtomicU64,
+    /// Requests abandoned mid-generation because their client hung up
+    /// (vLLM aborts them the same way).
+    pub aborted: AtomicU64,
 }
 
 struct Shared {
@@ -373,6 +382,7 @@ impl GpuSim {
                 prefix_queries: AtomicU64::new(0),
                 prefix_hits: AtomicU64::new(0),
                 prefill_tokens: AtomicU64::new(0),
+                aborted: AtomicU64::new(0),
             },
         });
         let s = shared.clone();
@@ -399,6 +409,11 @@ impl GpuSim {
 
     pub fn requests(&self) -> u64 {
         self.shared.stats.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests aborted because their client (the gateway) hung up.
+    pub fn aborted(&self) -> u64 {
+        self.shared.stats.aborted.load(Ordering::SeqCst)
     }
 
     /// (running, waiting) now.
@@ -515,6 +530,8 @@ fn engine(s: &Shared) {
                 pool.release(&j.hashes, j.private);
                 if alive {
                     s.stats.completed.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    s.stats.aborted.fetch_add(1, Ordering::SeqCst);
                 }
                 return false;
             }
@@ -631,10 +648,12 @@ fn serve(c: TcpStream, s: &Shared) -> std::io::Result<()> {
                 let output = v
                     .get("max_tokens")
                     .and_then(|m| m.as_u64())
-                    .unwrap_or(16)
+                    .unwrap_or(s.cfg.default_output)
                     .max(1);
                 let stream = v.get("stream").and_then(|x| x.as_bool()) == Some(true);
-                generate(&mut w, s, prompt, hashes, output, stream, keep)?;
+                // As vLLM: a stream reports usage only when asked.
+                let usage = !stream || v.pointer("/stream_options/include_usage") == Some(&serde_json::Value::Bool(true));
+                generate(&mut w, s, prompt, hashes, (output, usage), stream, keep)?;
             }
             _ => respond(
                 &mut w,
@@ -655,7 +674,7 @@ fn generate(
     s: &Shared,
     prompt: u64,
     hashes: Vec<u64>,
-    output: u64,
+    (output, report_usage): (u64, bool),
     stream: bool,
     keep: bool,
 ) -> std::io::Result<()> {
@@ -704,8 +723,10 @@ fn generate(
         prompt + n
     );
     if stream {
-        let ev = format!("data: {{\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[],\"usage\":{usage}}}\n\n");
-        chunk(w, ev.as_bytes())?;
+        if report_usage {
+            let ev = format!("data: {{\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[],\"usage\":{usage}}}\n\n");
+            chunk(w, ev.as_bytes())?;
+        }
         chunk(w, b"data: [DONE]\n\n")?;
         w.write_all(b"0\r\n\r\n")?;
         w.flush()

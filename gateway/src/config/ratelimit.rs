@@ -31,6 +31,9 @@ pub struct LimitSettings {
     /// With `[ratelimit.redis]`: what this level does while Redis is unreachable
     /// (tenant and model levels; the others are always local).
     pub on_redis_failure: FailMode,
+    /// End a stream whose output takes the caller past this level's token
+    /// rate or token quota (a final SSE error event, `token_quota_exceeded`).
+    pub cut_streams: bool,
 }
 
 impl LimitSettings {
@@ -85,6 +88,11 @@ pub struct CostSettings {
     pub model_weights: BTreeMap<String, f64>,
     /// Correct the up-front charge from the `usage` the backend reports.
     pub correct_from_usage: bool,
+    /// Streamed OpenAI chat/completions requests that don't ask for their
+    /// usage (`stream_options.include_usage`) are sent asking for it, and
+    /// the usage-only final event is removed before it reaches the client:
+    /// every stream's cost is then settled on the backend's own count.
+    pub stream_usage: bool,
 }
 
 impl Default for CostSettings {
@@ -93,6 +101,7 @@ impl Default for CostSettings {
             default_max_tokens: 256,
             model_weights: BTreeMap::new(),
             correct_from_usage: true,
+            stream_usage: true,
         }
     }
 }

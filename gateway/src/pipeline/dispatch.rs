@@ -53,25 +53,58 @@ pub(super) fn balance(c: &Call<'_>, verdict: &Verdict) -> usize {
     cluster
 }
 
+/// A streamed chat/completions request that didn't ask for its usage is
+/// sent asking (`[ratelimit.cost] stream_usage`): its buffered body gets
+/// `stream_options.include_usage`. `true`: the client didn't ask, so the
+/// usage-only event is removed from what it gets.
+pub(super) fn ask_stream_usage(c: &Call<'_>, verdict: &mut Verdict) -> bool {
+    use crate::validate::openai::{ask_stream_usage, StreamUsage};
+    let how = verdict.facts.stream_usage;
+    if !matches!(how, StreamUsage::NoOptions | StreamUsage::NotAsked)
+        || !openai_route(c)
+        || !c.cur.shared.rules.stream_usage
+    {
+        return false;
+    }
+    match &mut verdict.admitted {
+        Admitted::Buffered(b) => ask_stream_usage(&mut b.body, how),
+        _ => false,
+    }
+}
+
+fn openai_route(c: &Call<'_>) -> bool {
+    c.cur.shared.rules.routes[c.route.index].protocol == crate::config::Protocol::Openai
+}
+
 /// Everything the upstream stage needs to know about the request.
 pub(super) fn upstream_request<'a>(
     c: &Call<'a>,
     verdict: &'a Verdict,
-    admission: &Option<Admission>,
+    admission: &'a Option<Admission>,
     cluster: usize,
     tls: bool,
     limit_headers: &'a str,
+    strip_usage: bool,
 ) -> Request<'a> {
-    // Tokens were charged: look for the usage the backend reports.
-    let scan_usage = admission.as_ref().is_some_and(|a| a.tokens > 0)
-        && c.cur
-            .shared
-            .ratelimit
-            .as_ref()
-            .is_some_and(|p| p.correct_from_usage);
+    let openai = openai_route(c);
+    // Tokens were charged, or usage is counted per tenant and model (OpenAI
+    // routes): look for the usage the backend reports.
+    let scan_usage = openai
+        || admission.as_ref().is_some_and(|a| a.tokens > 0)
+            && c.cur
+                .shared
+                .ratelimit
+                .as_ref()
+                .is_some_and(|p| p.correct_from_usage);
+    let cut = admission
+        .as_ref()
+        .filter(|a| verdict.facts.stream && crate::ratelimit::Limiter::cuts_streams(a));
     Request {
         head: &c.rq.head,
         grant: None,
+        tap: openai && verdict.facts.stream,
+        strip_usage,
+        cut,
         identity: c.identity,
         tls,
         buffered: match &verdict.admitted {
@@ -128,7 +161,8 @@ pub(super) fn settle(c: &Call<'_>, admission: Option<Admission>, verdict: &Verdi
     let (Some(a), Some(p)) = (admission, cur.shared.ratelimit.as_ref()) else {
         return;
     };
-    if let Some(actual) = x.usage.as_ref().and_then(|u| u.total()) {
+    let served = served_tokens(verdict, x).filter(|_| p.correct_from_usage);
+    if let Some(actual) = served.map(|(p, c, _)| p + c) {
         let actual = p.weigh(c.model(verdict), actual);
         cur.shared.limiter.correct(&a, actual);
         cur.route_counters[c.route.index]
@@ -189,6 +223,11 @@ fn record(c: &Call<'_>, cluster: usize, verdict: &Verdict, status: u16, x: &Exch
     let m = &c.w.metrics;
     let route = c.route.name.as_str();
     m.inc(&m.requests, &[route, status_label(status)], 1);
+    let served = served_tokens(verdict, x);
+    account(c, verdict, served);
+    if x.cut {
+        cut_stream(c, verdict, x);
+    }
     m.observe(&m.request_duration, route, elapsed);
     m.inc(&m.request_bytes, &[route], x.req_bytes);
     m.inc(&m.response_bytes, &[route], x.resp_bytes);
@@ -196,7 +235,7 @@ fn record(c: &Call<'_>, cluster: usize, verdict: &Verdict, status: u16, x: &Exch
         return;
     }
     let model = verdict.model.as_ref();
-    let (prompt, completion) = x.usage.as_ref().map_or((None, None), |u| u.counts());
+    let (prompt, completion) = served.map_or((None, None), |(p, c, _)| (Some(p), Some(c)));
     let id = c.identity;
     tracing::info!(
         target: "access",
@@ -225,4 +264,63 @@ fn record(c: &Call<'_>, cluster: usize, verdict: &Verdict, status: u16, x: &Exch
         request_bytes = x.req_bytes,
         response_bytes = x.resp_bytes,
     );
+}
+
+/// What a request consumed: prompt and completion tokens as the backend
+/// reported them (the prompt estimated when it reported only output), or,
+/// for a stream with no usage, its content events counted (then `true`).
+/// `None`: nothing reported and nothing streamed.
+fn served_tokens(verdict: &Verdict, x: &Exchange) -> Option<(u64, u64, bool)> {
+    let prompt_est = verdict.facts.prompt_tokens;
+    match x.usage.as_ref().map(|u| u.counts()) {
+        Some((p, Some(c))) => Some((p.unwrap_or(prompt_est), c, false)),
+        _ if verdict.facts.stream && x.content_events > 0 => {
+            Some((prompt_est, x.content_events, true))
+        }
+        Some((Some(p), None)) => Some((p, 0, false)),
+        _ => None,
+    }
+}
+
+/// Usage accounting: tokens per tenant and model, as Prometheus counters
+/// (labels only from the configuration: other names count as `other`) and
+/// in the admin API's book (`GET /usage`).
+fn account(c: &Call<'_>, verdict: &Verdict, served: Option<(u64, u64, bool)>) {
+    let Some((prompt, completion, counted)) = served else {
+        return;
+    };
+    let shared = &c.cur.shared;
+    let tenant = c.identity.map_or("", |i| i.tenant.as_str());
+    let model = c.model(verdict);
+    shared.limiter.usage.add(tenant, model, prompt, completion, counted);
+    let tenant_label = match tenant {
+        "" => "none",
+        t if shared.known_tenants.contains(t) => t,
+        _ => "other",
+    };
+    let model_label = if shared.rules.catalog.contains(model) {
+        model
+    } else {
+        "other"
+    };
+    let u = &shared.metrics.usage_tokens;
+    u.with_label_values(&[tenant_label, model_label, "prompt"])
+        .inc_by(prompt);
+    u.with_label_values(&[tenant_label, model_label, "completion"])
+        .inc_by(completion);
+}
+
+/// A stream ended at its caller's token budget: counted and audited.
+fn cut_stream(c: &Call<'_>, verdict: &Verdict, x: &Exchange) {
+    let shared = &c.cur.shared;
+    shared
+        .metrics
+        .stream_cuts
+        .with_label_values(&[c.route.name.as_str()])
+        .inc();
+    let id = c.identity;
+    tracing::warn!(target: "audit", request_id = c.rq.id.as_str(), route = c.route.name.as_str(),
+        principal = id.map_or("", |i| i.principal.as_str()), tenant = id.map_or("", |i| i.tenant.as_str()),
+        model = c.model(verdict), streamed_tokens = x.content_events,
+        "stream ended: its output reached the caller's token budget");
 }

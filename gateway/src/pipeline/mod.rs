@@ -328,8 +328,16 @@ async fn stages<D: Downstream>(
     let cluster = dispatch::balance(&c, &verdict); // 4d
     let grant = queue::wait(d, &c, &verdict, &admission, cluster).await?; // 4e
     let tls = d.tls_session().is_some();
-    let mut req =
-        dispatch::upstream_request(&c, &verdict, &admission, cluster, tls, &s.limit_headers);
+    let strip_usage = dispatch::ask_stream_usage(&c, &mut verdict);
+    let mut req = dispatch::upstream_request(
+        &c,
+        &verdict,
+        &admission,
+        cluster,
+        tls,
+        &s.limit_headers,
+        strip_usage,
+    );
     req.grant = grant.as_ref();
     dispatch::shadow(&c, &verdict, &req);
     let x = crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await; // 5

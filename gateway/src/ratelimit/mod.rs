@@ -145,6 +145,8 @@ pub struct LevelPolicy {
     pub concurrency: u32,
     pub quota: QuotaLimits,
     pub fail_closed: bool,
+    /// Streams are ended when their output passes this level's token budget.
+    pub cut_streams: bool,
 }
 
 impl LevelPolicy {
@@ -160,6 +162,7 @@ impl LevelPolicy {
                 tokens_per_month: s.tokens_per_month,
             },
             fail_closed: s.on_redis_failure == FailMode::Closed,
+            cut_streams: s.cut_streams,
         }
     }
 }
@@ -643,6 +646,10 @@ pub struct Admission {
     quota: Option<Arc<QuotaState>>,
     /// Tokens charged up front (0: cost not counted).
     pub tokens: u64,
+    /// Levels (bit per [`Level`]) whose token budget ends a stream that
+    /// outgrows it (`cut_streams`), and the tenant's token quotas, if they do.
+    cut: u8,
+    cut_quota: Option<QuotaLimits>,
     /// The most restrictive request-rate policy, for the response headers.
     pub shown: Option<Shown>,
 }
@@ -662,6 +669,8 @@ pub struct Limiter {
     max_keys: usize,
     hasher: std::collections::hash_map::RandomState,
     pub quotas: quota::Quotas,
+    /// Tokens served per tenant and model since the start (`GET /usage`).
+    pub usage: usage::Book,
     /// Redis reachable (always true without Redis).
     pub redis_up: AtomicBool,
     pub redis_configured: AtomicBool,
@@ -686,6 +695,7 @@ impl Limiter {
             max_keys: s.max_keys,
             hasher: Default::default(),
             quotas: quota::Quotas::new(s.max_keys),
+            usage: usage::Book::default(),
             redis_up: AtomicBool::new(true),
             redis_configured: AtomicBool::new(!s.redis.address.is_empty()),
             front_door,
@@ -855,6 +865,32 @@ impl Limiter {
         None
     }
 
+    /// Would `extra` tokens beyond what `a` was charged take its caller
+    /// past a token budget that ends streams (`cut_streams`): a token rate
+    /// with no room for them now, or a token quota with fewer left.
+    pub fn stream_over_budget(&self, a: &Admission, extra: u64) -> bool {
+        if extra == 0 {
+            return false;
+        }
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let rate = LEVELS.iter().any(|&l| {
+            a.cut & (1 << l as u8) != 0
+                && a.charged[l as usize]
+                    .as_ref()
+                    .is_some_and(|(st, g)| g.would_wait(&st.tok, extra, now).is_some())
+        });
+        let quota = match (&a.cut_quota, &a.quota) {
+            (Some(l), Some(q)) => q.tokens_left(l).is_some_and(|left| left < extra),
+            _ => false,
+        };
+        rate || quota
+    }
+
+    /// Whether the admission has a budget that can end its stream.
+    pub fn cuts_streams(a: &Admission) -> bool {
+        a.cut != 0 || a.cut_quota.is_some()
+    }
+
     /// [`Limiter::admit_at`] now.
     pub fn admit(&self, p: &Policies, s: &Subject<'_>) -> Result<Admission, Refusal> {
         self.admit_at(p, s, Instant::now())
@@ -961,6 +997,12 @@ impl Limiter {
         }
         if level == Level::Tenant && lp.quota.any() {
             self.charge_quota(&lp.quota, s, level, a, best)?;
+            if lp.cut_streams {
+                a.cut_quota = Some(lp.quota);
+            }
+        }
+        if lp.cut_streams && lp.tokens.is_some() && s.tokens > 0 {
+            a.cut |= 1 << level as u8;
         }
         Ok(())
     }

@@ -199,6 +199,15 @@ impl QuotaState {
         Ok(shown)
     }
 
+    /// Tokens left in the tightest token quota (`None`: none is set).
+    pub fn tokens_left(&self, l: &QuotaLimits) -> Option<u64> {
+        [(l.tokens_per_day, 1), (l.tokens_per_month, 3)]
+            .into_iter()
+            .filter(|(limit, _)| *limit > 0)
+            .map(|(limit, i)| limit.saturating_sub(self.counts[i].load(Ordering::Acquire)))
+            .min()
+    }
+
     /// Give back `requests` and `tokens` (negative tokens: charge more).
     pub fn refund(&self, requests: u64, tokens: i64) {
         for (i, a) in [requests as i64, tokens, requests as i64, tokens]

@@ -6,6 +6,54 @@
 
 const TAIL: usize = 64;
 
+/// Tenant × model pairs the book keeps apart; beyond, they count together
+/// under `other` (a JWT's tenant claim can take any value).
+const MAX_PAIRS: usize = 10_000;
+
+/// Tokens and requests served, per tenant and model, since the start
+/// (`GET /usage` on the admin API). Process-wide.
+#[derive(Debug, Default)]
+pub struct Book {
+    totals: std::sync::Mutex<std::collections::HashMap<(String, String), Totals>>,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Of `completion_tokens`, counted from a stream's events because the
+    /// backend reported no usage.
+    pub completion_tokens_counted: u64,
+}
+
+impl Book {
+    pub fn add(&self, tenant: &str, model: &str, prompt: u64, completion: u64, counted: bool) {
+        let mut m = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (tenant.to_string(), model.to_string());
+        let key = if m.len() >= MAX_PAIRS && !m.contains_key(&key) {
+            ("other".to_string(), "other".to_string())
+        } else {
+            key
+        };
+        let t = m.entry(key).or_default();
+        t.requests += 1;
+        t.prompt_tokens += prompt;
+        t.completion_tokens += completion;
+        if counted {
+            t.completion_tokens_counted += completion;
+        }
+    }
+
+    /// Every pair, sorted by tenant then model.
+    pub fn totals(&self) -> Vec<(String, String, Totals)> {
+        let m = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.iter().map(|((t, mo), x)| (t.clone(), mo.clone(), *x)).collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct UsageScan {
     tail: Vec<u8>,

@@ -380,11 +380,23 @@ pub struct Exchange {
     pub inflight: Option<InFlight>,
     /// The token usage the backend reported (when asked to look for it).
     pub usage: Option<crate::ratelimit::usage::UsageScan>,
+    /// An OpenAI stream's events that carried generated content.
+    pub content_events: u64,
+    /// The stream was ended at the caller's token budget (`cut_streams`).
+    pub cut: bool,
 }
 
 /// Everything the upstream stage needs to know about the request.
 pub struct Request<'a> {
     pub head: &'a RequestHead,
+    /// An OpenAI stream: its events are read as they pass (content events
+    /// counted; with `strip_usage`, the usage-only event the gateway asked
+    /// for removed).
+    pub tap: bool,
+    pub strip_usage: bool,
+    /// The caller's admission, when a budget of it ends streams that
+    /// outgrow it (`cut_streams`).
+    pub cut: Option<&'a crate::ratelimit::Admission>,
     /// Dispatched by its cluster's queue: room was counted for it, so a
     /// backend that saturated meanwhile still takes it (the least loaded).
     pub grant: Option<&'a crate::balance::queue::Grant>,

@@ -214,7 +214,10 @@ pub(super) async fn response<D: Downstream>(
     };
     relay_body(client, req, cur, &mut up.conn, &mut body, timing, out, x).await?;
     x.response_started = true;
+    // A stream cut short is not at a message boundary: the connection
+    // closes, and the model server aborts the generation.
     let reusable = resp.keep_alive
+        && !x.cut
         && framing.up_body != BodyKind::UntilClose
         && up.conn.pending().is_empty()
         && !done.upload_cut;
@@ -265,7 +268,9 @@ async fn filter(
     watch: RawFd,
     deadline: Option<Instant>,
 ) -> Result<Filtered, ProxyError> {
-    let Some(f) = cur.shared.rules.routes[req.route.index].drop_fields.clone() else {
+    let drop = cur.shared.rules.routes[req.route.index].drop_fields.clone();
+    // An OpenAI stream is read event by event even with no field to drop.
+    let Some(f) = drop.or_else(|| req.tap.then(Default::default)) else {
         return Ok(Filtered::default());
     };
     let media = {
@@ -278,6 +283,7 @@ async fn filter(
     let timeout = req.route.response_timeout;
     let mut out = Filtered::default();
     match (media.as_deref(), up_body) {
+        (Some("application/json"), _) if f.is_empty() => {}
         (Some("application/json"), BodyKind::Length(n)) if n <= MAX_FILTERED_BODY => {
             out.head_copy = Some(up.pending()[..resp.head_len].to_vec());
             let whole = read_exact_body(up, resp.head_len, n, watch, timeout, deadline).await?;
@@ -289,7 +295,9 @@ async fn filter(
             out.replaced = Some(f.apply_json(&whole).unwrap_or(whole));
         }
         (Some("text/event-stream"), BodyKind::Chunked | BodyKind::UntilClose) => {
-            out.sse = Some(SseFilter::new(f, MAX_FILTERED_EVENT));
+            let mut sse = SseFilter::new(f, MAX_FILTERED_EVENT);
+            sse.tap.strip_usage = req.strip_usage;
+            out.sse = Some(sse);
         }
         _ => {}
     }
@@ -391,9 +399,17 @@ impl BodyRelay {
             BodyKind::Chunked if self.sse.is_some() => {
                 let f = self.sse.as_mut().expect("checked");
                 let sse_out = &mut self.sse_out;
+                // Usage is read from what the backend sent, before any event is
+                // removed or rewritten.
+                let usage = &mut x.usage;
                 let n = self
                     .dec
-                    .feed(p, |r| f.feed(&p[r], sse_out))
+                    .feed(p, |r| {
+                        if let Some(u) = usage.as_mut() {
+                            u.feed(&p[r.clone()]);
+                        }
+                        f.feed(&p[r], sse_out)
+                    })
                     .map_err(|_| UpstreamError::BadResponse);
                 let used = abort_if_started(n, x)?;
                 let finished = self.dec.is_done();
@@ -404,6 +420,9 @@ impl BodyRelay {
                 Ok((used, finished))
             }
             BodyKind::UntilClose if self.sse.is_some() => {
+                if let Some(u) = x.usage.as_mut() {
+                    u.feed(p);
+                }
                 self.sse
                     .as_mut()
                     .expect("checked")
@@ -455,10 +474,22 @@ impl BodyRelay {
     /// Count, scan and frame the rewritten SSE bytes.
     fn emit_sse(&mut self, rechunk: bool, last: bool, out: &mut Vec<u8>, x: &mut Exchange) {
         x.resp_bytes += self.sse_out.len() as u64;
-        if let Some(u) = x.usage.as_mut() {
-            u.feed(&self.sse_out);
+        if let Some(f) = self.sse.as_mut() {
+            x.content_events = f.tap.content_events;
+            f.tap.removed.clear();
         }
         emit(&mut self.sse_out, rechunk, last, out);
+    }
+
+    /// End the stream for the client now (its caller's token budget is
+    /// spent): an error event in OpenAI's shape, `[DONE]`, the body's end.
+    fn cut(&mut self, request_id: &str, out: &mut Vec<u8>) {
+        let event = format!(
+            "data: {{\"error\":{{\"message\":\"the stream was ended: its output reached your token budget\",\"type\":\"rate_limit_error\",\"param\":null,\"code\":\"token_quota_exceeded\",\"request_id\":\"{request_id}\"}}}}\n\ndata: [DONE]\n\n"
+        );
+        self.sse_out.extend_from_slice(event.as_bytes());
+        let rechunk = self.framing.rechunk;
+        emit(&mut self.sse_out, rechunk, rechunk, out);
     }
 
     /// A close-delimited body ended: flush the filter and, when re-chunking,
@@ -498,7 +529,12 @@ async fn relay_body<D: Downstream>(
     let send = cur.shared.timeouts.send;
     let deadline = timing.deadline;
     loop {
-        let (used, finished) = body.step(up.pending(), out, x)?;
+        let (used, mut finished) = body.step(up.pending(), out, x)?;
+        if !finished && over_budget(req, cur, x) {
+            body.cut(req.request_id, out);
+            x.cut = true;
+            finished = true;
+        }
         if used > 0 {
             if x.first_byte.is_none() {
                 x.first_byte = Some(timing.sent_at.elapsed());
@@ -544,6 +580,21 @@ async fn relay_body<D: Downstream>(
             Err(ReadError::Io(e)) => return abort(x, UpstreamError::from_io(&e)),
         }
     }
+}
+
+/// A stream whose output so far (content events: a token each) takes its
+/// caller past a budget that ends streams (`cut_streams`).
+fn over_budget(req: &Request<'_>, cur: &Current, x: &Exchange) -> bool {
+    let (Some(a), Some(p)) = (req.cut, cur.shared.ratelimit.as_ref()) else {
+        return false;
+    };
+    if x.content_events == 0 {
+        return false;
+    }
+    let spent = p.weigh(req.model, req.prompt_tokens + x.content_events);
+    cur.shared
+        .limiter
+        .stream_over_budget(a, spent.saturating_sub(a.tokens))
 }
 
 /// Rewritten SSE bytes → the client's framing: one chunk (and the last

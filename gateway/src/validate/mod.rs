@@ -530,6 +530,8 @@ pub struct Rules {
     /// Prompt blocks hashed per request for prefix-aware balancing (0: no
     /// cluster routes on prefixes, nothing is hashed).
     pub prefix_blocks: usize,
+    /// Streams are sent asking for their usage (`[ratelimit.cost] stream_usage`).
+    pub stream_usage: bool,
 }
 
 impl Rules {
@@ -572,6 +574,7 @@ impl Rules {
             } else {
                 0
             },
+            stream_usage: r.config.ratelimit.cost.stream_usage,
         }
     }
 }

@@ -107,6 +107,7 @@ pub fn check<'a, 'c, J: Json<'a>>(
         }
     }
     let stream = f.stream.and_then(|x| x.as_bool()).unwrap_or(false);
+    let stream_usage = stream_usage(ep, stream, f.stream_options)?;
     Ok((
         m,
         v,
@@ -115,8 +116,86 @@ pub fn check<'a, 'c, J: Json<'a>>(
             prompt_tokens,
             stream,
             pinned: version_header.is_some() || model.contains('@'),
+            stream_usage,
         },
     ))
+}
+
+/// `stream_options`: an object whose `include_usage` is a boolean; for a
+/// chat or completions stream, whether it asked for usage.
+fn stream_usage<'a, J: Json<'a>>(
+    ep: Endpoint,
+    stream: bool,
+    options: Option<J>,
+) -> Result<StreamUsage, Rejection> {
+    let include = match options {
+        None => None,
+        Some(o) => {
+            let Some(obj) = o.as_obj() else {
+                return Err(Rejection::at(
+                    "/stream_options",
+                    "invalid_stream_options",
+                    "`stream_options` must be an object",
+                ));
+            };
+            match obj.get("include_usage") {
+                None => Some(false),
+                Some(v) => Some(v.as_bool().ok_or_else(|| {
+                    Rejection::at(
+                        "/stream_options/include_usage",
+                        "invalid_stream_options",
+                        "`include_usage` must be true or false",
+                    )
+                })?),
+            }
+        }
+    };
+    if !stream || !matches!(ep, Endpoint::Chat | Endpoint::Completions) {
+        return Ok(StreamUsage::NotApplicable);
+    }
+    Ok(match include {
+        None => StreamUsage::NoOptions,
+        Some(true) => StreamUsage::Asked,
+        Some(false) => StreamUsage::NotAsked,
+    })
+}
+
+/// Make a stream's body (`StreamUsage::NoOptions` or `NotAsked`) ask for
+/// usage: `"stream_options":{"include_usage":true}` added before the
+/// object's closing brace, or set in the client's own `stream_options`
+/// (the body re-serialised: rare). `false` when the body is not the object
+/// it was checked to be.
+pub fn ask_stream_usage(body: &mut Vec<u8>, how: StreamUsage) -> bool {
+    match how {
+        StreamUsage::NoOptions => {
+            let Some(end) = body.iter().rposition(|b| !b.is_ascii_whitespace()) else {
+                return false;
+            };
+            if body[end] != b'}' {
+                return false;
+            }
+            body.truncate(end);
+            body.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}}");
+            true
+        }
+        StreamUsage::NotAsked => {
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) else {
+                return false;
+            };
+            let Some(o) = v.get_mut("stream_options").and_then(|o| o.as_object_mut()) else {
+                return false;
+            };
+            o.insert("include_usage".into(), serde_json::Value::Bool(true));
+            match serde_json::to_vec(&v) {
+                Ok(b) => {
+                    *body = b;
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+        StreamUsage::NotApplicable | StreamUsage::Asked => false,
+    }
 }
 
 /// `model`: a non-empty string, required.
@@ -239,6 +318,7 @@ impl<'a, J: Json<'a>> Fields<J> {
             top_p: None,
             n: None,
             stream: None,
+            stream_options: None,
         };
         for (k, v) in obj.iter() {
             let slot = match k {
@@ -254,6 +334,7 @@ impl<'a, J: Json<'a>> Fields<J> {
                 "top_p" => &mut f.top_p,
                 "n" => &mut f.n,
                 "stream" => &mut f.stream,
+                "stream_options" => &mut f.stream_options,
                 _ => continue,
             };
             slot.get_or_insert(v);
@@ -276,6 +357,23 @@ struct Fields<J> {
     top_p: Option<J>,
     n: Option<J>,
     stream: Option<J>,
+    stream_options: Option<J>,
+}
+
+/// Whether a streamed chat or completions request asked for its token
+/// usage (`stream_options.include_usage`): vLLM reports usage in a stream
+/// only then, in a final event with no choices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// Not a stream, or an endpoint whose stream always reports usage.
+    #[default]
+    NotApplicable,
+    /// The client asked: its usage event is its own.
+    Asked,
+    /// A stream without `stream_options`.
+    NoOptions,
+    /// `stream_options` present, `include_usage` not true.
+    NotAsked,
 }
 
 /// What later stages (quotas, cost accounting) need from a request body,
@@ -290,6 +388,8 @@ pub struct Facts {
     /// The request names its version (`x-model-version`, `model@1.2`, a
     /// KServe `/versions/` path): no traffic split applies to it.
     pub pinned: bool,
+    /// Did a streamed chat/completions request ask for its usage.
+    pub stream_usage: StreamUsage,
 }
 
 fn range<'a, J: Json<'a>>(v: Option<J>, key: &str, (lo, hi): (f64, f64)) -> Result<(), Rejection> {
