@@ -764,6 +764,37 @@ mod tests {
     }
 
     #[test]
+    fn tap_counts_content_and_strips_only_the_usage_event_in_any_split() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a \\\"choices\\\":[] \\\"usage\\\":{\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for strip in [false, true] {
+            for split in 0..stream.len() {
+                let mut f = SseFilter::new(Arc::new(FieldFilter::default()), 1 << 16);
+                f.tap.strip_usage = strip;
+                let mut out = Vec::new();
+                f.feed(&stream.as_bytes()[..split], &mut out);
+                f.feed(&stream.as_bytes()[split..], &mut out);
+                f.finish(&mut out);
+                let out = String::from_utf8(out).unwrap();
+                assert_eq!(f.tap.content_events, 2, "split {split}");
+                assert_eq!(
+                    out.contains("prompt_tokens"),
+                    !strip,
+                    "split {split}: {out}"
+                );
+                assert!(out.ends_with("data: [DONE]\n\n"));
+                // A content string that spells the markers is not an event to strip.
+                assert!(out.contains("\"content\":\"a "));
+            }
+        }
+    }
+
+    #[test]
     fn sse_finish_flushes_partial_event() {
         let mut f = sse(P, MAX);
         let mut out = Vec::new();

@@ -28,7 +28,10 @@ pub struct Cluster {
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
     /// Flow control (`[clusters.X.queue]`): its queue (process-wide) and settings.
-    pub queue: Option<(std::sync::Arc<crate::balance::queue::FlowQueue>, crate::config::QueueSettings)>,
+    pub queue: Option<(
+        std::sync::Arc<crate::balance::queue::FlowQueue>,
+        crate::config::QueueSettings,
+    )>,
 }
 
 struct Idle {

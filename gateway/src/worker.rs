@@ -87,15 +87,17 @@ impl Shared {
             .iter()
             .map(|n| {
                 let c = &r.config.clusters[n];
-                let backend_loads: Vec<_> = r.clusters[n].iter().map(|a| loads.get(n, *a)).collect();
+                let backend_loads: Vec<_> =
+                    r.clusters[n].iter().map(|a| loads.get(n, *a)).collect();
                 Cluster {
                     name: n.clone(),
                     backends: r.clusters[n].clone(),
                     backend_names: r.clusters[n].iter().map(|a| a.to_string()).collect(),
                     balance: c.balance.clone(),
-                    queue: c.queue.as_ref().map(|q| {
-                        (loads.queue(n, &backend_loads, &c.balance, q), q.clone())
-                    }),
+                    queue: c
+                        .queue
+                        .as_ref()
+                        .map(|q| (loads.queue(n, &backend_loads, &c.balance, q), q.clone())),
                     loads: backend_loads,
                     retry_budget: loads.budget(n, &c.balance),
                     pool_max_idle: c.pool_max_idle,

@@ -652,7 +652,9 @@ fn serve(c: TcpStream, s: &Shared) -> std::io::Result<()> {
                     .max(1);
                 let stream = v.get("stream").and_then(|x| x.as_bool()) == Some(true);
                 // As vLLM: a stream reports usage only when asked.
-                let usage = !stream || v.pointer("/stream_options/include_usage") == Some(&serde_json::Value::Bool(true));
+                let usage = !stream
+                    || v.pointer("/stream_options/include_usage")
+                        == Some(&serde_json::Value::Bool(true));
                 generate(&mut w, s, prompt, hashes, (output, usage), stream, keep)?;
             }
             _ => respond(

@@ -208,7 +208,10 @@ fn a_higher_band_overtakes_a_lower_one() {
 fn wait_for_running(sim: &GpuSim) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while sim.load().0 == 0 {
-        assert!(Instant::now() < deadline, "the backend never got the request");
+        assert!(
+            Instant::now() < deadline,
+            "the backend never got the request"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -268,12 +271,18 @@ fn a_client_that_hangs_up_while_queued_leaves_at_once() {
     let raw = format!("GET /balance/queues HTTP/1.1\r\nhost: admin\r\nx-api-key: {OPS}\r\n\r\n");
     let q = gateway_tests::request(g.admin, raw.as_bytes()).json();
     assert_eq!(q["queues"][0]["waiting"], 1, "{q}");
-    assert_eq!(q["queues"][0]["bands"][0]["flows"][0]["flow"], "acme", "{q}");
+    assert_eq!(
+        q["queues"][0]["bands"][0]["flows"][0]["flow"], "acme",
+        "{q}"
+    );
     let gone = Instant::now();
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(5);
     while g.metric(&["gateway_queue_refused_total", "reason=\"disconnected\""]) < 1.0 {
-        assert!(Instant::now() < deadline, "the departed client stayed queued");
+        assert!(
+            Instant::now() < deadline,
+            "the departed client stayed queued"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(
@@ -284,7 +293,11 @@ fn a_client_that_hangs_up_while_queued_leaves_at_once() {
     assert_eq!(depth(&g), 0.0);
     assert_eq!(long.join().unwrap().status, 200);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(sim.requests(), 1, "the departed request never reached a backend");
+    assert_eq!(
+        sim.requests(),
+        1,
+        "the departed request never reached a backend"
+    );
 }
 
 /// Percentile of durations (ms).
@@ -308,7 +321,11 @@ fn a_tenant_flooding_at_five_times_its_share_leaves_another_tenants_ttft_near_un
         ..Default::default()
     };
     let (s1, s2) = (GpuSim::start(cfg.clone()), GpuSim::start(cfg));
-    let g = start(&config(&[&s1, &s2], "max_inflight = 32", "max_wait = \"30s\""));
+    let g = start(&config(
+        &[&s1, &s2],
+        "max_inflight = 32",
+        "max_wait = \"30s\"",
+    ));
     let (a, b) = (KEYS[0].0, KEYS[1].0);
     let b_ttfts = |n: usize| -> Vec<Duration> {
         (0..n)

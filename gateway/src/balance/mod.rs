@@ -229,7 +229,10 @@ impl BackendLoad {
                 return 0;
             }
             let sent = inflight.saturating_sub(self.inflight_at_report.load(Ordering::Relaxed));
-            let free = self.batch_seen.load(Ordering::Relaxed).saturating_sub(running);
+            let free = self
+                .batch_seen
+                .load(Ordering::Relaxed)
+                .saturating_sub(running);
             let waiting = waiting.saturating_add(sent.saturating_sub(free));
             room = room.min(s.queue_saturation.saturating_sub(waiting));
         }

@@ -238,8 +238,7 @@ impl FlowQueue {
     /// May a request that has not queued go straight to the balance stage:
     /// nobody is waiting ahead of it, and a backend has room.
     pub fn open(&self, loads: &[Arc<BackendLoad>], s: &BalanceSettings) -> bool {
-        self.waiting() == 0
-            && room(loads, s) > u64::from(self.in_transit.load(Ordering::Acquire))
+        self.waiting() == 0 && room(loads, s) > u64::from(self.in_transit.load(Ordering::Acquire))
     }
 
     /// Join the queue (then [`pump`](Self::pump): room may have appeared
@@ -494,7 +493,11 @@ mod tests {
     }
 
     /// Free one slot on backend 0 and pump: who was granted.
-    fn free_one(q: &FlowQueue, loads: &[Arc<BackendLoad>], tickets: &[(&str, Arc<Ticket>)]) -> Vec<String> {
+    fn free_one(
+        q: &FlowQueue,
+        loads: &[Arc<BackendLoad>],
+        tickets: &[(&str, Arc<Ticket>)],
+    ) -> Vec<String> {
         loads[0].inflight.fetch_sub(1, Ordering::Relaxed);
         q.pump();
         let granted: Vec<String> = tickets

@@ -292,7 +292,10 @@ fn account(c: &Call<'_>, verdict: &Verdict, served: Option<(u64, u64, bool)>) {
     let shared = &c.cur.shared;
     let tenant = c.identity.map_or("", |i| i.tenant.as_str());
     let model = c.model(verdict);
-    shared.limiter.usage.add(tenant, model, prompt, completion, counted);
+    shared
+        .limiter
+        .usage
+        .add(tenant, model, prompt, completion, counted);
     let tenant_label = match tenant {
         "" => "none",
         t if shared.known_tenants.contains(t) => t,

@@ -40,9 +40,10 @@ pub(super) async fn wait<D: Downstream>(
     };
     // Fair shares in tokens: what the rate-limit stage charged, else the
     // prompt and output budget validation found.
-    let cost = admission.as_ref().map_or(0, |a| a.tokens).max(
-        verdict.facts.prompt_tokens + verdict.facts.max_tokens.unwrap_or(0),
-    );
+    let cost = admission
+        .as_ref()
+        .map_or(0, |a| a.tokens)
+        .max(verdict.facts.prompt_tokens + verdict.facts.max_tokens.unwrap_or(0));
     let bytes = match &verdict.admitted {
         Admitted::Buffered(b) => (b.head.len() + b.body.len()) as u64,
         _ => d.pending().len() as u64,
@@ -74,7 +75,10 @@ pub(super) async fn wait<D: Downstream>(
         if left.is_zero() {
             break Err("timeout");
         }
-        if monoio::time::timeout(left.min(TICK), ticket.wait()).await.is_ok() {
+        if monoio::time::timeout(left.min(TICK), ticket.wait())
+            .await
+            .is_ok()
+        {
             break Ok(());
         }
         if crate::io::peer_closed(watch) {
@@ -123,14 +127,13 @@ fn band<D: Downstream>(d: &D, c: &Call<'_>, verdict: &Verdict, client: bool) -> 
         Admitted::Buffered(b) => b.head.as_slice(),
         _ => d.pending(),
     };
-    let asked = c
-        .rq
-        .head
-        .headers
-        .iter()
-        .find(|h| buf[h.name.clone()].eq_ignore_ascii_case(PRIORITY_HEADER))
-        .and_then(|h| std::str::from_utf8(&buf[h.value.clone()]).ok())
-        .and_then(|v| v.trim().parse::<i32>().ok());
+    let asked =
+        c.rq.head
+            .headers
+            .iter()
+            .find(|h| buf[h.name.clone()].eq_ignore_ascii_case(PRIORITY_HEADER))
+            .and_then(|h| std::str::from_utf8(&buf[h.value.clone()]).ok())
+            .and_then(|v| v.trim().parse::<i32>().ok());
     asked.map_or(band, |a| a.min(band))
 }
 

@@ -48,7 +48,10 @@ impl Book {
     /// Every pair, sorted by tenant then model.
     pub fn totals(&self) -> Vec<(String, String, Totals)> {
         let m = self.totals.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = m.iter().map(|((t, mo), x)| (t.clone(), mo.clone(), *x)).collect();
+        let mut v: Vec<_> = m
+            .iter()
+            .map(|((t, mo), x)| (t.clone(), mo.clone(), *x))
+            .collect();
         v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         v
     }

@@ -788,6 +788,64 @@ mod tests {
     }
 
     #[test]
+    fn streams_say_whether_they_asked_for_usage_and_are_made_to_ask() {
+        let ask = |ep, body: &str| facts(ep, body).stream_usage;
+        let base = r#"{"model":"wide","messages":[{"role":"user","content":"hi"}]"#;
+        let b = |extra: &str| format!("{base}{extra}}}");
+        assert_eq!(ask(Endpoint::Chat, &b("")), StreamUsage::NotApplicable);
+        assert_eq!(
+            ask(Endpoint::Chat, &b(r#","stream":true"#)),
+            StreamUsage::NoOptions
+        );
+        assert_eq!(
+            ask(Endpoint::Chat, &b(r#","stream":true,"stream_options":{}"#)),
+            StreamUsage::NotAsked
+        );
+        assert_eq!(
+            ask(
+                Endpoint::Chat,
+                &b(r#","stream":true,"stream_options":{"include_usage":true}"#)
+            ),
+            StreamUsage::Asked
+        );
+        assert_eq!(
+            run(Endpoint::Chat, &b(r#","stream":true,"stream_options":5"#))
+                .unwrap_err()
+                .1,
+            "invalid_stream_options"
+        );
+        assert_eq!(
+            run(
+                Endpoint::Chat,
+                &b(r#","stream_options":{"include_usage":"yes"}"#)
+            )
+            .unwrap_err()
+            .2
+            .as_deref(),
+            Some("/stream_options/include_usage")
+        );
+        // Made to ask: appended, or set in the client's own options (kept).
+        let mut body = b(r#","stream":true"#).into_bytes();
+        body.extend_from_slice(b" \n");
+        assert!(ask_stream_usage(&mut body, StreamUsage::NoOptions));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["content"], "hi");
+        let mut body =
+            b(r#","stream":true,"stream_options":{"continuous_usage_stats":true}"#).into_bytes();
+        assert!(ask_stream_usage(&mut body, StreamUsage::NotAsked));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["continuous_usage_stats"], true);
+        assert_eq!(
+            facts(Endpoint::Chat, std::str::from_utf8(&body).unwrap()).stream_usage,
+            StreamUsage::Asked
+        );
+        let mut garbage = b"[1,2]".to_vec();
+        assert!(!ask_stream_usage(&mut garbage, StreamUsage::NoOptions));
+    }
+
+    #[test]
     fn vllm_endpoints_are_recognised() {
         for (path, ep) in [
             ("/v1/responses", Endpoint::Responses),
@@ -1060,6 +1118,7 @@ mod tests {
                 prompt_tokens: 2,
                 stream: true,
                 pinned: false,
+                stream_usage: StreamUsage::NoOptions,
             }
         );
         // Naming a version (suffix or header) pins it: no traffic split.
