@@ -96,7 +96,12 @@ async fn checkout(
             ) {
                 Ok(b) => b,
                 Err(crate::balance::NoPick::Exhausted) => break,
-                Err(crate::balance::NoPick::Saturated) if req.grant.is_some() => {
+                // Past the queue stage (granted, or it found room): a
+                // backend that saturated since goes to the least loaded
+                // rather than a 503.
+                Err(crate::balance::NoPick::Saturated)
+                    if req.grant.is_some() || cl.queue.is_some() =>
+                {
                     match crate::balance::pick(
                         &unsaturated(&cl.balance),
                         &cl.loads,
@@ -397,8 +402,8 @@ pub struct Request<'a> {
     /// The caller's admission, when a budget of it ends streams that
     /// outgrow it (`cut_streams`).
     pub cut: Option<&'a crate::ratelimit::Admission>,
-    /// Dispatched by its cluster's queue: room was counted for it, so a
-    /// backend that saturated meanwhile still takes it (the least loaded).
+    /// Dispatched by its cluster's queue: room was counted for it until it
+    /// is in flight.
     pub grant: Option<&'a crate::balance::queue::Grant>,
     /// Who is calling (authn stage); sent to the backend as identity headers.
     pub identity: Option<&'a crate::authn::Identity>,
