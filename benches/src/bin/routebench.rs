@@ -157,6 +157,7 @@ fn pool(w: Workload) -> Vec<SimConfig> {
         per_seq_ms: 0.5,
         prefill_ms_per_1k_tokens: 20.0,
         speed,
+        ..SimConfig::default()
     };
     vec![
         sim("h100-a", 1.0, 16, 32_768),
