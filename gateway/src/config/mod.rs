@@ -58,6 +58,9 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// HTTP/2 connections from clients (`server.h2c`).
+    #[serde(default)]
+    pub http2: Http2Settings,
     #[serde(default)]
     pub log: LogConfig,
     /// OpenTelemetry traces (OTLP/HTTP).

@@ -42,6 +42,54 @@ pub struct ServerConfig {
     /// configuration (a Kubernetes headless Service). "0s" = only at start.
     #[serde(deserialize_with = "duration")]
     pub dns_refresh: Duration,
+    /// HTTP/2 without TLS (h2c, prior knowledge) on the plaintext
+    /// listeners: a connection opening with the HTTP/2 preface is served
+    /// as HTTP/2 (`[http2]`), any other as HTTP/1.1.
+    pub h2c: bool,
+}
+
+/// `[http2]`: limits of an HTTP/2 client connection. A connection that
+/// breaks them is closed with GOAWAY and counted.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Settings {
+    /// Streams open at once per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Decoded header list of one request, bytes (SETTINGS_MAX_HEADER_LIST_SIZE;
+    /// HEADERS + CONTINUATION past it: refused, the connection closed).
+    pub max_header_list_size: u32,
+    /// HPACK dynamic table the client may make us keep (SETTINGS_HEADER_TABLE_SIZE).
+    pub header_table_size: u32,
+    /// Flow-control windows: per stream and per connection, bytes a client
+    /// may send ahead of what the gateway has read.
+    pub stream_window: u32,
+    pub connection_window: u32,
+    /// Response bytes buffered per stream for a slow reader.
+    pub max_send_buffer: usize,
+    /// Rapid reset (CVE-2023-44487): streams reset by the client before the
+    /// gateway took them; more → GOAWAY.
+    pub max_pending_resets: usize,
+    /// Streams the gateway had to reset for a client's errors; more → GOAWAY.
+    pub max_error_resets: usize,
+    /// A connection with no open stream this long is closed (GOAWAY).
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: 128,
+            max_header_list_size: 16 * 1024,
+            header_table_size: 4096,
+            stream_window: 1 << 20,
+            connection_window: 4 << 20,
+            max_send_buffer: 256 * 1024,
+            max_pending_resets: 20,
+            max_error_resets: 256,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -58,6 +106,7 @@ impl Default for ServerConfig {
             trust_forwarded_headers: false,
             backlog: 1024,
             dns_refresh: Duration::from_secs(30),
+            h2c: false,
         }
     }
 }
