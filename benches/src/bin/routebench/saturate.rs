@@ -2,7 +2,7 @@
 //! the pool is over capacity, one tenant flooding.
 //!
 //! **Pool.** Three simulated GPUs (`gpusim`, vLLM-like: continuous batching,
-//! a batch of 8 each, speeds 1.0 / 0.8 / 0.6, a KV cache too large to
+//! a batch of 8 each (`--batch`), speeds 1.0 / 0.8 / 0.6, a KV cache too large to
 //! matter) behind one gateway, one cluster (`gpu_aware`). A backend is
 //! *saturated* (`--cap`):
 //! - `inflight` (default): `[clusters.pool.balance] max_inflight = 8`, the
@@ -88,7 +88,7 @@ use serde_json::{json, Value};
 use super::{chat, drain_and_reset, free_addr, pct, words, Gateways, Rng, COLORS};
 
 pub const USAGE: &str = "usage: routebench --saturate [--runs on,off,uncapped] [--cap inflight|scraped] [--flood F]
-                  [--light L] [--max-wait SECS] [--duration SECS] [--seed N] [--quick]
+                  [--light L] [--max-wait SECS] [--batch N] [--duration SECS] [--seed N] [--quick]
 
   (also: routebench --workload saturate ...)
   Three simulated GPUs (batch 8, speeds 1.0/0.8/0.6) behind one gateway; five tenants (API keys):
@@ -103,6 +103,8 @@ pub const USAGE: &str = "usage: routebench --saturate [--runs on,off,uncapped] [
   --flood F          flood's rate, × the equal share (default 5)
   --light L          each light tenant's rate, × the equal share (default 0.5; 5 and 0.5 = 1.4 × capacity)
   --max-wait SECS    the queue's max_wait (default 10)
+  --batch N          each server's batch size, and max_inflight with --cap inflight (default 8): the
+                     fewer slots, the longer a request waits for one to free when the pool is full
   --duration SECS    seconds of arrivals per run (default 40)
   --seed N           arrivals, lengths, texts (default 7)
   --quick            10 s of arrivals per run
@@ -113,7 +115,7 @@ target/bench/routing-saturate-<run>.toml.
 env: GATEWAY_BIN (default <workspace>/target/release/gateway)
 ";
 
-/// Batch size of every server (and `max_inflight` with `--cap inflight`).
+/// Batch size of every server (and `max_inflight` with `--cap inflight`), by default.
 const BATCH: usize = 8;
 const SPEEDS: [f64; 3] = [1.0, 0.8, 0.6];
 /// Prompt tokens (distinct texts), output tokens: uniform, inclusive.
@@ -204,6 +206,7 @@ struct Opts {
     flood: f64,
     light: f64,
     max_wait: u64,
+    batch: usize,
     duration: Duration,
     seed: u64,
 }
@@ -231,14 +234,14 @@ struct Done {
     cost: u64,
 }
 
-fn pool() -> Vec<SimConfig> {
+fn pool(batch: usize) -> Vec<SimConfig> {
     SPEEDS
         .iter()
         .enumerate()
         .map(|(i, &speed)| SimConfig {
             name: format!("sim-{i}"),
             engine: "vllm".into(),
-            max_batch: BATCH,
+            max_batch: batch,
             kv_tokens: 262_144,
             step_ms: 10.0,
             per_seq_ms: 0.5,
@@ -250,6 +253,11 @@ fn pool() -> Vec<SimConfig> {
 
 fn api_key(seed: u64, tenant: &str) -> String {
     format!("routebench-{tenant}-{seed:x}")
+}
+
+/// The admin API's key (role `admin`).
+fn ops_key(seed: u64) -> String {
+    format!("routebench-ops-{seed:x}")
 }
 
 /// Every tenant's Poisson arrivals over `duration`, merged by time.
@@ -448,7 +456,7 @@ fn gateway_config(
         backends.join(", ")
     );
     if capped && o.cap == Cap::Inflight {
-        c += &format!("max_inflight = {BATCH}\n");
+        c += &format!("max_inflight = {}\n", o.batch);
     }
     if run == Run::On {
         c += &format!(
@@ -466,7 +474,13 @@ fn gateway_config(
             key_digest(&api_key(o.seed, t.name))
         );
     }
+    // The bench's own operator key: the admin API's /balance/queues.
+    c += &format!(
+        "[[authn.api_keys]]\nclient = \"ops\"\nroles = [\"admin\"]\nsha256 = [\"{}\"]\n",
+        key_digest(&ops_key(o.seed))
+    );
     c += "\n[[authz.rules]]\nid = \"bench\"\ntenants = [\"*\"]\nmodels = [\"*\"]\nscopes = [\"infer\"]\n\n";
+    c += "[[authz.rules]]\nid = \"ops\"\nroles = [\"admin\"]\nscopes = [\"admin\"]\n\n";
     if run == Run::On {
         let mut bands: Vec<i32> = TENANTS.iter().map(|t| t.band).filter(|&b| b != 0).collect();
         bands.dedup();
@@ -569,13 +583,14 @@ fn start(bin: &Path, conf: &Conf) -> Result<Gateways, String> {
     Ok(g)
 }
 
-/// GET `path` on `addr`: the body of a 200.
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+/// GET `path` on `addr` (with an API key, when given): the body of a 200.
+fn http_get(addr: SocketAddr, path: &str, key: Option<&str>) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = key.map_or(String::new(), |k| format!("x-api-key: {k}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nhost: admin\r\n{auth}connection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = Vec::new();
@@ -785,7 +800,7 @@ fn measure(
 ) -> Result<Value, String> {
     drain_and_reset(sims);
     let gw = start(bin, conf)?;
-    let before = http_get(conf.admin, "/metrics")
+    let before = http_get(conf.admin, "/metrics", None)
         .map(|t| queue_metrics(&t))
         .unwrap_or_default();
     // Sampler: the deepest queue per band; /balance/queues when arrivals end.
@@ -794,19 +809,20 @@ fn measure(
     let arrivals_end = o.duration;
     let sampler = {
         let stop = stop.clone();
+        let ops = ops_key(o.seed);
         std::thread::spawn(move || {
             let t0 = Instant::now();
             let mut max: BTreeMap<String, f64> = BTreeMap::new();
             let mut snapshot = Value::Null;
             while !stop.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(1200) {
-                if let Some(t) = http_get(admin, "/metrics") {
+                if let Some(t) = http_get(admin, "/metrics", None) {
                     for (b, d) in queue_metrics(&t).depth {
                         let m = max.entry(b).or_insert(0.0);
                         *m = m.max(d);
                     }
                 }
                 if snapshot.is_null() && t0.elapsed() >= arrivals_end {
-                    snapshot = http_get(admin, "/balance/queues")
+                    snapshot = http_get(admin, "/balance/queues", Some(&ops))
                         .and_then(|b| serde_json::from_str(&b).ok())
                         .unwrap_or(json!("unavailable"));
                 }
@@ -819,7 +835,7 @@ fn measure(
     let give_up = o.duration + Duration::from_secs(o.max_wait + 120);
     let (out, elapsed) = run_plan(reqs, &all, conf.listen, keys, give_up);
     stop.store(true, Ordering::SeqCst);
-    let after = http_get(conf.admin, "/metrics")
+    let after = http_get(conf.admin, "/metrics", None)
         .map(|t| queue_metrics(&t))
         .unwrap_or_default();
     let (max_depth, snapshot) = sampler.join().unwrap_or_default();
@@ -1101,6 +1117,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
         flood: 5.0,
         light: 0.5,
         max_wait: 10,
+        batch: BATCH,
         duration: Duration::from_secs(40),
         seed: 7,
     };
@@ -1157,6 +1174,13 @@ pub fn main(args: Vec<String>) -> ExitCode {
                 Some(x) => o.max_wait = x,
                 None => return bad("--max-wait: 1 to 300 seconds"),
             },
+            "--batch" => match v()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|x| (1..=256).contains(x))
+            {
+                Some(x) => o.batch = x,
+                None => return bad("--batch: 1 to 256"),
+            },
             "--duration" => match v()
                 .and_then(|v| v.parse::<u64>().ok())
                 .filter(|s| (1..=600).contains(s))
@@ -1190,7 +1214,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/release/gateway"));
 
-    let cfgs = pool();
+    let cfgs = pool(o.batch);
     let mid = |(lo, hi): (u64, u64)| (lo + hi) as f64 / 2.0;
     // "user" + the content, at 4 bytes a token.
     let (mean_prompt, mean_output) = (mid(PROMPT) + 1.0, mid(OUTPUT));
@@ -1221,7 +1245,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
     println!(
         "  saturated at: {}",
         match o.cap {
-            Cap::Inflight => format!("max_inflight = {BATCH} per backend (the batch size)"),
+            Cap::Inflight => format!("max_inflight = {} per backend (the batch size)", o.batch),
             Cap::Scraped => "queue_saturation = 1 (scraped vllm:num_requests_waiting)".into(),
         }
     );
@@ -1351,7 +1375,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
             "speed": c.speed, "max_batch": c.max_batch, "kv_tokens": c.kv_tokens, "capacity_rps": cap})).collect::<Vec<_>>(),
         "capacity_rps": capacity, "offered_rps": offered, "offered_over_capacity": offered / capacity,
         "duration_s": o.duration.as_secs(), "seed": o.seed,
-        "saturation": match o.cap { Cap::Inflight => json!({"by": "max_inflight", "max_inflight": BATCH}),
+        "saturation": match o.cap { Cap::Inflight => json!({"by": "max_inflight", "max_inflight": o.batch}),
             Cap::Scraped => json!({"by": "queue_saturation (scraped vllm:num_requests_waiting)", "queue_saturation": 1,
                 "metrics_interval": "50ms", "metrics_max_age": "200ms"}) },
         "queue": {"max_requests": 4096, "max_bytes": 64u64 << 20, "max_wait_s": o.max_wait, "fairness": "tenant", "client_priority": false},
