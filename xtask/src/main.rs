@@ -56,7 +56,7 @@ commands:
                         p50/p90/p99, prefix cache hit ratio (target/bench/routing-<workload>.json, .svg);
                         --gateways 2: two gateways in front of the same pool
   bench routing --saturate [--runs on,off,uncapped] [--cap inflight|scraped] [--flood F] [--light L]
-        [--max-wait SECS] [--duration SECS] [--seed N] [--quick]
+        [--max-wait SECS] [--batch N] [--duration SECS] [--seed N] [--quick]
                         flow control past capacity (1.4×): five tenants (API keys), one flooding at 5× its equal
                         share, one in a higher band; the gateway with [clusters.X.queue] (fair by tenant) vs the
                         same saturation without a queue (503 at once) vs no saturation cap; goodput, 429/503,

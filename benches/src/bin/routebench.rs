@@ -71,7 +71,8 @@ const USAGE: &str = "usage: routebench [--workload mixed|shared_prefix|multi_tur
                   [--gateways N] [--duration SECS] [--loads LIST] [--seed N] [--quick]
                   [--groups G] [--popularity zipf|uniform] [--system-tokens N] [--turns N]
        routebench --saturate [--runs on,off,uncapped] [--cap inflight|scraped] [--flood F] [--light L]
-                  [--max-wait SECS] [--duration SECS] [--seed N] [--quick]   (routebench --saturate --help)
+                  [--max-wait SECS] [--batch N] [--duration SECS] [--seed N] [--quick]
+                  (routebench --saturate --help)
 
   --workload W       mixed (default): prompts 50..1500 tokens, every one distinct, outputs 8/32/64/128;
                      shared_prefix: G groups, each a long system prompt of its own followed by short
