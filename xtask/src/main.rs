@@ -55,6 +55,13 @@ commands:
                         no_prefix: also gie_prefix, prefix_aware and `pin` (client-side affinity), TTFT
                         p50/p90/p99, prefix cache hit ratio (target/bench/routing-<workload>.json, .svg);
                         --gateways 2: two gateways in front of the same pool
+  bench routing --saturate [--runs on,off,uncapped] [--cap inflight|scraped] [--flood F] [--light L]
+        [--max-wait SECS] [--batch N] [--duration SECS] [--seed N] [--quick]
+                        flow control past capacity (1.4×): five tenants (API keys), one flooding at 5× its equal
+                        share, one in a higher band; the gateway with [clusters.X.queue] (fair by tenant) vs the
+                        same saturation without a queue (503 at once) vs no saturation cap; goodput, 429/503,
+                        per-tenant TTFT vs unloaded, queue wait p99 per band, Jain's fairness index
+                        (target/bench/routing-saturate.json, .svg); also --workload saturate
   cargo bench -p gateway-benches --bench ratelimit
                         criterion: one limiter decision on 1 core, all levels, the same key from every core
 ";

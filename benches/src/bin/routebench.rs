@@ -43,6 +43,15 @@
 //! `--gateways 2` puts two gateway processes (same clusters) in front of the
 //! same pool, each request sent to one of them at random (seeded).
 //!
+//! `--saturate` (or `--workload saturate`): flow control when the pool is
+//! over capacity — five tenants (API keys), one flooding at 5× its equal
+//! share, offered load 1.4× capacity; the gateway with a queue (fairness
+//! by tenant, one tenant in a higher band) vs without (503 at once) vs no
+//! saturation cap; goodput, refusals, per-tenant TTFT against its unloaded
+//! TTFT, queue wait p99 per band, Jain's fairness index. See
+//! [`saturate`] (`routebench/saturate.rs`); results in
+//! `target/bench/routing-saturate.json` and `.svg`.
+//!
 //! Usually run as `cargo xtask bench routing`.
 
 use std::io::{Read, Write};
@@ -55,9 +64,15 @@ use std::time::{Duration, Instant};
 use gateway_tests::gpusim::{GpuSim, SimConfig};
 use serde_json::{json, Value};
 
+#[path = "routebench/saturate.rs"]
+mod saturate;
+
 const USAGE: &str = "usage: routebench [--workload mixed|shared_prefix|multi_turn|no_prefix] [--policies LIST]
                   [--gateways N] [--duration SECS] [--loads LIST] [--seed N] [--quick]
                   [--groups G] [--popularity zipf|uniform] [--system-tokens N] [--turns N]
+       routebench --saturate [--runs on,off,uncapped] [--cap inflight|scraped] [--flood F] [--light L]
+                  [--max-wait SECS] [--batch N] [--duration SECS] [--seed N] [--quick]
+                  (routebench --saturate --help)
 
   --workload W       mixed (default): prompts 50..1500 tokens, every one distinct, outputs 8/32/64/128;
                      shared_prefix: G groups, each a long system prompt of its own followed by short
@@ -85,6 +100,9 @@ const USAGE: &str = "usage: routebench [--workload mixed|shared_prefix|multi_tur
 Every run gets the same arrivals; in between, the servers are drained and their prefix caches
 emptied (the prefix workloads also restart the gateways). Results: a table, and in target/bench/
 routing.json + routing.svg (mixed) or routing-<workload>.json + routing-<workload>.svg.
+
+--saturate (or --workload saturate): flow control over capacity, one tenant flooding: the gateway with
+a queue (fair by tenant) vs without (503 at once) vs no saturation cap (routing-saturate.json, .svg).
 
 env: GATEWAY_BIN (default <workspace>/target/release/gateway)
 ";
@@ -713,6 +731,14 @@ fn header() {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.iter().any(|a| a == "--saturate")
+        || argv
+            .windows(2)
+            .any(|w| w[0] == "--workload" && w[1] == "saturate")
+    {
+        return saturate::main(argv);
+    }
     let mut o = Opts {
         workload: Workload::Mixed,
         duration: Duration::from_secs(40),
@@ -736,7 +762,11 @@ fn main() -> ExitCode {
         match a.as_str() {
             "--workload" => match v().as_deref().and_then(Workload::parse) {
                 Some(w) => o.workload = w,
-                None => return bad("--workload: mixed, shared_prefix, multi_turn or no_prefix"),
+                None => {
+                    return bad(
+                        "--workload: mixed, shared_prefix, multi_turn, no_prefix or saturate",
+                    )
+                }
             },
             "--policies" => {
                 policies = Some(
