@@ -93,6 +93,14 @@ impl Conn {
         }
     }
 
+    /// The socket and the bytes read off it not consumed yet (a plaintext
+    /// connection handed to another protocol's driver).
+    pub fn into_parts(mut self) -> (TcpStream, Vec<u8>) {
+        let read = self.pending().to_vec();
+        self.buf = Vec::new();
+        (self.stream, read)
+    }
+
     /// The TLS session, on a TLS connection (SNI, ALPN, client certificate).
     pub fn tls_session(&self) -> Option<&rustls::ServerConnection> {
         self.tls.as_ref().map(|t| &t.session)

@@ -1,10 +1,10 @@
 //! Inference gateway: the userspace half. A thread-per-core monoio reverse
-//! proxy for HTTP/1.1 inference traffic.
+//! proxy for HTTP/1.1 and HTTP/2 inference traffic.
 //!
 //! - process and threads: [`server`] (start, reload, drain), [`worker`]
 //!   (what one worker thread owns), [`listener`] (accept);
-//! - protocol drivers: [`http1`], which hands each request to the pipeline
-//!   through a [`downstream::Downstream`];
+//! - protocol drivers: [`http1`] and [`http2`] (h2c), each handing every
+//!   request to the pipeline through a [`downstream::Downstream`];
 //! - the request pipeline, [`pipeline`], and its stages in request order:
 //!   [`route`] → [`authn`] → [`validate`] → [`authz`] → [`ratelimit`] →
 //!   [`balance`] → [`upstream`] (backend connections: [`pool`]); in front of
@@ -30,6 +30,7 @@ pub mod fetch;
 pub mod filter;
 pub mod generation;
 pub mod http1;
+pub mod http2;
 pub mod io;
 pub mod listener;
 pub mod metrics;

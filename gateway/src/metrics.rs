@@ -59,6 +59,9 @@ pub struct Metrics {
     pub ratelimit_redis_sync: prometheus::Histogram,
     pub balance_shed: IntCounterVec,
     pub queue_depth: IntGaugeVec,
+    pub h2_connections: IntCounterVec,
+    pub h2_streams: IntCounter,
+    pub h2_goaways: IntCounterVec,
     pub usage_tokens: IntCounterVec,
     pub stream_cuts: IntCounterVec,
     pub queue_wait: HistogramVec,
@@ -401,6 +404,21 @@ const BALANCE_SHED: Desc = Desc::new(
     "Requests refused with 503 because every backend of the cluster was saturated",
     &["cluster"],
 );
+const H2_CONNECTIONS: Desc = Desc::new(
+    "gateway_h2_connections_total",
+    "HTTP/2 client connections: accepted, handshake_failed, handshake_timeout",
+    &["result"],
+);
+const H2_STREAMS: Desc = Desc::new(
+    "gateway_h2_streams_total",
+    "HTTP/2 streams (requests) accepted",
+    &[],
+);
+const H2_GOAWAYS: Desc = Desc::new(
+    "gateway_h2_goaways_total",
+    "HTTP/2 connections ended: idle (the gateway's GOAWAY after idle_timeout), a protocol violation the gateway answered with GOAWAY (enhance_your_calm: rapid reset, header or frame floods; protocol_error, flow_control_error, frame_size_error, compression_error), no_error (the client's GOAWAY), io",
+    &["reason"],
+);
 const USAGE_TOKENS: Desc = Desc::new(
     "gateway_usage_tokens_total",
     "Tokens served, as the backend reported them (a stream without usage: its content events), by tenant (configured names; others `other`, anonymous `none`), model (the catalogue's; others `other`) and kind (prompt, completion)",
@@ -533,6 +551,9 @@ impl Metrics {
             ),
             balance_shed: counter_vec(&r, &BALANCE_SHED),
             queue_depth: gauge_vec(&r, &QUEUE_DEPTH),
+            h2_connections: counter_vec(&r, &H2_CONNECTIONS),
+            h2_streams: counter(&r, &H2_STREAMS),
+            h2_goaways: counter_vec(&r, &H2_GOAWAYS),
             usage_tokens: counter_vec(&r, &USAGE_TOKENS),
             stream_cuts: counter_vec(&r, &STREAM_CUTS),
             queue_wait: histogram_vec(

@@ -41,6 +41,9 @@ pub struct Shared {
     pub max_conns_per_worker: usize,
     pub trust_forwarded: bool,
     pub access_log: bool,
+    /// HTTP/2 with prior knowledge on plaintext listeners, and its limits.
+    pub h2c: bool,
+    pub http2: crate::config::Http2Settings,
     /// Which configuration this is (0 at start, +1 per successful reload).
     pub generation: u64,
     /// The validation stage's rules and the model catalogue.
@@ -117,6 +120,8 @@ impl Shared {
             buffer_size: s.buffer_size,
             max_conns_per_worker: s.max_connections.div_ceil(workers).max(1),
             trust_forwarded: s.trust_forwarded_headers,
+            h2c: s.h2c,
+            http2: r.config.http2.clone(),
             access_log: r.config.log.access_log,
             generation,
             rules: crate::validate::Rules::new(r),

@@ -41,7 +41,8 @@ pub use models::{ModelConfig, ShadowTarget, SplitTarget};
 pub use ratelimit::RateLimitSettings;
 pub use routes::{AuthMethod, Protocol, RouteConfig, RouteTimeouts};
 pub use server::{
-    AdminConfig, DriverChoice, Limits, LogConfig, LogFormat, ServerConfig, Timeouts, TracingConfig,
+    AdminConfig, DriverChoice, Http2Settings, Limits, LogConfig, LogFormat, ServerConfig, Timeouts,
+    TracingConfig,
     Workers, MAX_HEADERS,
 };
 pub use tls::{CertificateFiles, ClientAuth, TlsListener, TlsSettings, TlsVersion};

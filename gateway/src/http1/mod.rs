@@ -32,6 +32,17 @@ pub async fn serve_connection(
     let Some(mut client) = open(stream, peer, &w, tls).await else {
         return;
     };
+    if tls.is_none() && w.current().shared.h2c {
+        match sniff_h2(&mut client, &w).await {
+            Some(true) => {
+                let (tcp, read) = client.into_parts();
+                crate::http2::serve(tcp, read, peer, w).await;
+                return;
+            }
+            Some(false) => {}
+            None => return,
+        }
+    }
     let conn_id = w.conn_id();
     let mut rq = Incoming::new(peer);
     rq.tls = client
@@ -87,6 +98,27 @@ pub async fn serve_connection(
     client.close_notify().await;
     if linger {
         answer::linger_close(&mut client).await;
+    }
+}
+
+/// Does the connection open with HTTP/2's preface (h2c, prior knowledge)?
+/// Reads only until the bytes differ from it or all of it is there (they
+/// stay pending for the driver that serves them); `None`: closed or silent.
+async fn sniff_h2(client: &mut Conn, w: &Worker) -> Option<bool> {
+    let wait = w.current().shared.timeouts.client_header;
+    loop {
+        let p = client.pending();
+        let n = p.len().min(crate::http2::PREFACE.len());
+        if p[..n] != crate::http2::PREFACE[..n] {
+            return Some(false);
+        }
+        if n == crate::http2::PREFACE.len() {
+            return Some(true);
+        }
+        match client.fill_timeout(wait).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
     }
 }
 

@@ -1,0 +1,182 @@
+//! The HTTP/2 connection driver: h2c with prior knowledge on plaintext
+//! listeners (`server.h2c`; the preface is detected per connection by the
+//! HTTP/1.1 driver, which hands the connection over).
+//!
+//! Framing, HPACK and flow control are the `h2` crate's (run over monoio
+//! through monoio-compat's tokio-IO wrapper), with its defences against
+//! rapid reset (CVE-2023-44487), CONTINUATION floods (CVE-2024-27316 class:
+//! a header list past `max_header_list_size` is refused) and unbounded
+//! SETTINGS/PING acknowledgements (one pending at a time; a peer that does
+//! not read stops being read). `[http2]` sets every limit; a connection
+//! that breaks one gets GOAWAY and is counted
+//! (`gateway_h2_goaways_total{reason}`).
+//!
+//! Each stream runs the same request pipeline as an HTTP/1.1 request
+//! ([`crate::pipeline::run`]) through a [`Downstream`](crate::downstream::Downstream)
+//! of its own ([`stream::H2Stream`]): its head as the codec parses one, its
+//! DATA frames as the body, the pipeline's answer re-framed as HEADERS and
+//! DATA. Streams of a connection run concurrently, each its own task.
+
+mod stream;
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use monoio::net::TcpStream;
+use monoio_compat::StreamWrapper;
+
+use crate::pipeline::{Incoming, Scratch};
+use crate::worker::Worker;
+
+/// The client preface every HTTP/2 connection opens with (RFC 9113 §3.4).
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serve an h2c connection whose first bytes (`read`, at least the start
+/// of the preface) were already read off `tcp`.
+pub async fn serve(tcp: TcpStream, read: Vec<u8>, peer: SocketAddr, w: Rc<Worker>) {
+    let cur = w.current();
+    let s = &cur.shared.http2;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+    let io = Prefixed {
+        read: Bytes::from(read),
+        inner: StreamWrapper::new(tcp),
+    };
+    let m = &cur.shared.metrics;
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(s.max_concurrent_streams)
+        .max_header_list_size(s.max_header_list_size)
+        .header_table_size(s.header_table_size)
+        .initial_window_size(s.stream_window)
+        .initial_connection_window_size(s.connection_window)
+        .max_send_buffer_size(s.max_send_buffer)
+        .max_pending_accept_reset_streams(s.max_pending_resets)
+        .max_local_error_reset_streams(Some(s.max_error_resets))
+        .handshake::<_, Bytes>(io);
+    let mut conn = match monoio::time::timeout(cur.shared.timeouts.client_header, handshake).await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            m.h2_connections.with_label_values(&["handshake_failed"]).inc();
+            tracing::debug!(client = %peer, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            m.h2_connections.with_label_values(&["handshake_timeout"]).inc();
+            return;
+        }
+    };
+    m.h2_connections.with_label_values(&["accepted"]).inc();
+    let idle = s.idle_timeout;
+    let open = Rc::new(std::cell::Cell::new(0usize));
+    loop {
+        // Polling `accept` drives the whole connection (every stream's
+        // frames), so this loop runs for as long as the connection lives.
+        let wait = if open.get() == 0 { idle } else { Duration::from_secs(3600) };
+        let next = monoio::time::timeout(wait, conn.accept()).await;
+        match next {
+            Err(_) => {
+                // Idle: say goodbye, let the client see it.
+                conn.graceful_shutdown();
+                m.h2_goaways.with_label_values(&["idle"]).inc();
+                let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+                return;
+            }
+            Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                let reason = goaway_reason(&e);
+                m.h2_goaways.with_label_values(&[reason]).inc();
+                tracing::info!(client = %peer, reason, error = %e, "HTTP/2 connection closed on a protocol violation");
+                return;
+            }
+            Ok(Some(Ok((req, respond)))) => {
+                if w.draining.get() {
+                    conn.graceful_shutdown();
+                }
+                m.h2_streams.inc();
+                open.set(open.get() + 1);
+                let (w2, open2) = (w.clone(), open.clone());
+                monoio::spawn(async move {
+                    stream::serve(req, respond, peer, fd, &w2).await;
+                    open2.set(open2.get() - 1);
+                });
+            }
+        }
+    }
+}
+
+/// What a connection error is counted as: the GOAWAY reason the gateway
+/// sent (or that the client did).
+fn goaway_reason(e: &h2::Error) -> &'static str {
+    match e.reason() {
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => "enhance_your_calm",
+        Some(h2::Reason::PROTOCOL_ERROR) => "protocol_error",
+        Some(h2::Reason::FLOW_CONTROL_ERROR) => "flow_control_error",
+        Some(h2::Reason::FRAME_SIZE_ERROR) => "frame_size_error",
+        Some(h2::Reason::COMPRESSION_ERROR) => "compression_error",
+        Some(h2::Reason::NO_ERROR) => "no_error",
+        Some(_) => "other",
+        None if e.is_io() => "io",
+        None => "other",
+    }
+}
+
+/// The connection's bytes: those already read (the preface, when the
+/// HTTP/1.1 driver looked at it), then the socket's.
+struct Prefixed {
+    read: Bytes,
+    inner: StreamWrapper<TcpStream>,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            let part = self.read.split_to(n);
+            buf.put_slice(&part);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Buffers reused by one stream.
+fn scratch() -> Scratch {
+    Scratch::default()
+}
+
+/// The request as the pipeline's stages see it: HTTP/2 on the access log.
+fn incoming(peer: SocketAddr) -> Incoming {
+    let mut rq = Incoming::new(peer);
+    rq.protocol = "h2c";
+    rq
+}
