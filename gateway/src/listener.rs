@@ -82,7 +82,7 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: Option<Socke
 
 /// Poll a future, turning a panic into `Err` (monoio does not catch panics
 /// in tasks: one would take the worker thread down).
-struct CatchUnwind<F>(F);
+pub(crate) struct CatchUnwind<F>(pub(crate) F);
 
 impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
     type Output = Result<F::Output, ()>;

@@ -73,18 +73,28 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, peer: SocketAddr, w: Rc<Worker
     m.h2_connections.with_label_values(&["accepted"]).inc();
     let idle = s.idle_timeout;
     let open = Rc::new(std::cell::Cell::new(0usize));
+    let mut idle_since = std::time::Instant::now();
+    let mut goaway_sent = false;
     loop {
         // Polling `accept` drives the whole connection (every stream's
-        // frames), so this loop runs for as long as the connection lives.
-        let wait = if open.get() == 0 { idle } else { Duration::from_secs(3600) };
-        let next = monoio::time::timeout(wait, conn.accept()).await;
+        // frames), so this loop runs for as long as the connection lives;
+        // it looks up every half second for idleness and a drain.
+        let next = monoio::time::timeout(Duration::from_millis(500), conn.accept()).await;
         match next {
             Err(_) => {
-                // Idle: say goodbye, let the client see it.
-                conn.graceful_shutdown();
-                m.h2_goaways.with_label_values(&["idle"]).inc();
-                let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
-                return;
+                if open.get() > 0 {
+                    idle_since = std::time::Instant::now();
+                }
+                if w.draining.get() && !goaway_sent {
+                    // In-flight streams finish; no new ones.
+                    conn.graceful_shutdown();
+                    goaway_sent = true;
+                }
+                if open.get() == 0 && idle_since.elapsed() >= idle && !goaway_sent {
+                    conn.graceful_shutdown();
+                    goaway_sent = true;
+                    m.h2_goaways.with_label_values(&["idle"]).inc();
+                }
             }
             Ok(None) => return,
             Ok(Some(Err(e))) => {
@@ -97,11 +107,26 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, peer: SocketAddr, w: Rc<Worker
                 if w.draining.get() {
                     conn.graceful_shutdown();
                 }
+                // A client can't have more than max_concurrent_streams open:
+                // more requests still being worked on means it resets streams
+                // while they run (rapid reset, CVE-2023-44487).
+                if open.get() >= 2 * s.max_concurrent_streams as usize {
+                    conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                    m.h2_goaways.with_label_values(&["rapid_reset"]).inc();
+                    tracing::warn!(client = %peer, open = open.get(), "HTTP/2 rapid reset: connection closed with GOAWAY");
+                    let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+                    return;
+                }
                 m.h2_streams.inc();
                 open.set(open.get() + 1);
                 let (w2, open2) = (w.clone(), open.clone());
                 monoio::spawn(async move {
-                    stream::serve(req, respond, peer, fd, &w2).await;
+                    // A bug costs one stream, not the worker.
+                    let served = crate::listener::CatchUnwind(stream::serve(req, respond, peer, fd, &w2));
+                    if served.await.is_err() {
+                        w2.metrics_registry.connection_panics.inc();
+                        tracing::error!(client = %peer, "HTTP/2 stream task panicked; stream dropped");
+                    }
                     open2.set(open2.get() - 1);
                 });
             }
