@@ -52,6 +52,11 @@ pub trait Downstream {
     fn closed_watch(&self) -> RawFd;
     /// The TLS session the request came over, if any (client certificate, SNI).
     fn tls_session(&self) -> Option<&rustls::ServerConnection>;
+    /// An HTTP/2 stream's own frames, for protocols relayed frame by frame
+    /// (gRPC); `None` for HTTP/1.1.
+    fn h2(&mut self) -> Option<&mut crate::http2::H2Stream> {
+        None
+    }
 }
 
 impl Downstream for Conn {

@@ -315,6 +315,9 @@ pub enum Dialect {
     /// The Open Inference Protocol (KServe v2, Triton; what `tritonclient`
     /// parses): `{"error":"<message>"}`, 400 for invalid requests.
     Kserve,
+    /// gRPC: a Trailers-Only response, `grpc-status` and `grpc-message`
+    /// ([`grpc_status`]); `RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms`.
+    Grpc,
 }
 
 impl Dialect {
@@ -388,11 +391,30 @@ pub struct ErrorBody<'a> {
     pub dialect: Dialect,
 }
 
+/// The gRPC status code for a refusal's HTTP status (gRPC's own mapping,
+/// `doc/http-grpc-status-mapping.md`, plus the gateway's policy answers).
+pub fn grpc_status(status: u16) -> u32 {
+    match status {
+        400 | 413 | 415 | 422 | 431 => 3, // INVALID_ARGUMENT
+        401 => 16,                        // UNAUTHENTICATED
+        403 => 7,                         // PERMISSION_DENIED
+        404 => 5,                         // NOT_FOUND
+        429 => 8,                         // RESOURCE_EXHAUSTED
+        499 => 1,                         // CANCELLED
+        501 => 12,                        // UNIMPLEMENTED
+        502..=503 => 14,                  // UNAVAILABLE
+        408 | 504 => 4,                   // DEADLINE_EXCEEDED
+        _ => 13,                          // INTERNAL
+    }
+}
+
 impl ErrorBody<'_> {
     /// The JSON body in this error's dialect.
     pub fn json(&self, request_id: &str) -> String {
         let v = match self.dialect {
-            Dialect::Gateway => {
+            // gRPC clients read the status from trailers (`grpc_status`);
+            // an HTTP/1.1 client on a gRPC route gets the gateway's shape.
+            Dialect::Gateway | Dialect::Grpc => {
                 let mut err = serde_json::json!({
                     "type": self.error_type,
                     "message": self.message,

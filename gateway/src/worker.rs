@@ -283,6 +283,8 @@ pub struct Worker {
     pub prefix: RefCell<HashMap<String, crate::balance::prefix::PrefixIndex>>,
     /// Shadow (mirrored) requests in flight on this worker.
     pub shadows: Rc<Cell<usize>>,
+    /// HTTP/2 connections to gRPC backends, one per backend (multiplexed).
+    pub h2_upstream: RefCell<HashMap<std::net::SocketAddr, h2::client::SendRequest<bytes::Bytes>>>,
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
     pub metrics_registry: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
@@ -311,6 +313,7 @@ impl Worker {
             rng: crate::balance::Rng::new(random_u64()),
             prefix: RefCell::new(HashMap::new()),
             shadows: Rc::new(Cell::new(0)),
+            h2_upstream: RefCell::new(HashMap::new()),
             metrics_registry,
             shutdown,
         }

@@ -195,6 +195,12 @@ const PREREQS: &[Prereq] = &[
         why: "tests: RSA keys",
     },
     Prereq {
+        name: "nghttp2-client",
+        check: || on_path("h2load")(),
+        install: Install::Apt(&["nghttp2-client"]),
+        why: "tests: HTTP/2 clients (nghttp, h2load) against the h2c listener",
+    },
+    Prereq {
         name: "chromium",
         check: || on_path("chromium")(),
         install: Install::Apt(&["chromium"]),
@@ -208,9 +214,9 @@ const PREREQS: &[Prereq] = &[
     },
     Prereq {
         name: "py-clients",
-        check: || python_imports("import openai, tritonclient.http"),
-        install: Install::Pip(&["openai", "tritonclient[http]"]),
-        why: "tests: the OpenAI Python SDK and tritonclient through the gateway",
+        check: || python_imports("import openai, tritonclient.http, h2"),
+        install: Install::Pip(&["openai", "tritonclient[http]", "h2"]),
+        why: "tests: the OpenAI Python SDK and tritonclient through the gateway; h2 crafts HTTP/2 frames",
     },
     Prereq {
         name: "llvm-22",

@@ -35,6 +35,9 @@ pub enum Protocol {
     /// (JSON or Triton's binary tensor extension), metadata, ready;
     /// errors as `{"error": "<message>"}`.
     Kserve,
+    /// gRPC over HTTP/2 (h2c clients), relayed frame by frame to an h2c
+    /// cluster with its trailers; refusals as gRPC statuses in trailers.
+    Grpc,
 }
 
 /// Per-route timeout overrides (inference can take minutes on one route and milliseconds on another).

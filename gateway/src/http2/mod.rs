@@ -19,6 +19,8 @@
 
 mod stream;
 
+pub use stream::H2Stream;
+
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;

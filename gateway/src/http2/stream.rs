@@ -52,20 +52,24 @@ pub(super) async fn serve(
     let mut rq = super::incoming(peer);
     let (parts, body) = req.into_parts();
     let head = head_of(&parts, body.is_end_stream());
+    let grpc = crate::pipeline::is_grpc(&parts.headers);
+    let end_stream = body.is_end_stream();
     let mut d = H2Stream {
+        parts,
         buf: head,
         pos: 0,
         cap: cur.shared.buffer_size,
-        body,
+        body: Some(body),
         chunked: false,
         ended: false,
         respond: Some(respond),
         send: None,
         out: Out::Head(Vec::new()),
-        head_request: parts.method == http::Method::HEAD,
+        head_request: false,
         fd,
     };
-    d.chunked = !parts.headers.contains_key(http::header::CONTENT_LENGTH) && !d.body.is_end_stream();
+    d.head_request = d.parts.method == http::Method::HEAD;
+    d.chunked = !d.parts.headers.contains_key(http::header::CONTENT_LENGTH) && !end_stream;
     let mut s = super::scratch();
     let parsed = codec::parse_request(d.pending(), &cur.shared.limits, &mut rq.head);
     let served = match parsed {
@@ -98,7 +102,10 @@ pub(super) async fn serve(
         }
         Err(r) => {
             r.record(&rq, w, &cur);
-            if !r.client_gone {
+            if r.client_gone {
+            } else if grpc || r.dialect == crate::error::Dialect::Grpc {
+                d.grpc_refuse(&r, &rq.id);
+            } else {
                 s.out.clear();
                 r.body(&s.limit_headers).write(&rq.id, false, &mut s.out);
                 let _ = d.write_all(std::mem::take(&mut s.out), send).await;
@@ -143,6 +150,20 @@ fn head_of(parts: &http::request::Parts, end_stream: bool) -> Vec<u8> {
     h
 }
 
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2): printable ASCII
+/// but `%` as is, everything else as `%XX`.
+fn percent(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = std::fmt::Write::write_fmt(&mut out, format_args!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Where the response being written is.
 enum Out {
     /// Collecting the head.
@@ -157,11 +178,14 @@ enum Out {
     Done,
 }
 
-pub(super) struct H2Stream {
+/// One HTTP/2 stream (see the module doc).
+pub struct H2Stream {
+    parts: http::request::Parts,
     buf: Vec<u8>,
     pos: usize,
     cap: usize,
-    body: RecvStream,
+    /// `None` once a protocol relaying frames (gRPC) took it.
+    body: Option<RecvStream>,
     /// The request body is re-framed as chunks (no `content-length`).
     chunked: bool,
     /// The client's half of the stream has ended.
@@ -178,6 +202,68 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 }
 
 impl H2Stream {
+    /// The request as the client sent it (pseudo-headers and headers).
+    pub fn parts(&self) -> &http::request::Parts {
+        &self.parts
+    }
+
+    /// The request body's frames, for a protocol relayed frame by frame.
+    pub fn take_body(&mut self) -> Option<RecvStream> {
+        self.body.take()
+    }
+
+    /// Answer with `resp` (HEADERS; `end`: nothing follows): the stream for
+    /// its DATA and trailers, `None` when it ended.
+    pub fn respond(
+        &mut self,
+        resp: http::Response<()>,
+        end: bool,
+    ) -> Result<Option<SendStream<Bytes>>, h2::Error> {
+        let Some(mut r) = self.respond.take() else {
+            return Ok(None);
+        };
+        let s = r.send_response(resp, end)?;
+        self.out = Out::Done;
+        Ok((!end).then_some(s))
+    }
+
+    /// The answer went out whole by another way (gRPC's relay).
+    pub fn done(&mut self) {
+        self.out = Out::Done;
+    }
+
+    /// The answer broke off after it started: the client must not take it as whole.
+    pub fn reset(&mut self) {
+        self.out = Out::Body {
+            kind: BodyKind::Chunked,
+            remaining: 0,
+            dec: ChunkedDecoder::new(),
+        };
+    }
+
+    /// A refusal as gRPC says it: a Trailers-Only answer (HTTP 200,
+    /// `grpc-status`, `grpc-message`; `grpc-retry-pushback-ms` when the
+    /// client should come back later).
+    fn grpc_refuse(&mut self, r: &pipeline::Refusal, request_id: &str) {
+        let Some(respond) = self.respond.as_mut() else {
+            return;
+        };
+        let mut b = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", crate::error::grpc_status(r.status).to_string())
+            .header("grpc-message", percent(&r.message))
+            .header("x-request-id", request_id);
+        if let Some(s) = r.retry_after {
+            b = b.header("grpc-retry-pushback-ms", (s * 1000).to_string());
+        }
+        if let Ok(resp) = b.body(()) {
+            let _ = respond.send_response(resp, true);
+        }
+        self.respond = None;
+        self.out = Out::Done;
+    }
+
     /// The response head: HEADERS (hop-by-hop fields dropped); informational
     /// answers (100 Continue) are not forwarded: HTTP/2 clients don't wait
     /// for them. `Ok(None)`: the head is not complete yet.
@@ -352,6 +438,10 @@ impl H2Stream {
 }
 
 impl Downstream for H2Stream {
+    fn h2(&mut self) -> Option<&mut H2Stream> {
+        Some(self)
+    }
+
     fn pending(&self) -> &[u8] {
         &self.buf[self.pos..]
     }
@@ -373,7 +463,10 @@ impl Downstream for H2Stream {
             if self.ended {
                 return Ok(0);
             }
-            let data = match monoio::time::timeout(d, self.body.data()).await {
+            let Some(body) = self.body.as_mut() else {
+                return Ok(0);
+            };
+            let data = match monoio::time::timeout(d, body.data()).await {
                 Err(_) => return Err(ReadError::Timeout),
                 Ok(None) => {
                     self.ended = true;
@@ -387,7 +480,7 @@ impl Downstream for H2Stream {
                 Ok(Some(Ok(b))) => b,
             };
             let n = data.len();
-            let _ = self.body.flow_control().release_capacity(n);
+            let _ = body.flow_control().release_capacity(n);
             if n == 0 {
                 continue;
             }

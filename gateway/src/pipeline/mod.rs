@@ -269,11 +269,25 @@ fn end_trace(rq: &Incoming, cur: &Current, served: &Result<Served, Refusal>) {
     t.finish(tr, name, error);
 }
 
+fn rules_protocol(cur: &Current, route: &Route) -> Protocol {
+    cur.shared.rules.routes[route.index].protocol
+}
+
+/// A gRPC request (`content-type: application/grpc[+…]`): its refusals are
+/// gRPC statuses whatever route it reached.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "application/grpc" || v.starts_with("application/grpc+"))
+}
+
 /// Whose clients a request's errors go to: its route's protocol's.
 pub fn dialect(rq: &Incoming, cur: &Current) -> Dialect {
     match rq.route.map(|i| cur.shared.rules.routes[i].protocol) {
         Some(Protocol::Openai) => Dialect::OpenAi,
         Some(Protocol::Kserve) => Dialect::Kserve,
+        Some(Protocol::Grpc) => Dialect::Grpc,
         Some(Protocol::Passthrough) | None => Dialect::Gateway,
     }
 }
@@ -340,7 +354,23 @@ async fn stages<D: Downstream>(
     );
     req.grant = grant.as_ref();
     dispatch::shadow(&c, &verdict, &req);
-    let x = crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await; // 5
+    let x = if rules_protocol(cur, route) == Protocol::Grpc {
+        let Some(h2) = d.h2() else {
+            return Err(Refusal {
+                retry_after: None,
+                ..Refusal::policy(
+                    400,
+                    "invalid_request",
+                    "grpc_needs_http2",
+                    "gRPC is spoken over HTTP/2",
+                    0,
+                )
+            });
+        };
+        crate::upstream::grpc::forward(h2, &req, w, cur).await // 5, gRPC
+    } else {
+        crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await // 5
+    };
     rq.event("upstream", || {
         let cl = &cur.shared.clusters[cluster];
         vec![

@@ -2,13 +2,15 @@
 //! cluster ([`checkout`]), a pooled keep-alive connection is reused or one
 //! opened, the request and its body are forwarded as they arrive
 //! ([`send`]), and the response is streamed back as it arrives ([`relay`]).
-//! [`shadow`] mirrors a copy of a request to a shadow pool.
+//! [`shadow`] mirrors a copy of a request to a shadow pool; [`grpc`]
+//! relays gRPC routes' streams over HTTP/2 instead.
 //!
 //! Outcome ([`Exchange`]): `error: None` → a response was relayed;
 //! `error: Some(e)` with `response_started: false` → the caller answers with
 //! `e`'s status; with `response_started: true` → the client connection must
 //! be closed (the response is cut short, which the client can detect).
 
+pub mod grpc;
 mod relay;
 mod send;
 mod shadow;

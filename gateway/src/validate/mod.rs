@@ -835,6 +835,9 @@ fn check_media(
         }
         (None, Some(m)) if json_protocol => JSON_ONLY.contains(&m),
         (None, None) if json_protocol => kserve,
+        (None, m) if rr.protocol == Protocol::Grpc => {
+            m.is_some_and(|m| m == "application/grpc" || m.starts_with("application/grpc+"))
+        }
         (None, _) => true,
     };
     if !ok {
@@ -941,6 +944,7 @@ fn json_kind<'a>(
             }
             _ => Found::Stream,
         },
+        Protocol::Grpc => Found::Stream,
         Protocol::Passthrough => {
             let has_body = head.body_kind() != BodyKind::Empty;
             if rr.schema.is_some() && has_body && is_json_media(media) {

@@ -263,6 +263,7 @@ fn pool(batch: usize) -> Vec<SimConfig> {
             per_seq_ms: 0.5,
             prefill_ms_per_1k_tokens: 20.0,
             speed,
+            ..SimConfig::default()
         })
         .collect()
 }

@@ -1,0 +1,356 @@
+//! gRPC to backends (`protocol = "grpc"` routes, from HTTP/2 clients): the
+//! request relayed frame by frame over HTTP/2 (h2c) to a backend of the
+//! route's cluster, picked by the balance stage's algorithm — messages both
+//! ways as they come (bidirectional streaming), the backend's trailers
+//! (`grpc-status`, `grpc-message`) relayed, `grpc-timeout` bounding the
+//! whole exchange. One multiplexed HTTP/2 connection per backend per
+//! worker (`h2`'s client), reopened when it dies.
+//!
+//! A failure before the backend answered becomes the pipeline's refusal
+//! (a gRPC status in a Trailers-Only answer); after, the stream is reset.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use monoio::net::TcpStream;
+use monoio_compat::StreamWrapper;
+
+use crate::error::{ClientError, ProxyError, UpstreamError};
+use crate::http2::H2Stream;
+use crate::worker::{Current, Worker};
+
+use super::{Exchange, InFlight, Request};
+
+/// Headers a gRPC request keeps on its way to the backend (everything but
+/// the pseudo-headers the codec's head carried and the connection's own).
+const DROPPED: [&str; 7] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "x-request-id",
+];
+
+pub async fn forward(d: &mut H2Stream, req: &Request<'_>, w: &Worker, cur: &Current) -> Exchange {
+    let mut x = Exchange::default();
+    let started = Instant::now();
+    let r = exchange(d, req, w, cur, &mut x, started).await;
+    if let Err(e) = r {
+        if x.response_started {
+            d.reset();
+        }
+        if let ProxyError::Upstream(u) = e {
+            let cl = &cur.shared.clusters[req.cluster];
+            w.metrics
+                .inc(&w.metrics.upstream_errors, &[&cl.name, u.kind()], 1);
+        }
+        x.error = Some(e);
+    }
+    x
+}
+
+/// `grpc-timeout` (gRPC over HTTP/2: digits and a unit, H M S m u n).
+fn grpc_timeout(v: &str) -> Option<Duration> {
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    if n.is_empty() || n.len() > 8 {
+        return None;
+    }
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+async fn exchange(
+    d: &mut H2Stream,
+    req: &Request<'_>,
+    w: &Worker,
+    cur: &Current,
+    x: &mut Exchange,
+    started: Instant,
+) -> Result<(), ProxyError> {
+    let cl = &cur.shared.clusters[req.cluster];
+    let b = match crate::balance::pick(
+        &cl.balance,
+        &cl.loads,
+        0,
+        req.model,
+        0,
+        None,
+        cur.cursor(req.cluster),
+        &w.rng,
+    ) {
+        Ok(b) => b,
+        Err(crate::balance::NoPick::Saturated) => {
+            w.metrics.inc(&w.metrics.balance_shed, &[&cl.name], 1);
+            return Err(UpstreamError::Saturated.into());
+        }
+        Err(crate::balance::NoPick::Exhausted) => return Err(UpstreamError::ConnectError.into()),
+    };
+    let addr = cl.backends[b];
+    x.backend = Some(addr);
+    // The whole exchange: the client's grpc-timeout, within the route's total.
+    let asked = d
+        .parts()
+        .headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout);
+    let limit = match (asked, req.route.total_timeout) {
+        (Some(a), Some(t)) => Some(a.min(t)),
+        (a, t) => a.or(t),
+    };
+    let deadline = limit.map(|l| started + l);
+    let left = || deadline.map(|dl| dl.saturating_duration_since(Instant::now()));
+    let within = |fallback: Duration| left().map_or(fallback, |l| l.min(fallback));
+
+    let mut send = sender(w, addr, within(req.route.connect_timeout)).await?;
+    let load = cl.loads[b].clone();
+    let n = load.inflight.fetch_add(1, Ordering::AcqRel) + 1;
+    x.inflight = Some(InFlight {
+        load,
+        stream: false,
+        concurrency: n,
+        backend: b,
+        uncached: 0,
+        queue: cl.queue.as_ref().map(|q| q.0.clone()),
+    });
+    if let Some(g) = req.grant {
+        g.arrived();
+    }
+    let request = upstream_request(d, req, addr)?;
+    match monoio::time::timeout(within(req.route.connect_timeout), poll_fn(|cx| send.poll_ready(cx))).await {
+        Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
+        Ok(Err(_)) => {
+            forget(w, addr);
+            return Err(UpstreamError::Closed.into());
+        }
+        Ok(Ok(())) => {}
+    }
+    let (response, up_send) = send
+        .send_request(request, false)
+        .map_err(|_| UpstreamError::Closed)?;
+    // The request's messages go on their own task: a bidirectional stream
+    // answers before the client has finished sending.
+    if let Some(body) = d.take_body() {
+        let send_timeout = cur.shared.timeouts.send;
+        monoio::spawn(pump_request(body, up_send, send_timeout));
+    }
+    let sent_at = Instant::now();
+    let resp = match monoio::time::timeout(within(req.route.response_timeout), response).await {
+        Err(_) if deadline.is_some_and(|dl| Instant::now() >= dl) => {
+            return Err(UpstreamError::TotalTimeout.into())
+        }
+        Err(_) => return Err(UpstreamError::ResponseTimeout.into()),
+        Ok(Err(e)) => {
+            if e.is_io() || e.is_go_away() {
+                forget(w, addr);
+            }
+            return Err(UpstreamError::Reset.into());
+        }
+        Ok(Ok(r)) => r,
+    };
+    x.header_time = Some(sent_at.elapsed());
+    x.status = resp.status().as_u16();
+    let (mut parts, mut up_body) = resp.into_parts();
+    parts.headers.insert(
+        "x-request-id",
+        http::HeaderValue::from_str(req.request_id).map_err(|_| ProxyError::Internal)?,
+    );
+    let end = up_body.is_end_stream();
+    let mut down = d
+        .respond(http::Response::from_parts(parts, ()), end)
+        .map_err(|_| ClientError::ClientClosed)?;
+    x.response_started = true;
+    let Some(down) = down.as_mut() else {
+        return Ok(());
+    };
+    let send_timeout = cur.shared.timeouts.send;
+    loop {
+        let next = match left() {
+            Some(l) => match monoio::time::timeout(l, up_body.data()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    // Past grpc-timeout mid-stream: DEADLINE_EXCEEDED, the backend's stream cancelled.
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static("4"));
+                    t.insert("grpc-message", http::HeaderValue::from_static("deadline%20exceeded"));
+                    let _ = down.send_trailers(t);
+                    d.done();
+                    return Ok(());
+                }
+            },
+            None => up_body.data().await,
+        };
+        match next {
+            None => break,
+            Some(Err(_)) => return Err(UpstreamError::Reset.into()),
+            Some(Ok(chunk)) => {
+                let n = chunk.len();
+                let _ = up_body.flow_control().release_capacity(n);
+                if x.first_byte.is_none() {
+                    x.first_byte = Some(sent_at.elapsed());
+                    x.first_at = Some(Instant::now());
+                }
+                x.resp_bytes += n as u64;
+                send_all(down, chunk, send_timeout)
+                    .await
+                    .map_err(|_| ClientError::ClientClosed)?;
+            }
+        }
+    }
+    match up_body.trailers().await {
+        Ok(Some(t)) => {
+            down.send_trailers(t).map_err(|_| ClientError::ClientClosed)?;
+        }
+        Ok(None) => {
+            down.send_data(Bytes::new(), true)
+                .map_err(|_| ClientError::ClientClosed)?;
+        }
+        Err(_) => return Err(UpstreamError::Reset.into()),
+    }
+    d.done();
+    Ok(())
+}
+
+/// The request for the backend: the client's method, path and headers
+/// (connection-specific ones dropped), the gateway's request id and the
+/// client's address.
+fn upstream_request(
+    d: &H2Stream,
+    req: &Request<'_>,
+    addr: SocketAddr,
+) -> Result<http::Request<()>, ProxyError> {
+    let p = d.parts();
+    let path = p.uri.path_and_query().map_or("/", |x| x.as_str());
+    let uri = format!("http://{addr}{path}");
+    let mut b = http::Request::builder().method(p.method.clone()).uri(uri);
+    for (name, value) in &p.headers {
+        if DROPPED.contains(&name.as_str()) {
+            continue;
+        }
+        b = b.header(name, value);
+    }
+    b = b
+        .header("x-request-id", req.request_id)
+        .header("x-forwarded-for", req.peer.to_string());
+    b.body(()).map_err(|_| ProxyError::Client(ClientError::Malformed("request head")))
+}
+
+/// The client's messages and trailers to the backend, as its window allows.
+async fn pump_request(mut body: RecvStream, mut up: SendStream<Bytes>, send_timeout: Duration) {
+    loop {
+        match body.data().await {
+            None => break,
+            Some(Err(_)) => {
+                up.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(Ok(chunk)) => {
+                let n = chunk.len();
+                let _ = body.flow_control().release_capacity(n);
+                if send_all(&mut up, chunk, send_timeout).await.is_err() {
+                    up.send_reset(h2::Reason::CANCEL);
+                    return;
+                }
+            }
+        }
+    }
+    match body.trailers().await {
+        Ok(Some(t)) => {
+            let _ = up.send_trailers(t);
+        }
+        _ => {
+            let _ = up.send_data(Bytes::new(), true);
+        }
+    }
+}
+
+/// Send `data` on `s` as the peer's window allows (at most `d` per wait).
+pub(crate) async fn send_all(
+    s: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    d: Duration,
+) -> Result<(), ()> {
+    while !data.is_empty() {
+        s.reserve_capacity(data.len());
+        let n = match monoio::time::timeout(d, poll_fn(|cx| s.poll_capacity(cx))).await {
+            Ok(Some(Ok(n))) => n,
+            _ => return Err(()),
+        };
+        if n == 0 {
+            continue;
+        }
+        let part = data.split_to(n.min(data.len()));
+        s.send_data(part, false).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// This worker's HTTP/2 connection to `addr`, opened on first use.
+async fn sender(
+    w: &Worker,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<SendRequest<Bytes>, ProxyError> {
+    if let Some(s) = w.h2_upstream.borrow().get(&addr) {
+        return Ok(s.clone());
+    }
+    let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            return Err(UpstreamError::ConnectRefused.into())
+        }
+        Ok(Err(_)) => return Err(UpstreamError::ConnectError.into()),
+        Ok(Ok(t)) => t,
+    };
+    let _ = tcp.set_nodelay(true);
+    let hs = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake::<_, Bytes>(StreamWrapper::new(tcp));
+    let (send, conn) = match monoio::time::timeout(timeout, hs).await {
+        Ok(Ok(x)) => x,
+        _ => return Err(UpstreamError::ConnectError.into()),
+    };
+    // The connection's frames are driven by its own task until it closes.
+    monoio::spawn(async move {
+        let _ = conn.await;
+    });
+    w.h2_upstream.borrow_mut().insert(addr, send.clone());
+    Ok(send)
+}
+
+/// A connection that failed is opened anew by the next request.
+fn forget(w: &Worker, addr: SocketAddr) {
+    w.h2_upstream.borrow_mut().remove(&addr);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        for bad in ["", "m", "100", "100x", "123456789S", "-1S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad}");
+        }
+    }
+}
