@@ -113,7 +113,14 @@ pub(super) async fn serve(
         }
     }
     d.finish();
+    d.drain_body().await;
 }
+
+/// After an answer that didn't read the whole request body: read (and
+/// drop) what the client still sends, up to this much for this long, so the
+/// stream ends cleanly instead of with a reset some clients take as an error.
+const DRAIN_BYTES: usize = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// The request's HTTP/1.1 head: method, path, `host` from `:authority`,
 /// the headers, and the body's framing.
@@ -406,6 +413,25 @@ impl H2Stream {
             self.send = None;
         }
         Ok(())
+    }
+
+    /// See [`DRAIN_BYTES`].
+    async fn drain_body(&mut self) {
+        let Some(body) = self.body.as_mut() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + DRAIN_TIME;
+        let mut drained = 0;
+        while drained < DRAIN_BYTES && !body.is_end_stream() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match monoio::time::timeout(left, body.data()).await {
+                Ok(Some(Ok(b))) => {
+                    drained += b.len();
+                    let _ = body.flow_control().release_capacity(b.len());
+                }
+                _ => break,
+            }
+        }
     }
 
     /// After the pipeline: a body with no end of its own (close-delimited)
