@@ -214,9 +214,9 @@ const PREREQS: &[Prereq] = &[
     },
     Prereq {
         name: "py-clients",
-        check: || python_imports("import openai, tritonclient.http, h2"),
-        install: Install::Pip(&["openai", "tritonclient[http]", "h2"]),
-        why: "tests: the OpenAI Python SDK and tritonclient through the gateway; h2 crafts HTTP/2 frames",
+        check: || python_imports("import openai, tritonclient.http, h2, grpc, grpc_health"),
+        install: Install::Pip(&["openai", "tritonclient[http]", "h2", "grpcio", "grpcio-health-checking"]),
+        why: "tests: the OpenAI Python SDK and tritonclient through the gateway; h2 crafts HTTP/2 frames; grpcio on both sides of gRPC routes",
     },
     Prereq {
         name: "llvm-22",

@@ -232,7 +232,7 @@ pub(super) fn check_bodies(
         {
             sink.err(format!("routes[{i}].response_drop_fields"), e);
         }
-        if r.protocol != Protocol::Passthrough && !has_models {
+        if matches!(r.protocol, Protocol::Openai | Protocol::Kserve) && !has_models {
             sink.err(
                 format!("routes[{i}].protocol"),
                 "an openai or kserve route needs a model catalogue: add [[models]] entries",
