@@ -479,7 +479,7 @@ impl Authn {
         buf: &[u8],
         head: &mut RequestHead,
         accepted: &[AuthMethod],
-        tls: Option<&rustls::ServerConnection>,
+        client_cert: Option<&[u8]>,
         cache: &RefCell<TokenCache>,
     ) -> Result<Arc<Identity>, AuthnError> {
         let mut bearer: Option<&[u8]> = None;
@@ -508,7 +508,7 @@ impl Authn {
             // Which one would a backend read? Refuse rather than guess.
             return Err(AuthnError::invalid("repeated_credentials"));
         }
-        self.authenticate_credentials(bearer, api_key, accepted, tls, cache)
+        self.authenticate_credentials(bearer, api_key, accepted, client_cert, cache)
     }
 
     /// The header name API keys come in (the admin listener reads it too).
@@ -523,7 +523,7 @@ impl Authn {
         bearer: Option<&'a [u8]>,
         mut api_key: Option<&'a [u8]>,
         accepted: &[AuthMethod],
-        tls: Option<&rustls::ServerConnection>,
+        client_cert: Option<&[u8]>,
         cache: &RefCell<TokenCache>,
     ) -> Result<Arc<Identity>, AuthnError> {
         let accepts = |m: AuthMethod| accepted.contains(&m);
@@ -549,12 +549,9 @@ impl Authn {
             }
         }
         if accepts(AuthMethod::Mtls) {
-            if let Some(leaf) = tls
-                .and_then(|t| t.peer_certificates())
-                .and_then(|c| c.first())
-            {
-                let fp = sha256(leaf.as_ref());
-                let subject = crate::x509::subject(leaf.as_ref()).unwrap_or_default();
+            if let Some(leaf) = client_cert {
+                let fp = sha256(leaf);
+                let subject = crate::x509::subject(leaf).unwrap_or_default();
                 // Policies may test the certificate's names as claims.
                 let claims = self
                     .policy_claims

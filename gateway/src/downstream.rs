@@ -50,8 +50,10 @@ pub trait Downstream {
     /// A descriptor whose hang-up means the client is gone (watched while a
     /// backend works on the request: a client that left must not keep a GPU busy).
     fn closed_watch(&self) -> RawFd;
-    /// The TLS session the request came over, if any (client certificate, SNI).
-    fn tls_session(&self) -> Option<&rustls::ServerConnection>;
+    /// The request came over TLS.
+    fn tls(&self) -> bool;
+    /// The client certificate the TLS handshake verified (DER), if any.
+    fn client_certificate(&self) -> Option<&[u8]>;
     /// An HTTP/2 stream's own frames, for protocols relayed frame by frame
     /// (gRPC); `None` for HTTP/1.1.
     fn h2(&mut self) -> Option<&mut crate::http2::H2Stream> {
@@ -95,7 +97,14 @@ impl Downstream for Conn {
         self.raw_fd()
     }
 
-    fn tls_session(&self) -> Option<&rustls::ServerConnection> {
+    fn tls(&self) -> bool {
+        Conn::tls_session(self).is_some()
+    }
+
+    fn client_certificate(&self) -> Option<&[u8]> {
         Conn::tls_session(self)
+            .and_then(|t| t.peer_certificates())
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref())
     }
 }

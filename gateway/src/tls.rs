@@ -336,7 +336,11 @@ fn server_config(
         }
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if s.http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     let kept = resumption(policy, s.session_cache)?;
     if s.session_tickets {
         config.ticketer = kept.ticketer.clone();

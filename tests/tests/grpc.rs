@@ -84,18 +84,28 @@ fn grpc_calls_are_relayed_and_refusals_are_grpc_statuses() {
         r["server_stream"]["value"],
         serde_json::json!(["0:x", "1:x", "2:x", "3:x", "4:x"])
     );
-    assert_eq!(r["bidi"]["value"], serde_json::json!(["re:a", "re:b", "re:c"]));
+    assert_eq!(
+        r["bidi"]["value"],
+        serde_json::json!(["re:a", "re:b", "re:c"])
+    );
     assert_eq!(r["fail"]["code"], "NOT_FOUND");
     assert_eq!(r["fail"]["details"], "nope, not here");
     assert_eq!(r["health"]["value"], "SERVING");
     // The backend sees the gateway's request id and the client's address.
     assert_eq!(r["who"]["value"]["x-forwarded-for"], "127.0.0.1", "{r}");
-    assert!(r["who"]["value"]["x-request-id"].as_str().is_some_and(|s| s.len() >= 16));
+    assert!(r["who"]["value"]["x-request-id"]
+        .as_str()
+        .is_some_and(|s| s.len() >= 16));
     // The gateway's own answers, as gRPC statuses.
     assert_eq!(r["no_key"]["code"], "UNAUTHENTICATED", "{r}");
     assert_eq!(r["limited_1"]["ok"], true, "{r}");
     assert_eq!(r["limited_2"]["code"], "RESOURCE_EXHAUSTED", "{r}");
-    assert!(r["limited_2"]["pushback"].as_str().is_some_and(|p| p.parse::<u64>().unwrap() >= 1000), "{r}");
+    assert!(
+        r["limited_2"]["pushback"]
+            .as_str()
+            .is_some_and(|p| p.parse::<u64>().unwrap() >= 1000),
+        "{r}"
+    );
     assert_eq!(r["no_route"]["code"], "NOT_FOUND", "{r}");
     assert_eq!(r["deadline"]["code"], "DEADLINE_EXCEEDED", "{r}");
     assert!(g.metric(&["gateway_h2_streams_total"]) >= 10.0);

@@ -35,7 +35,14 @@ fn start(d: Driver, backend: std::net::SocketAddr, http2: &str) -> Gateway {
 /// curl over h2c with prior knowledge: (HTTP version, status, body).
 fn curl(g: &Gateway, path: &str, args: &[&str]) -> (String, u16, Vec<u8>) {
     let out = Command::new("curl")
-        .args(["-s", "--http2-prior-knowledge", "-o", "-", "-w", "\n%{http_version} %{http_code}"])
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
         .args(args)
         .arg(format!("http://{}{path}", g.addr))
         .output()
@@ -65,7 +72,14 @@ both_drivers!(requests_streams_and_refusals_over_h2c, |d: Driver| {
     let (_, code, body) = curl(
         &g,
         "/echo",
-        &["-X", "PUT", "-H", "transfer-encoding: chunked", "--data-binary", &format!("@{}", file.display())],
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "transfer-encoding: chunked",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
     );
     assert_eq!(code, 200);
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -79,17 +93,55 @@ both_drivers!(requests_streams_and_refusals_over_h2c, |d: Driver| {
     // The OpenAI route: authn, validation and the OpenAI error shape apply.
     let auth = format!("authorization: Bearer {KEY}");
     let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-    let (_, code, body) = curl(&g, "/v1/chat/completions", &["-H", &auth, "-H", "content-type: application/json", "-d", chat]);
+    let (_, code, body) = curl(
+        &g,
+        "/v1/chat/completions",
+        &[
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            chat,
+        ],
+    );
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let (_, code, _) = curl(&g, "/v1/chat/completions", &["-H", "content-type: application/json", "-d", chat]);
+    let (_, code, _) = curl(
+        &g,
+        "/v1/chat/completions",
+        &["-H", "content-type: application/json", "-d", chat],
+    );
     assert_eq!(code, 401);
-    let (_, code, body) = curl(&g, "/v1/chat/completions", &["-H", &auth, "-H", "content-type: application/json", "-d", r#"{"model":"m","temperature":9,"messages":[{"role":"user","content":"hi"}]}"#]);
+    let (_, code, body) = curl(
+        &g,
+        "/v1/chat/completions",
+        &[
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"model":"m","temperature":9,"messages":[{"role":"user","content":"hi"}]}"#,
+        ],
+    );
     assert_eq!(code, 400);
     let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(err["error"]["param"], "temperature");
     // A stream: every event, in order, the usage event hidden.
     let stream = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let (_, code, body) = curl(&g, "/v1/chat/completions", &["-N", "-H", &auth, "-H", "content-type: application/json", "-d", stream]);
+    let (_, code, body) = curl(
+        &g,
+        "/v1/chat/completions",
+        &[
+            "-N",
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            stream,
+        ],
+    );
     assert_eq!(code, 200);
     let text = String::from_utf8_lossy(&body);
     assert_eq!(text.matches("\"delta\"").count(), 6, "{text}");
@@ -98,7 +150,12 @@ both_drivers!(requests_streams_and_refusals_over_h2c, |d: Driver| {
     let r = request(g.addr, b"GET /echo HTTP/1.1\r\nhost: t\r\n\r\n");
     assert_eq!(r.status, 200);
     assert!(g.metric(&["gateway_h2_connections_total", "result=\"accepted\""]) >= 7.0);
-    assert!(g.wait_metric(&["gateway_requests_total", "route=\"chat\"", "status=\"401\""], 1.0) >= 1.0);
+    assert!(
+        g.wait_metric(
+            &["gateway_requests_total", "route=\"chat\"", "status=\"401\""],
+            1.0
+        ) >= 1.0
+    );
 });
 
 both_drivers!(h2load_multiplexes_streams, |d: Driver| {
@@ -118,8 +175,15 @@ both_drivers!(h2load_multiplexes_streams, |d: Driver| {
         .arg(format!("http://{}/slow?ms=200", g.addr))
         .output()
         .expect("nghttp runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(g.metric(&["gateway_h2_connections_total", "result=\"accepted\""]), 4.0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        g.metric(&["gateway_h2_connections_total", "result=\"accepted\""]),
+        4.0
+    );
 });
 
 fn abuse(g: &Gateway, scenario: &str) -> serde_json::Value {
@@ -159,7 +223,11 @@ fn rapid_reset_ends_the_connection_with_goaway() {
         + g.metric(&["gateway_h2_goaways_total", "reason=\"enhance_your_calm\""]);
     assert!(calm >= 1.0);
     // The streams it had started reached the backend at most twice the limit.
-    assert!(b.requests() <= 2 * 32 + 1, "{} requests reached the backend", b.requests());
+    assert!(
+        b.requests() <= 2 * 32 + 1,
+        "{} requests reached the backend",
+        b.requests()
+    );
     still_serves(&g);
     assert!(g.rss_kib() < rss + 64 * 1024);
 }
@@ -175,7 +243,11 @@ fn continuation_flood_is_refused_at_the_header_list_limit() {
     assert!(r["sent_bytes"].as_u64().unwrap() < 20_000_000, "{r}");
     assert_eq!(b.requests(), 0);
     still_serves(&g);
-    assert!(g.rss_kib() < rss + 32 * 1024, "RSS grew from {rss} to {} KiB", g.rss_kib());
+    assert!(
+        g.rss_kib() < rss + 32 * 1024,
+        "RSS grew from {rss} to {} KiB",
+        g.rss_kib()
+    );
 }
 
 #[test]
@@ -190,13 +262,21 @@ fn ping_and_settings_floods_stay_bounded_and_others_are_served() {
         assert!(r["sent"].as_u64().unwrap() > 0, "{s}: {r}");
         still_serves(&g);
     }
-    assert!(g.rss_kib() < rss + 32 * 1024, "RSS grew from {rss} to {} KiB", g.rss_kib());
+    assert!(
+        g.rss_kib() < rss + 32 * 1024,
+        "RSS grew from {rss} to {} KiB",
+        g.rss_kib()
+    );
 }
 
 #[test]
 fn concurrent_streams_and_header_size_limits_hold() {
     let b = Backend::start("h2");
-    let g = start(Driver::Auto, b.addr, "max_concurrent_streams = 50\nmax_header_list_size = 8192");
+    let g = start(
+        Driver::Auto,
+        b.addr,
+        "max_concurrent_streams = 50\nmax_header_list_size = 8192",
+    );
     let r = abuse(&g, "streams");
     assert_eq!(r["max_concurrent_streams"], 50, "{r}");
     // 50 served; the other 150 refused by the client's own h2 or reset by the gateway.
@@ -208,7 +288,11 @@ fn concurrent_streams_and_header_size_limits_hold() {
         "a 64 KiB header is refused: {r}"
     );
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(b.requests(), before, "the oversized request never reached the backend");
+    assert_eq!(
+        b.requests(),
+        before,
+        "the oversized request never reached the backend"
+    );
 }
 
 #[test]
@@ -231,8 +315,10 @@ fn an_idle_h2_connection_gets_goaway() {
 fn abuse_idle(g: &Gateway) -> bool {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(g.addr).unwrap();
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -245,7 +331,9 @@ fn abuse_idle(g: &Gateway) -> bool {
         // Frames: 9-byte headers; GOAWAY is type 7.
         let mut i = 0;
         while i + 9 <= buf.len() {
-            let len = (usize::from(buf[i]) << 16) | (usize::from(buf[i + 1]) << 8) | usize::from(buf[i + 2]);
+            let len = (usize::from(buf[i]) << 16)
+                | (usize::from(buf[i + 1]) << 8)
+                | usize::from(buf[i + 2]);
             if buf[i + 3] == 7 {
                 return true;
             }
@@ -253,4 +341,69 @@ fn abuse_idle(g: &Gateway) -> bool {
         }
     }
     false
+}
+
+#[test]
+fn tls_clients_that_choose_h2_by_alpn_get_http2_with_their_certificate_identity() {
+    use gateway_tests::tls::{write_pair, Ca};
+    let dir = gateway_tests::gateway::temp_dir("h2tls");
+    let ca = Ca::new("h2 test CA");
+    write_pair(&dir, "api", &ca.leaf(&["api.test"]));
+    let clients = Ca::new("h2 client CA");
+    std::fs::write(dir.join("clients-ca.pem"), &clients.pem).unwrap();
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    let (cert, key) = write_pair(&dir, "svc", &clients.client("svc-a"));
+    let b = Backend::start("h2tls");
+    let port = gateway_tests::gateway::free_port();
+    let body = format!(
+        "[tls]\nlisten = [\"127.0.0.1:{port}\"]\nclient_auth = \"optional\"\nclient_ca = \"{d}/clients-ca.pem\"\n\
+         [[tls.certificates]]\ncert = \"{d}/api.crt\"\nkey = \"{d}/api.key\"\n\
+         [clusters.b]\nbackends = [\"{}\"]\n[[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"b\"\n\
+         [[authn.mtls_clients]]\nname = \"svc-a\"\nclient = \"service-a\"\ntenant = \"acme\"\n\
+         [[authz.rules]]\nid = \"any\"\ntenants = [\"*\"]\n",
+        b.addr,
+        d = dir.display()
+    );
+    let g = Gateway::start(Spec::new(Driver::Auto, &body));
+    let curl = |extra: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(dir.join("ca.pem"))
+            .args([
+                "--resolve",
+                &format!("api.test:{port}:127.0.0.1"),
+                "-w",
+                "\n%{http_version} %{http_code}",
+            ])
+            .args(extra)
+            .arg(format!("https://api.test:{port}/who"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, tail) = text.rsplit_once('\n').unwrap();
+        (tail.to_string(), body.to_string())
+    };
+    let (tail, body) = curl(&[
+        "--http2",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(tail, "2 200", "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["headers"]["x-gateway-principal"], "service-a");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+    // Without a certificate: no identity, 401; HTTP/1.1 still offered.
+    let (tail, _) = curl(&["--http2"]);
+    assert_eq!(tail, "2 401");
+    let (tail, _) = curl(&[
+        "--http1.1",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(tail, "1.1 200");
+    assert!(g.metric(&["gateway_h2_connections_total", "result=\"accepted\""]) >= 2.0);
 }

@@ -42,8 +42,7 @@ pub use ratelimit::RateLimitSettings;
 pub use routes::{AuthMethod, Protocol, RouteConfig, RouteTimeouts};
 pub use server::{
     AdminConfig, DriverChoice, Http2Settings, Limits, LogConfig, LogFormat, ServerConfig, Timeouts,
-    TracingConfig,
-    Workers, MAX_HEADERS,
+    TracingConfig, Workers, MAX_HEADERS,
 };
 pub use tls::{CertificateFiles, ClientAuth, TlsListener, TlsSettings, TlsVersion};
 pub use xdp::{Cidr, XdpAttach, XdpMode, XdpSettings};

@@ -66,6 +66,9 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
     /// TLS 1.3 session tickets (stateless resumption; keys rotate every 6 h).
     pub session_tickets: bool,
+    /// Offer HTTP/2 by ALPN (`h2`, preferred, then `http/1.1`); a client
+    /// that picks it is served as HTTP/2 (`[http2]` limits).
+    pub http2: bool,
     /// Server-side session cache entries (resumption without tickets).
     pub session_cache: usize,
     pub client_auth: ClientAuth,
@@ -86,6 +89,7 @@ impl Default for TlsSettings {
             min_version: TlsVersion::V1_2,
             handshake_timeout: Duration::from_secs(10),
             session_tickets: true,
+            http2: true,
             session_cache: 10_000,
             client_auth: ClientAuth::None,
             client_ca: None,

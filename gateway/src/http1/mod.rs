@@ -36,12 +36,17 @@ pub async fn serve_connection(
         match sniff_h2(&mut client, &w).await {
             Some(true) => {
                 let (tcp, read) = client.into_parts();
-                crate::http2::serve(tcp, read, peer, w).await;
+                crate::http2::serve_h2c(tcp, read, peer, w).await;
                 return;
             }
             Some(false) => {}
             None => return,
         }
+    }
+    // TLS: the client chose HTTP/2 by ALPN.
+    if client.tls_session().and_then(|t| t.alpn_protocol()) == Some(b"h2") {
+        crate::http2::serve_tls(client, peer, w).await;
+        return;
     }
     let conn_id = w.conn_id();
     let mut rq = Incoming::new(peer);

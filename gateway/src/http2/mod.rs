@@ -32,22 +32,60 @@ use bytes::Bytes;
 use monoio::net::TcpStream;
 use monoio_compat::StreamWrapper;
 
+use std::os::fd::RawFd;
+
+use crate::io::Conn;
 use crate::pipeline::{Incoming, Scratch};
 use crate::worker::Worker;
 
 /// The client preface every HTTP/2 connection opens with (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// What a TLS connection's streams need of its handshake.
+#[derive(Debug, Default)]
+pub struct TlsFacts {
+    /// The client certificate the handshake verified (DER leaf).
+    pub client_cert: Option<Vec<u8>>,
+}
+
 /// Serve an h2c connection whose first bytes (`read`, at least the start
 /// of the preface) were already read off `tcp`.
-pub async fn serve(tcp: TcpStream, read: Vec<u8>, peer: SocketAddr, w: Rc<Worker>) {
-    let cur = w.current();
-    let s = &cur.shared.http2;
+pub async fn serve_h2c(tcp: TcpStream, read: Vec<u8>, peer: SocketAddr, w: Rc<Worker>) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     let io = Prefixed {
         read: Bytes::from(read),
         inner: StreamWrapper::new(tcp),
     };
+    serve(io, peer, fd, None, w).await;
+}
+
+/// Serve a TLS connection whose client chose `h2` by ALPN.
+pub async fn serve_tls(conn: Conn, peer: SocketAddr, w: Rc<Worker>) {
+    let fd = conn.raw_fd();
+    let facts = TlsFacts {
+        client_cert: conn
+            .tls_session()
+            .and_then(|t| t.peer_certificates())
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec()),
+    };
+    let send = w.current().shared.timeouts.send;
+    serve(
+        StreamWrapper::new(TlsIo { conn, send }),
+        peer,
+        fd,
+        Some(Rc::new(facts)),
+        w,
+    )
+    .await;
+}
+
+async fn serve<IO>(io: IO, peer: SocketAddr, fd: RawFd, tls: Option<Rc<TlsFacts>>, w: Rc<Worker>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let cur = w.current();
+    let s = &cur.shared.http2;
     let m = &cur.shared.metrics;
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(s.max_concurrent_streams)
@@ -59,16 +97,19 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, peer: SocketAddr, w: Rc<Worker
         .max_pending_accept_reset_streams(s.max_pending_resets)
         .max_local_error_reset_streams(Some(s.max_error_resets))
         .handshake::<_, Bytes>(io);
-    let mut conn = match monoio::time::timeout(cur.shared.timeouts.client_header, handshake).await
-    {
+    let mut conn = match monoio::time::timeout(cur.shared.timeouts.client_header, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            m.h2_connections.with_label_values(&["handshake_failed"]).inc();
+            m.h2_connections
+                .with_label_values(&["handshake_failed"])
+                .inc();
             tracing::debug!(client = %peer, error = %e, "HTTP/2 handshake failed");
             return;
         }
         Err(_) => {
-            m.h2_connections.with_label_values(&["handshake_timeout"]).inc();
+            m.h2_connections
+                .with_label_values(&["handshake_timeout"])
+                .inc();
             return;
         }
     };
@@ -116,15 +157,21 @@ pub async fn serve(tcp: TcpStream, read: Vec<u8>, peer: SocketAddr, w: Rc<Worker
                     conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                     m.h2_goaways.with_label_values(&["rapid_reset"]).inc();
                     tracing::warn!(client = %peer, open = open.get(), "HTTP/2 rapid reset: connection closed with GOAWAY");
-                    let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+                    let _ = monoio::time::timeout(
+                        Duration::from_secs(1),
+                        poll_fn(|cx| conn.poll_closed(cx)),
+                    )
+                    .await;
                     return;
                 }
                 m.h2_streams.inc();
                 open.set(open.get() + 1);
-                let (w2, open2) = (w.clone(), open.clone());
+                let (w2, open2, tls2) = (w.clone(), open.clone(), tls.clone());
                 monoio::spawn(async move {
                     // A bug costs one stream, not the worker.
-                    let served = crate::listener::CatchUnwind(stream::serve(req, respond, peer, fd, &w2));
+                    let served = crate::listener::CatchUnwind(stream::serve(
+                        req, respond, peer, fd, tls2, &w2,
+                    ));
                     if served.await.is_err() {
                         w2.metrics_registry.connection_panics.inc();
                         tracing::error!(client = %peer, "HTTP/2 stream task panicked; stream dropped");
@@ -188,10 +235,7 @@ impl tokio::io::AsyncWrite for Prefixed {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -202,8 +246,97 @@ fn scratch() -> Scratch {
 }
 
 /// The request as the pipeline's stages see it: HTTP/2 on the access log.
-fn incoming(peer: SocketAddr) -> Incoming {
+fn incoming(peer: SocketAddr, tls: bool) -> Incoming {
     let mut rq = Incoming::new(peer);
-    rq.protocol = "h2c";
+    rq.protocol = if tls { "h2" } else { "h2c" };
+    if tls {
+        rq.tls = Some("TLS");
+    }
     rq
+}
+
+/// A TLS connection (the gateway's own TLS, `io::Conn`) as monoio's
+/// owned-buffer I/O, for monoio-compat's tokio-IO wrapper under `h2`.
+struct TlsIo {
+    conn: Conn,
+    /// Writes give up after this long without progress.
+    send: Duration,
+}
+
+impl monoio::io::AsyncReadRent for TlsIo {
+    async fn read<T: monoio::buf::IoBufMut>(&mut self, mut buf: T) -> monoio::BufResult<usize, T> {
+        if self.conn.pending().is_empty() {
+            match self.conn.fill().await {
+                Ok(0) => return (Ok(0), buf),
+                Err(e) => return (Err(e), buf),
+                Ok(_) => {}
+            }
+        }
+        let p = self.conn.pending();
+        let n = p.len().min(buf.bytes_total());
+        // SAFETY: `n` ≤ the buffer's capacity; the bytes are initialised by the copy.
+        unsafe {
+            buf.write_ptr().copy_from_nonoverlapping(p.as_ptr(), n);
+            buf.set_init(n);
+        }
+        self.conn.consume(n);
+        (Ok(n), buf)
+    }
+
+    async fn readv<T: monoio::buf::IoVecBufMut>(
+        &mut self,
+        mut buf: T,
+    ) -> monoio::BufResult<usize, T> {
+        // SAFETY: the iovec stays alive with `buf` for the call.
+        let Some(raw) = (unsafe { monoio::buf::RawBuf::new_from_iovec_mut(&mut buf) }) else {
+            return (Ok(0), buf);
+        };
+        let (r, _) = self.read(raw).await;
+        let n = r.as_ref().copied().unwrap_or(0);
+        // SAFETY: `read` initialised `n` bytes of the first iovec.
+        unsafe { buf.set_init(n) };
+        (r, buf)
+    }
+}
+
+impl monoio::io::AsyncWriteRent for TlsIo {
+    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        // SAFETY: `read_ptr` is valid for `bytes_init` bytes while `buf` lives.
+        let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) }.to_vec();
+        let n = data.len();
+        match self.conn.write_all(data, self.send).await.0 {
+            Ok(()) => (Ok(n), buf),
+            Err(crate::io::WriteError::Timeout) => (Err(std::io::ErrorKind::TimedOut.into()), buf),
+            Err(crate::io::WriteError::Io(e)) => (Err(e), buf),
+        }
+    }
+
+    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        let mut data = Vec::new();
+        // SAFETY: the iovecs are valid while `buf` lives.
+        unsafe {
+            let iov = std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len());
+            for v in iov {
+                data.extend_from_slice(std::slice::from_raw_parts(
+                    v.iov_base as *const u8,
+                    v.iov_len,
+                ));
+            }
+        }
+        let n = data.len();
+        match self.conn.write_all(data, self.send).await.0 {
+            Ok(()) => (Ok(n), buf),
+            Err(crate::io::WriteError::Timeout) => (Err(std::io::ErrorKind::TimedOut.into()), buf),
+            Err(crate::io::WriteError::Io(e)) => (Err(e), buf),
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.conn.close_notify().await;
+        Ok(())
+    }
 }

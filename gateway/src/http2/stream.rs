@@ -46,10 +46,11 @@ pub(super) async fn serve(
     respond: SendResponse<Bytes>,
     peer: SocketAddr,
     fd: RawFd,
+    tls: Option<Rc<super::TlsFacts>>,
     w: &Rc<Worker>,
 ) {
     let cur = w.current();
-    let mut rq = super::incoming(peer);
+    let mut rq = super::incoming(peer, tls.is_some());
     let (parts, body) = req.into_parts();
     let head = head_of(&parts, body.is_end_stream());
     let grpc = crate::pipeline::is_grpc(&parts.headers);
@@ -67,6 +68,7 @@ pub(super) async fn serve(
         out: Out::Head(Vec::new()),
         head_request: false,
         fd,
+        tls,
     };
     d.head_request = d.parts.method == http::Method::HEAD;
     d.chunked = !d.parts.headers.contains_key(http::header::CONTENT_LENGTH) && !end_stream;
@@ -202,6 +204,7 @@ pub struct H2Stream {
     out: Out,
     head_request: bool,
     fd: RawFd,
+    tls: Option<Rc<super::TlsFacts>>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
@@ -209,6 +212,10 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 }
 
 impl H2Stream {
+    fn tls_facts(&self) -> Option<&super::TlsFacts> {
+        self.tls.as_deref()
+    }
+
     /// The request as the client sent it (pseudo-headers and headers).
     pub fn parts(&self) -> &http::request::Parts {
         &self.parts
@@ -258,7 +265,10 @@ impl H2Stream {
         let mut b = http::Response::builder()
             .status(200)
             .header("content-type", "application/grpc")
-            .header("grpc-status", crate::error::grpc_status(r.status).to_string())
+            .header(
+                "grpc-status",
+                crate::error::grpc_status(r.status).to_string(),
+            )
             .header("grpc-message", percent(&r.message))
             .header("x-request-id", request_id);
         if let Some(s) = r.retry_after {
@@ -293,7 +303,10 @@ impl H2Stream {
         let mut resp = http::Response::builder().status(rh.status);
         for h in &rh.headers {
             let name = &acc[h.name.clone()];
-            if HOP_BY_HOP.iter().any(|x| name.eq_ignore_ascii_case(x.as_bytes())) {
+            if HOP_BY_HOP
+                .iter()
+                .any(|x| name.eq_ignore_ascii_case(x.as_bytes()))
+            {
                 continue;
             }
             resp = resp.header(name, &acc[h.value.clone()]);
@@ -386,7 +399,12 @@ impl H2Stream {
 
     /// Send `data` as the client's window allows, waiting at most `d` for
     /// each opening of it.
-    async fn send_data(&mut self, mut data: Bytes, end: bool, d: Duration) -> Result<(), WriteError> {
+    async fn send_data(
+        &mut self,
+        mut data: Bytes,
+        end: bool,
+        d: Duration,
+    ) -> Result<(), WriteError> {
         let Some(s) = self.send.as_mut() else {
             return Ok(());
         };
@@ -542,7 +560,11 @@ impl Downstream for H2Stream {
         Ok(())
     }
 
-    async fn write_all(&mut self, mut out: Vec<u8>, d: Duration) -> (Result<(), WriteError>, Vec<u8>) {
+    async fn write_all(
+        &mut self,
+        mut out: Vec<u8>,
+        d: Duration,
+    ) -> (Result<(), WriteError>, Vec<u8>) {
         let r = self.emit(&out, d).await;
         out.clear();
         (r, out)
@@ -552,7 +574,11 @@ impl Downstream for H2Stream {
         self.fd
     }
 
-    fn tls_session(&self) -> Option<&rustls::ServerConnection> {
-        None
+    fn tls(&self) -> bool {
+        H2Stream::tls_facts(self).is_some()
+    }
+
+    fn client_certificate(&self) -> Option<&[u8]> {
+        H2Stream::tls_facts(self).and_then(|t| t.client_cert.as_deref())
     }
 }

@@ -36,7 +36,7 @@ pub(super) fn authenticate<D: Downstream>(
             return Ok(None);
         }
     };
-    let tls = d.tls_session();
+    let tls = d.client_certificate();
     let buf = d.pending();
     match authn.authenticate(buf, &mut rq.head, &route.auth, tls, &w.token_cache) {
         Ok(id) => {

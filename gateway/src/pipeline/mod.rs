@@ -341,7 +341,7 @@ async fn stages<D: Downstream>(
     }
     let cluster = dispatch::balance(&c, &verdict); // 4d
     let grant = queue::wait(d, &c, &verdict, &admission, cluster).await?; // 4e
-    let tls = d.tls_session().is_some();
+    let tls = d.tls();
     let strip_usage = dispatch::ask_stream_usage(&c, &mut verdict);
     let mut req = dispatch::upstream_request(
         &c,
@@ -369,7 +369,8 @@ async fn stages<D: Downstream>(
         };
         crate::upstream::grpc::forward(h2, &req, w, cur).await // 5, gRPC
     } else {
-        crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await // 5
+        crate::upstream::forward(d, &req, w, cur, &mut s.out, &mut s.resp_head).await
+        // 5
     };
     rq.event("upstream", || {
         let cl = &cur.shared.clusters[cluster];

@@ -132,7 +132,12 @@ async fn exchange(
         g.arrived();
     }
     let request = upstream_request(d, req, addr)?;
-    match monoio::time::timeout(within(req.route.connect_timeout), poll_fn(|cx| send.poll_ready(cx))).await {
+    match monoio::time::timeout(
+        within(req.route.connect_timeout),
+        poll_fn(|cx| send.poll_ready(cx)),
+    )
+    .await
+    {
         Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
         Ok(Err(_)) => {
             forget(w, addr);
@@ -187,7 +192,10 @@ async fn exchange(
                     // Past grpc-timeout mid-stream: DEADLINE_EXCEEDED, the backend's stream cancelled.
                     let mut t = http::HeaderMap::new();
                     t.insert("grpc-status", http::HeaderValue::from_static("4"));
-                    t.insert("grpc-message", http::HeaderValue::from_static("deadline%20exceeded"));
+                    t.insert(
+                        "grpc-message",
+                        http::HeaderValue::from_static("deadline%20exceeded"),
+                    );
                     let _ = down.send_trailers(t);
                     d.done();
                     return Ok(());
@@ -214,7 +222,8 @@ async fn exchange(
     }
     match up_body.trailers().await {
         Ok(Some(t)) => {
-            down.send_trailers(t).map_err(|_| ClientError::ClientClosed)?;
+            down.send_trailers(t)
+                .map_err(|_| ClientError::ClientClosed)?;
         }
         Ok(None) => {
             down.send_data(Bytes::new(), true)
@@ -247,7 +256,8 @@ fn upstream_request(
     b = b
         .header("x-request-id", req.request_id)
         .header("x-forwarded-for", req.peer.to_string());
-    b.body(()).map_err(|_| ProxyError::Client(ClientError::Malformed("request head")))
+    b.body(())
+        .map_err(|_| ProxyError::Client(ClientError::Malformed("request head")))
 }
 
 /// The client's messages and trailers to the backend, as its window allows.
