@@ -110,3 +110,65 @@ fn grpc_calls_are_relayed_and_refusals_are_grpc_statuses() {
     assert_eq!(r["deadline"]["code"], "DEADLINE_EXCEEDED", "{r}");
     assert!(g.metric(&["gateway_h2_streams_total"]) >= 10.0);
 }
+
+#[test]
+fn kserve_grpc_model_infer_is_decoded_routed_and_its_tensors_checked() {
+    let port = free_port();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py/triton_grpc.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .args(["server", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (cargo xtask setup installs tritonclient[grpc])");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Server(child);
+    assert_eq!(line.trim(), "ready");
+    let body = format!(
+        "[clusters.triton]\nbackends = [\"127.0.0.1:{port}\"]\n[[models]]\nname = \"simple\"\nversions = [\"1\"]\n\
+         [[routes]]\nname = \"grpc-health\"\npath_prefix = \"/inference.GRPCInferenceService/Server\"\nprotocol = \"grpc\"\ncluster = \"triton\"\nanonymous = true\n\
+         [[routes]]\nname = \"kserve-grpc\"\npath_prefix = \"/inference.GRPCInferenceService/\"\nprotocol = \"grpc\"\ncluster = \"triton\"\n\
+         [[authn.api_keys]]\nclient = \"app\"\ntenant = \"acme\"\nsha256 = [\"{}\"]\n\
+         [[authz.rules]]\nid = \"acme\"\ntenants = [\"acme\"]\nmodels = [\"simple\"]\n",
+        key_digest(KEY)
+    );
+    let g = Gateway::start(Spec {
+        server_extra: "h2c = true",
+        ..Spec::new(Driver::Auto, &body)
+    });
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["client", &g.addr.to_string(), KEY])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["live"]["value"], true, "{r}");
+    assert_eq!(r["ready"]["value"], true, "{r}");
+    assert_eq!(r["metadata"]["value"], "simple", "{r}");
+    let expected: Vec<Vec<i32>> = vec![(0..16).collect()];
+    assert_eq!(r["infer"]["value"], serde_json::json!(expected), "{r}");
+    assert_eq!(r["unknown_model"]["status"], "StatusCode.NOT_FOUND", "{r}");
+    assert_eq!(r["no_key"]["status"], "StatusCode.UNAUTHENTICATED", "{r}");
+    assert_eq!(r["bad_raw"]["status"], "INVALID_ARGUMENT", "{r}");
+    assert!(
+        r["bad_raw"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/raw_input_contents/0")),
+        "{r}"
+    );
+    // The model routed and counted like a REST request's.
+    assert!(
+        g.wait_metric(
+            &["gateway_validation_rejections_total", "model=\"simple\""],
+            1.0
+        ) >= 1.0
+    );
+}

@@ -214,9 +214,19 @@ const PREREQS: &[Prereq] = &[
     },
     Prereq {
         name: "py-clients",
-        check: || python_imports("import openai, tritonclient.http, h2, grpc, grpc_health"),
-        install: Install::Pip(&["openai", "tritonclient[http]", "h2", "grpcio", "grpcio-health-checking"]),
-        why: "tests: the OpenAI Python SDK and tritonclient through the gateway; h2 crafts HTTP/2 frames; grpcio on both sides of gRPC routes",
+        check: || python_imports(
+            "import openai, tritonclient.http, tritonclient.grpc, h2, grpc; from grpc_health.v1 import health_pb2",
+        ),
+        // grpcio-health-checking 1.76+ is generated for protobuf 7, which
+        // tritonclient[grpc] does not take yet.
+        install: Install::Pip(&[
+            "openai",
+            "tritonclient[http,grpc]",
+            "h2",
+            "grpcio",
+            "grpcio-health-checking<1.76",
+        ]),
+        why: "tests: the OpenAI Python SDK and tritonclient (HTTP and gRPC) through the gateway; h2 crafts HTTP/2 frames; grpcio on both sides of gRPC routes",
     },
     Prereq {
         name: "llvm-22",

@@ -269,7 +269,13 @@ impl H2Stream {
                 "grpc-status",
                 crate::error::grpc_status(r.status).to_string(),
             )
-            .header("grpc-message", percent(&r.message))
+            .header(
+                "grpc-message",
+                percent(&match r.param.as_deref() {
+                    Some(p) if !p.is_empty() => format!("{} (at {p})", r.message),
+                    _ => r.message.to_string(),
+                }),
+            )
             .header("x-request-id", request_id);
         if let Some(s) = r.retry_after {
             b = b.header("grpc-retry-pushback-ms", (s * 1000).to_string());

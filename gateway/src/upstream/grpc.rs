@@ -150,9 +150,25 @@ async fn exchange(
         .map_err(|_| UpstreamError::Closed)?;
     // The request's messages go on their own task: a bidirectional stream
     // answers before the client has finished sending.
-    if let Some(body) = d.take_body() {
-        let send_timeout = cur.shared.timeouts.send;
-        monoio::spawn(pump_request(body, up_send, send_timeout));
+    let send_timeout = cur.shared.timeouts.send;
+    match req.buffered {
+        // Read whole and checked by validation (KServe ModelInfer): as is.
+        Some(b) => {
+            let body = Bytes::copy_from_slice(&b.body);
+            let mut up_send = up_send;
+            monoio::spawn(async move {
+                if send_all(&mut up_send, body, send_timeout).await.is_ok() {
+                    let _ = up_send.send_data(Bytes::new(), true);
+                } else {
+                    up_send.send_reset(h2::Reason::CANCEL);
+                }
+            });
+        }
+        None => {
+            if let Some(body) = d.take_body() {
+                monoio::spawn(pump_request(body, up_send, send_timeout));
+            }
+        }
     }
     let sent_at = Instant::now();
     let resp = match monoio::time::timeout(within(req.route.response_timeout), response).await {

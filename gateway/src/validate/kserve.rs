@@ -50,7 +50,7 @@ const LINEAR_NAME_SCAN: usize = 16;
 
 /// Tensor datatypes of the protocol's tensor data table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dt {
+pub(super) enum Dt {
     Bool,
     U8,
     U16,
@@ -69,7 +69,7 @@ enum Dt {
 }
 
 impl Dt {
-    fn parse(s: &str) -> Option<Dt> {
+    pub(super) fn parse(s: &str) -> Option<Dt> {
         Some(match s {
             "BOOL" => Dt::Bool,
             "UINT8" => Dt::U8,
@@ -90,7 +90,7 @@ impl Dt {
     }
 
     /// The rule a value of this datatype must follow (a constant, safe to show).
-    fn rule(self) -> &'static str {
+    pub(super) fn rule(self) -> &'static str {
         match self {
             Dt::Bool => "a BOOL tensor value must be a JSON boolean",
             Dt::U8 => "a UINT8 tensor value must be an integer in 0..=255",
@@ -112,7 +112,7 @@ impl Dt {
     }
 
     /// Bytes per element in the binary form (`None`: BYTES, length-prefixed).
-    fn size(self) -> Option<u64> {
+    pub(super) fn size(self) -> Option<u64> {
         Some(match self {
             Dt::Bool | Dt::U8 | Dt::I8 => 1,
             Dt::U16 | Dt::I16 | Dt::F16 | Dt::Bf16 => 2,
@@ -633,7 +633,7 @@ fn check_binary(
 
 /// How many length-prefixed elements (4-byte little-endian length, then the
 /// bytes) make up `data` exactly (`None`: the last one does not fit).
-fn bytes_elements(mut data: &[u8]) -> Option<u64> {
+pub(super) fn bytes_elements(mut data: &[u8]) -> Option<u64> {
     let mut n = 0u64;
     while !data.is_empty() {
         let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;

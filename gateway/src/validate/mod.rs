@@ -9,6 +9,7 @@
 
 pub mod json;
 pub mod kserve;
+pub mod kserve_grpc;
 pub mod magic;
 pub mod multipart;
 pub mod openai;
@@ -734,6 +735,10 @@ pub async fn admit<D: Downstream>(
         Found::Multipart(boundary, version) => {
             return multipart_model(client, head, &boundary, version.as_deref(), rules, t).await
         }
+        Found::GrpcKserve(call) => {
+            let limit = route.max_request_body_bytes.min(rules.max_json_body);
+            return grpc_kserve(client, head, call, limit, rules, t).await;
+        }
     };
     // Owned copies: the kind borrows the client buffer, which reading the body reuses.
     let kind = OwnedKind::from(kind);
@@ -777,6 +782,39 @@ pub async fn admit<D: Downstream>(
             body_read: true,
             consumed: true,
             model: kind.model_name(),
+        }),
+    }
+}
+
+/// A KServe v2 gRPC call naming a model: its message read whole (within
+/// `limit`) and checked; its model feeds the later stages.
+async fn grpc_kserve<D: Downstream>(
+    client: &mut D,
+    head: &RequestHead,
+    call: kserve_grpc::Call,
+    limit: u64,
+    rules: &Rules,
+    t: &Timeouts,
+) -> Result<Verdict, Refused> {
+    let buffered = read_whole(client, head, limit, t)
+        .await
+        .map_err(|r| Refused {
+            consumed: true,
+            ..r
+        })?;
+    match kserve_grpc::check(call, &buffered.body, &rules.catalog) {
+        Ok((m, v)) => Ok(Verdict {
+            model: Some((m.name.clone(), v.to_string())),
+            admitted: Admitted::Buffered(buffered),
+            continue_sent: false,
+            facts: Default::default(),
+            prefix: Vec::new(),
+        }),
+        Err(rejection) => Err(Refused {
+            rejection,
+            body_read: true,
+            consumed: true,
+            model: kserve_grpc::model_name(call, &buffered.body),
         }),
     }
 }
@@ -894,6 +932,8 @@ enum Found<'a> {
     /// A multipart upload whose `model` field is read from its first bytes
     /// (the boundary, and the `x-model-version` header).
     Multipart(Vec<u8>, Option<String>),
+    /// A KServe v2 gRPC call naming a model: its message read whole and checked.
+    GrpcKserve(kserve_grpc::Call),
 }
 
 fn json_kind<'a>(
@@ -944,7 +984,10 @@ fn json_kind<'a>(
             }
             _ => Found::Stream,
         },
-        Protocol::Grpc => Found::Stream,
+        Protocol::Grpc => match kserve_grpc::Call::of(path) {
+            Some(call) => Found::GrpcKserve(call),
+            None => Found::Stream,
+        },
         Protocol::Passthrough => {
             let has_body = head.body_kind() != BodyKind::Empty;
             if rr.schema.is_some() && has_body && is_json_media(media) {
