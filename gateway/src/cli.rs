@@ -332,6 +332,7 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
                 max_connections: 512,
                 balance: Default::default(),
                 queue: None,
+                tls: None,
             },
         );
         cfg.routes = vec![config::RouteConfig {

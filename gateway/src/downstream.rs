@@ -20,8 +20,6 @@
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use monoio::net::TcpStream;
-
 use crate::io::{Conn, ReadError, WriteError};
 
 /// One request's client side, as the pipeline sees it.
@@ -39,12 +37,7 @@ pub trait Downstream {
     /// Receive more request bytes within `d`; `Ok(0)` is the end of the stream.
     async fn fill_timeout(&mut self, d: Duration) -> Result<usize, ReadError>;
     /// Send the first `n` pending bytes to a backend connection and consume them.
-    async fn forward(
-        &mut self,
-        n: usize,
-        dst: &mut TcpStream,
-        d: Duration,
-    ) -> Result<(), WriteError>;
+    async fn forward(&mut self, n: usize, dst: &mut Conn, d: Duration) -> Result<(), WriteError>;
     /// Write response bytes within `d`; the buffer comes back for reuse.
     async fn write_all(&mut self, out: Vec<u8>, d: Duration) -> (Result<(), WriteError>, Vec<u8>);
     /// A descriptor whose hang-up means the client is gone (watched while a
@@ -80,12 +73,7 @@ impl Downstream for Conn {
         Conn::fill_timeout(self, d).await
     }
 
-    async fn forward(
-        &mut self,
-        n: usize,
-        dst: &mut TcpStream,
-        d: Duration,
-    ) -> Result<(), WriteError> {
+    async fn forward(&mut self, n: usize, dst: &mut Conn, d: Duration) -> Result<(), WriteError> {
         Conn::forward(self, n, dst, d).await
     }
 

@@ -31,6 +31,8 @@ pub struct Resolved {
     pub tls: Option<Arc<Tls>>,
     /// The authentication stage, when any method is configured.
     pub authn: Option<Arc<Authn>>,
+    /// TLS to backends, by cluster name (`[clusters.X.tls]`).
+    pub upstream_tls: std::collections::HashMap<String, crate::tls::Upstream>,
 }
 
 impl Deref for Resolved {
@@ -70,6 +72,7 @@ impl Resolved {
             checked,
             tls: stages.tls,
             authn: stages.authn,
+            upstream_tls: stages.upstream_tls,
         })
     }
 }
@@ -79,9 +82,28 @@ impl Resolved {
 struct Stages {
     tls: Option<Arc<Tls>>,
     authn: Option<Arc<Authn>>,
+    upstream_tls: std::collections::HashMap<String, crate::tls::Upstream>,
 }
 
 impl Build for Stages {
+    /// Each `[clusters.X.tls]`: its CA bundle and client certificate loaded.
+    fn upstream_tls(
+        &mut self,
+        clusters: &std::collections::BTreeMap<String, crate::config::ClusterConfig>,
+        base: &Path,
+        sink: &mut Sink,
+    ) {
+        for (name, c) in clusters {
+            let Some(t) = &c.tls else { continue };
+            match crate::tls::Upstream::new(t, c.backends.first().map(String::as_str), base) {
+                Ok(u) => {
+                    self.upstream_tls.insert(name.clone(), u);
+                }
+                Err(e) => sink.err(format!("clusters.{name}.tls"), e),
+            }
+        }
+    }
+
     /// The TLS stage, when there are TLS listeners and certificates for them
     /// (no certificates is a configuration error already reported).
     fn tls(&mut self, listen: &[SocketAddr], settings: &TlsSettings, sink: &mut Sink) {

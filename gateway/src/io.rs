@@ -15,14 +15,16 @@ pub struct Conn {
     buf: Vec<u8>,
     pos: usize,
     cap: usize,
-    /// Set on a TLS listener's connections: `fill` decrypts into `buf`,
-    /// `write_all` encrypts; everything above sees plaintext.
+    /// Set on a TLS listener's connections and on connections to TLS
+    /// backends: `fill` decrypts into `buf`, `write_all` encrypts;
+    /// everything above sees plaintext.
     tls: Option<Box<TlsIo>>,
 }
 
-/// A rustls session and its ciphertext buffers (owned, for monoio).
+/// A rustls session (server or client side) and its ciphertext buffers
+/// (owned, for monoio).
 struct TlsIo {
-    session: rustls::ServerConnection,
+    session: rustls::Connection,
     /// Ciphertext read from the socket; `rbuf[rpos..]` is not yet given to rustls.
     rbuf: Vec<u8>,
     rpos: usize,
@@ -78,7 +80,20 @@ impl Conn {
 
     /// A connection whose bytes are TLS records of `session`; call
     /// [`handshake`](Self::handshake) before anything else.
-    pub fn new_tls(stream: TcpStream, cap: usize, mut session: rustls::ServerConnection) -> Conn {
+    pub fn new_tls(stream: TcpStream, cap: usize, session: rustls::ServerConnection) -> Conn {
+        Conn::with_session(stream, cap, rustls::Connection::Server(session))
+    }
+
+    /// A connection to a TLS backend; call [`handshake`](Self::handshake) first.
+    pub fn new_client_tls(
+        stream: TcpStream,
+        cap: usize,
+        session: rustls::ClientConnection,
+    ) -> Conn {
+        Conn::with_session(stream, cap, rustls::Connection::Client(session))
+    }
+
+    fn with_session(stream: TcpStream, cap: usize, mut session: rustls::Connection) -> Conn {
         // Bound what rustls buffers on our behalf to what a plain connection may hold.
         session.set_buffer_limit(Some(cap.max(TLS_RECORD)));
         Conn {
@@ -103,7 +118,15 @@ impl Conn {
 
     /// The TLS session, on a TLS connection (SNI, ALPN, client certificate).
     pub fn tls_session(&self) -> Option<&rustls::ServerConnection> {
-        self.tls.as_ref().map(|t| &t.session)
+        match &self.tls.as_ref()?.session {
+            rustls::Connection::Server(s) => Some(s),
+            rustls::Connection::Client(_) => None,
+        }
+    }
+
+    /// This connection speaks TLS (either side).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Run the TLS handshake to completion within `d`.
@@ -242,19 +265,24 @@ impl Conn {
     pub async fn forward(
         &mut self,
         n: usize,
-        dst: &mut TcpStream,
+        dst: &mut Conn,
         d: Duration,
     ) -> Result<(), WriteError> {
+        if dst.tls.is_some() {
+            // Encrypted on the way: a copy for rustls.
+            let data = self.pending()[..n].to_vec();
+            dst.write_all(data, d).await.0?;
+            self.consume(n);
+            return Ok(());
+        }
         let buf = std::mem::take(&mut self.buf);
-        let (res, slice) = match monoio::time::timeout(
-            d,
-            dst.write_all(buf.slice(self.pos..self.pos + n)),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => return Err(WriteError::Timeout),
-        };
+        let (res, slice) =
+            match monoio::time::timeout(d, dst.stream.write_all(buf.slice(self.pos..self.pos + n)))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return Err(WriteError::Timeout),
+            };
         self.buf = slice.into_inner();
         res.map_err(WriteError::Io)?;
         self.consume(n);

@@ -27,6 +27,8 @@ pub struct Cluster {
     pub max_connections: usize,
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
+    /// TLS to the backends (`[clusters.X.tls]`).
+    pub tls: Option<crate::tls::Upstream>,
     /// Flow control (`[clusters.X.queue]`): its queue (process-wide) and settings.
     pub queue: Option<(
         std::sync::Arc<crate::balance::queue::FlowQueue>,

@@ -126,6 +126,125 @@ fn load_one(cert: &Path, key: &Path) -> Result<Loaded, String> {
     })
 }
 
+/// TLS to a cluster's backends: the rustls client configuration and the
+/// name their certificates must carry (the SNI sent).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl Upstream {
+    /// From `[clusters.X.tls]`; `first`: the cluster's first backend
+    /// (`host:port`), whose host is the default name.
+    pub fn new(
+        t: &crate::config::UpstreamTls,
+        first: Option<&str>,
+        base: &Path,
+    ) -> Result<Upstream, String> {
+        let at = |p: &Path| base.join(p);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = if t.verify {
+            let ca = at(t
+                .ca
+                .as_deref()
+                .ok_or("a CA bundle (ca) is needed to verify the backends")?);
+            let mut roots = RootCertStore::empty();
+            for c in
+                CertificateDer::pem_file_iter(&ca).map_err(|e| format!("{}: {e}", ca.display()))?
+            {
+                let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{}: no CA certificate in the file", ca.display()));
+            }
+            builder.with_root_certificates(roots)
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        };
+        let mut config = match (&t.client_cert, &t.client_key) {
+            (Some(c), Some(k)) => {
+                let loaded = load_one(&at(c), &at(k))?;
+                builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                    (*loaded.key).clone(),
+                )))
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let host = match (&t.server_name, first) {
+            (Some(n), _) => n.clone(),
+            (None, Some(b)) => b
+                .rsplit_once(':')
+                .map_or(b, |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_string(),
+            (None, None) => return Err("no server_name and no backend to take it from".into()),
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|_| format!("server_name `{host}` is not a DNS name or an IP address"))?;
+        Ok(Upstream {
+            config: Arc::new(config),
+            name,
+        })
+    }
+}
+
+/// `verify = false`: every certificate is taken (signatures still checked).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 fn newest_mtime(files: &[(PathBuf, PathBuf)]) -> Option<SystemTime> {
     files
         .iter()

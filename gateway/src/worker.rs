@@ -97,6 +97,7 @@ impl Shared {
                     backends: r.clusters[n].clone(),
                     backend_names: r.clusters[n].iter().map(|a| a.to_string()).collect(),
                     balance: c.balance.clone(),
+                    tls: r.upstream_tls.get(n).cloned(),
                     queue: c
                         .queue
                         .as_ref()

@@ -558,3 +558,75 @@ fn resumption_survives_a_reload() {
     );
     assert_eq!(c.get("/", "api.test").unwrap().0, 200);
 }
+
+#[test]
+fn requests_reach_tls_backends_verified_and_with_a_client_certificate() {
+    // The backend side: a second gateway terminating TLS, requiring a client
+    // certificate, in front of the test backend (it names the caller).
+    let p = pki();
+    let clients = Ca::new("gateway client CA");
+    std::fs::write(p.dir.join("clients-ca.pem"), &clients.pem).unwrap();
+    std::fs::write(p.dir.join("ca.pem"), &p.ca.pem).unwrap();
+    write_pair(&p.dir, "front", &clients.client("front-gw"));
+    let extra = format!(
+        "client_auth = \"required\"\nclient_ca = \"{d}/clients-ca.pem\"\n\
+         [[authn.mtls_clients]]\nname = \"front-gw\"\nclient = \"front\"\ntenant = \"edge\"\n\
+         [[authz.rules]]\nid = \"any\"\ntenants = [\"*\"]\n",
+        d = p.dir.display()
+    );
+    let (_back, back_addr, _b) = start(&p, Driver::Auto, &extra);
+    // The gateway under test: its cluster's backend speaks TLS.
+    let front = |tls: &str| {
+        let body = format!(
+            "[clusters.b]\nbackends = [\"{back_addr}\"]\n[clusters.b.tls]\n{tls}\n\
+             [[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"b\"\n"
+        );
+        Gateway::start(Spec::new(Driver::Auto, &body))
+    };
+    let d = p.dir.display();
+    let g = front(&format!(
+        "ca = \"{d}/ca.pem\"\nserver_name = \"api.test\"\nclient_cert = \"{d}/front.crt\"\nclient_key = \"{d}/front.key\""
+    ));
+    let r = gateway_tests::request(g.addr, b"GET /who HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        v["headers"]["x-gateway-principal"], "front",
+        "the backend saw the gateway's certificate"
+    );
+    // A body streamed through TLS on both sides arrives whole.
+    let body = vec![b'z'; 300_000];
+    let mut raw = format!(
+        "PUT /echo HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    let r = gateway_tests::request(g.addr, &raw);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 300_000);
+    // The wrong name: the backend's certificate is refused, nothing is sent.
+    let bad = front(&format!("ca = \"{d}/ca.pem\"\nserver_name = \"other.test\"\nclient_cert = \"{d}/front.crt\"\nclient_key = \"{d}/front.key\""));
+    let r = gateway_tests::request(bad.addr, b"GET /who HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(r.status, 502);
+    assert!(bad.log_shows("TLS handshake with the backend failed"));
+    // A CA file that isn't one is a configuration error.
+    let body = format!(
+        "[clusters.b]\nbackends = [\"{back_addr}\"]\n[clusters.b.tls]\nca = \"{d}/api.key\"\n[[routes]]\ncluster = \"b\"\n"
+    );
+    let out = std::process::Command::new(gateway_bin())
+        .args(["check-config"])
+        .arg({
+            let f = p.dir.join("bad-upstream.toml");
+            std::fs::write(&f, &body).unwrap();
+            f
+        })
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("clusters.b.tls"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

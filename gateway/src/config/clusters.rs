@@ -33,6 +33,39 @@ pub struct ClusterConfig {
     /// saturated, requests wait here instead of being answered 503.
     #[serde(default)]
     pub queue: Option<QueueSettings>,
+    /// TLS to the backends (`[clusters.X.tls]`; absent: plaintext).
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `[clusters.X.tls]`: the backends speak TLS (a service mesh, a managed
+/// endpoint). Paths are relative to the configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTls {
+    /// PEM bundle of the CAs the backends' certificates must chain to.
+    pub ca: Option<std::path::PathBuf>,
+    /// The name the certificates must carry (and the SNI sent); default:
+    /// the host of the cluster's first backend.
+    pub server_name: Option<String>,
+    /// Mutual TLS to the backends: the gateway's certificate chain and key (PEM).
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+    /// Check the backends' certificates (false: any certificate is taken,
+    /// for a lab only: the traffic is then open to interception).
+    pub verify: bool,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        UpstreamTls {
+            ca: None,
+            server_name: None,
+            client_cert: None,
+            client_key: None,
+            verify: true,
+        }
+    }
 }
 
 /// `[clusters.X.queue]`: one logical queue per cluster, shared by every
@@ -272,6 +305,17 @@ pub(super) fn check_clusters(
         }
         resolved.insert(name.clone(), addrs);
         check_balance(&key, &c.balance, sink);
+        if let Some(t) = &c.tls {
+            if t.verify && t.ca.is_none() {
+                sink.err(format!("{key}.tls.ca"), "give the CA bundle the backends' certificates chain to (or verify = false, for a lab only)");
+            }
+            if t.client_cert.is_some() != t.client_key.is_some() {
+                sink.err(
+                    format!("{key}.tls"),
+                    "client_cert and client_key go together",
+                );
+            }
+        }
         if let Some(q) = &c.queue {
             if q.max_requests == 0 || q.max_bytes == 0 || q.max_wait.is_zero() {
                 sink.err(

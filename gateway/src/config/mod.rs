@@ -36,6 +36,7 @@ pub use authn::{
 };
 pub use clusters::{
     resolve_all, Algorithm, BalanceSettings, ClusterConfig, Engine, Fairness, QueueSettings,
+    UpstreamTls,
 };
 pub use models::{ModelConfig, ShadowTarget, SplitTarget};
 pub use ratelimit::RateLimitSettings;
@@ -278,6 +279,7 @@ impl Config {
         server::check_timeouts(&self.timeouts, sink);
         server::check_tracing(&self.tracing, sink);
         let clusters = clusters::check_clusters(&self.clusters, sink);
+        build.upstream_tls(&self.clusters, &base, sink);
         models::check_model_pools(&self.models, &self.clusters, sink);
         routes::check_routes(&self.routes, &self.clusters, sink);
         let catalog = models::check_catalog(&self.models, &base, sink);
@@ -313,6 +315,14 @@ impl Config {
 /// defaults build nothing: `()` checks data only.
 pub trait Build {
     fn tls(&mut self, _listen: &[SocketAddr], _settings: &TlsSettings, _sink: &mut Sink) {}
+    /// TLS to a cluster's backends (`[clusters.X.tls]`; paths under `base`).
+    fn upstream_tls(
+        &mut self,
+        _clusters: &BTreeMap<String, ClusterConfig>,
+        _base: &Path,
+        _sink: &mut Sink,
+    ) {
+    }
     fn authn(&mut self, _settings: &AuthnSettings, _authz: &AuthzSettings, _sink: &mut Sink) {}
 }
 

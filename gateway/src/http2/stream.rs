@@ -16,12 +16,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 
 use crate::codec::{self, BodyKind, ChunkedDecoder, ResponseHead};
 use crate::downstream::Downstream;
-use crate::io::{ReadError, WriteError};
+use crate::io::{Conn, ReadError, WriteError};
 use crate::pipeline::{self, Served};
 use crate::worker::Worker;
 
@@ -550,18 +548,9 @@ impl Downstream for H2Stream {
         }
     }
 
-    async fn forward(
-        &mut self,
-        n: usize,
-        dst: &mut TcpStream,
-        d: Duration,
-    ) -> Result<(), WriteError> {
+    async fn forward(&mut self, n: usize, dst: &mut Conn, d: Duration) -> Result<(), WriteError> {
         let bytes = self.pending()[..n].to_vec();
-        match monoio::time::timeout(d, dst.write_all(bytes)).await {
-            Err(_) => return Err(WriteError::Timeout),
-            Ok((Err(e), _)) => return Err(WriteError::Io(e)),
-            Ok((Ok(_), _)) => {}
-        }
+        dst.write_all(bytes, d).await.0?;
         self.consume(n);
         Ok(())
     }

@@ -155,7 +155,7 @@ async fn checkout(
             if is_total && wait.is_zero() {
                 return Err(UpstreamError::TotalTimeout);
             }
-            match connect(addr, wait, cur.shared.buffer_size).await {
+            match connect(addr, wait, cur.shared.buffer_size, cl.tls.as_ref()).await {
                 Ok(conn) => {
                     w.metrics
                         .inc(&w.metrics.upstream_connections, &[&cl.name], 1);
@@ -341,20 +341,37 @@ impl Drop for InFlight {
     }
 }
 
+/// A new connection to `addr`: TCP, then the TLS handshake when the
+/// cluster's backends speak TLS (`[clusters.X.tls]`), all within `timeout`.
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     buffer: usize,
+    tls: Option<&crate::tls::Upstream>,
 ) -> Result<Conn, UpstreamError> {
-    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
-        Err(_) => Err(UpstreamError::ConnectTimeout),
+    let started = Instant::now();
+    let s = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Err(_) => return Err(UpstreamError::ConnectTimeout),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err(UpstreamError::ConnectRefused)
+            return Err(UpstreamError::ConnectRefused)
         }
-        Ok(Err(_)) => Err(UpstreamError::ConnectError),
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(Conn::new(s, buffer))
+        Ok(Err(_)) => return Err(UpstreamError::ConnectError),
+        Ok(Ok(s)) => s,
+    };
+    let _ = s.set_nodelay(true);
+    let Some(t) = tls else {
+        return Ok(Conn::new(s, buffer));
+    };
+    let session = rustls::ClientConnection::new(t.config.clone(), t.name.clone())
+        .map_err(|_| UpstreamError::ConnectError)?;
+    let mut conn = Conn::new_client_tls(s, buffer, session);
+    let left = timeout.saturating_sub(started.elapsed());
+    match conn.handshake(left).await {
+        Ok(()) => Ok(conn),
+        Err(crate::io::HandshakeError::Timeout) => Err(UpstreamError::ConnectTimeout),
+        Err(e) => {
+            tracing::warn!(backend = %addr, error = ?e, "TLS handshake with the backend failed");
+            Err(UpstreamError::ConnectError)
         }
     }
 }

@@ -167,7 +167,7 @@ async fn send_body<D: Downstream>(
             };
             if n > 0 {
                 client
-                    .forward(n, &mut up.stream, send_timeout)
+                    .forward(n, up, send_timeout)
                     .await
                     .map_err(|e| match e {
                         WriteError::Timeout => UpstreamError::SendTimeout,
