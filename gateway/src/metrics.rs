@@ -156,8 +156,8 @@ fn histogram(r: &Registry, d: &Desc, buckets: Vec<f64>) -> prometheus::Histogram
 // Requests, as clients see them.
 const REQUESTS: Desc = Desc::new(
     "gateway_requests_total",
-    "Requests answered, by route and status",
-    &["route", "status"],
+    "Requests answered, by route, status and protocol (http/1.1, h2, h2c)",
+    &["route", "status", "protocol"],
 );
 const REQUEST_DURATION: Desc = Desc::new(
     "gateway_request_duration_seconds",

@@ -16,7 +16,8 @@ use super::{Call, Record, Refusal, Served};
 /// counted and logged.
 pub(super) fn answer(c: &Call<'_>, list: Vec<u8>, admission: Option<Admission>) -> Served {
     let (rq, route) = (c.rq, c.route.name.as_str());
-    c.w.metrics.inc(&c.w.metrics.requests, &[route, "200"], 1);
+    c.w.metrics
+        .inc(&c.w.metrics.requests, &[route, "200", rq.protocol], 1);
     if c.cur.shared.access_log {
         tracing::info!(target: "access", request_id = rq.id.as_str(), method = rq.method.as_str(), path = rq.path.as_str(),
             client = %rq.peer.ip(), route, status = 200u16, "answered by the gateway");
@@ -222,7 +223,7 @@ fn record(c: &Call<'_>, cluster: usize, verdict: &Verdict, status: u16, x: &Exch
     let elapsed = rq.started.elapsed();
     let m = &c.w.metrics;
     let route = c.route.name.as_str();
-    m.inc(&m.requests, &[route, status_label(status)], 1);
+    m.inc(&m.requests, &[route, status_label(status), rq.protocol], 1);
     let served = served_tokens(verdict, x);
     account(c, verdict, served);
     if x.cut {

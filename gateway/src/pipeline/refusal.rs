@@ -233,7 +233,11 @@ impl Refusal {
             }
             Record::Decision => {}
         }
-        m.inc(&m.requests, &[route, status_label(self.status)], 1);
+        m.inc(
+            &m.requests,
+            &[route, status_label(self.status), rq.protocol],
+            1,
+        );
         if cur.shared.access_log {
             self.log(rq, route, rq.peer);
         }
