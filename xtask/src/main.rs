@@ -34,6 +34,10 @@ commands:
   bench tls [--rounds N] [--duration SECS] [--connections C]
                         TLS 1.3 termination vs HAProxy 2.6 (one pinned thread each): TLS only, + ES256 JWT with
                         a distinct token per request, + ES256 JWT from a hot set (target/bench/tls.json)
+  bench h2 [--rounds N] [--duration SECS] [--connections C] [--streams M] [--quick]
+                        HTTP/2 front (h2c), HTTP/1.1 backend: the gateway vs HAProxy 2.6 vs nginx, one pinned
+                        worker each, h2load 64 conns x 10 streams; gRPC unary via the gateway vs direct
+                        (target/bench/h2.json)
   bench xdp [--pps N] [--seconds S]
                         SYN flood from one netns to the gateway's, dropped by XDP vs nftables vs the
                         userspace fallback: pps, softirq ns/packet, legitimate goodput kept (target/bench/xdp.json)
@@ -527,6 +531,7 @@ fn bench(args: &[String]) -> Result {
     }
     match args.first().map(String::as_str) {
         Some("routing") => return bench_bin("routebench", &args[1..], &[]),
+        Some("h2") => return bench_bin("h2bench", &args[1..], &[]),
         Some("tls") => {
             let out = target_dir().join("bench").display().to_string();
             return bench_bin("tlsbench", &args[1..], &["--out", &out]);
