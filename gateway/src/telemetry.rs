@@ -22,6 +22,12 @@ use crate::config::{LogConfig, LogFormat};
 /// Keep the returned guards alive: dropping them flushes and stops the writers.
 pub fn init(cfg: &LogConfig) -> Vec<tracing_appender::non_blocking::WorkerGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    // Every filter says how verbose it can get: without a hint the registry
+    // must create every span of every crate (h2 opens several per frame) in
+    // case some layer wants it — most of a request's CPU, measured.
+    let hint = filter
+        .max_level_hint()
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::TRACE);
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(64 * 1024)
@@ -40,9 +46,9 @@ pub fn init(cfg: &LogConfig) -> Vec<tracing_appender::non_blocking::WorkerGuard>
         LogFormat::Pretty => stdout.boxed(),
     }
     .with_filter(filter)
-    .with_filter(filter_fn(move |m| {
-        !(audit_to_file && m.target() == "audit")
-    }));
+    .with_filter(
+        filter_fn(move |m| !(audit_to_file && m.target() == "audit")).with_max_level_hint(hint),
+    );
     let audit = audit_to_file.then(|| {
         let file = Rotating::open(
             PathBuf::from(&cfg.audit_file),
@@ -58,7 +64,10 @@ pub fn init(cfg: &LogConfig) -> Vec<tracing_appender::non_blocking::WorkerGuard>
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .with_filter(filter_fn(|m| m.target() == "audit"))
+            .with_filter(
+                filter_fn(|m| m.target() == "audit")
+                    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO),
+            )
     });
     let _ = tracing_subscriber::registry()
         .with(stdout)

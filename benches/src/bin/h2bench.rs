@@ -309,7 +309,8 @@ fn start_gateway(tools: &Tools, place: Placement, run_dir: &Path) -> Result<Serv
     let conf = format!(
         "[server]\nlisten = [\"{}\"]\nworkers = 1\nh2c = true\n[admin]\nlisten = \"{}\"\n[log]\naccess_log = false\n\
          [http2]\nmax_concurrent_streams = 256\n\
-         [clusters.b]\nbackends = [\"{}\"]\n[[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"b\"\n",
+         [clusters.b]\nbackends = [\"{}\"]\npool_max_idle = 1024\nmax_connections = 1024\n\
+         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"b\"\n",
         p.gateway(),
         p.gateway_admin(),
         p.backend()
