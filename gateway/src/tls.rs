@@ -130,7 +130,10 @@ fn load_one(cert: &Path, key: &Path) -> Result<Loaded, String> {
 /// name their certificates must carry (the SNI sent).
 #[derive(Debug, Clone)]
 pub struct Upstream {
+    /// ALPN `http/1.1` (HTTP routes).
     pub config: Arc<rustls::ClientConfig>,
+    /// The same, ALPN `h2` (gRPC routes).
+    pub h2: Arc<rustls::ClientConfig>,
     pub name: rustls::pki_types::ServerName<'static>,
 }
 
@@ -178,6 +181,8 @@ impl Upstream {
             _ => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut h2 = config.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
         let host = match (&t.server_name, first) {
             (Some(n), _) => n.clone(),
             (None, Some(b)) => b
@@ -191,6 +196,7 @@ impl Upstream {
             .map_err(|_| format!("server_name `{host}` is not a DNS name or an IP address"))?;
         Ok(Upstream {
             config: Arc::new(config),
+            h2: Arc::new(h2),
             name,
         })
     }

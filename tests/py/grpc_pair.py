@@ -3,6 +3,7 @@ library) for the gateway's gRPC routes. Messages are raw bytes (no .proto
 needed); the standard health service comes from grpcio-health-checking.
 
 usage: grpc_pair.py server PORT
+       grpc_pair.py server-tls PORT CERT KEY
        grpc_pair.py client GATEWAY_ADDR KEY LIMITED_KEY
 The client prints one JSON object: what each call saw.
 """
@@ -20,7 +21,7 @@ def ident(b):
     return b
 
 
-def serve(port):
+def serve(port, tls=None):
     def unary(req, ctx):
         ctx.set_trailing_metadata((("x-backend-trailer", "yes"),))
         return b"echo:" + req
@@ -57,7 +58,11 @@ def serve(port):
     h = health.HealthServicer()
     h.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(h, server)
-    server.add_insecure_port("127.0.0.1:%s" % port)
+    if tls:
+        cert, key = (open(p, "rb").read() for p in tls)
+        server.add_secure_port("127.0.0.1:%s" % port, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        server.add_insecure_port("127.0.0.1:%s" % port)
     server.start()
     print("ready", flush=True)
     server.wait_for_termination()
@@ -65,7 +70,10 @@ def serve(port):
 
 def call(fn):
     try:
-        return {"ok": True, "value": fn()}
+        v = fn()
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace")
+        return {"ok": True, "value": v}
     except grpc.RpcError as e:
         md = dict(e.trailing_metadata() or ())
         return {
@@ -116,5 +124,7 @@ def client(addr, key, limited):
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(sys.argv[2])
+    elif sys.argv[1] == "server-tls":
+        serve(sys.argv[2], (sys.argv[3], sys.argv[4]))
     else:
         client(sys.argv[2], sys.argv[3], sys.argv[4])

@@ -32,9 +32,13 @@ impl Drop for Server {
 }
 
 fn backend(port: u16) -> Server {
+    backend_with(&["server", &port.to_string()])
+}
+
+fn backend_with(args: &[&str]) -> Server {
     let mut child = Command::new("python3")
         .arg(script())
-        .args(["server", &port.to_string()])
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 runs (cargo xtask setup installs grpcio)");
@@ -171,4 +175,47 @@ fn kserve_grpc_model_infer_is_decoded_routed_and_its_tensors_checked() {
             1.0
         ) >= 1.0
     );
+}
+
+#[test]
+fn grpc_reaches_a_tls_backend_over_h2_by_alpn() {
+    use gateway_tests::tls::{write_pair, Ca};
+    let dir = gateway_tests::gateway::temp_dir("grpc-tls");
+    let ca = Ca::new("grpc backend CA");
+    let (cert, key) = write_pair(&dir, "backend", &ca.leaf(&["grpc.test"]));
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    let port = free_port();
+    let _server = backend_with(&[
+        "server-tls",
+        &port.to_string(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    ]);
+    let body = format!(
+        "[clusters.g]\nbackends = [\"127.0.0.1:{port}\"]\n[clusters.g.tls]\nca = \"{}\"\nserver_name = \"grpc.test\"\n\
+         [[routes]]\nname = \"echo\"\npath_prefix = \"/\"\nprotocol = \"grpc\"\ncluster = \"g\"\nanonymous = true\n",
+        dir.join("ca.pem").display()
+    );
+    let g = Gateway::start(Spec {
+        server_extra: "h2c = true",
+        ..Spec::new(Driver::Auto, &body)
+    });
+    let out = Command::new("python3")
+        .arg(script())
+        .args(["client", &g.addr.to_string(), KEY, LIMITED])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["unary"]["value"]["resp"], "echo:hello", "{r}");
+    assert_eq!(
+        r["bidi"]["value"],
+        serde_json::json!(["re:a", "re:b", "re:c"]),
+        "{r}"
+    );
+    assert_eq!(r["health"]["value"], "SERVING", "{r}");
 }

@@ -255,12 +255,12 @@ fn incoming(peer: SocketAddr, tls: bool) -> Incoming {
     rq
 }
 
-/// A TLS connection (the gateway's own TLS, `io::Conn`) as monoio's
-/// owned-buffer I/O, for monoio-compat's tokio-IO wrapper under `h2`.
-struct TlsIo {
-    conn: Conn,
+/// A TLS connection (the gateway's own TLS, `io::Conn`, either side) as
+/// monoio's owned-buffer I/O, for monoio-compat's tokio-IO wrapper under `h2`.
+pub(crate) struct TlsIo {
+    pub(crate) conn: Conn,
     /// Writes give up after this long without progress.
-    send: Duration,
+    pub(crate) send: Duration,
 }
 
 impl monoio::io::AsyncReadRent for TlsIo {

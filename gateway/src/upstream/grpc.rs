@@ -117,7 +117,14 @@ async fn exchange(
     let left = || deadline.map(|dl| dl.saturating_duration_since(Instant::now()));
     let within = |fallback: Duration| left().map_or(fallback, |l| l.min(fallback));
 
-    let mut send = sender(w, addr, within(req.route.connect_timeout)).await?;
+    let mut send = sender(
+        w,
+        addr,
+        within(req.route.connect_timeout),
+        cl.tls.as_ref(),
+        cur.shared.timeouts.send,
+    )
+    .await?;
     let load = cl.loads[b].clone();
     let n = load.inflight.fetch_add(1, Ordering::AcqRel) + 1;
     x.inflight = Some(InFlight {
@@ -326,15 +333,19 @@ pub(crate) async fn send_all(
     Ok(())
 }
 
-/// This worker's HTTP/2 connection to `addr`, opened on first use.
+/// This worker's HTTP/2 connection to `addr`, opened on first use: h2c,
+/// or over TLS (ALPN `h2`) when the cluster's backends speak TLS.
 async fn sender(
     w: &Worker,
     addr: SocketAddr,
     timeout: Duration,
+    tls: Option<&crate::tls::Upstream>,
+    send_timeout: Duration,
 ) -> Result<SendRequest<Bytes>, ProxyError> {
     if let Some(s) = w.h2_upstream.borrow().get(&addr) {
         return Ok(s.clone());
     }
+    let started = Instant::now();
     let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
         Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -344,19 +355,45 @@ async fn sender(
         Ok(Ok(t)) => t,
     };
     let _ = tcp.set_nodelay(true);
+    let left = || timeout.saturating_sub(started.elapsed());
+    let send = match tls {
+        None => handshake(StreamWrapper::new(tcp), left()).await?,
+        Some(t) => {
+            let session = rustls::ClientConnection::new(t.h2.clone(), t.name.clone())
+                .map_err(|_| UpstreamError::ConnectError)?;
+            let mut conn = crate::io::Conn::new_client_tls(tcp, 64 * 1024, session);
+            if let Err(e) = conn.handshake(left()).await {
+                tracing::warn!(backend = %addr, error = ?e, "TLS handshake with the gRPC backend failed");
+                return Err(UpstreamError::ConnectError.into());
+            }
+            let io = crate::http2::TlsIo {
+                conn,
+                send: send_timeout,
+            };
+            handshake(StreamWrapper::new(io), left()).await?
+        }
+    };
+    w.h2_upstream.borrow_mut().insert(addr, send.clone());
+    Ok(send)
+}
+
+/// The HTTP/2 handshake over `io`; the connection's frames are then driven
+/// by a task of their own until it closes.
+async fn handshake<IO>(io: IO, timeout: Duration) -> Result<SendRequest<Bytes>, ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     let hs = h2::client::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
-        .handshake::<_, Bytes>(StreamWrapper::new(tcp));
+        .handshake::<_, Bytes>(io);
     let (send, conn) = match monoio::time::timeout(timeout, hs).await {
         Ok(Ok(x)) => x,
         _ => return Err(UpstreamError::ConnectError.into()),
     };
-    // The connection's frames are driven by its own task until it closes.
     monoio::spawn(async move {
         let _ = conn.await;
     });
-    w.h2_upstream.borrow_mut().insert(addr, send.clone());
     Ok(send)
 }
 
