@@ -46,6 +46,8 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct TlsFacts {
     /// The client certificate the handshake verified (DER leaf).
     pub client_cert: Option<Vec<u8>>,
+    /// The TLS version, as the access log names it.
+    pub version: &'static str,
 }
 
 /// Serve an h2c connection whose first bytes (`read`, at least the start
@@ -68,6 +70,11 @@ pub async fn serve_tls(conn: Conn, peer: SocketAddr, w: Rc<Worker>) {
             .and_then(|t| t.peer_certificates())
             .and_then(|c| c.first())
             .map(|c| c.as_ref().to_vec()),
+        version: match conn.tls_session().and_then(|t| t.protocol_version()) {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "other",
+        },
     };
     let send = w.current().shared.timeouts.send;
     serve(
@@ -246,12 +253,10 @@ fn scratch() -> Scratch {
 }
 
 /// The request as the pipeline's stages see it: HTTP/2 on the access log.
-fn incoming(peer: SocketAddr, tls: bool) -> Incoming {
+fn incoming(peer: SocketAddr, tls: Option<&TlsFacts>) -> Incoming {
     let mut rq = Incoming::new(peer);
-    rq.protocol = if tls { "h2" } else { "h2c" };
-    if tls {
-        rq.tls = Some("TLS");
-    }
+    rq.protocol = if tls.is_some() { "h2" } else { "h2c" };
+    rq.tls = tls.map(|t| t.version);
     rq
 }
 

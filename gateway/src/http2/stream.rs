@@ -48,7 +48,7 @@ pub(super) async fn serve(
     w: &Rc<Worker>,
 ) {
     let cur = w.current();
-    let mut rq = super::incoming(peer, tls.is_some());
+    let mut rq = super::incoming(peer, tls.as_deref());
     let (parts, body) = req.into_parts();
     let head = head_of(&parts, body.is_end_stream());
     let grpc = crate::pipeline::is_grpc(&parts.headers);
