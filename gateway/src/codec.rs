@@ -168,8 +168,16 @@ fn line_endings_ok(head: &[u8]) -> bool {
     true
 }
 
+/// Where `s` lies in `buf`. httparse hands back slices of the buffer, but
+/// not always: a reason phrase that isn't UTF-8 comes back as a static
+/// `""` (found by fuzzing: the subtraction underflowed). Anything outside
+/// `buf`, and anything empty, is the empty range.
 fn range_of(buf: &[u8], s: &[u8]) -> Range<usize> {
-    let start = s.as_ptr() as usize - buf.as_ptr() as usize;
+    let (b, p) = (buf.as_ptr() as usize, s.as_ptr() as usize);
+    if s.is_empty() || p < b || p + s.len() > b + buf.len() {
+        return 0..0;
+    }
+    let start = p - b;
     start..start + s.len()
 }
 
@@ -1052,4 +1060,15 @@ mod properties {
             }
         }
     }
+
+    #[test]
+    fn a_reason_phrase_that_is_not_utf8_is_an_empty_range() {
+        // Found by `cargo xtask fuzz http_response`.
+        let raw = b"HTTP/1.1 204 No Con104 No}CouTTP\xce\xce\xd1\xce 2t-Lent\r\nContent-Length: 0\r\n\r\n";
+        let mut r = ResponseHead::default();
+        assert!(parse_response(raw, 16 * 1024, 64, false, &mut r).unwrap());
+        assert_eq!(r.status, 204);
+        assert_eq!(r.reason, 0..0);
+    }
+
 }

@@ -7,6 +7,7 @@
 
 mod demo;
 mod dist;
+mod fuzz;
 
 use std::env;
 use std::ffi::OsString;
@@ -23,9 +24,15 @@ usage: cargo xtask <command> [args]
 commands:
   setup                 install what's missing: apt packages (haproxy, nginx, redis, wrk, curl, iproute2, nftables,
                         LLVM 22), nightly rust-src, bpf-linker (the XDP program's toolchain)
-  test                  setup, release builds, the whole test suite, and compile the criterion benches
+  test                  setup, release builds, the whole test suite, compile the criterion benches, and
+                        fuzz every parser for 10 s
   dist                  the Debian package: target/dist/gateway_<version>_<arch>.deb (binary,
                         systemd unit, /etc/gateway/gateway.toml, man page, shell completions)
+  fuzz [--seconds N] [TARGET...]
+                        coverage-guided fuzzing (libFuzzer + AddressSanitizer, nightly) of the parsers: HTTP/1
+                        request and response heads, chunked bodies, SSE filter + usage scan (split-invariant),
+                        metrics scrapes and ORCA, the config loader, KServe gRPC messages, X.509 names; kept
+                        crash inputs replayed first (fuzz/regressions/); N seconds each (default 60)
   run [--load] [GATEWAY ARGS]
                         the demo: three simulated GPUs (127.0.0.1:8001-8003) behind the gateway on
                         127.0.0.1:8080 (OpenAI route, model catalogue, demo API key, rate limit,
@@ -81,6 +88,7 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("run") => demo::run(&rest),
         Some("dist") => dist::dist().map(|_| ()),
+        Some("fuzz") => fuzz::fuzz(&rest),
         Some("bench") => bench(&rest),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
@@ -197,6 +205,12 @@ const PREREQS: &[Prereq] = &[
         check: || on_path("openssl")(),
         install: Install::Apt(&["openssl"]),
         why: "tests: RSA keys",
+    },
+    Prereq {
+        name: "g++",
+        check: || on_path("g++")(),
+        install: Install::Apt(&["g++"]),
+        why: "fuzzing: libFuzzer is C++",
     },
     Prereq {
         name: "nghttp2-client",
@@ -477,6 +491,10 @@ fn test() -> Result {
     // Compile, never run, the criterion benches so they cannot rot.
     if let Err(e) = run_step(&mut cargo(&["build", "-p", "gateway-benches", "--benches"])) {
         failed.push(e);
+    }
+    // Every fuzz target briefly, its kept crash inputs first.
+    if let Err(e) = fuzz::fuzz(&["--seconds".to_string(), "10".to_string()]) {
+        failed.push(format!("fuzz: {e}"));
     }
     if failed.is_empty() {
         println!("xtask test: all passed");
