@@ -544,7 +544,12 @@ pub fn parse_response(
         Ok(httparse::Status::Complete(_)) => {}
         _ => return Err(UpstreamError::BadResponse),
     }
-    let status = resp.code.ok_or(UpstreamError::BadResponse)?;
+    // RFC 9110 §15: a status outside 100..=599 is invalid (httparse takes
+    // any three digits: "009" was found by fuzzing).
+    let status = resp
+        .code
+        .filter(|c| (100..=599).contains(c))
+        .ok_or(UpstreamError::BadResponse)?;
     let minor = resp.version.ok_or(UpstreamError::BadResponse)?;
     out.head_len = head_len;
     out.status = status;
@@ -1069,6 +1074,13 @@ mod properties {
         assert!(parse_response(raw, 16 * 1024, 64, false, &mut r).unwrap());
         assert_eq!(r.status, 204);
         assert_eq!(r.reason, 0..0);
+        // And a status outside 100..=599 is no HTTP status.
+        for bad in [
+            &b"HTTP/1.1 009 OK\r\n\r\n"[..],
+            b"HTTP/1.1 600 X\r\n\r\n",
+            b"HTTP/1.1 099 X\r\n\r\n",
+        ] {
+            assert!(parse_response(bad, 16 * 1024, 64, false, &mut r).is_err());
+        }
     }
-
 }

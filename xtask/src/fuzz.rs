@@ -31,6 +31,7 @@ const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 pub fn fuzz(args: &[String]) -> Result {
     let mut seconds = 60u64;
+    let mut smoke = false;
     let mut chosen = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -41,6 +42,9 @@ pub fn fuzz(args: &[String]) -> Result {
                     .and_then(|v| v.parse().ok())
                     .ok_or("--seconds needs a number")?
             }
+            // `cargo xtask test`: from the committed seeds only, a fixed seed
+            // and number of runs, so CI's verdict doesn't depend on luck.
+            "--smoke" => smoke = true,
             t if TARGETS.contains(&t) => chosen.push(t.to_string()),
             other => {
                 return Err(format!(
@@ -58,10 +62,13 @@ pub fn fuzz(args: &[String]) -> Result {
     build(&root, &out)?;
     let mut report = Vec::new();
     for t in &chosen {
-        report.push(run_target(&root, &out, t, seconds)?);
+        report.push(run_target(&root, &out, t, seconds, smoke)?);
     }
     println!("\nfuzz: {seconds} s per target");
-    println!("{:<14} {:>12} {:>10} {:>10}", "target", "execs/s", "corpus", "new");
+    println!(
+        "{:<14} {:>12} {:>10} {:>10}",
+        "target", "execs/s", "corpus", "new"
+    );
     for (t, execs, corpus, new) in &report {
         println!("{t:<14} {execs:>12} {corpus:>10} {new:>10}");
     }
@@ -84,17 +91,30 @@ fn build(root: &Path, out: &Path) -> Result {
     ]
     .join(" ");
     let mut cmd = Command::new("cargo");
-    cmd.args(["+nightly", "build", "--release", "--bins", "--target", TRIPLE])
-        .arg("--manifest-path")
-        .arg(root.join("fuzz/Cargo.toml"))
-        .env("RUSTFLAGS", flags)
-        .env("CARGO_TARGET_DIR", out.join("build"))
-        .env("AYA_BUILD_SKIP", "1");
+    cmd.args([
+        "+nightly",
+        "build",
+        "--release",
+        "--bins",
+        "--target",
+        TRIPLE,
+    ])
+    .arg("--manifest-path")
+    .arg(root.join("fuzz/Cargo.toml"))
+    .env("RUSTFLAGS", flags)
+    .env("CARGO_TARGET_DIR", out.join("build"))
+    .env("AYA_BUILD_SKIP", "1");
     run_step(&mut cmd)
 }
 
 /// Replay the regressions, then fuzz: (target, execs/s, corpus, new units).
-fn run_target(root: &Path, out: &Path, t: &str, seconds: u64) -> Result<(String, u64, u64, u64)> {
+fn run_target(
+    root: &Path,
+    out: &Path,
+    t: &str,
+    seconds: u64,
+    smoke: bool,
+) -> Result<(String, u64, u64, u64)> {
     let bin = out.join("build").join(TRIPLE).join("release").join(t);
     let regressions = root.join("fuzz/regressions").join(t);
     let files = inputs(&regressions);
@@ -103,8 +123,13 @@ fn run_target(root: &Path, out: &Path, t: &str, seconds: u64) -> Result<(String,
         cmd.args(&files);
         run_step(&mut cmd).map_err(|e| format!("{t}: a kept crash input fails again: {e}"))?;
     }
-    let corpus = out.join("corpus").join(t);
+    let corpus = out
+        .join(if smoke { "smoke-corpus" } else { "corpus" })
+        .join(t);
     let artifacts = out.join("artifacts").join(t);
+    if smoke {
+        let _ = std::fs::remove_dir_all(&corpus);
+    }
     for d in [&corpus, &artifacts] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
@@ -115,6 +140,11 @@ fn run_target(root: &Path, out: &Path, t: &str, seconds: u64) -> Result<(String,
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg("-print_final_stats=1")
+        .args(if smoke {
+            vec!["-seed=1", "-runs=30000"]
+        } else {
+            vec![]
+        })
         .arg("-max_len=65536")
         .arg("-rss_limit_mb=2048");
     println!("$ fuzz {t} ({seconds} s)");
@@ -147,7 +177,12 @@ fn run_target(root: &Path, out: &Path, t: &str, seconds: u64) -> Result<(String,
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

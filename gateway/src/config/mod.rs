@@ -235,11 +235,17 @@ impl Config {
         toml::from_str::<Config>(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
             let key = key_from_message(e.message());
+            // Some syntax errors carry no message of their own (a control
+            // character in a comment, found by fuzzing): never an empty one.
+            let message = match e.message().trim() {
+                "" => "invalid TOML here: a syntax error or a control character".to_string(),
+                m => m.to_string(),
+            };
             ConfigErrors(vec![ConfigError {
                 file: file.to_string(),
                 line,
                 key,
-                message: e.message().trim().to_string(),
+                message,
             }])
         })
     }
@@ -403,6 +409,15 @@ pub fn source_name(path: Option<&PathBuf>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_syntax_error_without_a_message_still_says_what_and_where() {
+        // Found by `cargo xtask fuzz config`: a control character in a comment.
+        let text = "[server]\n# a comment \x1f here\nworkers = 1\n";
+        let e = Config::parse(text, "x.toml").unwrap_err();
+        assert!(!e.0[0].message.is_empty());
+        assert_eq!(e.0[0].line, Some(2));
+    }
+
     use super::*;
 
     #[test]
