@@ -49,9 +49,30 @@ pub trait Downstream {
     fn client_certificate(&self) -> Option<&[u8]>;
     /// An HTTP/2 stream's own frames, for protocols relayed frame by frame
     /// (gRPC); `None` for HTTP/1.1.
-    fn h2(&mut self) -> Option<&mut crate::http2::H2Stream> {
+    fn frames(&mut self) -> Option<&mut dyn Frames> {
         None
     }
+}
+
+/// An HTTP/2 stream as a protocol relayed frame by frame (gRPC) needs it:
+/// the request as sent, its DATA and trailers, and the answer's HEADERS,
+/// DATA and trailers, without re-framing.
+pub trait Frames {
+    /// The request as the client sent it (pseudo-headers and headers).
+    fn parts(&self) -> &http::request::Parts;
+    /// The request body's frames (once).
+    fn take_body(&mut self) -> Option<h2::RecvStream>;
+    /// Answer with `resp` (HEADERS; `end`: nothing follows): the stream for
+    /// its DATA and trailers, `None` when it ended.
+    fn respond(
+        &mut self,
+        resp: http::Response<()>,
+        end: bool,
+    ) -> Result<Option<h2::SendStream<bytes::Bytes>>, h2::Error>;
+    /// The answer went out whole.
+    fn done(&mut self);
+    /// The answer broke off after it started: the client must not take it as whole.
+    fn reset(&mut self);
 }
 
 impl Downstream for Conn {

@@ -467,3 +467,89 @@ pub async fn write_vec(stream: &mut TcpStream, out: Vec<u8>) -> (io::Result<()>,
     out.clear();
     (res.map(|_| ()), out)
 }
+
+/// A TLS connection (the gateway's own TLS, `io::Conn`, either side) as
+/// monoio's owned-buffer I/O, for monoio-compat's tokio-IO wrapper under `h2`.
+pub struct TlsStreamIo {
+    pub conn: Conn,
+    /// Writes give up after this long without progress.
+    pub send: Duration,
+}
+
+impl monoio::io::AsyncReadRent for TlsStreamIo {
+    async fn read<T: monoio::buf::IoBufMut>(&mut self, mut buf: T) -> monoio::BufResult<usize, T> {
+        if self.conn.pending().is_empty() {
+            match self.conn.fill().await {
+                Ok(0) => return (Ok(0), buf),
+                Err(e) => return (Err(e), buf),
+                Ok(_) => {}
+            }
+        }
+        let p = self.conn.pending();
+        let n = p.len().min(buf.bytes_total());
+        // SAFETY: `n` ≤ the buffer's capacity; the bytes are initialised by the copy.
+        unsafe {
+            buf.write_ptr().copy_from_nonoverlapping(p.as_ptr(), n);
+            buf.set_init(n);
+        }
+        self.conn.consume(n);
+        (Ok(n), buf)
+    }
+
+    async fn readv<T: monoio::buf::IoVecBufMut>(
+        &mut self,
+        mut buf: T,
+    ) -> monoio::BufResult<usize, T> {
+        // SAFETY: the iovec stays alive with `buf` for the call.
+        let Some(raw) = (unsafe { monoio::buf::RawBuf::new_from_iovec_mut(&mut buf) }) else {
+            return (Ok(0), buf);
+        };
+        let (r, _) = self.read(raw).await;
+        let n = r.as_ref().copied().unwrap_or(0);
+        // SAFETY: `read` initialised `n` bytes of the first iovec.
+        unsafe { buf.set_init(n) };
+        (r, buf)
+    }
+}
+
+impl monoio::io::AsyncWriteRent for TlsStreamIo {
+    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        // SAFETY: `read_ptr` is valid for `bytes_init` bytes while `buf` lives.
+        let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) }.to_vec();
+        let n = data.len();
+        match self.conn.write_all(data, self.send).await.0 {
+            Ok(()) => (Ok(n), buf),
+            Err(WriteError::Timeout) => (Err(std::io::ErrorKind::TimedOut.into()), buf),
+            Err(WriteError::Io(e)) => (Err(e), buf),
+        }
+    }
+
+    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        let mut data = Vec::new();
+        // SAFETY: the iovecs are valid while `buf` lives.
+        unsafe {
+            let iov = std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len());
+            for v in iov {
+                data.extend_from_slice(std::slice::from_raw_parts(
+                    v.iov_base as *const u8,
+                    v.iov_len,
+                ));
+            }
+        }
+        let n = data.len();
+        match self.conn.write_all(data, self.send).await.0 {
+            Ok(()) => (Ok(n), buf),
+            Err(WriteError::Timeout) => (Err(std::io::ErrorKind::TimedOut.into()), buf),
+            Err(WriteError::Io(e)) => (Err(e), buf),
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.conn.close_notify().await;
+        Ok(())
+    }
+}

@@ -42,6 +42,7 @@ pub mod route;
 pub mod server;
 pub mod shutdown;
 pub mod syntax;
+pub mod task;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -59,9 +59,14 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: Option<Socke
                 let w2 = w.clone();
                 monoio::spawn(async move {
                     // A bug must cost one connection, not the worker and all of its connections.
-                    if CatchUnwind(http1::serve_connection(stream, peer, w2.clone(), tls))
-                        .await
-                        .is_err()
+                    if crate::task::CatchUnwind(http1::serve_connection(
+                        stream,
+                        peer,
+                        w2.clone(),
+                        tls,
+                    ))
+                    .await
+                    .is_err()
                     {
                         w2.metrics_registry.connection_panics.inc();
                         tracing::error!(worker = w2.id, client = %peer, "connection task panicked; connection dropped");
@@ -76,27 +81,6 @@ pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: Option<Socke
                 tracing::warn!(worker = w.id, error = %e, "accept failed");
                 monoio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-        }
-    }
-}
-
-/// Poll a future, turning a panic into `Err` (monoio does not catch panics
-/// in tasks: one would take the worker thread down).
-pub(crate) struct CatchUnwind<F>(pub(crate) F);
-
-impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
-    type Output = Result<F::Output, ()>;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        // SAFETY: structural pinning of the only field; it is never moved out.
-        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Err(_) => std::task::Poll::Ready(Err(())),
         }
     }
 }

@@ -214,45 +214,6 @@ impl H2Stream {
         self.tls.as_deref()
     }
 
-    /// The request as the client sent it (pseudo-headers and headers).
-    pub fn parts(&self) -> &http::request::Parts {
-        &self.parts
-    }
-
-    /// The request body's frames, for a protocol relayed frame by frame.
-    pub fn take_body(&mut self) -> Option<RecvStream> {
-        self.body.take()
-    }
-
-    /// Answer with `resp` (HEADERS; `end`: nothing follows): the stream for
-    /// its DATA and trailers, `None` when it ended.
-    pub fn respond(
-        &mut self,
-        resp: http::Response<()>,
-        end: bool,
-    ) -> Result<Option<SendStream<Bytes>>, h2::Error> {
-        let Some(mut r) = self.respond.take() else {
-            return Ok(None);
-        };
-        let s = r.send_response(resp, end)?;
-        self.out = Out::Done;
-        Ok((!end).then_some(s))
-    }
-
-    /// The answer went out whole by another way (gRPC's relay).
-    pub fn done(&mut self) {
-        self.out = Out::Done;
-    }
-
-    /// The answer broke off after it started: the client must not take it as whole.
-    pub fn reset(&mut self) {
-        self.out = Out::Body {
-            kind: BodyKind::Chunked,
-            remaining: 0,
-            dec: ChunkedDecoder::new(),
-        };
-    }
-
     /// A refusal as gRPC says it: a Trailers-Only answer (HTTP 200,
     /// `grpc-status`, `grpc-message`; `grpc-retry-pushback-ms` when the
     /// client should come back later).
@@ -485,8 +446,49 @@ impl H2Stream {
     }
 }
 
+impl crate::downstream::Frames for H2Stream {
+    /// The request as the client sent it (pseudo-headers and headers).
+    fn parts(&self) -> &http::request::Parts {
+        &self.parts
+    }
+
+    /// The request body's frames, for a protocol relayed frame by frame.
+    fn take_body(&mut self) -> Option<RecvStream> {
+        self.body.take()
+    }
+
+    /// Answer with `resp` (HEADERS; `end`: nothing follows): the stream for
+    /// its DATA and trailers, `None` when it ended.
+    fn respond(
+        &mut self,
+        resp: http::Response<()>,
+        end: bool,
+    ) -> Result<Option<SendStream<Bytes>>, h2::Error> {
+        let Some(mut r) = self.respond.take() else {
+            return Ok(None);
+        };
+        let s = r.send_response(resp, end)?;
+        self.out = Out::Done;
+        Ok((!end).then_some(s))
+    }
+
+    /// The answer went out whole by another way (gRPC's relay).
+    fn done(&mut self) {
+        self.out = Out::Done;
+    }
+
+    /// The answer broke off after it started: the client must not take it as whole.
+    fn reset(&mut self) {
+        self.out = Out::Body {
+            kind: BodyKind::Chunked,
+            remaining: 0,
+            dec: ChunkedDecoder::new(),
+        };
+    }
+}
+
 impl Downstream for H2Stream {
-    fn h2(&mut self) -> Option<&mut H2Stream> {
+    fn frames(&mut self) -> Option<&mut dyn crate::downstream::Frames> {
         Some(self)
     }
 

@@ -355,7 +355,7 @@ async fn stages<D: Downstream>(
     req.grant = grant.as_ref();
     dispatch::shadow(&c, &verdict, &req);
     let x = if rules_protocol(cur, route) == Protocol::Grpc {
-        let Some(h2) = d.h2() else {
+        let Some(h2) = d.frames() else {
             return Err(Refusal {
                 retry_after: None,
                 ..Refusal::policy(

@@ -20,8 +20,8 @@ use h2::{RecvStream, SendStream};
 use monoio::net::TcpStream;
 use monoio_compat::StreamWrapper;
 
+use crate::downstream::Frames;
 use crate::error::{ClientError, ProxyError, UpstreamError};
-use crate::http2::H2Stream;
 use crate::worker::{Current, Worker};
 
 use super::{Exchange, InFlight, Request};
@@ -38,7 +38,7 @@ const DROPPED: [&str; 7] = [
     "x-request-id",
 ];
 
-pub async fn forward(d: &mut H2Stream, req: &Request<'_>, w: &Worker, cur: &Current) -> Exchange {
+pub async fn forward(d: &mut dyn Frames, req: &Request<'_>, w: &Worker, cur: &Current) -> Exchange {
     let mut x = Exchange::default();
     let started = Instant::now();
     let r = exchange(d, req, w, cur, &mut x, started).await;
@@ -75,7 +75,7 @@ fn grpc_timeout(v: &str) -> Option<Duration> {
 }
 
 async fn exchange(
-    d: &mut H2Stream,
+    d: &mut dyn Frames,
     req: &Request<'_>,
     w: &Worker,
     cur: &Current,
@@ -83,23 +83,7 @@ async fn exchange(
     started: Instant,
 ) -> Result<(), ProxyError> {
     let cl = &cur.shared.clusters[req.cluster];
-    let b = match crate::balance::pick(
-        &cl.balance,
-        &cl.loads,
-        0,
-        req.model,
-        0,
-        None,
-        cur.cursor(req.cluster),
-        &w.rng,
-    ) {
-        Ok(b) => b,
-        Err(crate::balance::NoPick::Saturated) => {
-            w.metrics.inc(&w.metrics.balance_shed, &[&cl.name], 1);
-            return Err(UpstreamError::Saturated.into());
-        }
-        Err(crate::balance::NoPick::Exhausted) => return Err(UpstreamError::ConnectError.into()),
-    };
+    let b = pick(cl, req, w, cur)?;
     let addr = cl.backends[b];
     x.backend = Some(addr);
     // The whole exchange: the client's grpc-timeout, within the route's total.
@@ -114,15 +98,18 @@ async fn exchange(
         (a, t) => a.or(t),
     };
     let deadline = limit.map(|l| started + l);
-    let left = || deadline.map(|dl| dl.saturating_duration_since(Instant::now()));
-    let within = |fallback: Duration| left().map_or(fallback, |l| l.min(fallback));
-
+    let within = |fallback: Duration| {
+        deadline.map_or(fallback, |dl| {
+            dl.saturating_duration_since(Instant::now()).min(fallback)
+        })
+    };
+    let send_timeout = cur.shared.timeouts.send;
     let mut send = sender(
         w,
         addr,
         within(req.route.connect_timeout),
         cl.tls.as_ref(),
-        cur.shared.timeouts.send,
+        send_timeout,
     )
     .await?;
     let load = cl.loads[b].clone();
@@ -155,28 +142,7 @@ async fn exchange(
     let (response, up_send) = send
         .send_request(request, false)
         .map_err(|_| UpstreamError::Closed)?;
-    // The request's messages go on their own task: a bidirectional stream
-    // answers before the client has finished sending.
-    let send_timeout = cur.shared.timeouts.send;
-    match req.buffered {
-        // Read whole and checked by validation (KServe ModelInfer): as is.
-        Some(b) => {
-            let body = Bytes::copy_from_slice(&b.body);
-            let mut up_send = up_send;
-            monoio::spawn(async move {
-                if send_all(&mut up_send, body, send_timeout).await.is_ok() {
-                    let _ = up_send.send_data(Bytes::new(), true);
-                } else {
-                    up_send.send_reset(h2::Reason::CANCEL);
-                }
-            });
-        }
-        None => {
-            if let Some(body) = d.take_body() {
-                monoio::spawn(pump_request(body, up_send, send_timeout));
-            }
-        }
-    }
+    send_body(d, req, up_send, send_timeout);
     let sent_at = Instant::now();
     let resp = match monoio::time::timeout(within(req.route.response_timeout), response).await {
         Err(_) if deadline.is_some_and(|dl| Instant::now() >= dl) => {
@@ -193,6 +159,75 @@ async fn exchange(
     };
     x.header_time = Some(sent_at.elapsed());
     x.status = resp.status().as_u16();
+    relay_response(d, req, resp, x, deadline, sent_at, send_timeout).await
+}
+
+/// The balance stage's choice among the route's cluster.
+fn pick(
+    cl: &crate::pool::Cluster,
+    req: &Request<'_>,
+    w: &Worker,
+    cur: &Current,
+) -> Result<usize, ProxyError> {
+    let cursor = cur.cursor(req.cluster);
+    match crate::balance::pick(
+        &cl.balance,
+        &cl.loads,
+        0,
+        req.model,
+        0,
+        None,
+        cursor,
+        &w.rng,
+    ) {
+        Ok(b) => Ok(b),
+        Err(crate::balance::NoPick::Saturated) => {
+            w.metrics.inc(&w.metrics.balance_shed, &[&cl.name], 1);
+            Err(UpstreamError::Saturated.into())
+        }
+        Err(crate::balance::NoPick::Exhausted) => Err(UpstreamError::ConnectError.into()),
+    }
+}
+
+/// The request's messages go on their own task: a bidirectional stream
+/// answers before the client has finished sending. A body validation read
+/// whole (KServe ModelInfer) goes as is.
+fn send_body(
+    d: &mut dyn Frames,
+    req: &Request<'_>,
+    mut up_send: SendStream<Bytes>,
+    send_timeout: Duration,
+) {
+    match req.buffered {
+        Some(b) => {
+            let body = Bytes::copy_from_slice(&b.body);
+            monoio::spawn(async move {
+                if send_all(&mut up_send, body, send_timeout).await.is_ok() {
+                    let _ = up_send.send_data(Bytes::new(), true);
+                } else {
+                    up_send.send_reset(h2::Reason::CANCEL);
+                }
+            });
+        }
+        None => {
+            if let Some(body) = d.take_body() {
+                monoio::spawn(pump_request(body, up_send, send_timeout));
+            }
+        }
+    }
+}
+
+/// The backend's answer to the client: HEADERS, every DATA frame as it
+/// comes, the trailers; past `deadline`, DEADLINE_EXCEEDED in trailers.
+async fn relay_response(
+    d: &mut dyn Frames,
+    req: &Request<'_>,
+    resp: http::Response<RecvStream>,
+    x: &mut Exchange,
+    deadline: Option<Instant>,
+    sent_at: Instant,
+    send_timeout: Duration,
+) -> Result<(), ProxyError> {
     let (mut parts, mut up_body) = resp.into_parts();
     parts.headers.insert(
         "x-request-id",
@@ -206,24 +241,26 @@ async fn exchange(
     let Some(down) = down.as_mut() else {
         return Ok(());
     };
-    let send_timeout = cur.shared.timeouts.send;
     loop {
-        let next = match left() {
-            Some(l) => match monoio::time::timeout(l, up_body.data()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    // Past grpc-timeout mid-stream: DEADLINE_EXCEEDED, the backend's stream cancelled.
-                    let mut t = http::HeaderMap::new();
-                    t.insert("grpc-status", http::HeaderValue::from_static("4"));
-                    t.insert(
-                        "grpc-message",
-                        http::HeaderValue::from_static("deadline%20exceeded"),
-                    );
-                    let _ = down.send_trailers(t);
-                    d.done();
-                    return Ok(());
+        let next = match deadline {
+            Some(dl) => {
+                let l = dl.saturating_duration_since(Instant::now());
+                match monoio::time::timeout(l, up_body.data()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // Past grpc-timeout mid-stream: DEADLINE_EXCEEDED; the backend's stream is cancelled.
+                        let mut t = http::HeaderMap::new();
+                        t.insert("grpc-status", http::HeaderValue::from_static("4"));
+                        t.insert(
+                            "grpc-message",
+                            http::HeaderValue::from_static("deadline%20exceeded"),
+                        );
+                        let _ = down.send_trailers(t);
+                        d.done();
+                        return Ok(());
+                    }
                 }
-            },
+            }
             None => up_body.data().await,
         };
         match next {
@@ -244,14 +281,12 @@ async fn exchange(
         }
     }
     match up_body.trailers().await {
-        Ok(Some(t)) => {
-            down.send_trailers(t)
-                .map_err(|_| ClientError::ClientClosed)?;
-        }
-        Ok(None) => {
-            down.send_data(Bytes::new(), true)
-                .map_err(|_| ClientError::ClientClosed)?;
-        }
+        Ok(Some(t)) => down
+            .send_trailers(t)
+            .map_err(|_| ClientError::ClientClosed)?,
+        Ok(None) => down
+            .send_data(Bytes::new(), true)
+            .map_err(|_| ClientError::ClientClosed)?,
         Err(_) => return Err(UpstreamError::Reset.into()),
     }
     d.done();
@@ -262,7 +297,7 @@ async fn exchange(
 /// (connection-specific ones dropped), the gateway's request id and the
 /// client's address.
 fn upstream_request(
-    d: &H2Stream,
+    d: &dyn Frames,
     req: &Request<'_>,
     addr: SocketAddr,
 ) -> Result<http::Request<()>, ProxyError> {
@@ -366,7 +401,7 @@ async fn sender(
                 tracing::warn!(backend = %addr, error = ?e, "TLS handshake with the gRPC backend failed");
                 return Err(UpstreamError::ConnectError.into());
             }
-            let io = crate::http2::TlsIo {
+            let io = crate::io::TlsStreamIo {
                 conn,
                 send: send_timeout,
             };
