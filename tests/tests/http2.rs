@@ -407,3 +407,66 @@ fn tls_clients_that_choose_h2_by_alpn_get_http2_with_their_certificate_identity(
     assert_eq!(tail, "1.1 200");
     assert!(g.metric(&["gateway_h2_connections_total", "result=\"accepted\""]) >= 2.0);
 }
+
+/// curl over h2c, with the response headers: (status, headers, body).
+fn curl_headers(g: &Gateway, path: &str, args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--http2-prior-knowledge", "-D", "-"])
+        .args(args)
+        .arg(format!("http://{}{path}", g.addr))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn rate_limits_balancing_and_queueing_hold_over_h2() {
+    let (b1, b2) = (Backend::start("one"), Backend::start("two"));
+    let body = format!(
+        "[clusters.b]\nbackends = [\"{}\", \"{}\"]\n[clusters.b.balance]\nalgorithm = \"round_robin\"\n\
+         [[models]]\nname = \"m\"\n\
+         [[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"b\"\n\
+         [[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"b\"\nanonymous = true\n\
+         [[authn.api_keys]]\nclient = \"app\"\ntenant = \"acme\"\nsha256 = [\"{}\"]\n\
+         [[authz.rules]]\nid = \"all\"\ntenants = [\"*\"]\nmodels = [\"*\"]\n\
+         [ratelimit.principal]\nrequests_per_second = 0.01\nburst = 2\n",
+        b1.addr,
+        b2.addr,
+        key_digest(KEY)
+    );
+    let g = Gateway::start(Spec {
+        server_extra: "h2c = true",
+        ..Spec::new(Driver::Auto, &body)
+    });
+    // Balancing: round robin over both backends, stream after stream.
+    for _ in 0..6 {
+        assert_eq!(curl_headers(&g, "/echo", &[]).0, 200);
+    }
+    assert_eq!((b1.requests(), b2.requests()), (3, 3));
+    // Rate limits: the third request of a burst of 2 is refused, in OpenAI's shape,
+    // with Retry-After and the rate-limit headers.
+    let auth = format!("authorization: Bearer {KEY}");
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let args = ["-H", auth.as_str(), "-H", "content-type: application/json", "-d", chat];
+    assert_eq!(curl_headers(&g, "/v1/chat/completions", &args).0, 200);
+    assert_eq!(curl_headers(&g, "/v1/chat/completions", &args).0, 200);
+    let (status, head, body) = curl_headers(&g, "/v1/chat/completions", &args);
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("retry-after: "), "{head}");
+    assert!(head.contains("ratelimit"), "{head}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["type"], "rate_limit_error");
+    assert!(
+        g.wait_metric(
+            &["gateway_requests_total", "status=\"429\"", "protocol=\"h2c\""],
+            1.0
+        ) >= 1.0
+    );
+}
