@@ -427,7 +427,7 @@ fn curl_headers(g: &Gateway, path: &str, args: &[&str]) -> (u16, String, String)
 }
 
 #[test]
-fn rate_limits_balancing_and_queueing_hold_over_h2() {
+fn rate_limits_and_balancing_hold_over_h2() {
     let (b1, b2) = (Backend::start("one"), Backend::start("two"));
     let body = format!(
         "[clusters.b]\nbackends = [\"{}\", \"{}\"]\n[clusters.b.balance]\nalgorithm = \"round_robin\"\n\
