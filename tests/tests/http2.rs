@@ -454,7 +454,14 @@ fn rate_limits_and_balancing_hold_over_h2() {
     // with Retry-After and the rate-limit headers.
     let auth = format!("authorization: Bearer {KEY}");
     let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-    let args = ["-H", auth.as_str(), "-H", "content-type: application/json", "-d", chat];
+    let args = [
+        "-H",
+        auth.as_str(),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        chat,
+    ];
     assert_eq!(curl_headers(&g, "/v1/chat/completions", &args).0, 200);
     assert_eq!(curl_headers(&g, "/v1/chat/completions", &args).0, 200);
     let (status, head, body) = curl_headers(&g, "/v1/chat/completions", &args);
@@ -465,7 +472,11 @@ fn rate_limits_and_balancing_hold_over_h2() {
     assert_eq!(err["error"]["type"], "rate_limit_error");
     assert!(
         g.wait_metric(
-            &["gateway_requests_total", "status=\"429\"", "protocol=\"h2c\""],
+            &[
+                "gateway_requests_total",
+                "status=\"429\"",
+                "protocol=\"h2c\""
+            ],
             1.0
         ) >= 1.0
     );
