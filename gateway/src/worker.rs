@@ -139,7 +139,10 @@ impl Shared {
                 .then(|| Arc::new(crate::ratelimit::Policies::new(&r.config.ratelimit))),
             limiter: process.limiter.clone(),
             tracer: process.tracer.clone(),
-            bands: crate::balance::queue::Bands::new(&r.config.ratelimit),
+            bands: crate::balance::queue::Bands::new(
+                &r.config.ratelimit,
+                r.config.routes.iter().filter_map(|x| x.priority),
+            ),
             known_tenants: r
                 .config
                 .authn

@@ -406,16 +406,30 @@ impl FlowQueue {
 }
 
 /// Each caller's queue band from its tenant class
-/// (`[ratelimit.classes.NAME] priority`); a route's `priority` wins.
+/// (`[ratelimit.classes.NAME] priority`); a route's `priority` wins. The
+/// configured bands are the only ones there are: a band a client asks for
+/// (`x-gateway-priority`) becomes the highest configured one at or below it,
+/// so metric labels never take a value a client chose.
 #[derive(Debug, Default)]
 pub struct Bands {
     by_tenant: HashMap<String, i32>,
     default: i32,
+    /// Every configured band, ascending (0 always among them).
+    levels: Vec<i32>,
 }
 
 impl Bands {
-    pub fn new(r: &crate::config::RateLimitSettings) -> Bands {
+    pub fn new(r: &crate::config::RateLimitSettings, routes: impl Iterator<Item = i32>) -> Bands {
         let prio = |c: &str| r.classes.get(c).map_or(0, |c| c.priority);
+        let mut levels: Vec<i32> = r
+            .classes
+            .values()
+            .map(|c| c.priority)
+            .chain(routes)
+            .collect();
+        levels.push(0);
+        levels.sort_unstable();
+        levels.dedup();
         Bands {
             by_tenant: r
                 .tenant_classes
@@ -423,12 +437,27 @@ impl Bands {
                 .map(|(t, c)| (t.clone(), prio(c)))
                 .collect(),
             default: prio(&r.default_class),
+            levels,
         }
     }
 
     /// The band of a request on a route with `route` priority (if set) from `tenant`.
     pub fn band(&self, route: Option<i32>, tenant: &str) -> i32 {
         route.unwrap_or_else(|| *self.by_tenant.get(tenant).unwrap_or(&self.default))
+    }
+
+    /// `own`, lowered to what the client asked (`asked`, never raised): the
+    /// highest configured band at or below both, else the lowest configured.
+    pub fn lowered(&self, own: i32, asked: i32) -> i32 {
+        let want = asked.min(own);
+        self.levels
+            .iter()
+            .rev()
+            .find(|&&l| l <= want)
+            .or(self.levels.first())
+            .copied()
+            .unwrap_or(own)
+            .min(own)
     }
 }
 
@@ -617,6 +646,35 @@ mod tests {
         q.configure(&loads, &bal, &s);
         q.enqueue(0, "a", 1, 10).unwrap();
         assert_eq!(q.enqueue(0, "a", 1, 10).unwrap_err(), Full::Bytes);
+    }
+
+    #[test]
+    fn a_client_can_only_lower_its_band_to_a_configured_one() {
+        let mut r = crate::config::RateLimitSettings::default();
+        r.classes.insert(
+            "gold".into(),
+            crate::config::ratelimit::ClassSettings {
+                priority: 10,
+                ..Default::default()
+            },
+        );
+        r.classes.insert(
+            "batch".into(),
+            crate::config::ratelimit::ClassSettings {
+                priority: -5,
+                ..Default::default()
+            },
+        );
+        let b = Bands::new(&r, [3].into_iter());
+        assert_eq!(b.lowered(10, 7), 3);
+        assert_eq!(b.lowered(10, 99), 10, "never raised");
+        assert_eq!(b.lowered(0, -1), -5);
+        assert_eq!(
+            b.lowered(0, -1_000_000),
+            -5,
+            "no band below the lowest configured"
+        );
+        assert_eq!(b.lowered(3, 3), 3);
     }
 
     #[test]

@@ -134,7 +134,7 @@ fn band<D: Downstream>(d: &D, c: &Call<'_>, verdict: &Verdict, client: bool) -> 
             .find(|h| buf[h.name.clone()].eq_ignore_ascii_case(PRIORITY_HEADER))
             .and_then(|h| std::str::from_utf8(&buf[h.value.clone()]).ok())
             .and_then(|v| v.trim().parse::<i32>().ok());
-    asked.map_or(band, |a| a.min(band))
+    asked.map_or(band, |a| c.cur.shared.bands.lowered(band, a))
 }
 
 /// 429 (queue full) or 503 (waited too long), with `Retry-After`.
