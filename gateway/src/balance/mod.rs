@@ -620,17 +620,14 @@ pub fn pick(
     // chance than a 502). Available ones that were tried (or are at their
     // connection limit) don't let the unavailable ones in.
     let any_available = loads.iter().any(|b| b.available(now));
-    let cand: Vec<usize> = (0..loads.len())
+    let mut cand: Vec<usize> = (0..loads.len())
         .filter(|&i| untried(i) && (!any_available || loads[i].available(now)))
         .collect();
     if cand.is_empty() {
         return Err(NoPick::Exhausted);
     }
     // Saturated backends take nothing (the cluster's queue holds it, or 503).
-    let cand: Vec<usize> = cand
-        .into_iter()
-        .filter(|&i| loads[i].headroom(s, now) > 0)
-        .collect();
+    cand.retain(|&i| loads[i].headroom(s, now) > 0);
     if cand.is_empty() {
         return Err(NoPick::Saturated);
     }

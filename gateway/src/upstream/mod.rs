@@ -85,17 +85,21 @@ async fn checkout(
         let mut tried = exclude;
         // At most one pick per backend per pass (indexes past 64 have no
         // bit in `tried`: this bounds the pass all the same).
-        for _ in 0..cl.backends.len() {
-            let b = match crate::balance::pick(
-                &cl.balance,
+        let pick = |s: &crate::balance::BalanceSettings, tried: u64| {
+            let cursor = cur.cursor(ci);
+            crate::balance::pick(
+                s,
                 &cl.loads,
                 tried,
                 req.model,
                 req.size,
                 view.as_ref(),
-                cur.cursor(ci),
+                cursor,
                 &w.rng,
-            ) {
+            )
+        };
+        for _ in 0..cl.backends.len() {
+            let b = match pick(&cl.balance, tried) {
                 Ok(b) => b,
                 Err(crate::balance::NoPick::Exhausted) => break,
                 // Past the queue stage (granted, or it found room): a
@@ -104,16 +108,7 @@ async fn checkout(
                 Err(crate::balance::NoPick::Saturated)
                     if req.grant.is_some() || cl.queue.is_some() =>
                 {
-                    match crate::balance::pick(
-                        &unsaturated(&cl.balance),
-                        &cl.loads,
-                        tried,
-                        req.model,
-                        req.size,
-                        view.as_ref(),
-                        cur.cursor(ci),
-                        &w.rng,
-                    ) {
+                    match pick(&unsaturated(&cl.balance), tried) {
                         Ok(b) => b,
                         Err(_) => break,
                     }
