@@ -34,6 +34,11 @@ pub mod maps {
     /// `PerCpuArray<u64>` indexed by [`BlockReason`](crate::BlockReason):
     /// packets dropped (or, in monitor mode, that would have been) per reason.
     pub const BLOCK_DROPS: &str = "BLOCK_DROPS";
+    /// `PerCpuArray<WatchState>` with one element: the watch stream's
+    /// per-CPU rate cap (see [`XdpConfig::watch_one_in`](crate::XdpConfig)).
+    pub const WATCH: &str = "WATCH";
+    /// The `aya-log` ring buffer the sampled verdicts are written to.
+    pub const AYA_LOGS: &str = "AYA_LOGS";
 }
 
 /// Name of the XDP program in the object.
@@ -174,7 +179,43 @@ pub struct XdpConfig {
     /// userspace every second: blocks expiring well after it need no clock
     /// read in the packet path. 0: unknown (the clock is always read).
     pub clock_floor_ns: u64,
+    /// The watch stream (`gateway xdp watch`): 0 = off (the default; the
+    /// packet path pays one compare), 1 = every verdict that `watch_what`
+    /// selects, N = one in N of them, chosen at random.
+    pub watch_one_in: u32,
+    /// [`WATCH_DROPS`] | [`WATCH_PASSES`]: which verdicts are sampled.
+    pub watch_what: u32,
+    /// Sampled verdicts written per second per CPU at most; the rest are
+    /// counted in [`WatchState::suppressed`].
+    pub watch_max_per_sec: u32,
+    pub _pad2: u32,
 }
+
+/// [`XdpConfig::watch_what`] bits: drops and monitor-mode would-drops.
+pub const WATCH_DROPS: u32 = 1;
+/// [`XdpConfig::watch_what`] bits: packets passed on the gateway's ports.
+pub const WATCH_PASSES: u32 = 2;
+
+/// Per-CPU state of the watch stream's rate cap: a one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WatchState {
+    /// Monotonic ns at which the current window began.
+    pub window_ns: u64,
+    /// Verdicts written in the current window.
+    pub written: u32,
+    pub _pad: u32,
+    /// Sampled verdicts not written because the window was full (monotonic).
+    pub suppressed: u64,
+}
+
+/// The sampled-verdict log line, `aya-log` formatted: the userspace watch
+/// parses exactly these fields (`xdp::watch`), so both sides name them here.
+/// `c` is the [`Counter`], `r` the [`BlockReason`] (or [`NO_REASON`]), `p`
+/// the IP protocol, `d` the destination port, `s` the source address.
+pub const WATCH_FIELDS: [&str; 5] = ["c", "r", "p", "d", "s"];
+/// `r` of a verdict that isn't about a block.
+pub const NO_REASON: u32 = 255;
 
 /// [`maps::PORTS`] value bits.
 pub const PORT_TCP: u8 = 1;
@@ -263,4 +304,5 @@ mod pod {
     unsafe impl aya::Pod for super::BlockEntry {}
     unsafe impl aya::Pod for super::QuotaState {}
     unsafe impl aya::Pod for super::XdpConfig {}
+    unsafe impl aya::Pod for super::WatchState {}
 }

@@ -10,18 +10,22 @@
 //! only paid on that rare path). In monitor mode "drop" is counted as
 //! "would drop" and the packet passes.
 //!
-//! No logging from here on purpose: a log line per dropped packet would turn
-//! a flood into a flood of log events.
+//! No logging per packet: a log line per dropped packet would turn a flood
+//! into a flood of log events. The one exception is the opt-in watch stream
+//! (`gateway xdp watch`): while an operator watches, a random sample of the
+//! verdicts on the gateway's ports, capped per CPU per second, goes through
+//! `aya-log`'s ring buffer. While nobody watches (`watch_one_in == 0`, the
+//! default) the packet path pays one compare on the config it already read.
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect},
     macros::{map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use gateway_common::{
-    BlockEntry, BlockReason, Counter, IpKey, QuotaState, XdpConfig, MODE_ENFORCE, PORT_TCP,
-    PORT_UDP,
+    BlockEntry, BlockReason, Counter, IpKey, QuotaState, WatchState, XdpConfig, MODE_ENFORCE,
+    NO_REASON, PORT_TCP, PORT_UDP, WATCH_DROPS, WATCH_PASSES,
 };
 
 // Sizes here are defaults; userspace resizes every map before load
@@ -45,6 +49,8 @@ static CONFIG: Array<XdpConfig> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
 #[map]
 static BLOCK_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(BlockReason::COUNT as u32, 0);
+#[map]
+static WATCH: PerCpuArray<WatchState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static TRAFFIC_TARGET: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -74,7 +80,13 @@ struct Flow {
 #[xdp]
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     let (action, counter) = match parse(&ctx) {
-        Ok(flow) => decide(&flow),
+        Ok(flow) => {
+            let d = decide(&flow);
+            if d.watch {
+                watch(&ctx, &flow, d.counter, d.reason);
+            }
+            (d.action, d.counter)
+        }
         Err(Unparsed { counter, src: None }) => (xdp_action::XDP_PASS, counter),
         // Ports unreadable but the source known (a first fragment too short
         // for its TCP header, an IPv6 header chain longer than we walk): a
@@ -319,20 +331,43 @@ fn parse_l4(
     }
 }
 
-fn decide(flow: &Flow) -> (u32, Counter) {
+/// What [`decide`] concluded about a packet to one of the gateway's ports.
+struct Decision {
+    action: u32,
+    counter: Counter,
+    /// The [`BlockReason`] of a blocked source, else [`NO_REASON`].
+    reason: u32,
+    /// The watch stream is on: [`watch`] decides whether this one is sampled.
+    watch: bool,
+}
+
+fn decide(flow: &Flow) -> Decision {
     let bit = if flow.proto == IPPROTO_TCP {
         PORT_TCP
     } else {
         PORT_UDP
     };
+    let done = |(action, counter): (u32, Counter), reason: u32, watch: bool| Decision {
+        action,
+        counter,
+        reason,
+        watch,
+    };
     match PORTS.get(flow.dst_port as u32) {
         Some(bits) if bits & bit != 0 => {}
-        _ => return (xdp_action::XDP_PASS, Counter::PassOtherPort),
+        _ => {
+            return done(
+                (xdp_action::XDP_PASS, Counter::PassOtherPort),
+                NO_REASON,
+                false,
+            )
+        }
     }
     let Some(config) = CONFIG.get(0) else {
-        return (xdp_action::XDP_PASS, Counter::Pass);
+        return done((xdp_action::XDP_PASS, Counter::Pass), NO_REASON, false);
     };
     let enforce = config.mode == MODE_ENFORCE;
+    let watching = config.watch_one_in != 0;
 
     let mut passed = Counter::Pass;
     // SAFETY: the entry is copied out at once; a concurrent update from
@@ -353,10 +388,15 @@ fn decide(flow: &Flow) -> (u32, Counter) {
             || unsafe { bpf_ktime_get_coarse_ns() } < entry.expires_ns;
         if live {
             if allowlisted(flow) {
-                return (xdp_action::XDP_PASS, Counter::PassAllowlisted);
+                return done(
+                    (xdp_action::XDP_PASS, Counter::PassAllowlisted),
+                    entry.reason,
+                    watching,
+                );
             }
             count(&BLOCK_DROPS, entry.reason);
-            return verdict(enforce, Counter::DropBlocked, Counter::MonitorBlocked);
+            let v = verdict(enforce, Counter::DropBlocked, Counter::MonitorBlocked);
+            return done(v, entry.reason, watching);
         }
         passed = Counter::PassExpiredBlock;
     }
@@ -367,12 +407,70 @@ fn decide(flow: &Flow) -> (u32, Counter) {
         let now = unsafe { bpf_ktime_get_ns() };
         if let Some(over) = over_quota(flow, config, now) {
             if allowlisted(flow) {
-                return (xdp_action::XDP_PASS, Counter::PassAllowlisted);
+                return done(
+                    (xdp_action::XDP_PASS, Counter::PassAllowlisted),
+                    NO_REASON,
+                    watching,
+                );
             }
-            return over_verdict(enforce, over);
+            return done(over_verdict(enforce, over), NO_REASON, watching);
         }
     }
-    (xdp_action::XDP_PASS, passed)
+    done((xdp_action::XDP_PASS, passed), NO_REASON, watching)
+}
+
+/// The watch stream: when this verdict's kind is watched, sampled (one in
+/// `watch_one_in`, at random) and under this CPU's per-second cap, write it
+/// to the `aya-log` ring buffer; over the cap, count it as suppressed. A full
+/// ring buffer loses the line (the reader is behind): never the packet.
+#[inline(never)]
+fn watch(ctx: &XdpContext, flow: &Flow, counter: Counter, reason: u32) {
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    let dropped = matches!(
+        counter,
+        Counter::DropBlocked
+            | Counter::DropSynQuota
+            | Counter::DropPacketQuota
+            | Counter::MonitorBlocked
+            | Counter::MonitorSynQuota
+            | Counter::MonitorPacketQuota
+    );
+    let kind = if dropped { WATCH_DROPS } else { WATCH_PASSES };
+    if config.watch_what & kind == 0 {
+        return;
+    }
+    let one_in = config.watch_one_in;
+    // SAFETY: a helper without arguments.
+    if one_in > 1 && unsafe { bpf_get_prandom_u32() } % one_in != 0 {
+        return;
+    }
+    let Some(state) = WATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; XDP runs with preemption disabled.
+    let state = unsafe { &mut *state };
+    // SAFETY: read-only monotonic clock.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now.wrapping_sub(state.window_ns) >= 1_000_000_000 {
+        state.window_ns = now;
+        state.written = 0;
+    }
+    if state.written >= config.watch_max_per_sec {
+        state.suppressed += 1;
+        return;
+    }
+    state.written += 1;
+    let (c, p, d) = (counter as u32, flow.proto, flow.dst_port);
+    // The field names are gateway_common::WATCH_FIELDS.
+    match flow.v4 {
+        Some(v4) => aya_log_ebpf::info!(ctx, "c={} r={} p={} d={} s={:i}", c, reason, p, d, v4),
+        None => {
+            let s = flow.src.addr;
+            aya_log_ebpf::info!(ctx, "c={} r={} p={} d={} s={:i}", c, reason, p, d, s)
+        }
+    }
 }
 
 #[inline(always)]

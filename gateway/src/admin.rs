@@ -2,7 +2,8 @@
 //! probes and operators, not traffic): `GET /metrics`, `GET /healthz`,
 //! `GET /readyz`, and the front door's control plane:
 //! `GET /xdp/blocks`, `POST /xdp/blocks` (`{"addr": "...", "ttl": "10m"}`),
-//! `DELETE /xdp/blocks/{addr}`, `GET /xdp/stats`.
+//! `DELETE /xdp/blocks/{addr}`, `GET /xdp/stats`, `GET /xdp/watch` (a
+//! stream of sampled verdicts, JSON lines).
 //!
 //! Anyone who can reach this listener can block clients: keep it on
 //! loopback or a management network.
@@ -135,6 +136,9 @@ fn handle(mut c: TcpStream, st: &State) -> std::io::Result<()> {
     // probes stay open for scrapers and orchestrators.
     if let Err(refusal) = admin_allowed(current, req.bearer.as_deref(), req.api_key.as_deref()) {
         return refuse(&mut c, refusal);
+    }
+    if api_is_watch(method, path) {
+        return xdp_watch(&mut c, &req.path, &st.front_door);
     }
     let (status, json) = match api {
         Api::Xdp => xdp_api(method, path, body, front_door),
@@ -369,6 +373,116 @@ fn respond_with(
     c.flush()
 }
 
+fn api_is_watch(method: &str, path: &str) -> bool {
+    method == "GET" && path == "/xdp/watch"
+}
+
+/// The watch options in `GET /xdp/watch?one_in=N&passes=true&max_per_second=N&seconds=N`.
+fn watch_query(target: &str) -> Result<(crate::xdp::WatchOpts, u64), String> {
+    let mut opts = crate::xdp::WatchOpts::default();
+    let mut seconds = 0u64;
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let num = |max: u64| -> Result<u64, String> {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("{k} must be a whole number up to {max}"))
+        };
+        match k {
+            "one_in" => opts.one_in = num(1_000_000)?.max(1) as u32,
+            "max_per_second" => opts.max_per_second = num(100_000)?.max(1) as u32,
+            "seconds" => seconds = num(86_400)?,
+            "passes" => {
+                opts.passes = match v {
+                    "" | "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err("passes must be true or false".into()),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown parameter `{k}` (one_in, passes, max_per_second, seconds)"
+                ))
+            }
+        }
+    }
+    Ok((opts, seconds))
+}
+
+/// `GET /xdp/watch`: sampled XDP verdicts as JSON lines, for `seconds`
+/// (0: until the client hangs up). The first line says what is watched,
+/// the last what was missed (`lost` to a slow reader, `skipped` over this
+/// stream's cap, `suppressed` over the kernel's per-CPU cap).
+fn xdp_watch(c: &mut TcpStream, target: &str, fd: &Arc<FrontDoor>) -> std::io::Result<()> {
+    let json_err = |c: &mut TcpStream, status: u16, msg: String| {
+        respond(
+            c,
+            status,
+            "application/json",
+            serde_json::json!({ "error": msg }).to_string().as_bytes(),
+        )
+    };
+    let (opts, seconds) = match watch_query(target) {
+        Ok(x) => x,
+        Err(e) => return json_err(c, 400, e),
+    };
+    let mut w = match fd.watch(opts) {
+        Ok(w) => w,
+        Err(e @ crate::xdp::WatchError::TooMany(_)) => return json_err(c, 503, e.to_string()),
+        Err(e) => return json_err(c, 409, e.to_string()),
+    };
+    let suppressed_before = fd.watch_suppressed();
+    c.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncache-control: no-store\r\nconnection: close\r\n\r\n")?;
+    let o = w.opts();
+    let first = serde_json::json!({"watching": {"one_in": o.one_in, "passes": o.passes, "max_per_second": o.max_per_second, "seconds": seconds}});
+    c.write_all(format!("{first}\n").as_bytes())?;
+    let until = (seconds > 0).then(|| std::time::Instant::now() + Duration::from_secs(seconds));
+    let mut sent = 0u64;
+    loop {
+        let left = until.map(|u| u.saturating_duration_since(std::time::Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) || client_gone(c) {
+            break;
+        }
+        let wait = left
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        let mut out = String::new();
+        for e in w.next(wait) {
+            out.push_str(&e.json().to_string());
+            out.push('\n');
+            sent += 1;
+        }
+        if !out.is_empty() {
+            c.write_all(out.as_bytes())?;
+        }
+    }
+    let end = serde_json::json!({"end": {"events": sent, "lost": w.lost, "skipped": w.skipped(), "suppressed": fd.watch_suppressed().saturating_sub(suppressed_before)}});
+    c.write_all(format!("{end}\n").as_bytes())?;
+    c.flush()
+}
+
+/// The client closed its end (a watch stream ends when its reader leaves).
+fn client_gone(c: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: a one-byte buffer we own; MSG_PEEK consumes nothing.
+    let n = unsafe {
+        libc::recv(
+            std::os::fd::AsRawFd::as_raw_fd(c),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0
+            && !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ))
+}
+
 /// The front door's control plane. Returns the status and a JSON body.
 fn xdp_api(method: &str, path: &str, body: &[u8], fd: &FrontDoor) -> (u16, serde_json::Value) {
     use serde_json::json;
@@ -454,7 +568,9 @@ fn xdp_api(method: &str, path: &str, body: &[u8], fd: &FrontDoor) -> (u16, serde
                 }),
             )
         }
-        (_, "/xdp/blocks") | (_, "/xdp/stats") => err(405, "method not allowed".into()),
+        (_, "/xdp/blocks") | (_, "/xdp/stats") | (_, "/xdp/watch") => {
+            err(405, "method not allowed".into())
+        }
         _ => err(404, "not found".into()),
     }
 }

@@ -30,11 +30,12 @@ Quick start, no config file:\n  gateway run --listen 0.0.0.0:8080 --upstream 10.
 With a config file (see `gateway config default` for every key, commented):\n  gateway run --config /etc/gateway.toml\n\n\
 Admin endpoints (default 127.0.0.1:9901): GET /dashboard (live, in a browser), GET /metrics (Prometheus), \
 GET /healthz, GET /readyz, \
-GET|POST /xdp/blocks, DELETE /xdp/blocks/ADDR, GET /xdp/stats, POST /tls/reload, GET /authn/keys, \
+GET|POST /xdp/blocks, DELETE /xdp/blocks/ADDR, GET /xdp/stats, GET /xdp/watch, POST /tls/reload, GET /authn/keys, \
 POST /authn/revoke, GET /ratelimit/quotas, DELETE /ratelimit/quotas/TENANT, GET /balance/backends, POST /balance/drain, \
 POST /balance/undrain (the control plane needs the admin scope once [authn] is configured).\n\
 XDP front door ([xdp] interfaces): blocked and over-quota client addresses are dropped at the NIC; \
-`gateway xdp block ADDR --ttl 10m`, `gateway xdp unblock ADDR`, `gateway xdp list`, `gateway xdp stats`.\n\
+`gateway xdp block ADDR --ttl 10m`, `gateway xdp unblock ADDR`, `gateway xdp list`, `gateway xdp stats`, \
+`gateway xdp watch` (sampled verdicts as they happen).\n\
 SIGHUP: reload the config file (refused, with the errors logged, if it doesn't validate).\n\
 SIGTERM or SIGINT: stop accepting, drain in-flight requests for server.shutdown_grace, exit."
 )]
@@ -98,6 +99,27 @@ pub enum XdpCommand {
     List,
     /// Where XDP is attached (or why not) and its packet counters by verdict and reason.
     Stats,
+    /// Watch the front door's verdicts as they happen: a random sample of the
+    /// packets it drops (and, with --passes, passes) on the gateway's ports,
+    /// rate-limited. Sampling is on only while a watch runs.
+    Watch {
+        /// Sample one verdict in N (1: every verdict, up to the rate).
+        #[arg(long, default_value_t = 1)]
+        one_in: u32,
+        /// Also show packets passed on the gateway's ports, not only drops.
+        #[arg(long)]
+        passes: bool,
+        /// Most verdicts per second (per CPU in the kernel, and for this
+        /// watch); at most [xdp] watch_max_per_second.
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// Stop after this many seconds (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+        /// Print each line as the admin API sends it (JSON lines).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,6 +219,25 @@ pub fn main() -> i32 {
 
 /// `gateway xdp ...`: one request to the admin API; prints its JSON answer.
 fn xdp_command(admin: &str, bearer: Option<&str>, command: XdpCommand) -> i32 {
+    if let XdpCommand::Watch {
+        one_in,
+        passes,
+        rate,
+        seconds,
+        json,
+    } = command
+    {
+        let path = format!(
+            "/xdp/watch?one_in={one_in}&passes={passes}&max_per_second={rate}&seconds={seconds}"
+        );
+        return match crate::xdp::watch::follow(admin, &path, bearer, json) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("gateway xdp watch: cannot reach the admin API at {admin} ({e}); is the gateway running, and is --admin its admin.listen?");
+                1
+            }
+        };
+    }
     let (method, path, body) = match &command {
         XdpCommand::Block { addr, ttl } => {
             let mut b = serde_json::json!({ "addr": addr });
@@ -208,6 +249,7 @@ fn xdp_command(admin: &str, bearer: Option<&str>, command: XdpCommand) -> i32 {
         XdpCommand::Unblock { addr } => ("DELETE", format!("/xdp/blocks/{addr}"), String::new()),
         XdpCommand::List => ("GET", "/xdp/blocks".to_string(), String::new()),
         XdpCommand::Stats => ("GET", "/xdp/stats".to_string(), String::new()),
+        XdpCommand::Watch { .. } => unreachable!("handled above"),
     };
     match admin_request(admin, method, &path, &body, bearer) {
         Ok((status, text)) => {

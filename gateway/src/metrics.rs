@@ -44,6 +44,9 @@ pub struct Metrics {
     pub xdp_block_drops: IntCounterVec,
     pub xdp_blocked: IntGaugeVec,
     pub xdp_block_events: IntCounterVec,
+    pub xdp_watch_events: IntCounter,
+    pub xdp_watch_suppressed: IntCounter,
+    pub xdp_watchers: IntGauge,
     pub accept_refused: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub tls_errors: IntCounterVec,
@@ -285,6 +288,21 @@ const XDP_BLOCK_EVENTS: Desc = Desc::new(
     "gateway_xdp_block_events_total",
     "Blocklist changes, by action (block, unblock, expire, refused_full) and reason",
     &["action", "reason"],
+);
+const XDP_WATCH_EVENTS: Desc = Desc::new(
+    "gateway_xdp_watch_events_total",
+    "Sampled XDP verdicts read from the watch stream (only while someone runs `gateway xdp watch`)",
+    &[],
+);
+const XDP_WATCH_SUPPRESSED: Desc = Desc::new(
+    "gateway_xdp_watch_suppressed_total",
+    "Sampled XDP verdicts not written because a CPU reached xdp.watch_max_per_second",
+    &[],
+);
+const XDP_WATCHERS: Desc = Desc::new(
+    "gateway_xdp_watchers",
+    "Watch streams open now (`gateway xdp watch`, GET /xdp/watch); 0: the watch is off in the packet path",
+    &[],
 );
 const ACCEPT_REFUSED: Desc = Desc::new(
     "gateway_accept_refused_total",
@@ -532,6 +550,9 @@ impl Metrics {
             xdp_block_drops: counter_vec(&r, &XDP_BLOCK_DROPS),
             xdp_blocked: gauge_vec(&r, &XDP_BLOCKED),
             xdp_block_events: counter_vec(&r, &XDP_BLOCK_EVENTS),
+            xdp_watch_events: counter(&r, &XDP_WATCH_EVENTS),
+            xdp_watch_suppressed: counter(&r, &XDP_WATCH_SUPPRESSED),
+            xdp_watchers: gauge(&r, &XDP_WATCHERS),
             accept_refused: counter_vec(&r, &ACCEPT_REFUSED),
             tls_handshakes: counter_vec(&r, &TLS_HANDSHAKES),
             tls_errors: counter_vec(&r, &TLS_ERRORS),

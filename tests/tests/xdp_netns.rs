@@ -308,6 +308,99 @@ fn without_xdp_blocks_are_enforced_at_accept() {
     let (ok, _) = xdp_cli(&net, &["unblock", &bad]);
     assert!(ok);
     assert!(served(&net, &bad), "unblocked");
+
+    // Nothing to watch without the program: refused with the reason.
+    let (ok, out) = xdp_cli(&net, &["watch", "--seconds", "1"]);
+    assert!(
+        !ok && out.contains("409") && out.contains("not running"),
+        "{out}"
+    );
+}
+
+/// `gateway xdp watch`: while it runs, sampled verdicts (source, reason,
+/// port) arrive as they happen; when it ends, the program stops sampling.
+#[test]
+fn xdp_watch_streams_sampled_verdicts_only_while_open() {
+    let net = NetPair::new("i", 79, 2);
+    let (good, bad) = (net.cl_ips[0].clone(), net.cl_ips[1].clone());
+    let _backend = start_backend(&net);
+    let _gw = start_gateway(&net, &[&net.gw_if]);
+    let (ok, out) = xdp_cli(&net, &["block", &bad]);
+    assert!(ok, "{out}");
+
+    let watch = NetPair::cmd(&net.gw, gateway_bin())
+        .args(["xdp", "watch", "--json", "--passes", "--seconds", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run gateway xdp watch");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&metrics(&net), "gateway_xdp_watchers", "") < 1.0 {
+        assert!(Instant::now() < deadline, "the watch never opened");
+    }
+    assert!(served(&net, &good), "the other client is served");
+    let (code, _, _) = net.curl_from(&bad, &url(&net), 2);
+    assert_ne!(code, 0, "the blocked client is dropped");
+    let out = watch.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(lines[0]["watching"]["passes"], true, "{stdout}");
+    assert!(
+        lines.last().unwrap()["end"]["events"].as_u64().unwrap() >= 2,
+        "{stdout}"
+    );
+    let port = PORT as u64;
+    let dropped = lines
+        .iter()
+        .find(|l| l["src"] == bad.as_str())
+        .unwrap_or_else(|| panic!("no verdict for {bad}: {stdout}"));
+    assert_eq!(
+        (
+            &dropped["verdict"],
+            &dropped["reason"],
+            &dropped["block"],
+            &dropped["proto"],
+            dropped["port"].as_u64()
+        ),
+        (
+            &"drop".into(),
+            &"blocked".into(),
+            &"manual".into(),
+            &"tcp".into(),
+            Some(port)
+        ),
+        "{stdout}"
+    );
+    let passed = lines
+        .iter()
+        .find(|l| l["src"] == good.as_str())
+        .unwrap_or_else(|| panic!("no verdict for {good}: {stdout}"));
+    assert_eq!(
+        (&passed["verdict"], &passed["reason"]),
+        (&"pass".into(), &"ok".into()),
+        "{stdout}"
+    );
+
+    // Closed: the gauge falls, and the program samples nothing more.
+    let m = metrics(&net);
+    assert_eq!(metric(&m, "gateway_xdp_watchers", ""), 0.0);
+    let events = metric(&m, "gateway_xdp_watch_events_total", "");
+    assert!(events >= 2.0, "{events}");
+    let _ = net.curl_from(&bad, &url(&net), 2);
+    assert!(served(&net, &good));
+    assert_eq!(
+        metric(&metrics(&net), "gateway_xdp_watch_events_total", ""),
+        events,
+        "no sampling once the watch is closed"
+    );
 }
 
 #[test]

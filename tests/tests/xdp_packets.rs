@@ -4,7 +4,9 @@
 //! root / CAP_BPF, as CI has).
 
 use gateway::xdp::kernel::{Loaded, Sizes};
-use gateway_common::{BlockEntry, BlockReason, Counter, XdpConfig, MODE_ENFORCE, MODE_MONITOR};
+use gateway_common::{
+    BlockEntry, BlockReason, Counter, XdpConfig, MODE_ENFORCE, MODE_MONITOR, WATCH_DROPS,
+};
 use gateway_tests::packet::{self, ext_header, frag_header, v4, v6, Frame, ACK, SYN};
 
 const PASS: u32 = 2;
@@ -601,4 +603,81 @@ fn unconfigured_program_passes_everything() {
             Counter::MonitorBlocked,
         )],
     );
+}
+
+/// Collects the watch stream's records, as `gateway::xdp::watch::Sink` does.
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        self.0.lock().unwrap().push(r.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+/// The watch stream: off, nothing is written; on, drops are written as
+/// `gateway::xdp::watch::Event` reads them, up to the per-CPU cap a second
+/// and the rest counted as suppressed; passes only when asked for.
+#[test]
+fn watch_samples_verdicts_within_the_cap() {
+    use gateway::xdp::watch::Event;
+    let mut k = program(enforce());
+    let records = Records::default();
+    let mut reader = k.watch_reader(records.clone()).unwrap();
+    let frame = syn4(BLOCKED, PORT);
+    let take = |reader: &mut aya_log::EbpfLogger<Records>| {
+        reader.flush();
+        std::mem::take(&mut *records.0.lock().unwrap())
+    };
+
+    // Off (the default): nothing written, nothing suppressed.
+    assert_eq!(k.test_run_repeat(&frame, 50).unwrap().0, DROP);
+    assert!(take(&mut reader).is_empty());
+    assert_eq!(k.watch_suppressed(), 0);
+
+    // On, drops only, 5 a second per CPU: a repeated run stays on one CPU.
+    k.set_config(XdpConfig {
+        watch_one_in: 1,
+        watch_what: WATCH_DROPS,
+        watch_max_per_sec: 5,
+        ..enforce()
+    })
+    .unwrap();
+    assert_eq!(k.test_run_repeat(&frame, 50).unwrap().0, DROP);
+    let got = take(&mut reader);
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert_eq!(k.watch_suppressed(), 45);
+    let e =
+        Event::parse(&got[0], std::time::SystemTime::now()).unwrap_or_else(|| panic!("{}", got[0]));
+    assert_eq!(e.counter, Counter::DropBlocked);
+    assert_eq!(e.block, Some(BlockReason::Manual));
+    assert_eq!((e.proto, e.port), (TCP, PORT));
+    assert_eq!(e.src, BLOCKED.parse::<std::net::IpAddr>().unwrap());
+
+    // A pass is not a drop: not sampled unless asked for.
+    let suppressed = k.watch_suppressed();
+    assert_eq!(k.test_run(&syn4(CLIENT, PORT)).unwrap(), PASS);
+    assert!(take(&mut reader).is_empty());
+    assert_eq!(k.watch_suppressed(), suppressed);
+
+    // IPv6 sources are written as IPv6; one in 1,000,000 samples ~nothing.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(k.test_run(&syn6(BLOCKED6, &[])).unwrap(), DROP);
+    let got = take(&mut reader);
+    let e = Event::parse(&got[0], std::time::SystemTime::now()).unwrap();
+    assert_eq!(e.src, BLOCKED6.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(e.block, Some(BlockReason::RateLimit));
+    k.set_config(XdpConfig {
+        watch_one_in: 1_000_000,
+        watch_what: WATCH_DROPS,
+        watch_max_per_sec: 1000,
+        ..enforce()
+    })
+    .unwrap();
+    assert_eq!(k.test_run_repeat(&frame, 200).unwrap().0, DROP);
+    assert!(take(&mut reader).len() <= 2);
 }

@@ -64,6 +64,11 @@ pub struct XdpSettings {
     pub max_tracked_sources: u32,
     /// Allowlist capacity (CIDRs).
     pub max_allow: u32,
+    /// The most sampled verdicts per second per CPU that a watch stream
+    /// (`gateway xdp watch`) may ask for; 0: watching is disabled.
+    pub watch_max_per_second: u32,
+    /// Watch streams open at once at most.
+    pub max_watchers: u32,
 }
 
 impl Default for XdpSettings {
@@ -83,6 +88,8 @@ impl Default for XdpSettings {
             max_blocked: 65536,
             max_tracked_sources: 262144,
             max_allow: 1024,
+            watch_max_per_second: 100,
+            max_watchers: 4,
         }
     }
 }
@@ -219,6 +226,12 @@ fn check_xdp_sizes(x: &XdpSettings, sink: &mut Sink) {
         if !(1..=16_777_216).contains(&v) {
             sink.err(key, "must be between 1 and 16777216");
         }
+    }
+    if x.watch_max_per_second > 100_000 {
+        sink.err("xdp.watch_max_per_second", "must be at most 100000");
+    }
+    if !(1..=64).contains(&x.max_watchers) {
+        sink.err("xdp.max_watchers", "must be between 1 and 64");
     }
     if x.allow.len() > x.max_allow as usize {
         sink.err(

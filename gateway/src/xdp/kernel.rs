@@ -71,6 +71,7 @@ pub struct Loaded {
     config: Array<MapData, XdpConfig>,
     counters: PerCpuArray<MapData, u64>,
     block_drops: PerCpuArray<MapData, u64>,
+    watch: PerCpuArray<MapData, gateway_common::WatchState>,
 }
 
 impl Loaded {
@@ -110,6 +111,7 @@ impl Loaded {
         let config = take(maps::CONFIG)?;
         let counters = take(maps::COUNTERS)?;
         let block_drops = take(maps::BLOCK_DROPS)?;
+        let watch = take(maps::WATCH)?;
         let map_err = |e: aya::maps::MapError| LoadError::Map(e.to_string());
         Ok(Loaded {
             ports: Array::try_from(ports).map_err(map_err)?,
@@ -119,6 +121,7 @@ impl Loaded {
             config: Array::try_from(config).map_err(map_err)?,
             counters: PerCpuArray::try_from(counters).map_err(map_err)?,
             block_drops: PerCpuArray::try_from(block_drops).map_err(map_err)?,
+            watch: PerCpuArray::try_from(watch).map_err(map_err)?,
             ebpf,
         })
     }
@@ -247,6 +250,25 @@ impl Loaded {
             }
         }
         out
+    }
+
+    /// The reader of the watch stream's ring buffer (`aya-log` records, one
+    /// per sampled verdict), handing each record to `logger`. Once per
+    /// program: the ring buffer moves into the reader.
+    pub fn watch_reader<T: log::Log>(
+        &mut self,
+        logger: T,
+    ) -> Result<aya_log::EbpfLogger<T>, LoadError> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| LoadError::Map(format!("{}: {e}", maps::AYA_LOGS)))
+    }
+
+    /// Sampled verdicts not written because a CPU's per-second cap was reached.
+    pub fn watch_suppressed(&self) -> u64 {
+        self.watch
+            .get(&0, 0)
+            .map(|v| v.iter().map(|s| s.suppressed).sum())
+            .unwrap_or(0)
     }
 
     /// Packets dropped (or would-drop in monitor mode) per block reason.

@@ -16,10 +16,11 @@
 
 pub mod kernel;
 mod netlink;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use crate::config::{Checked, XdpMode, XdpSettings};
 use crate::metrics::Metrics;
 pub use crate::syntax::canonical;
 use kernel::{Loaded, Sizes};
+pub use watch::WatchOpts;
 
 /// `CLOCK_MONOTONIC` in ns: the clock `bpf_ktime_get_ns()` reads.
 pub fn monotonic_ns() -> u64 {
@@ -100,6 +102,27 @@ struct State {
     allow: Vec<Cidr>,
     last_counters: [u64; Counter::COUNT],
     last_block_drops: [u64; BlockReason::COUNT],
+    last_watch_suppressed: u64,
+    /// Open watch streams and what each asked for.
+    watchers: Vec<(u64, WatchOpts)>,
+}
+
+impl State {
+    /// `[xdp]` and the open watchers, as the program reads them.
+    fn kernel_config(&self) -> XdpConfig {
+        kernel_config_watching(&self.settings, &self.watchers)
+    }
+}
+
+/// Why [`FrontDoor::watch`] refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WatchError {
+    #[error("the XDP program is not running here ({0}): there is nothing to watch")]
+    NotRunning(String),
+    #[error("watching is disabled ([xdp] watch_max_per_second = 0)")]
+    Disabled,
+    #[error("{0} watch streams are open already ([xdp] max_watchers)")]
+    TooMany(u32),
 }
 
 /// The blocklist and the XDP program behind it; see the module docs.
@@ -110,6 +133,11 @@ pub struct FrontDoor {
     any_blocked: AtomicBool,
     status: Status,
     metrics: Arc<Metrics>,
+    /// Sampled verdicts for the watchers.
+    hub: Arc<watch::Hub>,
+    next_watcher: AtomicU64,
+    /// Set by [`FrontDoor::detach`]: the watch reader thread stops.
+    detached: AtomicBool,
 }
 
 impl FrontDoor {
@@ -133,6 +161,17 @@ impl FrontDoor {
                 }
             }
         };
+        let hub = Arc::new(watch::Hub::default());
+        let mut kernel = kernel;
+        let reader = kernel.as_mut().and_then(|k| {
+            let sink = watch::Sink {
+                hub: hub.clone(),
+                metrics: metrics.clone(),
+            };
+            k.watch_reader(sink)
+                .map_err(|e| tracing::warn!(error = %e, "the XDP watch stream is unavailable"))
+                .ok()
+        });
         metrics.xdp_enabled.set(kernel.is_some() as i64);
         for (iface, mode) in &status.attached {
             metrics
@@ -148,14 +187,88 @@ impl FrontDoor {
                 allow: Vec::new(),
                 last_counters: [0; Counter::COUNT],
                 last_block_drops: [0; BlockReason::COUNT],
+                last_watch_suppressed: 0,
+                watchers: Vec::new(),
             }),
             view: RwLock::new(Arc::new(View::default())),
             any_blocked: AtomicBool::new(false),
             status,
             metrics,
+            hub,
+            next_watcher: AtomicU64::new(1),
+            detached: AtomicBool::new(false),
         });
+        if let Some(reader) = reader {
+            let weak = Arc::downgrade(&fd);
+            let spawned = std::thread::Builder::new()
+                .name("gateway-xdp-watch".into())
+                .spawn(move || {
+                    watch::read_loop(reader, || {
+                        weak.upgrade()
+                            .is_none_or(|fd| fd.detached.load(Ordering::Relaxed))
+                    })
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the XDP watch reader");
+            }
+        }
         fd.apply(r);
         fd
+    }
+
+    /// Open a watch stream: the program samples verdicts for as long as the
+    /// returned [`Watcher`] lives (`gateway xdp watch`, `GET /xdp/watch`).
+    pub fn watch(self: &Arc<Self>, mut opts: WatchOpts) -> Result<Watcher, WatchError> {
+        let mut st = self.lock();
+        if st.kernel.is_none() {
+            let why = self
+                .status
+                .fallback
+                .clone()
+                .unwrap_or_else(|| "detached".into());
+            return Err(WatchError::NotRunning(why));
+        }
+        if st.settings.watch_max_per_second == 0 {
+            return Err(WatchError::Disabled);
+        }
+        if st.watchers.len() >= st.settings.max_watchers as usize {
+            return Err(WatchError::TooMany(st.settings.max_watchers));
+        }
+        opts.one_in = opts.one_in.max(1);
+        opts.max_per_second = opts
+            .max_per_second
+            .clamp(1, st.settings.watch_max_per_second);
+        let id = self.next_watcher.fetch_add(1, Ordering::Relaxed);
+        st.watchers.push((id, opts));
+        self.push_watch_config(&mut st);
+        tracing::info!(target: "audit", event = "xdp_watch", action = "start", one_in = opts.one_in, passes = opts.passes, max_per_second = opts.max_per_second, "XDP watch stream opened");
+        Ok(Watcher {
+            cursor: self.hub.head(),
+            cap: watch::Cap::new(opts.max_per_second),
+            fd: self.clone(),
+            id,
+            opts,
+            lost: 0,
+        })
+    }
+
+    /// Sampled verdicts the kernel did not write (its per-CPU cap), so far.
+    pub fn watch_suppressed(&self) -> u64 {
+        self.lock()
+            .kernel
+            .as_ref()
+            .map(|k| k.watch_suppressed())
+            .unwrap_or(0)
+    }
+
+    fn push_watch_config(&self, st: &mut State) {
+        self.metrics.xdp_watchers.set(st.watchers.len() as i64);
+        let c = st.kernel_config();
+        if let Some(k) = st.kernel.as_mut() {
+            if let Err(e) = k.set_config(c) {
+                tracing::error!(error = %e, "XDP config update (watch) failed");
+            }
+        }
     }
 
     fn load(r: &Checked, status: &mut Status) -> Result<Loaded, kernel::LoadError> {
@@ -200,10 +313,18 @@ impl FrontDoor {
         st.settings.packet_burst = s.packet_burst;
         st.settings.default_block_ttl = s.default_block_ttl;
         st.settings.max_block_ttl = s.max_block_ttl;
+        st.settings.watch_max_per_second = s.watch_max_per_second;
+        st.settings.max_watchers = s.max_watchers;
+        // Open watchers keep watching within the new ceiling.
+        let ceiling = s.watch_max_per_second;
+        for (_, o) in st.watchers.iter_mut() {
+            o.max_per_second = o.max_per_second.min(ceiling);
+        }
         let old_allow = std::mem::replace(&mut st.allow, r.xdp_allow.clone());
+        let config = kernel_config_watching(s, &st.watchers);
         if let Some(k) = st.kernel.as_mut() {
             let mut fails = Vec::new();
-            if let Err(e) = k.set_config(kernel_config(s)) {
+            if let Err(e) = k.set_config(config) {
                 fails.push(e.to_string());
             }
             for c in old_allow.iter().filter(|c| !r.xdp_allow.contains(c)) {
@@ -359,16 +480,17 @@ impl FrontDoor {
         if !expired.is_empty() {
             self.publish(&st);
         }
+        let config = st.kernel_config();
         let State {
             kernel,
             last_counters,
             last_block_drops,
-            settings,
+            last_watch_suppressed,
             ..
         } = &mut *st;
         if let Some(k) = kernel.as_mut() {
             // Refresh the program's clock floor (see XdpConfig::clock_floor_ns).
-            if let Err(e) = k.set_config(kernel_config(settings)) {
+            if let Err(e) = k.set_config(config) {
                 tracing::error!(error = %e, "XDP config refresh failed");
             }
         }
@@ -386,6 +508,13 @@ impl FrontDoor {
                         .inc_by(*n - *last);
                     *last = *n;
                 }
+            }
+            let suppressed = k.watch_suppressed();
+            if suppressed > *last_watch_suppressed {
+                self.metrics
+                    .xdp_watch_suppressed
+                    .inc_by(suppressed - *last_watch_suppressed);
+                *last_watch_suppressed = suppressed;
             }
             let drops = k.block_drops();
             for (r, (n, last)) in BlockReason::ALL
@@ -437,6 +566,7 @@ impl FrontDoor {
     /// Detach from every interface now (shutdown); later blocks apply at accept only.
     pub fn detach(&self) {
         let mut st = self.lock();
+        self.detached.store(true, Ordering::Relaxed);
         if st.kernel.take().is_some() {
             self.metrics.xdp_enabled.set(0);
             for (iface, mode) in &self.status.attached {
@@ -519,6 +649,59 @@ impl FrontDoor {
     }
 }
 
+/// An open watch stream; see [`FrontDoor::watch`]. Dropping it turns the
+/// sampling off (or back to what the other watchers asked for).
+pub struct Watcher {
+    fd: Arc<FrontDoor>,
+    id: u64,
+    opts: WatchOpts,
+    cursor: u64,
+    cap: watch::Cap,
+    /// Events this watcher missed because it read slower than they came.
+    pub lost: u64,
+}
+
+impl Watcher {
+    /// The next events, waiting up to `timeout` for one: only the kinds this
+    /// watcher asked for, within its own per-second cap.
+    pub fn next(&mut self, timeout: Duration) -> Vec<watch::Event> {
+        let (events, cursor, lost) = self.fd.hub.read(self.cursor, timeout);
+        self.cursor = cursor;
+        self.lost += lost;
+        events
+            .into_iter()
+            .filter(|e| self.opts.passes || e.is_drop())
+            .filter(|_| self.cap.admit())
+            .collect()
+    }
+
+    /// Events over this watcher's own cap (the kernel's cap is the metric
+    /// `gateway_xdp_watch_suppressed_total`).
+    pub fn skipped(&self) -> u64 {
+        self.cap.skipped
+    }
+
+    pub fn opts(&self) -> WatchOpts {
+        self.opts
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let mut st = self.fd.lock();
+        st.watchers.retain(|(id, _)| *id != self.id);
+        self.fd.push_watch_config(&mut st);
+        tracing::info!(target: "audit", event = "xdp_watch", action = "stop", "XDP watch stream closed");
+    }
+}
+
+/// `[xdp]` and the open watchers, as the program reads them.
+fn kernel_config_watching(s: &XdpSettings, watchers: &[(u64, WatchOpts)]) -> XdpConfig {
+    let mut c = kernel_config(s);
+    (c.watch_one_in, c.watch_what, c.watch_max_per_sec) = watch::merged(watchers);
+    c
+}
+
 /// `[xdp]` as the program reads it: GCRA intervals and tolerances in ns.
 pub fn kernel_config(s: &XdpSettings) -> XdpConfig {
     let gcra = |rate: u32, burst: u32| -> (u64, u64) {
@@ -541,6 +724,10 @@ pub fn kernel_config(s: &XdpSettings) -> XdpConfig {
         pkt_interval_ns,
         pkt_tolerance_ns,
         clock_floor_ns: monotonic_ns(),
+        watch_one_in: 0,
+        watch_what: 0,
+        watch_max_per_sec: 0,
+        _pad2: 0,
     }
 }
 
