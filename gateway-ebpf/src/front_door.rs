@@ -81,11 +81,15 @@ struct Flow {
 pub fn gateway_xdp(ctx: XdpContext) -> u32 {
     let (action, counter) = match parse(&ctx) {
         Ok(flow) => {
-            let d = decide(&flow);
-            if d.watch {
-                watch(&ctx, &flow, d.counter, d.reason);
+            let (action, counter, reason) = decide(&flow);
+            // Packets to other ports are never watched; for ours the
+            // watch switch is one load and compare (an inlined array lookup).
+            if counter != Counter::PassOtherPort
+                && CONFIG.get(0).is_some_and(|c| c.watch_one_in != 0)
+            {
+                watch(&ctx, &flow, counter, reason);
             }
-            (d.action, d.counter)
+            (action, counter)
         }
         Err(Unparsed { counter, src: None }) => (xdp_action::XDP_PASS, counter),
         // Ports unreadable but the source known (a first fragment too short
@@ -331,43 +335,22 @@ fn parse_l4(
     }
 }
 
-/// What [`decide`] concluded about a packet to one of the gateway's ports.
-struct Decision {
-    action: u32,
-    counter: Counter,
-    /// The [`BlockReason`] of a blocked source, else [`NO_REASON`].
-    reason: u32,
-    /// The watch stream is on: [`watch`] decides whether this one is sampled.
-    watch: bool,
-}
-
-fn decide(flow: &Flow) -> Decision {
+/// `(action, counter, block reason or NO_REASON)` for a packet.
+fn decide(flow: &Flow) -> (u32, Counter, u32) {
     let bit = if flow.proto == IPPROTO_TCP {
         PORT_TCP
     } else {
         PORT_UDP
     };
-    let done = |(action, counter): (u32, Counter), reason: u32, watch: bool| Decision {
-        action,
-        counter,
-        reason,
-        watch,
-    };
+    let done = |(action, counter): (u32, Counter), reason: u32| (action, counter, reason);
     match PORTS.get(flow.dst_port as u32) {
         Some(bits) if bits & bit != 0 => {}
-        _ => {
-            return done(
-                (xdp_action::XDP_PASS, Counter::PassOtherPort),
-                NO_REASON,
-                false,
-            )
-        }
+        _ => return done((xdp_action::XDP_PASS, Counter::PassOtherPort), NO_REASON),
     }
     let Some(config) = CONFIG.get(0) else {
-        return done((xdp_action::XDP_PASS, Counter::Pass), NO_REASON, false);
+        return done((xdp_action::XDP_PASS, Counter::Pass), NO_REASON);
     };
     let enforce = config.mode == MODE_ENFORCE;
-    let watching = config.watch_one_in != 0;
 
     let mut passed = Counter::Pass;
     // SAFETY: the entry is copied out at once; a concurrent update from
@@ -391,12 +374,11 @@ fn decide(flow: &Flow) -> Decision {
                 return done(
                     (xdp_action::XDP_PASS, Counter::PassAllowlisted),
                     entry.reason,
-                    watching,
                 );
             }
             count(&BLOCK_DROPS, entry.reason);
             let v = verdict(enforce, Counter::DropBlocked, Counter::MonitorBlocked);
-            return done(v, entry.reason, watching);
+            return done(v, entry.reason);
         }
         passed = Counter::PassExpiredBlock;
     }
@@ -407,16 +389,12 @@ fn decide(flow: &Flow) -> Decision {
         let now = unsafe { bpf_ktime_get_ns() };
         if let Some(over) = over_quota(flow, config, now) {
             if allowlisted(flow) {
-                return done(
-                    (xdp_action::XDP_PASS, Counter::PassAllowlisted),
-                    NO_REASON,
-                    watching,
-                );
+                return done((xdp_action::XDP_PASS, Counter::PassAllowlisted), NO_REASON);
             }
-            return done(over_verdict(enforce, over), NO_REASON, watching);
+            return done(over_verdict(enforce, over), NO_REASON);
         }
     }
-    done((xdp_action::XDP_PASS, passed), NO_REASON, watching)
+    done((xdp_action::XDP_PASS, passed), NO_REASON)
 }
 
 /// The watch stream: when this verdict's kind is watched, sampled (one in
