@@ -118,6 +118,13 @@ pub fn parse_onto<'b>(
     tape: &mut simd_json::Tape<'b>,
     extra: u64,
 ) -> Result<(), Rejection> {
+    // A raw NUL is never valid JSON (not whitespace, and escaped inside a
+    // string), but simd-json 0.15 takes NULs after a number or a literal
+    // as its end (`[1\0]` parses as `[1]`, found by the json_differential
+    // fuzz target): a body the backend's parser refuses would pass here.
+    if memchr::memchr(0, body).is_some() {
+        return Err(invalid_json());
+    }
     simd_json::fill_tape(body, buffers, tape).map_err(|_| invalid_json())?;
     tape_limits(&tape.0, limits, extra)
 }
@@ -1475,6 +1482,28 @@ mod tests {
         assert!(check_json(JsonKind::Schema, ok.as_bytes(), &rules, None).is_ok());
         let deep = format!("{}1{}", "[".repeat(65), "]".repeat(65));
         assert!(check_json(JsonKind::Schema, deep.as_bytes(), &rules, None).is_err());
+    }
+
+    /// simd-json reads `[1\0]` as `[1]`; no JSON has a raw NUL anywhere,
+    /// including the KServe tensor data the pre-scan summarises.
+    #[test]
+    fn a_raw_nul_is_never_json() {
+        let limits = JsonLimits {
+            max_depth: 8,
+            max_elements: 100,
+        };
+        for body in [
+            &b"[1,-2\0]"[..],
+            b"{\"a\":1\0}",
+            b"[true\0,1]",
+            b"{\"max_tokens\":5\0\0}",
+        ] {
+            assert_eq!(parse(body, limits).unwrap_err().reason, "invalid_json");
+        }
+        let rules = Rules::new(&crate::config::Checked::from_str("[clusters.a]\nbackends = [\"127.0.0.1:1\"]\n[[routes]]\ncluster = \"a\"\nprotocol = \"kserve\"\n[[models]]\nname = \"m\"\n", "t").unwrap());
+        let body = b"{\"inputs\":[{\"name\":\"x\",\"shape\":[2],\"datatype\":\"INT8\",\"data\":[1,-2\0]}]}";
+        let r = check_json(JsonKind::KserveInfer("m", None, None), body, &rules, None);
+        assert_eq!(r.map(|_| ()).unwrap_err().reason, "invalid_json");
     }
 
     #[test]
