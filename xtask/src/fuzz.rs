@@ -16,7 +16,7 @@ use std::process::Command;
 use crate::{run_step, target_dir, workspace_root, Result};
 
 /// Every fuzz target (`fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "http_request",
     "chunked",
     "http_response",
@@ -26,6 +26,7 @@ pub const TARGETS: [&str; 9] = [
     "kserve_grpc",
     "x509",
     "json_differential",
+    "authn",
 ];
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
