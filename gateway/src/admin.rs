@@ -614,7 +614,12 @@ fn authn_api(
                 return (400, json!({"error": "sha256 must be 64 hex digits"}));
             };
             match authn.revoke_api_key(d) {
-                Some(client) => (200, json!({"revoked": client})),
+                Some((client, Ok(()))) => (200, json!({"revoked": client, "saved": true})),
+                // In force in this process, but not kept for a restart: say so.
+                Some((client, Err(e))) => (
+                    200,
+                    json!({"revoked": client, "saved": false, "warning": format!("not saved ({e}): it holds until a restart")}),
+                ),
                 None => (404, json!({"error": "no active key has that digest"})),
             }
         }

@@ -174,21 +174,7 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(d) == 0
 }
 
-pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use crate::syntax::{hex, parse_hex32};
 
 fn family_algs(
     allowed: &[Algorithm],
@@ -301,11 +287,6 @@ impl Issuer {
 /// it twice).
 type Claims = serde_json::Map<String, serde_json::Value>;
 
-/// API keys revoked through the admin API in this process (kept across
-/// config reloads, which rebuild the key table).
-static REVOKED: std::sync::LazyLock<RwLock<std::collections::HashSet<[u8; 32]>>> =
-    std::sync::LazyLock::new(|| RwLock::new(std::collections::HashSet::new()));
-
 /// A verified token, cached per worker.
 struct Cached {
     identity: Arc<Identity>,
@@ -364,12 +345,8 @@ impl Authn {
                 let digest = parse_hex32(d).ok_or(format!(
                     "authn.api_keys[{i}]: `{d}` is not a 64-hex-digit SHA-256"
                 ))?;
-                if REVOKED
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&digest)
-                {
-                    continue; // revoked through the admin API since the start
+                if crate::revocations::is_revoked(&digest) {
+                    continue; // revoked through the admin API (here, earlier, or by the fleet)
                 }
                 if table.by_digest.insert(digest, client.clone()).is_some() {
                     return Err(format!("authn.api_keys[{i}]: a key digest is listed twice"));
@@ -745,22 +722,38 @@ impl Authn {
         }
     }
 
-    /// Revoke an API key by its SHA-256 digest: the client it belonged to,
-    /// or `None` when no configured key has that digest. The revocation is
-    /// process-wide and survives config reloads (until a restart: remove
-    /// the digest from the config to make it permanent).
-    pub fn revoke_api_key(&self, digest: [u8; 32]) -> Option<String> {
+    /// Revoke an API key by its SHA-256 digest: the client it belonged to
+    /// and whether the revocation was saved (`[authn] revocations_file`), or
+    /// `None` when no configured key has that digest. The revocation is
+    /// process-wide, survives config reloads, is saved for restarts when a
+    /// file is configured, and reaches the fleet through Redis when
+    /// `[ratelimit.redis]` is (see `revocations`).
+    pub fn revoke_api_key(&self, digest: [u8; 32]) -> Option<(String, Result<(), String>)> {
+        let client = self.drop_key(digest)?;
+        let saved = crate::revocations::add(digest).map(|_| ());
+        if let Err(e) = &saved {
+            tracing::error!(error = %e, "revoked, but the revocation could not be saved: it holds until a restart");
+        }
+        tracing::warn!(target: "audit", event = "revoke_api_key", client = client.as_str(), key = %hex(&digest[..8]), source = "admin", "API key revoked");
+        Some((client, saved))
+    }
+
+    /// Take a key revoked elsewhere (`source`: "fleet", another gateway
+    /// through Redis; "file", before a restart) out of the table in force;
+    /// the client it belonged to, if it was in it.
+    pub fn revoked_elsewhere(&self, digest: [u8; 32], source: &'static str) -> Option<String> {
+        let client = self.drop_key(digest)?;
+        tracing::warn!(target: "audit", event = "revoke_api_key", client = client.as_str(), key = %hex(&digest[..8]), source, "API key revoked");
+        Some(client)
+    }
+
+    fn drop_key(&self, digest: [u8; 32]) -> Option<String> {
         let mut g = self.api_keys.write().unwrap_or_else(|p| p.into_inner());
         let mut t = KeyTable {
             by_digest: g.by_digest.clone(),
         };
         let c = t.by_digest.remove(&digest)?;
         *g = Arc::new(t);
-        REVOKED
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(digest);
-        tracing::warn!(target: "audit", event = "revoke_api_key", client = c.client.as_str(), key = %hex(&digest[..8]), "API key revoked");
         Some(c.client.clone())
     }
 

@@ -38,6 +38,7 @@ pub mod otel;
 pub mod pipeline;
 pub mod pool;
 pub mod ratelimit;
+pub mod revocations;
 pub mod route;
 pub mod server;
 pub mod shutdown;

@@ -108,6 +108,7 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
             .map_err(RunError::Startup)?;
     let _save = SaveOnExit(limiter.clone());
     start_authn(&r)?;
+    start_revocations(&r)?;
     let control = Arc::new(Control {
         current: Mutex::new((0, Arc::new(r.clone()))),
         event: event_listener::Event::new(),
@@ -122,6 +123,15 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
                 .map_err(|e| RunError::Startup(format!("cannot start the OTLP exporter: {e}")))?,
         },
     });
+    {
+        // Revocations the fleet makes reach the key table in force.
+        let control = control.clone();
+        crate::revocations::set_hook(Box::new(move |d| {
+            if let Some(a) = control.snapshot().1.authn.as_ref() {
+                a.revoked_elsewhere(d, "fleet");
+            }
+        }));
+    }
     spawn_balance_scraper(&control, metrics.clone())?;
     spawn_tls_watch(&control, metrics.clone())?;
     let health = Arc::new(Health {
@@ -185,6 +195,28 @@ fn start_authn(r: &Resolved) -> Result<(), RunError> {
     } else {
         tracing::warn!("no authentication configured ([authn]): every route is open to anyone who can reach it");
     }
+    Ok(())
+}
+
+/// Reads the API keys revoked before a restart (`[authn] revocations_file`)
+/// and takes them out of the key table before the first request.
+fn start_revocations(r: &Resolved) -> Result<(), RunError> {
+    let path = &r.config.authn.revocations_file;
+    if path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let n = crate::revocations::load(path).map_err(|e| {
+        RunError::Startup(format!(
+            "cannot read the revoked API keys from {}: {e} (fix or move it away; moving it away un-revokes them)",
+            path.display()
+        ))
+    })?;
+    if let Some(a) = &r.authn {
+        for d in crate::revocations::all() {
+            a.revoked_elsewhere(d, "file");
+        }
+    }
+    tracing::info!(file = %path.display(), revoked = n, "revoked API keys restored");
     Ok(())
 }
 

@@ -654,3 +654,65 @@ fn over_the_rate_refused_before_the_body_is_read() {
     );
     assert_eq!(refused, 1.0);
 }
+
+/// An API key revoked on one gateway is refused by every gateway sharing
+/// the Redis, within about a second, with no restart; and a gateway started
+/// later learns it too.
+#[test]
+fn a_revocation_reaches_the_fleet_through_redis() {
+    let dir = temp_dir("redis-revoke");
+    let redis = Redis::start_on(free_port(), &dir);
+    let extra = format!(
+        "[ratelimit.redis]\naddress = \"127.0.0.1:{}\"\nsync_interval = \"50ms\"\n",
+        redis.port
+    );
+    let b = Backend::start("rl");
+    let body = config(b.addr, &extra);
+    let g1 = Gateway::start(Spec::new(Driver::Auto, &body));
+    let g2 = Gateway::start(Spec::new(Driver::Auto, &body));
+    for g in [&g1, &g2] {
+        g.wait_metric(&["gateway_ratelimit_redis_up"], 1.0);
+        assert_eq!(get(g.addr, "/x", ALICE).status, 200);
+    }
+    let digest = key_digest(ALICE);
+    let payload = format!(r#"{{"sha256":"{digest}"}}"#);
+    let raw = format!(
+        "POST /authn/revoke HTTP/1.1\r\nhost: admin\r\nx-api-key: {OPS}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+        payload.len()
+    );
+    let r = request(g1.admin, raw.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let revoked_at = Instant::now();
+    assert_eq!(
+        get(g1.addr, "/x", ALICE).status,
+        401,
+        "at once where revoked"
+    );
+    while get(g2.addr, "/x", ALICE).status != 401 {
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(2),
+            "the other gateway still accepts the revoked key after 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "revocation reached the other gateway in {:?}",
+        revoked_at.elapsed()
+    );
+    assert_eq!(get(g2.addr, "/x", BOB).status, 200, "other keys unaffected");
+    assert!(
+        g2.log_shows("\"source\":\"fleet\""),
+        "audited as a fleet revocation"
+    );
+    // A gateway that starts later reads the fleet's set on its first sync.
+    let g3 = Gateway::start(Spec::new(Driver::Auto, &body));
+    g3.wait_metric(&["gateway_ratelimit_redis_up"], 1.0);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while get(g3.addr, "/x", ALICE).status != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "a new gateway never learned the revocation"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

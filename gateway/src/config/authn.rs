@@ -129,6 +129,9 @@ pub struct AuthnSettings {
     /// Pass `Authorization` / the API-key header on to the backend.
     pub forward_credentials: bool,
     pub identity_headers: IdentityHeaders,
+    /// API keys revoked through the admin API are kept here across restarts
+    /// (read at start; a change needs a restart). Empty: not kept.
+    pub revocations_file: std::path::PathBuf,
 }
 
 impl Default for AuthnSettings {
@@ -142,6 +145,7 @@ impl Default for AuthnSettings {
             token_cache_entries: 10_000,
             forward_credentials: false,
             identity_headers: IdentityHeaders::default(),
+            revocations_file: std::path::PathBuf::new(),
         }
     }
 }

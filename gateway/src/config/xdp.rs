@@ -69,6 +69,9 @@ pub struct XdpSettings {
     pub watch_max_per_second: u32,
     /// Watch streams open at once at most.
     pub max_watchers: u32,
+    /// Blocks added at run time (admin API, CLI, rate-limit escalation) are
+    /// kept here with their expiry and restored at start; empty: not kept.
+    pub state_file: std::path::PathBuf,
 }
 
 impl Default for XdpSettings {
@@ -90,6 +93,7 @@ impl Default for XdpSettings {
             max_allow: 1024,
             watch_max_per_second: 100,
             max_watchers: 4,
+            state_file: std::path::PathBuf::new(),
         }
     }
 }

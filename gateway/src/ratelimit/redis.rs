@@ -184,6 +184,7 @@ fn run(limiter: &Limiter, s: &RedisSettings, metrics: &Metrics, shutdown: &Shutd
     let mut conn: Option<Conn> = None;
     let mut backoff = Duration::from_millis(100);
     let mut up: Option<bool> = None;
+    let mut revocations_synced = Instant::now() - REVOCATION_SYNC;
     let mut set_up = |v: bool, why: &str| {
         if up != Some(v) {
             up = Some(v);
@@ -217,7 +218,13 @@ fn run(limiter: &Limiter, s: &RedisSettings, metrics: &Metrics, shutdown: &Shutd
             }
         }
         let c = conn.as_mut().expect("connected above");
-        match sync_once(limiter, s, c) {
+        let revocations = if revocations_synced.elapsed() >= REVOCATION_SYNC {
+            revocations_synced = Instant::now();
+            sync_revocations(c, &s.key_prefix)
+        } else {
+            Ok(())
+        };
+        match revocations.and_then(|()| sync_once(limiter, s, c)) {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
                 set_up(true, "");
@@ -239,6 +246,43 @@ fn run(limiter: &Limiter, s: &RedisSettings, metrics: &Metrics, shutdown: &Shutd
         }
         std::thread::sleep(s.sync_interval.saturating_sub(started.elapsed()));
     }
+}
+
+/// How often the fleet's revoked API keys are read (a revocation reaches
+/// every gateway within about this plus one sync).
+const REVOCATION_SYNC: Duration = Duration::from_millis(500);
+
+/// Publish the API keys revoked here (`SADD {prefix}revoked`) and apply the
+/// ones the fleet revoked (`SMEMBERS`).
+pub fn sync_revocations(c: &mut Conn, prefix: &str) -> std::io::Result<()> {
+    let key = format!("{prefix}revoked");
+    let mine = crate::revocations::take_unpublished();
+    if !mine.is_empty() {
+        let hexes: Vec<String> = mine.iter().map(|d| crate::syntax::hex(d)).collect();
+        let mut args: Vec<&[u8]> = vec![b"SADD", key.as_bytes()];
+        args.extend(hexes.iter().map(|h| h.as_bytes()));
+        match c.call(&args) {
+            Ok(Reply::Int(_)) => {}
+            other => {
+                crate::revocations::unpublish(mine);
+                return Err(bad(&format!("SADD answered {other:?}")));
+            }
+        }
+    }
+    let Reply::Array(members) = c.call(&[b"SMEMBERS", key.as_bytes()])? else {
+        return Err(bad("SMEMBERS did not answer a list"));
+    };
+    let fleet = members.into_iter().filter_map(|m| match m {
+        Reply::Bulk(Some(b)) => std::str::from_utf8(&b)
+            .ok()
+            .and_then(crate::syntax::parse_hex32),
+        _ => None,
+    });
+    let n = crate::revocations::apply_remote(fleet);
+    if n > 0 {
+        tracing::info!(revoked = n, "API keys revoked by the fleet applied");
+    }
+    Ok(())
 }
 
 /// Push pending consumption, pull the fleet's totals, in one round trip.

@@ -16,6 +16,7 @@
 
 pub mod kernel;
 mod netlink;
+mod state;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -105,6 +106,8 @@ struct State {
     last_watch_suppressed: u64,
     /// Open watch streams and what each asked for.
     watchers: Vec<(u64, WatchOpts)>,
+    /// Run-time blocks changed since they were last saved (`[xdp] state_file`).
+    dirty: bool,
 }
 
 impl State {
@@ -189,6 +192,7 @@ impl FrontDoor {
                 last_block_drops: [0; BlockReason::COUNT],
                 last_watch_suppressed: 0,
                 watchers: Vec::new(),
+                dirty: false,
             }),
             view: RwLock::new(Arc::new(View::default())),
             any_blocked: AtomicBool::new(false),
@@ -213,7 +217,73 @@ impl FrontDoor {
             }
         }
         fd.apply(r);
+        fd.restore();
         fd
+    }
+
+    /// Put back the run-time blocks saved in `[xdp] state_file` (those not
+    /// expired since), before the first connection is accepted.
+    fn restore(&self) {
+        let path = self.lock().settings.state_file.clone();
+        if path.as_os_str().is_empty() {
+            return;
+        }
+        let saved = match state::load(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read the saved XDP blocks; starting without them");
+                return;
+            }
+        };
+        let (now, unix_ms) = (monotonic_ns(), state::now_unix_ms());
+        let mut st = self.lock();
+        let mut restored = 0;
+        for b in saved {
+            let Some(left_ms) = b.expires_unix_ms.checked_sub(unix_ms).filter(|l| *l > 0) else {
+                continue;
+            };
+            let block = Block {
+                addr: canonical(b.addr),
+                reason: b.reason,
+                expires_ns: Some(now + left_ms * 1_000_000),
+            };
+            match self.insert_locked(&mut st, block) {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    tracing::warn!(client = %b.addr, error = %e, "a saved block was not restored")
+                }
+            }
+        }
+        st.dirty = false;
+        self.publish(&st);
+        tracing::info!(file = %path.display(), blocks = restored, "XDP blocks restored");
+    }
+
+    /// Write the run-time blocks to `[xdp] state_file` when they changed.
+    fn save_locked(&self, st: &mut State) {
+        if !st.dirty || st.settings.state_file.as_os_str().is_empty() {
+            return;
+        }
+        let (now, unix_ms) = (monotonic_ns(), state::now_unix_ms());
+        let blocks: Vec<state::Saved> = st
+            .blocks
+            .values()
+            .filter(|b| b.reason != BlockReason::Config)
+            .filter_map(|b| {
+                let left_ms = b.expires_ns?.saturating_sub(now) / 1_000_000;
+                Some(state::Saved {
+                    addr: b.addr,
+                    reason: b.reason,
+                    expires_unix_ms: unix_ms + left_ms,
+                })
+            })
+            .collect();
+        match state::save(&st.settings.state_file, &blocks) {
+            Ok(()) => st.dirty = false,
+            Err(e) => {
+                tracing::error!(file = %st.settings.state_file.display(), error = %e, "cannot save the XDP blocks")
+            }
+        }
     }
 
     /// Open a watch stream: the program samples verdicts for as long as the
@@ -480,6 +550,7 @@ impl FrontDoor {
         if !expired.is_empty() {
             self.publish(&st);
         }
+        self.save_locked(&mut st);
         let config = st.kernel_config();
         let State {
             kernel,
@@ -566,6 +637,7 @@ impl FrontDoor {
     /// Detach from every interface now (shutdown); later blocks apply at accept only.
     pub fn detach(&self) {
         let mut st = self.lock();
+        self.save_locked(&mut st);
         self.detached.store(true, Ordering::Relaxed);
         if st.kernel.take().is_some() {
             self.metrics.xdp_enabled.set(0);
@@ -601,6 +673,7 @@ impl FrontDoor {
                 .map_err(|e| BlockError::Kernel(e.to_string()))?;
         }
         st.blocks.insert(b.addr, b);
+        st.dirty |= b.reason != BlockReason::Config;
         if let Some(p) = previous {
             self.metrics
                 .xdp_blocked
@@ -622,6 +695,7 @@ impl FrontDoor {
         let Some(b) = st.blocks.remove(&addr) else {
             return;
         };
+        st.dirty |= b.reason != BlockReason::Config;
         if let Some(k) = st.kernel.as_mut() {
             if let Err(e) = k.unblock(addr) {
                 tracing::error!(client = %addr, error = %e, "cannot remove a block from the XDP map");
