@@ -39,6 +39,11 @@ fn start_gateway(net: &NetPair, xdp_interfaces: &[&str]) -> Proc {
 
 /// The gateway in the gateway namespace, with `extra` lines in `[xdp]`.
 fn start_gateway_with(net: &NetPair, xdp_interfaces: &[&str], extra: &str) -> Proc {
+    start_gateway_at(net, xdp_interfaces, extra, ADMIN)
+}
+
+/// As `start_gateway_with`, its admin listener on `admin`.
+fn start_gateway_at(net: &NetPair, xdp_interfaces: &[&str], extra: &str, admin: &str) -> Proc {
     let ifaces: Vec<String> = xdp_interfaces.iter().map(|i| format!("\"{i}\"")).collect();
     let config = format!(
         r#"
@@ -46,7 +51,7 @@ fn start_gateway_with(net: &NetPair, xdp_interfaces: &[&str], extra: &str) -> Pr
 listen = ["{gw}:{PORT}"]
 workers = 1
 [admin]
-listen = "{ADMIN}"
+listen = "{admin}"
 [log]
 access_log = false
 [clusters.demo]
@@ -62,7 +67,10 @@ syn_rate = 0
         gw = net.gw_ip,
         ifaces = ifaces.join(", ")
     );
-    let path = config_path(net, xdp_interfaces.len());
+    let mut path = config_path(net, xdp_interfaces.len());
+    if admin != ADMIN {
+        path.set_file_name(format!("gateway-{}.toml", admin.replace([':', '.'], "-")));
+    }
     std::fs::write(&path, config).unwrap();
     let child = NetPair::cmd(&net.gw, gateway_bin())
         .args(["run", "--config"])
@@ -74,7 +82,7 @@ syn_rate = 0
     let p = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !net
-        .curl_gw(&format!("http://{ADMIN}/readyz"))
+        .curl_gw(&format!("http://{admin}/readyz"))
         .contains("ready")
     {
         assert!(
@@ -659,4 +667,84 @@ fn rate_limit_escalation_blocks_at_xdp_until_the_ttl_ends() {
         metric(&m, "gateway_xdp_blocked_sources", r#"reason="rate_limit""#),
         0.0
     );
+}
+
+/// An overlapping restart: a second gateway started while the first holds
+/// the interface takes the front door over (its blocks included) by
+/// swapping its program into the first one's link; the blocked client is
+/// dropped throughout; the first one exits and the link stays; the second
+/// one's exit takes the program off the interface.
+#[test]
+fn a_new_gateway_takes_the_front_door_over_without_a_gap() {
+    let net = NetPair::new("j", 80, 2);
+    let (good, bad) = (net.cl_ips[0].clone(), net.cl_ips[1].clone());
+    let _backend = start_backend(&net);
+    let mut old = start_gateway(&net, &[&net.gw_if]);
+    let (ok, out) = xdp_cli(&net, &["block", &bad, "--ttl", "1h"]);
+    assert!(ok, "{out}");
+    assert!(served(&net, &good));
+    let prog_before = net.gw_link();
+
+    const NEW_ADMIN: &str = "127.0.0.1:9902";
+    let mut new = start_gateway_at(&net, &[&net.gw_if], "", NEW_ADMIN);
+    let (ok, stats) = xdp_cli(&net, &["--admin", NEW_ADMIN, "stats"]);
+    assert!(ok, "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(
+        stats["enabled"], true,
+        "the new gateway runs the front door: {stats}"
+    );
+    let (ok, list) = xdp_cli(&net, &["--admin", NEW_ADMIN, "list"]);
+    assert!(
+        ok && list.contains(&bad) && list.contains("manual"),
+        "the block came along: {list}"
+    );
+    assert_ne!(
+        net.gw_link(),
+        prog_before,
+        "another program now runs on the link"
+    );
+    assert_eq!(
+        net.curl_from(&bad, &url(&net), 2).0,
+        28,
+        "still dropped after the swap"
+    );
+    assert!(served(&net, &good));
+
+    // The old one is stopped as an operator would (SIGTERM: drain, detach);
+    // the link stays, with the new program.
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(old.0.id() as i32, libc::SIGTERM) };
+    let _ = old.0.wait();
+    assert!(
+        net.gw_link().contains("prog/xdp"),
+        "still attached: {}",
+        net.gw_link()
+    );
+    assert_eq!(
+        net.curl_from(&bad, &url(&net), 2).0,
+        28,
+        "still dropped after the old one exited"
+    );
+    assert!(served(&net, &good), "served by the new gateway");
+    let m = net.curl_gw(&format!("http://{NEW_ADMIN}/metrics"));
+    assert!(
+        metric(
+            &m,
+            "gateway_xdp_packets_total",
+            r#"reason="blocked",verdict="drop""#
+        ) >= 1.0,
+        "the new program dropped them"
+    );
+
+    let _ = new.0.kill();
+    let _ = new.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while net.gw_link().contains("prog/xdp") {
+        assert!(
+            Instant::now() < deadline,
+            "the last gateway's exit leaves nothing attached"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -72,6 +72,20 @@ pub struct Loaded {
     counters: PerCpuArray<MapData, u64>,
     block_drops: PerCpuArray<MapData, u64>,
     watch: PerCpuArray<MapData, gateway_common::WatchState>,
+    /// Links taken over from a gateway being replaced (see `takeover`):
+    /// open for as long as this program runs there.
+    taken: Vec<std::os::fd::OwnedFd>,
+}
+
+/// What else happened while attaching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    None,
+    /// Native mode refused by the driver (why): attached generic.
+    FellBack(String),
+    /// A running gateway held the interface: its link now runs this
+    /// program (the old program's id).
+    TookOver(u32),
 }
 
 impl Loaded {
@@ -122,6 +136,7 @@ impl Loaded {
             counters: PerCpuArray::try_from(counters).map_err(map_err)?,
             block_drops: PerCpuArray::try_from(block_drops).map_err(map_err)?,
             watch: PerCpuArray::try_from(watch).map_err(map_err)?,
+            taken: Vec::new(),
             ebpf,
         })
     }
@@ -142,21 +157,37 @@ impl Loaded {
     }
 
     /// Attach the front door to `interface`: native first (unless `generic`
-    /// is asked for), then generic with the reason returned for the log.
+    /// is asked for), then generic with the reason in the note; or, when a
+    /// running gateway holds the interface, take its link over.
     pub fn attach(
         &mut self,
         interface: &str,
         generic: bool,
-    ) -> Result<(Attached, Option<String>), LoadError> {
-        replace_stale(interface)?;
-        let prog = self.program(gateway_common::PROGRAM);
-        let fail = |e: aya::programs::ProgramError| LoadError::Attach {
+    ) -> Result<(Attached, Note), LoadError> {
+        let fail = |error: String| LoadError::Attach {
             interface: interface.to_string(),
-            error: e.to_string(),
+            error,
         };
+        if let Some(held) = replace_stale(interface)? {
+            let fd = self
+                .program_fd(gateway_common::PROGRAM)
+                .map_err(|e| fail(e.to_string()))?;
+            let link = super::takeover::take_over(held.id, fd).map_err(|e| {
+                fail(format!("a running gateway holds this interface (program id {}) and taking it over failed: {e}", held.id))
+            })?;
+            self.taken.push(link);
+            let mode = if held.mode == 2 {
+                Attached::Generic
+            } else {
+                Attached::Native
+            };
+            return Ok((mode, Note::TookOver(held.id)));
+        }
+        let prog = self.program(gateway_common::PROGRAM);
+        let fail = |e: aya::programs::ProgramError| fail(e.to_string());
         if !generic {
             match prog.attach(interface, XdpMode::Driver) {
-                Ok(_) => return Ok((Attached::Native, None)),
+                Ok(_) => return Ok((Attached::Native, Note::None)),
                 Err(e @ aya::programs::ProgramError::UnknownInterface { .. }) => {
                     return Err(fail(e))
                 }
@@ -164,13 +195,13 @@ impl Loaded {
                     let why = e.to_string();
                     return prog
                         .attach(interface, XdpMode::Skb)
-                        .map(|_| (Attached::Generic, Some(why)))
+                        .map(|_| (Attached::Generic, Note::FellBack(why)))
                         .map_err(fail);
                 }
             }
         }
         prog.attach(interface, XdpMode::Skb)
-            .map(|_| (Attached::Generic, None))
+            .map(|_| (Attached::Generic, Note::None))
             .map_err(fail)
     }
 
@@ -364,10 +395,11 @@ fn ok_if_absent(r: Result<(), aya::maps::MapError>) -> io::Result<()> {
 }
 
 /// "Replace on attach": a front-door program left attached through netlink
-/// (it outlives its process, unlike a bpf_link) is removed first. Another
-/// program, or one a live process holds through a link, is an error: the
-/// gateway never takes an interface from something it didn't load.
-fn replace_stale(interface: &str) -> Result<(), LoadError> {
+/// (it outlives its process, unlike a bpf_link) is removed first; one a live
+/// gateway holds through a link is returned, to be taken over. Another
+/// program is an error: the gateway never takes an interface from something
+/// it didn't load.
+fn replace_stale(interface: &str) -> Result<Option<super::netlink::AttachedProgram>, LoadError> {
     let fail = |error: String| LoadError::Attach {
         interface: interface.to_string(),
         error,
@@ -380,7 +412,7 @@ fn replace_stale(interface: &str) -> Result<(), LoadError> {
     }
     let Some(p) = super::netlink::attached(ifindex).map_err(|e| fail(format!("netlink: {e}")))?
     else {
-        return Ok(());
+        return Ok(None);
     };
     let owner = super::netlink::program_name(p.id);
     if owner != gateway_common::PROGRAM {
@@ -396,12 +428,9 @@ fn replace_stale(interface: &str) -> Result<(), LoadError> {
                 program_id = p.id,
                 "replaced a front-door XDP program left attached by an earlier gateway"
             );
-            Ok(())
+            Ok(None)
         }
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(fail(format!(
-            "a running gateway holds this interface (program id {})",
-            p.id
-        ))),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(Some(p)),
         Err(e) => Err(fail(format!(
             "cannot remove the stale program id {}: {e}",
             p.id
@@ -481,4 +510,14 @@ fn bpf_test_run(attr: &mut TestRunAttr) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The front-door program attached to `interface` now (a running gateway's,
+/// or one left behind), if any: its id, to read its blocks before taking over.
+pub fn front_door_on(interface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    let p = super::netlink::attached(ifindex).ok()??;
+    (super::netlink::program_name(p.id) == gateway_common::PROGRAM).then_some(p.id)
 }

@@ -17,6 +17,7 @@
 pub mod kernel;
 mod netlink;
 mod state;
+mod takeover;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -149,13 +150,17 @@ impl FrontDoor {
     pub fn start(r: &Checked, metrics: Arc<Metrics>) -> Arc<FrontDoor> {
         let s = &r.config.xdp;
         let mut status = Status::default();
+        let mut adopted = Vec::new();
         let kernel = if s.interfaces.is_empty() {
             status.fallback = Some("no [xdp] interfaces configured".into());
             tracing::info!("XDP off (no [xdp] interfaces); blocks are enforced at accept");
             None
         } else {
             match Self::load(r, &mut status) {
-                Ok(k) => Some(k),
+                Ok((k, blocks)) => {
+                    adopted = blocks;
+                    Some(k)
+                }
                 Err(e) => {
                     status.attached.clear();
                     status.fallback = Some(e.to_string());
@@ -217,46 +222,36 @@ impl FrontDoor {
             }
         }
         fd.apply(r);
-        fd.restore();
+        if fd.lock().kernel.is_none() {
+            // Without XDP the saved blocks still hold, at accept.
+            adopted = saved_blocks(&s.state_file);
+        }
+        fd.adopt(adopted);
         fd
     }
 
-    /// Put back the run-time blocks saved in `[xdp] state_file` (those not
-    /// expired since), before the first connection is accepted.
-    fn restore(&self) {
-        let path = self.lock().settings.state_file.clone();
-        if path.as_os_str().is_empty() {
+    /// Take in the blocks a restart carries over (saved in `[xdp]
+    /// state_file`, or read from the front door this one took over), before
+    /// the first connection is accepted.
+    fn adopt(&self, blocks: Vec<Block>) {
+        if blocks.is_empty() {
             return;
         }
-        let saved = match state::load(&path) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "cannot read the saved XDP blocks; starting without them");
-                return;
-            }
-        };
-        let (now, unix_ms) = (monotonic_ns(), state::now_unix_ms());
         let mut st = self.lock();
-        let mut restored = 0;
-        for b in saved {
-            let Some(left_ms) = b.expires_unix_ms.checked_sub(unix_ms).filter(|l| *l > 0) else {
-                continue;
-            };
-            let block = Block {
-                addr: canonical(b.addr),
-                reason: b.reason,
-                expires_ns: Some(now + left_ms * 1_000_000),
-            };
-            match self.insert_locked(&mut st, block) {
-                Ok(()) => restored += 1,
+        let mut adopted = 0;
+        for b in blocks {
+            match self.insert_locked(&mut st, b) {
+                Ok(()) => adopted += 1,
                 Err(e) => {
-                    tracing::warn!(client = %b.addr, error = %e, "a saved block was not restored")
+                    tracing::warn!(client = %b.addr, error = %e, "a carried-over block was not restored")
                 }
             }
         }
-        st.dirty = false;
         self.publish(&st);
-        tracing::info!(file = %path.display(), blocks = restored, "XDP blocks restored");
+        tracing::info!(
+            blocks = adopted,
+            "XDP blocks carried over from before the restart"
+        );
     }
 
     /// Write the run-time blocks to `[xdp] state_file` when they changed.
@@ -341,8 +336,13 @@ impl FrontDoor {
         }
     }
 
-    fn load(r: &Checked, status: &mut Status) -> Result<Loaded, kernel::LoadError> {
+    /// Load the program, fill its maps (ports, config, allowlist, config
+    /// blocks, saved blocks, and the blocks of a front door already running
+    /// on the interfaces: see `takeover`), then attach it: it drops the
+    /// same sources from its first packet. Returns the adopted blocks.
+    fn load(r: &Checked, status: &mut Status) -> Result<(Loaded, Vec<Block>), kernel::LoadError> {
         let s = &r.config.xdp;
+        let map_err = |e: std::io::Error| kernel::LoadError::Map(e.to_string());
         let mut k = Loaded::load(Sizes {
             blocked: s.max_blocked,
             tracked_sources: s.max_tracked_sources,
@@ -354,20 +354,67 @@ impl FrontDoor {
             .chain(&r.tls_listen)
             .map(|a| (libc::IPPROTO_TCP as u8, a.port()))
             .collect();
-        k.set_ports(&ports)
-            .map_err(|e| kernel::LoadError::Map(e.to_string()))?;
-        k.set_config(kernel_config(s))
-            .map_err(|e| kernel::LoadError::Map(e.to_string()))?;
+        k.set_ports(&ports).map_err(map_err)?;
+        k.set_config(kernel_config(s)).map_err(map_err)?;
+        for c in &r.xdp_allow {
+            k.allow(*c).map_err(map_err)?;
+        }
+        let forever = BlockEntry {
+            expires_ns: u64::MAX,
+            reason: BlockReason::Config as u32,
+            _pad: 0,
+        };
+        for a in &r.xdp_block {
+            k.block(canonical(*a), forever).map_err(map_err)?;
+        }
+        let mut adopted = saved_blocks(&s.state_file);
+        for iface in &s.interfaces {
+            let Some(id) = kernel::front_door_on(iface) else {
+                continue;
+            };
+            match takeover::blocks_of(id) {
+                Ok(blocks) => adopted.extend(blocks.into_iter().filter_map(|(addr, e)| {
+                    let reason = BlockReason::from_u32(e.reason)?;
+                    (reason != BlockReason::Config && e.expires_ns != u64::MAX).then_some(Block {
+                        addr,
+                        reason,
+                        expires_ns: Some(e.expires_ns),
+                    })
+                })),
+                Err(e) => {
+                    tracing::warn!(interface = %iface, program_id = id, error = %e, "cannot read the running front door's blocks")
+                }
+            }
+        }
+        let now = monotonic_ns();
+        adopted.retain(|b| {
+            b.expires_ns.is_some_and(|e| e > now) && !r.xdp_allow.iter().any(|c| c.contains(b.addr))
+        });
+        adopted.truncate(s.max_blocked as usize);
+        for b in &adopted {
+            let entry = BlockEntry {
+                expires_ns: b.expires_ns.unwrap_or(u64::MAX),
+                reason: b.reason as u32,
+                _pad: 0,
+            };
+            k.block(b.addr, entry).map_err(map_err)?;
+        }
         for iface in &s.interfaces {
             let generic = s.attach == crate::config::XdpAttach::Generic;
-            let (mode, why) = k.attach(iface, generic)?;
-            if let Some(why) = why {
-                tracing::warn!(interface = %iface, error = %why, "native XDP refused by the driver; attached in generic (skb) mode, which is slower");
+            let (mode, note) = k.attach(iface, generic)?;
+            match note {
+                kernel::Note::None => {}
+                kernel::Note::FellBack(why) => {
+                    tracing::warn!(interface = %iface, error = %why, "native XDP refused by the driver; attached in generic (skb) mode, which is slower")
+                }
+                kernel::Note::TookOver(id) => {
+                    tracing::warn!(interface = %iface, program_id = id, blocks = adopted.len(), "took the XDP front door over from a running gateway (its blocks came along); stop the old one now")
+                }
             }
             tracing::info!(interface = %iface, mode = mode.as_str(), ports = ?ports, "XDP front door attached");
             status.attached.push((iface.clone(), mode.as_str()));
         }
-        Ok(k)
+        Ok((k, adopted))
     }
 
     /// Apply a (re)loaded config: mode and rates, the allowlist, and the
@@ -721,6 +768,33 @@ impl FrontDoor {
             .store(!view.blocks.is_empty(), Ordering::Relaxed);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
     }
+}
+
+/// The unexpired blocks saved in `[xdp] state_file` (none when it is unset,
+/// missing or unreadable: logged).
+fn saved_blocks(path: &std::path::Path) -> Vec<Block> {
+    if path.as_os_str().is_empty() {
+        return Vec::new();
+    }
+    let saved = match state::load(path) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "cannot read the saved XDP blocks; starting without them");
+            return Vec::new();
+        }
+    };
+    let (now, unix_ms) = (monotonic_ns(), state::now_unix_ms());
+    saved
+        .into_iter()
+        .filter_map(|b| {
+            let left_ms = b.expires_unix_ms.checked_sub(unix_ms).filter(|l| *l > 0)?;
+            Some(Block {
+                addr: canonical(b.addr),
+                reason: b.reason,
+                expires_ns: Some(now + left_ms * 1_000_000),
+            })
+        })
+        .collect()
 }
 
 /// An open watch stream; see [`FrontDoor::watch`]. Dropping it turns the
