@@ -9,6 +9,7 @@ pub mod gpusim;
 pub mod jwt;
 pub mod netns;
 pub mod packet;
+pub mod redis;
 pub mod tls;
 
 pub use backend::Backend;

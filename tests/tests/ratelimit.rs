@@ -7,12 +7,12 @@
 //! killed and restarted mid-test.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_tests::gateway::{free_port, temp_dir};
+use gateway_tests::redis::Redis;
 use gateway_tests::jwt::key_digest;
 use gateway_tests::{request, Backend, Client, Driver, Gateway, Response, Spec};
 
@@ -470,59 +470,6 @@ fn escalation_blocks_a_hammering_address_but_spares_a_shared_one() {
 
 // ---------------------------------------------------------------------------
 // Redis: fleet-wide tenant limits.
-
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Redis {
-    fn start_on(port: u16, dir: &std::path::Path) -> Redis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server; `cargo xtask setup` does it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Redis {
-            child,
-            port,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        *self = Redis::start_on(self.port, &self.dir.clone());
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 #[test]
 fn two_gateways_share_a_tenant_limit_through_redis_and_survive_its_loss() {
