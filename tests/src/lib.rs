@@ -3,6 +3,7 @@
 //! under `tests/tests/` read as scenarios built from these.
 
 pub mod backend;
+pub mod chaos;
 pub mod client;
 pub mod gateway;
 pub mod gpusim;

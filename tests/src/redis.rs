@@ -56,4 +56,3 @@ impl Drop for Redis {
         self.kill();
     }
 }
-

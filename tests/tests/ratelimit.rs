@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gateway_tests::gateway::{free_port, temp_dir};
-use gateway_tests::redis::Redis;
 use gateway_tests::jwt::key_digest;
+use gateway_tests::redis::Redis;
 use gateway_tests::{request, Backend, Client, Driver, Gateway, Response, Spec};
 
 const ALICE: &str = "alice-key-0123456789";

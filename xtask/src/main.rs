@@ -74,6 +74,12 @@ commands:
                         same saturation without a queue (503 at once) vs no saturation cap; goodput, 429/503,
                         per-tenant TTFT vs unloaded, queue wait p99 per band, Jain's fairness index
                         (target/bench/routing-saturate.json, .svg); also --workload saturate
+  chaos [--scale S] [--threads N] [--reload-seconds N]
+                        faults under steady load (GETs, SSE streams over HTTP and TLS) against a gateway in front
+                        of two gpu-sim processes with Redis-synced limits: backend killed, backend frozen
+                        (SIGSTOP), Redis killed, config reloaded every second for a minute, TLS certificate
+                        rotated, SIGTERM drain; per fault: requests, failures by class, streams cut, recovery
+                        (target/bench/chaos.md); S stretches every window (default 3)
   cargo bench -p gateway-benches --bench ratelimit
                         criterion: one limiter decision on 1 core, all levels, the same key from every core
 ";
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
         Some("dist") => dist::dist().map(|_| ()),
         Some("fuzz") => fuzz::fuzz(&rest),
         Some("bench") => bench(&rest),
+        Some("chaos") => chaos(&rest),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(())
@@ -610,6 +617,28 @@ fn build_bench_bin(name: &str) -> Result<PathBuf> {
         name,
     ]))?;
     Ok(target_dir().join("release").join(name))
+}
+
+/// `chaos`: faults under load (benches/src/bin/chaos.rs).
+fn chaos(args: &[String]) -> Result {
+    setup()?;
+    build_gateway()?;
+    run_step(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "gateway-tests",
+        "--bin",
+        "gpu-sim",
+    ]))?;
+    let target = target_dir();
+    let mut cmd = Command::new(build_bench_bin("chaos")?);
+    cmd.args(args)
+        .args(["--out", &target.join("bench").display().to_string()])
+        .env("GATEWAY_BIN", target.join("release/gateway"))
+        .env("GPU_SIM_BIN", target.join("release/gpu-sim"))
+        .current_dir(workspace_root());
+    run_step(&mut cmd)
 }
 
 /// `bench xdp`: SYN flood dropped by XDP vs nftables vs the userspace

@@ -90,13 +90,16 @@ pub(super) async fn response_head(
             // A fresh connection closed or reset before any answer: an
             // idempotent request with nothing left to stream goes to
             // another backend, within the cluster's retry budget.
-            Ok(0) | Err(ReadError::Io(_))
-                if unanswered && another_backend(cur, up, a.failed_on) =>
+            // Likewise when it said nothing within `upstream_response` (a
+            // hung or frozen server; not the route's total deadline): the
+            // request's one try on it is over.
+            Ok(0) | Err(ReadError::Io(_)) | Err(ReadError::Timeout)
+                if unanswered && !is_total && another_backend(cur, up, a.failed_on) =>
             {
                 let cl = &cur.shared.clusters[up.cluster];
                 note_outcome(w, cl, up.backend, false);
                 w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
-                tracing::warn!(cluster = %cl.name, backend = %up.addr, "backend closed without answering; retrying on another backend");
+                tracing::warn!(cluster = %cl.name, backend = %up.addr, "backend closed or timed out without answering; retrying on another backend");
                 if up.backend < 64 {
                     a.failed_on |= 1 << up.backend;
                 }
