@@ -22,18 +22,55 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
 
 /// Accept connections until the worker drains; `tls`: the address of a TLS
 /// listener (its client-authentication policy depends on it).
+/// At max_connections with nothing reclaimable: look again this often.
+const SHED_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Close reclaimable connections (see `Worker::shed`), a batch at a time;
+/// counted, and logged at most every 10 s per worker.
+fn shed(w: &Worker) -> usize {
+    let cur = w.current();
+    let batch = (cur.shared.max_conns_per_worker / 16).max(1);
+    let (idle, slow) = w.shed(batch, cur.shared.timeouts.client_header_overload);
+    let m = &w.metrics_registry.connections_shed;
+    if idle > 0 {
+        m.with_label_values(&["idle"]).inc_by(idle as u64);
+    }
+    if slow > 0 {
+        m.with_label_values(&["slow_head"]).inc_by(slow as u64);
+    }
+    if idle + slow > 0
+        && w.shed_logged
+            .get()
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10))
+    {
+        w.shed_logged.set(Some(std::time::Instant::now()));
+        tracing::warn!(worker = w.id, idle, slow_head = slow, "at max_connections: closed idle keep-alive and slow request-head connections to make room");
+    }
+    idle + slow
+}
+
 pub async fn accept_loop(listener: TcpListener, w: Rc<Worker>, tls: Option<SocketAddr>) {
     loop {
         if w.draining.get() {
             return;
         }
-        // Back-pressure: wait for a connection to close.
+        // At max_connections: make room by closing idle keep-alive and slow
+        // request-head connections; else (every connection busy) back-pressure:
+        // wait for one to close.
         while w.active.get() >= w.current().shared.max_conns_per_worker && !w.draining.get() {
             let l = w.wake.listen();
             if w.active.get() < w.current().shared.max_conns_per_worker || w.draining.get() {
                 break;
             }
-            l.await;
+            if shed(&w) == 0 {
+                // Nothing to reclaim yet: a head may turn slow meanwhile.
+                monoio::select! {
+                    _ = l => {}
+                    _ = monoio::time::sleep(SHED_RECHECK) => {}
+                }
+            } else {
+                l.await;
+            }
         }
         if w.draining.get() {
             return;

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub connection_panics: IntCounter,
+    pub connections_shed: IntCounterVec,
     pub xdp_enabled: IntGauge,
     pub xdp_attached: IntGaugeVec,
     pub xdp_packets: IntCounterVec,
@@ -256,6 +257,12 @@ const CONNECTION_PANICS: Desc = Desc::new(
     "gateway_connection_panics_total",
     "Connection tasks that panicked (a bug; the connection was dropped)",
     &[],
+);
+
+const CONNECTIONS_SHED: Desc = Desc::new(
+    "gateway_connections_shed_total",
+    "Client connections closed to make room at max_connections, by reason (idle: keep-alive between requests; slow_head: a request head incomplete after timeouts.client_header_overload)",
+    &["reason"],
 );
 
 // The front door: XDP and the accept-time checks.
@@ -544,6 +551,7 @@ impl Metrics {
             config_reloads: counter_vec(&r, &CONFIG_RELOADS),
             config_generation: gauge(&r, &CONFIG_GENERATION),
             connection_panics: counter(&r, &CONNECTION_PANICS),
+            connections_shed: counter_vec(&r, &CONNECTIONS_SHED),
             xdp_enabled: gauge(&r, &XDP_ENABLED),
             xdp_attached: gauge_vec(&r, &XDP_ATTACHED),
             xdp_packets: counter_vec(&r, &XDP_PACKETS),

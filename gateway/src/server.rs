@@ -96,6 +96,7 @@ pub enum RunError {
 /// reloads the configuration with `reload` (when given).
 pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
     let n = r.config.server.workers.resolve();
+    raise_fd_limit(r.config.server.max_connections);
     let metrics = Metrics::new();
     let shutdown = Shutdown::new();
     // Stage 0 first: blocks hold before the first connection is accepted.
@@ -156,6 +157,40 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         reloader: reload.as_ref(),
     }
     .supervise(&rx)
+}
+
+/// Raise the open-files soft limit to the hard limit, and say so when even
+/// that is too low for `max_connections` (one descriptor per client
+/// connection, plus room for backend connections and the process's own).
+fn raise_fd_limit(max_connections: usize) {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                l = raised;
+            }
+        }
+    }
+    let need = (max_connections as u64).saturating_add(1024);
+    if (l.rlim_cur as u64) < need {
+        tracing::warn!(
+            open_files = l.rlim_cur as u64,
+            needed = need,
+            max_connections,
+            "the open-files limit is below what server.max_connections needs (raise LimitNOFILE / ulimit -n): accepts will fail with EMFILE before the limit is reached"
+        );
+    }
 }
 
 /// Detaches the XDP program at the NIC when dropped.

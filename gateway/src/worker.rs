@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::local::LocalIntCounter;
 use prometheus::IntGauge;
@@ -269,9 +269,14 @@ pub struct Worker {
     /// Open client connections on this worker.
     pub active: Cell<usize>,
     pub draining: Cell<bool>,
-    /// Client connections waiting for their next request, so a drain can close them.
-    idle: RefCell<HashMap<u64, RawFd>>,
+    /// Client connections waiting on their client: for their next request
+    /// (`None`), or for the rest of a request head begun at the instant
+    /// given; a drain closes them, and so does [`Worker::shed`] at
+    /// `max_connections`.
+    idle: RefCell<HashMap<u64, (RawFd, Option<Instant>)>>,
     next_conn: Cell<u64>,
+    /// When this worker last logged making room at max_connections.
+    pub shed_logged: Cell<Option<Instant>>,
     /// Woken when a connection closes (accept back-pressure) or a drain starts.
     pub wake: event_listener::Event,
     /// Woken when a drain starts (ends the accept loop).
@@ -310,6 +315,7 @@ impl Worker {
             draining: Cell::new(false),
             idle: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
+            shed_logged: Cell::new(None),
             wake: event_listener::Event::new(),
             drain: event_listener::Event::new(),
             json_scratch: RefCell::new(crate::validate::Scratch::default()),
@@ -351,7 +357,42 @@ impl Worker {
     }
 
     pub fn mark_idle(&self, conn: u64, fd: RawFd) {
-        self.idle.borrow_mut().insert(conn, fd);
+        self.idle.borrow_mut().insert(conn, (fd, None));
+    }
+
+    /// Waiting for the rest of a request head that began at `since`.
+    pub fn mark_reading_head(&self, conn: u64, fd: RawFd, since: Instant) {
+        self.idle.borrow_mut().insert(conn, (fd, Some(since)));
+    }
+
+    /// At `max_connections`: make room. Close idle keep-alive connections
+    /// first, then those whose request head began more than `slow_head` ago
+    /// (slowloris), at most `max` in all; returns (idle, slow) closed. Their
+    /// pending read ends (SHUT_RD), so their tasks close them.
+    pub fn shed(&self, max: usize, slow_head: Duration) -> (usize, usize) {
+        let now = Instant::now();
+        let mut idle = self.idle.borrow_mut();
+        let mut picked: Vec<(u64, bool)> = idle
+            .iter()
+            .filter(|(_, (_, since))| since.is_none_or(|t| now.duration_since(t) >= slow_head))
+            .map(|(id, (_, since))| (*id, since.is_some()))
+            .collect();
+        // Idle ones first (`false` sorts first).
+        picked.sort_unstable_by_key(|&(_, slow)| slow);
+        picked.truncate(max);
+        let (mut n_idle, mut n_slow) = (0, 0);
+        for (id, slow) in picked {
+            if let Some((fd, _)) = idle.remove(&id) {
+                // SAFETY: as in `begin_drain`.
+                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                if slow {
+                    n_slow += 1;
+                } else {
+                    n_idle += 1;
+                }
+            }
+        }
+        (n_idle, n_slow)
     }
 
     pub fn mark_busy(&self, conn: u64) {
@@ -362,7 +403,7 @@ impl Worker {
     /// pending read ends), busy ones close after their current response.
     pub fn begin_drain(&self) {
         self.draining.set(true);
-        for (_, fd) in self.idle.borrow_mut().drain() {
+        for (_, (fd, _)) in self.idle.borrow_mut().drain() {
             // SAFETY: the fd belongs to a live connection task on this thread
             // (it unregisters before closing); SHUT_RD only ends its pending read.
             unsafe {

@@ -188,6 +188,18 @@ impl Rig {
         }
     }
 
+    /// The gateway's account of failures: its access lines with a 5xx and
+    /// its warnings (the first 20).
+    pub fn why(&self) -> String {
+        self.gateway
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("\"status\":5") || l.contains("\"level\":\"WARN\""))
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Write a freshly issued certificate for the TLS listener (picked up
     /// within `reload_check`).
     pub fn rotate_certificate(&self) {
@@ -615,3 +627,88 @@ impl Faults {
 }
 
 pub const TABLE_HEAD: &str = "| fault | requests | ok | failed (kind/outcome=n) | streams cut | recovery s | slowest s |\n|---|---|---|---|---|---|---|";
+
+/// Latencies of a light client: sequential `GET /health` on one keep-alive
+/// connection for `window`; its p50 and p99 (and failures).
+pub fn light_client(addr: SocketAddr, window: Duration) -> (Duration, Duration, u64) {
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    let until = Instant::now() + window;
+    let mut conn: Option<TcpStream> = None;
+    while Instant::now() < until {
+        let t = Instant::now();
+        if conn.is_none() {
+            conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok();
+            if let Some(c) = &conn {
+                let _ = c.set_read_timeout(Some(CLIENT_TIMEOUT));
+            }
+        }
+        let ok = conn.as_mut().is_some_and(|c| {
+            c.write_all(b"GET /health HTTP/1.1\r\nhost: light\r\n\r\n")
+                .is_ok()
+                && matches!(read_response(c), Ok((200, _, true)))
+        });
+        if ok {
+            lat.push(t.elapsed());
+        } else {
+            failed += 1;
+            conn = None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lat.sort();
+    let q = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    (q(0.5), q(0.99), failed)
+}
+
+/// Raise this process's open-files limit to its hard limit (the harness
+/// holds thousands of client connections).
+pub fn raise_fd_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+    l.rlim_cur as u64
+}
+
+/// Open `n` connections (as fast as the gateway accepts them), each either
+/// idle after one request (`keepalive`) or holding a request head that
+/// never ends (slowloris: a header line every `drip`, by [`drip`]).
+pub fn open_many(addr: SocketAddr, n: usize, keepalive: bool) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            continue;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+        let first: &[u8] = if keepalive {
+            b"GET /health HTTP/1.1\r\nhost: idle\r\n\r\n"
+        } else {
+            b"GET /slowloris HTTP/1.1\r\nhost: slow\r\n"
+        };
+        if c.write_all(first).is_err() {
+            continue;
+        }
+        if keepalive && !matches!(read_response(&mut c), Ok((200, _, true))) {
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One more header byte on every slowloris connection; how many are still open.
+pub fn drip(conns: &mut Vec<TcpStream>) -> usize {
+    conns.retain_mut(|c| c.write_all(b"x").is_ok());
+    conns.len()
+}

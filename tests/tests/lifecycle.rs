@@ -242,21 +242,98 @@ fn max_connections_applies_back_pressure() {
     let g = Gateway::start(spec);
     let mut first = Client::connect(g.addr);
     assert_eq!(first.get("/").status, 200);
-    // The second connection completes in the kernel backlog but is not
-    // served while the first one is open…
+    // Busy (a request in flight), the first connection can't be reclaimed:
+    // the second completes in the kernel backlog but is not served…
+    first.send(b"GET /slow?ms=1200 HTTP/1.1\r\nHost: a\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(100));
     let mut second = Client::connect(g.addr);
     second.send(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n");
     assert!(!second.closed_within(Duration::from_millis(500)));
     assert!(second.leftover().is_empty(), "served past max_connections");
-    assert_eq!(b.requests(), 1);
-    // …and is served as soon as it closes.
-    drop(first);
+    assert_eq!(b.requests(), 2);
+    // …until its response is done and it goes idle: then it makes room.
+    assert_eq!(first.read_response().status, 200);
     let r = second.read_response();
     assert_eq!(r.json()["path"], "/second");
     assert_eq!(
         g.wait_metric(&["gateway_connections_accepted_total"], 2.0),
         2.0
     );
+    assert!(g.wait_metric(&["gateway_connections_shed_total", "reason=\"idle\""], 1.0) >= 1.0);
+}
+
+/// At max_connections, idle keep-alive connections and slow request heads
+/// (slowloris) make room for new clients: a new client is served at once
+/// when an idle one can go, within `client_header_overload` when only slow
+/// heads hold the places — not after `client_header`.
+#[test]
+fn at_max_connections_idle_and_slow_connections_make_room() {
+    let b = Backend::start("b");
+    let body = format!(
+        "{}\n[timeouts]\nclient_header = \"30s\"\nclient_header_overload = \"1s\"\n",
+        one_cluster(b.addr)
+    );
+    let mut spec = Spec::new(Driver::Auto, &body);
+    spec.workers = 1;
+    spec.server_extra = "max_connections = 4";
+    let g = Gateway::start(spec);
+    // Two idle keep-alive connections, two slow heads.
+    let mut idle: Vec<Client> = (0..2).map(|_| Client::connect(g.addr)).collect();
+    for c in &mut idle {
+        assert_eq!(c.get("/").status, 200);
+    }
+    let mut slow: Vec<Client> = (0..2)
+        .map(|_| {
+            let mut c = Client::connect(g.addr);
+            c.send(b"GET /slowloris HTTP/1.1\r\nHost: a\r\n");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let mut fresh = Client::connect(g.addr);
+    assert_eq!(fresh.get("/fresh").status, 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "an idle connection made room at once: {:?}",
+        t.elapsed()
+    );
+    assert!(g.wait_metric(&["gateway_connections_shed_total", "reason=\"idle\""], 1.0) >= 1.0);
+    drop(fresh);
+    // Now the places are held by slow heads (and what is left idle): fill
+    // them all with slowloris connections; a new client still gets in.
+    for c in &mut idle {
+        let _ = c.closed_within(Duration::from_millis(1));
+    }
+    let mut more: Vec<Client> = (0..4)
+        .map(|_| {
+            let mut c = Client::connect(g.addr);
+            c.send(b"GET /slowloris HTTP/1.1\r\nHost: a\r\n");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let mut late = Client::connect(g.addr);
+    assert_eq!(late.get("/late").status, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "slow heads made room within client_header_overload, not client_header (30 s): {:?}",
+        t.elapsed()
+    );
+    assert!(
+        g.wait_metric(
+            &["gateway_connections_shed_total", "reason=\"slow_head\""],
+            1.0
+        ) >= 1.0
+    );
+    let closed = slow
+        .iter_mut()
+        .chain(more.iter_mut())
+        .map(|c| c.closed_within(Duration::from_millis(50)))
+        .filter(|&gone| gone)
+        .count();
+    assert!(closed >= 1, "slowloris connections were closed");
 }
 
 both_drivers!(sighup_reloads_without_dropping_requests, |d: Driver| {

@@ -310,6 +310,11 @@ pub struct Timeouts {
     /// From the first byte of a request to the end of its head (slowloris guard) → 408 + close.
     #[serde(deserialize_with = "duration")]
     pub client_header: Duration,
+    /// At `max_connections`: a request head still incomplete this long after
+    /// its first byte is closed to make room (so are idle keep-alive
+    /// connections), instead of holding a place for `client_header`.
+    #[serde(deserialize_with = "duration")]
+    pub client_header_overload: Duration,
     /// How long a keep-alive client connection may sit idle between requests.
     #[serde(deserialize_with = "duration")]
     pub client_idle: Duration,
@@ -335,6 +340,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             client_header: Duration::from_secs(10),
+            client_header_overload: Duration::from_secs(1),
             client_idle: Duration::from_secs(60),
             client_body: Duration::from_secs(60),
             upstream_connect: Duration::from_secs(2),
@@ -488,6 +494,7 @@ pub(super) fn check_json_limits(l: &Limits, sink: &mut Sink) {
 pub(super) fn check_timeouts(t: &Timeouts, sink: &mut Sink) {
     for (k, v) in [
         ("timeouts.client_header", t.client_header),
+        ("timeouts.client_header_overload", t.client_header_overload),
         ("timeouts.client_idle", t.client_idle),
         ("timeouts.client_body", t.client_body),
         ("timeouts.upstream_connect", t.upstream_connect),

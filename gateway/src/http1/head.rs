@@ -31,6 +31,9 @@ pub(super) async fn read(
     let limits = &cur.shared.limits;
     let t = &cur.shared.timeouts;
     let mut head_deadline: Option<Instant> = None;
+    // A new connection's first request counts from the accept: at
+    // max_connections it gets the grace a slow head gets, not an idle one's.
+    let accepted = first.then(Instant::now);
     loop {
         if !client.pending().is_empty() {
             match codec::parse_request(client.pending(), limits, head) {
@@ -46,18 +49,20 @@ pub(super) async fn read(
             None => t.client_idle,
         };
         let idle = client.pending().is_empty();
-        if idle {
-            if w.draining.get() {
-                return Next::Close;
-            }
-            w.mark_idle(conn_id, client.raw_fd());
+        if idle && w.draining.get() {
+            return Next::Close;
+        }
+        // Reclaimable at max_connections: at once when idle between
+        // requests, once slow when a head is on its way.
+        match (head_deadline, accepted) {
+            (Some(d), _) => w.mark_reading_head(conn_id, client.raw_fd(), d - t.client_header),
+            (None, Some(at)) => w.mark_reading_head(conn_id, client.raw_fd(), at),
+            (None, None) => w.mark_idle(conn_id, client.raw_fd()),
         }
         let r = client
             .fill_timeout(wait.max(Duration::from_millis(1)))
             .await;
-        if idle {
-            w.mark_busy(conn_id);
-        }
+        w.mark_busy(conn_id);
         match r {
             // Closed, idle or mid-head: nobody to answer.
             Ok(0) => return Next::Close,
