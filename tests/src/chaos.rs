@@ -628,8 +628,10 @@ impl Faults {
 
 pub const TABLE_HEAD: &str = "| fault | requests | ok | failed (kind/outcome=n) | streams cut | recovery s | slowest s |\n|---|---|---|---|---|---|---|";
 
-/// Latencies of a light client: sequential `GET /health` on one keep-alive
-/// connection for `window`; its p50 and p99 (and failures).
+/// Latencies of a light client: sequential `GET /v1/models` (answered by
+/// the gateway from its catalogue: what the gateway itself costs, not the
+/// backends' queues) on one keep-alive connection for `window`; its p50
+/// and p99 (and failures).
 pub fn light_client(addr: SocketAddr, window: Duration) -> (Duration, Duration, u64) {
     let mut lat = Vec::new();
     let mut failed = 0;

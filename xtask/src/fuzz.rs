@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{run_step, target_dir, workspace_root, Result};
+// `xdp` needs root and a release build (crate::is_root, crate::build_gateway).
 
 /// Every fuzz target (`fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [&str; 10] = [
+pub const TARGETS: [&str; 11] = [
     "http_request",
     "chunked",
     "http_response",
@@ -27,6 +28,7 @@ pub const TARGETS: [&str; 10] = [
     "x509",
     "json_differential",
     "authn",
+    "xdp",
 ];
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
@@ -61,6 +63,17 @@ pub fn fuzz(args: &[String]) -> Result {
     }
     let root = workspace_root();
     let out = target_dir().join("fuzz");
+    if chosen.iter().any(|t| t == "xdp") {
+        if crate::is_root() {
+            // The XDP target runs the real program: a release build's object.
+            crate::build_gateway()?;
+            let object = xdp_object().ok_or("no XDP object in target/release/build after the build")?;
+            std::env::set_var("GATEWAY_XDP_OBJECT", object);
+        } else {
+            println!("fuzz: skipping `xdp` (it loads the XDP program: run as root)");
+            chosen.retain(|t| t != "xdp");
+        }
+    }
     build(&root, &out)?;
     let mut report = Vec::new();
     for t in &chosen {
@@ -175,6 +188,17 @@ fn run_target(
         size,
         stat("stat::new_units_added"),
     ))
+}
+
+/// The newest `gateway-ebpf` object a release build of the gateway left.
+fn xdp_object() -> Option<PathBuf> {
+    let dir = target_dir().join("release/build");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("out/gateway-ebpf"))
+        .filter(|p| p.metadata().is_ok_and(|m| m.len() > 0))
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
 }
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {

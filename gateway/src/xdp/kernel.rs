@@ -91,7 +91,14 @@ pub enum Note {
 impl Loaded {
     /// Load the embedded program into the kernel (not attached anywhere yet).
     pub fn load(sizes: Sizes) -> Result<Loaded, LoadError> {
-        if OBJECT.is_empty() {
+        Self::load_object(OBJECT, sizes)
+    }
+
+    /// Load a front-door object given as bytes (the embedded one, or — for
+    /// the XDP fuzz target, built without it — the file gateway/build.rs
+    /// left in a release build's OUT_DIR).
+    pub fn load_object(object: &[u8], sizes: Sizes) -> Result<Loaded, LoadError> {
+        if object.is_empty() {
             return Err(LoadError::NotBuilt);
         }
         let mut ebpf = EbpfLoader::new()
@@ -99,7 +106,7 @@ impl Loaded {
             .map_max_entries(maps::BLOCKLIST_V4, sizes.blocked)
             .map_max_entries(maps::QUOTA, sizes.tracked_sources)
             .map_max_entries(maps::ALLOWLIST, sizes.allow)
-            .load(OBJECT)
+            .load(object)
             .map_err(|e| LoadError::Object(e.to_string()))?;
         for name in [
             gateway_common::PROGRAM,
