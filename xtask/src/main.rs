@@ -31,7 +31,9 @@ commands:
   fuzz [--seconds N] [TARGET...]
                         coverage-guided fuzzing (libFuzzer + AddressSanitizer, nightly) of the parsers: HTTP/1
                         request and response heads, chunked bodies, SSE filter + usage scan (split-invariant),
-                        metrics scrapes and ORCA, the config loader, KServe gRPC messages, X.509 names; kept
+                        metrics scrapes and ORCA, the config loader, KServe gRPC messages, X.509 names, JSON
+                        bodies against a DOM (json_differential), authn, the XDP program against a model (xdp,
+                        root); kept
                         crash inputs replayed first (fuzz/regressions/); N seconds each (default 60);
                         --smoke: committed seeds only, fixed seed and run count (what `test` runs)
   run [--load] [GATEWAY ARGS]
@@ -74,12 +76,14 @@ commands:
                         same saturation without a queue (503 at once) vs no saturation cap; goodput, 429/503,
                         per-tenant TTFT vs unloaded, queue wait p99 per band, Jain's fairness index
                         (target/bench/routing-saturate.json, .svg); also --workload saturate
-  chaos [--scale S] [--threads N] [--reload-seconds N]
+  chaos [--scale S] [--threads N] [--reload-seconds N] [--connections N] [--soak-minutes N] [--no-faults]
                         faults under steady load (GETs, SSE streams over HTTP and TLS) against a gateway in front
                         of two gpu-sim processes with Redis-synced limits: backend killed, backend frozen
                         (SIGSTOP), Redis killed, config reloaded every second for a minute, TLS certificate
                         rotated, SIGTERM drain; per fault: requests, failures by class, streams cut, recovery
-                        (target/bench/chaos.md); S stretches every window (default 3)
+                        (target/bench/chaos.md); S stretches every window (default 3); first, resource
+                        exhaustion: RSS per idle connection, a light client's p99 under N idle / N slowloris
+                        connections, slow uploads, slow readers, 300 streams; --soak-minutes: RSS trend
   cargo bench -p gateway-benches --bench ratelimit
                         criterion: one limiter decision on 1 core, all levels, the same key from every core
 ";

@@ -18,6 +18,7 @@ fn main() {
     let mut reload_seconds = 60u64;
     let mut connections = 10_000usize;
     let mut soak_minutes = 0u64;
+    let mut faults = true;
     let mut out = std::path::PathBuf::from("target/bench");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -29,8 +30,9 @@ fn main() {
             "--out" => out = v().into(),
             "--connections" => connections = v().parse().expect("--connections N"),
             "--soak-minutes" => soak_minutes = v().parse().expect("--soak-minutes N"),
+            "--no-faults" => faults = false,
             other => {
-                eprintln!("chaos: unknown argument {other}\nusage: chaos [--scale S] [--threads N] [--reload-seconds N] [--connections N] [--soak-minutes N] [--out DIR]");
+                eprintln!("chaos: unknown argument {other}\nusage: chaos [--scale S] [--threads N] [--reload-seconds N] [--connections N] [--soak-minutes N] [--no-faults] [--out DIR]");
                 std::process::exit(2);
             }
         }
@@ -43,6 +45,12 @@ fn main() {
         let _ = std::fs::create_dir_all(&out);
         let _ = std::fs::write(out.join("soak.md"), &soak);
         println!("{soak}");
+    }
+    if !faults {
+        let _ = std::fs::create_dir_all(&out);
+        let _ = std::fs::write(out.join("exhaustion.md"), &exhaustion);
+        println!("{exhaustion}");
+        return;
     }
     let load = Load::start(&rig, threads);
     let f = Faults { scale };
@@ -150,6 +158,27 @@ fn exhaustion(rig: &Rig, n: usize) -> String {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let left = dripper.join().unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(1));
+    let uploads = chaos::open_slow_uploads(g.addr, 1000);
+    let opened_uploads = uploads.len();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dripper = {
+        let stop = stop.clone();
+        let mut uploads = uploads;
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(2));
+                chaos::drip(&mut uploads);
+            }
+        })
+    };
+    row(&format!("{opened_uploads} slow uploads (a body byte every 2 s)"), chaos::light_client(g.addr, window), base.1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = dripper.join();
+    let readers = chaos::open_slow_readers(g.addr, 300);
+    std::thread::sleep(Duration::from_secs(2));
+    row(&format!("{} slow readers of long streams (never read)", readers.len()), chaos::light_client(g.addr, window), base.1);
+    drop(readers);
     std::thread::sleep(Duration::from_secs(1));
     let streams = Load::start(rig, 300);
     std::thread::sleep(Duration::from_secs(1));
