@@ -712,24 +712,23 @@ pub fn open_many(addr: SocketAddr, n: usize, keepalive: bool) -> Vec<TcpStream> 
 /// `n` connections that each send a chat completion's head and the first
 /// bytes of a large body, then one byte at a time ([`drip`]): slow uploads.
 pub fn open_slow_uploads(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
-    (0..n)
-        .filter_map(|_| {
-            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: slow\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"model\":\"sim\",\"messages\":[{\"role\":\"user\",\"content\":\"").ok()?;
-            Some(c)
-        })
-        .collect()
+    open_sending(addr, n, b"POST /v1/chat/completions HTTP/1.1\r\nhost: slow\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"model\":\"sim\",\"messages\":[{\"role\":\"user\",\"content\":\"")
 }
 
 /// `n` connections that each ask for a long streamed completion and never
 /// read it: slow readers, whose responses back up into the gateway.
 pub fn open_slow_readers(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     let body = r#"{"model":"sim","messages":[{"role":"user","content":"write a very long story"}],"max_tokens":4000,"stream":true}"#;
+    let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: slow\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    open_sending(addr, n, req.as_bytes())
+}
+
+/// `n` connections that have each sent `bytes` (those that could).
+fn open_sending(addr: SocketAddr, n: usize, bytes: &[u8]) -> Vec<TcpStream> {
     (0..n)
         .filter_map(|_| {
             let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: slow\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-            c.write_all(req.as_bytes()).ok()?;
+            c.write_all(bytes).ok()?;
             Some(c)
         })
         .collect()

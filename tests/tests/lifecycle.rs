@@ -282,13 +282,16 @@ fn at_max_connections_idle_and_slow_connections_make_room() {
     for c in &mut idle {
         assert_eq!(c.get("/").status, 200);
     }
-    let mut slow: Vec<Client> = (0..2)
-        .map(|_| {
-            let mut c = Client::connect(g.addr);
-            c.send(b"GET /slowloris HTTP/1.1\r\nHost: a\r\n");
-            c
-        })
-        .collect();
+    let slowloris = |n: usize| -> Vec<Client> {
+        (0..n)
+            .map(|_| {
+                let mut c = Client::connect(g.addr);
+                c.send(b"GET /slowloris HTTP/1.1\r\nHost: a\r\n");
+                c
+            })
+            .collect()
+    };
+    let mut slow = slowloris(2);
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     let mut fresh = Client::connect(g.addr);
@@ -305,13 +308,7 @@ fn at_max_connections_idle_and_slow_connections_make_room() {
     for c in &mut idle {
         let _ = c.closed_within(Duration::from_millis(1));
     }
-    let mut more: Vec<Client> = (0..4)
-        .map(|_| {
-            let mut c = Client::connect(g.addr);
-            c.send(b"GET /slowloris HTTP/1.1\r\nHost: a\r\n");
-            c
-        })
-        .collect();
+    let mut more = slowloris(4);
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     let mut late = Client::connect(g.addr);

@@ -475,19 +475,12 @@ fn escalation_blocks_a_hammering_address_but_spares_a_shared_one() {
 fn two_gateways_share_a_tenant_limit_through_redis_and_survive_its_loss() {
     let dir = temp_dir("redis");
     let mut redis = Redis::start_on(free_port(), &dir);
-    let extra = format!(
-        "[ratelimit.redis]\naddress = \"127.0.0.1:{}\"\nsync_interval = \"20ms\"\n\
-         [ratelimit.tenant]\nrequests_per_second = 0.01\nburst = 20\n\
+    let (_b, _, g1, g2) = redis_pair(
+        &redis,
+        "20ms",
+        "[ratelimit.tenant]\nrequests_per_second = 0.01\nburst = 20\n\
          [ratelimit.model]\nrequests_per_second = 0.01\nburst = 1000\non_redis_failure = \"closed\"\n",
-        redis.port
     );
-    let b = Backend::start("rl");
-    let body = config(b.addr, &extra);
-    let g1 = Gateway::start(Spec::new(Driver::Auto, &body));
-    let g2 = Gateway::start(Spec::new(Driver::Auto, &body));
-    for g in [&g1, &g2] {
-        g.wait_metric(&["gateway_ratelimit_redis_up"], 1.0);
-    }
     // acme gets 20 across both gateways, not 20 each. Alternate, pausing
     // past a sync now and then so each sees the other's consumption.
     let mut ok = 0;
@@ -602,15 +595,11 @@ fn over_the_rate_refused_before_the_body_is_read() {
     assert_eq!(refused, 1.0);
 }
 
-/// An API key revoked on one gateway is refused by every gateway sharing
-/// the Redis, within about a second, with no restart; and a gateway started
-/// later learns it too.
-#[test]
-fn a_revocation_reaches_the_fleet_through_redis() {
-    let dir = temp_dir("redis-revoke");
-    let redis = Redis::start_on(free_port(), &dir);
+/// A backend and two gateways sharing `redis` (synced every `sync`, with
+/// `extra` config), both connected to it; the config body for more.
+fn redis_pair(redis: &Redis, sync: &str, extra: &str) -> (Backend, String, Gateway, Gateway) {
     let extra = format!(
-        "[ratelimit.redis]\naddress = \"127.0.0.1:{}\"\nsync_interval = \"50ms\"\n",
+        "[ratelimit.redis]\naddress = \"127.0.0.1:{}\"\nsync_interval = \"{sync}\"\n{extra}",
         redis.port
     );
     let b = Backend::start("rl");
@@ -619,6 +608,19 @@ fn a_revocation_reaches_the_fleet_through_redis() {
     let g2 = Gateway::start(Spec::new(Driver::Auto, &body));
     for g in [&g1, &g2] {
         g.wait_metric(&["gateway_ratelimit_redis_up"], 1.0);
+    }
+    (b, body, g1, g2)
+}
+
+/// An API key revoked on one gateway is refused by every gateway sharing
+/// the Redis, within about a second, with no restart; and a gateway started
+/// later learns it too.
+#[test]
+fn a_revocation_reaches_the_fleet_through_redis() {
+    let dir = temp_dir("redis-revoke");
+    let redis = Redis::start_on(free_port(), &dir);
+    let (_b, body, g1, g2) = redis_pair(&redis, "50ms", "");
+    for g in [&g1, &g2] {
         assert_eq!(get(g.addr, "/x", ALICE).status, 200);
     }
     let digest = key_digest(ALICE);

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{
-    cargo, die_with_parent, flag_value, ignore_sigint, run_step, show, target_dir, wait_for_port,
-    KillOnDrop, Result,
+    die_with_parent, flag_value, ignore_sigint, show, target_dir, wait_for_port, KillOnDrop, Result,
 };
 
 /// The demo API key, and its SHA-256 (what a config holds).
@@ -111,14 +110,7 @@ pub fn run(args: &[String]) -> Result {
 /// the simulator, release builds.
 fn build() -> Result {
     crate::build_gateway_any()?;
-    run_step(&mut cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "gateway-tests",
-        "--bin",
-        "gpu-sim",
-    ]))
+    crate::build_test_bin("gpu-sim")
 }
 
 fn demo_config(listen: &str, admin: &str) -> String {

@@ -67,7 +67,8 @@ pub fn fuzz(args: &[String]) -> Result {
         if crate::is_root() {
             // The XDP target runs the real program: a release build's object.
             crate::build_gateway()?;
-            let object = xdp_object().ok_or("no XDP object in target/release/build after the build")?;
+            let object =
+                xdp_object().ok_or("no XDP object in target/release/build after the build")?;
             std::env::set_var("GATEWAY_XDP_OBJECT", object);
         } else {
             println!("fuzz: skipping `xdp` (it loads the XDP program: run as root)");

@@ -627,14 +627,7 @@ fn build_bench_bin(name: &str) -> Result<PathBuf> {
 fn chaos(args: &[String]) -> Result {
     setup()?;
     build_gateway()?;
-    run_step(&mut cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "gateway-tests",
-        "--bin",
-        "gpu-sim",
-    ]))?;
+    build_test_bin("gpu-sim")?;
     let target = target_dir();
     let mut cmd = Command::new(build_bench_bin("chaos")?);
     cmd.args(args)
@@ -717,13 +710,18 @@ fn build_gateway() -> Result {
 /// The gateway and the tests crate's demo backend, release builds.
 fn build_release_binaries() -> Result {
     build_gateway()?;
+    build_test_bin("demo-backend")
+}
+
+/// A release build of one of the tests crate's binaries (`demo-backend`, `gpu-sim`).
+fn build_test_bin(name: &str) -> Result {
     run_step(&mut cargo(&[
         "build",
         "--release",
         "-p",
         "gateway-tests",
         "--bin",
-        "demo-backend",
+        name,
     ]))
 }
 

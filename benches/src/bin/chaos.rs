@@ -172,12 +172,23 @@ fn exhaustion(rig: &Rig, n: usize) -> String {
             }
         })
     };
-    row(&format!("{opened_uploads} slow uploads (a body byte every 2 s)"), chaos::light_client(g.addr, window), base.1);
+    row(
+        &format!("{opened_uploads} slow uploads (a body byte every 2 s)"),
+        chaos::light_client(g.addr, window),
+        base.1,
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = dripper.join();
     let readers = chaos::open_slow_readers(g.addr, 300);
     std::thread::sleep(Duration::from_secs(2));
-    row(&format!("{} slow readers of long streams (never read)", readers.len()), chaos::light_client(g.addr, window), base.1);
+    row(
+        &format!(
+            "{} slow readers of long streams (never read)",
+            readers.len()
+        ),
+        chaos::light_client(g.addr, window),
+        base.1,
+    );
     drop(readers);
     std::thread::sleep(Duration::from_secs(1));
     let streams = Load::start(rig, 300);
