@@ -80,8 +80,16 @@ fn a_backend_name_that_moves_in_dns_is_followed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("\"upstream\":\"127.0.0.2:8000\""), "{text}");
+    // The access log is written off the request path: wait for its line.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("\"upstream\":\"127.0.0.2:8000\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The name moves (same file, rewritten in place: the bind mount sees it).
     std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.3 model.test\n").unwrap();
