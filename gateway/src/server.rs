@@ -183,9 +183,9 @@ fn raise_fd_limit(max_connections: usize) {
         }
     }
     let need = (max_connections as u64).saturating_add(1024);
-    if (l.rlim_cur as u64) < need {
+    if l.rlim_cur < need {
         tracing::warn!(
-            open_files = l.rlim_cur as u64,
+            open_files = l.rlim_cur,
             needed = need,
             max_connections,
             "the open-files limit is below what server.max_connections needs (raise LimitNOFILE / ulimit -n): accepts will fail with EMFILE before the limit is reached"

@@ -680,7 +680,7 @@ pub fn raise_fd_limit() -> u64 {
         l.rlim_cur = l.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &l);
     }
-    l.rlim_cur as u64
+    l.rlim_cur
 }
 
 /// Open `n` connections (as fast as the gateway accepts them), each either
