@@ -729,8 +729,13 @@ impl Authn {
     /// file is configured, and reaches the fleet through Redis when
     /// `[ratelimit.redis]` is (see `revocations`).
     pub fn revoke_api_key(&self, digest: [u8; 32]) -> Option<(String, Result<(), String>)> {
-        let client = self.drop_key(digest)?;
+        // Only a configured key is revoked; recorded first, so a table being
+        // built by a concurrent reload skips it too.
+        if !self.has_key(&digest) {
+            return None;
+        }
         let saved = crate::revocations::add(digest).map(|_| ());
+        let client = self.drop_key(digest)?;
         if let Err(e) = &saved {
             tracing::error!(error = %e, "revoked, but the revocation could not be saved: it holds until a restart");
         }
@@ -745,6 +750,14 @@ impl Authn {
         let client = self.drop_key(digest)?;
         tracing::warn!(target: "audit", event = "revoke_api_key", client = client.as_str(), key = %hex(&digest[..8]), source, "API key revoked");
         Some(client)
+    }
+
+    fn has_key(&self, digest: &[u8; 32]) -> bool {
+        self.api_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_digest
+            .contains_key(digest)
     }
 
     fn drop_key(&self, digest: [u8; 32]) -> Option<String> {

@@ -66,6 +66,11 @@ pub fn load(path: &Path) -> Result<usize, String> {
         Err(e) => return Err(e.to_string()),
     };
     let mut st = write();
+    if text.is_empty() && path.exists() {
+        // Saves are atomic: an empty file was not written by the gateway,
+        // and reading it as "nothing revoked" would un-revoke every key.
+        return Err("the file is empty".into());
+    }
     st.file = Some(path.to_path_buf());
     if text.is_empty() {
         return Ok(0);
@@ -78,7 +83,12 @@ pub fn load(path: &Path) -> Result<usize, String> {
     let mut n = 0;
     for h in &f.revoked {
         let d = crate::syntax::parse_hex32(h).ok_or_else(|| format!("`{h}` is not a SHA-256"))?;
-        n += st.revoked.insert(d) as usize;
+        if st.revoked.insert(d) {
+            n += 1;
+            // Published again: one made while Redis was down reaches the
+            // fleet after a restart (SADD is idempotent).
+            st.unpublished.push(d);
+        }
     }
     Ok(n)
 }
@@ -91,10 +101,7 @@ fn save_locked(st: &State) -> Result<(), String> {
     list.sort();
     let text = serde_json::to_vec_pretty(&serde_json::json!({"version": 1, "revoked": list}))
         .map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    crate::syntax::write_durably(path, &text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Install the hook that applies the fleet's revocations to the key table.

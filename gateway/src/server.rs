@@ -68,6 +68,14 @@ impl Control {
         g.0 += 1;
         g.1 = Arc::new(r);
         let generation = g.0;
+        // A revocation that landed while this generation's key table was
+        // being built reached only the old one: apply them all (quietly
+        // for the ones it never had).
+        if let Some(a) = &g.1.authn {
+            for d in crate::revocations::all() {
+                a.revoked_elsewhere(d, "fleet");
+            }
+        }
         drop(g);
         self.event.notify(usize::MAX);
         generation
@@ -126,12 +134,18 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
     });
     {
         // Revocations the fleet makes reach the key table in force.
-        let control = control.clone();
+        let hooked = control.clone();
         crate::revocations::set_hook(Box::new(move |d| {
-            if let Some(a) = control.snapshot().1.authn.as_ref() {
+            if let Some(a) = hooked.snapshot().1.authn.as_ref() {
                 a.revoked_elsewhere(d, "fleet");
             }
         }));
+        // What the Redis thread learned before the hook was there.
+        if let Some(a) = control.snapshot().1.authn.as_ref() {
+            for d in crate::revocations::all() {
+                a.revoked_elsewhere(d, "fleet");
+            }
+        }
     }
     spawn_balance_scraper(&control, metrics.clone())?;
     spawn_tls_watch(&control, metrics.clone())?;

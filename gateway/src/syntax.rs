@@ -125,3 +125,25 @@ pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Replace `path` with `data` atomically and durably: a temporary file of
+/// this process (so two gateways overlapping in a restart don't share one)
+/// is written and synced, renamed over `path`, and the directory synced, so
+/// a crash or power loss leaves the old contents or the new, never a torn
+/// or empty file.
+pub fn write_durably(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}

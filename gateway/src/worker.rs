@@ -273,7 +273,7 @@ pub struct Worker {
     /// (`None`), or for the rest of a request head begun at the instant
     /// given; a drain closes them, and so does [`Worker::shed`] at
     /// `max_connections`.
-    idle: RefCell<HashMap<u64, (RawFd, Option<Instant>)>>,
+    idle: RefCell<HashMap<u64, Waiting>>,
     next_conn: Cell<u64>,
     /// When this worker last logged making room at max_connections.
     pub shed_logged: Cell<Option<Instant>>,
@@ -297,6 +297,15 @@ pub struct Worker {
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
     pub metrics_registry: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
+}
+
+/// A client connection waiting on its client (see `Worker::idle`).
+struct Waiting {
+    fd: RawFd,
+    /// None: idle between requests; Some: a request head expected since then.
+    since: Option<Instant>,
+    /// Part of that head is in.
+    partial: bool,
 }
 
 impl Worker {
@@ -357,12 +366,27 @@ impl Worker {
     }
 
     pub fn mark_idle(&self, conn: u64, fd: RawFd) {
-        self.idle.borrow_mut().insert(conn, (fd, None));
+        self.idle.borrow_mut().insert(
+            conn,
+            Waiting {
+                fd,
+                since: None,
+                partial: false,
+            },
+        );
     }
 
-    /// Waiting for the rest of a request head that began at `since`.
-    pub fn mark_reading_head(&self, conn: u64, fd: RawFd, since: Instant) {
-        self.idle.borrow_mut().insert(conn, (fd, Some(since)));
+    /// Waiting for a request head that began at `since` (`partial`: some of
+    /// it is in; else a new connection that has sent nothing yet).
+    pub fn mark_reading_head(&self, conn: u64, fd: RawFd, since: Instant, partial: bool) {
+        self.idle.borrow_mut().insert(
+            conn,
+            Waiting {
+                fd,
+                since: Some(since),
+                partial,
+            },
+        );
     }
 
     /// At `max_connections`: make room. Close idle keep-alive connections
@@ -374,17 +398,17 @@ impl Worker {
         let mut idle = self.idle.borrow_mut();
         let mut picked: Vec<(u64, bool)> = idle
             .iter()
-            .filter(|(_, (_, since))| since.is_none_or(|t| now.duration_since(t) >= slow_head))
-            .map(|(id, (_, since))| (*id, since.is_some()))
+            .filter(|(_, w)| w.since.is_none_or(|t| now.duration_since(t) >= slow_head))
+            .map(|(id, w)| (*id, w.since.is_some()))
             .collect();
         // Idle ones first (`false` sorts first).
         picked.sort_unstable_by_key(|&(_, slow)| slow);
         picked.truncate(max);
         let (mut n_idle, mut n_slow) = (0, 0);
         for (id, slow) in picked {
-            if let Some((fd, _)) = idle.remove(&id) {
+            if let Some(w) = idle.remove(&id) {
                 // SAFETY: as in `begin_drain`.
-                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                unsafe { libc::shutdown(w.fd, libc::SHUT_RD) };
                 if slow {
                     n_slow += 1;
                 } else {
@@ -403,13 +427,17 @@ impl Worker {
     /// pending read ends), busy ones close after their current response.
     pub fn begin_drain(&self) {
         self.draining.set(true);
-        for (_, (fd, _)) in self.idle.borrow_mut().drain() {
-            // SAFETY: the fd belongs to a live connection task on this thread
-            // (it unregisters before closing); SHUT_RD only ends its pending read.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_RD);
+        // A request whose head is partly in is let finish (and answered).
+        self.idle.borrow_mut().retain(|_, w| {
+            if !w.partial {
+                // SAFETY: the fd belongs to a live connection task on this thread
+                // (it unregisters before closing); SHUT_RD only ends its pending read.
+                unsafe {
+                    libc::shutdown(w.fd, libc::SHUT_RD);
+                }
             }
-        }
+            w.partial
+        });
         self.wake.notify(usize::MAX);
         self.drain.notify(usize::MAX);
     }

@@ -55,8 +55,10 @@ pub(super) async fn read(
         // Reclaimable at max_connections: at once when idle between
         // requests, once slow when a head is on its way.
         match (head_deadline, accepted) {
-            (Some(d), _) => w.mark_reading_head(conn_id, client.raw_fd(), d - t.client_header),
-            (None, Some(at)) => w.mark_reading_head(conn_id, client.raw_fd(), at),
+            (Some(d), _) => {
+                w.mark_reading_head(conn_id, client.raw_fd(), d - t.client_header, true)
+            }
+            (None, Some(at)) => w.mark_reading_head(conn_id, client.raw_fd(), at, false),
             (None, None) => w.mark_idle(conn_id, client.raw_fd()),
         }
         let r = client

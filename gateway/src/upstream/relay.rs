@@ -91,21 +91,17 @@ pub(super) async fn response_head(
             // idempotent request with nothing left to stream goes to
             // another backend, within the cluster's retry budget.
             // Likewise when it said nothing within `upstream_response` (a
-            // hung or frozen server; not the route's total deadline): the
-            // request's one try on it is over.
-            Ok(0) | Err(ReadError::Io(_)) | Err(ReadError::Timeout)
+            // hung or frozen server) — but not when the route's total
+            // deadline is what ran out.
+            Ok(0) | Err(ReadError::Io(_))
+                if unanswered && another_backend(cur, up, a.failed_on) =>
+            {
+                return Ok(retry_elsewhere(w, cur, up, a, x));
+            }
+            Err(ReadError::Timeout)
                 if unanswered && !is_total && another_backend(cur, up, a.failed_on) =>
             {
-                let cl = &cur.shared.clusters[up.cluster];
-                note_outcome(w, cl, up.backend, false);
-                w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
-                tracing::warn!(cluster = %cl.name, backend = %up.addr, "backend closed or timed out without answering; retrying on another backend");
-                if up.backend < 64 {
-                    a.failed_on |= 1 << up.backend;
-                }
-                // Its failure is counted here, not again at the end.
-                x.inflight = None;
-                return Ok(Head::Retry);
+                return Ok(retry_elsewhere(w, cur, up, a, x));
             }
             Ok(0) => return Err(UpstreamError::Closed.into()),
             Ok(_) => {}
@@ -113,6 +109,26 @@ pub(super) async fn response_head(
             Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
         }
     }
+}
+
+/// Give up on `up` for this request: its failure counted (here, not again
+/// at the end), the request marked to go to another backend.
+fn retry_elsewhere(
+    w: &Worker,
+    cur: &Current,
+    up: &UpConn,
+    a: &mut Attempts,
+    x: &mut Exchange,
+) -> Head {
+    let cl = &cur.shared.clusters[up.cluster];
+    note_outcome(w, cl, up.backend, false);
+    w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
+    tracing::warn!(cluster = %cl.name, backend = %up.addr, "backend closed or timed out without answering; retrying on another backend");
+    if up.backend < 64 {
+        a.failed_on |= 1 << up.backend;
+    }
+    x.inflight = None;
+    Head::Retry
 }
 
 /// Whether a request that failed on `up` may try another backend: at most

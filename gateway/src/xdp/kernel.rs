@@ -175,11 +175,11 @@ impl Loaded {
             interface: interface.to_string(),
             error,
         };
-        if let Some(held) = replace_stale(interface)? {
+        if let Some((held, ifindex)) = replace_stale(interface)? {
             let fd = self
                 .program_fd(gateway_common::PROGRAM)
                 .map_err(|e| fail(e.to_string()))?;
-            let link = super::takeover::take_over(held.id, fd).map_err(|e| {
+            let link = super::takeover::take_over(held.id, ifindex, fd).map_err(|e| {
                 fail(format!("a running gateway holds this interface (program id {}) and taking it over failed: {e}", held.id))
             })?;
             self.taken.push(link);
@@ -406,7 +406,9 @@ fn ok_if_absent(r: Result<(), aya::maps::MapError>) -> io::Result<()> {
 /// gateway holds through a link is returned, to be taken over. Another
 /// program is an error: the gateway never takes an interface from something
 /// it didn't load.
-fn replace_stale(interface: &str) -> Result<Option<super::netlink::AttachedProgram>, LoadError> {
+fn replace_stale(
+    interface: &str,
+) -> Result<Option<(super::netlink::AttachedProgram, u32)>, LoadError> {
     let fail = |error: String| LoadError::Attach {
         interface: interface.to_string(),
         error,
@@ -437,7 +439,7 @@ fn replace_stale(interface: &str) -> Result<Option<super::netlink::AttachedProgr
             );
             Ok(None)
         }
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(Some(p)),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(Some((p, ifindex))),
         Err(e) => Err(fail(format!(
             "cannot remove the stale program id {}: {e}",
             p.id

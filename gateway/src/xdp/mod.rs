@@ -240,6 +240,14 @@ impl FrontDoor {
         let mut st = self.lock();
         let mut adopted = 0;
         for b in blocks {
+            // The config's own block on an address stays (it never expires).
+            if st
+                .blocks
+                .get(&b.addr)
+                .is_some_and(|held| held.reason == BlockReason::Config)
+            {
+                continue;
+            }
             match self.insert_locked(&mut st, b) {
                 Ok(()) => adopted += 1,
                 Err(e) => {
@@ -387,18 +395,25 @@ impl FrontDoor {
             }
         }
         let now = monotonic_ns();
+        let configured: Vec<IpAddr> = r.xdp_block.iter().map(|a| canonical(*a)).collect();
         adopted.retain(|b| {
-            b.expires_ns.is_some_and(|e| e > now) && !r.xdp_allow.iter().any(|c| c.contains(b.addr))
+            b.expires_ns.is_some_and(|e| e > now)
+                && !r.xdp_allow.iter().any(|c| c.contains(b.addr))
+                && !configured.contains(&b.addr)
         });
-        adopted.truncate(s.max_blocked as usize);
-        for b in &adopted {
+        // Room left beside the config's blocks; one that doesn't fit is
+        // skipped (and logged), it doesn't stop the front door.
+        adopted.truncate((s.max_blocked as usize).saturating_sub(configured.len()));
+        adopted.retain(|b| {
             let entry = BlockEntry {
                 expires_ns: b.expires_ns.unwrap_or(u64::MAX),
                 reason: b.reason as u32,
                 _pad: 0,
             };
-            k.block(b.addr, entry).map_err(map_err)?;
-        }
+            k.block(b.addr, entry)
+                .map_err(|e| tracing::warn!(client = %b.addr, error = %e, "a carried-over block did not fit in the XDP map"))
+                .is_ok()
+        });
         for iface in &s.interfaces {
             let generic = s.attach == crate::config::XdpAttach::Generic;
             let (mode, note) = k.attach(iface, generic)?;
@@ -791,7 +806,7 @@ fn saved_blocks(path: &std::path::Path) -> Vec<Block> {
             Some(Block {
                 addr: canonical(b.addr),
                 reason: b.reason,
-                expires_ns: Some(now + left_ms * 1_000_000),
+                expires_ns: Some(now.saturating_add(left_ms.saturating_mul(1_000_000))),
             })
         })
         .collect()

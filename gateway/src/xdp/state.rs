@@ -52,9 +52,7 @@ pub fn save(path: &Path, blocks: &[Saved]) -> std::io::Result<()> {
             .collect(),
     };
     let text = serde_json::to_vec_pretty(&f).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    crate::syntax::write_durably(path, &text)
 }
 
 /// The saved blocks; a missing file is none, an unreadable one an error.
@@ -64,6 +62,10 @@ pub fn load(path: &Path) -> Result<Vec<Saved>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e.to_string()),
     };
+    if text.is_empty() {
+        // Saves are atomic: an empty file was not written by the gateway.
+        return Err("the file is empty".into());
+    }
     let f: File = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
     f.blocks
         .into_iter()

@@ -23,6 +23,7 @@ use aya::maps::{HashMap, Map, MapData};
 use gateway_common::{maps, BlockEntry, IpKey};
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_F_REPLACE: u32 = 1 << 2;
@@ -97,19 +98,37 @@ pub fn blocks_of(prog_id: u32) -> Result<Vec<(IpAddr, BlockEntry)>, String> {
     Ok(out)
 }
 
-/// Swap `new_prog` into the XDP bpf_link that holds `old_prog_id`, atomically
-/// and only if that program is still the one attached; the link's descriptor,
-/// which keeps it alive for as long as it is open.
-pub fn take_over(old_prog_id: u32, new_prog: RawFd) -> io::Result<OwnedFd> {
-    let link_id = aya::programs::loaded_links()
+/// The interface an XDP link is attached to (`bpf_link_info.xdp.ifindex`).
+fn link_ifindex(link: &OwnedFd) -> io::Result<u32> {
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the
+    // per-type union, whose `xdp` member starts with ifindex.
+    let mut info = [0u64; 16];
+    let mut a = Attr([0; 32]);
+    a.0[0] = std::os::fd::AsRawFd::as_raw_fd(link) as u32;
+    a.0[1] = std::mem::size_of_val(&info) as u32;
+    let ptr = info.as_mut_ptr() as u64;
+    a.0[2] = ptr as u32;
+    a.0[3] = (ptr >> 32) as u32;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+    Ok(info[2] as u32)
+}
+
+/// Swap `new_prog` into the XDP bpf_link that holds `old_prog_id` on
+/// interface `ifindex`, atomically and only if that program is still the
+/// one attached; the link's descriptor, which keeps it alive for as long as
+/// it is open.
+pub fn take_over(old_prog_id: u32, ifindex: u32, new_prog: RawFd) -> io::Result<OwnedFd> {
+    let link = aya::programs::loaded_links()
         .filter_map(Result::ok)
-        .find(|l| {
+        .filter(|l| {
             l.program_id() == old_prog_id
                 && l.link_type().ok() == Some(aya::programs::links::LinkType::Xdp)
         })
-        .map(|l| l.id())
-        .ok_or_else(|| io::Error::other("no bpf_link holds the running program"))?;
-    let link = fd_by_id(BPF_LINK_GET_FD_BY_ID, link_id)?;
+        .filter_map(|l| fd_by_id(BPF_LINK_GET_FD_BY_ID, l.id()).ok())
+        .find(|fd| link_ifindex(fd).ok() == Some(ifindex))
+        .ok_or_else(|| {
+            io::Error::other("no bpf_link holds the running program on this interface")
+        })?;
     let old = fd_by_id(BPF_PROG_GET_FD_BY_ID, old_prog_id)?;
     let mut a = Attr([0; 32]);
     a.0[0] = std::os::fd::AsRawFd::as_raw_fd(&link) as u32;
