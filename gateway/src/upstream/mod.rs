@@ -576,7 +576,7 @@ async fn exchange<D: Downstream>(
             body,
             deadline,
         };
-        if !send::request(client, req, cur, to, &mut a, out, x).await? {
+        if !send::request(client, req, w, cur, to, &mut a, out, x).await? {
             a.retried = true;
             continue;
         }

@@ -113,7 +113,7 @@ pub(super) async fn response_head(
 
 /// Give up on `up` for this request: its failure counted (here, not again
 /// at the end), the request marked to go to another backend.
-fn retry_elsewhere(
+pub(super) fn retry_elsewhere(
     w: &Worker,
     cur: &Current,
     up: &UpConn,
@@ -133,7 +133,7 @@ fn retry_elsewhere(
 
 /// Whether a request that failed on `up` may try another backend: at most
 /// two failed backends, one left untried, and the retry budget pays.
-fn another_backend(cur: &Current, up: &UpConn, failed_on: u64) -> bool {
+pub(super) fn another_backend(cur: &Current, up: &UpConn, failed_on: u64) -> bool {
     let cl = &cur.shared.clusters[up.cluster];
     let with_this = failed_on | 1u64.checked_shl(up.backend as u32).unwrap_or(0);
     failed_on.count_ones() < 2

@@ -12,7 +12,7 @@ use crate::config::Timeouts;
 use crate::downstream::Downstream;
 use crate::error::{ClientError, ProxyError, UpstreamError};
 use crate::io::{Conn, ReadError, WriteError};
-use crate::worker::Current;
+use crate::worker::{Current, Worker};
 
 /// The backend connection of one attempt and what it is sent.
 pub(super) struct Target<'a> {
@@ -25,11 +25,17 @@ pub(super) struct Target<'a> {
 /// Send the request head (with a buffered body, or a small one that came
 /// with the head), then stream the rest of the body. `Ok(false)`: a reused
 /// connection failed before anything was taken from the client — try again
-/// on a fresh one. A backend that stops reading mid-upload may have answered
+/// on a fresh one; or a fresh one did (a backend dying between accept and
+/// read) — try another backend, when the request can't have been acted on
+/// (idempotent, or its body not sent yet). A backend that stops reading mid-upload may have answered
 /// already (an early 413, say): `upload_cut` is set and its answer relayed.
+// The exchange's state, passed apart as everywhere in this stage (a struct
+// would only rename the same borrows).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn request<D: Downstream>(
     client: &mut D,
     req: &Request<'_>,
+    w: &Worker,
     cur: &Current,
     to: Target<'_>,
     a: &mut Attempts,
@@ -61,6 +67,13 @@ pub(super) async fn request<D: Downstream>(
         Err(WriteError::Timeout) => return Err(UpstreamError::SendTimeout.into()),
         // Nothing of the body has been read from the client yet: safe to retry.
         Err(_) if to.up.reused && !a.retried => return Ok(false),
+        Err(_)
+            if (req.head.idempotent || to.body != BodyKind::Empty)
+                && relay::another_backend(cur, to.up, a.failed_on) =>
+        {
+            relay::retry_elsewhere(w, cur, to.up, a, x);
+            return Ok(false);
+        }
         Err(_) => return Err(UpstreamError::Reset.into()),
         Ok(()) => {}
     }
