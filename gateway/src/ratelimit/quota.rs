@@ -339,9 +339,7 @@ impl Quotas {
             .collect();
         let text = serde_json::to_vec_pretty(&serde_json::json!({ "version": 1, "tenants": all }))
             .map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        crate::syntax::write_durably(path, &text)
     }
 
     /// Load saved counts (those of the current day / month only). A missing

@@ -114,7 +114,9 @@ struct State {
 impl State {
     /// `[xdp]` and the open watchers, as the program reads them.
     fn kernel_config(&self) -> XdpConfig {
-        kernel_config_watching(&self.settings, &self.watchers)
+        let mut c = kernel_config(&self.settings);
+        (c.watch_one_in, c.watch_what, c.watch_max_per_sec) = watch::merged(&self.watchers);
+        c
     }
 }
 
@@ -453,7 +455,7 @@ impl FrontDoor {
             o.max_per_second = o.max_per_second.min(ceiling);
         }
         let old_allow = std::mem::replace(&mut st.allow, r.xdp_allow.clone());
-        let config = kernel_config_watching(s, &st.watchers);
+        let config = st.kernel_config();
         if let Some(k) = st.kernel.as_mut() {
             let mut fails = Vec::new();
             if let Err(e) = k.set_config(config) {
@@ -856,13 +858,6 @@ impl Drop for Watcher {
         self.fd.push_watch_config(&mut st);
         tracing::info!(target: "audit", event = "xdp_watch", action = "stop", "XDP watch stream closed");
     }
-}
-
-/// `[xdp]` and the open watchers, as the program reads them.
-fn kernel_config_watching(s: &XdpSettings, watchers: &[(u64, WatchOpts)]) -> XdpConfig {
-    let mut c = kernel_config(s);
-    (c.watch_one_in, c.watch_what, c.watch_max_per_sec) = watch::merged(watchers);
-    c
 }
 
 /// `[xdp]` as the program reads it: GCRA intervals and tolerances in ns.
