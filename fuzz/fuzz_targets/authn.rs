@@ -54,7 +54,12 @@ fn independently_valid(token: &str) -> bool {
     v.set_audience(&[AUD]);
     v.leeway = 0;
     v.set_required_spec_claims(&["exp", "iss", "aud"]);
-    jsonwebtoken::decode::<serde_json::Value>(token, &jsonwebtoken::DecodingKey::from_secret(SECRET), &v).is_ok()
+    jsonwebtoken::decode::<serde_json::Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET),
+        &v,
+    )
+    .is_ok()
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -79,11 +84,17 @@ fuzz_target!(|data: &[u8]| {
         "api_key" => {
             // The header's key is taken, else a bearer that isn't a JWT.
             let used = key.or(bearer).unwrap();
-            assert!(KEYS.contains(&used), "accepted an API key that is not configured");
+            assert!(
+                KEYS.contains(&used),
+                "accepted an API key that is not configured"
+            );
         }
         "jwt" => {
             let token = std::str::from_utf8(bearer.unwrap()).unwrap();
-            assert!(independently_valid(token), "accepted a token jsonwebtoken refuses: {token}");
+            assert!(
+                independently_valid(token),
+                "accepted a token jsonwebtoken refuses: {token}"
+            );
             assert_eq!(id.tenant, "acme");
         }
         m => panic!("identity by {m}"),

@@ -35,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
         2 => JsonKind::OpenAi(Endpoint::Embeddings, None),
         _ => JsonKind::KserveInfer("m", None, None),
     };
-    let gateway = check_json(kind, body, rules, None).map(|_| ()).map_err(|r| r.reason);
+    let gateway = check_json(kind, body, rules, None)
+        .map(|_| ())
+        .map_err(|r| r.reason);
     if let Err(reason) = &gateway {
         if LIMITS.contains(reason) {
             return;
@@ -45,13 +47,21 @@ fuzz_target!(|data: &[u8]| {
     if !serde_ok {
         // serde_json's own recursion limit (128) is not a JSON error.
         if body.iter().filter(|&&b| b == b'[' || b == b'{').count() < 128 {
-            assert!(gateway.is_err(), "accepted a body serde_json rejects: {:?}", String::from_utf8_lossy(body));
+            assert!(
+                gateway.is_err(),
+                "accepted a body serde_json rejects: {:?}",
+                String::from_utf8_lossy(body)
+            );
         }
         return;
     }
     let dup = serde_json::from_slice::<NoDup>(body).is_err();
     if dup || gateway == Err("duplicate_key") {
-        assert!(dup && gateway.is_err(), "duplicate keys: {dup}, gateway {gateway:?}: {:?}", String::from_utf8_lossy(body));
+        assert!(
+            dup && gateway.is_err(),
+            "duplicate keys: {dup}, gateway {gateway:?}: {:?}",
+            String::from_utf8_lossy(body)
+        );
         return;
     }
     let mut copy = body.to_vec();

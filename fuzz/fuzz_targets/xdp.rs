@@ -23,20 +23,43 @@ const DROP: u32 = 1;
 fn program() -> &'static Mutex<Loaded> {
     static P: OnceLock<Mutex<Loaded>> = OnceLock::new();
     P.get_or_init(|| {
-        let path = std::env::var("GATEWAY_XDP_OBJECT")
-            .expect("GATEWAY_XDP_OBJECT: the XDP object of a release build (cargo xtask fuzz sets it)");
+        let path = std::env::var("GATEWAY_XDP_OBJECT").expect(
+            "GATEWAY_XDP_OBJECT: the XDP object of a release build (cargo xtask fuzz sets it)",
+        );
         let object = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let mut k = Loaded::load_object(&object, Sizes { blocked: 64, tracked_sources: 64, allow: 16 })
-            .expect("load the XDP program (root)");
+        let mut k = Loaded::load_object(
+            &object,
+            Sizes {
+                blocked: 64,
+                tracked_sources: 64,
+                allow: 16,
+            },
+        )
+        .expect("load the XDP program (root)");
         k.set_ports(&[(6, 8080), (17, 8443)]).unwrap();
-        k.set_config(XdpConfig { mode: MODE_ENFORCE, ..Default::default() }).unwrap();
+        k.set_config(XdpConfig {
+            mode: MODE_ENFORCE,
+            ..Default::default()
+        })
+        .unwrap();
         k.allow("10.0.0.0/8".parse().unwrap()).unwrap();
         k.allow("fd00::/8".parse().unwrap()).unwrap();
-        let forever = BlockEntry { expires_ns: u64::MAX, reason: BlockReason::Manual as u32, _pad: 0 };
+        let forever = BlockEntry {
+            expires_ns: u64::MAX,
+            reason: BlockReason::Manual as u32,
+            _pad: 0,
+        };
         for a in ["203.0.113.7", "2001:db8::bad", "10.9.9.9"] {
             k.block(a.parse().unwrap(), forever).unwrap();
         }
-        k.block("198.51.100.9".parse().unwrap(), BlockEntry { expires_ns: 1, ..forever }).unwrap();
+        k.block(
+            "198.51.100.9".parse().unwrap(),
+            BlockEntry {
+                expires_ns: 1,
+                ..forever
+            },
+        )
+        .unwrap();
         Mutex::new(k)
     })
 }
@@ -79,7 +102,11 @@ fn l4(f: &[u8], at: usize, proto: u8, src: IpAddr) -> Parsed {
         // A truncated transport header keeps the source (a blocked one is dropped).
         return Parsed::Unparsed(Counter::PassMalformed, Some(src));
     }
-    Parsed::Flow { src, proto, port: be16(f, at + 2) }
+    Parsed::Flow {
+        src,
+        proto,
+        port: be16(f, at + 2),
+    }
 }
 
 fn parse(f: &[u8]) -> Parsed {

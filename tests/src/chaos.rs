@@ -189,15 +189,17 @@ impl Rig {
     }
 
     /// The gateway's account of failures: its access lines with a 5xx and
-    /// its warnings (the first 20).
+    /// its warnings (the last 20: those of the fault just ended).
     pub fn why(&self) -> String {
-        self.gateway
-            .log_text()
+        let log = self.gateway.log_text();
+        let mut lines: Vec<&str> = log
             .lines()
+            .rev()
             .filter(|l| l.contains("\"status\":5") || l.contains("\"level\":\"WARN\""))
             .take(20)
-            .collect::<Vec<_>>()
-            .join("\n")
+            .collect();
+        lines.reverse();
+        lines.join("\n")
     }
 
     /// Write a freshly issued certificate for the TLS listener (picked up

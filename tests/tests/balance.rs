@@ -699,6 +699,13 @@ fn shadow_traffic_is_recorded_and_never_touches_the_client_answer() {
 
 /// Reads each request, then closes without answering; counts them.
 fn hangup_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    dying_server(b"", false)
+}
+
+/// Reads each request, writes `partial` (the start of an answer), then
+/// closes, or with `freeze` holds the connection open and says no more;
+/// counts the requests.
+fn dying_server(partial: &'static [u8], freeze: bool) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -712,6 +719,10 @@ fn hangup_server() -> (SocketAddr, Arc<AtomicUsize>) {
                 while r.read_line(&mut line).unwrap_or(0) > 0 {
                     if line == "\r\n" {
                         h.fetch_add(1, Ordering::SeqCst);
+                        let _ = r.get_mut().write_all(partial);
+                        if freeze {
+                            std::thread::sleep(Duration::from_secs(30));
+                        }
                         return;
                     }
                     line.clear();
@@ -720,6 +731,58 @@ fn hangup_server() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, hits)
+}
+
+/// A backend can die or freeze partway through its answer (a head cut
+/// short; a head whole but its small body not): nothing of it has reached
+/// the client, so an idempotent request still goes to the other backend.
+#[test]
+fn idempotent_requests_survive_a_backend_dying_mid_answer() {
+    let good = Fake::start("");
+    for (partial, freeze) in [
+        (&b"HTTP/1.1 200 OK\r\ncontent-"[..], false),
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n{\"status\":"[..],
+            false,
+        ),
+        (&b"HTTP/1.1 200 OK\r\ncontent-"[..], true),
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n{\"status\":"[..],
+            true,
+        ),
+    ] {
+        let (bad, hits) = dying_server(partial, freeze);
+        let g = start(
+            &(cluster(
+                "p",
+                &[bad, good.addr],
+                "algorithm = \"round_robin\"\neject_after = 0",
+            ) + "[timeouts]\nupstream_response = \"300ms\"\n"
+                + &route_all("p")),
+        );
+        for _ in 0..6 {
+            let r = get(&g);
+            assert_eq!(r.status, 200, "freeze {freeze}: {}", r.text());
+            assert!(
+                r.text().contains("\"ok\":true"),
+                "whole answer: {}",
+                r.text()
+            );
+        }
+        let tried_bad = hits.load(Ordering::SeqCst);
+        assert!(
+            tried_bad >= 2,
+            "round robin reached the dying backend: {tried_bad}"
+        );
+        assert_eq!(
+            g.wait_metric(
+                &["gateway_upstream_retries_total", "cluster=\"p\""],
+                tried_bad as f64
+            ),
+            tried_bad as f64,
+            "freeze {freeze}: each answer cut short was retried"
+        );
+    }
 }
 
 #[test]

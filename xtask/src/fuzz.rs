@@ -17,7 +17,7 @@ use crate::{run_step, target_dir, workspace_root, Result};
 // `xdp` needs root and a release build (crate::is_root, crate::build_gateway).
 
 /// Every fuzz target (`fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [&str; 11] = [
+pub const TARGETS: [&str; 12] = [
     "http_request",
     "chunked",
     "http_response",
@@ -29,6 +29,7 @@ pub const TARGETS: [&str; 11] = [
     "json_differential",
     "authn",
     "xdp",
+    "h2_frames",
 ];
 
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";

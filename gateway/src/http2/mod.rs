@@ -19,7 +19,7 @@
 
 mod stream;
 
-pub use stream::H2Stream;
+pub use stream::{head_of, H2Stream};
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -94,16 +94,7 @@ where
     let cur = w.current();
     let s = &cur.shared.http2;
     let m = &cur.shared.metrics;
-    let handshake = h2::server::Builder::new()
-        .max_concurrent_streams(s.max_concurrent_streams)
-        .max_header_list_size(s.max_header_list_size)
-        .header_table_size(s.header_table_size)
-        .initial_window_size(s.stream_window)
-        .initial_connection_window_size(s.connection_window)
-        .max_send_buffer_size(s.max_send_buffer)
-        .max_pending_accept_reset_streams(s.max_pending_resets)
-        .max_local_error_reset_streams(Some(s.max_error_resets))
-        .handshake::<_, Bytes>(io);
+    let handshake = builder(s).handshake::<_, Bytes>(io);
     let mut conn = match monoio::time::timeout(cur.shared.timeouts.client_header, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -187,6 +178,21 @@ where
             }
         }
     }
+}
+
+/// The server side of a client connection with `[http2]`'s limits (the
+/// fuzz target `h2_frames` drives the same one).
+pub fn builder(s: &crate::config::Http2Settings) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(s.max_concurrent_streams)
+        .max_header_list_size(s.max_header_list_size)
+        .header_table_size(s.header_table_size)
+        .initial_window_size(s.stream_window)
+        .initial_connection_window_size(s.connection_window)
+        .max_send_buffer_size(s.max_send_buffer)
+        .max_pending_accept_reset_streams(s.max_pending_resets)
+        .max_local_error_reset_streams(Some(s.max_error_resets));
+    b
 }
 
 /// What a connection error is counted as: the GOAWAY reason the gateway

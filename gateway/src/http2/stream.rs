@@ -123,8 +123,9 @@ const DRAIN_BYTES: usize = 1 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// The request's HTTP/1.1 head: method, path, `host` from `:authority`,
-/// the headers, and the body's framing.
-fn head_of(parts: &http::request::Parts, end_stream: bool) -> Vec<u8> {
+/// the headers, and the body's framing. What the codec's strict parser
+/// reads back must be this request and nothing else (fuzz target `h2_frames`).
+pub fn head_of(parts: &http::request::Parts, end_stream: bool) -> Vec<u8> {
     let mut h = Vec::with_capacity(512);
     h.extend_from_slice(parts.method.as_str().as_bytes());
     h.push(b' ');

@@ -47,6 +47,10 @@ pub(super) async fn response_head(
 ) -> Result<Head, ProxyError> {
     let limits = &cur.shared.limits;
     let up = to.up;
+    // Nothing of the request is left to stream, and it may be repeated
+    // (RFC 9110 §9.2.2): until its answer goes to the client, any failure
+    // of the backend can be retried on another one.
+    let repeatable = to.body == BodyKind::Empty && req.head.idempotent;
     loop {
         let (max_bytes, max_headers) = (
             limits.max_response_header_bytes,
@@ -64,17 +68,22 @@ pub(super) async fn response_head(
                 up.conn.consume(resp.head_len);
                 continue;
             }
-            Ok(true) => return Ok(Head::Ready),
-            Ok(false) => {}
+            // A small answer to a repeatable request is read whole before
+            // its head goes to the client: a backend dying between its
+            // head and its body is then retried like one that never
+            // answered, instead of a response cut short.
+            Ok(true) if !(repeatable && body_short(resp, up.conn.pending().len(), cur)) => {
+                return Ok(Head::Ready)
+            }
+            Ok(_) => {}
             Err(e) => return Err(e.into()),
         }
         let (mut wait, is_total) = wait_for(req.route.response_timeout, to.deadline);
         if a.upload_cut {
             wait = wait.min(EARLY_ANSWER_WAIT);
         }
-        // Nothing of the request is left to stream and nothing was answered.
-        let unanswered =
-            to.body == BodyKind::Empty && up.conn.pending().is_empty() && req.head.idempotent;
+        // The backend sent nothing at all (a stale keep-alive connection).
+        let unanswered = repeatable && up.conn.pending().is_empty();
         match up.conn.fill_watching(wait, watch).await {
             Err(ReadError::WatchedClosed) => return Err(ClientError::ClientClosed.into()),
             Ok(0) | Err(ReadError::Timeout) | Err(ReadError::Io(_)) if a.upload_cut => {
@@ -93,13 +102,16 @@ pub(super) async fn response_head(
             // Likewise when it said nothing within `upstream_response` (a
             // hung or frozen server) — but not when the route's total
             // deadline is what ran out.
+            // Also when it died or froze partway through its answer (a
+            // partial head, or a small body not all in): nothing of it has
+            // reached the client yet.
             Ok(0) | Err(ReadError::Io(_))
-                if unanswered && another_backend(cur, up, a.failed_on) =>
+                if repeatable && another_backend(cur, up, a.failed_on) =>
             {
                 return Ok(retry_elsewhere(w, cur, up, a, x));
             }
             Err(ReadError::Timeout)
-                if unanswered && !is_total && another_backend(cur, up, a.failed_on) =>
+                if repeatable && !is_total && another_backend(cur, up, a.failed_on) =>
             {
                 return Ok(retry_elsewhere(w, cur, up, a, x));
             }
@@ -108,6 +120,22 @@ pub(super) async fn response_head(
             Err(ReadError::Timeout) => return Err(timed_out(is_total).into()),
             Err(ReadError::Io(e)) => return Err(UpstreamError::from_io(&e).into()),
         }
+    }
+}
+
+/// Answers this small are read whole before their head is relayed, when
+/// the request could be retried elsewhere.
+const SMALL_ANSWER: u64 = 16 * 1024;
+
+/// The response `resp` (its head parsed, `pending` bytes in) has a small
+/// body of known length not all read yet, that fits the connection's buffer.
+fn body_short(resp: &ResponseHead, pending: usize, cur: &Current) -> bool {
+    match resp.body_kind() {
+        BodyKind::Length(n) if n <= SMALL_ANSWER => {
+            let whole = resp.head_len + n as usize;
+            whole > pending && whole <= cur.shared.buffer_size
+        }
+        _ => false,
     }
 }
 
