@@ -375,6 +375,7 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
                 balance: Default::default(),
                 queue: None,
                 tls: None,
+                http: config::UpstreamHttp::Http1,
             },
         );
         cfg.routes = vec![config::RouteConfig {

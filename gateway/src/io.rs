@@ -65,7 +65,7 @@ pub enum WriteError {
 }
 
 /// How often a long upstream wait checks whether its client is still there.
-const WATCH_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Conn {
     pub fn new(stream: TcpStream, cap: usize) -> Conn {

@@ -29,6 +29,8 @@ pub struct Cluster {
     pub pool_idle_timeout: Duration,
     /// TLS to the backends (`[clusters.X.tls]`).
     pub tls: Option<crate::tls::Upstream>,
+    /// HTTP routes speak HTTP/2 to the backends (`[clusters.X] http`).
+    pub h2: bool,
     /// Flow control (`[clusters.X.queue]`): its queue (process-wide) and settings.
     pub queue: Option<(
         std::sync::Arc<crate::balance::queue::FlowQueue>,

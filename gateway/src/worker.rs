@@ -98,6 +98,7 @@ impl Shared {
                     backend_names: r.clusters[n].iter().map(|a| a.to_string()).collect(),
                     balance: c.balance.clone(),
                     tls: r.upstream_tls.get(n).cloned(),
+                    h2: c.http.is_h2(),
                     queue: c
                         .queue
                         .as_ref()

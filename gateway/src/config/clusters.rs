@@ -36,6 +36,32 @@ pub struct ClusterConfig {
     /// TLS to the backends (`[clusters.X.tls]`; absent: plaintext).
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
+    /// The HTTP version HTTP routes speak to the backends: "1.1" (pooled
+    /// keep-alive connections), "2" (HTTP/2 over TLS, ALPN `h2`: needs
+    /// `[clusters.X.tls]`) or "h2c" (HTTP/2 in cleartext, prior
+    /// knowledge). HTTP/2 multiplexes every request of a worker to a
+    /// backend over one connection. gRPC routes always use HTTP/2.
+    #[serde(default)]
+    pub http: UpstreamHttp,
+}
+
+/// `[clusters.X] http`: see [`ClusterConfig::http`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum UpstreamHttp {
+    #[default]
+    #[serde(rename = "1.1")]
+    Http1,
+    #[serde(rename = "2")]
+    H2,
+    #[serde(rename = "h2c")]
+    H2c,
+}
+
+impl UpstreamHttp {
+    /// HTTP/2 (over TLS or cleartext).
+    pub fn is_h2(self) -> bool {
+        self != UpstreamHttp::Http1
+    }
 }
 
 /// `[clusters.X.tls]`: the backends speak TLS (a service mesh, a managed
@@ -315,6 +341,17 @@ pub(super) fn check_clusters(
                     "client_cert and client_key go together",
                 );
             }
+        }
+        match (c.http, c.tls.is_some()) {
+            (UpstreamHttp::H2, false) => sink.err(
+                format!("{key}.http"),
+                "\"2\" is HTTP/2 over TLS: add [clusters.X.tls], or use \"h2c\" for cleartext HTTP/2",
+            ),
+            (UpstreamHttp::H2c, true) => sink.err(
+                format!("{key}.http"),
+                "\"h2c\" is cleartext HTTP/2; with [clusters.X.tls] use \"2\"",
+            ),
+            _ => {}
         }
         if let Some(q) = &c.queue {
             if q.max_requests == 0 || q.max_bytes == 0 || q.max_wait.is_zero() {

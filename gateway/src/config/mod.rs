@@ -36,7 +36,7 @@ pub use authn::{
 };
 pub use clusters::{
     resolve_all, Algorithm, BalanceSettings, ClusterConfig, Engine, Fairness, QueueSettings,
-    UpstreamTls,
+    UpstreamHttp, UpstreamTls,
 };
 pub use models::{ModelConfig, ShadowTarget, SplitTarget};
 pub use ratelimit::RateLimitSettings;

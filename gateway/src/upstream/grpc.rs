@@ -370,7 +370,7 @@ pub(crate) async fn send_all(
 
 /// This worker's HTTP/2 connection to `addr`, opened on first use: h2c,
 /// or over TLS (ALPN `h2`) when the cluster's backends speak TLS.
-async fn sender(
+pub(super) async fn sender(
     w: &Worker,
     addr: SocketAddr,
     timeout: Duration,
@@ -433,7 +433,7 @@ where
 }
 
 /// A connection that failed is opened anew by the next request.
-fn forget(w: &Worker, addr: SocketAddr) {
+pub(super) fn forget(w: &Worker, addr: SocketAddr) {
     w.h2_upstream.borrow_mut().remove(&addr);
 }
 

@@ -3,7 +3,9 @@
 //! opened, the request and its body are forwarded as they arrive
 //! ([`send`]), and the response is streamed back as it arrives ([`relay`]).
 //! [`shadow`] mirrors a copy of a request to a shadow pool; [`grpc`]
-//! relays gRPC routes' streams over HTTP/2 instead.
+//! relays gRPC routes' streams over HTTP/2 instead; `over_h2` sends HTTP
+//! routes to backends that speak HTTP/2 (`[clusters.X] http`) and relays
+//! their answers through the same [`relay`].
 //!
 //! Outcome ([`Exchange`]): `error: None` → a response was relayed;
 //! `error: Some(e)` with `response_started: false` → the caller answers with
@@ -11,6 +13,7 @@
 //! be closed (the response is cut short, which the client can detect).
 
 pub mod grpc;
+mod over_h2;
 mod relay;
 mod send;
 mod shadow;
@@ -53,6 +56,67 @@ pub struct UpConn {
     pub uncached: u64,
 }
 
+impl UpConn {
+    pub(super) fn picked(&self) -> Picked {
+        Picked {
+            cluster: self.cluster,
+            backend: self.backend,
+            addr: self.addr,
+            uncached: self.uncached,
+        }
+    }
+}
+
+/// The backend one attempt of a request went to.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Picked {
+    pub cluster: usize,
+    pub backend: usize,
+    pub addr: SocketAddr,
+    /// Prompt tokens it has to prefill, as far as the prefix index knows.
+    pub uncached: u64,
+}
+
+/// The balance stage's pick among the request's cluster, backends in
+/// `tried` left out: `Ok(None)` when none is left; every backend
+/// saturated → `Saturated` (counted), unless the request is past the
+/// queue stage, which sends it to the least loaded instead.
+fn choose(
+    w: &Worker,
+    cur: &Current,
+    req: &Request<'_>,
+    view: Option<&crate::balance::PrefixView<'_>>,
+    tried: u64,
+) -> Result<Option<usize>, UpstreamError> {
+    let ci = req.cluster;
+    let cl = &cur.shared.clusters[ci];
+    let pick = |s: &crate::balance::BalanceSettings| {
+        crate::balance::pick(
+            s,
+            &cl.loads,
+            tried,
+            req.model,
+            req.size,
+            view,
+            cur.cursor(ci),
+            &w.rng,
+        )
+    };
+    match pick(&cl.balance) {
+        Ok(b) => Ok(Some(b)),
+        Err(crate::balance::NoPick::Exhausted) => Ok(None),
+        // Past the queue stage (granted, or it found room): a backend that
+        // saturated since goes to the least loaded rather than a 503.
+        Err(crate::balance::NoPick::Saturated) if req.grant.is_some() || cl.queue.is_some() => {
+            Ok(pick(&unsaturated(&cl.balance)).ok())
+        }
+        Err(crate::balance::NoPick::Saturated) => {
+            w.metrics.inc(&w.metrics.balance_shed, &[&cl.name], 1);
+            Err(UpstreamError::Saturated)
+        }
+    }
+}
+
 /// The balance stage, then connect or reuse: the cluster's algorithm picks a
 /// backend (`balance::pick`); a connect failure moves on to another one not
 /// tried yet (nothing was sent) and counts against the backend's health;
@@ -85,38 +149,9 @@ async fn checkout(
         let mut tried = exclude;
         // At most one pick per backend per pass (indexes past 64 have no
         // bit in `tried`: this bounds the pass all the same).
-        let pick = |s: &crate::balance::BalanceSettings, tried: u64| {
-            let cursor = cur.cursor(ci);
-            crate::balance::pick(
-                s,
-                &cl.loads,
-                tried,
-                req.model,
-                req.size,
-                view.as_ref(),
-                cursor,
-                &w.rng,
-            )
-        };
         for _ in 0..cl.backends.len() {
-            let b = match pick(&cl.balance, tried) {
-                Ok(b) => b,
-                Err(crate::balance::NoPick::Exhausted) => break,
-                // Past the queue stage (granted, or it found room): a
-                // backend that saturated since goes to the least loaded
-                // rather than a 503.
-                Err(crate::balance::NoPick::Saturated)
-                    if req.grant.is_some() || cl.queue.is_some() =>
-                {
-                    match pick(&unsaturated(&cl.balance), tried) {
-                        Ok(b) => b,
-                        Err(_) => break,
-                    }
-                }
-                Err(crate::balance::NoPick::Saturated) => {
-                    w.metrics.inc(&w.metrics.balance_shed, &[&cl.name], 1);
-                    return Err(UpstreamError::Saturated);
-                }
+            let Some(b) = choose(w, cur, req, view.as_ref(), tried)? else {
+                break;
             };
             if b < 64 {
                 tried |= 1 << b;
@@ -296,7 +331,7 @@ fn prefix_sent(
 impl InFlight {
     /// Count this request in flight at the backend `up` leads to.
     /// `stream`: the client asked for a stream (counted in the backend's streams).
-    fn hold(cur: &Current, up: &UpConn, stream: bool) -> InFlight {
+    fn hold(cur: &Current, up: Picked, stream: bool) -> InFlight {
         let load = cur.shared.clusters[up.cluster].loads[up.backend].clone();
         let n = load
             .inflight
@@ -558,6 +593,9 @@ async fn exchange<D: Downstream>(
     let deadline = req.route.total_timeout.map(|t| req.started + t);
     let cl = &cur.shared.clusters[req.cluster];
     cl.retry_budget.deposit(&cl.balance);
+    if cl.h2 {
+        return over_h2::exchange(client, req, w, cur, out, resp, x, body).await;
+    }
     let mut a = Attempts {
         sent_continue: req.continue_sent,
         ..Attempts::default()
@@ -567,7 +605,7 @@ async fn exchange<D: Downstream>(
         // when nothing of the request body has been consumed.
         let mut up = checkout(w, cur, req, !a.retried, deadline, a.failed_on).await?;
         x.backend = Some(up.addr);
-        x.inflight = Some(InFlight::hold(cur, &up, req.stream));
+        x.inflight = Some(InFlight::hold(cur, up.picked(), req.stream));
         if let Some(g) = req.grant {
             g.arrived();
         }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::send::Target;
 use super::{
-    note_outcome, timed_out, wait_for, Attempts, Exchange, Request, UpConn, EARLY_ANSWER_WAIT,
-    MAX_FILTERED_BODY, MAX_FILTERED_EVENT,
+    note_outcome, timed_out, wait_for, Attempts, Exchange, Picked, Request, UpConn,
+    EARLY_ANSWER_WAIT, MAX_FILTERED_BODY, MAX_FILTERED_EVENT,
 };
 use crate::codec::{self, BodyKind, ChunkedDecoder, RequestHead, ResponseHead};
 use crate::downstream::Downstream;
@@ -20,6 +20,35 @@ use crate::filter::SseFilter;
 use crate::io::{Conn, ReadError, WriteError};
 use crate::pool::Cluster;
 use crate::worker::{Current, Worker};
+
+/// Where a response's bytes come from, as HTTP/1.1 (status line, headers,
+/// framed body): a backend connection as is, or an HTTP/2 stream re-framed
+/// (`over_h2::H2Source`). Everything past the head is relayed the same way.
+pub(super) trait Source {
+    /// Bytes received and not consumed yet.
+    fn pending(&self) -> &[u8];
+    /// Drop the first `n` pending bytes.
+    fn consume(&mut self, n: usize);
+    /// Receive more within `d`, giving up when the client on `watch` hangs
+    /// up; `Ok(0)` is the end of the stream.
+    async fn fill_watching(&mut self, d: Duration, watch: RawFd) -> Result<usize, ReadError>;
+}
+
+impl Source for Conn {
+    #[inline]
+    fn pending(&self) -> &[u8] {
+        Conn::pending(self)
+    }
+
+    #[inline]
+    fn consume(&mut self, n: usize) {
+        Conn::consume(self, n)
+    }
+
+    async fn fill_watching(&mut self, d: Duration, watch: RawFd) -> Result<usize, ReadError> {
+        Conn::fill_watching(self, d, watch).await
+    }
+}
 
 /// What waiting for the response head ended in.
 pub(super) enum Head {
@@ -106,14 +135,14 @@ pub(super) async fn response_head(
             // partial head, or a small body not all in): nothing of it has
             // reached the client yet.
             Ok(0) | Err(ReadError::Io(_))
-                if repeatable && another_backend(cur, up, a.failed_on) =>
+                if repeatable && another_backend(cur, up.picked(), a.failed_on) =>
             {
-                return Ok(retry_elsewhere(w, cur, up, a, x));
+                return Ok(retry_elsewhere(w, cur, up.picked(), a, x));
             }
             Err(ReadError::Timeout)
-                if repeatable && !is_total && another_backend(cur, up, a.failed_on) =>
+                if repeatable && !is_total && another_backend(cur, up.picked(), a.failed_on) =>
             {
-                return Ok(retry_elsewhere(w, cur, up, a, x));
+                return Ok(retry_elsewhere(w, cur, up.picked(), a, x));
             }
             Ok(0) => return Err(UpstreamError::Closed.into()),
             Ok(_) => {}
@@ -144,7 +173,7 @@ fn body_short(resp: &ResponseHead, pending: usize, cur: &Current) -> bool {
 pub(super) fn retry_elsewhere(
     w: &Worker,
     cur: &Current,
-    up: &UpConn,
+    up: Picked,
     a: &mut Attempts,
     x: &mut Exchange,
 ) -> Head {
@@ -161,7 +190,7 @@ pub(super) fn retry_elsewhere(
 
 /// Whether a request that failed on `up` may try another backend: at most
 /// two failed backends, one left untried, and the retry budget pays.
-pub(super) fn another_backend(cur: &Current, up: &UpConn, failed_on: u64) -> bool {
+pub(super) fn another_backend(cur: &Current, up: Picked, failed_on: u64) -> bool {
     let cl = &cur.shared.clusters[up.cluster];
     let with_this = failed_on | 1u64.checked_shl(up.backend as u32).unwrap_or(0);
     failed_on.count_ones() < 2
@@ -221,7 +250,54 @@ pub(super) async fn response<D: Downstream>(
     resp: &mut ResponseHead,
     x: &mut Exchange,
 ) -> Result<(), ProxyError> {
-    let cl = &cur.shared.clusters[up.cluster];
+    relay(
+        client,
+        req,
+        w,
+        cur,
+        &mut up.conn,
+        up.backend,
+        &done,
+        out,
+        resp,
+        x,
+    )
+    .await?;
+    // A stream cut short is not at a message boundary: the connection
+    // closes, and the model server aborts the generation.
+    let reusable = resp.keep_alive
+        && !x.cut
+        && resp.body_kind() != BodyKind::UntilClose
+        && up.conn.pending().is_empty()
+        && !done.upload_cut;
+    if reusable {
+        let mut pool = cur.pool.borrow_mut();
+        if pool.put(up.cluster, up.backend, up.conn, up.slot) {
+            cur.pool_idle[up.cluster].inc();
+        }
+    }
+    Ok(())
+}
+
+/// Relay the response whose head is in `resp` (and at the start of
+/// `src`'s pending bytes), from backend `backend` of the request's cluster.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the exchange's two sides, its state and its buffers"
+)]
+pub(super) async fn relay<D: Downstream, S: Source>(
+    client: &mut D,
+    req: &Request<'_>,
+    w: &Worker,
+    cur: &Current,
+    src: &mut S,
+    backend: usize,
+    done: &Done,
+    out: &mut Vec<u8>,
+    resp: &mut ResponseHead,
+    x: &mut Exchange,
+) -> Result<(), ProxyError> {
+    let cl = &cur.shared.clusters[req.cluster];
     let header_time = done.sent_at.elapsed();
     x.header_time = Some(header_time);
     w.metrics
@@ -234,46 +310,24 @@ pub(super) async fn response<D: Downstream>(
     x.client_keep_alive = !framing.close;
     x.status = resp.status;
     if cl.balance.algorithm.scrapes() {
-        report_orca(cl, up.backend, up.conn.pending(), resp);
+        report_orca(cl, backend, src.pending(), resp);
     }
     let watch = client.closed_watch();
-    let f = filter(
-        req,
-        cur,
-        &mut up.conn,
-        resp,
-        framing.up_body,
-        watch,
-        done.deadline,
-    )
-    .await?;
+    let f = filter(req, cur, src, resp, framing.up_body, watch, done.deadline).await?;
     out.clear();
-    let head_bytes: &[u8] = f.head_copy.as_deref().unwrap_or(up.conn.pending());
+    let head_bytes: &[u8] = f.head_copy.as_deref().unwrap_or(src.pending());
     let length = f.replaced.as_ref().map(|b| b.len() as u64);
     write_head(head_bytes, resp, framing, length, req, out);
     if f.replaced.is_none() {
-        up.conn.consume(resp.head_len);
+        src.consume(resp.head_len);
     }
     let mut body = BodyRelay::new(framing, f);
     let timing = Timing {
         deadline: done.deadline,
         sent_at: done.sent_at,
     };
-    relay_body(client, req, cur, &mut up.conn, &mut body, timing, out, x).await?;
+    relay_body(client, req, cur, src, &mut body, timing, out, x).await?;
     x.response_started = true;
-    // A stream cut short is not at a message boundary: the connection
-    // closes, and the model server aborts the generation.
-    let reusable = resp.keep_alive
-        && !x.cut
-        && framing.up_body != BodyKind::UntilClose
-        && up.conn.pending().is_empty()
-        && !done.upload_cut;
-    if reusable {
-        let mut pool = cur.pool.borrow_mut();
-        if pool.put(up.cluster, up.backend, up.conn, up.slot) {
-            cur.pool_idle[up.cluster].inc();
-        }
-    }
     Ok(())
 }
 
@@ -306,10 +360,10 @@ struct Filtered {
 /// Response field filtering: a JSON body is read whole (up to
 /// MAX_FILTERED_BODY) and rewritten; an SSE stream gets a filter that
 /// rewrites it event by event; anything else passes untouched.
-async fn filter(
+async fn filter<S: Source>(
     req: &Request<'_>,
     cur: &Current,
-    up: &mut Conn,
+    up: &mut S,
     resp: &ResponseHead,
     up_body: BodyKind,
     watch: RawFd,
@@ -563,11 +617,11 @@ struct Timing {
     clippy::too_many_arguments,
     reason = "the exchange's two connections, its state and its buffers"
 )]
-async fn relay_body<D: Downstream>(
+async fn relay_body<D: Downstream, S: Source>(
     client: &mut D,
     req: &Request<'_>,
     cur: &Current,
-    up: &mut Conn,
+    up: &mut S,
     body: &mut BodyRelay,
     timing: Timing,
     out: &mut Vec<u8>,
@@ -662,8 +716,8 @@ fn emit(sse_out: &mut Vec<u8>, rechunk: bool, last: bool, out: &mut Vec<u8>) {
 
 /// Read a whole `Length` response body that starts `skip` bytes into the
 /// buffer (its head is still there) and consume head and body.
-async fn read_exact_body(
-    up: &mut Conn,
+async fn read_exact_body<S: Source>(
+    up: &mut S,
     skip: usize,
     n: u64,
     client_fd: RawFd,
@@ -692,8 +746,8 @@ async fn read_exact_body(
 /// Read a whole chunked response body (payload only, at most
 /// MAX_FILTERED_BODY: fields can't be dropped from what isn't held, so a
 /// larger one fails closed) and consume head and body.
-async fn read_chunked_body(
-    up: &mut Conn,
+async fn read_chunked_body<S: Source>(
+    up: &mut S,
     skip: usize,
     client_fd: RawFd,
     response_timeout: Duration,
@@ -725,8 +779,8 @@ async fn read_chunked_body(
 
 /// Read more of a response body while its client waits; end of stream
 /// before the body's end is an error.
-async fn fill_response(
-    up: &mut Conn,
+async fn fill_response<S: Source>(
+    up: &mut S,
     client_fd: RawFd,
     response_timeout: Duration,
     deadline: Option<Instant>,

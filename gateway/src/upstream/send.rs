@@ -69,9 +69,9 @@ pub(super) async fn request<D: Downstream>(
         Err(_) if to.up.reused && !a.retried => return Ok(false),
         Err(_)
             if (req.head.idempotent || to.body != BodyKind::Empty)
-                && relay::another_backend(cur, to.up, a.failed_on) =>
+                && relay::another_backend(cur, to.up.picked(), a.failed_on) =>
         {
-            relay::retry_elsewhere(w, cur, to.up, a, x);
+            relay::retry_elsewhere(w, cur, to.up.picked(), a, x);
             return Ok(false);
         }
         Err(_) => return Err(UpstreamError::Reset.into()),
@@ -106,7 +106,7 @@ pub(super) async fn request<D: Downstream>(
 /// The head the backend gets, in `out`, followed by a buffered body or by a
 /// small body that arrived with the head (one write instead of two); how
 /// many of the client's pending body bytes went with it.
-fn head_for_backend(
+pub(super) fn head_for_backend(
     pending: &[u8],
     req: &Request<'_>,
     cur: &Current,

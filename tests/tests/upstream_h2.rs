@@ -1,0 +1,279 @@
+//! HTTP routes to backends that speak HTTP/2 (`[clusters.X] http = "h2c"`
+//! and `"2"` over TLS), through the real binary, against nginx (Debian's,
+//! an HTTP/2 implementation not ours) in front of the test backend — the
+//! shape of a model server behind a mesh sidecar. nginx's access log says
+//! which protocol each request reached it by.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_tests::gateway::{free_port, temp_dir};
+use gateway_tests::tls::{write_pair, Ca};
+use gateway_tests::{request, Backend, Client, Driver, Gateway, Spec};
+
+/// nginx with an h2c listener and a TLS HTTP/2 listener (client
+/// certificates from `client_ca` required there when given), proxying to
+/// `backend` over HTTP/1.1.
+struct Nginx {
+    child: Child,
+    dir: PathBuf,
+    h2c: SocketAddr,
+    tls: SocketAddr,
+}
+
+impl Nginx {
+    fn start(backend: SocketAddr, cert: &Path, key: &Path, client_ca: Option<&Path>) -> Nginx {
+        let dir = temp_dir("nginx-h2");
+        let (h2c, tls) = (free_port(), free_port());
+        let d = dir.display();
+        let verify = client_ca.map_or(String::new(), |ca| {
+            format!(
+                "ssl_client_certificate {};\n    ssl_verify_client on;",
+                ca.display()
+            )
+        });
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  log_format proto '$server_protocol $request_method $request_uri $status $http_x_request_id';\n\
+               access_log {d}/access.log proto;\n\
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
+               uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               upstream b {{ server {backend}; keepalive 8; }}\n\
+               server {{\n    listen 127.0.0.1:{h2c} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n\
+                 ssl_certificate {cert};\n    ssl_certificate_key {key};\n    {verify}\n\
+                 client_max_body_size 50m;\n\
+                 location / {{\n      proxy_pass http://b;\n      proxy_http_version 1.1;\n\
+                   proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
+                   proxy_buffering off;\n      proxy_request_buffering off;\n    }}\n  }}\n}}\n",
+            cert = cert.display(),
+            key = key.display(),
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx runs (cargo xtask setup installs it)");
+        let n = Nginx {
+            child,
+            dir,
+            h2c: format!("127.0.0.1:{h2c}").parse().unwrap(),
+            tls: format!("127.0.0.1:{tls}").parse().unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(n.tls).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(n.dir.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        n
+    }
+
+    /// Access log lines: `PROTOCOL METHOD URI STATUS X-REQUEST-ID`.
+    fn log(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Wait for `n` access lines (nginx writes after the response).
+    fn wait_log(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let l = self.log();
+            if l.len() >= n || Instant::now() > deadline {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gateway(cluster: &str) -> Gateway {
+    Gateway::start(Spec::new(
+        Driver::Auto,
+        &format!("{cluster}\n[[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"b\"\n"),
+    ))
+}
+
+fn certificates(tag: &str) -> (PathBuf, Ca, PathBuf, PathBuf) {
+    let dir = temp_dir(tag);
+    let ca = Ca::new("h2 backend CA");
+    std::fs::write(dir.join("ca.pem"), &ca.pem).unwrap();
+    let (cert, key) = write_pair(&dir, "backend", &ca.leaf(&["model.test"]));
+    (dir, ca, cert, key)
+}
+
+#[test]
+fn http_routes_reach_an_h2c_backend_whole_and_streamed() {
+    let backend = Backend::start("b1");
+    let (_dir, _ca, cert, key) = certificates("h2c");
+    let nginx = Nginx::start(backend.addr, &cert, &key, None);
+    // A dead backend first: its refusal moves each request on to nginx.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let g = gateway(&format!(
+        "[clusters.b]\nbackends = [\"{dead}\", \"{}\"]\nhttp = \"h2c\"\n[clusters.b.balance]\nalgorithm = \"round_robin\"\n",
+        nginx.h2c
+    ));
+
+    // A bodiless GET: the backend saw the gateway's forwarding headers.
+    let r = request(g.addr, b"GET /echo?q=1 HTTP/1.1\r\nhost: api.test\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["path"], "/echo");
+    assert_eq!(v["headers"]["host"], "api.test", "{v}");
+    assert!(v["headers"]["x-forwarded-for"].as_str().is_some(), "{v}");
+    let id = r.header("x-request-id").expect("request id").to_string();
+    let log = nginx.wait_log(1);
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("HTTP/2.0 GET /echo?q=1 200") && l.ends_with(&id)),
+        "nginx got it over HTTP/2 with the gateway's request id: {log:?}"
+    );
+
+    // Bodies both ways, larger than the HTTP/2 windows: a length-framed
+    // upload, a chunked one (re-framed as DATA), a 3 MB answer.
+    let body = vec![b'q'; 3_000_000];
+    let mut raw = format!(
+        "PUT /echo HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    let r = request(g.addr, &raw);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 3_000_000);
+    assert_eq!(
+        r.json()["body_fnv"],
+        format!("{:016x}", gateway_tests::backend::fnv(&body))
+    );
+    let mut c = Client::connect(g.addr);
+    c.send(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 11);
+    assert_eq!(
+        r.json()["body_fnv"],
+        format!("{:016x}", gateway_tests::backend::fnv(b"hello world"))
+    );
+    // The same connection carries on (keep-alive through the relay).
+    let r = c.get("/big?bytes=3000000");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 3_000_000);
+
+    // A stream: every event, in order, chunked to the HTTP/1.1 client.
+    let r = c.get("/sse?n=5&gap_ms=20");
+    assert_eq!(r.status, 200);
+    assert!(r.chunked, "a stream without a length goes chunked");
+    let text = r.text();
+    for i in 0..5 {
+        assert!(text.contains(&format!("data: {{\"token\":{i}}}")), "{text}");
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // HEAD: the head only.
+    let mut c = Client::connect(g.addr);
+    c.send(b"HEAD /echo HTTP/1.1\r\nhost: t\r\n\r\n");
+    let r = c.read_response_to(true);
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+
+    // Every request that reached nginx did so over HTTP/2, and the dead
+    // backend cost no request.
+    let log = nginx.wait_log(6);
+    assert!(log.len() >= 6, "{log:?}");
+    assert!(log.iter().all(|l| l.starts_with("HTTP/2.0 ")), "{log:?}");
+    assert!(
+        g.wait_metric(
+            &["gateway_upstream_errors_total", "kind=\"connect_refused\""],
+            1.0
+        ) >= 1.0,
+        "round robin tried the dead backend: {}",
+        g.metrics()
+    );
+}
+
+#[test]
+fn http_routes_reach_a_tls_h2_backend_with_a_client_certificate() {
+    let backend = Backend::start("b1");
+    let (dir, _ca, cert, key) = certificates("h2tls");
+    let clients = Ca::new("gateway client CA");
+    std::fs::write(dir.join("clients-ca.pem"), &clients.pem).unwrap();
+    let (ccert, ckey) = write_pair(&dir, "gw", &clients.client("front-gw"));
+    let nginx = Nginx::start(backend.addr, &cert, &key, Some(&dir.join("clients-ca.pem")));
+    let d = dir.display();
+    let cluster = |extra: &str| {
+        format!(
+            "[clusters.b]\nbackends = [\"{}\"]\nhttp = \"2\"\n[clusters.b.tls]\nca = \"{d}/ca.pem\"\nserver_name = \"model.test\"\n{extra}",
+            nginx.tls
+        )
+    };
+    let g = gateway(&cluster(&format!(
+        "client_cert = \"{}\"\nclient_key = \"{}\"\n",
+        ccert.display(),
+        ckey.display()
+    )));
+    let chat = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let r = request(
+        g.addr,
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{chat}",
+            chat.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("data: [DONE]"), "{}", r.text());
+    let log = nginx.wait_log(1);
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("HTTP/2.0 POST /v1/chat/completions 200")),
+        "{log:?}"
+    );
+
+    // Without the client certificate nginx refuses the gateway (400 from
+    // nginx: no certificate sent), relayed as the backend's answer.
+    let g2 = gateway(&cluster(""));
+    let r = request(g2.addr, b"GET /echo HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // "2" without TLS, or "h2c" with it, is a configuration error.
+    for (http, tls) in [("2", ""), ("h2c", "\n[clusters.b.tls]\nverify = false")] {
+        let cfg = temp_dir("h2cfg").join("gateway.toml");
+        let mut f = std::fs::File::create(&cfg).unwrap();
+        write!(
+            f,
+            "[clusters.b]\nbackends = [\"127.0.0.1:1\"]\nhttp = \"{http}\"{tls}\n\n[[routes]]\npath_prefix = \"/\"\ncluster = \"b\"\n"
+        )
+        .unwrap();
+        let out = Command::new(gateway_tests::gateway::gateway_bin())
+            .arg("check-config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{http}: {text}");
+        assert!(text.contains("clusters.b.http"), "{http}: {text}");
+    }
+}
