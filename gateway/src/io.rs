@@ -124,6 +124,14 @@ impl Conn {
         }
     }
 
+    /// The protocol chosen by ALPN in the TLS handshake (either side).
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        match &self.tls.as_ref()?.session {
+            rustls::Connection::Server(s) => s.alpn_protocol(),
+            rustls::Connection::Client(c) => c.alpn_protocol(),
+        }
+    }
+
     /// This connection speaks TLS (either side).
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()

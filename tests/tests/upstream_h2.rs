@@ -22,12 +22,14 @@ struct Nginx {
     dir: PathBuf,
     h2c: SocketAddr,
     tls: SocketAddr,
+    /// TLS offering HTTP/1.1 only.
+    tls_h1: SocketAddr,
 }
 
 impl Nginx {
     fn start(backend: SocketAddr, cert: &Path, key: &Path, client_ca: Option<&Path>) -> Nginx {
         let dir = temp_dir("nginx-h2");
-        let (h2c, tls) = (free_port(), free_port());
+        let (h2c, tls, tls_h1) = (free_port(), free_port(), free_port());
         let d = dir.display();
         let verify = client_ca.map_or(String::new(), |ca| {
             format!(
@@ -44,6 +46,7 @@ impl Nginx {
                uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
                upstream b {{ server {backend}; keepalive 8; }}\n\
                server {{\n    listen 127.0.0.1:{h2c} http2;\n    listen 127.0.0.1:{tls} ssl http2;\n\
+                 listen 127.0.0.1:{tls_h1} ssl;\n\
                  ssl_certificate {cert};\n    ssl_certificate_key {key};\n    {verify}\n\
                  client_max_body_size 50m;\n\
                  location / {{\n      proxy_pass http://b;\n      proxy_http_version 1.1;\n\
@@ -67,6 +70,7 @@ impl Nginx {
             dir,
             h2c: format!("127.0.0.1:{h2c}").parse().unwrap(),
             tls: format!("127.0.0.1:{tls}").parse().unwrap(),
+            tls_h1: format!("127.0.0.1:{tls_h1}").parse().unwrap(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(n.tls).is_err() {
@@ -256,6 +260,17 @@ fn http_routes_reach_a_tls_h2_backend_with_a_client_certificate() {
     let g2 = gateway(&cluster(""));
     let r = request(g2.addr, b"GET /echo HTTP/1.1\r\nhost: t\r\n\r\n");
     assert_eq!(r.status, 400, "{}", r.text());
+
+    // A TLS backend that doesn't offer h2 by ALPN: a connect error (502),
+    // and the log says why.
+    let g3 = gateway(&cluster("").replace(&nginx.tls.to_string(), &nginx.tls_h1.to_string()));
+    let r = request(g3.addr, b"GET /echo HTTP/1.1\r\nhost: t\r\n\r\n");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        g3.log_shows("did not negotiate HTTP/2"),
+        "{}",
+        g3.log_text()
+    );
 
     // "2" without TLS, or "h2c" with it, is a configuration error.
     for (http, tls) in [("2", ""), ("h2c", "\n[clusters.b.tls]\nverify = false")] {

@@ -104,14 +104,7 @@ async fn exchange(
         })
     };
     let send_timeout = cur.shared.timeouts.send;
-    let mut send = sender(
-        w,
-        addr,
-        within(req.route.connect_timeout),
-        cl.tls.as_ref(),
-        send_timeout,
-    )
-    .await?;
+    let mut send = sender(w, cl, addr, within(req.route.connect_timeout), send_timeout).await?;
     let load = cl.loads[b].clone();
     let n = load.inflight.fetch_add(1, Ordering::AcqRel) + 1;
     x.inflight = Some(InFlight {
@@ -372,14 +365,15 @@ pub(crate) async fn send_all(
 /// or over TLS (ALPN `h2`) when the cluster's backends speak TLS.
 pub(super) async fn sender(
     w: &Worker,
+    cl: &crate::pool::Cluster,
     addr: SocketAddr,
     timeout: Duration,
-    tls: Option<&crate::tls::Upstream>,
     send_timeout: Duration,
 ) -> Result<SendRequest<Bytes>, ProxyError> {
     if let Some(s) = w.h2_upstream.borrow().get(&addr) {
         return Ok(s.clone());
     }
+    let tls = cl.tls.as_ref();
     let started = Instant::now();
     let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
         Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
@@ -397,8 +391,20 @@ pub(super) async fn sender(
             let session = rustls::ClientConnection::new(t.h2.clone(), t.name.clone())
                 .map_err(|_| UpstreamError::ConnectError)?;
             let mut conn = crate::io::Conn::new_client_tls(tcp, 64 * 1024, session);
-            if let Err(e) = conn.handshake(left()).await {
-                tracing::warn!(backend = %addr, error = ?e, "TLS handshake with the gRPC backend failed");
+            let no_h2 = match conn.handshake(left()).await {
+                Ok(()) => conn.alpn_protocol() != Some(b"h2"),
+                Err(crate::io::HandshakeError::Tls(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::NoApplicationProtocol,
+                ))) => true,
+                Err(e) => {
+                    tracing::warn!(backend = %addr, error = ?e, "TLS handshake with the HTTP/2 backend failed");
+                    return Err(UpstreamError::ConnectError.into());
+                }
+            };
+            // A backend that didn't choose h2 by ALPN (or refused it) would
+            // read the HTTP/2 preface as a broken HTTP/1.1 request.
+            if no_h2 {
+                tracing::warn!(backend = %addr, cluster = %cl.name, "the backend did not negotiate HTTP/2 (ALPN h2) over TLS; set http = \"1.1\" for it");
                 return Err(UpstreamError::ConnectError.into());
             }
             let io = crate::io::TlsStreamIo {
@@ -408,6 +414,8 @@ pub(super) async fn sender(
             handshake(StreamWrapper::new(io), left()).await?
         }
     };
+    w.metrics
+        .inc(&w.metrics.upstream_connections, &[&cl.name], 1);
     w.h2_upstream.borrow_mut().insert(addr, send.clone());
     Ok(send)
 }

@@ -110,7 +110,7 @@ pub(super) async fn exchange<D: Downstream>(
             return Err(UpstreamError::TotalTimeout.into());
         }
         let send_timeout = cur.shared.timeouts.send;
-        let mut sender = match grpc::sender(w, addr, wait, cl.tls.as_ref(), send_timeout).await {
+        let mut sender = match grpc::sender(w, cl, addr, wait, send_timeout).await {
             Ok(s) => s,
             Err(ProxyError::Upstream(e)) => {
                 // Nothing was sent: the next backend.
