@@ -292,3 +292,98 @@ fn http_routes_reach_a_tls_h2_backend_with_a_client_certificate() {
         assert!(text.contains("clusters.b.http"), "{http}: {text}");
     }
 }
+
+/// curl over h2c with prior knowledge: (HTTP version, status, body).
+fn curl_h2c(addr: SocketAddr, path: &str, args: &[&str]) -> (String, u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
+        .args(args)
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, tail) = text.rsplit_once('\n').unwrap();
+    let (v, code) = tail.split_once(' ').unwrap();
+    (v.to_string(), code.parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn http2_on_both_sides_keeps_every_pipeline_stage() {
+    let backend = Backend::start("b1");
+    let (_dir, _ca, cert, key) = certificates("h2both");
+    let nginx = Nginx::start(backend.addr, &cert, &key, None);
+    let key_text = "sk-h2-both-0123456789";
+    let g = Gateway::start(Spec {
+        server_extra: "h2c = true",
+        ..Spec::new(
+            Driver::Auto,
+            &format!(
+                "[clusters.b]\nbackends = [\"{}\"]\nhttp = \"h2c\"\n\
+                 [[models]]\nname = \"m\"\n[[models]]\nname = \"secret\"\n\
+                 [[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"b\"\n\
+                 [[authn.api_keys]]\nclient = \"app\"\ntenant = \"acme\"\nsha256 = [\"{}\"]\n\
+                 [[authz.rules]]\nid = \"acme\"\ntenants = [\"acme\"]\nmodels = [\"m\"]\n",
+                nginx.h2c,
+                gateway_tests::jwt::key_digest(key_text)
+            ),
+        )
+    });
+    let auth = format!("authorization: Bearer {key_text}");
+    let post = |body: &str| {
+        curl_h2c(
+            g.addr,
+            "/v1/chat/completions",
+            &[
+                "-H",
+                &auth,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                body,
+            ],
+        )
+    };
+    // A stream, HTTP/2 from the client to the gateway and from the gateway
+    // to nginx: every event, and the usage the gateway asked for counted.
+    let (v, code, body) = post(
+        r#"{"model":"m","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!((v.as_str(), code), ("2", 200), "{body}");
+    assert!(body.contains("data: [DONE]"), "{body}");
+    // Refusals come from the gateway, in OpenAI's shape, and never reach nginx.
+    let (_, code, body) = post(r#"{"model":"secret","messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("permission_error"), "{body}");
+    let (_, code, body) = post(r#"{"model":"m","messages":"not a list"}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("invalid_request_error"), "{body}");
+    let (_, code, _) = curl_h2c(g.addr, "/v1/models", &[]);
+    assert_eq!(code, 401, "no key");
+    let log = nginx.wait_log(1);
+    assert_eq!(
+        log.len(),
+        1,
+        "only the allowed request reached nginx: {log:?}"
+    );
+    assert!(
+        log[0].starts_with("HTTP/2.0 POST /v1/chat/completions 200"),
+        "{log:?}"
+    );
+    assert!(
+        g.wait_metric(
+            &[
+                "gateway_requests_total",
+                "status=\"200\"",
+                "protocol=\"h2c\""
+            ],
+            1.0
+        ) >= 1.0
+    );
+}
