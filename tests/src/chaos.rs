@@ -725,6 +725,63 @@ pub fn open_slow_readers(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     open_sending(addr, n, req.as_bytes())
 }
 
+/// `n` clients each holding one long SSE stream open and reading it as it
+/// comes (model-paced generations, the concurrency an inference gateway
+/// carries), until [`Streams::stop`]; a stream that ends is asked again.
+pub struct Streams {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+pub fn open_streams(addr: SocketAddr, n: usize) -> Streams {
+    let body = r#"{"model":"sim","messages":[{"role":"user","content":"write a very long story"}],"max_tokens":4000,"stream":true}"#;
+    let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: streams\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = (0..n)
+        .map(|_| {
+            let (stop, req) = (stop.clone(), req.clone());
+            std::thread::spawn(move || {
+                let mut bytes = 0u64;
+                let mut buf = vec![0u8; 16 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    else {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    };
+                    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                    if c.write_all(req.as_bytes()).is_err() {
+                        continue;
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(k) => bytes += k as u64,
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::WouldBlock
+                                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+                bytes
+            })
+        })
+        .collect();
+    Streams { stop, threads }
+}
+
+impl Streams {
+    /// Stop and close every stream; the response bytes read in all.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or(0))
+            .sum()
+    }
+}
+
 /// `n` connections that have each sent `bytes` (those that could).
 fn open_sending(addr: SocketAddr, n: usize, bytes: &[u8]) -> Vec<TcpStream> {
     (0..n)

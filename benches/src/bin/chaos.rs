@@ -191,10 +191,22 @@ fn exhaustion(rig: &Rig, n: usize) -> String {
     );
     drop(readers);
     std::thread::sleep(Duration::from_secs(1));
+    let streams = chaos::open_streams(g.addr, 1000);
+    std::thread::sleep(Duration::from_secs(2));
+    let open = g.metric(&["gateway_active_connections"]) as usize;
+    row(
+        &format!("1000 clients each reading a long SSE stream ({open} connections open)"),
+        chaos::light_client(g.addr, window),
+        base.1,
+    );
+    let streamed = streams.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    // Not an exhaustion case: 300 clients in a closed loop (GETs and
+    // streams back to back) take every CPU cycle of a small machine.
     let streams = Load::start(rig, 300);
     std::thread::sleep(Duration::from_secs(1));
     row(
-        "300 clients streaming completions",
+        "300 clients in a closed loop (GETs and streams back to back: CPU saturation)",
         chaos::light_client(g.addr, window),
         base.1,
     );
@@ -204,7 +216,7 @@ fn exhaustion(rig: &Rig, n: usize) -> String {
     format!(
         "{}\n\nRSS per idle keep-alive connection: {per_conn:.0} bytes ({rss0} KiB before, {rss1} KiB with {held} held).\n\
          Slowloris: {opened} opened, {left} still open when the dripping stopped; connections shed at max_connections: {shed}.\n\
-         Streams: {} requests, {ok} ok.\n",
+         Long streams: {streamed} response bytes read. Closed loop: {} requests, {ok} ok.\n",
         rows.join("\n"),
         s.len()
     )
