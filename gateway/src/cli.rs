@@ -376,6 +376,7 @@ pub fn apply_overrides(cfg: &mut Config, a: &RunArgs) -> Result<(), String> {
                 queue: None,
                 tls: None,
                 http: config::UpstreamHttp::Http1,
+                max_streams_per_connection: 100,
             },
         );
         cfg.routes = vec![config::RouteConfig {

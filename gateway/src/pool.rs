@@ -31,6 +31,8 @@ pub struct Cluster {
     pub tls: Option<crate::tls::Upstream>,
     /// HTTP routes speak HTTP/2 to the backends (`[clusters.X] http`).
     pub h2: bool,
+    /// HTTP/2: requests multiplexed on one backend connection before another opens.
+    pub h2_streams: usize,
     /// Flow control (`[clusters.X.queue]`): its queue (process-wide) and settings.
     pub queue: Option<(
         std::sync::Arc<crate::balance::queue::FlowQueue>,
@@ -171,5 +173,44 @@ impl Pool {
                 q.clear();
             }
         }
+    }
+}
+
+/// One HTTP/2 connection to a backend (a worker's: its requests to that
+/// backend are streams of it) and how many are on it now.
+pub struct H2Conn {
+    pub send: h2::client::SendRequest<bytes::Bytes>,
+    streams: Rc<Cell<usize>>,
+}
+
+/// A request's place on an [`H2Conn`], given back when dropped.
+pub struct H2Lease(Rc<Cell<usize>>);
+
+impl Drop for H2Lease {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+impl H2Conn {
+    pub fn new(send: h2::client::SendRequest<bytes::Bytes>) -> H2Conn {
+        H2Conn {
+            send,
+            streams: Rc::new(Cell::new(0)),
+        }
+    }
+
+    pub fn lease(&self) -> (h2::client::SendRequest<bytes::Bytes>, H2Lease) {
+        self.streams.set(self.streams.get() + 1);
+        (self.send.clone(), H2Lease(self.streams.clone()))
+    }
+
+    pub fn streams(&self) -> usize {
+        self.streams.get()
+    }
+
+    /// `lease` is a place on this connection.
+    pub fn holds(&self, lease: &H2Lease) -> bool {
+        Rc::ptr_eq(&self.streams, &lease.0)
     }
 }

@@ -99,6 +99,7 @@ impl Shared {
                     balance: c.balance.clone(),
                     tls: r.upstream_tls.get(n).cloned(),
                     h2: c.http.is_h2(),
+                    h2_streams: c.max_streams_per_connection,
                     queue: c
                         .queue
                         .as_ref()
@@ -293,8 +294,12 @@ pub struct Worker {
     pub prefix: RefCell<HashMap<String, crate::balance::prefix::PrefixIndex>>,
     /// Shadow (mirrored) requests in flight on this worker.
     pub shadows: Rc<Cell<usize>>,
-    /// HTTP/2 connections to gRPC backends, one per backend (multiplexed).
-    pub h2_upstream: RefCell<HashMap<std::net::SocketAddr, h2::client::SendRequest<bytes::Bytes>>>,
+    /// HTTP/2 connections to backends (gRPC routes, `http = "2"`/`"h2c"`
+    /// clusters), by backend: each multiplexes up to the cluster's
+    /// `max_streams_per_connection` requests.
+    pub h2_upstream: RefCell<HashMap<std::net::SocketAddr, Vec<crate::pool::H2Conn>>>,
+    /// Backends a new HTTP/2 connection is being opened to (others wait for it).
+    pub h2_connecting: RefCell<HashMap<std::net::SocketAddr, Rc<event_listener::Event>>>,
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
     pub metrics_registry: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,
@@ -334,6 +339,7 @@ impl Worker {
             prefix: RefCell::new(HashMap::new()),
             shadows: Rc::new(Cell::new(0)),
             h2_upstream: RefCell::new(HashMap::new()),
+            h2_connecting: RefCell::new(HashMap::new()),
             metrics_registry,
             shutdown,
         }

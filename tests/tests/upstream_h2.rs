@@ -40,7 +40,7 @@ impl Nginx {
         let conf = format!(
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 256; }}\n\
-             http {{\n  log_format proto '$server_protocol $request_method $request_uri $status $http_x_request_id';\n\
+             http {{\n  log_format proto '$server_protocol $request_method $request_uri $status $http_x_request_id $connection';\n\
                access_log {d}/access.log proto;\n\
                client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
                uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
@@ -84,7 +84,7 @@ impl Nginx {
         n
     }
 
-    /// Access log lines: `PROTOCOL METHOD URI STATUS X-REQUEST-ID`.
+    /// Access log lines: `PROTOCOL METHOD URI STATUS X-REQUEST-ID CONNECTION`.
     fn log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.join("access.log"))
             .unwrap_or_default()
@@ -120,6 +120,76 @@ fn gateway(cluster: &str) -> Gateway {
     ))
 }
 
+/// nginx's connection numbers for the requests to `path` it logged.
+fn connections_for(nginx: &Nginx, path: &str) -> std::collections::BTreeSet<String> {
+    nginx
+        .log()
+        .iter()
+        .filter(|l| l.contains(&format!(" {path} ")))
+        .filter_map(|l| l.rsplit(' ').next().map(String::from))
+        .collect()
+}
+
+/// `n` requests for `path` at once, each on its own client connection; their statuses.
+fn concurrently(g: &Gateway, path: &str, n: usize) -> Vec<u16> {
+    let addr = g.addr;
+    let raw = format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n");
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let raw = raw.clone();
+            std::thread::spawn(move || request(addr, raw.as_bytes()).status)
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn streams_share_a_connection_up_to_the_limit_then_more_open() {
+    let backend = Backend::start("b1");
+    let (_dir, _ca, cert, key) = certificates("h2pool");
+    let nginx = Nginx::start(backend.addr, &cert, &key, None);
+    let start = |extra: &str| {
+        Gateway::start(Spec {
+            workers: 1,
+            ..Spec::new(
+                Driver::Auto,
+                &format!(
+                    "[clusters.b]\nbackends = [\"{}\"]\nhttp = \"h2c\"\n{extra}\n\
+                     [[routes]]\nname = \"all\"\npath_prefix = \"/\"\ncluster = \"b\"\n",
+                    nginx.h2c
+                ),
+            )
+        })
+    };
+    // Default (100 streams a connection): four at once share one.
+    let g = start("");
+    assert_eq!(concurrently(&g, "/slow?ms=300", 4), vec![200; 4]);
+    let one = connections_for(&nginx, "/slow?ms=300");
+    assert_eq!(one.len(), 1, "{:?}", nginx.log());
+    // One stream a connection: each of four at once gets its own…
+    let g = start("max_streams_per_connection = 1");
+    assert_eq!(concurrently(&g, "/slow?ms=301", 4), vec![200; 4]);
+    let four = connections_for(&nginx, "/slow?ms=301");
+    assert_eq!(four.len(), 4, "{:?}", nginx.log());
+    // …and they are reused after, not opened again.
+    for _ in 0..3 {
+        assert_eq!(
+            request(g.addr, b"GET /slow?ms=1 HTTP/1.1\r\nhost: t\r\n\r\n").status,
+            200
+        );
+    }
+    let after = connections_for(&nginx, "/slow?ms=1");
+    assert!(after.is_subset(&four), "{after:?} ⊄ {four:?}");
+    // A cap of two connections: four at once wait their turn on them.
+    let g = start("max_streams_per_connection = 1\nmax_connections = 2\npool_max_idle = 2");
+    assert_eq!(concurrently(&g, "/slow?ms=302", 4), vec![200; 4]);
+    assert!(
+        connections_for(&nginx, "/slow?ms=302").len() <= 2,
+        "{:?}",
+        nginx.log()
+    );
+}
+
 fn certificates(tag: &str) -> (PathBuf, Ca, PathBuf, PathBuf) {
     let dir = temp_dir(tag);
     let ca = Ca::new("h2 backend CA");
@@ -151,7 +221,7 @@ fn http_routes_reach_an_h2c_backend_whole_and_streamed() {
     let log = nginx.wait_log(1);
     assert!(
         log.iter()
-            .any(|l| l.starts_with("HTTP/2.0 GET /echo?q=1 200") && l.ends_with(&id)),
+            .any(|l| l.starts_with("HTTP/2.0 GET /echo?q=1 200") && l.contains(&id)),
         "nginx got it over HTTP/2 with the gateway's request id: {log:?}"
     );
 

@@ -43,6 +43,15 @@ pub struct ClusterConfig {
     /// backend over one connection. gRPC routes always use HTTP/2.
     #[serde(default)]
     pub http: UpstreamHttp,
+    /// HTTP/2 to the backends (`http = "2"` / `"h2c"`, and gRPC routes):
+    /// requests multiplexed on one connection before the worker opens
+    /// another to the same backend (up to `max_connections`).
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: usize,
+}
+
+fn default_max_streams_per_connection() -> usize {
+    100
 }
 
 /// `[clusters.X] http`: see [`ClusterConfig::http`].
@@ -302,6 +311,12 @@ pub(super) fn check_clusters(
             sink.err(
                 format!("{key}.backends"),
                 "give at least one backend, e.g. [\"10.0.0.5:8000\"]",
+            );
+        }
+        if c.max_streams_per_connection == 0 {
+            sink.err(
+                format!("{key}.max_streams_per_connection"),
+                "must be at least 1",
             );
         }
         if c.max_connections == 0 {

@@ -22,6 +22,7 @@ use monoio_compat::StreamWrapper;
 
 use crate::downstream::Frames;
 use crate::error::{ClientError, ProxyError, UpstreamError};
+use crate::pool::{H2Conn, H2Lease};
 use crate::worker::{Current, Worker};
 
 use super::{Exchange, InFlight, Request};
@@ -104,7 +105,8 @@ async fn exchange(
         })
     };
     let send_timeout = cur.shared.timeouts.send;
-    let mut send = sender(w, cl, addr, within(req.route.connect_timeout), send_timeout).await?;
+    let (mut send, lease) =
+        sender(w, cl, addr, within(req.route.connect_timeout), send_timeout).await?;
     let load = cl.loads[b].clone();
     let n = load.inflight.fetch_add(1, Ordering::AcqRel) + 1;
     x.inflight = Some(InFlight {
@@ -127,7 +129,7 @@ async fn exchange(
     {
         Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
         Ok(Err(_)) => {
-            forget(w, addr);
+            forget(w, addr, &lease);
             return Err(UpstreamError::Closed.into());
         }
         Ok(Ok(())) => {}
@@ -144,7 +146,7 @@ async fn exchange(
         Err(_) => return Err(UpstreamError::ResponseTimeout.into()),
         Ok(Err(e)) => {
             if e.is_io() || e.is_go_away() {
-                forget(w, addr);
+                forget(w, addr, &lease);
             }
             return Err(UpstreamError::Reset.into());
         }
@@ -361,18 +363,64 @@ pub(crate) async fn send_all(
     Ok(())
 }
 
-/// This worker's HTTP/2 connection to `addr`, opened on first use: h2c,
-/// or over TLS (ALPN `h2`) when the cluster's backends speak TLS.
+/// A place for one request on this worker's HTTP/2 connections to `addr`:
+/// the least busy one under the cluster's `max_streams_per_connection`,
+/// else a new one (h2c, or TLS with ALPN `h2` when the cluster's backends
+/// speak TLS) while fewer than `max_connections` are open, else the least
+/// busy (the backend's own stream limit then makes it wait).
 pub(super) async fn sender(
     w: &Worker,
     cl: &crate::pool::Cluster,
     addr: SocketAddr,
     timeout: Duration,
     send_timeout: Duration,
-) -> Result<SendRequest<Bytes>, ProxyError> {
-    if let Some(s) = w.h2_upstream.borrow().get(&addr) {
-        return Ok(s.clone());
+) -> Result<(SendRequest<Bytes>, H2Lease), ProxyError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(conns) = w.h2_upstream.borrow().get(&addr) {
+            let least = conns.iter().min_by_key(|c| c.streams());
+            if let Some(c) =
+                least.filter(|c| c.streams() < cl.h2_streams || conns.len() >= cl.max_connections)
+            {
+                return Ok(c.lease());
+            }
+        }
+        // Another request of this worker is opening one: wait for it, then
+        // look again (a burst opens one connection, not one per request).
+        let Some(opening) = w.h2_connecting.borrow().get(&addr).cloned() else {
+            break;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(UpstreamError::ConnectTimeout.into());
+        }
+        let _ = monoio::time::timeout(left, opening.listen()).await;
     }
+    let opening = std::rc::Rc::new(event_listener::Event::new());
+    w.h2_connecting.borrow_mut().insert(addr, opening.clone());
+    let left = deadline.saturating_duration_since(Instant::now());
+    let opened = open(cl, addr, left, send_timeout).await;
+    w.h2_connecting.borrow_mut().remove(&addr);
+    opening.notify(usize::MAX);
+    let conn = H2Conn::new(opened?);
+    w.metrics
+        .inc(&w.metrics.upstream_connections, &[&cl.name], 1);
+    let lease = conn.lease();
+    w.h2_upstream
+        .borrow_mut()
+        .entry(addr)
+        .or_default()
+        .push(conn);
+    Ok(lease)
+}
+
+/// A new HTTP/2 connection to `addr` within `timeout`.
+async fn open(
+    cl: &crate::pool::Cluster,
+    addr: SocketAddr,
+    timeout: Duration,
+    send_timeout: Duration,
+) -> Result<SendRequest<Bytes>, ProxyError> {
     let tls = cl.tls.as_ref();
     let started = Instant::now();
     let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
@@ -414,9 +462,6 @@ pub(super) async fn sender(
             handshake(StreamWrapper::new(io), left()).await?
         }
     };
-    w.metrics
-        .inc(&w.metrics.upstream_connections, &[&cl.name], 1);
-    w.h2_upstream.borrow_mut().insert(addr, send.clone());
     Ok(send)
 }
 
@@ -440,9 +485,11 @@ where
     Ok(send)
 }
 
-/// A connection that failed is opened anew by the next request.
-pub(super) fn forget(w: &Worker, addr: SocketAddr) {
-    w.h2_upstream.borrow_mut().remove(&addr);
+/// The connection `lease` is on failed: requests after go to another (or a new one).
+pub(super) fn forget(w: &Worker, addr: SocketAddr, lease: &H2Lease) {
+    if let Some(conns) = w.h2_upstream.borrow_mut().get_mut(&addr) {
+        conns.retain(|c| !c.holds(lease));
+    }
 }
 
 #[cfg(test)]

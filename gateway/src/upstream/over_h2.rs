@@ -110,7 +110,7 @@ pub(super) async fn exchange<D: Downstream>(
             return Err(UpstreamError::TotalTimeout.into());
         }
         let send_timeout = cur.shared.timeouts.send;
-        let mut sender = match grpc::sender(w, cl, addr, wait, send_timeout).await {
+        let (mut sender, lease) = match grpc::sender(w, cl, addr, wait, send_timeout).await {
             Ok(s) => s,
             Err(ProxyError::Upstream(e)) => {
                 // Nothing was sent: the next backend.
@@ -134,7 +134,7 @@ pub(super) async fn exchange<D: Downstream>(
             Err(_) => return Err(UpstreamError::Saturated.into()),
             Ok(Err(_)) => {
                 // The connection died before this request went out.
-                grpc::forget(w, addr);
+                grpc::forget(w, addr, &lease);
                 last = UpstreamError::Closed;
                 x.inflight = None;
                 continue;
@@ -143,7 +143,7 @@ pub(super) async fn exchange<D: Downstream>(
         }
         let sent = send_request(client, req, cur, &mut sender, at, body, out, &mut a, x).await?;
         let Some(response) = sent else {
-            grpc::forget(w, addr);
+            grpc::forget(w, addr, &lease);
             last = UpstreamError::Closed;
             x.inflight = None;
             continue;
