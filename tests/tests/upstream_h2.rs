@@ -272,6 +272,22 @@ fn http_routes_reach_an_h2c_backend_whole_and_streamed() {
     assert_eq!(r.status, 200);
     assert!(r.body.is_empty());
 
+    // A client that leaves while the model works: its stream is reset, and
+    // the generation behind nginx is aborted (the GPU is freed).
+    let mut c = Client::connect(g.addr);
+    c.send(b"GET /generate?ms=4000 HTTP/1.1\r\nhost: t\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while backend.aborted() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        backend.aborted(),
+        1,
+        "the generation was aborted when its client left"
+    );
+
     // Every request that reached nginx did so over HTTP/2, and the dead
     // backend cost no request.
     let log = nginx.wait_log(6);

@@ -169,6 +169,7 @@ pub(super) async fn exchange<D: Downstream>(
             Failed::Refused if replayable => {
                 // Not processed there: another backend, no budget spent.
                 tracing::info!(cluster = %cl.name, backend = %addr, "HTTP/2 stream refused by the backend; sending it to another");
+                w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
                 x.inflight = None;
                 last = UpstreamError::Reset;
                 continue;
