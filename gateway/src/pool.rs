@@ -181,6 +181,9 @@ impl Pool {
 pub struct H2Conn {
     pub send: h2::client::SendRequest<bytes::Bytes>,
     streams: Rc<Cell<usize>>,
+    /// Cleared when the connection's task ends (closed, or the backend's
+    /// GOAWAY served out): it takes no more requests.
+    alive: Rc<Cell<bool>>,
 }
 
 /// A request's place on an [`H2Conn`], given back when dropped.
@@ -193,11 +196,16 @@ impl Drop for H2Lease {
 }
 
 impl H2Conn {
-    pub fn new(send: h2::client::SendRequest<bytes::Bytes>) -> H2Conn {
+    pub fn new(send: h2::client::SendRequest<bytes::Bytes>, alive: Rc<Cell<bool>>) -> H2Conn {
         H2Conn {
             send,
             streams: Rc::new(Cell::new(0)),
+            alive,
         }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.get()
     }
 
     pub fn lease(&self) -> (h2::client::SendRequest<bytes::Bytes>, H2Lease) {

@@ -28,6 +28,17 @@ struct Nginx {
 
 impl Nginx {
     fn start(backend: SocketAddr, cert: &Path, key: &Path, client_ca: Option<&Path>) -> Nginx {
+        Self::start_with(backend, cert, key, client_ca, "")
+    }
+
+    /// `extra`: more `http` block directives.
+    fn start_with(
+        backend: SocketAddr,
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        extra: &str,
+    ) -> Nginx {
         let dir = temp_dir("nginx-h2");
         let (h2c, tls, tls_h1) = (free_port(), free_port(), free_port());
         let d = dir.display();
@@ -41,7 +52,7 @@ impl Nginx {
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 256; }}\n\
              http {{\n  log_format proto '$server_protocol $request_method $request_uri $status $http_x_request_id $connection';\n\
-               access_log {d}/access.log proto;\n\
+               access_log {d}/access.log proto;\n  {extra}\n\
                client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
                uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
                upstream b {{ server {backend}; keepalive 8; }}\n\
@@ -471,5 +482,35 @@ fn http2_on_both_sides_keeps_every_pipeline_stage() {
             ],
             1.0
         ) >= 1.0
+    );
+}
+
+#[test]
+fn a_backend_that_closes_connections_after_n_requests_costs_no_request() {
+    // nginx ends each client connection with GOAWAY after 3 requests: with
+    // one backend, each request that meets a closing connection goes again
+    // on a fresh one, to the same backend.
+    let backend = Backend::start("b1");
+    let (_dir, _ca, cert, key) = certificates("h2goaway");
+    let nginx = Nginx::start_with(backend.addr, &cert, &key, None, "keepalive_requests 3;");
+    let g = gateway(&format!(
+        "[clusters.b]\nbackends = [\"{}\"]\nhttp = \"h2c\"\n",
+        nginx.h2c
+    ));
+    let mut c = Client::connect(g.addr);
+    for i in 0..20 {
+        let r = c.get(&format!("/echo?i={i}"));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    assert_eq!(concurrently(&g, "/echo?burst", 12), vec![200; 12]);
+    let log = nginx.wait_log(32);
+    assert_eq!(log.len(), 32, "{log:?}");
+    let conns = log
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next())
+        .collect::<std::collections::BTreeSet<_>>();
+    assert!(
+        conns.len() >= 32 / 3,
+        "nginx closed connections as asked: {conns:?}"
     );
 }

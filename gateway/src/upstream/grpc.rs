@@ -9,8 +9,10 @@
 //! A failure before the backend answered becomes the pipeline's refusal
 //! (a gRPC status in a Trailers-Only answer); after, the stream is reset.
 
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -377,7 +379,8 @@ pub(super) async fn sender(
 ) -> Result<(SendRequest<Bytes>, H2Lease), ProxyError> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(conns) = w.h2_upstream.borrow().get(&addr) {
+        if let Some(conns) = w.h2_upstream.borrow_mut().get_mut(&addr) {
+            conns.retain(H2Conn::is_alive);
             let least = conns.iter().min_by_key(|c| c.streams());
             if let Some(c) =
                 least.filter(|c| c.streams() < cl.h2_streams || conns.len() >= cl.max_connections)
@@ -402,7 +405,8 @@ pub(super) async fn sender(
     let opened = open(cl, addr, left, send_timeout).await;
     w.h2_connecting.borrow_mut().remove(&addr);
     opening.notify(usize::MAX);
-    let conn = H2Conn::new(opened?);
+    let (send, alive) = opened?;
+    let conn = H2Conn::new(send, alive);
     w.metrics
         .inc(&w.metrics.upstream_connections, &[&cl.name], 1);
     let lease = conn.lease();
@@ -414,13 +418,13 @@ pub(super) async fn sender(
     Ok(lease)
 }
 
-/// A new HTTP/2 connection to `addr` within `timeout`.
+/// A new HTTP/2 connection to `addr` within `timeout`, and its liveness.
 async fn open(
     cl: &crate::pool::Cluster,
     addr: SocketAddr,
     timeout: Duration,
     send_timeout: Duration,
-) -> Result<SendRequest<Bytes>, ProxyError> {
+) -> Result<(SendRequest<Bytes>, Rc<Cell<bool>>), ProxyError> {
     let tls = cl.tls.as_ref();
     let started = Instant::now();
     let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
@@ -467,7 +471,10 @@ async fn open(
 
 /// The HTTP/2 handshake over `io`; the connection's frames are then driven
 /// by a task of their own until it closes.
-async fn handshake<IO>(io: IO, timeout: Duration) -> Result<SendRequest<Bytes>, ProxyError>
+async fn handshake<IO>(
+    io: IO,
+    timeout: Duration,
+) -> Result<(SendRequest<Bytes>, Rc<Cell<bool>>), ProxyError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
@@ -479,10 +486,13 @@ where
         Ok(Ok(x)) => x,
         _ => return Err(UpstreamError::ConnectError.into()),
     };
+    let alive = Rc::new(Cell::new(true));
+    let flag = alive.clone();
     monoio::spawn(async move {
         let _ = conn.await;
+        flag.set(false);
     });
-    Ok(send)
+    Ok((send, alive))
 }
 
 /// The connection `lease` is on failed: requests after go to another (or a new one).

@@ -47,6 +47,9 @@ const NOT_FIELDS: [&str; 7] = [
     "te",
 ];
 
+/// Fresh connections a request may try after one closed under it.
+const REOPENS: usize = 3;
+
 /// How waiting for the backend's answer failed.
 enum Failed {
     /// Not processed (REFUSED_STREAM, or a stream past a GOAWAY): safe to
@@ -87,9 +90,22 @@ pub(super) async fn exchange<D: Downstream>(
     };
     // Backends this request went to or failed to reach.
     let mut tried = 0u64;
+    // A connection that turned out closed or closing (the backend's
+    // GOAWAY: nginx sends one after `keepalive_requests`, refusing the
+    // streams past it) is not the backend's fault, and the request wasn't
+    // processed: up to REOPENS times per request, its backend may be picked
+    // again, on a fresh connection.
+    let mut reopens = 0;
+    let mut reopen = |tried: &mut u64, b: usize| {
+        if reopens < REOPENS && b < 64 {
+            reopens += 1;
+            *tried &= !(1 << b);
+        }
+    };
     let mut last = UpstreamError::ConnectError;
-    // Each attempt goes to a backend not tried yet (bounded past 64 too).
-    for _ in 0..cl.backends.len().min(64) + 1 {
+    // Each attempt goes to a backend not tried yet (bounded past 64 too),
+    // plus those on fresh connections.
+    for _ in 0..cl.backends.len().min(64) + 1 + REOPENS {
         let Some(b) = choose(w, cur, req, view.as_ref(), tried | a.failed_on)? else {
             break;
         };
@@ -135,6 +151,7 @@ pub(super) async fn exchange<D: Downstream>(
             Ok(Err(_)) => {
                 // The connection died before this request went out.
                 grpc::forget(w, addr, &lease);
+                reopen(&mut tried, b);
                 last = UpstreamError::Closed;
                 x.inflight = None;
                 continue;
@@ -144,6 +161,7 @@ pub(super) async fn exchange<D: Downstream>(
         let sent = send_request(client, req, cur, &mut sender, at, body, out, &mut a, x).await?;
         let Some(response) = sent else {
             grpc::forget(w, addr, &lease);
+            reopen(&mut tried, b);
             last = UpstreamError::Closed;
             x.inflight = None;
             continue;
@@ -167,9 +185,12 @@ pub(super) async fn exchange<D: Downstream>(
         let e = match failed {
             Failed::Proxy(e) => return Err(e),
             Failed::Refused if replayable => {
-                // Not processed there: another backend, no budget spent.
-                tracing::info!(cluster = %cl.name, backend = %addr, "HTTP/2 stream refused by the backend; sending it to another");
+                // Not processed there: again (another backend, or this one
+                // on a fresh connection once), no budget spent.
+                tracing::info!(cluster = %cl.name, backend = %addr, "HTTP/2 stream refused by the backend; sending it again");
                 w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
+                grpc::forget(w, addr, &lease);
+                reopen(&mut tried, b);
                 x.inflight = None;
                 last = UpstreamError::Reset;
                 continue;
