@@ -107,8 +107,34 @@ async fn exchange(
         })
     };
     let send_timeout = cur.shared.timeouts.send;
-    let (mut send, lease) =
-        sender(w, cl, addr, within(req.route.connect_timeout), send_timeout).await?;
+    // A stream on a connection that takes it; one that turns out closed
+    // (the backend's GOAWAY) is dropped and the call goes on a fresh one:
+    // nothing of it was sent.
+    let mut fresh = false;
+    let (response, up_send, lease) = loop {
+        let (mut send, lease) =
+            sender(w, cl, addr, within(req.route.connect_timeout), send_timeout).await?;
+        let ready = monoio::time::timeout(
+            within(req.route.connect_timeout),
+            poll_fn(|cx| send.poll_ready(cx)),
+        )
+        .await;
+        let sent = match ready {
+            Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
+            Ok(Ok(())) => send.send_request(upstream_request(d, req, addr)?, false),
+            Ok(Err(e)) => Err(e),
+        };
+        match sent {
+            Ok((response, up_send)) => break (response, up_send, lease),
+            Err(_) => {
+                forget(w, addr, &lease);
+                if fresh {
+                    return Err(UpstreamError::Closed.into());
+                }
+                fresh = true;
+            }
+        }
+    };
     let load = cl.loads[b].clone();
     let n = load.inflight.fetch_add(1, Ordering::AcqRel) + 1;
     x.inflight = Some(InFlight {
@@ -122,23 +148,6 @@ async fn exchange(
     if let Some(g) = req.grant {
         g.arrived();
     }
-    let request = upstream_request(d, req, addr)?;
-    match monoio::time::timeout(
-        within(req.route.connect_timeout),
-        poll_fn(|cx| send.poll_ready(cx)),
-    )
-    .await
-    {
-        Err(_) => return Err(UpstreamError::ConnectTimeout.into()),
-        Ok(Err(_)) => {
-            forget(w, addr, &lease);
-            return Err(UpstreamError::Closed.into());
-        }
-        Ok(Ok(())) => {}
-    }
-    let (response, up_send) = send
-        .send_request(request, false)
-        .map_err(|_| UpstreamError::Closed)?;
     send_body(d, req, up_send, send_timeout);
     let sent_at = Instant::now();
     let resp = match monoio::time::timeout(within(req.route.response_timeout), response).await {
