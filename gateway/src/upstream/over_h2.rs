@@ -106,21 +106,19 @@ pub(super) async fn exchange<D: Downstream>(
     // Each attempt goes to a backend not tried yet (bounded past 64 too),
     // plus those on fresh connections.
     for _ in 0..cl.backends.len().min(64) + 1 + REOPENS {
-        let Some(b) = choose(w, cur, req, view.as_ref(), tried | a.failed_on)? else {
+        let Some(at) = next(
+            w,
+            cur,
+            req,
+            view.as_ref(),
+            matches.as_ref(),
+            &mut tried,
+            a.failed_on,
+        )?
+        else {
             break;
         };
-        if b < 64 {
-            tried |= 1 << b;
-        }
-        let addr = cl.backends[b];
-        let at = Picked {
-            cluster: req.cluster,
-            backend: b,
-            addr,
-            uncached: matches
-                .as_ref()
-                .map_or(req.prompt_tokens, |m| prefix_sent(w, cl, req, m, b)),
-        };
+        let (b, addr) = (at.backend, at.addr);
         let (wait, is_total) = wait_for(req.route.connect_timeout, deadline);
         if is_total && wait.is_zero() {
             return Err(UpstreamError::TotalTimeout.into());
@@ -198,21 +196,64 @@ pub(super) async fn exchange<D: Downstream>(
             Failed::Refused => UpstreamError::Reset,
             Failed::Upstream(e) => e,
         };
-        if e != UpstreamError::ResponseTimeout || !is_total {
-            let repeatable = replayable && req.head.idempotent;
-            if repeatable && relay::another_backend(cur, at, a.failed_on) {
-                relay::retry_elsewhere(w, cur, at, &mut a, x);
-                continue;
-            }
-        }
-        return Err(if e == UpstreamError::ResponseTimeout && is_total {
-            UpstreamError::TotalTimeout
-        } else {
-            e
-        }
-        .into());
+        let total = is_total && e == UpstreamError::ResponseTimeout;
+        elsewhere(w, cur, req, at, e, replayable, total, &mut a, x)?;
     }
     Err(last.into())
+}
+
+/// A failure `e` of the attempt at `at` after the request went out: `Ok`
+/// when it goes to another backend (idempotent, `replayable`: nothing
+/// streamed from the client, within the budget — never when `total`, the
+/// route's total deadline, is what ran out); else the error the client gets.
+#[expect(clippy::too_many_arguments, reason = "the exchange's state")]
+fn elsewhere(
+    w: &Worker,
+    cur: &Current,
+    req: &Request<'_>,
+    at: Picked,
+    e: UpstreamError,
+    replayable: bool,
+    total: bool,
+    a: &mut Attempts,
+    x: &mut Exchange,
+) -> Result<(), ProxyError> {
+    if !total && replayable && req.head.idempotent && relay::another_backend(cur, at, a.failed_on) {
+        relay::retry_elsewhere(w, cur, at, a, x);
+        return Ok(());
+    }
+    Err(if total {
+        UpstreamError::TotalTimeout
+    } else {
+        e
+    }
+    .into())
+}
+
+/// The balance stage's next backend for this request, marked tried; the
+/// prompt indexed there (prefix-aware clusters).
+fn next(
+    w: &Worker,
+    cur: &Current,
+    req: &Request<'_>,
+    view: Option<&crate::balance::PrefixView<'_>>,
+    matches: Option<&crate::balance::prefix::Matches>,
+    tried: &mut u64,
+    failed_on: u64,
+) -> Result<Option<Picked>, UpstreamError> {
+    let Some(b) = choose(w, cur, req, view, *tried | failed_on)? else {
+        return Ok(None);
+    };
+    if b < 64 {
+        *tried |= 1 << b;
+    }
+    let cl = &cur.shared.clusters[req.cluster];
+    Ok(Some(Picked {
+        cluster: req.cluster,
+        backend: b,
+        addr: cl.backends[b],
+        uncached: matches.map_or(req.prompt_tokens, |m| prefix_sent(w, cl, req, m, b)),
+    }))
 }
 
 /// The request on a new stream of `sender`: HEADERS (the head the HTTP/1.1
