@@ -33,6 +33,9 @@ pub struct Cluster {
     pub h2: bool,
     /// HTTP/2: requests multiplexed on one backend connection before another opens.
     pub h2_streams: usize,
+    /// Its name's hash: a worker's HTTP/2 connections are per cluster and
+    /// backend (clusters may reach one address with different TLS identities).
+    pub key: u64,
     /// Flow control (`[clusters.X.queue]`): its queue (process-wide) and settings.
     pub queue: Option<(
         std::sync::Arc<crate::balance::queue::FlowQueue>,
@@ -221,4 +224,11 @@ impl H2Conn {
     pub fn holds(&self, lease: &H2Lease) -> bool {
         Rc::ptr_eq(&self.streams, &lease.0)
     }
+}
+
+/// A stable key for a cluster's name (FNV-1a).
+pub fn cluster_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
 }

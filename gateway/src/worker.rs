@@ -100,6 +100,7 @@ impl Shared {
                     tls: r.upstream_tls.get(n).cloned(),
                     h2: c.http.is_h2(),
                     h2_streams: c.max_streams_per_connection,
+                    key: crate::pool::cluster_key(n),
                     queue: c
                         .queue
                         .as_ref()
@@ -297,9 +298,10 @@ pub struct Worker {
     /// HTTP/2 connections to backends (gRPC routes, `http = "2"`/`"h2c"`
     /// clusters), by backend: each multiplexes up to the cluster's
     /// `max_streams_per_connection` requests.
-    pub h2_upstream: RefCell<HashMap<std::net::SocketAddr, Vec<crate::pool::H2Conn>>>,
+    /// Keyed by the cluster's [`Cluster::key`](crate::pool::Cluster::key) and the backend.
+    pub h2_upstream: RefCell<HashMap<(u64, std::net::SocketAddr), Vec<crate::pool::H2Conn>>>,
     /// Backends a new HTTP/2 connection is being opened to (others wait for it).
-    pub h2_connecting: RefCell<HashMap<std::net::SocketAddr, Rc<event_listener::Event>>>,
+    pub h2_connecting: RefCell<HashMap<(u64, std::net::SocketAddr), Rc<event_listener::Event>>>,
     /// Process-wide: metrics registry and shutdown flag (never change on reload).
     pub metrics_registry: Arc<Metrics>,
     pub shutdown: Arc<Shutdown>,

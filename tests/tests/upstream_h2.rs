@@ -174,13 +174,13 @@ fn streams_share_a_connection_up_to_the_limit_then_more_open() {
     };
     // Default (100 streams a connection): four at once share one.
     let g = start("");
-    assert_eq!(concurrently(&g, "/slow?ms=300", 4), vec![200; 4]);
-    let one = connections_for(&nginx, "/slow?ms=300");
+    assert_eq!(concurrently(&g, "/slow?ms=1500", 4), vec![200; 4]);
+    let one = connections_for(&nginx, "/slow?ms=1500");
     assert_eq!(one.len(), 1, "{:?}", nginx.log());
     // One stream a connection: each of four at once gets its own…
     let g = start("max_streams_per_connection = 1");
-    assert_eq!(concurrently(&g, "/slow?ms=301", 4), vec![200; 4]);
-    let four = connections_for(&nginx, "/slow?ms=301");
+    assert_eq!(concurrently(&g, "/slow?ms=1501", 4), vec![200; 4]);
+    let four = connections_for(&nginx, "/slow?ms=1501");
     assert_eq!(four.len(), 4, "{:?}", nginx.log());
     // …and they are reused after, not opened again.
     for _ in 0..3 {
@@ -193,9 +193,9 @@ fn streams_share_a_connection_up_to_the_limit_then_more_open() {
     assert!(after.is_subset(&four), "{after:?} ⊄ {four:?}");
     // A cap of two connections: four at once wait their turn on them.
     let g = start("max_streams_per_connection = 1\nmax_connections = 2\npool_max_idle = 2");
-    assert_eq!(concurrently(&g, "/slow?ms=302", 4), vec![200; 4]);
+    assert_eq!(concurrently(&g, "/slow?ms=1502", 4), vec![200; 4]);
     assert!(
-        connections_for(&nginx, "/slow?ms=302").len() <= 2,
+        connections_for(&nginx, "/slow?ms=1502").len() <= 2,
         "{:?}",
         nginx.log()
     );

@@ -387,19 +387,26 @@ pub(super) async fn sender(
     send_timeout: Duration,
 ) -> Result<(SendRequest<Bytes>, H2Lease), ProxyError> {
     let deadline = Instant::now() + timeout;
+    // Clusters with different TLS identities never share a connection.
+    let key = (cl.key, addr);
     loop {
-        if let Some(conns) = w.h2_upstream.borrow_mut().get_mut(&addr) {
+        if let Some(conns) = w.h2_upstream.borrow_mut().get_mut(&key) {
             conns.retain(H2Conn::is_alive);
             let least = conns.iter().min_by_key(|c| c.streams());
-            if let Some(c) =
-                least.filter(|c| c.streams() < cl.h2_streams || conns.len() >= cl.max_connections)
-            {
+            // Room: under our limit and the backend's own
+            // (SETTINGS_MAX_CONCURRENT_STREAMS); at max_connections, the
+            // least busy anyway (the backend's limit then queues it).
+            let room = |c: &&H2Conn| {
+                c.streams() < cl.h2_streams.min(c.send.current_max_send_streams())
+                    || conns.len() >= cl.max_connections
+            };
+            if let Some(c) = least.filter(room) {
                 return Ok(c.lease());
             }
         }
         // Another request of this worker is opening one: wait for it, then
         // look again (a burst opens one connection, not one per request).
-        let Some(opening) = w.h2_connecting.borrow().get(&addr).cloned() else {
+        let Some(opening) = w.h2_connecting.borrow().get(&key).cloned() else {
             break;
         };
         let left = deadline.saturating_duration_since(Instant::now());
@@ -408,12 +415,10 @@ pub(super) async fn sender(
         }
         let _ = monoio::time::timeout(left, opening.listen()).await;
     }
-    let opening = std::rc::Rc::new(event_listener::Event::new());
-    w.h2_connecting.borrow_mut().insert(addr, opening.clone());
+    let opening = Opening::new(w, key);
     let left = deadline.saturating_duration_since(Instant::now());
     let opened = open(cl, addr, left, send_timeout).await;
-    w.h2_connecting.borrow_mut().remove(&addr);
-    opening.notify(usize::MAX);
+    drop(opening);
     let (send, alive) = opened?;
     let conn = H2Conn::new(send, alive);
     w.metrics
@@ -421,10 +426,33 @@ pub(super) async fn sender(
     let lease = conn.lease();
     w.h2_upstream
         .borrow_mut()
-        .entry(addr)
+        .entry(key)
         .or_default()
         .push(conn);
     Ok(lease)
+}
+
+/// A connection being opened to a backend: others wait for it; the mark
+/// goes (and they wake) however the opening ends, a dropped future too.
+struct Opening<'a> {
+    w: &'a Worker,
+    key: (u64, SocketAddr),
+    done: Rc<event_listener::Event>,
+}
+
+impl<'a> Opening<'a> {
+    fn new(w: &'a Worker, key: (u64, SocketAddr)) -> Opening<'a> {
+        let done = Rc::new(event_listener::Event::new());
+        w.h2_connecting.borrow_mut().insert(key, done.clone());
+        Opening { w, key, done }
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.w.h2_connecting.borrow_mut().remove(&self.key);
+        self.done.notify(usize::MAX);
+    }
 }
 
 /// A new HTTP/2 connection to `addr` within `timeout`, and its liveness.
@@ -506,7 +534,12 @@ where
 
 /// The connection `lease` is on failed: requests after go to another (or a new one).
 pub(super) fn forget(w: &Worker, addr: SocketAddr, lease: &H2Lease) {
-    if let Some(conns) = w.h2_upstream.borrow_mut().get_mut(&addr) {
+    for (_, conns) in w
+        .h2_upstream
+        .borrow_mut()
+        .iter_mut()
+        .filter(|(k, _)| k.1 == addr)
+    {
         conns.retain(|c| !c.holds(lease));
     }
 }

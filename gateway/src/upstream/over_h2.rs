@@ -33,6 +33,7 @@ use crate::codec::{self, BodyKind, ChunkedDecoder, ResponseHead};
 use crate::downstream::Downstream;
 use crate::error::{ClientError, ProxyError, UpstreamError};
 use crate::io::{ReadError, WATCH_EVERY};
+use crate::pool::H2Lease;
 use crate::worker::{Current, Worker};
 
 /// Request headers that belong to an HTTP/1.1 connection (RFC 9113 §8.2.2)
@@ -52,9 +53,11 @@ const REOPENS: usize = 3;
 
 /// How waiting for the backend's answer failed.
 enum Failed {
-    /// Not processed (REFUSED_STREAM, or a stream past a GOAWAY): safe to
-    /// send again whatever the method.
+    /// Not processed (REFUSED_STREAM: the backend sheds it; the connection
+    /// stays): safe to send again whatever the method.
     Refused,
+    /// Not processed: past the backend's GOAWAY (the connection is closing).
+    GoAway,
     Upstream(UpstreamError),
     Proxy(ProxyError),
 }
@@ -89,19 +92,7 @@ pub(super) async fn exchange<D: Downstream>(
         ..Attempts::default()
     };
     // Backends this request went to or failed to reach.
-    let mut tried = 0u64;
-    // A connection that turned out closed or closing (the backend's
-    // GOAWAY: nginx sends one after `keepalive_requests`, refusing the
-    // streams past it) is not the backend's fault, and the request wasn't
-    // processed: up to REOPENS times per request, its backend may be picked
-    // again, on a fresh connection.
-    let mut reopens = 0;
-    let mut reopen = |tried: &mut u64, b: usize| {
-        if reopens < REOPENS && b < 64 {
-            reopens += 1;
-            *tried &= !(1 << b);
-        }
-    };
+    let mut t = Tries::default();
     let mut last = UpstreamError::ConnectError;
     // Each attempt goes to a backend not tried yet (bounded past 64 too),
     // plus those on fresh connections.
@@ -112,7 +103,7 @@ pub(super) async fn exchange<D: Downstream>(
             req,
             view.as_ref(),
             matches.as_ref(),
-            &mut tried,
+            &mut t.tried,
             a.failed_on,
         )?
         else {
@@ -145,11 +136,15 @@ pub(super) async fn exchange<D: Downstream>(
         // A stream slot on the connection (the backend's
         // SETTINGS_MAX_CONCURRENT_STREAMS), within the connect timeout.
         match monoio::time::timeout(wait, poll_fn(|cx| sender.poll_ready(cx))).await {
-            Err(_) => return Err(UpstreamError::Saturated.into()),
+            Err(_) => {
+                // At its own stream limit: busy, not failing.
+                x.inflight = None;
+                return Err(UpstreamError::Saturated.into());
+            }
             Ok(Err(_)) => {
                 // The connection died before this request went out.
                 grpc::forget(w, addr, &lease);
-                reopen(&mut tried, b);
+                t.reopen(b);
                 last = UpstreamError::Closed;
                 x.inflight = None;
                 continue;
@@ -159,7 +154,7 @@ pub(super) async fn exchange<D: Downstream>(
         let sent = send_request(client, req, cur, &mut sender, at, body, out, &mut a, x).await?;
         let Some(response) = sent else {
             grpc::forget(w, addr, &lease);
-            reopen(&mut tried, b);
+            t.reopen(b);
             last = UpstreamError::Closed;
             x.inflight = None;
             continue;
@@ -168,38 +163,105 @@ pub(super) async fn exchange<D: Downstream>(
         // Whether this request can go again: nothing of its body was taken
         // from the client (none, or read whole by validation).
         let replayable = body == BodyKind::Empty;
-        let (wait, is_total) = wait_for(req.route.response_timeout, deadline);
-        let failed = match answer(response, wait, client.closed_watch()).await {
-            Ok(r) => {
+        let (mut wait, is_total) = wait_for(req.route.response_timeout, deadline);
+        if a.upload_cut {
+            wait = wait.min(super::EARLY_ANSWER_WAIT);
+        }
+        let watch = client.closed_watch();
+        let repeatable = replayable && req.head.idempotent;
+        let answered = match answer(response, wait, watch).await {
+            Ok(r) => head_of_answer(r, req, cur, resp, wait, watch, repeatable).await,
+            Err(f) => Err(f),
+        };
+        let failed = match answered {
+            Ok(mut src) => {
                 let done = relay::Done {
                     sent_at,
                     upload_cut: a.upload_cut,
                     deadline,
                 };
-                return relay_answer(client, req, w, cur, r, b, done, out, resp, x).await;
+                return relay::relay(client, req, w, cur, &mut src, b, &done, out, resp, x).await;
             }
             Err(f) => f,
         };
-        let e = match failed {
-            Failed::Proxy(e) => return Err(e),
-            Failed::Refused if replayable => {
-                // Not processed there: again (another backend, or this one
-                // on a fresh connection once), no budget spent.
-                tracing::info!(cluster = %cl.name, backend = %addr, "HTTP/2 stream refused by the backend; sending it again");
-                w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
-                grpc::forget(w, addr, &lease);
-                reopen(&mut tried, b);
-                x.inflight = None;
-                last = UpstreamError::Reset;
-                continue;
-            }
-            Failed::Refused => UpstreamError::Reset,
-            Failed::Upstream(e) => e,
-        };
-        let total = is_total && e == UpstreamError::ResponseTimeout;
-        elsewhere(w, cur, req, at, e, replayable, total, &mut a, x)?;
+        last = after(
+            w, cur, req, at, &lease, failed, replayable, is_total, &mut t, &mut a, x,
+        )?;
     }
     Err(last.into())
+}
+
+/// Backends a request went to or failed to reach (a bit per index below
+/// 64), and its fresh-connection tries.
+#[derive(Default)]
+struct Tries {
+    tried: u64,
+    /// A connection that turned out closed or closing under a request it
+    /// didn't process is not the backend's fault: up to REOPENS times per
+    /// request, that backend may be picked again, on a fresh connection.
+    reopens: usize,
+}
+
+impl Tries {
+    fn reopen(&mut self, b: usize) {
+        if self.reopens < REOPENS && b < 64 {
+            self.reopens += 1;
+            self.tried &= !(1 << b);
+        }
+    }
+}
+
+/// What a failed attempt at `at` leads to: `Ok` with the error to give if
+/// no attempt is left, when the request goes again; else the client's error.
+#[expect(clippy::too_many_arguments, reason = "the exchange's state")]
+fn after(
+    w: &Worker,
+    cur: &Current,
+    req: &Request<'_>,
+    at: Picked,
+    lease: &H2Lease,
+    failed: Failed,
+    replayable: bool,
+    is_total: bool,
+    t: &mut Tries,
+    a: &mut Attempts,
+    x: &mut Exchange,
+) -> Result<UpstreamError, ProxyError> {
+    let cl = &cur.shared.clusters[req.cluster];
+    let (b, addr) = (at.backend, at.addr);
+    let e = match failed {
+        Failed::Proxy(e) => return Err(e),
+        Failed::GoAway if replayable => {
+            // Past the backend's GOAWAY (nginx: every `keepalive_requests`):
+            // not processed, and no fault of the backend's; again on a fresh
+            // connection, no budget spent (the attempts are bounded).
+            tracing::debug!(cluster = %cl.name, backend = %addr, "HTTP/2 stream past the backend's GOAWAY; sending it again");
+            w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
+            grpc::forget(w, addr, lease);
+            if b < 64 {
+                t.tried &= !(1 << b);
+            }
+            x.inflight = None;
+            return Ok(UpstreamError::Reset);
+        }
+        Failed::Refused if replayable => {
+            // The backend shed it (not processed): another backend first;
+            // this one again only within the reopen allowance.
+            tracing::info!(cluster = %cl.name, backend = %addr, "HTTP/2 stream refused by the backend; sending it again");
+            w.metrics.inc(&w.metrics.upstream_retries, &[&cl.name], 1);
+            let untried = (0..cl.backends.len().min(64)).any(|i| t.tried & (1 << i) == 0);
+            if !untried {
+                t.reopen(b);
+            }
+            x.inflight = None;
+            return Ok(UpstreamError::Reset);
+        }
+        Failed::Refused | Failed::GoAway => UpstreamError::Reset,
+        Failed::Upstream(e) => e,
+    };
+    let total = is_total && e == UpstreamError::ResponseTimeout;
+    elsewhere(w, cur, req, at, e, replayable, total, a, x)?;
+    Ok(e)
 }
 
 /// A failure `e` of the attempt at `at` after the request went out: `Ok`
@@ -280,7 +342,8 @@ async fn send_request<D: Downstream>(
         a.sent_continue = true;
     }
     let with_head = send::head_for_backend(client.pending(), req, cur, at.addr, body, out);
-    let (request, head_len) = request_of(out, req.tls, at.addr)?;
+    let tls = cur.shared.clusters[req.cluster].tls.is_some();
+    let (request, head_len) = request_of(out, tls, at.addr)?;
     let first = Bytes::copy_from_slice(&out[head_len..]);
     let end = first.is_empty() && body == BodyKind::Empty;
     let Ok((response, mut up)) = sender.send_request(request, end) else {
@@ -388,6 +451,8 @@ async fn stream_body<D: Downstream>(
 
 /// The HTTP/2 request for the HTTP/1.1 head at the start of `head` (as the
 /// gateway wrote it: one `name: value` per line), and the head's length.
+/// `tls`: the backend connection's (`:scheme`; the client's scheme is in
+/// `x-forwarded-proto`).
 fn request_of(
     head: &[u8],
     tls: bool,
@@ -460,7 +525,7 @@ async fn answer(
             Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
                 return Err(Failed::Refused)
             }
-            Ok(Err(e)) if e.is_go_away() && e.is_remote() => return Err(Failed::Refused),
+            Ok(Err(e)) if e.is_go_away() && e.is_remote() => return Err(Failed::GoAway),
             Ok(Err(_)) => return Err(Failed::Upstream(UpstreamError::Reset)),
             Err(_) if crate::io::peer_closed(watch) => {
                 return Err(Failed::Proxy(ClientError::ClientClosed.into()))
@@ -470,20 +535,19 @@ async fn answer(
     }
 }
 
-/// The answer through the common relay, as HTTP/1.1 bytes.
-#[expect(clippy::too_many_arguments, reason = "the exchange's state")]
-async fn relay_answer<D: Downstream>(
-    client: &mut D,
-    req: &Request<'_>,
-    w: &Worker,
-    cur: &Current,
+/// The answer as HTTP/1.1 bytes, its head parsed into `resp`. For a
+/// `repeatable` request a small answer (as the HTTP/1.1 path does) is read
+/// whole first, so a backend failing between its HEADERS and its DATA is
+/// retried rather than relayed cut short.
+async fn head_of_answer(
     r: http::Response<RecvStream>,
-    backend: usize,
-    done: relay::Done,
-    out: &mut Vec<u8>,
+    req: &Request<'_>,
+    cur: &Current,
     resp: &mut ResponseHead,
-    x: &mut Exchange,
-) -> Result<(), ProxyError> {
+    wait: Duration,
+    watch: RawFd,
+    repeatable: bool,
+) -> Result<H2Source, Failed> {
     let (parts, body) = r.into_parts();
     let mut src = H2Source::new(&parts, body, req.head.is_head);
     let limits = &cur.shared.limits;
@@ -495,9 +559,22 @@ async fn relay_answer<D: Downstream>(
         resp,
     ) {
         Ok(true) => {}
-        _ => return Err(UpstreamError::BadResponse.into()),
+        _ => return Err(Failed::Upstream(UpstreamError::BadResponse)),
     }
-    relay::relay(client, req, w, cur, &mut src, backend, &done, out, resp, x).await
+    while repeatable && relay::body_short(resp, src.pending().len(), cur) {
+        match src.fill_watching(wait, watch).await {
+            Ok(0) => return Err(Failed::Upstream(UpstreamError::Closed)),
+            Ok(_) => {}
+            Err(ReadError::WatchedClosed) => {
+                return Err(Failed::Proxy(ClientError::ClientClosed.into()))
+            }
+            Err(ReadError::Timeout) => {
+                return Err(Failed::Upstream(UpstreamError::ResponseTimeout))
+            }
+            Err(ReadError::Io(_)) => return Err(Failed::Upstream(UpstreamError::Reset)),
+        }
+    }
+    Ok(src)
 }
 
 /// An HTTP/2 answer as HTTP/1.1 bytes: the head first; then each DATA

@@ -158,7 +158,7 @@ const SMALL_ANSWER: u64 = 16 * 1024;
 
 /// The response `resp` (its head parsed, `pending` bytes in) has a small
 /// body of known length not all read yet, that fits the connection's buffer.
-fn body_short(resp: &ResponseHead, pending: usize, cur: &Current) -> bool {
+pub(super) fn body_short(resp: &ResponseHead, pending: usize, cur: &Current) -> bool {
     match resp.body_kind() {
         BodyKind::Length(n) if n <= SMALL_ANSWER => {
             let whole = resp.head_len + n as usize;
