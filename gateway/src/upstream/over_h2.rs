@@ -334,6 +334,9 @@ async fn send_request<D: Downstream>(
     x: &mut Exchange,
 ) -> Result<Option<ResponseFuture>, ProxyError> {
     let timeouts = &cur.shared.timeouts;
+    // This attempt's: a buffered body cut on an earlier backend doesn't
+    // shorten the wait for this one's answer.
+    a.upload_cut = false;
     if req.head.expect_continue && !a.sent_continue && body != BodyKind::Empty {
         let (r, _) = client
             .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(), timeouts.send)
