@@ -65,7 +65,7 @@ pub enum WriteError {
 }
 
 /// How often a long upstream wait checks whether its client is still there.
-pub(crate) const WATCH_EVERY: Duration = Duration::from_secs(1);
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Conn {
     pub fn new(stream: TcpStream, cap: usize) -> Conn {
@@ -250,21 +250,9 @@ impl Conn {
     /// The check is a non-blocking peek once per second of waiting, so a
     /// quick response costs nothing extra.
     pub async fn fill_watching(&mut self, d: Duration, watch: RawFd) -> Result<usize, ReadError> {
-        let deadline = std::time::Instant::now() + d;
-        let fut = self.fill();
-        let mut fut = std::pin::pin!(fut);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(ReadError::Timeout);
-            }
-            match monoio::time::timeout(left.min(WATCH_EVERY), fut.as_mut()).await {
-                Ok(Ok(n)) => return Ok(n),
-                Ok(Err(e)) => return Err(ReadError::Io(e)),
-                Err(_) if peer_closed(watch) => return Err(ReadError::WatchedClosed),
-                Err(_) => {}
-            }
-        }
+        watching(self.fill(), d, watch)
+            .await?
+            .map_err(ReadError::Io)
     }
 
     /// Write the first `n` pending bytes to `dst` and consume them, giving up
@@ -463,6 +451,29 @@ fn peek(fd: RawFd) -> Peek {
 
 /// The peer closed (FIN or RST). Bytes waiting (a pipelined request) mean it is still there.
 /// The peer on `fd` has closed its side (EOF; never blocks).
+/// `fut` within `d`, given up early (`WatchedClosed`) when the peer on
+/// `watch` hangs up — checked by a non-blocking peek once per second of
+/// waiting, so a quick answer costs nothing extra. Never `ReadError::Io`.
+pub async fn watching<F: std::future::Future>(
+    fut: F,
+    d: Duration,
+    watch: RawFd,
+) -> Result<F::Output, ReadError> {
+    let deadline = std::time::Instant::now() + d;
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(ReadError::Timeout);
+        }
+        match monoio::time::timeout(left.min(WATCH_EVERY), fut.as_mut()).await {
+            Ok(v) => return Ok(v),
+            Err(_) if peer_closed(watch) => return Err(ReadError::WatchedClosed),
+            Err(_) => {}
+        }
+    }
+}
+
 pub fn peer_closed(fd: RawFd) -> bool {
     matches!(peek(fd), Peek::Closed)
 }

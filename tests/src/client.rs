@@ -276,3 +276,27 @@ pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
     c.send(raw);
     c.read_response()
 }
+
+/// curl (a client written by others) over h2c with prior knowledge, `args`
+/// before the URL: (HTTP version, status, body).
+pub fn curl_h2c(addr: SocketAddr, path: &str, args: &[&str]) -> (String, u16, Vec<u8>) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
+        .args(args)
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .expect("curl runs");
+    let mut body = out.stdout;
+    let nl = body.iter().rposition(|&b| b == b'\n').unwrap();
+    let tail = String::from_utf8_lossy(&body[nl + 1..]).to_string();
+    body.truncate(nl);
+    let (v, code) = tail.split_once(' ').unwrap();
+    (v.to_string(), code.parse().unwrap(), body)
+}

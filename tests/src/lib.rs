@@ -14,5 +14,5 @@ pub mod redis;
 pub mod tls;
 
 pub use backend::Backend;
-pub use client::{request, Client, Response};
+pub use client::{curl_h2c, request, Client, Response};
 pub use gateway::{one_cluster, Driver, Gateway, Spec};

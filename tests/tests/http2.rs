@@ -34,25 +34,7 @@ fn start(d: Driver, backend: std::net::SocketAddr, http2: &str) -> Gateway {
 
 /// curl over h2c with prior knowledge: (HTTP version, status, body).
 fn curl(g: &Gateway, path: &str, args: &[&str]) -> (String, u16, Vec<u8>) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "--http2-prior-knowledge",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_version} %{http_code}",
-        ])
-        .args(args)
-        .arg(format!("http://{}{path}", g.addr))
-        .output()
-        .expect("curl runs");
-    let mut body = out.stdout;
-    let nl = body.iter().rposition(|&b| b == b'\n').unwrap();
-    let tail = String::from_utf8_lossy(&body[nl + 1..]).to_string();
-    body.truncate(nl);
-    let (v, code) = tail.split_once(' ').unwrap();
-    (v.to_string(), code.parse().unwrap(), body)
+    gateway_tests::curl_h2c(g.addr, path, args)
 }
 
 both_drivers!(requests_streams_and_refusals_over_h2c, |d: Driver| {

@@ -390,25 +390,10 @@ fn http_routes_reach_a_tls_h2_backend_with_a_client_certificate() {
     }
 }
 
-/// curl over h2c with prior knowledge: (HTTP version, status, body).
+/// curl over h2c with prior knowledge: (HTTP version, status, body as text).
 fn curl_h2c(addr: SocketAddr, path: &str, args: &[&str]) -> (String, u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "--http2-prior-knowledge",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_version} %{http_code}",
-        ])
-        .args(args)
-        .arg(format!("http://{addr}{path}"))
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, tail) = text.rsplit_once('\n').unwrap();
-    let (v, code) = tail.split_once(' ').unwrap();
-    (v.to_string(), code.parse().unwrap(), body.to_string())
+    let (v, code, body) = gateway_tests::curl_h2c(addr, path, args);
+    (v, code, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[test]

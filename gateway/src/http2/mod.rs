@@ -19,7 +19,7 @@
 
 mod stream;
 
-pub use stream::{head_of, H2Stream};
+pub use stream::{head_of, H2Stream, HOP_BY_HOP};
 
 use std::future::poll_fn;
 use std::net::SocketAddr;

@@ -29,7 +29,7 @@ const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 
 /// Headers that mean something only to one HTTP/1.1 connection: never
 /// sent in HTTP/2 (RFC 9113 §8.2.2).
-const HOP_BY_HOP: [&str; 6] = [
+pub const HOP_BY_HOP: [&str; 6] = [
     "connection",
     "keep-alive",
     "proxy-connection",

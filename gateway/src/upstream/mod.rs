@@ -139,11 +139,7 @@ async fn checkout(
     let give_up = Instant::now() + wait;
     let released = cur.pool.borrow().released.clone();
     let matches = prefix_matches(w, cl, req);
-    let view = matches.as_ref().map(|m| crate::balance::PrefixView {
-        blocks: req.prefix,
-        matches: m,
-        prompt_tokens: req.prompt_tokens,
-    });
+    let view = prefix_view(req, matches.as_ref());
     loop {
         let mut last = UpstreamError::Saturated;
         let mut tried = exclude;
@@ -295,6 +291,19 @@ fn prefix_matches(
     let ix = map.get_mut(&cl.name)?;
     ix.set_capacity(capacity);
     Some(ix.matches(req.prefix, cl.backends.len()))
+}
+
+/// The balance stage's view of the request's prompt, given what the index
+/// holds of it.
+fn prefix_view<'v>(
+    req: &Request<'v>,
+    matches: Option<&'v crate::balance::prefix::Matches>,
+) -> Option<crate::balance::PrefixView<'v>> {
+    matches.map(|m| crate::balance::PrefixView {
+        blocks: req.prefix,
+        matches: m,
+        prompt_tokens: req.prompt_tokens,
+    })
 }
 
 /// The prompt goes to backend `b`: index its blocks there, count whether

@@ -26,27 +26,15 @@ use h2::{RecvStream, SendStream};
 
 use super::relay::{self, Source};
 use super::{
-    choose, grpc, note_outcome, prefix_matches, prefix_sent, send, wait_for, Attempts, Exchange,
-    InFlight, Picked, Request,
+    choose, grpc, note_outcome, prefix_matches, prefix_sent, prefix_view, send, wait_for, Attempts,
+    Exchange, InFlight, Picked, Request,
 };
 use crate::codec::{self, BodyKind, ChunkedDecoder, ResponseHead};
 use crate::downstream::Downstream;
 use crate::error::{ClientError, ProxyError, UpstreamError};
-use crate::io::{ReadError, WATCH_EVERY};
+use crate::io::{watching, ReadError};
 use crate::pool::H2Lease;
 use crate::worker::{Current, Worker};
-
-/// Request headers that belong to an HTTP/1.1 connection (RFC 9113 §8.2.2)
-/// or become pseudo-headers; never sent as HTTP/2 fields.
-const NOT_FIELDS: [&str; 7] = [
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-];
 
 /// Fresh connections a request may try after one closed under it.
 const REOPENS: usize = 3;
@@ -82,11 +70,7 @@ pub(super) async fn exchange<D: Downstream>(
     let deadline = req.route.total_timeout.map(|t| req.started + t);
     let cl = &cur.shared.clusters[req.cluster];
     let matches = prefix_matches(w, cl, req);
-    let view = matches.as_ref().map(|m| crate::balance::PrefixView {
-        blocks: req.prefix,
-        matches: m,
-        prompt_tokens: req.prompt_tokens,
-    });
+    let view = prefix_view(req, matches.as_ref());
     let mut a = Attempts {
         sent_continue: req.continue_sent,
         ..Attempts::default()
@@ -482,7 +466,10 @@ fn request_of(
             continue;
         }
         let name = http::HeaderName::from_bytes(name).map_err(|_| bad())?;
-        if NOT_FIELDS.contains(&name.as_str()) && !(name == "te" && value == b"trailers") {
+        // Connection-specific fields never go in HTTP/2 (RFC 9113 §8.2.2).
+        if crate::http2::HOP_BY_HOP.contains(&name.as_str())
+            && !(name == "te" && value == b"trailers")
+        {
             continue;
         }
         headers.append(
@@ -516,25 +503,13 @@ async fn answer(
     wait: Duration,
     watch: RawFd,
 ) -> Result<http::Response<RecvStream>, Failed> {
-    let deadline = Instant::now() + wait;
-    let mut response = std::pin::pin!(response);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Failed::Upstream(UpstreamError::ResponseTimeout));
-        }
-        match monoio::time::timeout(left.min(WATCH_EVERY), response.as_mut()).await {
-            Ok(Ok(r)) => return Ok(r),
-            Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
-                return Err(Failed::Refused)
-            }
-            Ok(Err(e)) if e.is_go_away() && e.is_remote() => return Err(Failed::GoAway),
-            Ok(Err(_)) => return Err(Failed::Upstream(UpstreamError::Reset)),
-            Err(_) if crate::io::peer_closed(watch) => {
-                return Err(Failed::Proxy(ClientError::ClientClosed.into()))
-            }
-            Err(_) => {}
-        }
+    match watching(response, wait, watch).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => Err(Failed::Refused),
+        Ok(Err(e)) if e.is_go_away() && e.is_remote() => Err(Failed::GoAway),
+        Ok(Err(_)) => Err(Failed::Upstream(UpstreamError::Reset)),
+        Err(ReadError::WatchedClosed) => Err(Failed::Proxy(ClientError::ClientClosed.into())),
+        Err(_) => Err(Failed::Upstream(UpstreamError::ResponseTimeout)),
     }
 }
 
@@ -655,11 +630,8 @@ impl Source for H2Source {
         let deadline = Instant::now() + d;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ReadError::Timeout);
-            }
-            match monoio::time::timeout(left.min(WATCH_EVERY), self.body.data()).await {
-                Ok(Some(Ok(data))) => {
+            match watching(self.body.data(), left, watch).await? {
+                Some(Ok(data)) => {
                     let _ = self.body.flow_control().release_capacity(data.len());
                     if data.is_empty() {
                         continue;
@@ -672,8 +644,8 @@ impl Source for H2Source {
                     }
                     return Ok(self.buf.len() - before);
                 }
-                Ok(Some(Err(e))) => return Err(ReadError::Io(std::io::Error::other(e))),
-                Ok(None) => {
+                Some(Err(e)) => return Err(ReadError::Io(std::io::Error::other(e))),
+                None => {
                     self.ended = true;
                     if !self.chunked {
                         return Ok(0);
@@ -682,8 +654,6 @@ impl Source for H2Source {
                     self.buf.extend_from_slice(b"0\r\n\r\n");
                     return Ok(5);
                 }
-                Err(_) if crate::io::peer_closed(watch) => return Err(ReadError::WatchedClosed),
-                Err(_) => {}
             }
         }
     }
