@@ -81,6 +81,17 @@ impl ResponseHead {
     }
 }
 
+/// Headers that mean something only to one HTTP/1.1 connection: never
+/// sent in HTTP/2 (RFC 9113 §8.2.2).
+pub const H2_HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
 /// Headers that describe one connection only (RFC 9110 §7.6.1) plus those
 /// the gateway sets itself; never forwarded as received.
 fn is_hop_by_hop(name: &[u8]) -> bool {

@@ -19,7 +19,7 @@
 
 mod stream;
 
-pub use stream::{head_of, H2Stream, HOP_BY_HOP};
+pub use stream::{head_of, H2Stream};
 
 use std::future::poll_fn;
 use std::net::SocketAddr;

@@ -27,17 +27,6 @@ use crate::worker::Worker;
 /// backend's head, already bounded by `max_response_header_bytes`).
 const MAX_RESPONSE_HEAD: usize = 256 * 1024;
 
-/// Headers that mean something only to one HTTP/1.1 connection: never
-/// sent in HTTP/2 (RFC 9113 §8.2.2).
-pub const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-];
-
 /// Serve one stream: its head parsed, the pipeline run, its answer framed.
 pub(super) async fn serve(
     req: http::Request<RecvStream>,
@@ -269,7 +258,7 @@ impl H2Stream {
         let mut resp = http::Response::builder().status(rh.status);
         for h in &rh.headers {
             let name = &acc[h.name.clone()];
-            if HOP_BY_HOP
+            if codec::H2_HOP_BY_HOP
                 .iter()
                 .any(|x| name.eq_ignore_ascii_case(x.as_bytes()))
             {

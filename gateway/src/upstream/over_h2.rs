@@ -467,8 +467,7 @@ fn request_of(
         }
         let name = http::HeaderName::from_bytes(name).map_err(|_| bad())?;
         // Connection-specific fields never go in HTTP/2 (RFC 9113 §8.2.2).
-        if crate::http2::HOP_BY_HOP.contains(&name.as_str())
-            && !(name == "te" && value == b"trailers")
+        if codec::H2_HOP_BY_HOP.contains(&name.as_str()) && !(name == "te" && value == b"trailers")
         {
             continue;
         }
