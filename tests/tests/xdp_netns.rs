@@ -23,6 +23,9 @@ impl Drop for Proc {
     }
 }
 
+/// The demo backend in the gateway namespace, once it answers (a busy CI
+/// host can take a while to start it, and a gateway started before it
+/// would answer its first requests with 502).
 fn start_backend(net: &NetPair) -> Proc {
     let child = NetPair::cmd(&net.gw, bin("DEMO_BACKEND_BIN", "demo-backend"))
         .args(["--listen", "127.0.0.1:8000"])
@@ -30,7 +33,16 @@ fn start_backend(net: &NetPair) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("start demo-backend");
-    Proc(child)
+    let p = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while net.curl_gw("http://127.0.0.1:8000/v1/models").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "demo-backend not up in the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p
 }
 
 fn start_gateway(net: &NetPair, xdp_interfaces: &[&str]) -> Proc {
@@ -127,9 +139,22 @@ fn served(net: &NetPair, from: &str) -> bool {
     served_within(net, from, 5)
 }
 
+/// Whether a request from `from` gets a 200 within `secs` (tried again
+/// while time is left, so one connection lost to a busy host isn't read as
+/// a drop; a dropped client never gets one).
 fn served_within(net: &NetPair, from: &str, secs: u32) -> bool {
-    let (code, status, _) = net.curl_from(from, &url(net), secs);
-    code == 0 && status == 200
+    let deadline = Instant::now() + Duration::from_secs(secs.into());
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now()).as_secs() as u32;
+        let (code, status, _) = net.curl_from(from, &url(net), left.max(1));
+        if code == 0 && status == 200 {
+            return true;
+        }
+        if Instant::now() + Duration::from_millis(200) >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
