@@ -396,7 +396,7 @@ const PREFIX_ROUTES: Desc = Desc::new(
 );
 const PREFIX_INDEX_BYTES: Desc = Desc::new(
     "gateway_prefix_index_bytes",
-    "Memory of the prefix index (what was sent where), all workers, per cluster; bounded by prefix_cache_blocks × backends",
+    "Memory of the cluster's prefix index (what was sent where), shared by every worker; fixed: 32 bytes per KV block of the pool's caches",
     &["cluster"],
 );
 const BACKEND_TTFT: Desc = Desc::new(

@@ -23,6 +23,8 @@ pub struct Cluster {
     pub loads: Vec<std::sync::Arc<crate::balance::BackendLoad>>,
     /// Retries of idempotent requests left to spend (process-wide).
     pub retry_budget: std::sync::Arc<crate::balance::RetryBudget>,
+    /// What was sent where (prefix-aware algorithms; process-wide).
+    pub prefix: Option<std::sync::Arc<crate::balance::prefix::PrefixIndex>>,
     /// Open connections per backend per worker (in use + idle).
     pub max_connections: usize,
     pub pool_max_idle: usize,

@@ -105,6 +105,14 @@ impl Shared {
                         .queue
                         .as_ref()
                         .map(|q| (loads.queue(n, &backend_loads, &c.balance, q), q.clone())),
+                    prefix: c.balance.algorithm.uses_prefix().then(|| {
+                        let ix = loads.prefix_index(n, &backend_loads, &c.balance);
+                        metrics
+                            .prefix_index_bytes
+                            .with_label_values(&[n])
+                            .set(ix.bytes() as i64);
+                        ix
+                    }),
                     loads: backend_loads,
                     retry_budget: loads.budget(n, &c.balance),
                     pool_max_idle: c.pool_max_idle,
@@ -292,7 +300,6 @@ pub struct Worker {
     pub rng: crate::balance::Rng,
     /// What this worker sent where, per cluster name (prefix-aware
     /// algorithms; per worker: no lock on the hot path; kept across reloads).
-    pub prefix: RefCell<HashMap<String, crate::balance::prefix::PrefixIndex>>,
     /// Shadow (mirrored) requests in flight on this worker.
     pub shadows: Rc<Cell<usize>>,
     /// HTTP/2 connections to backends (gRPC routes, `http = "2"`/`"h2c"`
@@ -338,7 +345,6 @@ impl Worker {
             json_scratch: RefCell::new(crate::validate::Scratch::default()),
             token_cache: RefCell::new(token_cache),
             rng: crate::balance::Rng::new(random_u64()),
-            prefix: RefCell::new(HashMap::new()),
             shadows: Rc::new(Cell::new(0)),
             h2_upstream: RefCell::new(HashMap::new()),
             h2_connecting: RefCell::new(HashMap::new()),

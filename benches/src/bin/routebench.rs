@@ -104,7 +104,8 @@ routing.json + routing.svg (mixed) or routing-<workload>.json + routing-<workloa
 --saturate (or --workload saturate): flow control over capacity, one tenant flooding: the gateway with
 a queue (fair by tenant) vs without (503 at once) vs no saturation cap (routing-saturate.json, .svg).
 
-env: GATEWAY_BIN (default <workspace>/target/release/gateway)
+env: GATEWAY_BIN (default <workspace>/target/release/gateway); ROUTEBENCH_BALANCE: extra
+`[clusters.X.balance]` settings for every policy, `;`-separated (e.g. prefix_stickiness = 2)
 ";
 
 /// The algorithms, in the order they are reported.
@@ -533,11 +534,14 @@ fn gateway_config(
     let mut c = format!(
         "[server]\nlisten = [\"{listen}\"]\nworkers = 2\n[admin]\nlisten = \"{admin}\"\n[log]\naccess_log = false\n\n"
     );
+    // Extra `[clusters.X.balance]` lines for every policy (tuning runs).
+    let extra = std::env::var("ROUTEBENCH_BALANCE").unwrap_or_default();
     for p in policies {
         c += &format!(
             "[clusters.{p}]\nbackends = [{}]\nmax_connections = 4096\n[clusters.{p}.balance]\nalgorithm = \"{p}\"\nengine = \"vllm\"\n\
-             metrics_interval = \"50ms\"\nmetrics_max_age = \"200ms\"\nqueue_saturation = 1000\nwarmup = \"0s\"\n\n",
-            backends.join(", ")
+             metrics_interval = \"50ms\"\nmetrics_max_age = \"200ms\"\nqueue_saturation = 1000\nwarmup = \"0s\"\n{}\n\n",
+            backends.join(", "),
+            extra.replace(';', "\n")
         );
     }
     // OpenAI routes over a catalogue: every algorithm sees the same checked
@@ -596,7 +600,11 @@ fn start_gateways(
             .args(["run", "--config"])
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("DBG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .map_err(|e| {
                 format!(

@@ -80,6 +80,11 @@ pub struct BackendLoad {
     pub prefill_ns: AtomicU64,
     /// KV blocks the engine says it has (`num_gpu_blocks`; 0: not reported).
     pub cache_blocks: AtomicU32,
+    /// The prefix index's model of its cache: blocks it has had to
+    /// allocate for what was sent to it (all workers), and its entries' key
+    /// ([`prefix::Holder`]).
+    pub cache_clock: AtomicU64,
+    pub index_key: u64,
     /// EWMA of the time between a stream's events (inter-token time), ns.
     pub itl_ns: AtomicU64,
     /// Streams from this gateway in flight (all workers).
@@ -116,6 +121,8 @@ impl BackendLoad {
             ttft_ns: AtomicU64::new(0),
             prefill_ns: AtomicU64::new(0),
             cache_blocks: AtomicU32::new(0),
+            cache_clock: AtomicU64::new(0),
+            index_key: prefix::holder_key(&addr),
             itl_ns: AtomicU64::new(0),
             streams: AtomicU32::new(0),
             stream_tokens: AtomicU64::new(0),
@@ -127,6 +134,26 @@ impl BackendLoad {
     /// to first token, inter-token time, and prefill per token (its mean
     /// TTFT over its mean prompt), so speed is known before the first
     /// stream through this gateway.
+    /// The prefix index's view of this backend now; `blocks` its cache
+    /// size when the engine hasn't said.
+    pub fn holder(&self, blocks: u32) -> prefix::Holder {
+        let n = match self.cache_blocks.load(Ordering::Relaxed) {
+            0 => blocks,
+            n => n,
+        };
+        prefix::Holder {
+            key: self.index_key,
+            clock: self.cache_clock.load(Ordering::Relaxed),
+            blocks: u64::from(n),
+        }
+    }
+
+    /// `blocks` more blocks allocated in its cache for a request sent to
+    /// it: the clock value the request's prompt is stamped with.
+    pub fn allocate(&self, blocks: u64) -> u64 {
+        self.cache_clock.fetch_add(blocks, Ordering::Relaxed) + blocks
+    }
+
     pub fn cold_start(&self, sp: scrape::Speed) {
         let seed = |cell: &AtomicU64, v: f64| {
             if v.is_finite() && v > 0.0 {
@@ -362,6 +389,7 @@ pub struct Registry {
     map: Mutex<HashMap<(String, SocketAddr), Arc<BackendLoad>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     queues: Mutex<HashMap<String, Arc<queue::FlowQueue>>>,
+    prefixes: Mutex<HashMap<String, Arc<prefix::PrefixIndex>>>,
 }
 
 impl Registry {
@@ -396,6 +424,34 @@ impl Registry {
             .collect();
         v.sort_by(|a, b| a.cluster.cmp(&b.cluster));
         v
+    }
+
+    /// The cluster's prefix index, sized for its backends' caches (the
+    /// engines' reported sizes, else `prefix_cache_blocks` each), four
+    /// entries a cache block; kept across reloads while that size holds.
+    pub fn prefix_index(
+        &self,
+        cluster: &str,
+        loads: &[Arc<BackendLoad>],
+        s: &BalanceSettings,
+    ) -> Arc<prefix::PrefixIndex> {
+        let blocks: u64 = loads
+            .iter()
+            .map(|l| l.holder(s.prefix_cache_blocks).blocks)
+            .sum();
+        let want = (blocks as usize)
+            .saturating_mul(4)
+            .max(1)
+            .next_power_of_two();
+        let mut map = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(cluster) {
+            Some(ix) if ix.capacity() == want => ix.clone(),
+            _ => {
+                let ix = Arc::new(prefix::PrefixIndex::new(want));
+                map.insert(cluster.to_string(), ix.clone());
+                ix
+            }
+        }
     }
 
     pub fn budget(&self, cluster: &str, s: &BalanceSettings) -> Arc<RetryBudget> {
@@ -579,22 +635,21 @@ pub struct PrefixView<'a> {
 }
 
 impl PrefixView<'_> {
-    /// Prompt tokens taken to be cached at `i`, for what they save: the
-    /// blocks the index says it holds and, for the prompt's home when its
-    /// prefix is known to be shared, the longest run any backend holds;
-    /// plus the anchor's worth for the home, so that where every worker and
-    /// gateway agrees a prefix lives wins a near tie — from its first
-    /// request on, with no history — and they all converge there without
-    /// talking.
-    fn credit_tokens(&self, i: usize, home: Option<usize>) -> u64 {
-        let m = self.matches;
-        let own = u64::from(m.per_backend.get(i).copied().unwrap_or(0));
-        let (held, bonus) = match (home == Some(i), m.anchor_seen) {
-            (true, true) => (own.max(u64::from(m.longest)), prefix::ANCHOR_BLOCKS as u64),
-            (true, false) => (own, prefix::ANCHOR_BLOCKS as u64),
-            (false, _) => (own, 0),
+    /// Prompt tokens the index says `i` holds, and the home's bonus (the
+    /// anchor's worth, at the prompt's home only): where every worker and
+    /// gateway would place a prefix wins a near tie, so they converge
+    /// there without talking.
+    fn credit_tokens(&self, i: usize, home: Option<usize>) -> (u64, u64) {
+        let own = u64::from(self.matches.per_backend.get(i).copied().unwrap_or(0));
+        let bonus = if home == Some(i) {
+            prefix::ANCHOR_BLOCKS as u64 * prefix::BLOCK_TOKENS
+        } else {
+            0
         };
-        (held * prefix::BLOCK_TOKENS).min(self.prompt_tokens.max(1)) + bonus * prefix::BLOCK_TOKENS
+        (
+            (own * prefix::BLOCK_TOKENS).min(self.prompt_tokens.max(1)),
+            bonus,
+        )
     }
 }
 
@@ -787,28 +842,30 @@ fn gpu_aware(
     prefix_aware(s, loads, cand, p, rng, parts)
 }
 
-/// `prefix_aware`. A prompt whose first blocks were seen before has a
-/// shared prefix: it goes where its first token comes soonest (the wait for
-/// a batch slot plus the prefill of what the backend doesn't hold; its home
-/// — [`prefix::home`], weighted by capacity, the same in every worker and
-/// gateway — taken to hold the longest run any backend holds), among the
-/// backends whose expected completion time less that saving is within
-/// `prefix_stickiness` of the best (1.0: up to twice the best). A new
-/// prompt starts at home only when home is nearly as good. Otherwise the
-/// lowest expected time less what the backend's cached share saves (so a
-/// prompt with nothing shared is routed as `gpu_aware` routes it).
+/// `prefix_aware`: each backend's cost is its expected completion time
+/// (`gpu_aware`'s model) plus the prefill of what the prefix index says it
+/// doesn't hold of the prompt, plus the wait for a batch slot and that
+/// prefill again (the first token's delay), plus that prefill ×
+/// `prefix_stickiness` × the requests running there (a miss stalls their
+/// steps; a hit doesn't), less a small bonus at the prompt's home
+/// ([`prefix::home`], weighted by capacity, the same in every worker and
+/// gateway). Backends whose expected completion time is over `(1 +
+/// prefix_max_slowdown)` × the soonest's — unless within the fastest
+/// backend's mean latency — are left out: the end-to-end tail isn't traded
+/// for cache hits. A prompt held nowhere (new, or evicted everywhere) goes
+/// home unless home costs clearly more. The lowest cost wins; a prompt
+/// with nothing shared is routed much as `gpu_aware` routes it.
 fn prefix_aware(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
     cand: &[usize],
     p: &PrefixView<'_>,
     rng: &Rng,
-    parts: impl Fn(usize) -> Option<(f64, f64)>,
+    parts: impl Fn(usize) -> Option<Parts>,
 ) -> Result<usize, NoPick> {
-    // (backend, expected completion time, wait for a batch slot)
-    let costs: Vec<(usize, f64, f64)> = cand
+    let costs: Vec<(usize, Parts)> = cand
         .iter()
-        .filter_map(|&i| parts(i).map(|(t, w)| (i, t, w)))
+        .filter_map(|&i| parts(i).map(|c| (i, c)))
         .collect();
     if costs.is_empty() {
         return Err(NoPick::Saturated);
@@ -821,36 +878,63 @@ fn prefix_aware(
         .unwrap_or(0) as f64;
     let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
-    let per_token = |i: usize| prefill_per_token(s, &loads[i], fastest);
-    let saved = |i: usize| p.credit_tokens(i, home) as f64 * per_token(i);
-    let best = costs.iter().map(|c| c.1).fold(f64::MAX, f64::min);
-    if p.matches.anchor_seen {
-        // A shared prefix: among the backends whose completion time is
-        // within `prefix_stickiness` of the best, the earliest first token
-        // — the wait for a slot plus the prefill of what it doesn't hold.
-        let limit = best * (1.0 + s.prefix_stickiness);
-        let first_token = |i: usize| {
-            let &(_, total, wait) = costs.iter().find(|c| c.0 == i)?;
-            (total - saved(i) <= limit)
-                .then(|| wait + p.prompt_tokens as f64 * per_token(i) - saved(i))
+    // (its own completion time, the cost of sending it there)
+    let judged = |i: usize| {
+        let c = costs.iter().find(|c| c.0 == i)?.1;
+        let (held, bonus) = p.credit_tokens(i, home);
+        let per_token = prefill_per_token(s, &loads[i], fastest);
+        let prefill = p.prompt_tokens.saturating_sub(held) as f64 * per_token;
+        // The prefill stalls the steps of every request running there: a
+        // miss costs the batch, not only this request.
+        let stalled = if c.batch > 0.0 {
+            c.occupancy.min(c.batch)
+        } else {
+            c.occupancy
         };
-        if let Some(i) = cheapest(&ok, rng, first_token) {
-            return Ok(i);
-        }
-    } else if let Some(h) = home {
-        // A new prompt starts at home only when home is nearly as good (it
-        // may turn out shared; every worker and gateway agrees on home).
-        let tolerance = s.prefix_stickiness / 8.0;
-        if costs
+        let own = c.total + prefill;
+        let cost = own + c.wait + prefill * (1.0 + s.prefix_stickiness * stalled)
+            - bonus as f64 * per_token;
+        Some((own, cost))
+    };
+    let judged: Vec<(usize, f64, f64)> = ok
+        .iter()
+        .filter_map(|&i| judged(i).map(|(own, cost)| (i, own, cost)))
+        .collect();
+    // No backend whose completion time is far off the best's, however much
+    // its cache saves: the tail of end-to-end latency is set there.
+    let fastest_done = judged.iter().map(|j| j.1).fold(f64::MAX, f64::min);
+    // A request that finishes within the pool's typical time anyway (the
+    // fastest backend's mean latency) isn't what sets the tail.
+    let typical = ok
+        .iter()
+        .map(|&i| loads[i].latency_ns.load(Ordering::Relaxed))
+        .filter(|&v| v > 0)
+        .min()
+        .unwrap_or(0) as f64;
+    let limit = (fastest_done * (1.0 + s.prefix_max_slowdown)).max(typical);
+    let allowed: Vec<usize> = judged
+        .iter()
+        .filter(|j| j.1 <= limit)
+        .map(|j| j.0)
+        .collect();
+    let cost = |i: usize| judged.iter().find(|j| j.0 == i).map(|j| j.2);
+    if let Some(h) = home.filter(|h| p.matches.longest == 0 && allowed.contains(h)) {
+        // Held nowhere (new, or evicted everywhere): home, where every
+        // worker and gateway would send it, unless clearly worse.
+        let best = allowed
             .iter()
-            .any(|c| c.0 == h && c.1 - saved(h) <= best * (1.0 + tolerance))
-        {
+            .filter_map(|&i| cost(i))
+            .fold(f64::MAX, f64::min);
+        if cost(h).is_some_and(|c| c <= best * HOME_TOLERANCE) {
             return Ok(h);
         }
     }
-    let total = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1 - saved(i));
-    cheapest(&ok, rng, total).ok_or(NoPick::Saturated)
+    cheapest(&allowed, rng, cost).ok_or(NoPick::Saturated)
 }
+
+/// A prompt held nowhere goes home while home's cost is within this factor
+/// of the best.
+const HOME_TOLERANCE: f64 = 1.25;
 
 /// Prefill time per prompt token at `b`, ns: learned from its streams' time
 /// to first token, else `prefill_per_1k_tokens` scaled by how much slower
@@ -911,10 +995,23 @@ fn expected_ns(
     mean: f64,
     mean_token: f64,
 ) -> Option<f64> {
-    expected(s, b, now, model, size, mean, mean_token).map(|e| e.0)
+    expected(s, b, now, model, size, mean, mean_token).map(|e| e.total)
 }
 
-/// [`expected_ns`] and, of it, the wait for a batch slot (ns).
+/// A backend's expected completion time for a request and what it is made
+/// of (ns), for the prefix-aware cost.
+#[derive(Debug, Clone, Copy)]
+struct Parts {
+    total: f64,
+    /// Of it, the wait for a batch slot.
+    wait: f64,
+    /// Requests it is running or holding (its occupancy before this one).
+    occupancy: f64,
+    /// Its batch size as learned (0: unknown).
+    batch: f64,
+}
+
+/// [`expected_ns`] with its parts.
 fn expected(
     s: &BalanceSettings,
     b: &BackendLoad,
@@ -923,7 +1020,7 @@ fn expected(
     size: u64,
     mean: f64,
     mean_token: f64,
-) -> Option<(f64, f64)> {
+) -> Option<Parts> {
     let mut occ = f64::from(b.inflight.load(Ordering::Relaxed));
     let mut cost_mul = 1.0;
     if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
@@ -957,11 +1054,17 @@ fn expected(
         v => v as f64,
     };
     let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
-    Some(if size > 0 && token > 0.0 && batch > 0.0 {
+    let (total, wait) = if size > 0 && token > 0.0 && batch > 0.0 {
         let wait = (occ + 1.0 - batch).max(0.0) * service;
         ((wait + size as f64 * token) * cost_mul, wait * cost_mul)
     } else {
         ((occ + 1.0) * service * cost_mul, occ * service * cost_mul)
+    };
+    Some(Parts {
+        total,
+        wait,
+        occupancy: occ,
+        batch,
     })
 }
 
@@ -1181,42 +1284,57 @@ mod tests {
         assert_eq!(b.outcome(false, &s), Some(Duration::from_secs(3)), "capped");
     }
 
-    /// A prompt of `n` blocks, and an index where backend `at` was sent
-    /// `held` of them.
-    fn prompt(n: usize, held: &[(usize, usize)]) -> (Vec<u64>, prefix::PrefixIndex) {
+    /// A prompt of `n` blocks (`tag`: which prompt), and what an index
+    /// where backend `at` was sent `k` of them (for each `(at, k)`) knows.
+    fn prompt(
+        p: &[Arc<BackendLoad>],
+        tag: u8,
+        n: usize,
+        held: &[(usize, usize)],
+    ) -> (Vec<u64>, prefix::Matches) {
         let mut h = prefix::BlockHasher::new("m", None, usize::MAX);
-        h.write(&vec![b'x'; n * prefix::BLOCK_BYTES]);
+        h.write(&vec![tag; n * prefix::BLOCK_BYTES]);
         let blocks = h.finish();
-        let mut ix = prefix::PrefixIndex::new(1 << 16);
+        let ix = prefix::PrefixIndex::new(1 << 16);
         for &(at, k) in held {
-            ix.insert(&blocks[..k], at);
+            let holders: Vec<_> = p.iter().map(|b| b.holder(1 << 14)).collect();
+            ix.insert(&blocks[..k], &holders, at, p[at].allocate(k as u64));
         }
-        (blocks, ix)
+        let holders: Vec<_> = p.iter().map(|b| b.holder(1 << 14)).collect();
+        let m = ix.matches(&blocks, &holders);
+        (blocks, m)
+    }
+
+    fn view<'a>(blocks: &'a [u64], m: &'a prefix::Matches) -> PrefixView<'a> {
+        PrefixView {
+            blocks,
+            matches: m,
+            prompt_tokens: blocks.len() as u64 * prefix::BLOCK_TOKENS,
+        }
     }
 
     #[test]
     fn prefix_aware_stays_with_the_cache_until_waiting_there_costs_more() {
         let p = pool(2);
-        // Equal speed; 50 µs of prefill a token (50 ms a 1k).
+        // Equal speed; 50 µs of prefill a token (80 ms for the whole prompt).
         for b in &p {
             b.service_ns.store(10_000_000, Ordering::Relaxed);
             b.prefill_ns.store(50_000, Ordering::Relaxed);
         }
-        let s = settings(Algorithm::PrefixAware);
-        let (rr, rng) = (Cell::new(0), Rng::new(9));
-        // The prompt's home holds 90 of its 100 blocks (1,440 tokens, and
-        // 64 for being home: ≈ 75 ms of prefill).
-        let (blocks, _) = prompt(100, &[]);
-        let at = prefix::home(&blocks, &addrs(&p), &[1.0; 2], &[0, 1]).unwrap();
-        let (blocks, ix) = prompt(100, &[(at, 90)]);
-        let m = ix.matches(&blocks, 2);
-        let view = PrefixView {
-            blocks: &blocks,
-            matches: &m,
-            prompt_tokens: 1600,
+        let s = BalanceSettings {
+            prefix_stickiness: 1.0,
+            ..settings(Algorithm::PrefixAware)
         };
+        let (rr, rng) = (Cell::new(0), Rng::new(9));
+        // The prompt's home holds 90 of its 100 blocks: 8 ms of prefill
+        // there, 80 ms elsewhere (twice: its own first token, and its
+        // completion), plus the stall it puts on what runs there.
+        let (blocks, _) = prompt(&p, b'x', 100, &[]);
+        let at = prefix::home(&blocks, &addrs(&p), &[1.0; 2], &[0, 1]).unwrap();
+        let (blocks, m) = prompt(&p, b'x', 100, &[(at, 90)]);
+        let v = view(&blocks, &m);
         for _ in 0..10 {
-            assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), at);
+            assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v), &rr, &rng).unwrap(), at);
         }
         // Plain gpu_aware is blind to it: a tie, either one.
         let g = settings(Algorithm::GpuAware);
@@ -1224,40 +1342,58 @@ mod tests {
             .map(|_| pick(&g, &p, 0, "m", 0, None, &rr, &rng).unwrap())
             .collect();
         assert_eq!(picks.len(), 2);
-        // Five more in flight there (50 ms more wait) is still worth the 75 ms saved…
+        // Five more in flight there (≈ 140 ms: waits, and 5 stalled by its
+        // prefill) is still worth it against 170 ms elsewhere…
         p[at].inflight.store(5, Ordering::Relaxed);
-        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(), at);
-        // …ten more (100 ms) is not.
-        p[at].inflight.store(10, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v), &rr, &rng).unwrap(), at);
+        // …seven more is not.
+        p[at].inflight.store(7, Ordering::Relaxed);
         assert_eq!(
-            pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(),
+            pick(&s, &p, 0, "m", 0, Some(&v), &rr, &rng).unwrap(),
             1 - at
         );
-        // Sent elsewhere once (home was busy): with home free again it goes
-        // home, where every worker and gateway sends it.
+        // Held only elsewhere (home was busy once): it stays with the cache.
         p[at].inflight.store(0, Ordering::Relaxed);
-        let (blocks2, ix2) = prompt(100, &[(1 - at, 90)]);
-        let m2 = ix2.matches(&blocks2, 2);
-        let v2 = PrefixView {
-            blocks: &blocks2,
-            matches: &m2,
-            prompt_tokens: 1600,
-        };
-        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(), at);
-        // A prompt with nothing shared (never seen) goes by load alone.
-        let (fresh, ix3) = prompt(100, &[]);
-        let m3 = ix3.matches(&fresh, 2);
-        let v3 = PrefixView {
-            blocks: &fresh,
-            matches: &m3,
-            prompt_tokens: 1600,
-        };
+        let (blocks2, m2) = prompt(&p, b'x', 100, &[(1 - at, 90)]);
+        let v2 = view(&blocks2, &m2);
+        assert_eq!(
+            pick(&s, &p, 0, "m", 0, Some(&v2), &rr, &rng).unwrap(),
+            1 - at
+        );
+        // A prompt with nothing shared (never seen) goes by load, home
+        // winning only a near tie.
+        let (fresh, m3) = prompt(&p, b'y', 100, &[]);
+        let v3 = view(&fresh, &m3);
         let h3 = prefix::home(&fresh, &addrs(&p), &[1.0; 2], &[0, 1]).unwrap();
+        assert_eq!(pick(&s, &p, 0, "m", 0, Some(&v3), &rr, &rng).unwrap(), h3);
         p[h3].inflight.store(1, Ordering::Relaxed);
         assert_eq!(
             pick(&s, &p, 0, "m", 0, Some(&v3), &rr, &rng).unwrap(),
             1 - h3
         );
+    }
+
+    #[test]
+    fn prefix_aware_keeps_long_answers_off_a_slow_cached_backend() {
+        let p = pool(2);
+        // 0: fast (10 ms a token), holds nothing; 1: three times slower,
+        // holds the whole prompt. Batches of 8, both idle.
+        for (b, token) in p.iter().zip([10_000_000u64, 30_000_000]) {
+            b.service_ns.store(token, Ordering::Relaxed);
+            b.token_ns.store(token, Ordering::Relaxed);
+            b.batch_seen.store(8, Ordering::Relaxed);
+            b.prefill_ns.store(50_000, Ordering::Relaxed);
+        }
+        let s = settings(Algorithm::PrefixAware);
+        let (rr, rng) = (Cell::new(0), Rng::new(5));
+        let (blocks, m) = prompt(&p, b'z', 100, &[(1, 100)]);
+        let v = view(&blocks, &m);
+        // 4 tokens: 120 ms there with the cache against 40 + 80 ms of
+        // prefill here (and a stall for everything running here): the cache.
+        assert_eq!(pick(&s, &p, 0, "m", 4, Some(&v), &rr, &rng).unwrap(), 1);
+        // 100 tokens: 3 s there against 1.08 s here: the fast one, however
+        // much the cache would save.
+        assert_eq!(pick(&s, &p, 0, "m", 100, Some(&v), &rr, &rng).unwrap(), 0);
     }
 
     #[test]
@@ -1272,30 +1408,24 @@ mod tests {
             0
         );
         // 1 holds the whole prompt: 3 × 1 outweighs the queue's 2.
-        let (blocks, ix) = prompt(20, &[(1, 20)]);
-        let m = ix.matches(&blocks, 2);
-        let view = PrefixView {
-            blocks: &blocks,
-            matches: &m,
-            prompt_tokens: 320,
-        };
+        let (blocks, m) = prompt(&p, b'g', 20, &[(1, 20)]);
         let s = settings(Algorithm::GiePrefix);
-        assert_eq!(pick(&s, &p, 0, "", 0, Some(&view), &rr, &rng).unwrap(), 1);
+        assert_eq!(
+            pick(&s, &p, 0, "", 0, Some(&view(&blocks, &m)), &rr, &rng).unwrap(),
+            1
+        );
         // Half of it: 1.5 < 2: back to 0.
-        let (blocks, ix) = prompt(20, &[(1, 10)]);
-        let m = ix.matches(&blocks, 2);
-        let view = PrefixView {
-            blocks: &blocks,
-            matches: &m,
-            prompt_tokens: 320,
-        };
-        assert_eq!(pick(&s, &p, 0, "", 0, Some(&view), &rr, &rng).unwrap(), 0);
+        let (blocks, m) = prompt(&p, b'h', 20, &[(1, 10)]);
+        assert_eq!(
+            pick(&s, &p, 0, "", 0, Some(&view(&blocks, &m)), &rr, &rng).unwrap(),
+            0
+        );
     }
 
     #[test]
-    fn a_shared_prefix_goes_home_where_no_worker_has_sent_it() {
-        // Two workers' indexes, each knowing only its own sends: both send a
-        // new prefix to its home, the same backend, and keep it there.
+    fn a_shared_prefix_goes_home_where_no_gateway_has_sent_it() {
+        // Two gateways' indexes, each knowing only its own sends: one never
+        // sent the prefix, the other sent it home. Both send it home.
         let p = pool(4);
         for b in &p {
             b.service_ns.store(10_000_000, Ordering::Relaxed);
@@ -1303,23 +1433,29 @@ mod tests {
         }
         let s = settings(Algorithm::PrefixAware);
         let (rr, rng) = (Cell::new(0), Rng::new(11));
-        let (blocks, _) = prompt(40, &[]);
+        let (blocks, _) = prompt(&p, b'w', 40, &[]);
         let cand: Vec<usize> = (0..4).collect();
         let home = prefix::home(&blocks, &addrs(&p), &[1.0; 4], &cand).unwrap();
-        let a = prefix::PrefixIndex::new(1 << 16);
-        let mut b = prefix::PrefixIndex::new(1 << 16);
-        b.insert(&blocks, home);
-        for ix in [&a, &b] {
-            let m = ix.matches(&blocks, 4);
-            let view = PrefixView {
-                blocks: &blocks,
-                matches: &m,
-                prompt_tokens: 640,
-            };
+        for held in [vec![], vec![(home, 40)]] {
+            let (blocks, m) = prompt(&p, b'w', 40, &held);
             assert_eq!(
-                pick(&s, &p, 0, "m", 0, Some(&view), &rr, &rng).unwrap(),
+                pick(&s, &p, 0, "m", 0, Some(&view(&blocks, &m)), &rr, &rng).unwrap(),
                 home
             );
         }
+        // Sent elsewhere once and evicted there since (that cache allocated
+        // more than it holds): held nowhere, so home again.
+        let other = (home + 1) % 4;
+        let holders = || p.iter().map(|b| b.holder(1 << 14)).collect::<Vec<_>>();
+        let ix = prefix::PrefixIndex::new(1 << 12);
+        ix.insert(&blocks, &holders(), other, p[other].allocate(40));
+        assert_eq!(ix.matches(&blocks, &holders()).per_backend[other], 40);
+        p[other].allocate(1 << 14);
+        let m = ix.matches(&blocks, &holders());
+        assert_eq!(m.longest, 0);
+        assert_eq!(
+            pick(&s, &p, 0, "m", 0, Some(&view(&blocks, &m)), &rr, &rng).unwrap(),
+            home
+        );
     }
 }

@@ -12,19 +12,20 @@
 //!   to the previous one's, seeded with the model name and `cache_salt`.
 //!   A block's hash names the whole prefix up to it. The last partial block
 //!   is not a block (engines don't cache it either).
-//! - [`PrefixIndex`]: per worker and cluster (no lock, no sharing on the
-//!   request path), block hash → the backends it was sent to (a bitmask),
-//!   bounded: two generations of a hash map, the older dropped when the
-//!   newer fills half the capacity (an approximate LRU: a block touched in
-//!   the last generation survives). Matching walks the prompt's blocks while
-//!   some backend still has every one so far.
+//! - [`PrefixIndex`]: per cluster, shared by every worker through atomic
+//!   words (no lock), (block, backend) → when it was sent there on the
+//!   backend's *cache clock* ([`Holder`]): the blocks that backend has had
+//!   to allocate for what it was sent (the prompt blocks it didn't hold,
+//!   the output's). The engine's cache is an LRU of a known size, so a
+//!   block is taken to be held while fewer than that many blocks were
+//!   allocated there since it was last sent. Matching bisects each
+//!   backend's run of held blocks.
 //! - [`home`]: rendezvous hashing of the prompt's first blocks over the
 //!   candidates: the backend every worker of every gateway would pick for
 //!   that prefix with no load and no history. Workers and gateways that
 //!   never talk agree on it, so a shared prefix isn't split N ways.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes a block: 16 tokens at the gateway's 4 bytes a token.
 pub const BLOCK_BYTES: usize = 64;
@@ -149,36 +150,56 @@ impl BlockHasher {
     }
 }
 
-/// Keys are hashes already: use them as they are.
-#[derive(Default)]
-pub struct PassThrough(u64);
+/// What the gateway sent where, for one cluster, shared by every worker
+/// without a lock: (block hash, backend) → when it was last sent there, on
+/// that backend's cache clock. A fixed table of 4-way buckets of atomic
+/// words (a 24-bit tag of the key, the backend's position, the clock's low
+/// 32 bits): memory is bounded and set when the cluster is configured; a
+/// new key takes its bucket's empty slot, else the stalest. Two workers racing on a slot lose one entry: a routing hint, not
+/// a correctness matter.
+pub struct PrefixIndex {
+    slots: Box<[AtomicU64]>,
+    /// Buckets − 1 (a power of two).
+    mask: usize,
+}
 
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+const WAYS: usize = 4;
+
+impl std::fmt::Debug for PrefixIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixIndex")
+            .field("slots", &self.slots.len())
+            .finish()
     }
 }
 
-type Map = HashMap<u64, u64, BuildHasherDefault<PassThrough>>;
+/// One backend as the index sees it. Its cache is modelled as an LRU of
+/// `blocks` blocks whose clock counts the blocks it has had to allocate
+/// (the prompt blocks it didn't hold, and the output): a block sent at
+/// clock `t` is held while fewer than `blocks` blocks were allocated since
+/// — the engine evicts its least recently used blocks first, and a
+/// prompt's earlier blocks are used whenever its later ones are.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder {
+    /// Mixed into block hashes: [`holder_key`] of its address.
+    pub key: u64,
+    /// Its cache clock now (blocks allocated there, all workers).
+    pub clock: u64,
+    /// Its cache size, blocks.
+    pub blocks: u64,
+}
 
-/// What one worker sent where, for one cluster: block hash → a bitmask of
-/// the backends (by index, the first 64) it was sent to. Bounded by
-/// `capacity` blocks in all.
-#[derive(Default)]
-pub struct PrefixIndex {
-    cur: Map,
-    prev: Map,
-    capacity: usize,
-    /// [`PrefixIndex::bytes`] as last added to the cluster's gauge.
-    pub reported: usize,
+impl Holder {
+    /// Blocks allocated since a stamp (the clock's low 32 bits).
+    fn age(&self, stamp: u32) -> u64 {
+        u64::from((self.clock as u32).wrapping_sub(stamp))
+    }
+}
+
+/// The key a backend's entries carry in the index (by address, so that a
+/// reload reordering the backends doesn't move what they hold).
+pub fn holder_key(a: &std::net::SocketAddr) -> u64 {
+    fold(addr_key(a) ^ K2, K1) | 1
 }
 
 /// How far each backend holds a prompt: matched leading blocks per backend
@@ -187,103 +208,124 @@ pub struct PrefixIndex {
 pub struct Matches {
     pub per_backend: Vec<u32>,
     pub longest: u32,
-    /// The prompt's anchor (its first blocks) was seen before: its prefix
-    /// is shared, and its home is worth going to.
-    pub anchor_seen: bool,
 }
 
 impl PrefixIndex {
-    pub fn new(capacity: usize) -> PrefixIndex {
+    /// Room for about `entries` (block, backend) pairs (rounded up to a
+    /// power of two, at least one bucket).
+    pub fn new(entries: usize) -> PrefixIndex {
+        let slots = entries.max(WAYS).next_power_of_two();
         PrefixIndex {
-            cur: Map::default(),
-            prev: Map::default(),
-            capacity: capacity.max(2),
-            reported: 0,
+            slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            mask: slots / WAYS - 1,
         }
     }
 
-    /// Resize (a reload, or an engine that reported its cache size).
-    pub fn set_capacity(&mut self, capacity: usize) {
-        self.capacity = capacity.max(2);
+    fn bucket(&self, k: u64) -> &[AtomicU64] {
+        let b = (k as usize & self.mask) * WAYS;
+        &self.slots[b..b + WAYS]
     }
 
-    fn get(&self, k: u64) -> u64 {
-        self.cur
-            .get(&k)
-            .or_else(|| self.prev.get(&k))
-            .copied()
-            .unwrap_or(0)
+    /// A key's tag: its top 24 bits, never 0 (an empty slot).
+    fn tag(k: u64) -> u64 {
+        (k >> 40) | 1
     }
 
-    /// Leading blocks of `blocks` each backend of `backends` was sent.
-    pub fn matches(&self, blocks: &[u64], backends: usize) -> Matches {
-        let mut per_backend = vec![0u32; backends];
-        let mut all = u64::MAX;
-        let mut longest = 0u32;
-        for (i, &b) in blocks.iter().enumerate() {
-            let m = self.get(b);
-            let left = all & m;
-            // Backends that just dropped out matched `i` blocks.
-            let mut gone = all & !left;
-            while gone != 0 {
-                let j = gone.trailing_zeros() as usize;
-                if j < backends {
-                    per_backend[j] = i as u32;
+    fn stamp(&self, block: u64, h: &Holder) -> Option<u32> {
+        let k = block ^ h.key;
+        let t = Self::tag(k);
+        self.bucket(k).iter().find_map(|s| {
+            let v = s.load(Ordering::Relaxed);
+            (v >> 40 == t).then_some(v as u32)
+        })
+    }
+
+    fn held(&self, block: u64, h: &Holder) -> bool {
+        self.stamp(block, h).is_some_and(|t| h.age(t) < h.blocks)
+    }
+
+    /// Leading blocks of `blocks` each of `holders` holds. A block's stamp
+    /// is never older than a later block's (the whole prompt is stamped at
+    /// once, and its later blocks are never sent without its earlier
+    /// ones), so each backend's run is found by bisection: a few lookups
+    /// for a prompt of any length.
+    pub fn matches(&self, blocks: &[u64], holders: &[Holder]) -> Matches {
+        let per_backend: Vec<u32> = holders
+            .iter()
+            .map(|h| {
+                if blocks.first().is_none_or(|&b| !self.held(b, h)) {
+                    return 0;
                 }
-                gone &= gone - 1;
-            }
-            all = left;
-            if all == 0 {
-                break;
-            }
-            longest = i as u32 + 1;
-        }
-        // Still holding every block.
-        let mut full = all;
-        while full != 0 && !blocks.is_empty() {
-            let j = full.trailing_zeros() as usize;
-            if j < backends {
-                per_backend[j] = blocks.len() as u32;
-            }
-            full &= full - 1;
-        }
-        let anchor = blocks.len().min(ANCHOR_BLOCKS);
-        let anchor_seen = anchor > 0 && self.get(blocks[anchor - 1]) != 0;
+                // blocks[..lo] held; blocks[hi..] not.
+                let (mut lo, mut hi) = (1usize, blocks.len());
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    if self.held(blocks[mid], h) {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                lo as u32
+            })
+            .collect();
         Matches {
+            longest: per_backend.iter().copied().max().unwrap_or(0),
             per_backend,
-            longest,
-            anchor_seen,
         }
     }
 
-    /// `blocks` were sent to `backend` (index < 64; others aren't indexed).
-    pub fn insert(&mut self, blocks: &[u64], backend: usize) {
-        if backend >= 64 {
-            return;
-        }
-        let bit = 1u64 << backend;
+    /// `blocks` were sent to `holders[at]`, at its cache clock `stamp`. A
+    /// new entry takes an empty slot of its bucket, else the one its
+    /// backend's cache is likeliest to have evicted (the oldest for the
+    /// size of its cache).
+    pub fn insert(&self, blocks: &[u64], holders: &[Holder], at: usize, stamp: u64) {
+        let Some(h) = holders.get(at) else { return };
+        let owner = (at.min(255) as u64) << 32;
         for &b in blocks {
-            if self.cur.len() * 2 >= self.capacity {
-                // The older generation goes; what it alone held is forgotten.
-                self.prev = std::mem::take(&mut self.cur);
+            let k = b ^ h.key;
+            let t = Self::tag(k);
+            let bucket = self.bucket(k);
+            let mut best = (0usize, -1.0f64);
+            for (j, s) in bucket.iter().enumerate() {
+                let v = s.load(Ordering::Relaxed);
+                if v >> 40 == t {
+                    best = (j, f64::INFINITY);
+                    break;
+                }
+                let staleness = match holders.get((v >> 32) as u8 as usize) {
+                    _ if v == 0 => f64::MAX,
+                    Some(o) => o.age(v as u32) as f64 / o.blocks.max(1) as f64,
+                    None => f64::MAX,
+                };
+                if staleness > best.1 {
+                    best = (j, staleness);
+                }
             }
-            let old = self.prev.get(&b).copied().unwrap_or(0);
-            *self.cur.entry(b).or_insert(old) |= bit;
+            bucket[best.0].store(t << 40 | owner | u64::from(stamp as u32), Ordering::Relaxed);
         }
     }
 
-    /// Blocks indexed (both generations).
+    /// Entries in use (a scan: for tests and the admin API, not requests).
     pub fn len(&self) -> usize {
-        self.cur.len() + self.prev.len()
+        self.slots
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) != 0)
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cur.is_empty() && self.prev.is_empty()
+        self.len() == 0
     }
 
-    /// Memory held, bytes (hash map slots: key, mask, control byte).
+    /// Entries it has room for.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Memory held, bytes.
     pub fn bytes(&self) -> usize {
-        (self.cur.capacity() + self.prev.capacity()) * 17
+        self.slots.len() * std::mem::size_of::<AtomicU64>()
     }
 }
 
@@ -361,44 +403,77 @@ mod tests {
         assert_eq!(c.finish(), whole[..4]);
     }
 
-    #[test]
-    fn matching_finds_each_backends_leading_run() {
-        let a = blocks_of("m", &[b'a'; 640]); // 10 blocks
-        let mut ix = PrefixIndex::new(1 << 16);
-        ix.insert(&a[..6], 0);
-        ix.insert(&a, 2);
-        ix.insert(&a[..3], 1);
-        let m = ix.matches(&a, 3);
-        assert_eq!(m.per_backend, vec![6, 3, 10]);
-        assert_eq!(m.longest, 10);
-        assert!(m.anchor_seen);
-        // A block missing in the middle ends a backend's run there.
-        let b = blocks_of("m", &[b'b'; 640]);
-        let mut ix = PrefixIndex::new(1 << 16);
-        ix.insert(&b[..2], 0);
-        ix.insert(&b[3..], 0);
-        assert_eq!(ix.matches(&b, 1).per_backend, vec![2]);
-        let fresh = PrefixIndex::new(16);
-        let m = fresh.matches(&b, 2);
-        assert_eq!(
-            (m.per_backend, m.longest, m.anchor_seen),
-            (vec![0, 0], 0, false)
-        );
+    /// `n` backends whose caches hold `blocks` blocks, clocks at `clock`.
+    fn holders(n: usize, clock: u64, blocks: u64) -> Vec<Holder> {
+        (0..n)
+            .map(|i| Holder {
+                key: holder_key(&format!("10.0.0.{i}:8000").parse().unwrap()),
+                clock,
+                blocks,
+            })
+            .collect()
     }
 
     #[test]
-    fn the_index_stays_within_its_capacity() {
-        let mut ix = PrefixIndex::new(1000);
-        for g in 0..50u8 {
+    fn matching_finds_each_backends_leading_run() {
+        let a = blocks_of("m", &[b'a'; 640]); // 10 blocks
+        let ix = PrefixIndex::new(1 << 16);
+        let hs = holders(3, 0, 1000);
+        ix.insert(&a[..6], &hs, 0, 0);
+        ix.insert(&a, &hs, 2, 0);
+        ix.insert(&a[..3], &hs, 1, 0);
+        let m = ix.matches(&a, &hs);
+        assert_eq!(m.per_backend, vec![6, 3, 10]);
+        assert_eq!(m.longest, 10);
+        // Nothing sent anywhere: nothing held.
+        let b = blocks_of("m", &[b'b'; 640]);
+        let m = ix.matches(&b, &hs);
+        assert_eq!((m.per_backend, m.longest), (vec![0, 0, 0], 0));
+    }
+
+    #[test]
+    fn what_the_cache_has_evicted_since_is_not_held() {
+        // A 20-block cache: a block sent at clock t is held while the
+        // clock is below t + 20.
+        let a = blocks_of("m", &[b'a'; 640]);
+        let ix = PrefixIndex::new(1 << 12);
+        let hs = holders(1, 10, 20);
+        ix.insert(&a, &hs, 0, 10);
+        let at = |clock: u64| ix.matches(&a, &holders(1, clock, 20));
+        assert_eq!(at(10).per_backend, vec![10]);
+        assert_eq!(at(29).per_backend, vec![10]);
+        assert_eq!(at(30).per_backend, vec![0]);
+        // Its first 4 blocks sent again later (another prompt sharing
+        // them): those are held, the rest not.
+        ix.insert(&a[..4], &holders(1, 40, 20), 0, 40);
+        assert_eq!(at(45).per_backend, vec![4]);
+        // Lookups are by backend: another one's clock and key see nothing.
+        let other = Holder {
+            key: holder_key(&"10.9.9.9:1".parse().unwrap()),
+            clock: 45,
+            blocks: 20,
+        };
+        assert_eq!(ix.matches(&a, &[other]).per_backend, vec![0]);
+    }
+
+    #[test]
+    fn the_index_stays_within_its_memory_and_keeps_the_newest() {
+        let ix = PrefixIndex::new(1000);
+        assert_eq!(ix.capacity(), 1024);
+        assert_eq!(ix.bytes(), 1024 * 8);
+        for g in 0..200u8 {
             let b = blocks_of("m", &[g; 64 * 40]);
-            ix.insert(&b, usize::from(g % 4));
-            assert!(ix.len() <= 1000, "{} blocks", ix.len());
+            let clock = u64::from(g) * 40;
+            ix.insert(&b, &holders(4, clock, 1 << 20), usize::from(g % 4), clock);
+            assert!(ix.len() <= 1024);
         }
-        // The newest prompts are still there; the oldest are gone.
-        let newest = blocks_of("m", &[49; 64 * 40]);
-        assert_eq!(ix.matches(&newest, 4).per_backend[1], 40);
+        // 8,000 entries into 1,024 slots: the stalest went, the newest
+        // prompt is whole.
+        let hs = holders(4, 199 * 40, 1 << 20);
+        let newest = blocks_of("m", &[199; 64 * 40]);
+        assert_eq!(ix.matches(&newest, &hs).per_backend[3], 40);
         let oldest = blocks_of("m", &[0; 64 * 40]);
-        assert_eq!(ix.matches(&oldest, 4).longest, 0);
+        assert!(ix.matches(&oldest, &hs).per_backend[0] < 40);
     }
 
     #[test]

@@ -171,9 +171,11 @@ pub enum Algorithm {
     /// The endpoint picker's prefix-cache scorers (prefix weight 3, queue 2,
     /// KV 2; approximate prefix index only): a comparator for the bench.
     GiePrefix,
-    /// `gpu_aware`'s expected completion time minus the prefill its cached
-    /// prefix saves: sticky to where the prefix is until waiting there
-    /// costs more than the cache saves.
+    /// `gpu_aware`'s expected completion time plus the prefill of what the
+    /// backend doesn't hold (for this request, and as the stall it puts on
+    /// the requests running there), among the backends that don't finish
+    /// it far later than the soonest: sticky to where the prefix is until
+    /// waiting there costs more than a miss elsewhere.
     PrefixAware,
 }
 
@@ -260,11 +262,17 @@ pub struct BalanceSettings {
     /// measured (time to first token of uncached prompts).
     #[serde(deserialize_with = "duration")]
     pub prefill_per_1k_tokens: Duration,
-    /// `prefix_aware`: a shared prefix may go to a backend whose expected
-    /// completion time, less the prefill its cache saves, is at most
-    /// (1 + this) × the best backend's. Higher: more cache hits and earlier
-    /// first tokens; lower: end-to-end tails closer to `gpu_aware`'s.
+    /// `prefix_aware`: how much a cache miss counts against a backend
+    /// beyond its own prefill: × the requests running there, whose steps
+    /// the prefill stalls (1.0: their delay counts as much as this
+    /// request's). Higher: more cache hits; 0: each request minds only its
+    /// own time.
     pub prefix_stickiness: f64,
+    /// `prefix_aware`: never a backend whose expected completion time is
+    /// over (1 + this) × the soonest backend's (unless it is within the
+    /// fastest backend's mean latency anyway), however much its cache
+    /// saves: the guard for end-to-end tails.
+    pub prefix_max_slowdown: f64,
 }
 
 impl Default for BalanceSettings {
@@ -288,7 +296,8 @@ impl Default for BalanceSettings {
             retry_reserve: 10,
             prefix_cache_blocks: 16_384,
             prefill_per_1k_tokens: Duration::from_millis(50),
-            prefix_stickiness: 1.0,
+            prefix_stickiness: 2.0,
+            prefix_max_slowdown: 0.5,
         }
     }
 }
@@ -397,10 +406,13 @@ fn check_balance(key: &str, b: &BalanceSettings, sink: &mut Sink) {
             "kv_saturation is a fraction in (0, 1] (1 = never saturated by the KV cache) and queue_saturation at least 1",
         );
     }
-    if !(0.0..=100.0).contains(&b.prefix_stickiness) || b.prefix_cache_blocks == 0 {
+    if !(0.0..=100.0).contains(&b.prefix_stickiness)
+        || !(0.0..=100.0).contains(&b.prefix_max_slowdown)
+        || b.prefix_cache_blocks == 0
+    {
         sink.err(
             format!("{key}.balance"),
-            "prefix_stickiness is a factor from 0 to 100, and prefix_cache_blocks at least 1",
+            "prefix_stickiness and prefix_max_slowdown are factors from 0 to 100, and prefix_cache_blocks at least 1",
         );
     }
     if !(0.0..=1.0).contains(&b.retry_budget) {

@@ -138,7 +138,7 @@ async fn checkout(
     let (wait, _) = wait_for(route.connect_timeout, deadline);
     let give_up = Instant::now() + wait;
     let released = cur.pool.borrow().released.clone();
-    let matches = prefix_matches(w, cl, req);
+    let matches = prefix_matches(cl, req);
     let view = prefix_view(req, matches.as_ref());
     loop {
         let mut last = UpstreamError::Saturated;
@@ -260,37 +260,22 @@ pub struct InFlight {
     pub queue: Option<std::sync::Arc<crate::balance::queue::FlowQueue>>,
 }
 
-/// What the worker's prefix index knows of the request's prompt, when its
-/// cluster routes on prefixes (the index is made on first use, sized from
-/// the backends' cache sizes).
-fn prefix_matches(
-    w: &Worker,
-    cl: &Cluster,
-    req: &Request<'_>,
-) -> Option<crate::balance::prefix::Matches> {
-    if req.prefix.is_empty() || !cl.balance.algorithm.uses_prefix() {
+/// The cluster's backends as its prefix index sees them now.
+fn holders(cl: &Cluster) -> Vec<crate::balance::prefix::Holder> {
+    cl.loads
+        .iter()
+        .map(|l| l.holder(cl.balance.prefix_cache_blocks))
+        .collect()
+}
+
+/// What the prefix index knows of the request's prompt, when its cluster
+/// routes on prefixes.
+fn prefix_matches(cl: &Cluster, req: &Request<'_>) -> Option<crate::balance::prefix::Matches> {
+    let ix = cl.prefix.as_ref()?;
+    if req.prefix.is_empty() {
         return None;
     }
-    let capacity: usize = cl
-        .loads
-        .iter()
-        .map(
-            |l| match l.cache_blocks.load(std::sync::atomic::Ordering::Relaxed) {
-                0 => cl.balance.prefix_cache_blocks as usize,
-                n => n as usize,
-            },
-        )
-        .sum();
-    let mut map = w.prefix.borrow_mut();
-    if !map.contains_key(&cl.name) {
-        map.insert(
-            cl.name.clone(),
-            crate::balance::prefix::PrefixIndex::new(capacity),
-        );
-    }
-    let ix = map.get_mut(&cl.name)?;
-    ix.set_capacity(capacity);
-    Some(ix.matches(req.prefix, cl.backends.len()))
+    Some(ix.matches(req.prefix, &holders(cl)))
 }
 
 /// The balance stage's view of the request's prompt, given what the index
@@ -306,9 +291,14 @@ fn prefix_view<'v>(
     })
 }
 
-/// The prompt goes to backend `b`: index its blocks there, count whether
-/// they were there already, keep the index's memory gauge current; returns
-/// the prompt tokens `b` has to prefill as far as the index knows.
+/// Output tokens a request without a declared budget is taken to allocate
+/// in its backend's cache (the prefix index's model of eviction).
+const TYPICAL_OUTPUT_TOKENS: u64 = 256;
+
+/// The prompt goes to backend `b`: count whether it was held there, advance
+/// `b`'s cache clock by what it will allocate, index the blocks there at
+/// that clock; returns the prompt tokens `b` has to prefill as far as the
+/// index knows.
 fn prefix_sent(
     w: &Worker,
     cl: &Cluster,
@@ -320,18 +310,21 @@ fn prefix_sent(
     let result = if held > 0 { "cached" } else { "uncached" };
     w.metrics
         .inc(&w.metrics.prefix_routes, &[&cl.name, result], 1);
-    let mut map = w.prefix.borrow_mut();
-    if let Some(ix) = map.get_mut(&cl.name) {
-        ix.insert(req.prefix, b);
-        let bytes = ix.bytes();
-        if bytes != ix.reported {
-            let g = w
-                .metrics_registry
-                .prefix_index_bytes
-                .with_label_values(&[&cl.name]);
-            g.add(bytes as i64 - ix.reported as i64);
-            ix.reported = bytes;
-        }
+    // What the backend allocates for it: the prompt blocks it doesn't
+    // hold, and the output's (the declared budget, else a typical answer).
+    let output = match req.size {
+        0 => TYPICAL_OUTPUT_TOKENS,
+        n => n,
+    };
+    let load = &cl.loads[b];
+    let blocks = |tokens: u64| tokens.div_ceil(crate::balance::prefix::BLOCK_TOKENS);
+    let allocated = blocks(req.prompt_tokens)
+        .max(req.prefix.len() as u64)
+        .saturating_sub(held)
+        + blocks(output);
+    let stamp = load.allocate(allocated);
+    if let Some(ix) = &cl.prefix {
+        ix.insert(req.prefix, &holders(cl), b, stamp);
     }
     req.prompt_tokens
         .saturating_sub(held * crate::balance::prefix::BLOCK_TOKENS)

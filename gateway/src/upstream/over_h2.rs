@@ -69,7 +69,7 @@ pub(super) async fn exchange<D: Downstream>(
 ) -> Result<(), ProxyError> {
     let deadline = req.route.total_timeout.map(|t| req.started + t);
     let cl = &cur.shared.clusters[req.cluster];
-    let matches = prefix_matches(w, cl, req);
+    let matches = prefix_matches(cl, req);
     let view = prefix_view(req, matches.as_ref());
     let mut a = Attempts {
         sent_continue: req.continue_sent,
