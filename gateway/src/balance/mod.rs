@@ -852,9 +852,10 @@ fn gpu_aware(
 /// gateway). Backends whose expected completion time is over `(1 +
 /// prefix_max_slowdown)` × the soonest's — unless within the fastest
 /// backend's mean latency — are left out: the end-to-end tail isn't traded
-/// for cache hits. A prompt held nowhere (new, or evicted everywhere) goes
-/// home unless home costs clearly more. The lowest cost wins; a prompt
-/// with nothing shared is routed much as `gpu_aware` routes it.
+/// for cache hits. A shared prefix held nowhere (evicted everywhere) goes
+/// home unless home costs clearly more. The lowest cost wins. A new prompt
+/// (its first blocks never sent anywhere) is routed as `gpu_aware` routes
+/// it, or home on a near tie.
 fn prefix_aware(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
@@ -878,6 +879,18 @@ fn prefix_aware(
         .unwrap_or(0) as f64;
     let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
+    if !p.matches.anchor_seen {
+        // A new prompt: nothing to gain from any cache, so `gpu_aware`'s
+        // choice — or home on a near tie (it may turn out shared, and
+        // every worker and gateway agrees on home).
+        let total = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1.total);
+        let best = ok.iter().filter_map(|&i| total(i)).fold(f64::MAX, f64::min);
+        if let Some(h) = home.filter(|&h| total(h).is_some_and(|t| t <= best * NEW_HOME_TOLERANCE))
+        {
+            return Ok(h);
+        }
+        return cheapest(&ok, rng, total).ok_or(NoPick::Saturated);
+    }
     // (its own completion time, the cost of sending it there)
     let judged = |i: usize| {
         let c = costs.iter().find(|c| c.0 == i)?.1;
@@ -919,8 +932,9 @@ fn prefix_aware(
         .collect();
     let cost = |i: usize| judged.iter().find(|j| j.0 == i).map(|j| j.2);
     if let Some(h) = home.filter(|h| p.matches.longest == 0 && allowed.contains(h)) {
-        // Held nowhere (new, or evicted everywhere): home, where every
-        // worker and gateway would send it, unless clearly worse.
+        // A shared prefix held nowhere (evicted everywhere since): home,
+        // where every worker and gateway would send it, unless clearly
+        // worse.
         let best = allowed
             .iter()
             .filter_map(|&i| cost(i))
@@ -933,8 +947,10 @@ fn prefix_aware(
 }
 
 /// A prompt held nowhere goes home while home's cost is within this factor
-/// of the best.
+/// of the best: one sent before (shared, evicted since), and a new one
+/// (`gpu_aware`'s cost).
 const HOME_TOLERANCE: f64 = 1.25;
+const NEW_HOME_TOLERANCE: f64 = 1.05;
 
 /// Prefill time per prompt token at `b`, ns: learned from its streams' time
 /// to first token, else `prefill_per_1k_tokens` scaled by how much slower
@@ -1452,7 +1468,7 @@ mod tests {
         assert_eq!(ix.matches(&blocks, &holders()).per_backend[other], 40);
         p[other].allocate(1 << 14);
         let m = ix.matches(&blocks, &holders());
-        assert_eq!(m.longest, 0);
+        assert_eq!((m.longest, m.anchor_seen), (0, true));
         assert_eq!(
             pick(&s, &p, 0, "m", 0, Some(&view(&blocks, &m)), &rr, &rng).unwrap(),
             home

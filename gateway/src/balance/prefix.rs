@@ -208,6 +208,9 @@ pub fn holder_key(a: &std::net::SocketAddr) -> u64 {
 pub struct Matches {
     pub per_backend: Vec<u32>,
     pub longest: u32,
+    /// The prompt's anchor (its first blocks) was sent somewhere before
+    /// (held there still or not): its prefix is shared.
+    pub anchor_seen: bool,
 }
 
 impl PrefixIndex {
@@ -269,9 +272,15 @@ impl PrefixIndex {
                 lo as u32
             })
             .collect();
+        let anchor = blocks.len().min(ANCHOR_BLOCKS);
+        let anchor_seen = anchor > 0
+            && holders
+                .iter()
+                .any(|h| self.stamp(blocks[anchor - 1], h).is_some());
         Matches {
             longest: per_backend.iter().copied().max().unwrap_or(0),
             per_backend,
+            anchor_seen,
         }
     }
 
@@ -428,7 +437,10 @@ mod tests {
         // Nothing sent anywhere: nothing held.
         let b = blocks_of("m", &[b'b'; 640]);
         let m = ix.matches(&b, &hs);
-        assert_eq!((m.per_backend, m.longest), (vec![0, 0, 0], 0));
+        assert_eq!(
+            (m.per_backend, m.longest, m.anchor_seen),
+            (vec![0, 0, 0], 0, false)
+        );
     }
 
     #[test]
@@ -442,7 +454,9 @@ mod tests {
         let at = |clock: u64| ix.matches(&a, &holders(1, clock, 20));
         assert_eq!(at(10).per_backend, vec![10]);
         assert_eq!(at(29).per_backend, vec![10]);
-        assert_eq!(at(30).per_backend, vec![0]);
+        let gone = at(30);
+        assert_eq!(gone.per_backend, vec![0]);
+        assert!(gone.anchor_seen, "evicted, but seen before: shared");
         // Its first 4 blocks sent again later (another prompt sharing
         // them): those are held, the rest not.
         ix.insert(&a[..4], &holders(1, 40, 20), 0, 40);
