@@ -885,9 +885,13 @@ fn prefix_aware(
         // every worker and gateway agrees on home).
         let total = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1.total);
         let best = ok.iter().filter_map(|&i| total(i)).fold(f64::MAX, f64::min);
-        if let Some(h) = home.filter(|&h| total(h).is_some_and(|t| t <= best * NEW_HOME_TOLERANCE))
-        {
-            return Ok(h);
+        if let Some(h) = home {
+            // Home's bonus: the prefill of its anchor blocks.
+            let bonus =
+                p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest);
+            if total(h).is_some_and(|t| t - bonus <= best * NEW_HOME_TOLERANCE) {
+                return Ok(h);
+            }
         }
         return cheapest(&ok, rng, total).ok_or(NoPick::Saturated);
     }
