@@ -382,6 +382,10 @@ impl RetryBudget {
     }
 }
 
+/// The most entries a cluster's prefix index has (8 bytes each: 128 MiB),
+/// whatever the caches' sizes (configured or reported by the engines).
+pub const MAX_INDEX_SLOTS: usize = 1 << 24;
+
 /// Every backend's load, by (cluster, address), and each cluster's retry
 /// budget: outlives config generations.
 #[derive(Default)]
@@ -441,7 +445,7 @@ impl Registry {
             .sum();
         let want = (blocks as usize)
             .saturating_mul(4)
-            .max(1)
+            .clamp(1, MAX_INDEX_SLOTS)
             .next_power_of_two();
         let mut map = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(cluster) {
@@ -1414,6 +1418,27 @@ mod tests {
         // 100 tokens: 3 s there against 1.08 s here: the fast one, however
         // much the cache would save.
         assert_eq!(pick(&s, &p, 0, "m", 100, Some(&v), &rr, &rng).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_prefix_index_is_sized_by_the_caches_within_a_cap() {
+        let r = Registry::default();
+        let p = pool(4);
+        let s = BalanceSettings {
+            prefix_cache_blocks: 1000,
+            ..settings(Algorithm::PrefixAware)
+        };
+        let ix = r.prefix_index("c", &p, &s);
+        assert_eq!(ix.capacity(), 16_384, "4 entries a block, rounded up");
+        assert!(Arc::ptr_eq(&ix, &r.prefix_index("c", &p, &s)), "kept");
+        // An engine reporting a bigger cache: a bigger table next time.
+        p[0].cache_blocks.store(10_000, Ordering::Relaxed);
+        assert_eq!(r.prefix_index("c", &p, &s).capacity(), 65_536);
+        // However big the caches say they are, the table is capped.
+        for b in &p {
+            b.cache_blocks.store(u32::MAX, Ordering::Relaxed);
+        }
+        assert_eq!(r.prefix_index("c", &p, &s).capacity(), MAX_INDEX_SLOTS);
     }
 
     #[test]
