@@ -298,8 +298,6 @@ pub struct Worker {
     pub token_cache: RefCell<crate::authn::TokenCache>,
     /// The balance stage's random choices (power of two choices, ties).
     pub rng: crate::balance::Rng,
-    /// What this worker sent where, per cluster name (prefix-aware
-    /// algorithms; per worker: no lock on the hot path; kept across reloads).
     /// Shadow (mirrored) requests in flight on this worker.
     pub shadows: Rc<Cell<usize>>,
     /// HTTP/2 connections to backends (gRPC routes, `http = "2"`/`"h2c"`

@@ -130,10 +130,6 @@ impl BackendLoad {
         }
     }
 
-    /// Seed what isn't measured yet from the engine's own histograms: time
-    /// to first token, inter-token time, and prefill per token (its mean
-    /// TTFT over its mean prompt), so speed is known before the first
-    /// stream through this gateway.
     /// The prefix index's view of this backend now; `blocks` its cache
     /// size when the engine hasn't said.
     pub fn holder(&self, blocks: u32) -> prefix::Holder {
@@ -154,6 +150,10 @@ impl BackendLoad {
         self.cache_clock.fetch_add(blocks, Ordering::Relaxed) + blocks
     }
 
+    /// Seed what isn't measured yet from the engine's own histograms: time
+    /// to first token, inter-token time, and prefill per token (its mean
+    /// TTFT over its mean prompt), so speed is known before the first
+    /// stream through this gateway.
     pub fn cold_start(&self, sp: scrape::Speed) {
         let seed = |cell: &AtomicU64, v: f64| {
             if v.is_finite() && v > 0.0 {
@@ -432,7 +432,8 @@ impl Registry {
 
     /// The cluster's prefix index, sized for its backends' caches (the
     /// engines' reported sizes, else `prefix_cache_blocks` each), four
-    /// entries a cache block; kept across reloads while that size holds.
+    /// entries a cache block; kept across reloads unless that size moves
+    /// past ½–4× the table's.
     pub fn prefix_index(
         &self,
         cluster: &str,
@@ -449,7 +450,11 @@ impl Registry {
             .next_power_of_two();
         let mut map = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(cluster) {
-            Some(ix) if ix.capacity() == want => ix.clone(),
+            // Kept unless the caches' size moved a lot (an engine's report
+            // replacing the configured guess): what it knows survives reloads.
+            Some(ix) if ix.capacity() >= want / 2 && ix.capacity() <= want.saturating_mul(4) => {
+                ix.clone()
+            }
             _ => {
                 let ix = Arc::new(prefix::PrefixIndex::new(want));
                 map.insert(cluster.to_string(), ix.clone());
@@ -947,7 +952,7 @@ fn prefix_aware(
             .iter()
             .filter_map(|&i| cost(i))
             .fold(f64::MAX, f64::min);
-        if cost(h).is_some_and(|c| c <= best * HOME_TOLERANCE) {
+        if cost(h).is_some_and(|c| c <= best + (HOME_TOLERANCE - 1.0) * best.abs()) {
             return Ok(h);
         }
     }

@@ -153,7 +153,10 @@ async fn checkout(
                 tried |= 1 << b;
             }
             let addr = cl.backends[b];
-            let uncached = match &matches {
+            // Indexed (and its cache clock advanced) only once a
+            // connection to it is in hand: a pick that finds no slot or
+            // can't connect sent nothing.
+            let sent = || match &matches {
                 Some(m) => prefix_sent(w, cl, req, m, b),
                 None => req.prompt_tokens,
             };
@@ -170,7 +173,7 @@ async fn checkout(
                         addr,
                         reused: true,
                         slot,
-                        uncached,
+                        uncached: sent(),
                     });
                 }
             }
@@ -192,7 +195,7 @@ async fn checkout(
                         addr,
                         reused: false,
                         slot,
-                        uncached,
+                        uncached: sent(),
                     });
                 }
                 Err(e) => {
@@ -292,7 +295,9 @@ fn prefix_view<'v>(
 }
 
 /// Output tokens a request without a declared budget is taken to allocate
-/// in its backend's cache (the prefix index's model of eviction).
+/// in its backend's cache (the prefix index's model of eviction); a
+/// declared `max_tokens` counts up to 4× this (clients often declare far
+/// more than they get).
 const TYPICAL_OUTPUT_TOKENS: u64 = 256;
 
 /// The prompt goes to backend `b`: count whether it was held there, advance
@@ -314,7 +319,7 @@ fn prefix_sent(
     // hold, and the output's (the declared budget, else a typical answer).
     let output = match req.size {
         0 => TYPICAL_OUTPUT_TOKENS,
-        n => n,
+        n => n.min(4 * TYPICAL_OUTPUT_TOKENS),
     };
     let load = &cl.loads[b];
     let blocks = |tokens: u64| tokens.div_ceil(crate::balance::prefix::BLOCK_TOKENS);
