@@ -105,7 +105,8 @@ routing.json + routing.svg (mixed) or routing-<workload>.json + routing-<workloa
 a queue (fair by tenant) vs without (503 at once) vs no saturation cap (routing-saturate.json, .svg).
 
 env: GATEWAY_BIN (default <workspace>/target/release/gateway); ROUTEBENCH_BALANCE: extra
-`[clusters.X.balance]` settings for every policy, `;`-separated (e.g. prefix_stickiness = 2)
+`[clusters.X.balance]` settings for every policy, `;`-separated (e.g. prefix_stickiness = 2);
+ROUTEBENCH_GATEWAY_LOGS (set): the gateways' logs on stderr
 ";
 
 /// The algorithms, in the order they are reported.
@@ -600,7 +601,7 @@ fn start_gateways(
             .args(["run", "--config"])
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("DBG").is_some() {
+            .stderr(if std::env::var_os("ROUTEBENCH_GATEWAY_LOGS").is_some() {
                 Stdio::inherit()
             } else {
                 Stdio::null()
