@@ -1052,11 +1052,18 @@ fn expected(
 ) -> Option<Parts> {
     let mut occ = f64::from(b.inflight.load(Ordering::Relaxed));
     let mut cost_mul = 1.0;
+    // The batch size is the largest running batch ever reported; a server
+    // that has never been full reports less than it has. One that says it
+    // queues nothing has room for at least one more.
+    let mut batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
     if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
         // (A saturated backend never gets here: `pick` leaves it out.)
         occ = occ.max(f64::from(waiting) + f64::from(running));
         if kv > 0.8 {
             cost_mul *= 1.0 + (kv - 0.8) * 5.0;
+        }
+        if waiting == 0 && batch > 0.0 {
+            batch = batch.max(f64::from(running) + 1.0);
         }
     }
     let service = match b.service_ns.load(Ordering::Relaxed) {
@@ -1082,7 +1089,6 @@ fn expected(
         0 => mean_token,
         v => v as f64,
     };
-    let batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
     let (total, wait) = if size > 0 && token > 0.0 && batch > 0.0 {
         let wait = (occ + 1.0 - batch).max(0.0) * service;
         ((wait + size as f64 * token) * cost_mul, wait * cost_mul)
