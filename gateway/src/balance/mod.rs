@@ -880,12 +880,7 @@ fn prefix_aware(
     if costs.is_empty() {
         return Err(NoPick::Saturated);
     }
-    let fastest = cand
-        .iter()
-        .map(|&i| loads[i].service_ns.load(Ordering::Relaxed))
-        .filter(|&v| v > 0)
-        .min()
-        .unwrap_or(0) as f64;
+    let fastest = lowest_measured(loads, cand, |b| &b.service_ns);
     let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
     if !p.matches.anchor_seen {
@@ -904,9 +899,8 @@ fn prefix_aware(
         }
         return cheapest(&ok, rng, total).ok_or(NoPick::Saturated);
     }
-    // (its own completion time, the cost of sending it there)
-    let judged = |i: usize| {
-        let c = costs.iter().find(|c| c.0 == i)?.1;
+    // (backend, its own completion time, the cost of sending it there)
+    let judged = |&(i, c): &(usize, Parts)| {
         let (held, bonus) = p.credit_tokens(i, home);
         let per_token = prefill_per_token(s, &loads[i], fastest);
         let prefill = p.prompt_tokens.saturating_sub(held) as f64 * per_token;
@@ -920,23 +914,15 @@ fn prefix_aware(
         let own = c.total + prefill;
         let cost = own + c.wait + prefill * (1.0 + s.prefix_stickiness * stalled)
             - bonus as f64 * per_token;
-        Some((own, cost))
+        (i, own, cost)
     };
-    let judged: Vec<(usize, f64, f64)> = ok
-        .iter()
-        .filter_map(|&i| judged(i).map(|(own, cost)| (i, own, cost)))
-        .collect();
+    let judged: Vec<(usize, f64, f64)> = costs.iter().map(judged).collect();
     // No backend whose completion time is far off the best's, however much
     // its cache saves: the tail of end-to-end latency is set there.
     let fastest_done = judged.iter().map(|j| j.1).fold(f64::MAX, f64::min);
     // A request that finishes within the pool's typical time anyway (the
     // fastest backend's mean latency) isn't what sets the tail.
-    let typical = ok
-        .iter()
-        .map(|&i| loads[i].latency_ns.load(Ordering::Relaxed))
-        .filter(|&v| v > 0)
-        .min()
-        .unwrap_or(0) as f64;
+    let typical = lowest_measured(loads, &ok, |b| &b.latency_ns);
     let limit = (fastest_done * (1.0 + s.prefix_max_slowdown)).max(typical);
     let allowed: Vec<usize> = judged
         .iter()
@@ -964,6 +950,20 @@ fn prefix_aware(
 /// (`gpu_aware`'s cost).
 const HOME_TOLERANCE: f64 = 1.25;
 const NEW_HOME_TOLERANCE: f64 = 1.05;
+
+/// The lowest measured value (0: unmeasured) of an EWMA among the
+/// backends `of`, as f64 (0.0 when none is measured).
+fn lowest_measured(
+    loads: &[Arc<BackendLoad>],
+    of: &[usize],
+    field: impl Fn(&BackendLoad) -> &AtomicU64,
+) -> f64 {
+    of.iter()
+        .map(|&i| field(&loads[i]).load(Ordering::Relaxed))
+        .filter(|&v| v > 0)
+        .min()
+        .unwrap_or(0) as f64
+}
 
 /// Prefill time per prompt token at `b`, ns: learned from its streams' time
 /// to first token, else `prefill_per_1k_tokens` scaled by how much slower

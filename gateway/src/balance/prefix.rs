@@ -179,7 +179,7 @@ impl std::fmt::Debug for PrefixIndex {
 /// clock `t` is held while fewer than `blocks` blocks were allocated since
 /// — the engine evicts its least recently used blocks first, and a
 /// prompt's earlier blocks are used whenever its later ones are.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Holder {
     /// Mixed into block hashes: [`holder_key`] of its address.
     pub key: u64,
@@ -213,6 +213,9 @@ pub struct Matches {
     /// The prompt's anchor (its first blocks) was sent somewhere before
     /// (held there still or not): its prefix is shared.
     pub anchor_seen: bool,
+    /// The backends as the match saw them, for indexing the prompt at the
+    /// one chosen (left to the caller that owns them; empty here).
+    pub holders: Vec<Holder>,
 }
 
 impl PrefixIndex {
@@ -283,6 +286,7 @@ impl PrefixIndex {
             longest: per_backend.iter().copied().max().unwrap_or(0),
             per_backend,
             anchor_seen,
+            holders: Vec::new(),
         }
     }
 

@@ -278,7 +278,10 @@ fn prefix_matches(cl: &Cluster, req: &Request<'_>) -> Option<crate::balance::pre
     if req.prefix.is_empty() {
         return None;
     }
-    Some(ix.matches(req.prefix, &holders(cl)))
+    let holders = holders(cl);
+    let mut m = ix.matches(req.prefix, &holders);
+    m.holders = holders;
+    Some(m)
 }
 
 /// The balance stage's view of the request's prompt, given what the index
@@ -329,7 +332,7 @@ fn prefix_sent(
         + blocks(output);
     let stamp = load.allocate(allocated);
     if let Some(ix) = &cl.prefix {
-        ix.insert(req.prefix, &holders(cl), b, stamp);
+        ix.insert(req.prefix, &m.holders, b, stamp);
     }
     req.prompt_tokens
         .saturating_sub(held * crate::balance::prefix::BLOCK_TOKENS)
