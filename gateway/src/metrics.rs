@@ -74,6 +74,8 @@ pub struct Metrics {
     pub prefix_routes: IntCounterVec,
     pub trace_spans: IntCounterVec,
     pub prefix_index_bytes: IntGaugeVec,
+    pub prefix_fleet: IntCounterVec,
+    pub prefix_fleet_up: IntGauge,
     pub backend_ttft: prometheus::GaugeVec,
     pub backend_prefill: prometheus::GaugeVec,
     pub backend_itl: prometheus::GaugeVec,
@@ -399,6 +401,16 @@ const PREFIX_INDEX_BYTES: Desc = Desc::new(
     "Memory of the cluster's prefix index (what was sent where), shared by every worker; fixed: 32 bytes per KV block of the pool's caches",
     &["cluster"],
 );
+const PREFIX_FLEET: Desc = Desc::new(
+    "gateway_prefix_fleet_placements_total",
+    "Prefix placements shared with the other gateways through Redis: sent (made here), dropped (not sent: the outbox was full), applied (made by another gateway, indexed here), unknown (for a cluster or backend this gateway doesn't have), malformed (an unreadable entry)",
+    &["result"],
+);
+const PREFIX_FLEET_UP: Desc = Desc::new(
+    "gateway_prefix_fleet_redis_up",
+    "1 while the prefix placements sync reaches Redis, 0 while it doesn't (each gateway then routes on its own index)",
+    &[],
+);
 const BACKEND_TTFT: Desc = Desc::new(
     "gateway_backend_ttft_ewma_seconds",
     "EWMA of the time from sending a request to its first response body byte (the first token of a stream), per backend",
@@ -595,6 +607,8 @@ impl Metrics {
             prefix_routes: counter_vec(&r, &PREFIX_ROUTES),
             trace_spans: counter_vec(&r, &TRACE_SPANS),
             prefix_index_bytes: gauge_vec(&r, &PREFIX_INDEX_BYTES),
+            prefix_fleet: counter_vec(&r, &PREFIX_FLEET),
+            prefix_fleet_up: gauge(&r, &PREFIX_FLEET_UP),
             backend_ttft: float_gauge_vec(&r, &BACKEND_TTFT),
             backend_prefill: float_gauge_vec(&r, &BACKEND_PREFILL),
             backend_itl: float_gauge_vec(&r, &BACKEND_ITL),

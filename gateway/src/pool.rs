@@ -24,7 +24,7 @@ pub struct Cluster {
     /// Retries of idempotent requests left to spend (process-wide).
     pub retry_budget: std::sync::Arc<crate::balance::RetryBudget>,
     /// What was sent where (prefix-aware algorithms; process-wide).
-    pub prefix: Option<std::sync::Arc<crate::balance::prefix::PrefixIndex>>,
+    pub prefix: Option<std::sync::Arc<crate::balance::fleet::SharedPrefix>>,
     /// Open connections per backend per worker (in use + idle).
     pub max_connections: usize,
     pub pool_max_idle: usize,

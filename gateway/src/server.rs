@@ -148,6 +148,17 @@ pub fn run(r: Resolved, reload: Option<Reloader>) -> Result<(), RunError> {
         }
     }
     spawn_balance_scraper(&control, metrics.clone())?;
+    if !r.config.ratelimit.redis.address.is_empty() {
+        // Prefix-aware clusters share their placements with the fleet.
+        crate::balance::fleet::spawn(
+            control.process.loads.clone(),
+            r.config.ratelimit.redis.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            crate::worker::random_u64(),
+        )
+        .map_err(|e| RunError::Startup(format!("cannot start the prefix fleet sync: {e}")))?;
+    }
     spawn_tls_watch(&control, metrics.clone())?;
     let health = Arc::new(Health {
         workers: n,

@@ -110,7 +110,7 @@ impl Shared {
                         metrics
                             .prefix_index_bytes
                             .with_label_values(&[n])
-                            .set(ix.bytes() as i64);
+                            .set(ix.index.bytes() as i64);
                         ix
                     }),
                     loads: backend_loads,
@@ -469,7 +469,7 @@ impl Worker {
     }
 }
 
-fn random_u64() -> u64 {
+pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom writes at most 8 bytes into the buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };

@@ -917,3 +917,67 @@ fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
             && positive("gateway_backend_stream_tokens_per_second")
     });
 }
+
+#[test]
+fn two_gateways_keep_a_prefix_where_the_first_one_put_it() {
+    let dir = gateway_tests::gateway::temp_dir("fleet-prefix");
+    let redis = gateway_tests::redis::Redis::start_on(gateway_tests::gateway::free_port(), &dir);
+    let backends: Vec<gateway_tests::Backend> = (0..4)
+        .map(|i| gateway_tests::Backend::start(&format!("b{i}")))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let body = cluster(
+        "p",
+        &addrs,
+        "algorithm = \"prefix_aware\"\nengine = \"none\"\nwarmup = \"0s\"",
+    ) + &format!(
+        "[[models]]\nname = \"m\"\n[[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"p\"\n\
+         [ratelimit.redis]\naddress = \"127.0.0.1:{}\"\nsync_interval = \"20ms\"\n",
+        redis.port
+    );
+    let (a, b) = (start(&body), start(&body));
+    let admin = |g: &Gateway, path: &str, backend: SocketAddr| {
+        let spec = format!(r#"{{"cluster":"p","backend":"{backend}"}}"#);
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{spec}",
+            spec.len()
+        );
+        assert_eq!(request(g.admin, raw.as_bytes()).status, 200);
+    };
+    // Gateway A can only reach the last backend while it places 8 groups
+    // (their homes are spread over all four): that is where they are.
+    for &x in &addrs[..3] {
+        admin(&a, "/balance/drain", x);
+    }
+    let systems: Vec<String> = (0..8)
+        .map(|k| format!("You are fleet assistant number {k}. ").repeat(70))
+        .collect();
+    for (k, sys) in systems.iter().enumerate() {
+        assert_eq!(chat_with(&a, sys, &format!("first question of {k}?")), "b3");
+    }
+    for &x in &addrs[..3] {
+        admin(&a, "/balance/undrain", x);
+    }
+    // B learns A's placements through Redis, within a few syncs.
+    let applied = b.wait_metric(
+        &["gateway_prefix_fleet_placements_total", "result=\"applied\""],
+        8.0,
+    );
+    assert!(applied >= 8.0, "applied {applied}");
+    assert!(a.metric(&["gateway_prefix_fleet_placements_total", "result=\"sent\""]) >= 8.0);
+    assert_eq!(a.metric(&["gateway_prefix_fleet_redis_up"]), 1.0);
+    // B, whose own index never saw these prompts, sends them where they
+    // are cached (without the fleet: their homes, 3 in 4 elsewhere).
+    for (k, sys) in systems.iter().enumerate() {
+        assert_eq!(
+            chat_with(&b, sys, &format!("second question of {k}?")),
+            "b3",
+            "group {k}"
+        );
+    }
+    // A prompt B never heard of is routed as usual (not everything to b3).
+    let fresh: std::collections::HashSet<String> = (0..8)
+        .map(|k| chat_with(&b, &format!("Another assistant {k}. ").repeat(70), "q?"))
+        .collect();
+    assert!(fresh.len() >= 2, "new prompts all went to {fresh:?}");
+}

@@ -41,7 +41,9 @@
 //! servers' `vllm:prefix_cache_hits_total` ÷ `queries_total` over the run),
 //! errors. Results: `routing-<workload>.json` and `.svg` in `target/bench/`.
 //! `--gateways 2` puts two gateway processes (same clusters) in front of the
-//! same pool, each request sent to one of them at random (seeded).
+//! same pool, each request sent to one of them at random (seeded); they
+//! share their prefix placements through a redis-server the bench starts
+//! (`[ratelimit.redis]`), unless `--fleet-sync off`.
 //!
 //! `--saturate` (or `--workload saturate`): flow control when the pool is
 //! over capacity — five tenants (API keys), one flooding at 5× its equal
@@ -68,7 +70,7 @@ use serde_json::{json, Value};
 mod saturate;
 
 const USAGE: &str = "usage: routebench [--workload mixed|shared_prefix|multi_turn|no_prefix] [--policies LIST]
-                  [--gateways N] [--duration SECS] [--loads LIST] [--seed N] [--quick]
+                  [--gateways N] [--fleet-sync on|off] [--duration SECS] [--loads LIST] [--seed N] [--quick]
                   [--groups G] [--popularity zipf|uniform] [--system-tokens N] [--turns N]
        routebench --saturate [--runs on,off,uncapped] [--cap inflight|scraped] [--flood F] [--light L]
                   [--max-wait SECS] [--batch N] [--duration SECS] [--seed N] [--quick]
@@ -87,6 +89,8 @@ const USAGE: &str = "usage: routebench [--workload mixed|shared_prefix|multi_tur
                      algorithm the gateway refuses is skipped, with its reason
   --gateways N       N gateway processes with the same clusters in front of the same pool, each request
                      sent to one of them at random (seeded); rows named `POLICY xN` (default 1)
+  --fleet-sync on|off with --gateways N > 1: the gateways share their prefix placements through a
+                     redis-server the bench starts (on, the default) or each keeps its own (off)
   --duration SECS    seconds of arrivals (conversation starts for multi_turn) per run (default 40)
   --loads LIST       fractions of the pool's capacity, whole prompts prefilled (default 0.6,0.8,0.9 for
                      mixed, 0.75 for the others)
@@ -525,16 +529,25 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[i]
 }
 
+/// The fleet's Redis for gateways started together (`--gateways N`): its
+/// address and the key prefix of this set of gateways (each set its own,
+/// so a fresh set learns nothing from the previous run).
+type Fleet<'a> = Option<(SocketAddr, &'a str)>;
+
 fn gateway_config(
     listen: SocketAddr,
     admin: SocketAddr,
     sims: &[SocketAddr],
     policies: &[&str],
+    fleet: Fleet<'_>,
 ) -> String {
     let backends: Vec<String> = sims.iter().map(|a| format!("\"{a}\"")).collect();
     let mut c = format!(
         "[server]\nlisten = [\"{listen}\"]\nworkers = 2\n[admin]\nlisten = \"{admin}\"\n[log]\naccess_log = false\n\n"
     );
+    if let Some((redis, keys)) = fleet {
+        c += &format!("[ratelimit.redis]\naddress = \"{redis}\"\nkey_prefix = \"{keys}\"\n\n");
+    }
     // Extra `[clusters.X.balance]` lines for every policy (tuning runs).
     let extra = std::env::var("ROUTEBENCH_BALANCE").unwrap_or_default();
     for p in policies {
@@ -583,7 +596,15 @@ fn start_gateways(
     n: usize,
     policies: &[&str],
     sims: &[SocketAddr],
+    redis: Option<SocketAddr>,
 ) -> Result<Gateways, String> {
+    static SETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let keys = format!(
+        "routebench:{}:{}:",
+        std::process::id(),
+        SETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let fleet = redis.filter(|_| n > 1).map(|r| (r, keys.as_str()));
     let mut g = Gateways {
         procs: Vec::new(),
         addrs: Vec::new(),
@@ -595,7 +616,7 @@ fn start_gateways(
         } else {
             format!("routing-gateway-{i}.toml")
         });
-        std::fs::write(&conf, gateway_config(listen, admin, sims, policies))
+        std::fs::write(&conf, gateway_config(listen, admin, sims, policies, fleet))
             .map_err(|e| format!("write {}: {e}", conf.display()))?;
         let child = Command::new(bin)
             .args(["run", "--config"])
@@ -635,7 +656,7 @@ fn accepts(bin: &Path, dir: &Path, policy: &str, sims: &[SocketAddr]) -> Result<
     let conf = dir.join(format!("routing-check-{policy}.toml"));
     std::fs::write(
         &conf,
-        gateway_config(free_addr(), free_addr(), sims, &[policy]),
+        gateway_config(free_addr(), free_addr(), sims, &[policy], None),
     )
     .map_err(|e| e.to_string())?;
     let out = Command::new(bin)
@@ -761,6 +782,7 @@ fn main() -> ExitCode {
     let mut policies: Option<Vec<String>> = None;
     let mut quick = false;
     let mut gateways = 1usize;
+    let mut fleet_sync = true;
     let mut args = std::env::args().skip(1);
     let bad = |m: &str| {
         eprintln!("routebench: {m}\n{USAGE}");
@@ -792,6 +814,11 @@ fn main() -> ExitCode {
             {
                 Some(n) => gateways = n,
                 None => return bad("--gateways: 1 to 8"),
+            },
+            "--fleet-sync" => match v().as_deref() {
+                Some("on") => fleet_sync = true,
+                Some("off") => fleet_sync = false,
+                _ => return bad("--fleet-sync: on or off"),
             },
             "--duration" => {
                 o.duration = Duration::from_secs(
@@ -944,8 +971,23 @@ fn main() -> ExitCode {
         .collect();
     // mixed: one set of gateways for every run (as it always was); the prefix
     // workloads: a fresh set per run (no learned prefix state carried over).
+    // Two or more gateways share their prefix placements through Redis.
+    let redis = (gateways > 1 && fleet_sync).then(|| {
+        let port = free_addr().port();
+        gateway_tests::redis::Redis::start_on(port, &bench_dir)
+    });
+    let redis_addr = redis
+        .as_ref()
+        .map(|r| SocketAddr::from(([127, 0, 0, 1], r.port)));
     let shared_gws = if mixed && !gw_policies.is_empty() {
-        match start_gateways(&gateway_bin, &bench_dir, gateways, &gw_policies, &addrs) {
+        match start_gateways(
+            &gateway_bin,
+            &bench_dir,
+            gateways,
+            &gw_policies,
+            &addrs,
+            redis_addr,
+        ) {
             Ok(g) => Some(g),
             Err(e) => {
                 eprintln!("routebench: {e}");
@@ -958,8 +1000,10 @@ fn main() -> ExitCode {
     let label = |p: &str| {
         if p == "pin" || gateways == 1 {
             p.to_string()
-        } else {
+        } else if fleet_sync {
             format!("{p} x{gateways}")
+        } else {
+            format!("{p} x{gateways} nosync")
         }
     };
 
@@ -991,8 +1035,14 @@ fn main() -> ExitCode {
                 )
             } else {
                 let fresh = if shared_gws.is_none() {
-                    match start_gateways(&gateway_bin, &bench_dir, gateways, &[p.as_str()], &addrs)
-                    {
+                    match start_gateways(
+                        &gateway_bin,
+                        &bench_dir,
+                        gateways,
+                        &[p.as_str()],
+                        &addrs,
+                        redis_addr,
+                    ) {
                         Ok(g) => Some(g),
                         Err(e) => {
                             eprintln!("routebench: {p}: {e}");
@@ -1056,7 +1106,7 @@ fn main() -> ExitCode {
     let mut results = json!({
         "pool": cfgs.iter().zip(&addrs).zip(&caps).map(|((c, a), cap)| json!({"name": c.name, "addr": a.to_string(), "speed": c.speed,
             "max_batch": c.max_batch, "kv_tokens": c.kv_tokens, "capacity_rps": cap})).collect::<Vec<_>>(),
-        "capacity_rps": capacity, "duration_s": o.duration.as_secs(), "seed": o.seed, "gateways": gateways,
+        "capacity_rps": capacity, "duration_s": o.duration.as_secs(), "seed": o.seed, "gateways": gateways, "fleet_sync": gateways > 1 && fleet_sync,
         "mean_prompt_tokens": mean_prompt, "mean_output_tokens": mean_output,
         "workload": workload, "stream": true, "arrivals": "poisson (open loop)",
         "results": rows, "skipped": skipped,

@@ -17,6 +17,7 @@
 //! and fresh server metrics, KV-cache pressure and saturation, cold-start
 //! ramp, LoRA affinity).
 
+pub mod fleet;
 pub mod prefix;
 pub mod queue;
 pub mod scrape;
@@ -393,7 +394,7 @@ pub struct Registry {
     map: Mutex<HashMap<(String, SocketAddr), Arc<BackendLoad>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     queues: Mutex<HashMap<String, Arc<queue::FlowQueue>>>,
-    prefixes: Mutex<HashMap<String, Arc<prefix::PrefixIndex>>>,
+    prefixes: Mutex<HashMap<String, Arc<fleet::SharedPrefix>>>,
 }
 
 impl Registry {
@@ -433,13 +434,14 @@ impl Registry {
     /// The cluster's prefix index, sized for its backends' caches (the
     /// engines' reported sizes, else `prefix_cache_blocks` each), four
     /// entries a cache block; kept across reloads unless that size moves
-    /// past ½–4× the table's.
+    /// past ½–4× the table's. Set to this generation's backends (the
+    /// fleet's placements are applied to them).
     pub fn prefix_index(
         &self,
         cluster: &str,
         loads: &[Arc<BackendLoad>],
         s: &BalanceSettings,
-    ) -> Arc<prefix::PrefixIndex> {
+    ) -> Arc<fleet::SharedPrefix> {
         let blocks: u64 = loads
             .iter()
             .map(|l| l.holder(s.prefix_cache_blocks).blocks)
@@ -449,18 +451,33 @@ impl Registry {
             .clamp(1, MAX_INDEX_SLOTS)
             .next_power_of_two();
         let mut map = self.prefixes.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(cluster) {
+        let ix = match map.get(cluster) {
             // Kept unless the caches' size moved a lot (an engine's report
             // replacing the configured guess): what it knows survives reloads.
-            Some(ix) if ix.capacity() >= want / 2 && ix.capacity() <= want.saturating_mul(4) => {
+            Some(ix)
+                if ix.index.capacity() >= want / 2
+                    && ix.index.capacity() <= want.saturating_mul(4) =>
+            {
                 ix.clone()
             }
             _ => {
-                let ix = Arc::new(prefix::PrefixIndex::new(want));
+                let ix = Arc::new(fleet::SharedPrefix::new(cluster, want));
                 map.insert(cluster.to_string(), ix.clone());
                 ix
             }
-        }
+        };
+        ix.configure(loads, s);
+        ix
+    }
+
+    /// Every prefix-aware cluster's index (the fleet sync's).
+    pub fn shared_prefixes(&self) -> Vec<Arc<fleet::SharedPrefix>> {
+        self.prefixes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn budget(&self, cluster: &str, s: &BalanceSettings) -> Arc<RetryBudget> {
@@ -1440,16 +1457,19 @@ mod tests {
             ..settings(Algorithm::PrefixAware)
         };
         let ix = r.prefix_index("c", &p, &s);
-        assert_eq!(ix.capacity(), 16_384, "4 entries a block, rounded up");
+        assert_eq!(ix.index.capacity(), 16_384, "4 entries a block, rounded up");
         assert!(Arc::ptr_eq(&ix, &r.prefix_index("c", &p, &s)), "kept");
         // An engine reporting a bigger cache: a bigger table next time.
         p[0].cache_blocks.store(10_000, Ordering::Relaxed);
-        assert_eq!(r.prefix_index("c", &p, &s).capacity(), 65_536);
+        assert_eq!(r.prefix_index("c", &p, &s).index.capacity(), 65_536);
         // However big the caches say they are, the table is capped.
         for b in &p {
             b.cache_blocks.store(u32::MAX, Ordering::Relaxed);
         }
-        assert_eq!(r.prefix_index("c", &p, &s).capacity(), MAX_INDEX_SLOTS);
+        assert_eq!(
+            r.prefix_index("c", &p, &s).index.capacity(),
+            MAX_INDEX_SLOTS
+        );
     }
 
     #[test]

@@ -273,6 +273,10 @@ pub struct BalanceSettings {
     /// fastest backend's mean latency anyway), however much its cache
     /// saves: the guard for end-to-end tails.
     pub prefix_max_slowdown: f64,
+    /// Prefix-aware algorithms: share what was sent where with the other
+    /// gateways through the fleet's Redis (`[ratelimit.redis]`, when set),
+    /// so a fleet keeps each prefix where the first gateway put it.
+    pub prefix_fleet_sync: bool,
 }
 
 impl Default for BalanceSettings {
@@ -298,6 +302,7 @@ impl Default for BalanceSettings {
             prefill_per_1k_tokens: Duration::from_millis(50),
             prefix_stickiness: 2.0,
             prefix_max_slowdown: 0.5,
+            prefix_fleet_sync: true,
         }
     }
 }

@@ -103,7 +103,7 @@ fn bad(m: &str) -> std::io::Error {
 }
 
 fn read_reply(r: &mut BufReader<TcpStream>, depth: usize) -> std::io::Result<Reply> {
-    if depth > 4 {
+    if depth > 8 {
         return Err(bad("reply nested too deep"));
     }
     let mut line = Vec::new();

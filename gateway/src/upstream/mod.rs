@@ -279,7 +279,7 @@ fn prefix_matches(cl: &Cluster, req: &Request<'_>) -> Option<crate::balance::pre
         return None;
     }
     let holders = holders(cl);
-    let mut m = ix.matches(req.prefix, &holders);
+    let mut m = ix.index.matches(req.prefix, &holders);
     m.holders = holders;
     Some(m)
 }
@@ -332,7 +332,9 @@ fn prefix_sent(
         + blocks(output);
     let stamp = load.allocate(allocated);
     if let Some(ix) = &cl.prefix {
-        ix.insert(req.prefix, &m.holders, b, stamp);
+        ix.index.insert(req.prefix, &m.holders, b, stamp);
+        // The fleet learns it at the next sync (when shared).
+        ix.record(load.addr, req.prefix, allocated);
     }
     req.prompt_tokens
         .saturating_sub(held * crate::balance::prefix::BLOCK_TOKENS)
