@@ -110,7 +110,7 @@ a queue (fair by tenant) vs without (503 at once) vs no saturation cap (routing-
 
 env: GATEWAY_BIN (default <workspace>/target/release/gateway); ROUTEBENCH_BALANCE: extra
 `[clusters.X.balance]` settings for every policy, `;`-separated (e.g. prefix_stickiness = 2);
-ROUTEBENCH_GATEWAY_LOGS (set): the gateways' logs on stderr
+ROUTEBENCH_GATEWAY_LOGS (set): the gateways' logs, access logs included, on stderr
 ";
 
 /// The algorithms, in the order they are reported.
@@ -543,7 +543,10 @@ fn gateway_config(
 ) -> String {
     let backends: Vec<String> = sims.iter().map(|a| format!("\"{a}\"")).collect();
     let mut c = format!(
-        "[server]\nlisten = [\"{listen}\"]\nworkers = 2\n[admin]\nlisten = \"{admin}\"\n[log]\naccess_log = false\n\n"
+        "[server]\nlisten = [\"{listen}\"]\nworkers = 2\n[admin]\nlisten = \"{admin}\"\n[log]\naccess_log = {}\n\n",
+        // With the gateways' logs shown, their access logs too (per-request
+        // backend, TTFT, duration: what a tail is made of).
+        std::env::var_os("ROUTEBENCH_GATEWAY_LOGS").is_some()
     );
     if let Some((redis, keys)) = fleet {
         c += &format!("[ratelimit.redis]\naddress = \"{redis}\"\nkey_prefix = \"{keys}\"\n\n");
