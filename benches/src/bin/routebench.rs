@@ -70,7 +70,7 @@ use serde_json::{json, Value};
 mod saturate;
 
 const USAGE: &str = "usage: routebench [--workload mixed|shared_prefix|multi_turn|no_prefix] [--policies LIST]
-                  [--gateways N] [--fleet-sync on|off] [--duration SECS] [--loads LIST] [--seed N] [--quick]
+                  [--gateways N] [--fleet-sync on|off] [--free-prefill] [--duration SECS] [--loads LIST] [--seed N] [--quick]
                   [--groups G] [--popularity zipf|uniform] [--system-tokens N] [--turns N]
        routebench --saturate [--runs on,off,uncapped] [--cap inflight|scraped] [--flood F] [--light L]
                   [--max-wait SECS] [--batch N] [--duration SECS] [--seed N] [--quick]
@@ -89,6 +89,8 @@ const USAGE: &str = "usage: routebench [--workload mixed|shared_prefix|multi_tur
                      algorithm the gateway refuses is skipped, with its reason
   --gateways N       N gateway processes with the same clusters in front of the same pool, each request
                      sent to one of them at random (seeded); rows named `POLICY xN` (default 1)
+  --free-prefill      the floor: the same arrivals on servers whose prefill costs nothing (every
+                     prompt as if cached), to see how far any cache-aware routing could go
   --fleet-sync on|off with --gateways N > 1: the gateways share their prefix placements through a
                      redis-server the bench starts (on, the default) or each keeps its own (off)
   --duration SECS    seconds of arrivals (conversation starts for multi_turn) per run (default 40)
@@ -110,7 +112,7 @@ a queue (fair by tenant) vs without (503 at once) vs no saturation cap (routing-
 
 env: GATEWAY_BIN (default <workspace>/target/release/gateway); ROUTEBENCH_BALANCE: extra
 `[clusters.X.balance]` settings for every policy, `;`-separated (e.g. prefix_stickiness = 2);
-ROUTEBENCH_GATEWAY_LOGS (set): the gateways' logs, access logs included, on stderr
+ROUTEBENCH_GATEWAY_LOGS=FILE: the gateways' logs, access logs included, appended to FILE
 ";
 
 /// The algorithms, in the order they are reported.
@@ -578,6 +580,20 @@ fn free_addr() -> SocketAddr {
         .expect("a free port")
 }
 
+/// Where a gateway's output goes: appended to `ROUTEBENCH_GATEWAY_LOGS`
+/// when set, else nowhere.
+fn gateway_log() -> Result<Stdio, String> {
+    match std::env::var_os("ROUTEBENCH_GATEWAY_LOGS") {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map(Stdio::from)
+            .map_err(|e| format!("ROUTEBENCH_GATEWAY_LOGS: {e}")),
+        None => Ok(Stdio::null()),
+    }
+}
+
 /// Gateway processes with the same clusters; killed when dropped.
 struct Gateways {
     procs: Vec<Child>,
@@ -624,12 +640,8 @@ fn start_gateways(
         let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("ROUTEBENCH_GATEWAY_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stdout(gateway_log()?)
+            .stderr(gateway_log()?)
             .spawn()
             .map_err(|e| {
                 format!(
@@ -786,6 +798,7 @@ fn main() -> ExitCode {
     let mut quick = false;
     let mut gateways = 1usize;
     let mut fleet_sync = true;
+    let mut free_prefill = false;
     let mut args = std::env::args().skip(1);
     let bad = |m: &str| {
         eprintln!("routebench: {m}\n{USAGE}");
@@ -818,6 +831,7 @@ fn main() -> ExitCode {
                 Some(n) => gateways = n,
                 None => return bad("--gateways: 1 to 8"),
             },
+            "--free-prefill" => free_prefill = true,
             "--fleet-sync" => match v().as_deref() {
                 Some("on") => fleet_sync = true,
                 Some("off") => fleet_sync = false,
@@ -925,7 +939,22 @@ fn main() -> ExitCode {
         .map(|c| c.capacity_rps(mean_prompt, mean_output))
         .collect();
     let capacity: f64 = caps.iter().sum();
-    let sims: Vec<GpuSim> = cfgs.iter().cloned().map(GpuSim::start).collect();
+    // --free-prefill: the same arrivals (rates from the real costs) on
+    // servers whose prefill costs nothing — every prompt as if cached:
+    // the floor no cache-aware routing can go below.
+    let sims: Vec<GpuSim> = cfgs
+        .iter()
+        .cloned()
+        .map(|c| SimConfig {
+            prefill_ms_per_1k_tokens: if free_prefill {
+                0.0
+            } else {
+                c.prefill_ms_per_1k_tokens
+            },
+            ..c
+        })
+        .map(GpuSim::start)
+        .collect();
     let addrs: Vec<SocketAddr> = sims.iter().map(|s| s.addr).collect();
     println!(
         "workload {}: mean prompt {:.0} tokens, mean output {:.0}; pool capacity ≈ {capacity:.1} req/s (whole prompts prefilled):",
@@ -1109,7 +1138,7 @@ fn main() -> ExitCode {
     let mut results = json!({
         "pool": cfgs.iter().zip(&addrs).zip(&caps).map(|((c, a), cap)| json!({"name": c.name, "addr": a.to_string(), "speed": c.speed,
             "max_batch": c.max_batch, "kv_tokens": c.kv_tokens, "capacity_rps": cap})).collect::<Vec<_>>(),
-        "capacity_rps": capacity, "duration_s": o.duration.as_secs(), "seed": o.seed, "gateways": gateways, "fleet_sync": gateways > 1 && fleet_sync,
+        "capacity_rps": capacity, "duration_s": o.duration.as_secs(), "seed": o.seed, "gateways": gateways, "fleet_sync": gateways > 1 && fleet_sync, "free_prefill": free_prefill,
         "mean_prompt_tokens": mean_prompt, "mean_output_tokens": mean_output,
         "workload": workload, "stream": true, "arrivals": "poisson (open loop)",
         "results": rows, "skipped": skipped,

@@ -899,6 +899,14 @@ fn prefix_aware(
     }
     let fastest = lowest_measured(loads, cand, |b| &b.service_ns);
     let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
+    // A backend not timed yet (no completion measured) while others are
+    // may be the pool's slowest GPU (its estimate borrows the slowest
+    // measured speed): its expected time counts double, so that neither
+    // its cache nor its being home parks a long answer there before its
+    // speed is known. Its short answers are the measurement.
+    let timed = |i: usize| loads[i].token_ns.load(Ordering::Relaxed) > 0;
+    let any_timed = ok.iter().any(|&i| timed(i));
+    let doubt = |i: usize| if any_timed && !timed(i) { 2.0 } else { 1.0 };
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
     if !p.matches.anchor_seen {
         // A new prompt: nothing to gain from any cache, so `gpu_aware`'s
@@ -910,7 +918,7 @@ fn prefix_aware(
             // Home's bonus: the prefill of its anchor blocks.
             let bonus =
                 p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest);
-            if total(h).is_some_and(|t| t - bonus <= best * NEW_HOME_TOLERANCE) {
+            if total(h).is_some_and(|t| t * doubt(h) - bonus <= best * NEW_HOME_TOLERANCE) {
                 return Ok(h);
             }
         }
@@ -928,7 +936,7 @@ fn prefix_aware(
         } else {
             c.occupancy
         };
-        let own = c.total + prefill;
+        let own = (c.total + prefill) * doubt(i);
         let cost = own + c.wait + prefill * (1.0 + s.prefix_stickiness * stalled)
             - bonus as f64 * per_token;
         (i, own, cost)
@@ -1446,6 +1454,32 @@ mod tests {
         // 100 tokens: 3 s there against 1.08 s here: the fast one, however
         // much the cache would save.
         assert_eq!(pick(&s, &p, 0, "m", 100, Some(&v), &rr, &rng).unwrap(), 0);
+    }
+
+    #[test]
+    fn prefix_aware_parks_no_long_answer_on_a_backend_not_timed_yet() {
+        let p = pool(2);
+        // 0: timed, 20 ms a token; 1: never timed (it may be a slow GPU),
+        // holds the whole prompt. Batches of 8, both idle.
+        for b in &p {
+            b.batch_seen.store(8, Ordering::Relaxed);
+            b.prefill_ns.store(50_000, Ordering::Relaxed);
+        }
+        p[0].service_ns.store(20_000_000, Ordering::Relaxed);
+        p[0].token_ns.store(20_000_000, Ordering::Relaxed);
+        let s = settings(Algorithm::PrefixAware);
+        let (rr, rng) = (Cell::new(0), Rng::new(3));
+        let (blocks, m) = prompt(&p, b'u', 100, &[(1, 100)]);
+        let v = view(&blocks, &m);
+        // 30 tokens: 1 would be as fast as 0 if as fast as the slowest
+        // timed one, and it has the cache; not knowing, it isn't trusted
+        // with a long answer.
+        assert_eq!(pick(&s, &p, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 0);
+        // A short one is worth its cache (and times it).
+        assert_eq!(pick(&s, &p, 0, "m", 4, Some(&v), &rr, &rng).unwrap(), 1);
+        // Timed as fast as 0: the long one goes to the cache too.
+        p[1].token_ns.store(20_000_000, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 1);
     }
 
     #[test]
