@@ -899,26 +899,43 @@ fn prefix_aware(
     }
     let fastest = lowest_measured(loads, cand, |b| &b.service_ns);
     let ok: Vec<usize> = costs.iter().map(|c| c.0).collect();
-    // A backend not timed yet (no completion measured) while others are
-    // may be the pool's slowest GPU (its estimate borrows the slowest
-    // measured speed): its expected time counts double, so that neither
+    // A backend not timed yet (no completion measured) may be the pool's
+    // slowest GPU: its estimate borrows the slowest timed speed, or none.
+    // Its first tokens say more: its prefill per token against the
+    // fastest's is how much slower it is. Its expected time counts that
+    // many times (at least twice while others are timed), so that neither
     // its cache nor its being home parks a long answer there before its
     // speed is known. Its short answers are the measurement.
     let timed = |i: usize| loads[i].token_ns.load(Ordering::Relaxed) > 0;
     let any_timed = ok.iter().any(|&i| timed(i));
-    let doubt = |i: usize| if any_timed && !timed(i) { 2.0 } else { 1.0 };
+    let quickest_prefill = lowest_measured(loads, &ok, |b| &b.prefill_ns);
+    let doubt = |i: usize| {
+        if timed(i) {
+            return 1.0;
+        }
+        let slower = match loads[i].prefill_ns.load(Ordering::Relaxed) {
+            p if p > 0 && quickest_prefill > 0.0 => p as f64 / quickest_prefill,
+            _ => 1.0,
+        };
+        slower.max(if any_timed { 2.0 } else { 1.0 })
+    };
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
     if !p.matches.anchor_seen {
         // A new prompt: nothing to gain from any cache, so `gpu_aware`'s
         // choice — or home on a near tie (it may turn out shared, and
         // every worker and gateway agrees on home).
-        let total = |i: usize| costs.iter().find(|c| c.0 == i).map(|c| c.1.total);
+        let total = |i: usize| {
+            costs
+                .iter()
+                .find(|c| c.0 == i)
+                .map(|c| c.1.total * doubt(i))
+        };
         let best = ok.iter().filter_map(|&i| total(i)).fold(f64::MAX, f64::min);
         if let Some(h) = home {
             // Home's bonus: the prefill of its anchor blocks.
             let bonus =
                 p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest);
-            if total(h).is_some_and(|t| t * doubt(h) - bonus <= best * NEW_HOME_TOLERANCE) {
+            if total(h).is_some_and(|t| t - bonus <= best * NEW_HOME_TOLERANCE) {
                 return Ok(h);
             }
         }
@@ -1083,7 +1100,13 @@ fn expected(
     let mut batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
     if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
         // (A saturated backend never gets here: `pick` leaves it out.)
-        occ = occ.max(f64::from(waiting) + f64::from(running));
+        // The server's count is as old as its report; this gateway's own
+        // part of it is known now. So: what others had there at the
+        // report, plus what this gateway has there now.
+        let others = (f64::from(waiting) + f64::from(running)
+            - f64::from(b.inflight_at_report.load(Ordering::Relaxed)))
+        .max(0.0);
+        occ += others;
         if kv > 0.8 {
             cost_mul *= 1.0 + (kv - 0.8) * 5.0;
         }
