@@ -907,7 +907,7 @@ fn prefix_aware(
     // many times (at least twice while others are timed), so that neither
     // its cache nor its being home parks a long answer there before its
     // speed is known. Its short answers are the measurement.
-    let timed = |i: usize| loads[i].token_ns.load(Ordering::Relaxed) > 0;
+    let timed = |i: usize| loads[i].service_ns.load(Ordering::Relaxed) > 0;
     let any_timed = ok.iter().any(|&i| timed(i));
     let quickest_prefill = lowest_measured(loads, &ok, |b| &b.prefill_ns);
     let doubt = |i: usize| {
@@ -921,10 +921,13 @@ fn prefix_aware(
         slower.max(if any_timed { 2.0 } else { 1.0 })
     };
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
-    if !p.matches.anchor_seen {
+    if !p.matches.anchor_seen || !any_timed {
         // A new prompt: nothing to gain from any cache, so `gpu_aware`'s
         // choice — or home on a near tie (it may turn out shared, and
-        // every worker and gateway agrees on home).
+        // every worker and gateway agrees on home). The same while no
+        // backend has been timed: what a cache saves can't be weighed
+        // against waits and decode times not known yet (a hot prefix
+        // would stick to whichever GPU got it first, however slow).
         let total = |i: usize| {
             costs
                 .iter()
@@ -933,9 +936,13 @@ fn prefix_aware(
         };
         let best = ok.iter().filter_map(|&i| total(i)).fold(f64::MAX, f64::min);
         if let Some(h) = home {
-            // Home's bonus: the prefill of its anchor blocks.
-            let bonus =
-                p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest);
+            // Home's bonus: the prefill of its anchor blocks (once times
+            // are known: before, the costs are only relative loads).
+            let bonus = if any_timed {
+                p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest)
+            } else {
+                0.0
+            };
             if total(h).is_some_and(|t| t - bonus <= best * NEW_HOME_TOLERANCE) {
                 return Ok(h);
             }
@@ -1528,9 +1535,21 @@ mod tests {
         assert_eq!(pick(&s, &p, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 0);
         // A short one is worth its cache (and times it).
         assert_eq!(pick(&s, &p, 0, "m", 4, Some(&v), &rr, &rng).unwrap(), 1);
+        // Its first tokens say its prefill is 5× slower than 0's: even a
+        // 10-token answer isn't worth its cache now.
+        p[1].prefill_ns.store(250_000, Ordering::Relaxed);
+        assert_eq!(pick(&s, &p, 0, "m", 10, Some(&v), &rr, &rng).unwrap(), 0);
         // Timed as fast as 0: the long one goes to the cache too.
+        p[1].service_ns.store(20_000_000, Ordering::Relaxed);
         p[1].token_ns.store(20_000_000, Ordering::Relaxed);
         assert_eq!(pick(&s, &p, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 1);
+        // Nothing timed anywhere yet (a fresh start): load decides, not
+        // the cache (whose worth can't be weighed yet).
+        let q = pool(2);
+        let (blocks, m) = prompt(&q, b'u', 100, &[(1, 100)]);
+        let v = view(&blocks, &m);
+        q[1].inflight.store(2, Ordering::Relaxed);
+        assert_eq!(pick(&s, &q, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 0);
     }
 
     #[test]
