@@ -921,13 +921,10 @@ fn prefix_aware(
         slower.max(if any_timed { 2.0 } else { 1.0 })
     };
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
-    if !p.matches.anchor_seen || !any_timed {
+    if !p.matches.anchor_seen {
         // A new prompt: nothing to gain from any cache, so `gpu_aware`'s
         // choice — or home on a near tie (it may turn out shared, and
-        // every worker and gateway agrees on home). The same while no
-        // backend has been timed: what a cache saves can't be weighed
-        // against waits and decode times not known yet (a hot prefix
-        // would stick to whichever GPU got it first, however slow).
+        // every worker and gateway agrees on home).
         let total = |i: usize| {
             costs
                 .iter()
@@ -936,13 +933,9 @@ fn prefix_aware(
         };
         let best = ok.iter().filter_map(|&i| total(i)).fold(f64::MAX, f64::min);
         if let Some(h) = home {
-            // Home's bonus: the prefill of its anchor blocks (once times
-            // are known: before, the costs are only relative loads).
-            let bonus = if any_timed {
-                p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest)
-            } else {
-                0.0
-            };
+            // Home's bonus: the prefill of its anchor blocks.
+            let bonus =
+                p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest);
             if total(h).is_some_and(|t| t - bonus <= best * NEW_HOME_TOLERANCE) {
                 return Ok(h);
             }
@@ -1543,13 +1536,6 @@ mod tests {
         p[1].service_ns.store(20_000_000, Ordering::Relaxed);
         p[1].token_ns.store(20_000_000, Ordering::Relaxed);
         assert_eq!(pick(&s, &p, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 1);
-        // Nothing timed anywhere yet (a fresh start): load decides, not
-        // the cache (whose worth can't be weighed yet).
-        let q = pool(2);
-        let (blocks, m) = prompt(&q, b'u', 100, &[(1, 100)]);
-        let v = view(&blocks, &m);
-        q[1].inflight.store(2, Ordering::Relaxed);
-        assert_eq!(pick(&s, &q, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 0);
     }
 
     #[test]
