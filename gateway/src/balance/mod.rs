@@ -823,10 +823,9 @@ fn gie_like(
     Ok(cheapest(&ids, rng, by_id).unwrap_or(ids[0]))
 }
 
-/// The gateway's own: the lowest expected completion time. Occupancy is
-/// this gateway's live in-flight count plus what other gateways had there
-/// at the server's last fresh report (its running + queued count less this
-/// gateway's in-flight count then). With the
+/// The gateway's own: the lowest expected completion time. Occupancy is the
+/// larger of this gateway's live in-flight count and the server's fresh
+/// running + queued count (other gateways' load shows there). With the
 /// request's output budget known (OpenAI `max_tokens`) and the backend's
 /// batch size learned from its reports, that is the wait for a batch slot
 /// — `max(0, occupancy + 1 − batch) × service` — plus `budget × per-token
@@ -1101,13 +1100,7 @@ fn expected(
     let mut batch = f64::from(b.batch_seen.load(Ordering::Relaxed));
     if let Some((waiting, running, kv)) = b.reported(now, s.metrics_max_age) {
         // (A saturated backend never gets here: `pick` leaves it out.)
-        // The server's count is as old as its report; this gateway's own
-        // part of it is known now. So: what others had there at the
-        // report, plus what this gateway has there now.
-        let others = (f64::from(waiting) + f64::from(running)
-            - f64::from(b.inflight_at_report.load(Ordering::Relaxed)))
-        .max(0.0);
-        occ += others;
+        occ = occ.max(f64::from(waiting) + f64::from(running));
         if kv > 0.8 {
             cost_mul *= 1.0 + (kv - 0.8) * 5.0;
         }
@@ -1272,33 +1265,6 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(pick(&s, &q, 0, "sql-lora", 0, None, &rr, &rng).unwrap(), 1);
         }
-    }
-
-    #[test]
-    fn occupancy_is_others_load_at_the_report_plus_own_now() {
-        let b = BackendLoad::new("127.0.0.1:1".parse().unwrap());
-        b.service_ns.store(100, Ordering::Relaxed);
-        let s = settings(Algorithm::GpuAware);
-        let occ = |b: &BackendLoad| {
-            expected(&s, b, now_ms(), "", 0, 100.0, 0.0)
-                .unwrap()
-                .occupancy
-        };
-        // 3 of ours in flight when the server said 7 running + 2 queued:
-        // 6 are other gateways'.
-        b.inflight.store(3, Ordering::Relaxed);
-        b.report(Some(2), Some(7), Some(0.1));
-        assert_eq!(occ(&b), 9.0);
-        // We sent 4 more since: they count now, not a report later.
-        b.inflight.store(7, Ordering::Relaxed);
-        assert_eq!(occ(&b), 13.0);
-        // Ours finished: the others' 6 remain.
-        b.inflight.store(0, Ordering::Relaxed);
-        assert_eq!(occ(&b), 6.0);
-        // Alone (the server counts only ours): our own count, never less.
-        b.inflight.store(5, Ordering::Relaxed);
-        b.report(Some(0), Some(4), Some(0.1));
-        assert_eq!(occ(&b), 5.0);
     }
 
     #[test]
