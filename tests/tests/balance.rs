@@ -960,7 +960,10 @@ fn two_gateways_keep_a_prefix_where_the_first_one_put_it() {
     }
     // B learns A's placements through Redis, within a few syncs.
     let applied = b.wait_metric(
-        &["gateway_prefix_fleet_placements_total", "result=\"applied\""],
+        &[
+            "gateway_prefix_fleet_placements_total",
+            "result=\"applied\"",
+        ],
         8.0,
     );
     assert!(applied >= 8.0, "applied {applied}");

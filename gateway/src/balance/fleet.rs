@@ -199,7 +199,9 @@ impl<'a> Bytes<'a> {
         self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes)
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
     }
 }
 
@@ -272,28 +274,45 @@ pub fn apply_entry(e: &[u8], local: &[Arc<SharedPrefix>], done: &mut Synced) {
 }
 
 /// The sync's state: where it has read the stream to, who it is.
-pub struct Sync {
+pub struct FleetSync {
     id: String,
     key: String,
     last: String,
 }
 
-impl Sync {
-    pub fn new(key_prefix: &str, id: u64) -> Sync {
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .saturating_sub(HISTORY);
-        Sync {
+impl FleetSync {
+    pub fn new(key_prefix: &str, id: u64) -> FleetSync {
+        FleetSync {
             id: format!("{id:016x}"),
             key: format!("{key_prefix}prefix"),
-            last: format!("{}-0", start.as_millis()),
+            last: String::new(),
         }
+    }
+
+    /// Where a new reader starts: [`HISTORY`] before Redis's clock (stream
+    /// ids are Redis's milliseconds; this host's clock may differ).
+    fn start(&mut self, c: &mut Conn) -> std::io::Result<()> {
+        let Reply::Array(t) = c.call(&[b"TIME"])? else {
+            return Err(std::io::Error::other("TIME did not answer a list"));
+        };
+        let secs = match t.first() {
+            Some(Reply::Bulk(Some(s))) => std::str::from_utf8(s)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok()),
+            _ => None,
+        }
+        .ok_or_else(|| std::io::Error::other("TIME answered no seconds"))?;
+        let ms = (secs * 1000).saturating_sub(HISTORY.as_millis() as u64);
+        self.last = format!("{ms}-0");
+        Ok(())
     }
 
     /// Push the outboxes, pull and apply what the others pushed.
     pub fn once(&mut self, c: &mut Conn, local: &[Arc<SharedPrefix>]) -> std::io::Result<Synced> {
         let mut done = Synced::default();
+        if self.last.is_empty() {
+            self.start(c)?;
+        }
         let mut bodies: Vec<(&str, Vec<u8>)> = Vec::new();
         for s in local.iter().filter(|s| s.shared()) {
             done.dropped += s.dropped.swap(0, Ordering::Relaxed);
@@ -394,7 +413,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("prefix-fleet".into())
         .spawn(move || {
-            let mut sync = Sync::new(&redis.key_prefix, id);
+            let mut sync = FleetSync::new(&redis.key_prefix, id);
             let mut conn: Option<Conn> = None;
             let mut backoff = Duration::from_millis(100);
             let mut up: Option<bool> = None;
@@ -404,9 +423,16 @@ pub fn spawn(
                     up = Some(v);
                     m.prefix_fleet_up.set(i64::from(v));
                     if v {
-                        tracing::info!(address = redis.address.as_str(), "prefix fleet: sharing placements through Redis");
+                        tracing::info!(
+                            address = redis.address.as_str(),
+                            "prefix fleet: sharing placements through Redis"
+                        );
                     } else {
-                        tracing::warn!(address = redis.address.as_str(), error = why, "prefix fleet: Redis unreachable, routing on this gateway's own index");
+                        tracing::warn!(
+                            address = redis.address.as_str(),
+                            error = why,
+                            "prefix fleet: Redis unreachable, routing on this gateway's own index"
+                        );
                     }
                 }
             };

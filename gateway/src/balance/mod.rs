@@ -920,10 +920,14 @@ fn prefix_aware(
         slower.max(if any_timed { 2.0 } else { 1.0 })
     };
     let home = prefix::home(p.blocks, &addrs(loads), &capacity_weights(loads), &ok);
-    if !p.matches.anchor_seen {
+    if !p.matches.anchor_seen || !any_timed {
         // A new prompt: nothing to gain from any cache, so `gpu_aware`'s
         // choice — or home on a near tie (it may turn out shared, and
-        // every worker and gateway agrees on home).
+        // every worker and gateway agrees on home). The same while no
+        // backend has been timed: times are then only relative loads
+        // (a default service time), nothing a cache's saving can be
+        // weighed against — a hot prefix would pile onto whichever GPU
+        // got it first, however slow.
         let total = |i: usize| {
             costs
                 .iter()
@@ -932,9 +936,13 @@ fn prefix_aware(
         };
         let best = ok.iter().filter_map(|&i| total(i)).fold(f64::MAX, f64::min);
         if let Some(h) = home {
-            // Home's bonus: the prefill of its anchor blocks.
-            let bonus =
-                p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest);
+            // Home's bonus: the prefill of its anchor blocks (once times
+            // are known).
+            let bonus = if any_timed {
+                p.credit_tokens(h, home).1 as f64 * prefill_per_token(s, &loads[h], fastest)
+            } else {
+                0.0
+            };
             if total(h).is_some_and(|t| t - bonus <= best * NEW_HOME_TOLERANCE) {
                 return Ok(h);
             }
@@ -1502,6 +1510,15 @@ mod tests {
         p[1].service_ns.store(20_000_000, Ordering::Relaxed);
         p[1].token_ns.store(20_000_000, Ordering::Relaxed);
         assert_eq!(pick(&s, &p, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 1);
+        // Nothing timed anywhere yet (a fresh start): load decides, not a
+        // cache whose worth can't be weighed yet.
+        let q = pool(2);
+        let (blocks, m) = prompt(&q, b'u', 100, &[(1, 100)]);
+        let v = view(&blocks, &m);
+        q[1].inflight.store(2, Ordering::Relaxed);
+        for _ in 0..10 {
+            assert_eq!(pick(&s, &q, 0, "m", 30, Some(&v), &rr, &rng).unwrap(), 0);
+        }
     }
 
     #[test]
