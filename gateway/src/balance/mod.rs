@@ -880,8 +880,11 @@ fn gpu_aware(
 /// backend's mean latency — are left out: the end-to-end tail isn't traded
 /// for cache hits. A shared prefix held nowhere (evicted everywhere) goes
 /// home unless home costs clearly more. The lowest cost wins. A new prompt
-/// (its first blocks never sent anywhere) is routed as `gpu_aware` routes
-/// it, or home on a near tie.
+/// (its first blocks never sent anywhere), and any prompt until a backend
+/// has been timed, is routed as `gpu_aware` routes it, or home on a near
+/// tie. A backend not timed yet counts as slower by its first tokens'
+/// prefill speed against the quickest's (at least twice while others are
+/// timed).
 fn prefix_aware(
     s: &BalanceSettings,
     loads: &[Arc<BackendLoad>],
