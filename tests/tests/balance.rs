@@ -969,6 +969,11 @@ fn two_gateways_keep_a_prefix_where_the_first_one_put_it() {
     assert!(applied >= 8.0, "applied {applied}");
     assert!(a.metric(&["gateway_prefix_fleet_placements_total", "result=\"sent\""]) >= 8.0);
     assert_eq!(a.metric(&["gateway_prefix_fleet_redis_up"]), 1.0);
+    // B has served some traffic of its own (a gateway weighs caches once a
+    // backend has been timed: its first completion).
+    for k in 0..4 {
+        chat_with(&b, &format!("Warm-up {k}. ").repeat(70), "q?");
+    }
     // B, whose own index never saw these prompts, sends them where they
     // are cached (without the fleet: their homes, 3 in 4 elsewhere).
     for (k, sys) in systems.iter().enumerate() {
