@@ -855,19 +855,25 @@ fn chat_with(g: &Gateway, system: &str, question: &str) -> String {
     r.json()["backend"].as_str().unwrap_or_default().to_string()
 }
 
-#[test]
-fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
-    let backends: Vec<gateway_tests::Backend> = (0..4)
-        .map(|i| gateway_tests::Backend::start(&format!("b{i}")))
-        .collect();
+/// Four named backends behind a `prefix_aware` cluster `p` with an OpenAI
+/// chat route (defaults: sub-millisecond answers, so the prefill a cached
+/// backend saves, 50 ms per 1k tokens until measured, decides), plus
+/// `extra` config.
+fn prefix_pool(extra: &str) -> (Vec<Backend>, Vec<SocketAddr>, String) {
+    let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("b{i}"))).collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let body = cluster(
         "p",
         &addrs,
-        // Defaults: sub-millisecond answers, so the prefill a cached
-        // backend saves (default 50 ms per 1k tokens until measured) decides.
         "algorithm = \"prefix_aware\"\nengine = \"none\"\nwarmup = \"0s\"",
-    ) + "[[models]]\nname = \"m\"\n[[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"p\"\n";
+    ) + "[[models]]\nname = \"m\"\n[[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"p\"\n"
+        + extra;
+    (backends, addrs, body)
+}
+
+#[test]
+fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
+    let (_backends, _, body) = prefix_pool("");
     let g = start(&body);
     // 12 groups, each a distinct ~2 KB system prompt, 5 questions each,
     // interleaved, over both workers' connections.
@@ -922,19 +928,10 @@ fn prefix_aware_keeps_each_shared_prompt_on_one_backend() {
 fn two_gateways_keep_a_prefix_where_the_first_one_put_it() {
     let dir = gateway_tests::gateway::temp_dir("fleet-prefix");
     let redis = gateway_tests::redis::Redis::start_on(gateway_tests::gateway::free_port(), &dir);
-    let backends: Vec<gateway_tests::Backend> = (0..4)
-        .map(|i| gateway_tests::Backend::start(&format!("b{i}")))
-        .collect();
-    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let body = cluster(
-        "p",
-        &addrs,
-        "algorithm = \"prefix_aware\"\nengine = \"none\"\nwarmup = \"0s\"",
-    ) + &format!(
-        "[[models]]\nname = \"m\"\n[[routes]]\nname = \"chat\"\npath_prefix = \"/v1/\"\nprotocol = \"openai\"\ncluster = \"p\"\n\
-         [ratelimit.redis]\naddress = \"127.0.0.1:{}\"\nsync_interval = \"20ms\"\n",
+    let (_backends, addrs, body) = prefix_pool(&format!(
+        "[ratelimit.redis]\naddress = \"127.0.0.1:{}\"\nsync_interval = \"20ms\"\n",
         redis.port
-    );
+    ));
     let (a, b) = (start(&body), start(&body));
     let admin = |g: &Gateway, path: &str, backend: SocketAddr| {
         let spec = format!(r#"{{"cluster":"p","backend":"{backend}"}}"#);

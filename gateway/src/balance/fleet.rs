@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use super::prefix::{Holder, PrefixIndex};
 use super::{BackendLoad, BalanceSettings};
-use crate::ratelimit::redis::{Conn, Reply};
+use crate::config::ratelimit::RedisSettings;
+use crate::ratelimit::redis::{Conn, Link, Reply};
 
 /// Block hashes shared per placement (16 tokens each: 32k tokens). Longer
 /// prompts are shared up to there; the gateway that placed them knows all.
@@ -143,11 +144,20 @@ impl SharedPrefix {
     }
 }
 
-/// One placement: address (text), allocated blocks, block hashes.
+/// One placement: address (4 or 6, the IP's bytes, the port), allocated
+/// blocks, block hashes. No allocation (a worker calls it per request).
 fn encode(out: &mut Vec<u8>, to: &SocketAddr, allocated: u64, blocks: &[u64]) {
-    let a = to.to_string();
-    out.push(a.len() as u8);
-    out.extend_from_slice(a.as_bytes());
+    match to.ip() {
+        std::net::IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        std::net::IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&to.port().to_le_bytes());
     out.extend_from_slice(&(allocated.min(u64::from(u32::MAX)) as u32).to_le_bytes());
     out.extend_from_slice(&(blocks.len() as u16).to_le_bytes());
     for b in blocks {
@@ -220,8 +230,12 @@ pub fn parse_entry(e: &[u8]) -> Option<Vec<(String, Vec<Placement>)>> {
         let mut body = Bytes(r.take(len)?);
         let mut placements = Vec::new();
         while !body.0.is_empty() {
-            let n = body.u8()? as usize;
-            let to: SocketAddr = std::str::from_utf8(body.take(n)?).ok()?.parse().ok()?;
+            let ip: std::net::IpAddr = match body.u8()? {
+                4 => <[u8; 4]>::try_from(body.take(4)?).ok()?.into(),
+                6 => <[u8; 16]>::try_from(body.take(16)?).ok()?.into(),
+                _ => return None,
+            };
+            let to = SocketAddr::new(ip, body.u16()?);
             let allocated = u64::from(body.u32()?);
             let count = body.u16()? as usize;
             if count > MAX_SYNC_BLOCKS {
@@ -402,91 +416,83 @@ impl FleetSync {
     }
 }
 
-/// The sync thread: every `interval` while the gateway runs.
+/// The sync thread: every `sync_interval` while the gateway runs.
 pub fn spawn(
     registry: Arc<super::Registry>,
-    redis: crate::config::ratelimit::RedisSettings,
+    redis: RedisSettings,
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: Arc<crate::shutdown::Shutdown>,
     id: u64,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("prefix-fleet".into())
-        .spawn(move || {
-            let mut sync = FleetSync::new(&redis.key_prefix, id);
-            let mut conn: Option<Conn> = None;
-            let mut backoff = Duration::from_millis(100);
-            let mut up: Option<bool> = None;
-            let m = &metrics;
-            let mut set_up = |v: bool, why: &str| {
-                if up != Some(v) {
-                    up = Some(v);
-                    m.prefix_fleet_up.set(i64::from(v));
-                    if v {
-                        tracing::info!(
-                            address = redis.address.as_str(),
-                            "prefix fleet: sharing placements through Redis"
-                        );
-                    } else {
-                        tracing::warn!(
-                            address = redis.address.as_str(),
-                            error = why,
-                            "prefix fleet: Redis unreachable, routing on this gateway's own index"
-                        );
-                    }
-                }
-            };
-            while !shutdown.is_triggered() {
-                let started = Instant::now();
-                let local: Vec<Arc<SharedPrefix>> = registry
-                    .shared_prefixes()
-                    .into_iter()
-                    .filter(|s| s.shared())
-                    .collect();
-                if local.is_empty() {
-                    std::thread::sleep(redis.sync_interval);
-                    continue;
-                }
-                if conn.is_none() {
-                    match Conn::connect(&redis.address, redis.timeout, &redis.password) {
-                        Ok(c) => conn = Some(c),
-                        Err(e) => {
-                            set_up(false, &e.to_string());
-                            std::thread::sleep(backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                            continue;
-                        }
-                    }
-                }
-                let c = conn.as_mut().expect("connected above");
-                match sync.once(c, &local) {
-                    Ok(d) => {
-                        backoff = Duration::from_millis(100);
-                        set_up(true, "");
-                        for (what, n) in [
-                            ("sent", d.sent),
-                            ("dropped", d.dropped),
-                            ("applied", d.applied),
-                            ("unknown", d.unknown),
-                            ("malformed", d.malformed),
-                        ] {
-                            if n > 0 {
-                                m.prefix_fleet.with_label_values(&[what]).inc_by(n);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        set_up(false, &e.to_string());
-                        conn = None;
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                }
-                std::thread::sleep(redis.sync_interval.saturating_sub(started.elapsed()));
-            }
-        })
+        .spawn(move || run(&registry, &redis, &metrics, &shutdown, id))
         .map(|_| ())
+}
+
+fn run(
+    registry: &super::Registry,
+    redis: &RedisSettings,
+    m: &crate::metrics::Metrics,
+    shutdown: &crate::shutdown::Shutdown,
+    id: u64,
+) {
+    let mut sync = FleetSync::new(&redis.key_prefix, id);
+    let mut link = Link::default();
+    let mut up: Option<bool> = None;
+    let mut set_up = |v: bool, why: &str| {
+        if up == Some(v) {
+            return;
+        }
+        up = Some(v);
+        m.prefix_fleet_up.set(i64::from(v));
+        if v {
+            tracing::info!(
+                address = redis.address.as_str(),
+                "prefix fleet: sharing placements through Redis"
+            );
+        } else {
+            tracing::warn!(
+                address = redis.address.as_str(),
+                error = why,
+                "prefix fleet: Redis unreachable, routing on this gateway's own index"
+            );
+        }
+    };
+    while !shutdown.is_triggered() {
+        let started = Instant::now();
+        let local: Vec<Arc<SharedPrefix>> = registry
+            .shared_prefixes()
+            .into_iter()
+            .filter(|s| s.shared())
+            .collect();
+        if local.is_empty() {
+            std::thread::sleep(redis.sync_interval);
+            continue;
+        }
+        match link.round(redis, |c| sync.once(c, &local)) {
+            Ok(d) => {
+                set_up(true, "");
+                for (what, n) in [
+                    ("sent", d.sent),
+                    ("dropped", d.dropped),
+                    ("applied", d.applied),
+                    ("unknown", d.unknown),
+                    ("malformed", d.malformed),
+                ] {
+                    if n > 0 {
+                        m.prefix_fleet.with_label_values(&[what]).inc_by(n);
+                    }
+                }
+            }
+            Err((_, e)) => {
+                set_up(false, &e.to_string());
+                link.back_off();
+                continue;
+            }
+        }
+        std::thread::sleep(redis.sync_interval.saturating_sub(started.elapsed()));
+    }
 }
 
 #[cfg(test)]

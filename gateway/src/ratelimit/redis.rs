@@ -167,6 +167,59 @@ enum Item {
     },
 }
 
+/// A sync thread's connection to Redis, kept across rounds: connected when
+/// needed, dropped when a round fails, with the backoff to wait before the
+/// next try (100 ms, doubling to 5 s; reset by a round that succeeds).
+pub struct Link {
+    conn: Option<Conn>,
+    backoff: Duration,
+}
+
+/// Why a round failed: connecting (`"connect"`) or the round itself
+/// (`"sync"`), and the error.
+pub type Failed = (&'static str, std::io::Error);
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            conn: None,
+            backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Link {
+    /// One round on the connection (connecting first when needed).
+    pub fn round<T>(
+        &mut self,
+        s: &RedisSettings,
+        f: impl FnOnce(&mut Conn) -> std::io::Result<T>,
+    ) -> Result<T, Failed> {
+        if self.conn.is_none() {
+            let c =
+                Conn::connect(&s.address, s.timeout, &s.password).map_err(|e| ("connect", e))?;
+            self.conn = Some(c);
+        }
+        let c = self.conn.as_mut().expect("connected above");
+        match f(c) {
+            Ok(v) => {
+                self.backoff = Duration::from_millis(100);
+                Ok(v)
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(("sync", e))
+            }
+        }
+    }
+
+    /// After a failed round: wait the backoff, double it.
+    pub fn back_off(&mut self) {
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Start the sync thread.
 pub fn spawn(
     limiter: Arc<Limiter>,
@@ -181,8 +234,7 @@ pub fn spawn(
 }
 
 fn run(limiter: &Limiter, s: &RedisSettings, metrics: &Metrics, shutdown: &Shutdown) {
-    let mut conn: Option<Conn> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut link = Link::default();
     let mut up: Option<bool> = None;
     let mut revocations_synced = Instant::now() - REVOCATION_SYNC;
     let mut set_up = |v: bool, why: &str| {
@@ -202,45 +254,27 @@ fn run(limiter: &Limiter, s: &RedisSettings, metrics: &Metrics, shutdown: &Shutd
     };
     while !shutdown.is_triggered() {
         let started = Instant::now();
-        if conn.is_none() {
-            match Conn::connect(&s.address, s.timeout, &s.password) {
-                Ok(c) => conn = Some(c),
-                Err(e) => {
-                    metrics
-                        .ratelimit_redis_errors
-                        .with_label_values(&["connect"])
-                        .inc();
-                    set_up(false, &e.to_string());
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
+        let round = link.round(s, |c| {
+            if revocations_synced.elapsed() >= REVOCATION_SYNC {
+                revocations_synced = Instant::now();
+                sync_revocations(c, &s.key_prefix)?;
             }
-        }
-        let c = conn.as_mut().expect("connected above");
-        let revocations = if revocations_synced.elapsed() >= REVOCATION_SYNC {
-            revocations_synced = Instant::now();
-            sync_revocations(c, &s.key_prefix)
-        } else {
-            Ok(())
-        };
-        match revocations.and_then(|()| sync_once(limiter, s, c)) {
+            sync_once(limiter, s, c)
+        });
+        match round {
             Ok(()) => {
-                backoff = Duration::from_millis(100);
                 set_up(true, "");
                 metrics
                     .ratelimit_redis_sync
                     .observe(started.elapsed().as_secs_f64());
             }
-            Err(e) => {
+            Err((stage, e)) => {
                 metrics
                     .ratelimit_redis_errors
-                    .with_label_values(&["sync"])
+                    .with_label_values(&[stage])
                     .inc();
                 set_up(false, &e.to_string());
-                conn = None;
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                link.back_off();
                 continue;
             }
         }

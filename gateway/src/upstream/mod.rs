@@ -263,14 +263,6 @@ pub struct InFlight {
     pub queue: Option<std::sync::Arc<crate::balance::queue::FlowQueue>>,
 }
 
-/// The cluster's backends as its prefix index sees them now.
-fn holders(cl: &Cluster) -> Vec<crate::balance::prefix::Holder> {
-    cl.loads
-        .iter()
-        .map(|l| l.holder(cl.balance.prefix_cache_blocks))
-        .collect()
-}
-
 /// What the prefix index knows of the request's prompt, when its cluster
 /// routes on prefixes.
 fn prefix_matches(cl: &Cluster, req: &Request<'_>) -> Option<crate::balance::prefix::Matches> {
@@ -278,7 +270,7 @@ fn prefix_matches(cl: &Cluster, req: &Request<'_>) -> Option<crate::balance::pre
     if req.prefix.is_empty() {
         return None;
     }
-    let holders = holders(cl);
+    let holders = ix.holders(&cl.loads);
     let mut m = ix.index.matches(req.prefix, &holders);
     m.holders = holders;
     Some(m)
